@@ -1,0 +1,1 @@
+"""Sub-commands of the ``rescue`` CLI, one module each (see rescue.cli)."""

@@ -1,0 +1,97 @@
+"""The exceptions rescue raises, as one tree.
+
+::
+
+    RescueError                     base of everything rescue raises on purpose
+    ├── ProtocolError               bad bytes from a peer; carries the close code to answer with
+    ├── TokenError                  a fallback token failed verification; carries a reason and a close code
+    ├── ConfigError                 bad settings, key files or command-line values (one-line message)
+    ├── GuardrailError              the guardrails refused (paused, cohort disabled, not entitled)
+    ├── StoreUnavailable            the guardrail store (Redis) could not be read or written
+    └── ConnectionClosedError       a relay connection ended; carries the close code and reason
+
+Every error that crosses an I/O boundary is translated into one of these there, so callers never see
+a ``KeyError`` from a malformed CBOR map or a ``struct.error`` from a short header.
+"""
+
+from __future__ import annotations
+
+from rescue._codes import CloseCode
+
+__all__ = [
+    "ConfigError",
+    "ConnectionClosedError",
+    "GuardrailError",
+    "ProtocolError",
+    "RescueError",
+    "StoreUnavailable",
+    "TokenError",
+]
+
+
+class RescueError(Exception):
+    """Base class of every error rescue raises on purpose."""
+
+
+class ProtocolError(RescueError):
+    """A peer sent bytes that break the wire protocol.
+
+    Attributes:
+        code: the close code the connection must be closed with (``PROTOCOL_ERROR`` unless a more
+            specific one applies, e.g. ``INTEGRITY_ERROR`` or ``SESSION_MISMATCH``).
+    """
+
+    def __init__(self, message: str, code: CloseCode = CloseCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TokenError(RescueError):
+    """A fallback token failed verification.
+
+    Attributes:
+        reason: a short stable machine-readable reason, e.g. ``"bad_signature"``, ``"expired"``,
+            ``"unknown_kid"``, ``"not_yet_valid"``, ``"lifetime_too_long"``, ``"wrong_audience"``,
+            ``"malformed"``.
+        code: the close code a relay answers with (``AUTH_FAILED`` or ``TOKEN_EXPIRED``).
+    """
+
+    def __init__(self, reason: str, message: str, code: CloseCode = CloseCode.AUTH_FAILED) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = code
+
+
+class ConfigError(RescueError):
+    """Settings, key files or command-line values are unusable."""
+
+
+class GuardrailError(RescueError):
+    """The guardrails refused the request.
+
+    Attributes:
+        error: the SPEC §4 error code (``fallback_paused``, ``cohort_disabled``, ``not_entitled``).
+    """
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class StoreUnavailable(RescueError):
+    """The guardrail store could not be reached; callers fail closed."""
+
+
+class ConnectionClosedError(RescueError):
+    """A relay connection ended.
+
+    Attributes:
+        code: the close code received (or chosen locally when the transport died: ``None``).
+        reason: the reason text from the CLOSE message or WebSocket close frame.
+    """
+
+    def __init__(self, code: CloseCode | None, reason: str = "") -> None:
+        name = code.name if code is not None else "ABNORMAL"
+        super().__init__(f"connection closed: {name} {reason}".rstrip())
+        self.code = code
+        self.reason = reason
