@@ -85,15 +85,15 @@ class Frame:
 
 def encode_header(kind: Kind, *, flags: Flags = Flags.NONE, channel: int = 0, seq: int = 0) -> bytes:
     """Pack a header, validating it with the same rules :func:`decode_header` applies."""
-    raw = HEADER.pack(VERSION, kind, flags, channel, seq) if _in_range(channel, seq) else b""
-    if not raw:
-        raise ValueError(f"channel {channel} or seq {seq} out of range")
+    if not _in_range(kind, flags, channel, seq):
+        raise ValueError(f"kind {kind}, flags {flags}, channel {channel} or seq {seq} out of range")
+    raw = HEADER.pack(VERSION, kind, flags, channel, seq)
     decode_header(raw)  # one set of rules for both directions
     return raw
 
 
-def _in_range(channel: int, seq: int) -> bool:
-    return 0 <= channel <= 0xFF and 0 <= seq <= MAX_SEQ
+def _in_range(kind: int, flags: int, channel: int, seq: int) -> bool:
+    return 0 <= kind <= 0xFF and 0 <= flags <= 0xFF and 0 <= channel <= 0xFF and 0 <= seq <= MAX_SEQ
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> Header:
