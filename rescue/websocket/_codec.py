@@ -1,0 +1,788 @@
+"""Sans-I/O RFC 6455: frame parser, frame serializer and the HTTP/1.1 upgrade handshake.
+
+Nothing here does I/O or imports trio; :mod:`rescue.websocket._conn` drives it from trio streams.
+The parser is written for the relay's hot path: one call parses every complete frame in a chunk with
+``struct`` and unmasks each payload with one C call (``websockets.speedups.apply_mask`` when it is
+importable, a pure-Python XOR over big integers otherwise).
+
+Rules (SPEC §2: binary messages only, no extensions): every violation raises
+:class:`~rescue.errors.ProtocolError` with code ``PROTOCOL_ERROR`` (4010). That includes text
+messages and oversize messages, which RFC 6455 would answer with 1003/1009: SPEC wins, and one code
+keeps the client policy simple (``PROTOCOL_ERROR`` → do not reconnect).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, NamedTuple, cast
+
+from rescue._codes import CloseCode
+from rescue.errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE",
+    "MAX_CLOSE_REASON",
+    "MAX_CONTROL_PAYLOAD",
+    "MAX_HANDSHAKE_SIZE",
+    "CloseReceived",
+    "Event",
+    "FrameParser",
+    "HandshakeError",
+    "Opcode",
+    "Ping",
+    "Pong",
+    "Rejection",
+    "Request",
+    "Response",
+    "accept_key",
+    "apply_mask",
+    "build_frame",
+    "build_request",
+    "error_response",
+    "find_head_end",
+    "frame_binary",
+    "frame_close",
+    "frame_messages",
+    "frame_ping",
+    "frame_pong",
+    "new_key",
+    "parse_request",
+    "parse_response",
+    "switching_protocols",
+]
+
+# The largest message (after continuation frames are joined) we accept: SPEC's default max_frame,
+# which already counts the 12-byte relay header. Anything larger is a PROTOCOL_ERROR.
+DEFAULT_MAX_MESSAGE: Final = 65536
+# RFC 6455 §5.5: control frames carry at most 125 payload bytes and are never fragmented.
+MAX_CONTROL_PAYLOAD: Final = 125
+# A close payload is a 2-byte code plus a UTF-8 reason, so the reason gets 123 bytes.
+MAX_CLOSE_REASON: Final = MAX_CONTROL_PAYLOAD - 2
+# Upper bound on an HTTP upgrade request or response head. Real clients send well under 2 KiB;
+# 8 KiB leaves room for cookies a browser may attach and stops a slow-loris from growing a buffer.
+MAX_HANDSHAKE_SIZE: Final = 8192
+# Masks are cut from one urandom read of this size: 1024 masks per system call.
+_MASK_POOL_SIZE: Final = 4096
+
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_U16: Final = struct.Struct(">H")
+_U64: Final = struct.Struct(">Q")
+_HEAD_END: Final = b"\r\n\r\n"
+
+
+class Opcode(enum.IntEnum):
+    """RFC 6455 frame opcodes."""
+
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+# --------------------------------------------------------------------------------------- masking
+
+
+def _apply_mask_py(data: bytes | bytearray | memoryview, mask: bytes | bytearray | memoryview) -> bytes:
+    """XOR ``data`` with the repeated 4-byte ``mask`` (pure Python, one big-integer XOR)."""
+    n = len(data)
+    if n == 0:
+        return b""
+    key = (bytes(mask) * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+_MaskFn = Callable[[bytes | bytearray | memoryview, bytes | bytearray | memoryview], bytes]
+
+try:  # pragma: no branch - which one wins depends on the environment
+    from websockets.speedups import apply_mask as _apply_mask_c
+
+    # The C routine takes any buffer for both arguments (its stub says ``bytes`` for the mask).
+    apply_mask: _MaskFn = cast("_MaskFn", _apply_mask_c)
+    """XOR ``data`` with the repeated 4-byte ``mask`` (C speedup from ``websockets``)."""
+except ImportError:  # pragma: no cover - websockets is installed in dev and CI
+    apply_mask = _apply_mask_py
+
+
+class _MaskPool:
+    """Random 4-byte masking keys cut from a pooled ``os.urandom`` buffer."""
+
+    __slots__ = ("_pool", "_pos")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+
+    def take(self) -> bytes:
+        pos = self._pos
+        if pos + 4 > len(self._pool):
+            self._pool = os.urandom(_MASK_POOL_SIZE)
+            pos = 0
+        self._pos = pos + 4
+        return self._pool[pos : pos + 4]
+
+
+_masks = _MaskPool()
+
+
+# ------------------------------------------------------------------------------------ serializer
+
+
+def build_frame(
+    opcode: int, payload: bytes | bytearray | memoryview, *, mask: bool, fin: bool = True, rsv: int = 0
+) -> bytes:
+    """One frame, byte for byte.
+
+    Args:
+        opcode: the 4-bit opcode (any value: tests use this to build bad frames).
+        payload: the unmasked payload.
+        mask: mask the payload with a fresh random key (clients must, servers must not).
+        fin: the FIN bit.
+        rsv: the three RSV bits, as a value 0..7.
+
+    Returns:
+        The encoded frame.
+    """
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | ((rsv & 7) << 4) | (opcode & 0x0F)
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head = bytes((b0, mbit | n))
+    elif n < 65536:
+        head = bytes((b0, mbit | 126)) + _U16.pack(n)
+    else:
+        head = bytes((b0, mbit | 127)) + _U64.pack(n)
+    if mask:
+        key = _masks.take()
+        return head + key + apply_mask(payload, key)
+    return head + bytes(payload)
+
+
+def frame_binary(payload: bytes | bytearray | memoryview, mask: bool) -> bytes:
+    """One unfragmented binary message."""
+    return build_frame(Opcode.BINARY, payload, mask=mask)
+
+
+def frame_messages(payloads: Iterable[bytes | bytearray | memoryview], mask: bool) -> bytes:
+    """Several binary messages framed back to back, ready for one ``send_all``."""
+    if mask:
+        return b"".join([build_frame(Opcode.BINARY, p, mask=True) for p in payloads])
+    parts: list[bytes | bytearray | memoryview] = []
+    append = parts.append
+    pack16 = _U16.pack
+    for p in payloads:
+        n = len(p)
+        if n < 126:
+            append(bytes((0x82, n)))
+        elif n < 65536:
+            append(b"\x82\x7e" + pack16(n))
+        else:
+            append(b"\x82\x7f" + _U64.pack(n))
+        append(p)
+    return b"".join(parts)
+
+
+def frame_ping(payload: bytes = b"", *, mask: bool) -> bytes:
+    """A ping frame; ``payload`` must be at most 125 bytes."""
+    if len(payload) > MAX_CONTROL_PAYLOAD:
+        raise ValueError("ping payload longer than 125 bytes")
+    return build_frame(Opcode.PING, payload, mask=mask)
+
+
+def frame_pong(payload: bytes = b"", *, mask: bool) -> bytes:
+    """A pong frame; ``payload`` must be at most 125 bytes."""
+    if len(payload) > MAX_CONTROL_PAYLOAD:
+        raise ValueError("pong payload longer than 125 bytes")
+    return build_frame(Opcode.PONG, payload, mask=mask)
+
+
+def _truncate_utf8(text: str, limit: int) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
+def frame_close(code: int | None, reason: str = "", *, mask: bool) -> bytes:
+    """A close frame.
+
+    Args:
+        code: the close code (1000-4999, not one of the reserved 1004/1005/1006/1015), or ``None``
+            for an empty close payload.
+        reason: UTF-8 text, cut at a character boundary to fit 123 bytes.
+        mask: mask the payload (client side).
+
+    Raises:
+        ValueError: the code may not be sent on the wire.
+    """
+    if code is None:
+        return build_frame(Opcode.CLOSE, b"", mask=mask)
+    if not _valid_close_code(code):
+        raise ValueError(f"close code {code} may not be sent")
+    return build_frame(Opcode.CLOSE, _U16.pack(code) + _truncate_utf8(reason, MAX_CLOSE_REASON), mask=mask)
+
+
+def _valid_close_code(code: int) -> bool:
+    # RFC 6455 §7.4: 1000-1003 and 1007-1014 are defined for the wire (1012-1014 by IANA later),
+    # 3000-4999 are for libraries and applications. 1004/1005/1006/1015 must never be sent.
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+# --------------------------------------------------------------------------------------- parser
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A ping arrived; the parser already queued the pong (see :meth:`FrameParser.data_to_send`)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """A pong arrived."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReceived:
+    """The peer sent a close frame.
+
+    Attributes:
+        code: the close code, or ``None`` when the close payload was empty (RFC 1005).
+        reason: the reason text ("" if none).
+    """
+
+    code: int | None
+    reason: str
+
+
+Event = bytes | Ping | Pong | CloseReceived
+"""What :meth:`FrameParser.feed` yields: a complete binary message is plain ``bytes``."""
+
+
+def _fail(message: str) -> ProtocolError:
+    return ProtocolError(message, CloseCode.PROTOCOL_ERROR)
+
+
+class FrameParser:
+    """Incremental RFC 6455 frame parser for one side of a connection.
+
+    Feed it bytes as they arrive; it returns every event the bytes complete. Binary messages are
+    returned as ``bytes`` (continuation frames already joined); pings come back as :class:`Ping` and
+    their pong is queued for :meth:`data_to_send`; a close frame ends parsing (later bytes are
+    ignored, as RFC 6455 §5.5.1 says nothing may follow it).
+
+    Args:
+        client: ``True`` on the client side (frames from the server must not be masked),
+            ``False`` on the server side (frames from the client must be masked).
+        max_message: the largest message accepted, summed over its continuation frames.
+
+    Raises from :meth:`feed`:
+        ProtocolError (code 4010): a text message, an oversize message, RSV bits set, an unknown
+        opcode, wrong masking, a fragmented or >125-byte control frame, a continuation frame with
+        no message to continue, a new message inside a fragmented one, a non-minimal length, or a
+        bad close payload (1 byte, invalid code, invalid UTF-8). After it raises, the parser is
+        unusable and the connection must be closed.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_expect_mask",
+        "_failed",
+        "_frag",
+        "_frag_size",
+        "_max",
+        "_pong",
+        "_tail",
+    )
+
+    def __init__(self, *, client: bool, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        if max_message < 1:
+            raise ValueError("max_message must be positive")
+        self._expect_mask = not client
+        self._max = max_message
+        # Bytes of an incomplete frame kept between feeds: at most one frame header plus one
+        # payload (the length is checked against max_message before we wait for the payload).
+        self._tail = bytearray()
+        self._frag: list[bytes] | None = None
+        self._frag_size = 0
+        # Only the pong for the most recent ping is kept (RFC 6455 §5.5.3 allows it): a flood of
+        # pings can never grow this beyond one frame.
+        self._pong = b""
+        self._closed = False
+        self._failed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether a close frame was parsed (nothing after it is parsed)."""
+        return self._closed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held: an incomplete frame plus the parts of an incomplete fragmented message."""
+        return len(self._tail) + self._frag_size
+
+    def data_to_send(self) -> bytes:
+        """The pong owed for the last ping, if any; clears it."""
+        out, self._pong = self._pong, b""
+        return out
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Parse ``data`` together with any bytes left from earlier calls.
+
+        ``data`` is not referenced after the call returns, so the caller may reuse its buffer.
+
+        Returns:
+            The complete events, in order (possibly empty).
+
+        Raises:
+            ProtocolError: the bytes break RFC 6455 or this relay's rules (see the class docs).
+        """
+        if self._failed:
+            raise _fail("connection already failed")
+        if self._closed:
+            return []
+        if self._tail:
+            self._tail += data
+            view = memoryview(self._tail)
+            try:
+                events, pos = self._parse(view)
+            except ProtocolError:
+                self._failed = True
+                raise
+            finally:
+                view.release()
+            del self._tail[:pos]
+            return events
+        try:
+            events, pos = self._parse(data)
+        except ProtocolError:
+            self._failed = True
+            raise
+        if pos < len(data):
+            self._tail += data[pos:]
+        return events
+
+    def _parse(self, buf: bytes | bytearray | memoryview) -> tuple[list[Event], int]:
+        events: list[Event] = []
+        n = len(buf)
+        pos = 0
+        expect_mask = self._expect_mask
+        max_message = self._max
+        while n - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if b0 & 0x70:
+                raise _fail("RSV bits set but no extension was negotiated")
+            opcode = b0 & 0x0F
+            if bool(b1 & 0x80) is not expect_mask:
+                raise _fail("client frame not masked" if expect_mask else "server frame masked")
+            length = b1 & 0x7F
+            if opcode >= 0x8:
+                if opcode > 0xA:
+                    raise _fail(f"unknown opcode {opcode:#x}")
+                if not b0 & 0x80:
+                    raise _fail("fragmented control frame")
+                if length > MAX_CONTROL_PAYLOAD:
+                    raise _fail("control frame payload longer than 125 bytes")
+                head = 2
+            elif opcode == 0x2 or opcode == 0x0:
+                if length < 126:
+                    head = 2
+                elif length == 126:
+                    if n - pos < 4:
+                        break
+                    length = _U16.unpack_from(buf, pos + 2)[0]
+                    if length < 126:
+                        raise _fail("non-minimal 16-bit payload length")
+                    head = 4
+                else:
+                    if n - pos < 10:
+                        break
+                    length = _U64.unpack_from(buf, pos + 2)[0]
+                    if length < 65536 or length >> 63:
+                        raise _fail("bad 64-bit payload length")
+                    head = 10
+                if opcode == 0x2:
+                    if self._frag is not None:
+                        raise _fail("new message started inside a fragmented message")
+                    if length > max_message:
+                        raise _fail(f"message larger than {max_message} bytes")
+                else:
+                    if self._frag is None:
+                        raise _fail("continuation frame without a message to continue")
+                    if self._frag_size + length > max_message:
+                        raise _fail(f"message larger than {max_message} bytes")
+            elif opcode == 0x1:
+                raise _fail("text messages are not allowed (binary only)")
+            else:
+                raise _fail(f"unknown opcode {opcode:#x}")
+            if expect_mask:
+                head += 4
+            end = pos + head + length
+            if end > n:
+                break
+            if expect_mask:
+                payload = apply_mask(buf[pos + head : end], buf[pos + head - 4 : pos + head])
+            else:
+                payload = bytes(buf[pos + head : end])
+            pos = end
+            if opcode == 0x2:
+                if b0 & 0x80:
+                    events.append(payload)
+                else:
+                    self._frag = [payload]
+                    self._frag_size = length
+            elif opcode == 0x0:
+                frag = self._frag
+                assert frag is not None
+                frag.append(payload)
+                if b0 & 0x80:
+                    events.append(b"".join(frag))
+                    self._frag = None
+                    self._frag_size = 0
+                else:
+                    self._frag_size += length
+            elif opcode == 0x9:
+                events.append(Ping(payload))
+                self._pong = build_frame(Opcode.PONG, payload, mask=not expect_mask)
+            elif opcode == 0xA:
+                events.append(Pong(payload))
+            else:
+                events.append(_parse_close(payload))
+                self._closed = True
+                self._frag = None
+                self._frag_size = 0
+                return events, n
+        return events, pos
+
+
+def _parse_close(payload: bytes) -> CloseReceived:
+    if not payload:
+        return CloseReceived(None, "")
+    if len(payload) == 1:
+        raise _fail("close payload of one byte")
+    code = _U16.unpack_from(payload)[0]
+    if not _valid_close_code(code):
+        raise _fail(f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail("close reason is not valid UTF-8") from None
+    return CloseReceived(code, reason)
+
+
+# ------------------------------------------------------------------------------------ handshake
+
+_REASONS: Final = {
+    101: "Switching Protocols",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+# RFC 9110 "tchar": the bytes allowed in a header name.
+_TOKEN_CHARS: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+class HandshakeError(ProtocolError):
+    """The HTTP upgrade failed (either side).
+
+    Attributes:
+        status: the HTTP status the server answers (server side), or the status the server sent
+            (client side; 0 if the response was not even HTTP).
+        error: a short machine-readable reason (``"bad_request"``, ``"not_found"``, …; on the client
+            side, the ``error`` field of the server's JSON body when there was one).
+        detail: a human-readable sentence.
+        headers: extra response headers the server must send with the error (e.g. 426's
+            ``Sec-WebSocket-Version: 13``).
+    """
+
+    def __init__(
+        self, status: int, error: str, detail: str, *, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(f"handshake failed: {status} {error}: {detail}", CloseCode.PROTOCOL_ERROR)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers
+
+
+class Rejection(NamedTuple):
+    """An HTTP-level refusal of an upgrade (returned by a server's ``accept_check`` hook)."""
+
+    status: int
+    error: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A parsed, valid WebSocket upgrade request.
+
+    Attributes:
+        method: always ``"GET"``.
+        target: the request target as sent (path plus any query).
+        path: the target without its query string.
+        headers: every header as ``(lower-case name, value)`` in arrival order.
+        key: the ``Sec-WebSocket-Key`` value.
+    """
+
+    method: str
+    target: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    key: str
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (case-insensitive; repeated headers joined with ", ")."""
+        return _header(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A parsed HTTP response head (client side).
+
+    Attributes:
+        status: the status code.
+        reason: the reason phrase.
+        headers: every header as ``(lower-case name, value)``.
+    """
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (case-insensitive; repeated headers joined with ", ")."""
+        return _header(self.headers, name)
+
+
+def _header(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    name = name.lower()
+    values = [v for k, v in headers if k == name]
+    return ", ".join(values) if values else None
+
+
+def _tokens(value: str | None) -> set[str]:
+    return {t.strip().lower() for t in value.split(",")} if value else set()
+
+
+def find_head_end(buf: bytes | bytearray) -> int:
+    """Where an HTTP head ends in ``buf``.
+
+    Returns:
+        The index just past the blank line ending the head, or ``-1`` if it is not complete yet.
+
+    Raises:
+        HandshakeError: status 431, the head is (or has grown) longer than ``MAX_HANDSHAKE_SIZE``.
+    """
+    idx = buf.find(_HEAD_END, 0, MAX_HANDSHAKE_SIZE)
+    if idx >= 0:
+        return idx + 4
+    if len(buf) >= MAX_HANDSHAKE_SIZE:
+        raise HandshakeError(431, "headers_too_large", f"request head exceeds {MAX_HANDSHAKE_SIZE} bytes")
+    return -1
+
+
+def _parse_head(head: bytes, status_on_error: int) -> tuple[str, list[tuple[str, str]]]:
+    """The start line and the headers of an HTTP head (``head`` ends with CRLF CRLF)."""
+    if len(head) > MAX_HANDSHAKE_SIZE:
+        raise HandshakeError(431, "headers_too_large", f"head exceeds {MAX_HANDSHAKE_SIZE} bytes")
+    if not head.endswith(_HEAD_END):
+        raise HandshakeError(status_on_error, "bad_request", "incomplete HTTP head")
+    lines = head[:-4].split(b"\r\n")
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or not all(c in _TOKEN_CHARS for c in name):
+            raise HandshakeError(status_on_error, "bad_request", "malformed header line")
+        text = value.strip(b" \t")
+        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in text):
+            raise HandshakeError(status_on_error, "bad_request", "control character in header value")
+        headers.append((name.decode("ascii").lower(), text.decode("latin-1")))
+    try:
+        start = lines[0].decode("ascii")
+    except UnicodeDecodeError:
+        raise HandshakeError(status_on_error, "bad_request", "non-ASCII start line") from None
+    return start, headers
+
+
+def parse_request(head: bytes, *, path: str | None = None) -> Request:
+    """Validate a WebSocket upgrade request head.
+
+    Args:
+        head: the request head, up to and including the blank line (see :func:`find_head_end`).
+        path: the only path served (the query string is ignored), or ``None`` for any path.
+
+    Returns:
+        The parsed request.
+
+    Raises:
+        HandshakeError: with the status to answer — 400 malformed or a bad/missing key or Host,
+            404 wrong path, 405 not GET, 426 not an upgrade or a version other than 13, 431 head
+            too large.
+    """
+    start, headers = _parse_head(head, 400)
+    parts = start.split(" ")
+    if len(parts) != 3 or not parts[1] or not parts[2].startswith("HTTP/"):
+        raise HandshakeError(400, "bad_request", "malformed request line")
+    method, target, version = parts
+    if version != "HTTP/1.1":
+        raise HandshakeError(400, "bad_request", "HTTP/1.1 is required")
+    hdrs = tuple(headers)
+    if method != "GET":
+        raise HandshakeError(405, "method_not_allowed", "only GET upgrades", headers=(("Allow", "GET"),))
+    req_path = target.partition("?")[0]
+    if path is not None and req_path != path:
+        raise HandshakeError(404, "not_found", f"only {path} is served")
+    if _header(hdrs, "host") is None:
+        raise HandshakeError(400, "bad_request", "missing Host header")
+    upgrade_headers = (("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13"))
+    if "websocket" not in _tokens(_header(hdrs, "upgrade")):
+        raise HandshakeError(426, "upgrade_required", "Upgrade: websocket required", headers=upgrade_headers)
+    if "upgrade" not in _tokens(_header(hdrs, "connection")):
+        raise HandshakeError(426, "upgrade_required", "Connection: upgrade required", headers=upgrade_headers)
+    if _header(hdrs, "sec-websocket-version") != "13":
+        raise HandshakeError(
+            426, "unsupported_version", "Sec-WebSocket-Version 13 required", headers=upgrade_headers
+        )
+    key = _header(hdrs, "sec-websocket-key")
+    if key is None:
+        raise HandshakeError(400, "bad_request", "missing Sec-WebSocket-Key")
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 16:
+        raise HandshakeError(400, "bad_request", "Sec-WebSocket-Key is not 16 bytes of base64")
+    return Request(method=method, target=target, path=req_path, headers=hdrs, key=key)
+
+
+def accept_key(key: str) -> str:
+    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+
+
+def switching_protocols(request: Request) -> bytes:
+    """The 101 response accepting ``request``.
+
+    No ``Sec-WebSocket-Extensions`` (permessage-deflate is refused: bodies are ciphertext) and no
+    ``Sec-WebSocket-Protocol`` are ever sent, whatever the client offered.
+    """
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(request.key)}\r\n\r\n"
+    ).encode("ascii")
+
+
+def error_response(status: int, error: str, detail: str, *, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """An HTTP error response with a small JSON body ``{"error": …, "detail": …}``.
+
+    The connection is always closed after it (``Connection: close``).
+    """
+    body = json.dumps({"error": error, "detail": detail}, separators=(",", ":")).encode("utf-8")
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def new_key() -> str:
+    """A fresh random ``Sec-WebSocket-Key``."""
+    return base64.b64encode(os.urandom(16)).decode("ascii")
+
+
+def build_request(host: str, path: str, key: str, *, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A client's upgrade request (no extensions, no subprotocols offered).
+
+    Args:
+        host: the ``Host`` header value (``host`` or ``host:port``).
+        path: the request target.
+        key: from :func:`new_key`.
+        headers: extra headers (must not contain CR or LF).
+    """
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    for k, v in headers:
+        if any(c in k + v for c in "\r\n"):
+            raise ValueError("header names and values may not contain CR or LF")
+        lines.append(f"{k}: {v}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def parse_response(head: bytes, key: str, body: bytes = b"") -> Response:
+    """Validate the server's answer to an upgrade request.
+
+    Args:
+        head: the response head, up to and including the blank line.
+        key: the ``Sec-WebSocket-Key`` that was sent.
+        body: whatever of the body has been read (used for the error message on a refusal).
+
+    Returns:
+        The parsed 101 response.
+
+    Raises:
+        HandshakeError: not a 101 (``status`` is the server's status; ``error``/``detail`` come from
+            its JSON body when it has one), or a 101 that fails RFC 6455 §4.1 checks (status 101),
+            or not HTTP at all (status 0).
+    """
+    start, headers = _parse_head(head, 0)
+    parts = start.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise HandshakeError(0, "bad_response", "not an HTTP response")
+    status = int(parts[1])
+    reason = parts[2] if len(parts) == 3 else ""
+    hdrs = tuple(headers)
+    if status != 101:
+        error, detail = "http_error", f"server answered {status} {reason}".rstrip()
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            error = str(doc.get("error", error))
+            detail = str(doc.get("detail", detail))
+        raise HandshakeError(status, error, detail)
+    if "websocket" not in _tokens(_header(hdrs, "upgrade")):
+        raise HandshakeError(101, "bad_response", "101 without Upgrade: websocket")
+    if "upgrade" not in _tokens(_header(hdrs, "connection")):
+        raise HandshakeError(101, "bad_response", "101 without Connection: upgrade")
+    if _header(hdrs, "sec-websocket-accept") != accept_key(key):
+        raise HandshakeError(101, "bad_response", "wrong Sec-WebSocket-Accept")
+    if _header(hdrs, "sec-websocket-extensions") is not None:
+        raise HandshakeError(101, "bad_response", "server accepted an extension that was not offered")
+    if _header(hdrs, "sec-websocket-protocol") is not None:
+        raise HandshakeError(101, "bad_response", "server chose a subprotocol that was not offered")
+    return Response(status=status, reason=reason, headers=hdrs)

@@ -1,0 +1,544 @@
+"""The trio shell around :class:`~rescue.websocket._codec.FrameParser`: one WebSocket connection.
+
+Two I/O paths share one state machine:
+
+* **plain TCP** (a :class:`trio.SocketStream`): wait for readability first, then one non-blocking
+  ``readv`` into a per-thread reused buffer, parse every complete frame in it, and return the whole
+  batch. Writes try the socket at once and only wait when it is full. This saves the failed read,
+  the epoll re-registration and the per-call buffer allocation that ``receive_some`` costs.
+* **any other** :class:`trio.abc.Stream` (TLS via :class:`trio.SSLStream`, memory streams in
+  tests): ``receive_some`` / ``send_all``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+import trio
+
+from rescue._codes import CloseCode
+from rescue._log import get_logger, log_event
+from rescue.errors import ConnectionClosedError, ProtocolError
+from rescue.websocket._codec import (
+    DEFAULT_MAX_MESSAGE,
+    CloseReceived,
+    FrameParser,
+    Ping,
+    frame_close,
+    frame_messages,
+)
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "READ_SIZE",
+    "ConnectionStatistics",
+    "WebSocketClosedError",
+    "WebSocketConnection",
+]
+
+_logger = get_logger("rescue.websocket")
+
+# Bytes read per wake-up at most. It bounds the work done per wake-up (64 one-KiB messages) and
+# so the size of one batch handed to the relay. The buffer is shared by every connection of a
+# thread (the parser copies out what it keeps before the next await), so memory stays O(1).
+READ_SIZE: Final = 65536
+# How long close() waits for the close handshake (our frame out, the peer's frame or EOF back)
+# before it drops the socket: the peer may have stopped reading. Short, because a shutting-down
+# relay closes thousands of connections at once and every one must finish in the drain window.
+CLOSE_TIMEOUT: Final = 2.0
+
+_buffers = threading.local()
+
+
+def _read_buffer() -> bytearray:
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(READ_SIZE)
+    return buf
+
+
+class WebSocketClosedError(ConnectionClosedError):
+    """A WebSocket connection ended (a :class:`~rescue.errors.ConnectionClosedError`).
+
+    Attributes:
+        code: the close code as a :class:`CloseCode`, or ``None`` when there was none or it is not
+            one of ours (e.g. 1001 from a browser): :func:`rescue.protocol.policy_for` treats both
+            as an abnormal closure.
+        wire_code: the close code exactly as received (or sent, when we closed first); ``None`` if
+            the transport died without a close frame; 1005 for a close frame without a code.
+        reason: the close reason.
+    """
+
+    def __init__(self, wire_code: int | None, reason: str = "") -> None:
+        try:
+            code = CloseCode(wire_code) if wire_code is not None else None
+        except ValueError:
+            code = None
+        super().__init__(code, reason)
+        self.wire_code = wire_code
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """A snapshot of one connection's counters.
+
+    Attributes:
+        bytes_in: bytes read from the transport (frames, not payloads).
+        bytes_out: bytes written to the transport.
+        messages_in: binary messages received.
+        messages_out: binary messages sent.
+        reads: read calls that returned data.
+        writes: write system calls (plain TCP) or ``send_all`` calls (other streams).
+        buffered: bytes the parser holds for incomplete frames and messages.
+    """
+
+    bytes_in: int
+    bytes_out: int
+    messages_in: int
+    messages_out: int
+    reads: int
+    writes: int
+    buffered: int
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    if isinstance(stream, trio.SSLStream) and isinstance(stream.transport_stream, trio.SocketStream):
+        return stream.transport_stream.socket
+    return None
+
+
+def _close_now(stream: trio.abc.AsyncResource) -> bool:
+    """Close a stream's transport without awaiting (sockets, TLS-over-socket, memory streams).
+
+    Returns:
+        Whether it could; other streams need ``await trio.aclose_forcefully(stream)``.
+    """
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
+        return True
+    if isinstance(stream, trio.SSLStream):
+        return _close_now(stream.transport_stream)
+    if isinstance(stream, trio.StapledStream):
+        return _close_now(stream.send_stream) & _close_now(stream.receive_stream)
+    close = getattr(stream, "close", None)
+    if callable(close):
+        close()
+        return True
+    return False
+
+
+class WebSocketConnection:
+    """One open WebSocket connection (server or client side).
+
+    Made by :func:`serve_websocket` and :func:`connect_websocket`; construct one directly only to
+    run the protocol over a stream whose handshake is already done (e.g. a memory stream in tests).
+
+    Concurrency: one task may receive while another sends. Two concurrent receivers, or two
+    concurrent senders, raise :class:`trio.BusyResourceError`: the owner serializes writes.
+    Pongs and the close reply are written by the receiving task; if a send is in progress at that
+    moment they are handed to the sender, which writes them right after its batch, so control
+    frames never interleave with a data frame.
+
+    Args:
+        stream: the transport, after the HTTP upgrade.
+        client: ``True`` for the client side (we mask, the peer must not).
+        max_message: the largest message accepted (see :class:`FrameParser`).
+        path: the request path of the upgrade.
+        request_headers: the upgrade request's headers (received on a server, sent on a client).
+        initial_data: bytes read past the end of the handshake, parsed before anything else.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        client: bool,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        path: str = "",
+        request_headers: tuple[tuple[str, str], ...] = (),
+        initial_data: bytes = b"",
+    ) -> None:
+        self._stream = stream
+        self._client = client
+        self._parser = FrameParser(client=client, max_message=max_message)
+        self.path = path
+        self.request_headers = request_headers
+        plain = stream if isinstance(stream, trio.SocketStream) else None
+        self._sock = plain.socket if plain is not None else None
+        sock = _socket_of(stream)
+        self.remote_addr: tuple[str, int] | None = None
+        if sock is not None:
+            try:
+                peer = sock.getpeername()
+                self.remote_addr = (str(peer[0]), int(peer[1]))
+            except OSError:
+                pass
+        self._initial = initial_data
+        self._more = False  # the last read filled the buffer: try reading before waiting
+        self._receiving = False
+        self._sending = False
+        self._pending_control = b""  # pong/close frames for the active sender to write next
+        self._idle = trio.lowlevel.ParkingLot()  # tasks waiting for the active sender to finish
+        self._close_started = False
+        self._close_sent = False
+        self._error: BaseException | None = None  # raised by every later receive/send
+        self._peer_done = trio.Event()  # peer's close frame or EOF seen
+        self._transport_closed = trio.Event()
+        self._bytes_in = self._bytes_out = 0
+        self._messages_in = self._messages_out = 0
+        self._reads = self._writes = 0
+
+    # ------------------------------------------------------------------------------ properties
+
+    @property
+    def client(self) -> bool:
+        """Whether this is the client side."""
+        return self._client
+
+    @property
+    def closed(self) -> bool:
+        """Whether the transport is closed (nothing more can be sent or received)."""
+        return self._transport_closed.is_set()
+
+    def statistics(self) -> ConnectionStatistics:
+        """An immutable snapshot of the connection's counters."""
+        return ConnectionStatistics(
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            messages_in=self._messages_in,
+            messages_out=self._messages_out,
+            reads=self._reads,
+            writes=self._writes,
+            buffered=self._parser.buffered,
+        )
+
+    # --------------------------------------------------------------------------------- receive
+
+    async def receive_messages(self) -> list[bytes]:
+        """Wait for at least one complete binary message; return all that one read completed.
+
+        Pings are answered here. Messages that arrived before a close frame are returned first;
+        the close is reported by the next call.
+
+        Returns:
+            One or more messages, in order.
+
+        Raises:
+            WebSocketClosedError: the peer sent a close frame (already answered and the socket
+                closed; ``code``/``reason`` are the peer's), the transport hit EOF or a reset
+                (``code`` is ``None``), or the connection was closed locally.
+            ProtocolError: the peer broke the framing rules (code 4010). Close the connection
+                with ``exc.code``; later calls raise the same error.
+            trio.BusyResourceError: another task is already receiving.
+
+        Cancellation:
+            Safe: cancelling loses no data (bytes already read stay in the parser).
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this WebSocket")
+        if self._error is not None:
+            await trio.lowlevel.checkpoint()
+            raise self._error
+        self._receiving = True
+        try:
+            while True:
+                if self._initial:
+                    data: bytes | bytearray | memoryview = self._initial
+                    self._initial = b""
+                    await trio.lowlevel.checkpoint()
+                elif self._sock is not None:
+                    data = await self._read_socket()
+                else:
+                    data = await self._read_stream()
+                if not data:
+                    self._peer_done.set()
+                    raise self._fail(WebSocketClosedError(None, "connection closed without a close frame"))
+                try:
+                    events = self._parser.feed(data)
+                except ProtocolError as exc:
+                    self._error = exc
+                    raise
+                finally:
+                    if isinstance(data, memoryview):
+                        data.release()
+                if not events:
+                    continue
+                messages: list[bytes] = []
+                for event in events:
+                    if type(event) is bytes:
+                        messages.append(event)
+                    elif isinstance(event, Ping):
+                        pong = self._parser.data_to_send()
+                        if pong and not self._close_started:
+                            await self._write_control(pong)
+                    elif isinstance(event, CloseReceived):
+                        await self._on_peer_close(event)
+                if messages:
+                    self._messages_in += len(messages)
+                    return messages
+                if self._error is not None:
+                    raise self._error
+        finally:
+            self._receiving = False
+
+    async def _read_socket(self) -> memoryview | bytes:
+        sock = self._sock
+        assert sock is not None
+        buf = _read_buffer()
+        while True:
+            try:
+                if self._more:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.lowlevel.wait_readable(sock)
+                fd = sock.fileno()
+                if fd < 0:
+                    raise trio.ClosedResourceError
+                n = os.readv(fd, [buf])
+            except BlockingIOError:
+                self._more = False
+                continue
+            except trio.ClosedResourceError:
+                raise self._closed_error() from None
+            except OSError as exc:
+                self._peer_done.set()
+                raise self._fail(WebSocketClosedError(None, f"transport error: {exc}")) from exc
+            self._more = n == READ_SIZE
+            if n:
+                self._reads += 1
+                self._bytes_in += n
+            return memoryview(buf)[:n]
+
+    async def _read_stream(self) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(READ_SIZE)
+        except trio.ClosedResourceError:
+            raise self._closed_error() from None
+        except (trio.BrokenResourceError, OSError) as exc:
+            self._peer_done.set()
+            raise self._fail(WebSocketClosedError(None, f"transport error: {exc}")) from exc
+        if data:
+            self._reads += 1
+            self._bytes_in += len(data)
+        return data
+
+    async def _on_peer_close(self, event: CloseReceived) -> None:
+        self._peer_done.set()
+        wire = 1005 if event.code is None else event.code
+        error = WebSocketClosedError(wire, event.reason)
+        if self._error is None:
+            self._error = error
+        if not self._close_started:
+            # Answer with the same code (RFC 6455 §5.5.1), then drop the socket: after both close
+            # frames nothing may be sent, and the server side closes TCP first.
+            self._close_started = True
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                try:
+                    await self._write_control(frame_close(event.code, event.reason, mask=self._client))
+                    while self._sending and not self._transport_closed.is_set():
+                        await self._idle.park()  # the sender writes our reply after its batch
+                except ConnectionClosedError:
+                    pass
+            self._close_transport_now()
+
+    # ------------------------------------------------------------------------------------ send
+
+    async def send_message(self, payload: bytes | bytearray | memoryview) -> None:
+        """Send one binary message (see :meth:`send_messages`)."""
+        await self.send_messages((payload,))
+
+    async def send_messages(self, payloads: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Frame every payload and write them all with one write.
+
+        Not safe for concurrent callers: the owner serializes writes.
+
+        Raises:
+            WebSocketClosedError: the connection is closing or closed, or the transport failed.
+            trio.BusyResourceError: another task is sending.
+
+        Cancellation:
+            A cancellation point. If cancelled after part of the batch was written the stream is
+            corrupt: close the connection (the relay does, since a cancelled send ends the session).
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this WebSocket")
+        if self._close_started or self._error is not None:
+            await trio.lowlevel.checkpoint()
+            raise self._closed_error()
+        data = frame_messages(payloads, mask=self._client)
+        await self._write(data)
+        self._messages_out += len(payloads)
+
+    async def _write_control(self, frame: bytes) -> None:
+        if self._sending:
+            # The active sender writes it right after its batch (no interleaving inside a frame).
+            self._pending_control += frame
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._write(frame)
+
+    async def _write(self, data: bytes) -> None:
+        self._sending = True
+        try:
+            await self._write_all(data)
+            while self._pending_control:
+                control, self._pending_control = self._pending_control, b""
+                await self._write_all(control)
+        finally:
+            self._sending = False
+            if self._idle:
+                self._idle.unpark_all()
+
+    async def _write_all(self, data: bytes) -> None:
+        sock = self._sock
+        try:
+            if sock is None:
+                await self._stream.send_all(data)
+                self._writes += 1
+                self._bytes_out += len(data)
+                return
+            await trio.lowlevel.checkpoint_if_cancelled()
+            total = len(data)
+            sent = 0
+            with memoryview(data) as view:
+                while True:
+                    fd = sock.fileno()
+                    if fd < 0:
+                        raise trio.ClosedResourceError
+                    try:
+                        sent += os.write(fd, view[sent:])
+                        self._writes += 1
+                    except BlockingIOError:
+                        pass
+                    if sent >= total:
+                        break
+                    await trio.lowlevel.wait_writable(sock)
+            self._bytes_out += total
+        except trio.ClosedResourceError:
+            raise self._closed_error() from None
+        except (trio.BrokenResourceError, OSError) as exc:
+            self._peer_done.set()
+            raise self._fail(WebSocketClosedError(None, f"transport error: {exc}")) from exc
+
+    # ----------------------------------------------------------------------------------- close
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection: send a close frame, wait briefly for the peer's, drop the socket.
+
+        Idempotent; a second call waits until the first has closed the transport. The whole close
+        handshake is bounded by ``CLOSE_TIMEOUT`` (the peer may not be reading), after which the
+        socket is dropped anyway, so this never hangs.
+
+        Args:
+            code: the close code (1000-4999, see :func:`frame_close`).
+            reason: a short reason, cut to 123 UTF-8 bytes.
+
+        Raises:
+            ValueError: ``code`` may not be sent on the wire.
+
+        Cancellation:
+            If cancelled, the socket is closed at once (no close handshake) and ``Cancelled``
+            propagates, like :meth:`trio.abc.AsyncResource.aclose`.
+        """
+        if self._close_started:
+            await self._transport_closed.wait()
+            return
+        frame = frame_close(code, reason, mask=self._client)  # validates before any state change
+        self._close_started = True
+        if self._error is None:
+            self._error = WebSocketClosedError(code, reason)
+        try:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                if not self._peer_done.is_set():
+                    try:
+                        await self._write_control(frame)
+                        self._close_sent = True
+                        await self._wait_peer_close()
+                    except (ConnectionClosedError, ProtocolError):
+                        pass
+        finally:
+            if not self._close_transport_now():
+                await trio.aclose_forcefully(self._stream)
+
+    async def _wait_peer_close(self) -> None:
+        if self._receiving:
+            await self._peer_done.wait()
+            return
+        # Nobody is reading: drain and discard until the peer's close frame or EOF, so the
+        # close frame we sent is not destroyed by a reset (closing a socket with unread input
+        # sends RST, and the peer may lose our close frame).
+        self._receiving = True
+        try:
+            while not self._peer_done.is_set() and not self._parser.closed:
+                if self._sock is not None:
+                    data: bytes | bytearray | memoryview = await self._read_socket()
+                else:
+                    data = await self._read_stream()
+                if not data:
+                    break
+                try:
+                    self._parser.feed(data)
+                finally:
+                    if isinstance(data, memoryview):
+                        data.release()
+                self._parser.data_to_send()  # no pongs while closing
+        finally:
+            self._receiving = False
+
+    async def aclose(self) -> None:
+        """:meth:`close` with ``NORMAL`` (1000)."""
+        await self.close(CloseCode.NORMAL)
+
+    def abort(self) -> None:
+        """Close the transport now, without a close handshake (the peer sees 1006).
+
+        Works for TCP, TLS over TCP and trio's memory streams; a custom stream that has no
+        synchronous way to close is only marked closed (use :meth:`close` for those).
+        """
+        self._close_started = True
+        if self._error is None:
+            self._error = WebSocketClosedError(None, "aborted locally")
+        self._close_transport_now()
+
+    def _close_transport_now(self) -> bool:
+        """Close the transport synchronously if possible; ``False`` if it needs an await."""
+        if self._transport_closed.is_set():
+            return True
+        self._transport_closed.set()
+        self._peer_done.set()
+        self._idle.unpark_all()
+        try:
+            return _close_now(self._stream)
+        except OSError as exc:  # pragma: no cover - close(2) failing is not actionable
+            log_event(_logger, "websocket.close_failed", level=logging.DEBUG, error=str(exc))
+            return True
+
+    def _closed_error(self) -> BaseException:
+        if self._error is None:
+            self._error = WebSocketClosedError(None, "connection closed")
+        return self._error
+
+    def _fail(self, error: WebSocketClosedError) -> BaseException:
+        if self._error is None:
+            self._error = error
+        self._close_transport_now()
+        return self._error
+
+    async def __aenter__(self) -> WebSocketConnection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(CloseCode.NORMAL)

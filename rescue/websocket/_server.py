@@ -1,0 +1,251 @@
+"""``serve_websocket``: listeners, the HTTP upgrade under a timeout, one handler task per connection."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from rescue._codes import CloseCode
+from rescue._log import get_logger, log_event
+from rescue.errors import ConnectionClosedError, ProtocolError
+from rescue.websocket._codec import (
+    DEFAULT_MAX_MESSAGE,
+    MAX_HANDSHAKE_SIZE,
+    HandshakeError,
+    Rejection,
+    Request,
+    error_response,
+    find_head_end,
+    parse_request,
+    switching_protocols,
+)
+from rescue.websocket._conn import WebSocketConnection, _socket_of
+
+__all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "AcceptCheck", "Handler", "WebSocketServer", "serve_websocket"]
+
+_logger = get_logger("rescue.websocket")
+
+# A client that has not finished its HTTP upgrade (TLS included) by then is dropped: it holds a
+# socket and a task, and a slow-loris would otherwise hold them forever.
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+# RFC 6455 1011: the server hit an unexpected condition (a handler raised).
+_INTERNAL_ERROR: Final = 1011
+
+Handler = Callable[[WebSocketConnection], Awaitable[None]]
+AcceptCheck = Callable[[Request, "tuple[str, int] | None"], Awaitable[Rejection | None]]
+Listener = trio.SocketListener | trio.SSLListener[trio.SocketStream]
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketServer:
+    """What :func:`serve_websocket` reports once it is listening.
+
+    Attributes:
+        listeners: the bound listeners (TCP, or TLS over TCP).
+        addresses: each listener's bound ``(host, port)``.
+    """
+
+    listeners: tuple[Listener, ...]
+    addresses: tuple[tuple[str, int], ...]
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener (all share one port unless it was 0 on a dual stack)."""
+        return self.addresses[0][1]
+
+
+def _address(listener: Listener) -> tuple[str, int]:
+    sock_listener = listener.transport_listener if isinstance(listener, trio.SSLListener) else listener
+    assert isinstance(sock_listener, trio.SocketListener)
+    name = sock_listener.socket.getsockname()
+    return (str(name[0]), int(name[1]))
+
+
+async def serve_websocket(
+    handler: Handler,
+    host: str | None,
+    port: int,
+    *,
+    path: str | None = "/v1/connect",
+    ssl_context: ssl.SSLContext | None = None,
+    max_message: int = DEFAULT_MAX_MESSAGE,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    accept_check: AcceptCheck | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept WebSocket connections forever, running ``await handler(conn)`` for each.
+
+    Each connection: read the upgrade request (bounded to 8 KiB) within ``handshake_timeout``
+    (which also covers TLS), validate it (errors answered 400/404/405/426/431 with a JSON body),
+    ask ``accept_check``, answer 101 (never with an extension), then run the handler.
+
+    Args:
+        handler: ``async def handler(conn)``; the connection is closed when it returns.
+        host: the address to bind, or ``None`` for every interface.
+        port: the port (0 picks one; read it from ``WebSocketServer.port``).
+        path: the only path served (404 otherwise), or ``None`` for any.
+        ssl_context: serve TLS (``wss://``) with this context.
+        max_message: the largest message accepted; larger ones are a ``PROTOCOL_ERROR``.
+        handshake_timeout: seconds a client gets to complete TCP→TLS→HTTP upgrade.
+        accept_check: ``async def check(request, remote_addr) -> Rejection | None``, awaited
+            before the 101; a ``Rejection`` is sent as that HTTP status with a JSON body (e.g.
+            503 while draining). Exceptions from it are logged and answered 500.
+        handler_nursery: run connection tasks here (so they can outlive the listeners during a
+            graceful shutdown); by default in a nursery inside this call.
+        task_status: ``started(WebSocketServer)`` once every listener is bound.
+
+    Resource handling:
+        The socket is always closed when the handler returns or raises: after ``close()`` with
+        ``NORMAL`` (returned), ``exc.code`` (``ProtocolError``), or 1011 (any other exception).
+
+    Error handling:
+        A handler's exception never stops the server: ``ConnectionClosedError`` is expected
+        (logged at debug), anything else is logged with its traceback. ``BaseException``\\ s
+        (``Cancelled``, ``KeyboardInterrupt``) propagate.
+    """
+    tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners: list[Listener]
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(lst, ssl_context) for lst in tcp_listeners]
+    else:
+        listeners = list(tcp_listeners)
+    server = WebSocketServer(tuple(listeners), tuple(_address(lst) for lst in listeners))
+    serve_one = functools.partial(
+        _serve_connection,
+        handler=handler,
+        path=path,
+        max_message=max_message,
+        handshake_timeout=handshake_timeout,
+        accept_check=accept_check,
+    )
+    log_event(_logger, "websocket.listening", addresses=[f"{h}:{p}" for h, p in server.addresses])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(trio.serve_listeners, serve_one, listeners, handler_nursery=handler_nursery)
+        )
+        task_status.started(server)
+
+
+async def _serve_connection(
+    stream: trio.abc.Stream,
+    *,
+    handler: Handler,
+    path: str | None,
+    max_message: int,
+    handshake_timeout: float,
+    accept_check: AcceptCheck | None,
+) -> None:
+    sock = _socket_of(stream)
+    remote: tuple[str, int] | None = None
+    if sock is not None:
+        try:
+            peer = sock.getpeername()
+            remote = (str(peer[0]), int(peer[1]))
+        except OSError:
+            pass
+    conn: WebSocketConnection | None = None
+    try:
+        upgraded: tuple[Request, bytes] | None = None
+        with trio.move_on_after(handshake_timeout) as scope:
+            upgraded = await _handshake(stream, path, accept_check, remote)
+        if scope.cancelled_caught:
+            log_event(_logger, "websocket.handshake_timeout", level=logging.DEBUG, remote=_fmt(remote))
+        if upgraded is None:
+            return
+        request, rest = upgraded
+        conn = WebSocketConnection(
+            stream,
+            client=False,
+            max_message=max_message,
+            path=request.path,
+            request_headers=request.headers,
+            initial_data=rest,
+        )
+        try:
+            await handler(conn)
+        except ProtocolError as exc:
+            log_event(_logger, "websocket.protocol_error", level=logging.DEBUG, error=str(exc))
+            await conn.close(exc.code, str(exc)[:60])
+        except ConnectionClosedError as exc:
+            log_event(_logger, "websocket.closed", level=logging.DEBUG, code=exc.code, reason=exc.reason)
+        except Exception as exc:  # a handler bug must not take the server down
+            log_event(
+                _logger,
+                "websocket.handler_error",
+                level=logging.ERROR,
+                remote=_fmt(remote),
+                error=repr(exc),
+                traceback="".join(traceback.format_exception(exc)),
+            )
+            await conn.close(_INTERNAL_ERROR, "internal error")
+    finally:
+        if conn is not None:
+            await conn.close(CloseCode.NORMAL)
+        else:
+            await trio.aclose_forcefully(stream)
+
+
+def _fmt(remote: tuple[str, int] | None) -> str | None:
+    return f"{remote[0]}:{remote[1]}" if remote else None
+
+
+async def _handshake(
+    stream: trio.abc.Stream,
+    path: str | None,
+    accept_check: AcceptCheck | None,
+    remote: tuple[str, int] | None,
+) -> tuple[Request, bytes] | None:
+    """Read and answer the upgrade; the request and bytes read past it, or ``None`` if refused."""
+    buf = bytearray()
+    try:
+        while True:
+            end = find_head_end(buf)
+            if end >= 0:
+                break
+            chunk = await stream.receive_some(MAX_HANDSHAKE_SIZE)
+            if not chunk:
+                return None
+            buf += chunk
+        request = parse_request(bytes(buf[:end]), path=path)
+    except HandshakeError as exc:
+        log_event(
+            _logger, "websocket.handshake_rejected", level=logging.DEBUG, status=exc.status, error=exc.error
+        )
+        await _send_quietly(stream, error_response(exc.status, exc.error, exc.detail, headers=exc.headers))
+        return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return None
+    if accept_check is not None:
+        try:
+            rejection = await accept_check(request, remote)
+        except Exception as exc:
+            log_event(
+                _logger,
+                "websocket.accept_check_error",
+                level=logging.ERROR,
+                error=repr(exc),
+                traceback="".join(traceback.format_exception(exc)),
+            )
+            rejection = Rejection(500, "internal_error", "the server could not evaluate the request")
+        if rejection is not None:
+            await _send_quietly(stream, error_response(*rejection))
+            return None
+    if not await _send_quietly(stream, switching_protocols(request)):
+        return None
+    return request, bytes(buf[end:])
+
+
+async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> bool:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return False
+    return True
