@@ -6,8 +6,12 @@ Use :func:`log_event` for everything an operator may grep for::
 
 Secrets never reach the output: values of fields whose name says secret (``token``, ``passphrase``,
 ``psk``, ``key``, ``secret``, ``authorization``, ``d``, ``signing_key``) are replaced with
-``"[redacted]"``, ``bytes`` values are logged as their length only, and session ids should go through
-:func:`session_tag` (a short, stable, one-way hash).
+``"[redacted]"`` (so are names ending in ``_token``, ``_key``, ``_secret``, ``_passphrase``,
+``_password``, ``_psk``, at any depth of nested dicts, lists and tuples), ``bytes`` values are logged as
+their length only, and session ids should go through :func:`session_tag` (a short, stable, one-way hash).
+As a last line of defence the formatted line is scrubbed of anything shaped like a token or a key (a
+run of 32+ base64url characters mixing upper case, lower case and digits), which catches secrets that
+reach a message or an exception text; UUIDs, hex digests and snake_case names do not match.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from typing import IO, Any, Final
 
-__all__ = ["JsonFormatter", "configure_logging", "get_logger", "log_event", "redact", "session_tag"]
+__all__ = ["JsonFormatter", "configure_logging", "get_logger", "log_event", "redact", "scrub", "session_tag"]
 
 _SECRET_FIELDS: Final = frozenset(
     {
@@ -37,6 +42,11 @@ _SECRET_FIELDS: Final = frozenset(
         "entitlement_proof",
     }
 )
+_SECRET_SUFFIXES: Final = ("_token", "_key", "_secret", "_passphrase", "_password", "_psk")
+# Tokens (CWT, base64url) are 150+ characters, Ed25519 keys and service keys 43: 32 keeps margin while
+# staying above UUIDs' hex groups and typical identifiers. The class mix is checked in _scrub_match.
+_SECRET_SHAPE: Final = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{32,}(?![A-Za-z0-9_-])")
+_REDACTED: Final = "[redacted]"
 _RESERVED: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
 
@@ -45,19 +55,37 @@ def session_tag(session_id: str) -> str:
     return hashlib.blake2b(session_id.encode(), digest_size=6).hexdigest()
 
 
+def _is_secret_name(name: object) -> bool:
+    lowered = str(name).lower()
+    return lowered in _SECRET_FIELDS or lowered.endswith(_SECRET_SUFFIXES)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return redact(value)
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(item) for item in value]
+    return value
+
+
 def redact(fields: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``fields`` with secrets replaced and bytes reduced to their length."""
-    out: dict[str, Any] = {}
-    for name, value in fields.items():
-        if name.lower() in _SECRET_FIELDS:
-            out[name] = "[redacted]"
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            out[name] = f"<{len(value)} bytes>"
-        elif isinstance(value, dict):
-            out[name] = redact(value)
-        else:
-            out[name] = value
-    return out
+    """A copy of ``fields`` with secrets replaced and bytes reduced to their length, at any depth."""
+    return {
+        name: _REDACTED if _is_secret_name(name) else _redact_value(value) for name, value in fields.items()
+    }
+
+
+def _scrub_match(match: re.Match[str]) -> str:
+    run = match.group()
+    mixed = any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run)
+    return _REDACTED if mixed else run
+
+
+def scrub(text: str) -> str:
+    """``text`` with every token- or key-shaped run (see the module docstring) replaced."""
+    return _SECRET_SHAPE.sub(_scrub_match, text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,7 +102,7 @@ class JsonFormatter(logging.Formatter):
         doc.update(redact(fields))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, separators=(",", ":"))
+        return scrub(json.dumps(doc, default=str, separators=(",", ":")))
 
 
 def configure_logging(level: str | int = "INFO", stream: IO[str] | None = None) -> None:
