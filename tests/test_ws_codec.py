@@ -1,0 +1,454 @@
+"""The sans-I/O WebSocket codec: frames, rejection rules, handshake (bytes in, events out)."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import FrameProtocol
+from wsproto.frame_protocol import Opcode as WsprotoOpcode
+
+from rescue._codes import CloseCode
+from rescue.errors import ProtocolError
+from rescue.websocket import (
+    MAX_HANDSHAKE_SIZE,
+    CloseReceived,
+    Event,
+    FrameParser,
+    HandshakeError,
+    Opcode,
+    Ping,
+    Pong,
+    accept_key,
+    build_frame,
+    build_request,
+    error_response,
+    find_head_end,
+    frame_binary,
+    frame_close,
+    frame_messages,
+    frame_ping,
+    frame_pong,
+    new_key,
+    parse_request,
+    parse_response,
+    switching_protocols,
+)
+from rescue.websocket._codec import _apply_mask_py, apply_mask
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def feed_chunks(parser: FrameParser, data: bytes, cuts: list[int]) -> list[Event]:
+    """Feed ``data`` split at ``cuts`` (sorted offsets); all events in order."""
+    events: list[Event] = []
+    start = 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        events.extend(parser.feed(memoryview(data)[start:cut]))
+        start = cut
+    return events
+
+
+def encode_script(script: list[tuple[str, bytes, list[int]]], *, mask: bool) -> tuple[bytes, list[Event]]:
+    """Frame a script of messages (fragmented at the given offsets) and pings.
+
+    A fragmented message also gets a ping between its first and second fragment (RFC 6455 §5.4
+    allows control frames there); that ping is reported before the message it interrupts.
+    """
+    wire = bytearray()
+    expected: list[Event] = []
+    for kind, payload, points in script:
+        if kind == "ping":
+            wire += build_frame(Opcode.PING, payload, mask=mask)
+            expected.append(Ping(payload))
+            continue
+        inner = sorted({p % (len(payload) + 1) for p in points} - {0, len(payload)})
+        bounds = [0, *inner, len(payload)]
+        pieces = [payload[a:b] for a, b in itertools.pairwise(bounds)]
+        for i, piece in enumerate(pieces):
+            opcode = Opcode.BINARY if i == 0 else Opcode.CONTINUATION
+            wire += build_frame(opcode, piece, mask=mask, fin=i == len(pieces) - 1)
+            if i == 0 and len(pieces) > 1:
+                wire += build_frame(Opcode.PING, b"mid", mask=mask)
+                expected.append(Ping(b"mid"))
+        expected.append(payload)
+    return bytes(wire), expected
+
+
+# Large payloads are one repeated byte: hypothesis is slow at drawing 64 KiB of random bytes and the
+# parser does not care about content beyond the (unmasked) round trip the small ones check.
+payloads = st.binary(max_size=300) | st.builds(
+    lambda n, b: bytes([b]) * n, st.integers(126, 65_536), st.integers(0, 255)
+)
+script_item = st.one_of(
+    st.tuples(st.just("msg"), payloads, st.lists(st.integers(min_value=0, max_value=70_000), max_size=4)),
+    st.tuples(st.just("ping"), st.binary(max_size=125), st.just([])),
+)
+
+
+# --------------------------------------------------------------------------- split invariance
+
+
+@given(
+    script=st.lists(script_item, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=300_000), max_size=12),
+    client_to_server=st.booleans(),
+)
+def test_any_fragmentation_and_chunking_yields_exactly_the_messages(
+    script: list[tuple[str, bytes, list[int]]], cuts: list[int], client_to_server: bool
+) -> None:
+    wire, expected = encode_script(script, mask=client_to_server)
+    parser = FrameParser(client=not client_to_server)
+    events = feed_chunks(parser, wire, [c % (len(wire) + 1) for c in cuts])
+    assert events == expected
+    assert parser.buffered == 0
+    pings = [e for e in expected if isinstance(e, Ping)]
+    pong = parser.data_to_send()
+    if pings:
+        # Only the last ping is answered (RFC 6455 §5.5.3), masked iff we are the client.
+        reply = FrameParser(client=client_to_server).feed(pong)
+        assert reply == [Pong(pings[-1].payload)]
+    else:
+        assert pong == b""
+
+
+@given(batch=st.lists(payloads, max_size=6))
+def test_frame_messages_round_trips_both_directions(batch: list[bytes]) -> None:
+    assert FrameParser(client=True).feed(frame_messages(batch, mask=False)) == batch
+    assert FrameParser(client=False).feed(frame_messages(batch, mask=True)) == batch
+
+
+@given(data=st.binary(max_size=2000), client=st.booleans(), cuts=st.lists(st.integers(0, 2000), max_size=5))
+def test_arbitrary_bytes_raise_only_protocol_error(data: bytes, client: bool, cuts: list[int]) -> None:
+    parser = FrameParser(client=client, max_message=1000)
+    error: ProtocolError | None = None
+    try:
+        feed_chunks(parser, data, [c % (len(data) + 1) for c in cuts])
+    except ProtocolError as exc:
+        error = exc
+    if error is not None:
+        assert error.code == CloseCode.PROTOCOL_ERROR
+        with pytest.raises(ProtocolError):
+            parser.feed(b"")  # a failed parser stays failed
+
+
+@given(data=st.binary(max_size=5000), mask=st.binary(min_size=4, max_size=4))
+def test_c_and_python_unmasking_agree(data: bytes, mask: bytes) -> None:
+    assert apply_mask(data, mask) == _apply_mask_py(data, mask)
+    assert _apply_mask_py(_apply_mask_py(data, mask), mask) == data
+
+
+# ----------------------------------------------------------------- independent implementation
+
+
+@given(payloads=st.lists(st.binary(max_size=3000), min_size=1, max_size=5))
+def test_wsproto_parses_our_client_frames(payloads: list[bytes]) -> None:
+    proto = FrameProtocol(client=False, extensions=[])
+    proto.receive_bytes(frame_messages(payloads, mask=True))
+    frames = list(proto.received_frames())
+    assert [(f.opcode, bytes(f.payload)) for f in frames] == [(WsprotoOpcode.BINARY, p) for p in payloads]
+
+
+@given(payloads=st.lists(st.binary(max_size=3000), min_size=1, max_size=5))
+def test_we_parse_wsproto_client_frames(payloads: list[bytes]) -> None:
+    proto = FrameProtocol(client=True, extensions=[])
+    wire = b"".join(proto.send_data(p, fin=True) for p in payloads)
+    assert FrameParser(client=False).feed(wire) == payloads
+
+
+# ----------------------------------------------------------------------------- rejection rules
+
+
+def _rejects(wire: bytes, *, client: bool = False, max_message: int = 65536, match: str = "") -> None:
+    parser = FrameParser(client=client, max_message=max_message)
+    with pytest.raises(ProtocolError, match=match) as info:
+        parser.feed(wire)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR == 4010
+
+
+def test_text_message_is_a_protocol_error() -> None:
+    _rejects(build_frame(Opcode.TEXT, b"hi", mask=True), match="text")
+
+
+def test_oversize_message_is_rejected_from_its_header_alone() -> None:
+    head = build_frame(Opcode.BINARY, b"x" * 1001, mask=True)[:8]  # payload not even sent
+    _rejects(head, max_message=1000, match="larger")
+
+
+def test_oversize_across_fragments_is_rejected() -> None:
+    wire = build_frame(Opcode.BINARY, b"x" * 600, mask=True, fin=False)
+    wire += build_frame(Opcode.CONTINUATION, b"x" * 401, mask=True)
+    _rejects(wire, max_message=1000, match="larger")
+
+
+def test_message_of_exactly_max_size_is_accepted() -> None:
+    wire = build_frame(Opcode.BINARY, b"x" * 600, mask=True, fin=False)
+    wire += build_frame(Opcode.CONTINUATION, b"y" * 400, mask=True)
+    assert FrameParser(client=False, max_message=1000).feed(wire) == [b"x" * 600 + b"y" * 400]
+
+
+@pytest.mark.parametrize("opcode", [Opcode.PING, Opcode.PONG, Opcode.CLOSE])
+def test_fragmented_control_frame(opcode: Opcode) -> None:
+    _rejects(build_frame(opcode, b"", mask=True, fin=False), match="fragmented control")
+
+
+def test_control_frame_over_125_bytes() -> None:
+    _rejects(build_frame(Opcode.PING, b"x" * 126, mask=True), match="125")
+
+
+@pytest.mark.parametrize("rsv", [1, 2, 4])
+def test_rsv_bits(rsv: int) -> None:
+    _rejects(build_frame(Opcode.BINARY, b"z", mask=True, rsv=rsv), match="RSV")
+
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 0xB, 0xC, 0xF])
+def test_bad_opcodes(opcode: int) -> None:
+    _rejects(build_frame(opcode, b"", mask=True), match="opcode")
+
+
+def test_server_rejects_unmasked_client_frames() -> None:
+    _rejects(frame_binary(b"a", False), match="not masked")
+
+
+def test_client_rejects_masked_server_frames() -> None:
+    _rejects(frame_binary(b"a", True), client=True, match="masked")
+
+
+def test_continuation_without_a_message() -> None:
+    _rejects(build_frame(Opcode.CONTINUATION, b"a", mask=True), match="continuation")
+
+
+def test_new_message_inside_fragmented_message() -> None:
+    wire = build_frame(Opcode.BINARY, b"a", mask=True, fin=False) + frame_binary(b"b", True)
+    _rejects(wire, match="inside a fragmented")
+
+
+def test_non_minimal_lengths() -> None:
+    _rejects(b"\x82\xfe\x00\x05" + b"\x00" * 4 + b"hello", match="non-minimal")
+    _rejects(b"\x82\xff" + struct.pack(">Q", 200) + b"\x00" * 4, match="64-bit")
+    _rejects(b"\x82\xff" + struct.pack(">Q", 1 << 63) + b"\x00" * 4, match="64-bit")
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"\x03", "one byte"),
+        (struct.pack(">H", 1005), "invalid close code"),
+        (struct.pack(">H", 999), "invalid close code"),
+        (struct.pack(">H", 2000), "invalid close code"),
+        (struct.pack(">H", 5000), "invalid close code"),
+        (struct.pack(">H", 1000) + b"\xff\xfe", "UTF-8"),
+    ],
+)
+def test_bad_close_payloads(payload: bytes, match: str) -> None:
+    _rejects(build_frame(Opcode.CLOSE, payload, mask=True), match=match)
+
+
+# ------------------------------------------------------------------------------------- control
+
+
+def test_close_frame_ends_parsing_and_keeps_earlier_messages() -> None:
+    wire = frame_binary(b"one", True) + frame_close(4011, "replaced", mask=True) + frame_binary(b"no", True)
+    parser = FrameParser(client=False)
+    assert parser.feed(wire) == [b"one", CloseReceived(4011, "replaced")]
+    assert parser.closed
+    assert parser.feed(frame_binary(b"later", True)) == []
+
+
+def test_empty_close_payload_has_no_code() -> None:
+    assert FrameParser(client=True).feed(frame_close(None, mask=False)) == [CloseReceived(None, "")]
+
+
+def test_pong_is_reported() -> None:
+    assert FrameParser(client=False).feed(frame_pong(b"p", mask=True)) == [Pong(b"p")]
+    assert FrameParser(client=True).feed(frame_ping(b"q", mask=False)) == [Ping(b"q")]
+
+
+def test_control_payload_limits_on_the_sending_side() -> None:
+    with pytest.raises(ValueError, match="125"):
+        frame_ping(b"x" * 126, mask=False)
+    with pytest.raises(ValueError, match="125"):
+        frame_pong(b"x" * 126, mask=False)
+    for bad in (1005, 1006, 999, 5000, 2999):
+        with pytest.raises(ValueError, match="may not be sent"):
+            frame_close(bad, mask=False)
+
+
+def test_close_reason_is_cut_at_a_character_boundary() -> None:
+    frame = frame_close(1000, "é" * 100, mask=False)  # 200 bytes of UTF-8
+    [event] = FrameParser(client=True).feed(frame)
+    assert isinstance(event, CloseReceived)
+    assert event.reason == "é" * 61  # 122 bytes: the 62nd character would need byte 124
+    assert len(frame) == 2 + 2 + 122
+
+
+def test_length_encodings_at_the_boundaries() -> None:
+    for n in (0, 125, 126, 65535, 65536):
+        wire = frame_binary(b"q" * n, True)
+        assert FrameParser(client=False, max_message=70_000).feed(wire) == [b"q" * n]
+
+
+def test_feed_does_not_keep_the_callers_buffer() -> None:
+    wire = frame_binary(b"abcdef", True)
+    buf = bytearray(wire)
+    parser = FrameParser(client=False)
+    assert parser.feed(memoryview(buf)[:5]) == []
+    buf[:] = b"\x00" * len(buf)  # the caller reuses its buffer
+    assert parser.feed(wire[5:]) == [b"abcdef"]
+
+
+# ------------------------------------------------------------------------------------ handshake
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3 example
+
+
+def request(
+    *, method: str = "GET", path: str = "/v1/connect", drop: str = "", extra: str = "", version: str = "13"
+) -> bytes:
+    headers = {
+        "Host": "relay.example:443",
+        "Upgrade": "websocket",
+        "Connection": "keep-alive, Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": version,
+    }
+    headers.pop(drop, None)
+    lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
+    if extra:
+        lines.append(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_rfc_example_accept_key() -> None:
+    assert accept_key(KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_good_request_parses() -> None:
+    req = parse_request(request(path="/v1/connect?x=1"), path="/v1/connect")
+    assert (req.method, req.path, req.target, req.key) == ("GET", "/v1/connect", "/v1/connect?x=1", KEY)
+    assert req.header("HOST") == "relay.example:443"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status"),
+    [
+        ({"drop": "Host"}, 400),
+        ({"drop": "Sec-WebSocket-Key"}, 400),
+        ({"drop": "Upgrade"}, 426),
+        ({"drop": "Connection"}, 426),
+        ({"drop": "Sec-WebSocket-Version"}, 426),
+        ({"version": "8"}, 426),
+        ({"path": "/other"}, 404),
+        ({"method": "POST"}, 405),
+    ],
+)
+def test_bad_requests_get_the_right_status(kwargs: dict[str, str], status: int) -> None:
+    with pytest.raises(HandshakeError) as info:
+        parse_request(request(**kwargs), path="/v1/connect")
+    assert info.value.status == status
+
+
+def test_wrong_version_answer_names_version_13() -> None:
+    with pytest.raises(HandshakeError) as info:
+        parse_request(request(version="8"), path="/v1/connect")
+    assert ("Sec-WebSocket-Version", "13") in info.value.headers
+
+
+def test_bad_key() -> None:
+    bad = request().replace(KEY.encode(), base64.b64encode(b"short").decode().encode())
+    with pytest.raises(HandshakeError, match="16 bytes"):
+        parse_request(bad)
+
+
+def test_oversize_head_is_431() -> None:
+    big = request(extra="Cookie: " + "c" * MAX_HANDSHAKE_SIZE)
+    with pytest.raises(HandshakeError) as info:
+        find_head_end(big)
+    assert info.value.status == 431
+    assert find_head_end(b"GET / HTTP/1.1\r\n") == -1
+    assert find_head_end(request()) == len(request())
+
+
+def test_extensions_offered_are_never_accepted() -> None:
+    req = parse_request(request(extra="Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"))
+    response = switching_protocols(req)
+    assert b"extensions" not in response.lower()
+    assert parse_response(response, KEY).status == 101
+
+
+def test_wsproto_client_offering_deflate_accepts_our_101() -> None:
+    """An independent client (wsproto + h11) offering permessage-deflate accepts our answer."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection
+    from wsproto.events import Request as WsRequest
+
+    client = WSConnection(ConnectionType.CLIENT)
+    wire = client.send(WsRequest(host="relay", target="/v1/connect", extensions=[PerMessageDeflate()]))
+    req = parse_request(wire, path="/v1/connect")
+    assert "permessage-deflate" in (req.header("sec-websocket-extensions") or "")
+    client.receive_data(switching_protocols(req))
+    [event] = list(client.events())
+    assert isinstance(event, AcceptConnection)
+    assert event.extensions == []
+
+
+@given(data=st.binary(max_size=600))
+def test_arbitrary_request_bytes_raise_only_handshake_error(data: bytes) -> None:
+    status = 0
+    try:
+        parse_request(data + b"\r\n\r\n")
+    except HandshakeError as exc:
+        status = exc.status
+    assert status in {0, 400, 404, 405, 426, 431}
+
+
+@given(data=st.binary(max_size=600))
+def test_arbitrary_response_bytes_raise_only_handshake_error(data: bytes) -> None:
+    with pytest.raises(HandshakeError):
+        parse_response(data + b"\r\n\r\n", KEY)
+
+
+def test_error_response_is_json() -> None:
+    raw = error_response(429, "rate_limited", "slow down", headers=[("Retry-After", "5")])
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+    assert b"Retry-After: 5" in head
+    assert json.loads(body) == {"error": "rate_limited", "detail": "slow down"}
+    with pytest.raises(HandshakeError) as info:
+        parse_response(head + b"\r\n\r\n", KEY, body)
+    assert (info.value.status, info.value.error, info.value.detail) == (429, "rate_limited", "slow down")
+
+
+def test_client_request_round_trips_through_the_server_parser() -> None:
+    key = new_key()
+    raw = build_request("127.0.0.1:9", "/v1/connect", key, headers=[("X-Trace", "1")])
+    req = parse_request(raw, path="/v1/connect")
+    assert req.key == key
+    assert req.header("x-trace") == "1"
+    assert parse_response(switching_protocols(req), key).status == 101
+    with pytest.raises(ValueError, match="CR or LF"):
+        build_request("h", "/", key, headers=[("X", "a\r\nInjected: 1")])
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        lambda r: r.replace(b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+        lambda r: r.replace(b"Upgrade: websocket\r\n", b""),
+        lambda r: r.replace(b"Connection: Upgrade\r\n", b""),
+        lambda r: r[:-2] + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+        lambda r: r[:-2] + b"Sec-WebSocket-Protocol: chat\r\n\r\n",
+    ],
+)
+def test_client_rejects_a_bad_101(mutation: object) -> None:
+    good = switching_protocols(parse_request(request()))
+    assert callable(mutation)
+    with pytest.raises(HandshakeError) as info:
+        parse_response(mutation(good), KEY)
+    assert info.value.status == 101
