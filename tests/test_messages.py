@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+import re
 import string
 from collections.abc import Callable
 from typing import Any
@@ -721,3 +723,11 @@ def test_control_vectors() -> None:
     assert encode_ack(64).hex() == "a16361636b1840"
     assert encode_resume(1000).hex() == "a166726573756d651903e8"
     assert encode_resume(0).hex() == "a166726573756d6500"
+
+
+def test_docs_show_the_pinned_vectors() -> None:
+    """Every full message hex string in docs/protocol.md is one of the vectors above."""
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    shown = re.findall(r"`(01[0-9a-f]{22,})`", doc)
+    assert len(shown) == len(VECTORS)
+    assert set(shown) == {expected for _, _, expected in VECTORS}
