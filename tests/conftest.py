@@ -16,3 +16,108 @@ settings.register_profile(
 )
 settings.register_profile("thorough", deadline=None, max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis (guardrails, token service)
+#
+# Tests never touch the machine's default Redis: each server here is a private `redis-server`
+# listening only on a unix socket in a fresh temporary directory (`--port 0` disables TCP), with
+# persistence off. `redis_url` shares one server per test session and flushes it before each test;
+# `private_redis` gives a test its own server, which it may kill (outage tests).
+# ---------------------------------------------------------------------------------------------
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import redis  # noqa: E402
+
+# Starting redis-server takes ~10 ms; a loaded 2-core CI box may take far longer.
+REDIS_START_TIMEOUT_S = 15.0
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server process on a unix socket."""
+
+    process: subprocess.Popen[bytes]
+    socket_path: str
+    directory: str
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=self.socket_path, decode_responses=True, socket_timeout=5)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def start_redis_server() -> RedisServer:
+    """Start a private redis-server and wait until it answers PING."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (the CI script installs it: apt-get install redis-server)")
+    directory = tempfile.mkdtemp(prefix="rescue-redis-")  # short: unix socket paths max out at 107 bytes
+    socket_path = os.path.join(directory, "redis.sock")
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", socket_path, "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--dir", directory, "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    server = RedisServer(process, socket_path, directory)
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    with server.client() as client:
+        while True:
+            if process.poll() is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+                pytest.fail(f"redis-server exited with status {process.returncode}")
+            try:
+                if client.ping():
+                    return server
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                server.stop()
+                shutil.rmtree(directory, ignore_errors=True)
+                pytest.fail("redis-server did not answer PING in time")
+            time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def redis_session_server() -> Iterator[RedisServer]:
+    server = start_redis_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url(redis_session_server: RedisServer) -> str:
+    """URL of the shared private Redis, flushed for this test."""
+    with redis_session_server.client() as client:
+        client.flushall()
+    return redis_session_server.url
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A Redis server of this test's own; the test may ``stop()`` it."""
+    server = start_redis_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)

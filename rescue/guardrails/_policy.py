@@ -1,0 +1,338 @@
+"""The guardrail policy (SPEC §5, §7): kill switch, cohort flags, activation ratio, node assignment.
+
+Everything here reads the store on every call (no caching), so every token-service replica sees a
+pause, a resume or a cohort change on its next request. Time is passed in (``now``, wall-clock
+seconds) so the maths is testable without a clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from rescue._log import get_logger, log_event
+from rescue.errors import ConfigError, GuardrailError
+from rescue.guardrails._store import (
+    SECONDS_PER_HOUR,
+    CounterField,
+    FleetState,
+    GuardrailStore,
+    NodeInfo,
+    WindowCounts,
+    check_cohort_id,
+    hour_bucket,
+    rendezvous_pick,
+    rolling_window,
+)
+
+__all__ = ["Authorization", "GuardrailConfig", "GuardrailWindow", "Guardrails"]
+
+_LOG = get_logger("rescue.guardrails")
+
+DEFAULT_SOFT_RATIO: Final = 0.005  # SPEC §5: activations / sessions ≥ 0.5 %
+DEFAULT_MIN_SAMPLE: Final = 200  # SPEC §5: below this many sessions the ratio means nothing
+# One guardrail_soft_breach log line per cohort per process per minute: enough for alerting,
+# not one line per token while a cohort stays in breach.
+SOFT_BREACH_LOG_INTERVAL_S: Final = 60.0
+# Cohort entries in the soft-breach log limiter; when full it is cleared (worst case: one extra line).
+MAX_TRACKED_BREACHES: Final = 10_000
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+WindowState = Literal["ok", "insufficient_sample", "soft_breach", "hard_breach"]
+
+
+def _env_flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in _TRUE
+
+
+def _env_float(environ: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not 0 < value <= 1:
+        raise ConfigError(f"{name} must be in (0, 1], got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailConfig:
+    """Guardrail settings, normally from the environment (:meth:`from_env`).
+
+    Attributes:
+        environment: ``RESCUE_ENV`` (``production`` disables the dev overrides).
+        env_paused: ``FALLBACK_WS_PAUSED=1``: this process's own kill switch.
+        dev_enable_all_cohorts: ``BEACH_DEV_ENABLE_FALLBACK_WS=1`` outside production.
+        soft_ratio: activations/sessions at or above which tokens are tagged ``soft_breach``.
+        min_sample: weighted sessions in the window needed before the ratio is judged.
+        hard_ratio: if set, a ratio at or above it pauses the fleet (auto-pause).
+    """
+
+    environment: str = "development"
+    env_paused: bool = False
+    dev_enable_all_cohorts: bool = False
+    soft_ratio: float = DEFAULT_SOFT_RATIO
+    min_sample: int = DEFAULT_MIN_SAMPLE
+    hard_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_production and self.dev_enable_all_cohorts:
+            # never silently honoured in production, whoever built the config
+            object.__setattr__(self, "dev_enable_all_cohorts", False)
+        if self.hard_ratio is not None and self.hard_ratio < self.soft_ratio:
+            raise ConfigError("the hard breach ratio must not be below the soft breach ratio")
+        if self.min_sample < 1:
+            raise ConfigError("the guardrail minimum sample must be at least 1")
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment.strip().lower() == "production"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GuardrailConfig:
+        """Read ``RESCUE_ENV``, ``FALLBACK_WS_PAUSED``, ``BEACH_DEV_ENABLE_FALLBACK_WS``,
+        ``RESCUE_SOFT_BREACH_RATIO``, ``RESCUE_GUARDRAIL_MIN_SAMPLE``, ``RESCUE_HARD_BREACH_RATIO``.
+
+        Raises:
+            ConfigError: a numeric setting is malformed or out of range.
+        """
+        env = os.environ if environ is None else environ
+        environment = env.get("RESCUE_ENV", "development").strip() or "development"
+        raw_sample = env.get("RESCUE_GUARDRAIL_MIN_SAMPLE", "").strip()
+        try:
+            min_sample = int(raw_sample) if raw_sample else DEFAULT_MIN_SAMPLE
+        except ValueError:
+            raise ConfigError(f"RESCUE_GUARDRAIL_MIN_SAMPLE must be an integer, got {raw_sample!r}") from None
+        soft = _env_float(env, "RESCUE_SOFT_BREACH_RATIO", DEFAULT_SOFT_RATIO)
+        assert soft is not None
+        return cls(
+            environment=environment,
+            env_paused=_env_flag(env, "FALLBACK_WS_PAUSED"),
+            dev_enable_all_cohorts=_env_flag(env, "BEACH_DEV_ENABLE_FALLBACK_WS")
+            and environment.lower() != "production",
+            soft_ratio=soft,
+            min_sample=min_sample,
+            hard_ratio=_env_float(env, "RESCUE_HARD_BREACH_RATIO", None),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailWindow:
+    """A cohort's rolling-hour view (``GET /v1/admin/guardrails``)."""
+
+    cohort_id: str
+    counts: WindowCounts
+    state: WindowState
+
+    def to_json(self) -> dict[str, object]:
+        ratio = self.counts.ratio
+        return {
+            "cohort": self.cohort_id,
+            "sessions": round(self.counts.sessions, 3),
+            "tokens": round(self.counts.tokens, 3),
+            "activations": round(self.counts.activations, 3),
+            "ratio": round(ratio, 6) if ratio is not None else None,
+            "state": self.state,
+            "previous_hour_weight": round(self.counts.previous_weight, 4),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """The guardrails allow a token; ``hint`` goes into the answer as ``guardrail_hint``."""
+
+    hint: Literal["ok", "soft_breach"]
+    window: GuardrailWindow
+
+
+class Guardrails:
+    """The guardrail policy on top of a :class:`~rescue.guardrails.GuardrailStore`.
+
+    Args:
+        store: shared state (Redis in a fleet, memory in ``rescue dev``).
+        config: thresholds and environment switches.
+        wall_clock: wall-clock seconds, for ``since`` stamps (injectable for tests).
+
+    Error handling:
+        :class:`~rescue.errors.StoreUnavailable` propagates from every store read: callers fail
+        closed (503). :class:`~rescue.errors.GuardrailError` carries the SPEC §4 error code.
+    """
+
+    def __init__(
+        self,
+        store: GuardrailStore,
+        config: GuardrailConfig | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config or GuardrailConfig()
+        self._wall_clock = wall_clock
+        self._last_breach_log: dict[str, float] = {}
+
+    # --- kill switch -------------------------------------------------------------------------
+
+    async def fleet_state(self) -> FleetState:
+        """The effective kill switch: ``FALLBACK_WS_PAUSED=1`` in this process, or the store's flag.
+
+        Raises:
+            StoreUnavailable: the store can't be read (unless the env switch already pauses).
+        """
+        if self.config.env_paused:
+            return FleetState(paused=True, reason="FALLBACK_WS_PAUSED is set on this process")
+        return await self.store.fleet_state()
+
+    async def pause(self, *, reason: str | None = None, drain: bool = False) -> FleetState:
+        """Set the fleet-wide kill switch (stored, so every replica and relay sees it)."""
+        state = FleetState(paused=True, reason=reason, since=self._wall_clock(), drain=drain)
+        await self.store.set_fleet_state(state)
+        log_event(_LOG, "guardrail_paused", level=logging.WARNING, reason=reason, drain=drain)
+        return state
+
+    async def resume(self, *, reason: str | None = None) -> FleetState:
+        """Clear the fleet-wide kill switch (the env switch of a process still applies)."""
+        state = FleetState(paused=False, reason=reason, since=self._wall_clock(), drain=False)
+        await self.store.set_fleet_state(state)
+        log_event(_LOG, "guardrail_resumed", reason=reason)
+        return state
+
+    # --- cohorts -----------------------------------------------------------------------------
+
+    async def cohort_enabled(self, cohort_id: str) -> bool:
+        """``fallback_ws_enabled`` for the cohort, or True under the dev override."""
+        check_cohort_id(cohort_id)
+        if self.config.dev_enable_all_cohorts:
+            return True
+        return await self.store.cohort_enabled(cohort_id)
+
+    async def set_cohort_enabled(self, cohort_id: str, enabled: bool) -> None:
+        await self.store.set_cohort_enabled(cohort_id, enabled)
+        log_event(_LOG, "guardrail_cohort_changed", cohort=cohort_id, fallback_ws_enabled=enabled)
+
+    # --- counters and the rolling window -----------------------------------------------------
+
+    async def window(self, cohort_id: str, *, now: float) -> GuardrailWindow:
+        """The cohort's rolling-hour counts and their state (see ``rolling_window``)."""
+        buckets = [hour_bucket(now), hour_bucket(now - SECONDS_PER_HOUR)]
+        current, previous = await self.store.hour_counts(cohort_id, buckets)
+        counts = rolling_window(current, previous, now)
+        return GuardrailWindow(cohort_id, counts, self.judge(counts))
+
+    def judge(self, counts: WindowCounts) -> WindowState:
+        """Classify a window: below the minimum sample nothing is judged."""
+        ratio = counts.ratio
+        if ratio is None or counts.sessions < self.config.min_sample:
+            return "insufficient_sample"
+        if self.config.hard_ratio is not None and ratio >= self.config.hard_ratio:
+            return "hard_breach"
+        if ratio >= self.config.soft_ratio:
+            return "soft_breach"
+        return "ok"
+
+    async def record_tokens(self, cohort_id: str, *, now: float, count: int = 1) -> None:
+        await self.store.increment(cohort_id, CounterField.TOKENS, now=now, amount=count)
+
+    async def record_activation(self, cohort_id: str, *, now: float, count: int = 1) -> None:
+        await self.store.increment(cohort_id, CounterField.ACTIVATIONS, now=now, amount=count)
+
+    async def record_sessions_started(self, cohort_id: str, *, now: float, count: int = 1) -> None:
+        await self.store.increment(cohort_id, CounterField.SESSIONS, now=now, amount=count)
+
+    # --- the token decision --------------------------------------------------------------------
+
+    async def authorize_token(self, cohort_id: str, *, now: float) -> Authorization:
+        """Decide whether a token may be minted for ``cohort_id`` now.
+
+        Order: kill switch, cohort flag, rolling-window ratio (soft breach → hint; hard breach with
+        auto-pause configured → the fleet is paused and this request refused).
+
+        Raises:
+            GuardrailError: ``fallback_paused`` or ``cohort_disabled``.
+            StoreUnavailable: the store can't be read (fail closed).
+            ValueError: ``cohort_id`` is malformed.
+        """
+        check_cohort_id(cohort_id)
+        fleet = await self.fleet_state()
+        if fleet.paused:
+            raise GuardrailError("fallback_paused", "WebSocket fallback is paused fleet-wide")
+        if not await self.cohort_enabled(cohort_id):
+            raise GuardrailError(
+                "cohort_disabled", f"WebSocket fallback is not enabled for cohort {cohort_id}"
+            )
+        window = await self.window(cohort_id, now=now)
+        if window.state == "hard_breach":
+            ratio = window.counts.ratio or 0.0
+            reason = (
+                f"auto-pause: cohort {cohort_id} activation ratio {ratio:.4f} >= {self.config.hard_ratio}"
+            )
+            await self.pause(reason=reason)
+            log_event(
+                _LOG,
+                "guardrail_auto_pause",
+                level=logging.ERROR,
+                cohort=cohort_id,
+                ratio=round(ratio, 6),
+                sessions=round(window.counts.sessions, 1),
+            )
+            raise GuardrailError("fallback_paused", "WebSocket fallback was auto-paused by the guardrails")
+        if window.state == "soft_breach":
+            self._log_soft_breach(window, now)
+            return Authorization("soft_breach", window)
+        return Authorization("ok", window)
+
+    def _log_soft_breach(self, window: GuardrailWindow, now: float) -> None:
+        last = self._last_breach_log.get(window.cohort_id)
+        if last is not None and 0 <= now - last < SOFT_BREACH_LOG_INTERVAL_S:
+            return
+        if len(self._last_breach_log) >= MAX_TRACKED_BREACHES:
+            self._last_breach_log.clear()
+        self._last_breach_log[window.cohort_id] = now
+        log_event(
+            _LOG,
+            "guardrail_soft_breach",
+            level=logging.WARNING,
+            cohort=window.cohort_id,
+            ratio=round(window.counts.ratio or 0.0, 6),
+            sessions=round(window.counts.sessions, 1),
+            activations=round(window.counts.activations, 1),
+            threshold=self.config.soft_ratio,
+        )
+
+    # --- nodes ---------------------------------------------------------------------------------
+
+    async def assign_node(self, session_id: str, *, ttl: float) -> NodeInfo | None:
+        """The relay node for ``session_id``: rendezvous hashing over live, non-draining nodes.
+
+        The choice is recorded with SET NX for ``ttl`` seconds so both peers land on the same node
+        even if the node set changes between their requests; an assignment to a node that died or
+        is draining is replaced (compare-and-set).
+
+        Returns:
+            The node, or None when no node is registered at all (single-node / no registry: the
+            caller uses ``aud="*"`` and its configured relay URL).
+
+        Raises:
+            GuardrailError: ``no_relay_available`` when nodes are registered but all are draining.
+            StoreUnavailable: the store can't be read.
+        """
+        nodes = await self.store.live_nodes()
+        if not nodes:
+            return None
+        eligible = {n.node_id: n for n in nodes if not n.draining}
+        choice = rendezvous_pick(session_id, eligible.values())
+        if choice is None:
+            raise GuardrailError("no_relay_available", "every relay node is draining")
+        current = await self.store.assign_session(session_id, choice.node_id, ttl=ttl)
+        if current not in eligible:
+            current = await self.store.reassign_session(
+                session_id, expected=current, node_id=choice.node_id, ttl=ttl
+            )
+        return eligible.get(current, choice)

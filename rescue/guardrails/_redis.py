@@ -1,0 +1,243 @@
+"""The Redis guardrail store: redis-py's sync client, called from trio through worker threads.
+
+redis-py's asyncio client does not run on trio, so each operation runs in a worker thread via
+``trio.to_thread.run_sync(..., limiter=...)``; docs/decisions/0003-redis-from-trio.md records the
+measurements behind that choice. Each operation is one round trip (a command, a MULTI pipeline or a
+Lua script), so its atomicity never depends on two threads cooperating.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Final, TypeVar
+
+import redis
+import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from rescue.errors import StoreUnavailable
+from rescue.guardrails._store import (
+    COUNTER_TTL_S,
+    KEY_PREFIX,
+    CounterField,
+    FleetState,
+    HourCounts,
+    NodeInfo,
+    assignment_key,
+    check_cohort_id,
+    check_node_id,
+    counter_key,
+    hour_bucket,
+)
+
+__all__ = ["REDIS_THREADS", "RedisStore"]
+
+_T = TypeVar("_T")
+
+# Worker threads (and pooled connections) per store. A token request makes ~5 Redis calls of
+# ~0.1 ms each; 16 concurrent calls saturate a Redis far beyond what one token-service process can
+# send, while trio's global default of 40 threads stays free for other blocking work.
+REDIS_THREADS: Final = 16
+# Every call is bounded by these socket timeouts, which is also how long a cancellation can take to
+# land (a worker thread can't be interrupted). Short: the store is on the request path, and an
+# unreachable Redis must turn into a fast 503, not a hung client.
+SOCKET_TIMEOUT_S: Final = 2.0
+CONNECT_TIMEOUT_S: Final = 1.0
+
+_FLEET_KEY: Final = f"{KEY_PREFIX}fleet"
+_COHORTS_KEY: Final = f"{KEY_PREFIX}cohorts"
+_NODES_KEY: Final = f"{KEY_PREFIX}nodes"
+_NODE_PREFIX: Final = f"{KEY_PREFIX}node:"
+
+# SET NX, and if a value was there already extend it and return it. One script = one atomic step.
+_ASSIGN_LUA: Final = """
+local old = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+if old then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return old
+end
+return ARGV[1]
+"""
+# Compare-and-set: replace the assignment only if it still names the node we judged dead/draining.
+_REASSIGN_LUA: Final = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return ARGV[2]
+end
+return cur
+"""
+# Live nodes: the registry set names candidates, each node's own key (with its TTL) says whether it
+# is alive; ids whose key expired are pruned here, atomically, so a concurrent refresh can't be lost.
+_LIVE_NODES_LUA: Final = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local v = redis.call('GET', ARGV[1] .. id)
+  if v then table.insert(out, v) else redis.call('SREM', KEYS[1], id) end
+end
+return out
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+class RedisStore:
+    """A :class:`~rescue.guardrails.GuardrailStore` on Redis (SPEC §5, §7 layout in ``_store``).
+
+    Args:
+        url: ``redis://host:port/db``, ``rediss://…`` or ``unix:///path/redis.sock?db=0``.
+        socket_timeout: seconds before a Redis call is abandoned with :class:`StoreUnavailable`.
+
+    Resource handling:
+        Holds a connection pool of at most :data:`REDIS_THREADS` connections; call :meth:`aclose`.
+
+    Error handling:
+        Any Redis or socket error becomes :class:`~rescue.errors.StoreUnavailable` (with the
+        original as ``__cause__``). One immediate retry covers a pooled connection that went stale
+        when Redis restarted.
+
+    Cancellation:
+        A call already running in a worker thread finishes (bounded by the socket timeouts)
+        before the cancellation is delivered.
+    """
+
+    def __init__(self, url: str, *, socket_timeout: float = SOCKET_TIMEOUT_S) -> None:
+        try:
+            self._client: Any = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                max_connections=REDIS_THREADS,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=min(CONNECT_TIMEOUT_S, socket_timeout),
+                retry=Retry(NoBackoff(), 1),
+            )
+        except ValueError as exc:
+            raise StoreUnavailable(f"bad Redis URL: {exc}") from exc
+        self._limiter = trio.CapacityLimiter(REDIS_THREADS)
+        self._assign = self._client.register_script(_ASSIGN_LUA)
+        self._reassign = self._client.register_script(_REASSIGN_LUA)
+        self._live_nodes = self._client.register_script(_LIVE_NODES_LUA)
+
+    async def _run(self, fn: Callable[[], _T]) -> _T:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"guardrail store unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._run(self._client.ping)
+
+    async def fleet_state(self) -> FleetState:
+        raw: dict[str, str] = await self._run(partial(self._client.hgetall, _FLEET_KEY))
+        since: float | None
+        try:
+            since = float(raw["since"]) if raw.get("since") else None
+        except ValueError:
+            since = None
+        return FleetState(
+            paused=raw.get("paused") == "1",
+            reason=raw.get("reason") or None,
+            since=since,
+            drain=raw.get("drain") == "1",
+        )
+
+    async def set_fleet_state(self, state: FleetState) -> None:
+        mapping = {
+            "paused": "1" if state.paused else "0",
+            "drain": "1" if state.drain else "0",
+            "reason": state.reason or "",
+            "since": repr(state.since) if state.since is not None else "",
+        }
+
+        def write() -> None:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(_FLEET_KEY)
+            pipe.hset(_FLEET_KEY, mapping=mapping)
+            pipe.execute()
+
+        await self._run(write)
+
+    async def cohort_enabled(self, cohort_id: str) -> bool:
+        check_cohort_id(cohort_id)
+        value: str | None = await self._run(partial(self._client.hget, _COHORTS_KEY, cohort_id))
+        return value == "1"
+
+    async def set_cohort_enabled(self, cohort_id: str, enabled: bool) -> None:
+        check_cohort_id(cohort_id)
+        await self._run(partial(self._client.hset, _COHORTS_KEY, cohort_id, "1" if enabled else "0"))
+
+    async def increment(self, cohort_id: str, field: CounterField, *, now: float, amount: int = 1) -> None:
+        key = counter_key(cohort_id, hour_bucket(now))
+        name = CounterField(field).value
+
+        def write() -> None:
+            pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the TTL can't be missed
+            pipe.hincrby(key, name, amount)
+            pipe.expire(key, COUNTER_TTL_S, nx=True)  # only on the first increment
+            pipe.execute()
+
+        await self._run(write)
+
+    async def hour_counts(self, cohort_id: str, buckets: list[str]) -> list[HourCounts]:
+        keys = [counter_key(cohort_id, b) for b in buckets]
+
+        def read() -> list[dict[str, str]]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            result: list[dict[str, str]] = pipe.execute()
+            return result
+
+        return [HourCounts.from_mapping(raw) for raw in await self._run(read)]
+
+    async def register_node(self, node: NodeInfo, *, ttl: float) -> None:
+        value = json.dumps(node.to_json(), separators=(",", ":"))
+
+        def write() -> None:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(_NODE_PREFIX + node.node_id, value, px=_ms(ttl))
+            pipe.sadd(_NODES_KEY, node.node_id)
+            pipe.execute()
+
+        await self._run(write)
+
+    async def remove_node(self, node_id: str) -> None:
+        check_node_id(node_id)
+
+        def write() -> None:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(_NODE_PREFIX + node_id)
+            pipe.srem(_NODES_KEY, node_id)
+            pipe.execute()
+
+        await self._run(write)
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        raw: list[str] = await self._run(partial(self._live_nodes, keys=[_NODES_KEY], args=[_NODE_PREFIX]))
+        nodes = []
+        for item in raw:
+            try:
+                nodes.append(NodeInfo.from_json(json.loads(item)))
+            except ValueError:  # a corrupt record is a dead node, not an outage
+                continue
+        return sorted(nodes, key=lambda n: n.node_id)
+
+    async def assign_session(self, session_id: str, node_id: str, *, ttl: float) -> str:
+        check_node_id(node_id)
+        key = assignment_key(session_id)
+        result: str = await self._run(partial(self._assign, keys=[key], args=[node_id, _ms(ttl)]))
+        return result
+
+    async def reassign_session(self, session_id: str, *, expected: str, node_id: str, ttl: float) -> str:
+        check_node_id(node_id)
+        key = assignment_key(session_id)
+        result: str = await self._run(partial(self._reassign, keys=[key], args=[expected, node_id, _ms(ttl)]))
+        return result
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._client.close, limiter=self._limiter)

@@ -1,0 +1,292 @@
+"""The guardrail store interface, its value types, and the pure maths around it (no I/O here).
+
+Two implementations share one contract (tests/test_guardrails_contract.py): ``MemoryStore`` for
+``rescue dev`` and tests, ``RedisStore`` for a fleet. Redis layout (see docs/guardrails.md)::
+
+    fallback:fleet                              hash  paused, reason, since, drain
+    fallback:cohorts                            hash  cohort_id -> "1" / "0" (fallback_ws_enabled)
+    fallback:cohort:{cohort_id}:{yyyy-mm-dd-hh} hash  sessions, tokens, activations   TTL 90 min
+    fallback:nodes                              set   node ids
+    fallback:node:{node_id}                     str   JSON {"id", "url", "draining"}  short TTL
+    fallback:assign:{blake2b(session_id)}       str   node id                         TTL = token lifetime
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final, Protocol
+
+__all__ = [
+    "COUNTER_TTL_S",
+    "CounterField",
+    "FleetState",
+    "GuardrailStore",
+    "HourCounts",
+    "NodeInfo",
+    "WindowCounts",
+    "assignment_key",
+    "check_cohort_id",
+    "check_node_id",
+    "counter_key",
+    "hour_bucket",
+    "rendezvous_pick",
+    "rolling_window",
+]
+
+# SPEC §5: hourly counter hashes live 90 minutes from their first increment.
+COUNTER_TTL_S: Final = 90 * 60
+SECONDS_PER_HOUR: Final = 3600
+KEY_PREFIX: Final = "fallback:"
+
+# Cohort and node ids go into Redis keys and JSON: a small charset and a length bound stop key
+# injection (":" in a cohort id would forge another cohort's counter key) and unbounded keys.
+_COHORT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NODE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Public URLs of relay nodes are short; bound them so a bad registration can't bloat every listing.
+MAX_NODE_URL: Final = 512
+
+
+def check_cohort_id(cohort_id: str) -> str:
+    """Return ``cohort_id`` if it is 1-64 chars of ``[A-Za-z0-9._-]``.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if not isinstance(cohort_id, str) or _COHORT_ID.fullmatch(cohort_id) is None:
+        raise ValueError("cohort_id must be 1-64 characters of [A-Za-z0-9._-]")
+    return cohort_id
+
+
+def check_node_id(node_id: str) -> str:
+    """Return ``node_id`` if it is 1-128 chars of ``[A-Za-z0-9._:-]``.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if not isinstance(node_id, str) or _NODE_ID.fullmatch(node_id) is None:
+        raise ValueError("node id must be 1-128 characters of [A-Za-z0-9._:-]")
+    return node_id
+
+
+class CounterField(StrEnum):
+    """The fields of an hourly cohort counter hash."""
+
+    SESSIONS = "sessions"
+    TOKENS = "tokens"
+    ACTIVATIONS = "activations"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetState:
+    """The fleet-wide kill switch.
+
+    Attributes:
+        paused: minting stops and relays refuse new handshakes.
+        reason: free text from the operator (or the auto-pause), None when never given.
+        since: wall-clock (epoch seconds) of the last pause/resume, None if never set.
+        drain: when paused, relays also close existing sessions.
+    """
+
+    paused: bool = False
+    reason: str | None = None
+    since: float | None = None
+    drain: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"paused": self.paused, "reason": self.reason, "since": self.since, "drain": self.drain}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One relay node as registered in the store.
+
+    Attributes:
+        node_id: the node's id (a token's ``aud``).
+        public_url: the ``wss://…/v1/connect`` URL clients connect to.
+        draining: the node is shutting down and gets no new sessions.
+    """
+
+    node_id: str
+    public_url: str
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        check_node_id(self.node_id)
+        if not isinstance(self.public_url, str) or not 0 < len(self.public_url) <= MAX_NODE_URL:
+            raise ValueError(f"node public_url must be 1-{MAX_NODE_URL} characters")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.node_id, "url": self.public_url, "draining": self.draining}
+
+    @classmethod
+    def from_json(cls, data: Any) -> NodeInfo:
+        """Parse :meth:`to_json` output.
+
+        Raises:
+            ValueError: ``data`` is not a valid node record.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("node record must be an object")
+        node_id, url, draining = data.get("id"), data.get("url"), data.get("draining", False)
+        if not isinstance(node_id, str) or not isinstance(url, str) or not isinstance(draining, bool):
+            raise ValueError("node record needs id (str), url (str), draining (bool)")
+        return cls(node_id, url, draining)
+
+
+@dataclass(frozen=True, slots=True)
+class HourCounts:
+    """One hourly counter hash."""
+
+    sessions: int = 0
+    tokens: int = 0
+    activations: int = 0
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, str] | dict[str, int]) -> HourCounts:
+        def num(name: str) -> int:
+            try:
+                return max(0, int(raw.get(name, 0)))
+            except (TypeError, ValueError):
+                return 0
+
+        return cls(num("sessions"), num("tokens"), num("activations"))
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCounts:
+    """Counts over the rolling hour (weighted, so they may be fractional).
+
+    Attributes:
+        sessions, tokens, activations: weighted sums (see :func:`rolling_window`).
+        previous_weight: the weight given to the previous hour's bucket (0 to 1).
+    """
+
+    sessions: float
+    tokens: float
+    activations: float
+    previous_weight: float
+
+    @property
+    def ratio(self) -> float | None:
+        """activations / sessions, or None without sessions."""
+        return self.activations / self.sessions if self.sessions > 0 else None
+
+
+def hour_bucket(now: float) -> str:
+    """The UTC hour bucket name ``yyyy-mm-dd-hh`` containing wall-clock time ``now``."""
+    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d-%H")
+
+
+def counter_key(cohort_id: str, bucket: str) -> str:
+    """``fallback:cohort:{cohort_id}:{yyyy-mm-dd-hh}``."""
+    return f"{KEY_PREFIX}cohort:{check_cohort_id(cohort_id)}:{bucket}"
+
+
+def assignment_key(session_id: str) -> str:
+    """The Redis key of a session's node assignment: a hash, so no session id sits in Redis."""
+    digest = hashlib.blake2b(session_id.encode(), digest_size=16, person=b"rescue-assign").hexdigest()
+    return f"{KEY_PREFIX}assign:{digest}"
+
+
+def rolling_window(current: HourCounts, previous: HourCounts, now: float) -> WindowCounts:
+    """Weighted counts over the "rolling hour" ending at ``now``.
+
+    With ``f`` the elapsed fraction of the current UTC hour, the window is::
+
+        current + previous * max(0, 1 - 2f)
+
+    i.e. the full previous hour right after the hour turns, fading linearly to nothing at half past.
+    The window thus always covers the last 30 to 60 minutes and is continuous in time. The previous
+    bucket is only read while it is guaranteed to exist: its 90-minute TTL starts at its first
+    increment, which is at the earliest the start of its hour, so it may vanish from half past the
+    next hour on; the textbook ``previous * (1 - f)`` would jump when that happens.
+    """
+    elapsed = (now % SECONDS_PER_HOUR) / SECONDS_PER_HOUR
+    weight = max(0.0, 1.0 - 2.0 * elapsed)
+    return WindowCounts(
+        sessions=current.sessions + previous.sessions * weight,
+        tokens=current.tokens + previous.tokens * weight,
+        activations=current.activations + previous.activations * weight,
+        previous_weight=weight,
+    )
+
+
+def _hrw_score(session_id: str, node_id: str) -> int:
+    data = f"{node_id}\x00{session_id}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def rendezvous_pick(session_id: str, nodes: Iterable[NodeInfo]) -> NodeInfo | None:
+    """Rendezvous (highest-random-weight) hashing: the node with the highest hash(node, session).
+
+    Adding or removing a node moves only the sessions that hash highest to it. Ties (only possible
+    for equal ids) break by node id. Returns None for no nodes.
+    """
+    best: tuple[int, str] | None = None
+    chosen: NodeInfo | None = None
+    for node in nodes:
+        key = (_hrw_score(session_id, node.node_id), node.node_id)
+        if best is None or key > best:
+            best, chosen = key, node
+    return chosen
+
+
+class GuardrailStore(Protocol):
+    """Shared guardrail state. Every method may raise :class:`~rescue.errors.StoreUnavailable`.
+
+    Cancellation: every method is a checkpoint; implementations that block in a thread bound each
+    call with a socket timeout, so cancellation takes effect within that bound.
+    """
+
+    async def ping(self) -> None:
+        """Check the store answers."""
+
+    async def fleet_state(self) -> FleetState:
+        """The kill switch as stored (default: not paused)."""
+
+    async def set_fleet_state(self, state: FleetState) -> None:
+        """Replace the kill switch state."""
+
+    async def cohort_enabled(self, cohort_id: str) -> bool:
+        """The cohort's ``fallback_ws_enabled`` flag (default False)."""
+
+    async def set_cohort_enabled(self, cohort_id: str, enabled: bool) -> None:
+        """Set the cohort's ``fallback_ws_enabled`` flag."""
+
+    async def increment(self, cohort_id: str, field: CounterField, *, now: float, amount: int = 1) -> None:
+        """Add ``amount`` to ``field`` of the cohort's counter for the UTC hour containing ``now``.
+
+        The counter hash gets its 90-minute TTL on the first increment, atomically with it.
+        """
+
+    async def hour_counts(self, cohort_id: str, buckets: list[str]) -> list[HourCounts]:
+        """The counters of the given hour buckets (zeros for missing ones), in order."""
+
+    async def register_node(self, node: NodeInfo, *, ttl: float) -> None:
+        """Register or refresh a relay node; it disappears ``ttl`` seconds after its last refresh."""
+
+    async def remove_node(self, node_id: str) -> None:
+        """Forget a node at once (clean shutdown)."""
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        """Every registered node whose registration hasn't expired, sorted by id."""
+
+    async def assign_session(self, session_id: str, node_id: str, *, ttl: float) -> str:
+        """Record ``session_id → node_id`` unless an assignment exists (SET NX); return the one in force.
+
+        The assignment lives ``ttl`` seconds; reading an existing one extends it to ``ttl``.
+        """
+
+    async def reassign_session(self, session_id: str, *, expected: str, node_id: str, ttl: float) -> str:
+        """Replace the assignment with ``node_id`` if it is still ``expected`` (or gone).
+
+        Returns the assignment in force afterwards.
+        """
+
+    async def aclose(self) -> None:
+        """Release connections; the store is unusable afterwards."""

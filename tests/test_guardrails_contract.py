@@ -1,0 +1,148 @@
+"""One contract for every GuardrailStore: MemoryStore and RedisStore (on a private redis-server)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from rescue.guardrails import (
+    CounterField,
+    FleetState,
+    GuardrailStore,
+    HourCounts,
+    MemoryStore,
+    NodeInfo,
+    RedisStore,
+    hour_bucket,
+)
+
+TIMEOUT = 10
+NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[GuardrailStore]:
+    s: GuardrailStore
+    s = MemoryStore() if request.param == "memory" else RedisStore(request.getfixturevalue("redis_url"))
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+async def test_ping(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.ping()
+
+
+async def test_fleet_state_round_trip(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.fleet_state() == FleetState()
+        paused = FleetState(paused=True, reason="incident 42 — ünïcode", since=NOW + 0.125, drain=True)
+        await store.set_fleet_state(paused)
+        assert await store.fleet_state() == paused
+        resumed = FleetState(paused=False, reason=None, since=NOW + 1)
+        await store.set_fleet_state(resumed)
+        assert await store.fleet_state() == resumed
+
+
+async def test_cohort_flags_default_false_and_are_per_cohort(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.cohort_enabled("beta") is False
+        await store.set_cohort_enabled("beta", True)
+        assert await store.cohort_enabled("beta") is True
+        assert await store.cohort_enabled("gamma") is False
+        await store.set_cohort_enabled("beta", False)
+        assert await store.cohort_enabled("beta") is False
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", "x" * 65, "sp ace", "é"])
+async def test_bad_cohort_ids_are_refused(store: GuardrailStore, bad: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(ValueError):
+            await store.cohort_enabled(bad)
+        with pytest.raises(ValueError):
+            await store.increment(bad, CounterField.SESSIONS, now=NOW)
+
+
+async def test_counters_per_cohort_per_hour(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        for _ in range(3):
+            await store.increment("beta", CounterField.TOKENS, now=NOW)
+        await store.increment("beta", CounterField.SESSIONS, now=NOW, amount=500)
+        await store.increment("beta", CounterField.ACTIVATIONS, now=NOW + 1)
+        await store.increment("beta", CounterField.SESSIONS, now=NOW - 3600, amount=7)
+        await store.increment("gamma", CounterField.SESSIONS, now=NOW, amount=11)
+        this_hour, last_hour, never = hour_bucket(NOW), hour_bucket(NOW - 3600), hour_bucket(NOW - 7200)
+        assert await store.hour_counts("beta", [this_hour, last_hour, never]) == [
+            HourCounts(sessions=500, tokens=3, activations=1),
+            HourCounts(sessions=7),
+            HourCounts(),
+        ]
+        assert await store.hour_counts("gamma", [this_hour]) == [HourCounts(sessions=11)]
+        assert await store.hour_counts("delta", []) == []
+
+
+async def test_node_registry(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.live_nodes() == []
+        b = NodeInfo("node-b", "wss://b.example/v1/connect")
+        a = NodeInfo("node-a", "wss://a.example/v1/connect")
+        await store.register_node(b, ttl=30)
+        await store.register_node(a, ttl=30)
+        assert await store.live_nodes() == [a, b]
+        a_draining = NodeInfo("node-a", "wss://a.example/v1/connect", draining=True)
+        await store.register_node(a_draining, ttl=30)  # refresh replaces the record
+        assert await store.live_nodes() == [a_draining, b]
+        await store.remove_node("node-a")
+        assert await store.live_nodes() == [b]
+
+
+async def test_node_registration_expires_unless_refreshed(store: GuardrailStore) -> None:
+    short = NodeInfo("short-lived", "wss://s.example/v1/connect")
+    kept = NodeInfo("kept", "wss://k.example/v1/connect")
+    with trio.fail_after(TIMEOUT):
+        await store.register_node(short, ttl=0.05)
+        await store.register_node(kept, ttl=30)
+        while short in await store.live_nodes():  # real expiry (Redis PX): bounded by fail_after
+            await trio.sleep(0.02)
+        assert await store.live_nodes() == [kept]
+        await store.register_node(short, ttl=30)  # re-registers after expiry
+        assert await store.live_nodes() == [kept, short]
+
+
+async def test_session_assignment_is_set_nx(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.assign_session("sess-1", "node-a", ttl=60) == "node-a"
+        assert await store.assign_session("sess-1", "node-b", ttl=60) == "node-a"  # existing wins
+        assert await store.assign_session("sess-2", "node-b", ttl=60) == "node-b"
+        # compare-and-set: only replaces the value we expected
+        assert await store.reassign_session("sess-1", expected="node-x", node_id="node-c", ttl=60) == "node-a"
+        assert await store.reassign_session("sess-1", expected="node-a", node_id="node-c", ttl=60) == "node-c"
+        assert await store.assign_session("sess-1", "node-a", ttl=60) == "node-c"
+        # a missing assignment is simply set
+        assert await store.reassign_session("sess-3", expected="node-x", node_id="node-d", ttl=60) == "node-d"
+
+
+async def test_session_assignment_expires(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.assign_session("sess-e", "node-a", ttl=0.2) == "node-a"
+        await trio.sleep(0.1)
+        # reading an assignment extends it to the full ttl again
+        assert await store.assign_session("sess-e", "node-b", ttl=0.2) == "node-a"
+        await trio.sleep(0.15)  # 0.25 s after creation, 0.15 s after the refresh: still there
+        assert await store.assign_session("sess-e", "node-b", ttl=0.1) == "node-a"
+        await trio.sleep(0.15)  # past the last ttl (expiry on access is exact in both stores)
+        assert await store.assign_session("sess-e", "node-c", ttl=60) == "node-c"
+
+
+async def test_node_info_validation() -> None:
+    with pytest.raises(ValueError):
+        NodeInfo("bad id", "wss://x")
+    with pytest.raises(ValueError):
+        NodeInfo("ok", "")
+    with pytest.raises(ValueError):
+        NodeInfo.from_json({"id": "ok", "url": 3})
+    assert NodeInfo.from_json(NodeInfo("n", "wss://n", True).to_json()) == NodeInfo("n", "wss://n", True)
