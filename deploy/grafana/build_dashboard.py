@@ -1,0 +1,492 @@
+"""Generate the beach-rescue Grafana dashboard (deploy/grafana/beach-rescue.json).
+
+    python deploy/grafana/build_dashboard.py            # rewrite beach-rescue.json
+    python deploy/grafana/build_dashboard.py --check    # exit 1 if the committed JSON is stale
+
+The JSON is committed (Grafana provisioning and import read it as is); this script is its source, so
+panels stay consistent (one datasource variable, units, legends) and reviewable as code. Every metric
+the panels query is checked against the code's real /metrics by tests/test_deploy_metrics.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).with_name("beach-rescue.json")
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+RELAY = 'job="beach-rescue-relay"'
+TOKEN = 'job="beach-rescue-token-service"'
+SOFT_BREACH_RATIO = 0.005  # SPEC §5: activations / sessions over the rolling hour
+RUNBOOK = "https://github.com/beach/beach-rescue/blob/main/docs/operations/runbook.md"
+WIDTH = 24
+# A relay's kill-switch state is fresh while its last good poll is 0-5 s old (-1: never polled yet).
+FRESH_EXPR = f"(beach_rescue_control_state_age_seconds{{{RELAY}}} >= 0) <= 5"
+READY_EXPR = f"beach_rescue_draining{{{RELAY}}} == 0"
+
+
+def target(expr: str, legend: str = "", ref: str = "A") -> dict[str, Any]:
+    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto", "refId": ref}
+
+
+def targets(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
+    return [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
+
+
+class Layout:
+    """Hands out gridPos rows left to right, 24 columns wide."""
+
+    def __init__(self) -> None:
+        self.x = 0
+        self.y = 0
+        self.row_h = 0
+        self.next_id = 1
+
+    def place(self, w: int, h: int) -> dict[str, int]:
+        if self.x + w > WIDTH:
+            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
+        pos = {"x": self.x, "y": self.y, "w": w, "h": h}
+        self.x += w
+        self.row_h = max(self.row_h, h)
+        return pos
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def row(self, title: str) -> dict[str, Any]:
+        if self.x:
+            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
+        pos = {"x": 0, "y": self.y, "w": WIDTH, "h": 1}
+        self.y += 1
+        return {
+            "type": "row",
+            "id": self.new_id(),
+            "title": title,
+            "gridPos": pos,
+            "collapsed": False,
+            "panels": [],
+        }
+
+
+def stat(
+    lay: Layout,
+    title: str,
+    expr: str,
+    *,
+    unit: str = "none",
+    thresholds: list[tuple[float | None, str]] | None = None,
+    mappings: list[dict[str, Any]] | None = None,
+    description: str = "",
+    w: int = 4,
+) -> dict[str, Any]:
+    steps = [{"value": v, "color": c} for v, c in (thresholds or [(None, "green")])]
+    return {
+        "type": "stat",
+        "id": lay.new_id(),
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": lay.place(w, 4),
+        "targets": [target(expr, title)],
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "thresholds": {"mode": "absolute", "steps": steps},
+                "mappings": mappings or [],
+                "color": {"mode": "thresholds"},
+            },
+            "overrides": [],
+        },
+        "options": {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "background",
+            "graphMode": "none",
+            "textMode": "auto",
+            "justifyMode": "auto",
+            "orientation": "auto",
+        },
+    }
+
+
+def timeseries(
+    lay: Layout,
+    title: str,
+    pairs: list[tuple[str, str]],
+    *,
+    unit: str = "short",
+    description: str = "",
+    w: int = 12,
+    threshold: float | None = None,
+    stack: bool = False,
+) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = [{"value": None, "color": "green"}]
+    if threshold is not None:
+        steps.append({"value": threshold, "color": "red"})
+    return {
+        "type": "timeseries",
+        "id": lay.new_id(),
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": lay.place(w, 8),
+        "targets": targets(*pairs),
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "custom": {
+                    "drawStyle": "line",
+                    "lineWidth": 1,
+                    "fillOpacity": 10,
+                    "showPoints": "never",
+                    "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+                    "thresholdsStyle": {"mode": "line+area" if threshold is not None else "off"},
+                },
+                "thresholds": {"mode": "absolute", "steps": steps},
+                "color": {"mode": "palette-classic"},
+            },
+            "overrides": [],
+        },
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+    }
+
+
+def rate(metric: str, *, by: str = "", selector: str = RELAY) -> str:
+    """``sum [by (...)] (rate(metric{selector}[$__rate_interval]))``."""
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} (rate({metric}{{{selector}}}[$__rate_interval]))"
+
+
+def quantiles(metric: str, selector: str) -> list[tuple[str, str]]:
+    return [
+        (
+            f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{selector}}}[$__rate_interval])))",
+            f"p{p}",
+        )
+        for q, p in ((0.5, "50"), (0.95, "95"), (0.99, "99"))
+    ]
+
+
+def build() -> dict[str, Any]:
+    lay = Layout()
+    panels: list[dict[str, Any]] = []
+
+    panels.append(lay.row("Guardrails"))
+    panels.append(
+        stat(
+            lay,
+            "Kill switch",
+            f"max(beach_rescue_fallback_paused{{{RELAY}}})",
+            thresholds=[(None, "green"), (1, "red")],
+            mappings=[{"type": "value", "options": {"0": {"text": "running"}, "1": {"text": "PAUSED"}}}],
+            description="1: relays refuse new handshakes (kill switch on, or stale state).",
+        )
+    )
+    panels.append(
+        stat(
+            lay,
+            "Activation ratio (1 h)",
+            "beach_rescue:activation_ratio:1h",
+            unit="percentunit",
+            thresholds=[(None, "green"), (SOFT_BREACH_RATIO * 0.8, "orange"), (SOFT_BREACH_RATIO, "red")],
+            description="Fallback activations / sessions started, rolling hour; soft guardrail at 0.5 %.",
+        )
+    )
+    panels.append(
+        stat(
+            lay,
+            "Soft-breach tokens (1 h)",
+            f'sum(increase(beach_fallback_token_requests_total{{{TOKEN},guardrail="soft_breach"}}[1h]))',
+            thresholds=[(None, "green"), (1, "red")],
+            description="Tokens issued with guardrail_hint=soft_breach in the last hour.",
+        )
+    )
+    panels.append(
+        stat(
+            lay,
+            "Relays accepting",
+            f"count({READY_EXPR})",
+            thresholds=[(None, "red"), (1, "orange"), (2, "green")],
+            description="Relay nodes not draining and with a fresh kill-switch state (their /readyz is 200).",
+        )
+    )
+    panels.append(
+        stat(
+            lay,
+            "Relays reaching token service",
+            f"count({FRESH_EXPR}) / count(beach_rescue_control_state_age_seconds{{{RELAY}}})",
+            unit="percentunit",
+            thresholds=[(None, "red"), (0.99, "green")],
+            description="Share of relays whose last good token-service status is at most 5 s old (SPEC §6).",
+        )
+    )
+    panels.append(
+        stat(
+            lay,
+            "Token service up",
+            f"min(up{{{TOKEN}}})",
+            thresholds=[(None, "red"), (1, "green")],
+            mappings=[{"type": "value", "options": {"0": {"text": "DOWN"}, "1": {"text": "up"}}}],
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Activation ratio vs 0.5 % soft guardrail",
+            [("beach_rescue:activation_ratio:1h", "activations / sessions (1 h)")],
+            unit="percentunit",
+            threshold=SOFT_BREACH_RATIO,
+            description="The red band starts at the soft guardrail (SPEC §5).",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Token requests by outcome and guardrail",
+            [
+                (
+                    rate("beach_fallback_token_requests_total", by="outcome, guardrail", selector=TOKEN),
+                    "{{outcome}} / {{guardrail}}",
+                )
+            ],
+            unit="reqps",
+            stack=True,
+        )
+    )
+
+    panels.append(
+        timeseries(
+            lay,
+            "Token-service state age per relay (fails closed after 10 s)",
+            [(f"beach_rescue_control_state_age_seconds{{{RELAY}}}", "{{instance}}")],
+            unit="s",
+            threshold=5,
+            description="-1: never reached. Relays serve on the last known state, then refuse handshakes.",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Token-service status polls and activation reports",
+            [
+                (rate("beach_rescue_control_polls_total", by="outcome"), "poll {{outcome}}"),
+                (
+                    rate("beach_rescue_activation_reports_total", by="outcome"),
+                    "activation report {{outcome}}",
+                ),
+            ],
+            unit="ops",
+        )
+    )
+    panels.append(lay.row("Load"))
+    panels.append(
+        timeseries(
+            lay,
+            "Sessions active",
+            [
+                (f"sum by (instance) (beach_rescue_sessions_active{{{RELAY}}})", "{{instance}}"),
+                (f"sum(beach_rescue_sessions_active{{{RELAY}}})", "fleet"),
+            ],
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Connections active",
+            [
+                (f"sum by (instance) (beach_rescue_connections_active{{{RELAY}}})", "{{instance}}"),
+                (f"sum(beach_rescue_connections_active{{{RELAY}}})", "fleet"),
+            ],
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Messages forwarded",
+            [
+                (
+                    rate("beach_rescue_messages_forwarded_total", by="instance"),
+                    "{{instance}}",
+                )
+            ],
+            unit="ops",
+            stack=True,
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Bytes forwarded",
+            [
+                (
+                    rate("beach_rescue_bytes_forwarded_total", by="instance"),
+                    "{{instance}}",
+                )
+            ],
+            unit="Bps",
+            stack=True,
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Relay CPU (share of one core; alert at 70 %)",
+            [(f"rate(process_cpu_seconds_total{{{RELAY}}}[$__rate_interval])", "{{instance}}")],
+            unit="percentunit",
+            threshold=0.7,
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Message size",
+            quantiles("beach_rescue_message_size_bytes", RELAY),
+            unit="bytes",
+        )
+    )
+
+    panels.append(lay.row("Latency and errors"))
+    panels.append(
+        timeseries(
+            lay,
+            "Relay forwarding latency (target P95 < 40 ms)",
+            quantiles("beach_rescue_forward_latency_seconds", RELAY),
+            unit="s",
+            threshold=0.04,
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Handshake latency",
+            quantiles("beach_rescue_handshake_duration_seconds", RELAY),
+            unit="s",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Handshakes by outcome",
+            [
+                (
+                    rate("beach_rescue_handshakes_total", by="outcome"),
+                    "{{outcome}}",
+                )
+            ],
+            unit="ops",
+            stack=True,
+            description="Anything but ok is a failure; guardrail_tripped is expected while paused.",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Close codes",
+            [
+                (
+                    rate("beach_rescue_closes_total", by="code, name"),
+                    "{{code}} {{name}}",
+                )
+            ],
+            unit="ops",
+            stack=True,
+            description="SPEC §2 close codes: 1012 during rolls, 4008 network trouble, 4029 capacity.",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Backpressure stalls, idle prunes, emptied sessions",
+            [
+                (
+                    rate("beach_rescue_backpressure_stalls_total"),
+                    "backpressure stalls",
+                ),
+                (rate("beach_rescue_idle_pruned_total"), "idle pruned"),
+                (
+                    rate("beach_rescue_sessions_emptied_total"),
+                    "sessions emptied",
+                ),
+            ],
+            unit="ops",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Resumes (a role came back)",
+            [(rate("beach_rescue_rejoins_total", by="kind"), "{{kind}}")],
+            unit="ops",
+        )
+    )
+
+    return {
+        "uid": "beach-rescue",
+        "title": "beach-rescue",
+        "description": "WebSocket fallback relay fleet and token service. Runbook: " + RUNBOOK,
+        "tags": ["beach", "beach-rescue"],
+        "timezone": "utc",
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-6h", "to": "now"},
+        "links": [{"title": "Runbook", "type": "link", "url": RUNBOOK, "targetBlank": True}],
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                    "options": [],
+                }
+            ]
+        },
+        "annotations": {
+            "list": [
+                {
+                    "name": "Alerts",
+                    "datasource": DATASOURCE,
+                    "enable": True,
+                    "iconColor": "red",
+                    "expr": 'ALERTS{service="beach-rescue", alertstate="firing"}',
+                    "titleFormat": "{{alertname}}",
+                    "textFormat": "{{instance}}",
+                }
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the committed JSON differs")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run python {Path(__file__).as_posix()}", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
