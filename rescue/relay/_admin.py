@@ -1,0 +1,46 @@
+"""The relay's admin HTTP port: ``/healthz``, ``/readyz``, ``/metrics``, ``/debug/stats``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from rescue._http import Request, Response, Router, json_response
+
+if TYPE_CHECKING:
+    from rescue.relay._relay import Relay
+
+__all__ = ["admin_app"]
+
+
+def admin_app(relay: Relay) -> Router:
+    """The admin API of ``relay`` as an ASGI app (serve it with :func:`rescue._http.serve_http`).
+
+    - ``GET /healthz``: 200 ``{"status": "ok"}`` while the process runs.
+    - ``GET /readyz``: 200 when the node takes new sessions; 503 while draining, paused, or when
+      the kill-switch state is stale beyond ``status_stale_s``; the JSON says why.
+    - ``GET /metrics``: Prometheus text (this node's registry only).
+    - ``GET /debug/stats``: sessions (as tags), connections and queue depths; no secrets.
+    """
+    router = Router()
+
+    @router.get("/healthz")
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok", "node_id": relay.config.node_id})
+
+    @router.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        detail = relay.readiness()
+        return json_response(detail, 200 if detail["ready"] else 503)
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body = relay.metrics.render()
+        return Response(200, body, CONTENT_TYPE_LATEST)
+
+    @router.get("/debug/stats")
+    async def debug_stats(request: Request) -> Response:
+        return json_response(relay.statistics(detail=True))
+
+    return router

@@ -1,0 +1,336 @@
+"""The relay's links to the control plane (SPEC §6, §7): keys, kill switch, activations, registry.
+
+- :class:`KeySource`: the JWK set from a file or a URL, refreshed periodically and on demand when a
+  token names an unknown ``kid`` (key rotation never fails a handshake for long).
+- :class:`ControlLink`: polls ``GET /v1/fallback/status`` every ``status_poll_s`` (so the paused
+  state is at most about a second old), reports ``POST /v1/fallback/activations`` from a bounded
+  queue, and fails closed for new handshakes once the last good state is older than
+  ``status_stale_s``.
+- :class:`NodeRegistrar`: keeps this node's record (id, public URL, draining) in the guardrail store
+  with a short expiry, and removes it on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import trio
+
+from rescue._log import get_logger, log_event
+from rescue.errors import ConfigError, RescueError
+from rescue.guardrails import GuardrailStore, NodeInfo
+from rescue.protocol._tokens import KeyRing, load_keyring
+
+__all__ = [
+    "MAX_PENDING_ACTIVATIONS",
+    "ControlLink",
+    "KeySource",
+    "NodeRegistrar",
+]
+
+_LOG = get_logger("rescue.relay")
+
+# Activation reports waiting to be sent. Reports are counts for the guardrail ratio, so losing a
+# few during a token-service outage skews it a little; 1,024 covers a minute of pairings on a busy
+# node without letting an outage grow memory. Overflow is counted and logged.
+MAX_PENDING_ACTIVATIONS: Final = 1024
+# A JWK set is a handful of keys; a megabyte is already absurd.
+MAX_JWKS_BYTES: Final = 1 << 20
+# An unknown kid triggers at most one refetch per this many seconds, so a stream of tokens signed
+# by garbage kids cannot make the relay hammer the token service.
+UNKNOWN_KID_REFRESH_S: Final = 10.0
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+class KeySource:
+    """Verification keys from a JWK set file or URL.
+
+    Args:
+        source: a file path or an ``http(s)://`` URL.
+        ring: initial keys (tests); otherwise call :meth:`load` before use.
+    """
+
+    def __init__(self, source: str, *, ring: KeyRing | None = None) -> None:
+        self.source = source
+        self.ring = ring if ring is not None else KeyRing()
+        self.loaded_at = -math.inf
+        self.refreshes_ok = 0
+        self.refreshes_failed = 0
+        self._last_on_demand = -math.inf
+        self._lock = trio.Lock()
+
+    @property
+    def is_url(self) -> bool:
+        """Whether the keys come from a URL."""
+        return _is_url(self.source)
+
+    async def load(self, client: httpx.AsyncClient) -> None:
+        """Fetch or read the keys now.
+
+        Raises:
+            ConfigError: unreadable, unreachable, not a JWK set, or empty.
+        """
+        async with self._lock:
+            if self.is_url:
+                ring = await self._fetch(client)
+            else:
+                ring = await trio.to_thread.run_sync(load_keyring, Path(self.source))
+            self.ring = ring
+            self.loaded_at = trio.current_time()
+            self.refreshes_ok += 1
+
+    async def _fetch(self, client: httpx.AsyncClient) -> KeyRing:
+        try:
+            response = await client.get(self.source)
+        except httpx.HTTPError as exc:
+            raise ConfigError(f"cannot fetch keys from {self.source}: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise ConfigError(f"keys URL {self.source} answered {response.status_code}")
+        if len(response.content) > MAX_JWKS_BYTES:
+            raise ConfigError(f"keys from {self.source} exceed {MAX_JWKS_BYTES} bytes")
+        try:
+            doc = response.json()
+        except ValueError as exc:
+            raise ConfigError(f"keys from {self.source} are not JSON") from exc
+        return KeyRing.from_jwks(doc)
+
+    async def refresh(self, client: httpx.AsyncClient) -> bool:
+        """Reload the keys, keeping the old ones on failure; True on success."""
+        try:
+            await self.load(client)
+        except ConfigError as exc:
+            self.refreshes_failed += 1
+            log_event(_LOG, "relay.keys_refresh_failed", level=logging.WARNING, error=str(exc))
+            return False
+        return True
+
+    async def refresh_for_unknown_kid(self, client: httpx.AsyncClient) -> bool:
+        """Refresh because a token named an unknown kid, at most once per 10 s; True if refreshed."""
+        now = trio.current_time()
+        if now - self._last_on_demand < UNKNOWN_KID_REFRESH_S:
+            return False
+        self._last_on_demand = now
+        return await self.refresh(client)
+
+    async def run(self, client: httpx.AsyncClient, interval: float) -> None:
+        """Refresh every ``interval`` seconds, forever."""
+        while True:
+            await trio.sleep(interval)
+            await self.refresh(client)
+
+
+class ControlLink:
+    """The token service as the relay sees it: paused state and activation reports (SPEC §6).
+
+    Args:
+        base_url: the token service, or ``None`` for a standalone relay.
+        poll_s: status poll interval.
+        stale_s: fail closed once the last good state is older than this.
+        paused: the local kill switch (``FALLBACK_WS_PAUSED=1``), ORed with the fleet's.
+        on_drain: called (synchronously) after each poll that says paused with ``drain``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None,
+        *,
+        poll_s: float,
+        stale_s: float,
+        paused: bool = False,
+        on_drain: Callable[[], None] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.poll_s = poll_s
+        self.stale_s = stale_s
+        self.local_paused = paused
+        self.fleet_paused = False
+        self.fleet_drain = False
+        self.last_ok = -math.inf  # unknown state counts as stale: fail closed until the first poll
+        self.last_error: str | None = None
+        self.polls: dict[str, int] = {"ok": 0, "error": 0}
+        self.activations: dict[str, int] = {"ok": 0, "error": 0, "dropped": 0}
+        self.on_drain = on_drain
+        send, receive = trio.open_memory_channel[str](MAX_PENDING_ACTIVATIONS)
+        self._activations_in = send
+        self._activations_out = receive
+
+    @property
+    def standalone(self) -> bool:
+        """True without a token service."""
+        return self.base_url is None
+
+    def state_age(self) -> float:
+        """Seconds since the last good status (``inf`` before the first; 0 when standalone)."""
+        if self.standalone:
+            return 0.0
+        return trio.current_time() - self.last_ok
+
+    def stale(self) -> bool:
+        """Whether the known state is too old to trust."""
+        return self.state_age() > self.stale_s
+
+    def refusal(self) -> str | None:
+        """Why new handshakes must be refused right now (``None``: accept)."""
+        if self.local_paused:
+            return "fallback is paused on this node"
+        if self.standalone:
+            return None
+        if self.stale():
+            return "the kill switch state is unknown (token service unreachable)"
+        if self.fleet_paused:
+            return "fallback is paused"
+        return None
+
+    def detail(self) -> dict[str, Any]:
+        """JSON detail for ``/readyz`` and ``/debug/stats``."""
+        age = self.state_age()
+        return {
+            "token_service": self.base_url is not None,
+            "paused": self.local_paused or self.fleet_paused,
+            "drain": self.fleet_drain,
+            "state_age_s": None if math.isinf(age) else round(age, 3),
+            "stale": self.stale(),
+            "last_error": self.last_error,
+        }
+
+    def report_activation(self, cohort: str) -> None:
+        """Queue an activation report (never blocks; counted and dropped when the queue is full)."""
+        if self.standalone:
+            return
+        try:
+            self._activations_in.send_nowait(cohort)
+        except trio.WouldBlock:
+            self.activations["dropped"] += 1
+
+    async def run(
+        self, client: httpx.AsyncClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Poll the status and send activation reports until cancelled (returns at once standalone).
+
+        Cancellation:
+            The only way it ends; queued activation reports are dropped.
+        """
+        if self.base_url is None:
+            task_status.started()
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_loop, client)
+            task_status.started()
+            await self._poll_loop(client)
+
+    async def poll_once(self, client: httpx.AsyncClient) -> bool:
+        """Fetch the status once; True when it was read."""
+        assert self.base_url is not None
+        try:
+            response = await client.get(f"{self.base_url}/v1/fallback/status")
+            if response.status_code != 200:
+                raise RescueError(f"status answered {response.status_code}")
+            doc = response.json()
+            if not isinstance(doc, dict) or not isinstance(doc.get("paused"), bool):
+                raise RescueError("status is not an object with a boolean 'paused'")
+        except (httpx.HTTPError, RescueError, ValueError) as exc:
+            self.polls["error"] += 1
+            if self.last_error is None:
+                log_event(_LOG, "relay.control_unreachable", level=logging.WARNING, error=str(exc))
+            self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            return False
+        was_paused = self.fleet_paused
+        self.fleet_paused = doc["paused"]
+        self.fleet_drain = bool(doc.get("drain", False)) and self.fleet_paused
+        self.last_ok = trio.current_time()
+        if self.last_error is not None:
+            log_event(_LOG, "relay.control_reachable")
+        self.last_error = None
+        self.polls["ok"] += 1
+        if was_paused != self.fleet_paused:
+            log_event(_LOG, "relay.fleet_paused" if self.fleet_paused else "relay.fleet_resumed")
+        if self.fleet_drain and self.on_drain is not None:
+            self.on_drain()
+        return True
+
+    async def _poll_loop(self, client: httpx.AsyncClient) -> None:
+        while True:
+            started = trio.current_time()
+            await self.poll_once(client)
+            await trio.sleep_until(started + self.poll_s)
+
+    async def _report_loop(self, client: httpx.AsyncClient) -> None:
+        async for cohort in self._activations_out:
+            try:
+                response = await client.post(
+                    f"{self.base_url}/v1/fallback/activations", json={"cohort": cohort}
+                )
+                ok = response.status_code < 300
+            except httpx.HTTPError:
+                ok = False
+            self.activations["ok" if ok else "error"] += 1
+
+
+class NodeRegistrar:
+    """This node's record in the guardrail store (SPEC §7), refreshed every ``ttl / 3``.
+
+    Args:
+        store: the guardrail store (Redis in production).
+        node_id: this node's id.
+        public_url: where clients reach it.
+        ttl: record expiry in seconds.
+    """
+
+    def __init__(self, store: GuardrailStore, *, node_id: str, public_url: str, ttl: float) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.public_url = public_url
+        self.ttl = ttl
+        self.draining = False
+        self.registered = False
+        self.outcomes: dict[str, int] = {"ok": 0, "error": 0}
+        self._wake = trio.Event()
+
+    def set_draining(self) -> None:
+        """Mark the node draining (re-registered at once, so no new sessions are assigned)."""
+        self.draining = True
+        self._wake.set()
+
+    async def register_once(self) -> bool:
+        """Write the record once; True on success."""
+        try:
+            await self.store.register_node(
+                NodeInfo(self.node_id, self.public_url, self.draining), ttl=self.ttl
+            )
+        except RescueError as exc:
+            self.outcomes["error"] += 1
+            log_event(_LOG, "relay.register_failed", level=logging.WARNING, error=str(exc))
+            return False
+        self.outcomes["ok"] += 1
+        self.registered = True
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Register, refresh until cancelled, then remove the record (bounded, shielded).
+
+        Cancellation:
+            The normal way to stop; the record is removed within 2 s or left to expire.
+        """
+        try:
+            await self.register_once()
+            task_status.started()
+            while True:
+                with trio.move_on_after(self.ttl / 3):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                await self.register_once()
+        finally:
+            with trio.move_on_after(2.0) as cleanup:
+                cleanup.shield = True
+                try:
+                    await self.store.remove_node(self.node_id)
+                except RescueError:
+                    pass

@@ -1,0 +1,237 @@
+"""The relay's Prometheus metrics: one registry per :class:`~rescue.relay.Relay` (SPEC §8).
+
+Hot-path numbers live as plain integers in :class:`~rescue.sessions.RelayStats` and become metric
+families only at scrape time (:class:`_StatsCollector`); handshake outcomes, which happen once per
+connection, use ordinary ``prometheus_client`` counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from rescue._codes import CloseCode
+from rescue.protocol._messages import Role
+from rescue.sessions import FastHistogram, RelayStats, SessionTable
+
+if TYPE_CHECKING:
+    from rescue.relay._control import ControlLink, KeySource, NodeRegistrar
+
+__all__ = ["HANDSHAKE_BUCKETS", "RelayMetrics"]
+
+# Handshake duration (upgrade done → WELCOME queued): mostly the client's own HELLO latency plus
+# one Ed25519 verification; the 10 s HELLO timeout is the top.
+HANDSHAKE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+def _histogram(name: str, doc: str, hist: FastHistogram) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc)
+    family.add_metric([], hist.cumulative(), hist.total)
+    return family
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+class _StatsCollector(Collector):
+    def __init__(
+        self,
+        stats: RelayStats,
+        table: SessionTable,
+        control: ControlLink,
+        keys: KeySource,
+        draining: Callable[[], bool],
+        registrar: Callable[[], NodeRegistrar | None],
+    ) -> None:
+        self.stats = stats
+        self.table = table
+        self.control = control
+        self.keys = keys
+        self.draining = draining
+        self.registrar = registrar
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        table = self.table
+        yield GaugeMetricFamily(
+            "beach_rescue_connections_active", "Peer connections holding a role", value=table.connections()
+        )
+        yield GaugeMetricFamily("beach_rescue_sessions_active", "Sessions on this node", value=len(table))
+        queued_frames = queued_bytes = 0
+        for session in table:
+            for conn in (session.peer(Role.HOST), session.peer(Role.GUEST)):
+                if conn is not None:
+                    queued_frames += conn.queued_frames
+                    queued_bytes += conn.queued_bytes
+        yield GaugeMetricFamily(
+            "beach_rescue_queued_frames", "Messages waiting in per-direction queues", value=queued_frames
+        )
+        yield GaugeMetricFamily(
+            "beach_rescue_queued_bytes", "Bytes waiting in per-direction queues", value=queued_bytes
+        )
+        yield _counter(
+            "beach_rescue_messages_forwarded",
+            "CONTROL/DATA messages forwarded to a partner",
+            s.messages_forwarded,
+        )
+        yield _counter("beach_rescue_bytes_forwarded", "Bytes of forwarded messages", s.bytes_forwarded)
+        yield _counter(
+            "beach_rescue_frames_discarded",
+            "CONTROL/DATA messages dropped because the partner was absent or leaving",
+            s.frames_discarded,
+        )
+        yield _histogram(
+            "beach_rescue_message_size_bytes",
+            "Forwarded message sizes (each read batch counted at its mean size)",
+            s.message_sizes,
+        )
+        yield _histogram(
+            "beach_rescue_forward_latency_seconds",
+            "Time from reading a batch to finishing the write that delivered it",
+            s.forward_latency,
+        )
+        yield _counter(
+            "beach_rescue_backpressure_stalls",
+            "Times a sender was held back because its partner's queue was full",
+            s.backpressure_stalls,
+        )
+        yield _counter(
+            "beach_rescue_throttle_waits", "Times a sender was paused by max_bytes_per_s", s.throttle_waits
+        )
+        yield _counter(
+            "beach_rescue_relay_heartbeats",
+            "HEARTBEAT seq 0 sent to senders held back by backpressure",
+            s.relay_heartbeats,
+        )
+        yield _counter("beach_rescue_heartbeats_echoed", "HEARTBEAT echoes queued", s.heartbeats_echoed)
+        yield _counter(
+            "beach_rescue_heartbeats_dropped",
+            "HEARTBEAT echoes dropped (peer not reading its socket)",
+            s.heartbeats_dropped,
+        )
+        yield _counter(
+            "beach_rescue_idle_pruned", "Connections closed for silence (HEARTBEAT_TIMEOUT)", s.idle_pruned
+        )
+        yield _counter(
+            "beach_rescue_sessions_emptied",
+            "Sessions that ended because their last peer left",
+            s.sessions_emptied,
+        )
+        yield _counter(
+            "beach_rescue_sessions_paired", "Sessions that got both peers (activations)", s.pairings
+        )
+        yield _labelled(
+            "beach_rescue_rejoins",
+            "A role came back on a new connection (replaced a live one, or returned after leaving)",
+            "kind",
+            s.rejoins,
+        )
+        closes = CounterMetricFamily(
+            "beach_rescue_closes", "Connections ended with a close code", labels=["code", "name"]
+        )
+        for code, n in sorted(s.closes.items()):
+            closes.add_metric([str(code), _code_name(code)], n)
+        yield closes
+        yield _counter(
+            "beach_rescue_transport_lost", "Connections that ended without a close code", s.transport_lost
+        )
+        yield _counter(
+            "beach_rescue_internal_errors",
+            "Unexpected errors caught at a connection boundary",
+            s.internal_errors,
+        )
+        yield GaugeMetricFamily(
+            "beach_rescue_draining", "1 while the node is shutting down", value=self.draining()
+        )
+        control = self.control
+        yield GaugeMetricFamily(
+            "beach_rescue_fallback_paused",
+            "1 when new handshakes are refused by the kill switch (or stale state)",
+            value=control.refusal() is not None,
+        )
+        age = control.state_age()
+        yield GaugeMetricFamily(
+            "beach_rescue_control_state_age_seconds",
+            "Age of the last good kill-switch state from the token service (-1: never)",
+            value=-1.0 if age == float("inf") else age,
+        )
+        yield _labelled("beach_rescue_control_polls", "Token-service status polls", "outcome", control.polls)
+        yield _labelled(
+            "beach_rescue_activation_reports",
+            "Activation reports to the token service",
+            "outcome",
+            control.activations,
+        )
+        yield _labelled(
+            "beach_rescue_keys_refreshes",
+            "JWK set loads",
+            "outcome",
+            {"ok": self.keys.refreshes_ok, "error": self.keys.refreshes_failed},
+        )
+        yield GaugeMetricFamily(
+            "beach_rescue_keys_loaded", "Verification keys in use", value=len(self.keys.ring)
+        )
+        registrar = self.registrar()
+        if registrar is not None:
+            yield _labelled(
+                "beach_rescue_node_registrations", "Node registry writes", "outcome", registrar.outcomes
+            )
+
+
+def _code_name(code: int) -> str:
+    try:
+        return CloseCode(code).name
+    except ValueError:
+        return "OTHER"
+
+
+class RelayMetrics:
+    """All metrics of one relay node, in their own :class:`CollectorRegistry`.
+
+    Attributes:
+        registry: the registry ``/metrics`` renders.
+        handshakes: ``beach_rescue_handshakes_total{outcome}`` (``ok`` or the close code's name in
+            lower case, or ``disconnected``).
+        handshake_seconds: ``beach_rescue_handshake_duration_seconds``.
+    """
+
+    def __init__(
+        self,
+        stats: RelayStats,
+        table: SessionTable,
+        control: ControlLink,
+        keys: KeySource,
+        *,
+        draining: Callable[[], bool],
+        registrar: Callable[[], NodeRegistrar | None],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.handshakes = Counter(
+            "beach_rescue_handshakes",
+            "Relay handshakes by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.handshake_seconds = Histogram(
+            "beach_rescue_handshake_duration_seconds",
+            "Time from the WebSocket upgrade to WELCOME (successful handshakes)",
+            buckets=HANDSHAKE_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StatsCollector(stats, table, control, keys, draining, registrar))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,494 @@
+"""The relay node: WebSocket listener, handshake, admin port, control-plane links, shutdown.
+
+Task tree of a running node::
+
+    Relay.run
+    ├── services nursery ─ admin HTTP port, token-service poller, key refresher, node registrar
+    └── handlers nursery (drain deadline on shutdown)
+        ├── handler per WebSocket ─ rate limit, HELLO, token, attach, then waits for its connection
+        ├── Session.run per session ─ the session's nursery
+        │   └── PeerConn.run per connection ─ writer pump + reader pump
+        └── listeners nursery (cancelled first on shutdown) ─ serve_websocket
+
+Shutdown (:meth:`Relay.shutdown`, SIGTERM in the CLI): ``/readyz`` turns 503, the node registers as
+draining, the listener closes, every peer gets CLOSE ``SERVER_SHUTDOWN`` with ``reconnect_in_ms``
+drawn uniformly from the drain window, the handlers nursery gets ``drain_s`` to empty, and whatever
+is left is cancelled (sockets aborted by structure).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httpx
+import trio
+
+from rescue._codes import CloseCode
+from rescue._http import serve_http
+from rescue._log import get_logger, log_event, session_tag
+from rescue.errors import ConfigError, ProtocolError, TokenError
+from rescue.guardrails import GuardrailStore
+from rescue.protocol import HEADER_SIZE, Kind, decode_header
+from rescue.protocol._messages import MAX_RECONNECT_IN_MS, Close, Hello, Role
+from rescue.protocol._tokens import MAX_TTL, Claims, KeyRing, verify_token
+from rescue.relay._admin import admin_app
+from rescue.relay._config import RelayConfig
+from rescue.relay._control import ControlLink, KeySource, NodeRegistrar
+from rescue.relay._metrics import RelayMetrics
+from rescue.sessions import (
+    TRANSPORT_ERRORS,
+    HandshakeLimiter,
+    PeerConn,
+    RelayStats,
+    Session,
+    SessionTable,
+    websocket_close_code,
+)
+from rescue.websocket import WebSocketConnection, serve_websocket
+
+__all__ = ["Relay", "RelayAddresses"]
+
+_LOG = get_logger("rescue.relay")
+_HELLO: Final = int(Kind.HELLO)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAddresses:
+    """Where a started relay listens.
+
+    Attributes:
+        host: the WebSocket listener's bound address.
+        port: its port.
+        admin_port: the admin HTTP port, or ``None`` when disabled.
+        url: ``ws://host:port/v1/connect`` (``wss://`` with TLS).
+    """
+
+    host: str
+    port: int
+    admin_port: int | None
+    url: str
+
+
+class Relay:
+    """One relay node (SPEC §2 "Relay behaviour", §6-§8).
+
+    Args:
+        config: every number and address the node uses.
+        keys: verification keys to use instead of loading ``config.keys`` (tests, ``rescue dev``).
+        store: the guardrail store for node registration; by default a ``RedisStore`` on
+            ``config.redis_url`` when that is set, else no registration.
+        http_transport: an httpx transport for the token-service link (tests); default real HTTP.
+        ssl_context: serve ``wss://`` with this context instead of loading ``tls_cert``/``tls_key``.
+
+    Resource handling:
+        Everything (listeners, connections, sessions, HTTP clients, registration) lives inside
+        :meth:`run` and is gone when it returns.
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        keys: KeyRing | None = None,
+        store: GuardrailStore | None = None,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.limits = config.session_limits()
+        self.stats = RelayStats()
+        self.table = SessionTable(max_sessions=config.max_sessions)
+        self.limiter = HandshakeLimiter(
+            config.handshakes_per_ip_per_min, max_sources=config.rate_limit_sources
+        )
+        self.keys = KeySource(config.keys_source, ring=keys)
+        self._keys_given = keys is not None
+        self.control = ControlLink(
+            config.token_service,
+            poll_s=config.status_poll_s,
+            stale_s=config.status_stale_s,
+            paused=config.paused,
+            on_drain=self._on_fleet_drain,
+        )
+        self._store = store
+        self.registrar: NodeRegistrar | None = None
+        self._http_transport = http_transport
+        self._ssl_context = ssl_context
+        self.metrics = RelayMetrics(
+            self.stats,
+            self.table,
+            self.control,
+            self.keys,
+            draining=lambda: self._draining,
+            registrar=lambda: self.registrar,
+        )
+        self.addresses: RelayAddresses | None = None
+        self._draining = False
+        self._shutdown = trio.Event()
+        self._stopped = trio.Event()
+        self._handlers: trio.Nursery | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # state
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown has begun."""
+        return self._draining
+
+    def _is_draining(self) -> bool:
+        return self._draining
+
+    def readiness(self) -> dict[str, Any]:
+        """``/readyz``: whether the node takes new sessions, and why not."""
+        reasons: list[str] = []
+        if self._draining:
+            reasons.append("draining")
+        refusal = self.control.refusal()
+        if refusal is not None:
+            reasons.append(refusal)
+        if self.table.full():
+            reasons.append("at max_sessions")
+        return {
+            "ready": not reasons and self.addresses is not None,
+            "reasons": reasons,
+            "draining": self._draining,
+            "control": self.control.detail(),
+            "sessions": len(self.table),
+        }
+
+    def statistics(self, *, detail: bool = False) -> dict[str, Any]:
+        """A JSON-ready snapshot (``/debug/stats``): counts, and per session with ``detail``."""
+        s = self.stats
+        out: dict[str, Any] = {
+            "node_id": self.config.node_id,
+            "draining": self._draining,
+            "sessions": len(self.table),
+            "connections": self.table.connections(),
+            "messages_forwarded": s.messages_forwarded,
+            "bytes_forwarded": s.bytes_forwarded,
+            "frames_discarded": s.frames_discarded,
+            "backpressure_stalls": s.backpressure_stalls,
+            "rate_limiter_sources": len(self.limiter),
+            "closes": {str(k): v for k, v in sorted(s.closes.items())},
+            "control": self.control.detail(),
+        }
+        if detail:
+            out["session_detail"] = [session.statistics() for session in self.table]
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # running
+
+    async def run(self, *, task_status: trio.TaskStatus[RelayAddresses] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the node until :meth:`shutdown`, then drain and return.
+
+        Reports :class:`RelayAddresses` through ``task_status`` once the keys are loaded and both
+        ports listen.
+
+        Raises:
+            ConfigError: the keys or the TLS files cannot be loaded.
+            OSError: a port cannot be bound.
+
+        Cancellation:
+            Cancelling skips the drain: every connection is aborted.
+        """
+        config = self.config
+        ssl_context = self._ssl_context or _load_tls(config)
+        try:
+            async with httpx.AsyncClient(
+                timeout=config.http_timeout_s, transport=self._http_transport
+            ) as client:
+                self._client = client
+                if not self._keys_given:
+                    await self.keys.load(client)
+                async with trio.open_nursery() as services:
+                    await services.start(self.control.run, client)
+                    if self.keys.is_url or not self._keys_given:
+                        services.start_soon(self.keys.run, client, config.keys_refresh_s)
+                    admin_port: int | None = None
+                    if config.admin_port is not None:
+                        admin_host = config.admin_host or config.host
+                        admin_port = await services.start(
+                            serve_http, admin_app(self), admin_host, config.admin_port
+                        )
+                    await self._serve(ssl_context, admin_port, services, task_status)
+                    services.cancel_scope.cancel()
+        finally:
+            self._client = None
+            self._stopped.set()
+
+    async def _serve(
+        self,
+        ssl_context: ssl.SSLContext | None,
+        admin_port: int | None,
+        services: trio.Nursery,
+        task_status: trio.TaskStatus[RelayAddresses],
+    ) -> None:
+        config = self.config
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers
+            async with trio.open_nursery() as listeners:
+                server = await listeners.start(
+                    functools.partial(
+                        serve_websocket,
+                        self._handle,
+                        config.host,
+                        config.port,
+                        path=config.path,
+                        ssl_context=ssl_context,
+                        max_message=config.max_frame,
+                        handshake_timeout=config.upgrade_timeout_s,
+                        handler_nursery=handlers,
+                    )
+                )
+                host, port = server.addresses[0]
+                scheme = "wss" if ssl_context is not None else "ws"
+                shown = f"[{host}]" if ":" in host else host
+                self.addresses = RelayAddresses(
+                    host, port, admin_port, f"{scheme}://{shown}:{port}{config.path}"
+                )
+                await self._start_registration(services)
+                log_event(
+                    _LOG,
+                    "relay.listening",
+                    node_id=config.node_id,
+                    url=self.addresses.url,
+                    admin_port=admin_port,
+                )
+                task_status.started(self.addresses)
+                await self._shutdown.wait()
+                listeners.cancel_scope.cancel()  # stop accepting first
+            self._begin_drain(handlers)
+        self._handlers = None
+        log_event(_LOG, "relay.stopped", node_id=config.node_id)
+
+    async def _start_registration(self, services: trio.Nursery) -> None:
+        config = self.config
+        store = self._store
+        if store is None and config.redis_url:
+            from rescue.guardrails import RedisStore
+
+            store = RedisStore(config.redis_url)
+            services.start_soon(_close_store_at_exit, store)
+        if store is None:
+            return
+        assert self.addresses is not None
+        public = config.public_url or self.addresses.url
+        self.registrar = NodeRegistrar(
+            store, node_id=config.node_id, public_url=public, ttl=config.register_ttl_s
+        )
+        await services.start(self.registrar.run)
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent; SIGTERM in the CLI calls this)."""
+        if not self._draining:
+            self._draining = True
+            log_event(_LOG, "relay.draining", node_id=self.config.node_id, drain_s=self.config.drain_s)
+            if self.registrar is not None:
+                self.registrar.set_draining()
+        self._shutdown.set()
+
+    async def drain(self) -> None:
+        """:meth:`shutdown`, then wait until :meth:`run` has returned."""
+        self.shutdown()
+        await self._stopped.wait()
+
+    def _begin_drain(self, handlers: trio.Nursery) -> None:
+        """Listeners are closed: tell every peer to go, and bound how long they may take."""
+        now = trio.current_time()
+        deadline = now + self.config.drain_s
+        window_ms = min(int(self.config.drain_s * 1000), MAX_RECONNECT_IN_MS)
+        for session in self.table:
+            for role in (Role.HOST, Role.GUEST):
+                conn = session.peer(role)
+                if conn is not None:
+                    conn.request_close(
+                        CloseCode.SERVER_SHUTDOWN,
+                        "relay node shutting down",
+                        reconnect_in_ms=random.randint(0, window_ms),
+                        deadline=deadline,
+                    )
+        handlers.cancel_scope.deadline = deadline
+
+    def _on_fleet_drain(self) -> None:
+        """The operator paused with drain: close every session with GUARDRAIL_TRIPPED."""
+        for session in self.table:
+            session.close_all(CloseCode.GUARDRAIL_TRIPPED, "fallback paused by the operator (drain)")
+
+    # ------------------------------------------------------------------------------------------
+    # handshake
+
+    async def _handle(self, ws: WebSocketConnection) -> None:
+        """One WebSocket from upgrade to end: admission, HELLO, token, attach, wait."""
+        started = trio.current_time()
+        source = ws.remote_addr[0] if ws.remote_addr else "unknown"
+        if not self.limiter.allow(source, started):
+            await self._refuse(ws, CloseCode.RATE_LIMITED, "too many handshakes from this address")
+            return
+        if self._draining:
+            await self._refuse_shutdown(ws)
+            return
+        refusal = self.control.refusal()
+        if refusal is not None:
+            await self._refuse(ws, CloseCode.GUARDRAIL_TRIPPED, refusal)
+            return
+        try:
+            with trio.fail_after(self.config.hello_timeout_s):
+                batch = await ws.receive_messages()
+        except trio.TooSlowError:
+            await self._refuse(
+                ws, CloseCode.HEARTBEAT_TIMEOUT, f"no HELLO within {self.config.hello_timeout_s:g} s"
+            )
+            return
+        except ProtocolError as exc:
+            await self._refuse(ws, exc.code, str(exc))
+            return
+        except TRANSPORT_ERRORS:
+            self.metrics.handshakes.labels("disconnected").inc()
+            ws.abort()
+            return
+        try:
+            hello, claims = await self._check_hello(batch[0])
+        except (ProtocolError, TokenError) as exc:
+            await self._refuse(ws, exc.code, str(exc))
+            return
+        if self._is_draining():  # the checks above were before a possibly long wait
+            await self._refuse_shutdown(ws)
+            return
+        refusal = self.control.refusal()
+        if refusal is not None:
+            await self._refuse(ws, CloseCode.GUARDRAIL_TRIPPED, refusal)
+            return
+        # From here to attach() there is no checkpoint: the table cannot change under us.
+        session = self.table.get(hello.session)
+        created = session is None
+        if session is None:
+            if self.table.full():
+                await self._refuse(ws, CloseCode.OVERLOADED, "this node is at its session limit")
+                return
+            session = Session(
+                hello.session,
+                table=self.table,
+                limits=self.limits,
+                stats=self.stats,
+                cohort=claims.cohort,
+                on_paired=self._on_paired,
+            )
+            assert self._handlers is not None
+            self._handlers.start_soon(session.run)
+        conn = PeerConn(
+            ws,
+            session=session,
+            role=hello.role,
+            nonce=hello.nonce,
+            caps=hello.caps,
+            limits=self.limits,
+            stats=self.stats,
+            initial=batch[1:] or None,
+        )
+        try:
+            session.attach(conn)
+        except ProtocolError as exc:
+            if created:
+                session.cancel()
+            await self._refuse(ws, exc.code, str(exc))
+            return
+        self.metrics.handshakes.labels("ok").inc()
+        self.metrics.handshake_seconds.observe(trio.current_time() - started)
+        if claims.analytics_allowed:
+            log_event(_LOG, "relay.peer_connected", session=session_tag(hello.session), role=hello.role.value)
+        await conn.wait_done()
+
+    async def _check_hello(self, first: bytes) -> tuple[Hello, Claims]:
+        """Validate the first message: a HELLO with a token for this node, session and role.
+
+        Raises:
+            ProtocolError: not a HELLO, a malformed one, or token/HELLO session or role mismatch
+                (``SESSION_MISMATCH``).
+            TokenError: the token failed verification (its ``code`` says how to close).
+        """
+        if len(first) < HEADER_SIZE or first[1] != _HELLO:
+            decode_header(first)  # a ProtocolError for garbage, else the message below
+            raise ProtocolError("the first message must be HELLO")
+        decode_header(first)
+        hello = Hello.decode(first[HEADER_SIZE:])
+        claims = await self._verify(hello.token)
+        if claims.lifetime > MAX_TTL:  # verify_token checks it too; the relay's own rule (SPEC §3)
+            raise TokenError("lifetime_too_long", "token lifetime exceeds 300 s")
+        if claims.sid != hello.session or claims.role != hello.role.value:
+            raise ProtocolError("the token's session or role differ from HELLO", CloseCode.SESSION_MISMATCH)
+        return hello, claims
+
+    async def _verify(self, token: bytes) -> Claims:
+        try:
+            return verify_token(token, self.keys.ring, now=time.time(), audience=self.config.node_id)
+        except TokenError as exc:
+            if exc.reason != "unknown_kid" or self._client is None or self._keys_given:
+                raise
+            if not await self.keys.refresh_for_unknown_kid(self._client):
+                raise
+        return verify_token(token, self.keys.ring, now=time.time(), audience=self.config.node_id)
+
+    async def _refuse(
+        self, ws: WebSocketConnection, code: int, reason: str, *, reconnect_in_ms: int | None = None
+    ) -> None:
+        """Close a connection that never got a role: CLOSE message, close frame, bounded."""
+        self.metrics.handshakes.labels(_outcome(code)).inc()
+        self.stats.count_close(code)
+        reason = reason.encode()[:100].decode("utf-8", "ignore")
+        with trio.move_on_after(self.config.close_timeout_s):
+            try:
+                await ws.send_messages([Close(code, reason, reconnect_in_ms).to_message()])
+            except (ProtocolError, *TRANSPORT_ERRORS):
+                pass  # after a framing error the WebSocket takes no more messages; the code still goes
+            try:
+                await ws.close(websocket_close_code(code), reason)
+            except TRANSPORT_ERRORS:
+                pass
+        ws.abort()
+
+    async def _refuse_shutdown(self, ws: WebSocketConnection) -> None:
+        window_ms = min(int(self.config.drain_s * 1000), MAX_RECONNECT_IN_MS)
+        await self._refuse(
+            ws,
+            CloseCode.SERVER_SHUTDOWN,
+            "relay node shutting down",
+            reconnect_in_ms=random.randint(0, window_ms),
+        )
+
+    def _on_paired(self, session: Session) -> None:
+        self.control.report_activation(session.cohort)
+        log_event(_LOG, "transport.fallback.activated", cohort=session.cohort)
+
+
+def _outcome(code: int) -> str:
+    try:
+        return CloseCode(code).name.lower()
+    except ValueError:
+        return str(code)
+
+
+def _load_tls(config: RelayConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate/key: {exc}") from exc
+    return context
+
+
+async def _close_store_at_exit(store: Any) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            await store.aclose()

@@ -1,0 +1,514 @@
+"""One peer's connection inside a session: a reader pump, a writer pump and a bounded outbound queue.
+
+Data path (see ``docs/decisions/0004-relay-flow-control.md``)::
+
+    peer A socket ──► A.reader ──(whole batch)──► B.fifo ──► B.writer ──► peer B socket
+                         │                          ▲
+                         └─ HEARTBEAT echo ──► A.prio ──► A.writer ──► peer A socket
+
+- The reader parses headers only. CONTROL/DATA messages go to the partner's FIFO as the very list
+  the transport returned (no copy when a batch is all relayed frames). HEARTBEAT is echoed into the
+  connection's own priority list, so echoes never wait behind data.
+- The FIFO is bounded in frames and bytes. When it is full the sender's reader stops reading (TCP
+  pushes back on the sender); while it waits, its liveness deadline is suspended (the stall is the
+  partner's fault) and the relay sends it a HEARTBEAT with seq 0 every ``heartbeat_s`` so the sender
+  still sees the relay alive.
+- Liveness is a cancel-scope deadline around the reader, pushed forward by each inbound batch: a
+  quiet socket costs nothing until the deadline fires.
+- Closing is a request (:meth:`PeerConn.request_close`): the reader stops at once, the writer finishes
+  (or flushes, for a forwarded peer CLOSE) under the close deadline, then the CLOSE message and the
+  WebSocket close go out under the same deadline; anything left when it passes is aborted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from rescue._codes import CloseCode
+from rescue._log import get_logger
+from rescue.errors import ProtocolError
+from rescue.protocol import HEADER_SIZE, Kind, decode_header, encode_frame
+from rescue.protocol._messages import MAX_CLOSE_REASON_BYTES, Caps, Close, PeerInfo, Role
+from rescue.sessions._config import LIVENESS_SLACK_S, MAX_PRIORITY_FRAMES, SessionLimits
+from rescue.sessions._limits import TokenBucket
+from rescue.sessions._stats import RelayStats
+from rescue.sessions._transport import TRANSPORT_ERRORS, Transport
+
+if TYPE_CHECKING:
+    from rescue.sessions._session import Session
+
+__all__ = ["RELAY_HEARTBEAT", "PeerConn", "websocket_close_code"]
+
+_LOG = get_logger("rescue.sessions")
+
+# What the relay sends a sender it is holding back: a HEARTBEAT whose seq 0 no peer ever uses.
+RELAY_HEARTBEAT: Final = encode_frame(Kind.HEARTBEAT, seq=0)
+_HEARTBEAT: Final = int(Kind.HEARTBEAT)
+_CLOSE: Final = int(Kind.CLOSE)
+_HELLO: Final = int(Kind.HELLO)
+# Fast-path test on the raw header bytes: version 1, kind CONTROL (0) or DATA (1), no reserved
+# flag bits. The rest of the header is authenticated end to end (it is the AEAD's AAD).
+_VERSION: Final = 1
+_MAX_RELAYED_KIND: Final = 1
+_RESERVED_FLAGS: Final = 0xFC
+# Close codes a WebSocket close frame may carry (RFC 6455 §7.4): a peer's CLOSE body may name others.
+_SENDABLE_WS_CODES: Final = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
+
+
+def websocket_close_code(code: int) -> int:
+    """``code`` if a close frame may carry it, else 1000."""
+    return code if code in _SENDABLE_WS_CODES or 3000 <= code <= 4999 else 1000
+
+
+def _clip_reason(reason: str) -> str:
+    data = reason.encode()[:MAX_CLOSE_REASON_BYTES]
+    return data.decode("utf-8", "ignore")
+
+
+class PeerConn:
+    """One peer connection of a session, run by the session's nursery.
+
+    Created by the relay after a valid HELLO and handed to :meth:`Session.attach`, which starts
+    :meth:`run` in the session's nursery. Everything the connection owns (both pumps, its queues,
+    its socket) ends with that task.
+
+    Args:
+        transport: the connection (a WebSocket after the upgrade).
+        session: the session it belongs to.
+        role: the peer's role.
+        nonce: the peer's HELLO nonce.
+        caps: the peer's capabilities.
+        limits: the node's session limits.
+        stats: the node's counters.
+        initial: messages that arrived in the same read as HELLO, handled before reading more.
+    """
+
+    __slots__ = (
+        "_bucket",
+        "_clean",
+        "_close_body",
+        "_close_code",
+        "_close_deadline",
+        "_close_reason",
+        "_dead",
+        "_done",
+        "_fifo",
+        "_fifo_t0",
+        "_flush",
+        "_initial",
+        "_limits",
+        "_live",
+        "_prio",
+        "_q_bytes",
+        "_q_frames",
+        "_reader_scope",
+        "_space",
+        "_stats",
+        "_wake",
+        "_writer_scope",
+        "caps",
+        "closing",
+        "info",
+        "nonce",
+        "role",
+        "session",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        session: Session,
+        role: Role,
+        nonce: bytes,
+        caps: Caps,
+        limits: SessionLimits,
+        stats: RelayStats,
+        initial: list[bytes] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.session = session
+        self.role = role
+        self.nonce = nonce
+        self.caps = caps
+        self.info = PeerInfo(role=role, nonce=nonce, caps=caps)
+        self.closing = False
+        self._limits = limits
+        self._stats = stats
+        self._initial = initial
+        # outbound: priority list (heartbeat echoes) and the bounded FIFO of batches
+        self._prio: list[bytes] = []
+        self._fifo: deque[list[bytes]] = deque()
+        self._fifo_t0 = 0.0
+        self._q_frames = 0
+        self._q_bytes = 0
+        self._wake = trio.lowlevel.ParkingLot()  # the writer waits here for work
+        self._space = trio.lowlevel.ParkingLot()  # partners' readers wait here for room
+        self._reader_scope = trio.CancelScope()
+        self._writer_scope = trio.CancelScope()
+        self._live: trio.CancelScope | None = None
+        self._bucket: TokenBucket | None = None
+        # closing state
+        self._flush = False
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._close_body: bytes | None = None
+        self._close_deadline = math.inf
+        self._dead = False
+        self._clean = False
+        self._done = trio.Event()
+
+    # ------------------------------------------------------------------------------------------
+    # queue API (sync; called by the partner's reader and by the session)
+
+    def has_room(self) -> bool:
+        """Whether the outbound FIFO is below both of its bounds."""
+        return self._q_frames < self._limits.queue_max_frames and self._q_bytes < self._limits.queue_max_bytes
+
+    def push_batch(self, messages: list[bytes], size: int) -> None:
+        """Append a batch (ownership passes to this connection) to the FIFO and wake the writer."""
+        if not self._fifo:
+            self._fifo_t0 = trio.current_time()
+        self._fifo.append(messages)
+        self._q_frames += len(messages)
+        self._q_bytes += size
+        if self._wake:
+            self._wake.unpark_all()
+
+    def push_ordered(self, message: bytes) -> None:
+        """Queue a relay message that must stay in order with data (WELCOME, PEER, a peer's CLOSE)."""
+        self.push_batch([message], len(message))
+
+    def push_priority(self, message: bytes) -> bool:
+        """Queue a message ahead of data (heartbeat echoes); False if dropped (queue full)."""
+        if len(self._prio) >= MAX_PRIORITY_FRAMES:
+            return False
+        self._prio.append(message)
+        if self._wake:
+            self._wake.unpark_all()
+        return True
+
+    @property
+    def queued_frames(self) -> int:
+        """Messages in the outbound FIFO (including the batch being written)."""
+        return self._q_frames
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes in the outbound FIFO (including the batch being written)."""
+        return self._q_bytes
+
+    def statistics(self) -> dict[str, int | bool]:
+        """A snapshot of the outbound queue (for ``/debug/stats``)."""
+        return {
+            "queued_frames": self._q_frames,
+            "queued_bytes": self._q_bytes,
+            "priority_frames": len(self._prio),
+            "closing": self.closing,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # closing
+
+    def request_close(
+        self,
+        code: int,
+        reason: str,
+        *,
+        send_body: bool = True,
+        reconnect_in_ms: int | None = None,
+        flush: bool = False,
+        deadline: float | None = None,
+    ) -> None:
+        """Ask this connection to close with ``code`` (idempotent; the first request wins).
+
+        Args:
+            code: the close code (CLOSE body and WebSocket close frame).
+            reason: human-readable text (clipped to 123 UTF-8 bytes).
+            send_body: send a CLOSE message before the WebSocket close frame.
+            reconnect_in_ms: for ``SERVER_SHUTDOWN``: when the client should reconnect.
+            flush: deliver everything already queued first (a forwarded peer CLOSE).
+            deadline: absolute ``trio.current_time()`` by which the close must be done; default
+                now + ``close_timeout_s``. Past it the socket is aborted.
+        """
+        if self.closing:
+            return
+        reason = _clip_reason(reason)
+        body = Close(code, reason, reconnect_in_ms).to_message() if send_body else None
+        self._begin_close(code, reason, body, flush=flush, deadline=deadline)
+
+    def _lost(self) -> None:
+        """The transport died under us: no close handshake, just release everything."""
+        self._dead = True
+        self._begin_close(None, "", None, flush=False, deadline=None)
+
+    def _begin_close(
+        self, code: int | None, reason: str, body: bytes | None, *, flush: bool, deadline: float | None
+    ) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self._close_code = code
+        self._close_reason = reason
+        self._close_body = body
+        self._flush = flush
+        if deadline is None:
+            deadline = trio.current_time() + self._limits.close_timeout_s
+        self._close_deadline = deadline
+        if code is None:
+            self._stats.transport_lost += 1
+        else:
+            self._stats.count_close(code)
+            if code == CloseCode.HEARTBEAT_TIMEOUT:
+                self._stats.idle_pruned += 1
+        self._reader_scope.cancel()
+        self._writer_scope.deadline = deadline
+        if not flush:
+            self._drop_queue()
+        self._wake.unpark_all()
+        self._space.unpark_all()
+        self.session._release(self)
+
+    def _drop_queue(self) -> None:
+        if self._q_frames:
+            self._stats.frames_discarded += self._q_frames
+        self._fifo.clear()
+        self._prio.clear()
+        self._q_frames = self._q_bytes = 0
+
+    async def wait_done(self) -> None:
+        """Wait until the connection's task has finished and its socket is closed or aborted."""
+        await self._done.wait()
+
+    # ------------------------------------------------------------------------------------------
+    # the connection task
+
+    async def run(self) -> None:
+        """Run both pumps, then close the socket; started by the session in its nursery.
+
+        Resource handling:
+            The transport is closed (bounded by the close deadline) or aborted before this
+            returns, whatever happens.
+
+        Cancellation:
+            Cancelling (the session or the node tearing down) skips the closing handshake and aborts
+            the socket.
+        """
+        try:
+            if self._limits.max_bytes_per_s:
+                burst = self._limits.burst_bytes or self._limits.max_bytes_per_s
+                self._bucket = TokenBucket(self._limits.max_bytes_per_s, burst, now=trio.current_time())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                await self._writer()
+                nursery.cancel_scope.cancel()
+            await self._finish_close()
+        except* Exception as group:
+            # A bug in one connection must not take the node down: log it and drop the socket.
+            self._stats.internal_errors += 1
+            _LOG.error("relay.connection_error", exc_info=group, extra={"event": "relay.connection_error"})
+        finally:
+            if not self.closing:
+                self._lost()
+            if not self._clean:
+                self.transport.abort()
+            self._done.set()
+
+    async def _finish_close(self) -> None:
+        if self._dead or self._close_code is None:
+            return
+        with trio.move_on_at(self._close_deadline):
+            try:
+                if self._close_body is not None:
+                    await self.transport.send_messages([self._close_body])
+                await self.transport.close(websocket_close_code(self._close_code), self._close_reason)
+            except TRANSPORT_ERRORS:
+                return
+            self._clean = True
+
+    async def _writer(self) -> None:
+        transport = self.transport
+        stats = self._stats
+        with self._writer_scope:
+            try:
+                while True:
+                    if not self._prio and not self._fifo:
+                        if self.closing:
+                            return
+                        await self._wake.park()
+                        continue
+                    if self.closing and not self._flush:
+                        return
+                    prio = self._prio
+                    fifo = self._fifo
+                    frames = self._q_frames
+                    size = self._q_bytes
+                    t0 = self._fifo_t0
+                    if prio:
+                        self._prio = []
+                        messages = prio
+                        for batch in fifo:
+                            messages += batch
+                    elif len(fifo) == 1:
+                        messages = fifo[0]
+                    else:
+                        messages = []
+                        for batch in fifo:
+                            messages += batch
+                    fifo.clear()
+                    await transport.send_messages(messages)
+                    if frames:
+                        # queued bytes count until written: memory stays within the bound
+                        self._q_frames -= frames
+                        self._q_bytes -= size
+                        stats.forward_latency.observe(trio.current_time() - t0)
+                        if self._space:
+                            self._space.unpark_all()
+            except TRANSPORT_ERRORS:
+                self._lost()
+                return
+        if self._writer_scope.cancelled_caught:
+            # the close deadline passed mid-write: the stream is in an unknown state
+            self._dead = True
+
+    async def _reader(self) -> None:
+        transport = self.transport
+        timeout = self._limits.liveness_timeout_s
+        live = self._live = trio.CancelScope(deadline=trio.current_time() + timeout + LIVENESS_SLACK_S)
+        batch = self._initial
+        self._initial = None
+        with self._reader_scope:
+            try:
+                with live:
+                    while True:
+                        if batch and not await self._handle(batch):
+                            return
+                        batch = await transport.receive_messages()
+                        now = trio.current_time()
+                        if now + timeout > live.deadline:
+                            live.deadline = now + timeout + LIVENESS_SLACK_S
+            except ProtocolError as exc:
+                self.request_close(exc.code, str(exc))
+                return
+            except TRANSPORT_ERRORS:
+                self._lost()
+                return
+            if live.cancelled_caught:
+                self.request_close(
+                    CloseCode.HEARTBEAT_TIMEOUT, f"no message for {timeout:g} s (3 x heartbeat_s)"
+                )
+
+    async def _handle(self, batch: list[bytes]) -> bool:
+        """Handle one read's messages; False once the connection is closing."""
+        for message in batch:
+            if (
+                len(message) < HEADER_SIZE
+                or message[1] > _MAX_RELAYED_KIND
+                or message[0] != _VERSION
+                or message[2] & _RESERVED_FLAGS
+            ):
+                break
+        else:
+            # the common case: every message is CONTROL/DATA, forward the list as it is
+            await self._forward(batch)
+            return not self.closing
+        run: list[bytes] = []
+        for message in batch:
+            if (
+                len(message) >= HEADER_SIZE
+                and message[1] <= _MAX_RELAYED_KIND
+                and message[0] == _VERSION
+                and not message[2] & _RESERVED_FLAGS
+            ):
+                run.append(message)
+                continue
+            kind = message[1] if len(message) > 1 else -1
+            if kind == _HEARTBEAT and len(message) == HEADER_SIZE:
+                decode_header(message)  # validates the rest of the header
+                if self.push_priority(message):  # the echo is the very same bytes
+                    self._stats.heartbeats_echoed += 1
+                else:
+                    self._stats.heartbeats_dropped += 1
+                continue
+            if run:
+                await self._forward(run)
+                run = []
+                if self.closing:
+                    return False
+            if kind == _CLOSE:
+                self._peer_close(message)
+                return False
+            header = decode_header(message)  # raises ProtocolError for garbage and unknown kinds
+            if header.kind is Kind.HEARTBEAT:
+                raise ProtocolError("HEARTBEAT has an empty body")
+            if kind == _HELLO:
+                raise ProtocolError("second HELLO on a live connection")
+            raise ProtocolError(f"{header.kind.name} is sent by the relay, never by a peer")
+        if run:
+            await self._forward(run)
+        return not self.closing
+
+    def _peer_close(self, message: bytes) -> None:
+        header = decode_header(message)
+        close = Close.decode(message[HEADER_SIZE:]) if header.kind is Kind.CLOSE else None
+        if close is None:  # pragma: no cover - kind byte already checked
+            raise ProtocolError("not a CLOSE")
+        self.session._peer_closed(self, message, int(close.code), close.reason)
+
+    async def _forward(self, messages: list[bytes]) -> None:
+        size = sum(map(len, messages))
+        stats = self._stats
+        partner = self.session.partner_of(self)
+        if partner is not None and not partner.has_room():
+            partner = await self._wait_for_room()
+        if partner is None:
+            stats.frames_discarded += len(messages)
+        else:
+            partner.push_batch(messages, size)
+            count = len(messages)
+            stats.messages_forwarded += count
+            stats.bytes_forwarded += size
+            stats.message_sizes.observe(size / count, count)
+        if self._bucket is not None:
+            delay = self._bucket.consume(size, trio.current_time())
+            if delay > 0:
+                stats.throttle_waits += 1
+                await self._throttle(delay)
+
+    async def _throttle(self, delay: float) -> None:
+        """Stop reading for ``delay`` seconds, with the liveness deadline suspended (our doing)."""
+        live = self._live
+        assert live is not None
+        live.deadline = math.inf
+        try:
+            await trio.sleep(delay)
+        finally:
+            live.deadline = trio.current_time() + self._limits.liveness_timeout_s + LIVENESS_SLACK_S
+
+    async def _wait_for_room(self) -> PeerConn | None:
+        """Backpressure: wait until the partner's FIFO has room (or the partner is gone).
+
+        While waiting, this connection's liveness deadline is suspended and the relay sends it a
+        HEARTBEAT (seq 0) every ``heartbeat_s`` so the peer does not take the relay for dead.
+        """
+        self._stats.backpressure_stalls += 1
+        live = self._live
+        assert live is not None
+        live.deadline = math.inf
+        heartbeat_s = self._limits.heartbeat_s
+        try:
+            while True:
+                partner = self.session.partner_of(self)
+                if partner is None or partner.has_room():
+                    return partner
+                with trio.move_on_after(heartbeat_s) as idle:
+                    await partner._space.park()
+                if idle.cancelled_caught and self.push_priority(RELAY_HEARTBEAT):
+                    self._stats.relay_heartbeats += 1
+        finally:
+            live.deadline = trio.current_time() + self._limits.liveness_timeout_s + LIVENESS_SLACK_S
