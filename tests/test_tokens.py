@@ -520,6 +520,14 @@ def test_missing_or_ill_typed_claims_are_malformed(ring: KeyRing, overrides: dic
     assert (err.reason, err.code) == ("malformed", CloseCode.AUTH_FAILED)
 
 
+def test_non_integer_labels_do_not_stand_in_for_integer_ones(key: SigningKey, ring: KeyRing) -> None:
+    claims = _claims_map({1: _DROP})
+    claims[True] = "beach-rescue"  # CBOR true, which Python would treat as the label 1
+    assert _reason(_sign1(SEED, cbor2.dumps(claims)), ring).reason == "malformed"
+    token = _sign1(SEED, cbor2.dumps(_claims_map()), protected={1.0: -8, 4: key.kid})
+    assert _reason(token, ring).reason == "bad_algorithm"
+
+
 def test_extra_claims_are_ignored(ring: KeyRing) -> None:
     token = _sign1(SEED, cbor2.dumps(_claims_map({2: "subject", "x-new": [1, 2]})))
     assert verify_token(token, ring, now=NOW).sid == "sess-1"

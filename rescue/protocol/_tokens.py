@@ -69,7 +69,7 @@ CLOCK_SKEW: Final = 30  # SPEC §3: allowance on exp and nbf
 KID_SIZE: Final = 8
 CTI_SIZE: Final = 16
 ALG_EDDSA: Final = -8  # COSE "EdDSA"
-# A real token is about 190 bytes; 1 KiB leaves room for long node ids and issuers while keeping
+# A real token is 200-250 bytes; 1 KiB leaves room for long node ids and issuers while keeping
 # what the relay will CBOR-decode from an unauthenticated client small.
 MAX_TOKEN_SIZE: Final = 1024
 # Every text claim (iss, aud, sid, cohort) is at most this many characters (sid: SPEC §2 HELLO limit).
@@ -414,6 +414,12 @@ def load_keyring(path: str | os.PathLike[str]) -> KeyRing:
 # claims
 
 
+def _exact_keys(mapping: dict[Any, Any]) -> dict[int | str, Any]:
+    """Only the entries whose key is exactly an ``int`` or ``str``: CBOR ``true`` or ``1.0`` must not
+    stand in for the label ``1`` (Python's ``True == 1.0 == 1``)."""
+    return {k: v for k, v in mapping.items() if type(k) is int or type(k) is str}
+
+
 def _is_int(value: object) -> bool:
     return type(value) is int
 
@@ -508,6 +514,7 @@ class Claims:
             "iss": _ISS, "aud": _AUD, "exp": _EXP, "nbf": _NBF, "iat": _IAT, "cti": _CTI,
             "sid": "sid", "role": "role", "cohort": "cohort", "fb": "fb",
         }  # fmt: skip
+        claims = _exact_keys(claims)
         missing = [name for name, key in keys.items() if key not in claims]
         if missing:
             raise TokenError("malformed", f"token lacks claims: {', '.join(missing)}")
@@ -644,6 +651,8 @@ def _parse_envelope(token: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     header = _loads(protected, "protected header") if protected else {}
     if not isinstance(header, dict):
         raise _malformed("protected header is not a CBOR map")
+    header = _exact_keys(header)
+    unprotected = _exact_keys(unprotected)
     if _HDR_CRIT in header:
         raise _malformed("critical header parameters are not supported")
     alg = header.get(_HDR_ALG)
