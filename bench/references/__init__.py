@@ -1,0 +1,1 @@
+"""Reference relays the real relay is measured against (each is also a standalone script)."""

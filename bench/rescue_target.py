@@ -1,0 +1,67 @@
+"""The real relay (``rescue.relay.Relay``) as a benchmark target process.
+
+Starts one relay node in-process with the production defaults, except what a benchmark from one
+source address needs: no per-IP handshake rate limit (every connection comes from 127.0.0.1), room
+for every session of the idle run, no admin port, and a short drain on SIGTERM. Logs go to stderr
+(the harness sends them to a log file) at WARNING, so per-connection INFO lines do not cost CPU in
+the measured windows -- pass ``--log-level INFO`` to see them.
+
+Usage: ``python bench/rescue_target.py --keys JWKS --port 0`` prints ``READY port=<n>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+# Sessions the node accepts: the idle run uses 5,000 (10,000 connections) by default; headroom.
+MAX_SESSIONS = 20_000
+# Seconds peers get to leave on SIGTERM; the harness has closed them all by then.
+DRAIN_S = 2.0
+
+
+def relay_api_available() -> bool:
+    """True when ``rescue.relay`` provides the class API this script drives."""
+    try:
+        from rescue.relay import Relay, RelayConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+async def main(keys: str, port: int, log_level: str) -> None:
+    from rescue._log import configure_logging
+    from rescue.relay import Relay, RelayConfig
+
+    configure_logging(log_level)
+    config = RelayConfig(
+        keys=keys,
+        host="127.0.0.1",
+        port=port,
+        admin_port=None,
+        handshakes_per_ip_per_min=0,
+        max_sessions=MAX_SESSIONS,
+        drain_s=DRAIN_S,
+    )
+    relay = Relay(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(relay.run)
+            print(f"READY port={addresses.port}", flush=True)
+            async for _ in signals:
+                relay.shutdown()
+                break
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", required=True, help="JWK set file")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args()
+    trio.run(main, args.keys, args.port, args.log_level)

@@ -1,0 +1,689 @@
+"""The benchmark matrix: targets x modes x sizes x sessions, ratios to the references of the same run.
+
+Usage (from the repository root)::
+
+    .venv/bin/python -m bench.run --quick                 # 1-2 minutes, references + rescue if present
+    .venv/bin/python -m bench.run                         # the full matrix (~15-20 minutes)
+    .venv/bin/python -m bench.run --targets rescue,websockets,tcp --modes throughput
+
+Each step starts a fresh target process, starts the load generator worker(s) as separate processes,
+waits until every session is connected and paired, then: ``start`` (offer load), warm-up, ``mark``
+(begin the measured window: relay CPU and memory are read from /proc at the same moment), ``stop``,
+drain, result. Everything binds 127.0.0.1; every wait is bounded; the run stops by itself.
+
+Outputs (``--out``, default ``bench/out``): ``results-<stamp>.json``, ``results-<stamp>.md`` and
+PNG plots, plus ``latest.*`` copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from bench import _proc
+from bench.loadgen import DRAIN_TIMEOUT_S, Scenario, Target, raise_nofile, summarize
+from bench.targets import BASELINE, CEILING, ROOT, TARGETS, KeyMaterial, TargetDef, start_target
+
+# SPEC §10 targets.
+TARGET_X_WS_1K: Final = 3.0
+TARGET_X_WS_16K: Final = 1.0
+TARGET_FRAC_TCP: Final = 0.40
+TARGET_ACTIVE_SESSIONS: Final = 1250
+TARGET_ACTIVE_P95_MS: Final = 40.0
+TARGET_IDLE_CPU_PCT: Final = 3.0
+TARGET_IDLE_KB_PER_CONN: Final = 24.0
+# An active level passes when at least this share of the offered messages arrived in the window.
+ACTIVE_DELIVERED_MIN: Final = 0.97
+# A worker above this share of one core may be what limits the run (flagged in the results).
+GEN_BOUND_PCT: Final = 85.0
+# Longest wait for a worker to connect all its sessions (10,000 connections take a while).
+CONNECT_WAIT_S: Final = 300.0
+# Relay memory/CPU sampling period during a window.
+SAMPLE_S: Final = 0.5
+# Worker stdout lines are small JSON objects; a result with histograms is a few tens of KiB.
+MAX_LINE: Final = 1 << 22
+
+
+@dataclass
+class Step:
+    """One cell of the matrix (run once per target)."""
+
+    kind: str  # throughput | active | idle
+    scenario: Scenario
+    warmup_s: float
+    duration_s: float
+    workers: int = 1
+    settle_s: float = 0.0  # idle: wait after connecting before the window (RSS settles)
+
+    @property
+    def label(self) -> str:
+        sc = self.scenario
+        if self.kind == "idle":
+            return f"idle {sc.sessions * 2} conns"
+        size = f"{sc.size // 1024} KiB"
+        if self.kind == "active":
+            return f"active {size} @{sc.rate / 1024:.0f} KiB/s x{sc.sessions}"
+        return f"throughput {size} x{sc.sessions}"
+
+
+class _Lines:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def next(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise RuntimeError("worker exited early (see its log in the output directory)")
+            self.buf += data
+            if len(self.buf) > MAX_LINE:
+                raise RuntimeError("worker printed an over-long line")
+        line, self.buf = self.buf.split(b"\n", 1)
+        obj: dict[str, Any] = json.loads(line)
+        return obj
+
+
+@dataclass
+class _Worker:
+    process: trio.Process
+    lines: _Lines
+
+    async def send(self, cmd: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(cmd.encode() + b"\n")
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+async def run_step(
+    defn: TargetDef, step: Step, *, keys: KeyMaterial | None, log_dir: Path, stamp: str
+) -> dict[str, Any]:
+    """Run one step against one target; returns the result row."""
+    row: dict[str, Any] = {
+        "target": defn.name,
+        "role": defn.role,
+        "kind": step.kind,
+        "label": step.label,
+        "size": step.scenario.size,
+        "sessions": step.scenario.sessions,
+        "loadavg_start": _proc.loadavg(),
+    }
+    relay = await start_target(defn, log_dir=log_dir, keys=keys)
+    workers: list[_Worker] = []
+    try:
+        rss_empty = _proc.rss_kb(relay.pid)
+        counts = [n for n in _split(step.scenario.sessions, step.workers) if n]
+        for i, n in enumerate(counts):
+            config = {
+                "target": asdict(
+                    Target(
+                        name=defn.name,
+                        transport=defn.transport,
+                        port=relay.port,
+                        path=defn.path,
+                        key_file=str(keys.key_file) if keys and defn.needs_keys else None,
+                    )
+                ),
+                "scenario": asdict(replace(step.scenario, sessions=n)),
+                "tag": f"{stamp}-{i}",
+            }
+            with (log_dir / f"loadgen-{defn.name}-{i}.log").open("ab") as err:
+                proc = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "bench.loadgen", "--worker", json.dumps(config)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    cwd=str(ROOT),
+                )
+            assert proc.stdout is not None
+            workers.append(_Worker(proc, _Lines(proc.stdout)))
+        with trio.fail_after(CONNECT_WAIT_S):
+            connected = [await wk.lines.next() for wk in workers]
+        row["connect_s"] = max(c["connect_s"] for c in connected)
+        await trio.sleep(step.settle_s)
+        for wk in workers:
+            await wk.send("start")
+        await trio.sleep(step.warmup_s)
+        cpu0 = _proc.cpu_seconds(relay.pid)
+        machine0 = _proc.MachineCpu.read()
+        rss_mark = _proc.rss_kb(relay.pid)
+        t0 = time.monotonic()
+        for wk in workers:
+            await wk.send("mark")
+        peak = rss_mark
+        deadline = t0 + step.duration_s
+        while (left := deadline - time.monotonic()) > 0:
+            await trio.sleep(min(SAMPLE_S, left))
+            peak = max(peak, _proc.rss_kb(relay.pid))
+        for wk in workers:
+            await wk.send("stop")
+        window = time.monotonic() - t0
+        cpu1 = _proc.cpu_seconds(relay.pid)
+        machine1 = _proc.MachineCpu.read()
+        with trio.fail_after(DRAIN_TIMEOUT_S + 30):
+            results = [await wk.lines.next() for wk in workers]
+        summary = summarize(results)
+        relay_cpu = 100.0 * (cpu1 - cpu0) / window
+        busy = machine1.busy_cores_since(machine0)
+        gen_cpu = sum(summary["gen_cpu_pct"])
+        row.update(summary)
+        row.update(
+            relay_cpu_pct=round(relay_cpu, 1),
+            relay_rss_mb=round(peak / 1024, 1),
+            rss_empty_mb=round(rss_empty / 1024, 1),
+            kb_per_conn=round((rss_mark - rss_empty) / summary["connections"], 2)
+            if summary["connections"]
+            else None,
+            machine_busy_cores=round(busy, 2),
+            other_load_cores=round(max(0.0, busy - relay_cpu / 100 - gen_cpu / 100), 2),
+            gen_bound=any(p > GEN_BOUND_PCT for p in summary["gen_cpu_pct"]),
+            workers=len(workers),
+            loadavg_end=_proc.loadavg(),
+        )
+        if step.kind == "active":
+            offered = step.scenario.sessions * step.scenario.rate / step.scenario.size
+            if step.scenario.direction == "both":
+                offered *= 2
+            row["offered_msgs_per_s"] = round(offered, 1)
+            row["delivered_frac"] = round(summary["msgs_per_s"] / offered, 3) if offered else None
+        row["delivery_ok"] = _delivery_ok(row)
+        row["passed"] = _passed(row)
+    finally:
+        for wk in workers:
+            with trio.move_on_after(10):
+                await wk.process.wait()
+            if wk.process.returncode is None:
+                wk.process.kill()
+                await wk.process.wait()
+        await relay.stop()
+    return row
+
+
+def _delivery_ok(row: dict[str, Any]) -> bool:
+    """Every message sent arrived once, in order, intact; nothing closed under us."""
+    return bool(
+        row["connect_failures"] == 0
+        and row["lost"] == 0
+        and row["seq_errors"] == 0
+        and row["corrupt"] == 0
+        and row["relay_closed"] == 0
+        and row["conn_errors"] == 0
+        and row["wire_errors"] == 0
+        and row["sent_total"] == row["recv_total"]
+    )
+
+
+def _passed(row: dict[str, Any]) -> bool | None:
+    if row["kind"] == "active":
+        p95 = row["p95_ms"]
+        return bool(
+            row["delivery_ok"]
+            and row["gen_dropped"] == 0
+            and p95 is not None
+            and p95 < TARGET_ACTIVE_P95_MS
+            and (row["delivered_frac"] or 0) >= ACTIVE_DELIVERED_MIN
+        )
+    if row["kind"] == "idle":
+        return bool(
+            row["delivery_ok"]
+            and row["relay_cpu_pct"] < TARGET_IDLE_CPU_PCT
+            and (row["kb_per_conn"] or 0) <= TARGET_IDLE_KB_PER_CONN
+        )
+    return None
+
+
+# -- the matrix ---------------------------------------------------------------------------------------
+def build_steps(args: argparse.Namespace) -> list[Step]:
+    steps: list[Step] = []
+    modes = args.modes.split(",")
+    w = args.workers
+    if "throughput" in modes:
+        for size in (1024, 16384):
+            sc = Scenario(mode="throughput", sessions=args.sessions, size=size, window=args.window)
+            steps.append(Step("throughput", sc, args.warmup, args.duration, workers=w))
+    if "active" in modes:
+        for n in args.active_sessions:
+            sc = Scenario(mode="rate", sessions=n, size=4096, rate=65536.0, direction="host")
+            steps.append(Step("active", sc, args.warmup, args.duration, workers=w))
+    if "idle" in modes:
+        n = max(1, args.idle_connections // 2)
+        sc = Scenario(mode="idle", sessions=n, heartbeat_s=args.heartbeat, connect_concurrency=128)
+        steps.append(
+            Step("idle", sc, args.idle_warmup, args.idle_window, workers=1, settle_s=args.idle_settle)
+        )
+    return steps
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _gen(row: dict[str, Any]) -> str:
+    return "+".join(f"{p:.0f}" for p in row["gen_cpu_pct"])
+
+
+def progress_line(i: int, n: int, row: dict[str, Any]) -> str:
+    base = f"[{i:>2}/{n}] {row['label']:<32} {row['target']:<15}"
+    if "error" in row:
+        return f"{base} ERROR {row['error']}"
+    if row["kind"] == "idle":
+        core = (
+            f"{row['connections']:,} conns  relay cpu {row['relay_cpu_pct']:.2f}%  "
+            f"{_fmt(row['kb_per_conn'], 2)} KB/conn  hb p95 {_fmt(row['hb_p95_ms'], 2)} ms  "
+            f"connect {row['connect_s']:.1f}s"
+        )
+    else:
+        core = (
+            f"{row['msgs_per_s']:>9,.0f} msg/s {row['mb_per_s']:>7.1f} MB/s  "
+            f"p50 {_fmt(row['p50_ms'], 2)} p95 {_fmt(row['p95_ms'], 2)} p99 {_fmt(row['p99_ms'], 2)} ms  "
+            f"relay cpu {row['relay_cpu_pct']:.0f}%  gen cpu {_gen(row)}%"
+        )
+    flags = []
+    if not row["delivery_ok"]:
+        flags.append("DELIVERY-FAIL")
+    if row["gen_bound"]:
+        flags.append("GEN-BOUND")
+    if row.get("passed") is not None:
+        flags.append("pass" if row["passed"] else "FAIL")
+    return f"{base} {core}  {' '.join(flags) or 'ok'}"
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per throughput cell: each target against the baseline and the ceiling of the same run."""
+    out = []
+    for r in rows:
+        if r["kind"] != "throughput" or "error" in r:
+            continue
+        same = {x["target"]: x for x in rows if x["label"] == r["label"] and "error" not in x}
+        base = same.get(BASELINE)
+        ceil = same.get(CEILING)
+        out.append(
+            {
+                "label": r["label"],
+                "size": r["size"],
+                "target": r["target"],
+                "msgs_per_s": r["msgs_per_s"],
+                "x_websockets": r["msgs_per_s"] / base["msgs_per_s"] if base and base["msgs_per_s"] else None,
+                "frac_tcp": r["msgs_per_s"] / ceil["msgs_per_s"] if ceil and ceil["msgs_per_s"] else None,
+            }
+        )
+    return out
+
+
+def verdicts(rows: list[dict[str, Any]], target: str = "rescue") -> list[dict[str, Any]]:
+    """The SPEC §10 checks for ``target`` (rows of other targets shown for context)."""
+    out: list[dict[str, Any]] = []
+    rat = [r for r in ratios(rows) if r["target"] == target]
+    for r in rat:
+        need = TARGET_X_WS_1K if r["size"] == 1024 else TARGET_X_WS_16K
+        if r["x_websockets"] is not None:
+            out.append(
+                {
+                    "check": f"msgs/s vs websockets, {r['label']}",
+                    "need": f">= {need:g}x",
+                    "got": f"{r['x_websockets']:.2f}x",
+                    "ok": r["x_websockets"] >= need,
+                }
+            )
+        if r["frac_tcp"] is not None:
+            out.append(
+                {
+                    "check": f"msgs/s vs raw TCP, {r['label']}",
+                    "need": f">= {TARGET_FRAC_TCP:.0%}",
+                    "got": f"{r['frac_tcp']:.0%}",
+                    "ok": r["frac_tcp"] >= TARGET_FRAC_TCP,
+                }
+            )
+    active = [r for r in rows if r["target"] == target and r["kind"] == "active" and "error" not in r]
+    if active:
+        best = max((r["sessions"] for r in active if r["passed"]), default=0)
+        out.append(
+            {
+                "check": f"active sessions at 64 KiB/s with P95 < {TARGET_ACTIVE_P95_MS:g} ms",
+                "need": f">= {TARGET_ACTIVE_SESSIONS:,}",
+                "got": f"{best:,} (highest level that passed)",
+                "ok": best >= TARGET_ACTIVE_SESSIONS,
+            }
+        )
+    for r in rows:
+        if r["target"] == target and r["kind"] == "idle" and "error" not in r:
+            out.append(
+                {
+                    "check": f"idle CPU, {r['connections']:,} connections",
+                    "need": f"< {TARGET_IDLE_CPU_PCT:g}% of one core",
+                    "got": f"{r['relay_cpu_pct']:.2f}%",
+                    "ok": r["relay_cpu_pct"] < TARGET_IDLE_CPU_PCT,
+                }
+            )
+            out.append(
+                {
+                    "check": f"idle memory, {r['connections']:,} connections",
+                    "need": f"<= {TARGET_IDLE_KB_PER_CONN:g} KB/conn",
+                    "got": f"{_fmt(r['kb_per_conn'], 2)} KB/conn",
+                    "ok": (r["kb_per_conn"] or 1e9) <= TARGET_IDLE_KB_PER_CONN,
+                }
+            )
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows: list[dict[str, Any]] = report["rows"]
+    meta = report["meta"]
+    lines = [
+        f"# Benchmark results {meta['stamp']}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['cpus']} CPUs, {meta['python']}; load average at start {meta['loadavg_start']}, "
+        f"at end {meta['loadavg_end']} (shared machine: compare ratios within this run).  ",
+        f"Targets: {', '.join(meta['targets'])}.",
+        "",
+    ]
+    tput = [r for r in rows if r["kind"] == "throughput"]
+    if tput:
+        lines += [
+            f"## Throughput (both directions, window of {meta['window']} messages in flight per flow)",
+            "",
+            "| cell | target | msgs/s | MB/s | P50 ms | P95 ms | P99 ms | relay CPU % | gen CPU % "
+            "| other load (cores) | delivery |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in tput:
+            lines.append(
+                _md_row(r, ("msgs_per_s", 0), ("mb_per_s", 1), ("p50_ms", 2), ("p95_ms", 2), ("p99_ms", 2))
+            )
+        lines += ["", "| cell | target | msgs/s | x websockets | % of raw TCP |", "|---|---|---:|---:|---:|"]
+        for q in ratios(rows):
+            xw = "-" if q["x_websockets"] is None else f"{q['x_websockets']:.2f}x"
+            ft = "-" if q["frac_tcp"] is None else f"{q['frac_tcp']:.0%}"
+            lines.append(f"| {q['label']} | {q['target']} | {q['msgs_per_s']:,.0f} | {xw} | {ft} |")
+        lines.append("")
+    active = [r for r in rows if r["kind"] == "active"]
+    if active:
+        lines += [
+            "## Active (4 KiB messages, 64 KiB/s per session host -> guest)",
+            "",
+            "| sessions | target | offered msgs/s | delivered | P50 ms | P95 ms | P99 ms | relay CPU % "
+            "| relay RSS MB | gen CPU % | gen lag P95 ms | other load | pass |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in active:
+            if "error" in r:
+                lines.append(f"| {r['sessions']:,} | {r['target']} | error: {r['error']} |")
+                continue
+            lines.append(
+                f"| {r['sessions']:,} | {r['target']} | {r['offered_msgs_per_s']:,.0f} | "
+                f"{r['delivered_frac']:.1%} | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p95_ms'], 2)} | "
+                f"{_fmt(r['p99_ms'], 2)} | {r['relay_cpu_pct']:.0f} | {r['relay_rss_mb']:.0f} | "
+                f"{'+'.join(f'{p:.0f}' for p in r['gen_cpu_pct'])} | {_fmt(r['gen_lag_p95_ms'], 1)} | "
+                f"{r['other_load_cores']:.2f} | {_fmt(r['passed'])} |"
+            )
+        lines.append("")
+    idle = [r for r in rows if r["kind"] == "idle"]
+    if idle:
+        lines += [
+            f"## Idle (heartbeat every {meta['heartbeat_s']:g} s per connection, "
+            f"window {meta['idle_window_s']:g} s)",
+            "",
+            "| connections | target | relay CPU % of one core | KB/conn | RSS empty MB | RSS loaded MB "
+            "| heartbeat P95 ms | connect s | pass |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in idle:
+            if "error" in r:
+                lines.append(f"| - | {r['target']} | error: {r['error']} |")
+                continue
+            lines.append(
+                f"| {r['connections']:,} | {r['target']} | {r['relay_cpu_pct']:.2f} | "
+                f"{_fmt(r['kb_per_conn'], 2)} | {r['rss_empty_mb']:.0f} | {r['relay_rss_mb']:.0f} | "
+                f"{_fmt(r['hb_p95_ms'], 2)} | {r['connect_s']:.1f} | {_fmt(r['passed'])} |"
+            )
+        lines.append("")
+    checks = report["verdicts"]
+    if checks:
+        lines += ["## SPEC §10 checks (rescue)", "", "| check | need | got | ok |", "|---|---|---|---|"]
+        for c in checks:
+            lines.append(f"| {c['check']} | {c['need']} | {c['got']} | {'yes' if c['ok'] else 'NO'} |")
+        lines.append("")
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        lines += ["## Errors", ""] + [f"- {r['label']} / {r['target']}: {r['error']}" for r in errors] + [""]
+    return "\n".join(lines)
+
+
+def _md_row(r: dict[str, Any], *cols: tuple[str, int]) -> str:
+    if "error" in r:
+        return f"| {r['label']} | {r['target']} | error: {r['error']} |"
+    vals = " | ".join(_fmt(r[k], d) for k, d in cols)
+    gen = "+".join(f"{p:.0f}" for p in r["gen_cpu_pct"])
+    flag = "ok" if r["delivery_ok"] else "FAIL"
+    if r["gen_bound"]:
+        flag += " (gen-bound)"
+    return (
+        f"| {r['label']} | {r['target']} | {vals} | {r['relay_cpu_pct']:.0f} | {gen} | "
+        f"{r['other_load_cores']:.2f} | {flag} |"
+    )
+
+
+def plots(report: dict[str, Any], out: Path, stamp: str) -> list[Path]:
+    """PNG plots: active P95 latency and relay CPU vs sessions; throughput msgs/s per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if "error" not in r]
+    made: list[Path] = []
+    active = [r for r in rows if r["kind"] == "active"]
+    if active:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for name in dict.fromkeys(r["target"] for r in active):
+            pts = sorted(
+                (r["sessions"], r["p95_ms"], r["relay_cpu_pct"]) for r in active if r["target"] == name
+            )
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
+        ax1.axhline(TARGET_ACTIVE_P95_MS, color="red", linestyle="--", linewidth=1, label="target 40 ms")
+        ax1.axvline(TARGET_ACTIVE_SESSIONS, color="grey", linestyle=":", linewidth=1)
+        ax1.set_yscale("log")
+        ax1.set_xlabel("sessions (64 KiB/s each, 4 KiB messages)")
+        ax1.set_ylabel("P95 forwarding latency (ms)")
+        ax1.legend(fontsize=8)
+        ax1.set_title("Active: P95 latency vs sessions")
+        ax2.axhline(100, color="grey", linestyle=":", linewidth=1)
+        ax2.set_xlabel("sessions")
+        ax2.set_ylabel("relay CPU (% of one core)")
+        ax2.set_title("Active: relay CPU vs sessions")
+        fig.tight_layout()
+        path = out / f"active-{stamp}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    tput = [r for r in rows if r["kind"] == "throughput"]
+    if tput:
+        labels = list(dict.fromkeys(r["label"] for r in tput))
+        names = list(dict.fromkeys(r["target"] for r in tput))
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        width = 0.8 / max(1, len(names))
+        for j, name in enumerate(names):
+            vals = [
+                next((r["msgs_per_s"] for r in tput if r["label"] == lab and r["target"] == name), 0.0)
+                for lab in labels
+            ]
+            bars = ax.bar([i + j * width for i in range(len(labels))], vals, width, label=name)
+            ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], fontsize=7)
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))], labels)
+        ax.set_ylabel("messages forwarded per second")
+        ax.set_title("Throughput per target (same run)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"throughput-{stamp}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(progress_line(i + 1, len(rows), r) for i, r in enumerate(rows))
+
+
+async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_dir = out / f"logs-{stamp}"
+    names = [n for n in args.targets.split(",") if n]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise SystemExit(f"unknown target(s) {unknown}; known: {sorted(TARGETS)}")
+    keys = KeyMaterial.create(log_dir) if any(TARGETS[n].needs_keys for n in names) else None
+    steps = build_steps(args)
+    total = len(steps) * len(names)
+    meta = {
+        "stamp": stamp,
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *sys.argv[1:]]),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "loadavg_start": _proc.loadavg(),
+        "targets": names,
+        "window": args.window,
+        "heartbeat_s": args.heartbeat,
+        "idle_window_s": args.idle_window,
+    }
+    print(
+        f"bench: {len(steps)} steps x {len(names)} targets, load average {meta['loadavg_start']}", flush=True
+    )
+    rows: list[dict[str, Any]] = []
+    failed_active: set[str] = set()
+    i = 0
+    for step in steps:
+        for name in names:
+            i += 1
+            defn = TARGETS[name]
+            if step.kind == "active" and name in failed_active:
+                print(
+                    f"[{i:>2}/{total}] {step.label:<32} {name:<15} skipped (failed a lower level)", flush=True
+                )
+                continue
+            try:
+                row = await run_step(defn, step, keys=keys, log_dir=log_dir, stamp=f"{stamp}-{i}")
+            except (RuntimeError, OSError, trio.TooSlowError, KeyError, ValueError) as exc:
+                row = {
+                    "target": name,
+                    "role": defn.role,
+                    "kind": step.kind,
+                    "label": step.label,
+                    "size": step.scenario.size,
+                    "sessions": step.scenario.sessions,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            rows.append(row)
+            print(progress_line(i, total, row), flush=True)
+            if step.kind == "active" and not row.get("passed") and not args.no_early_stop:
+                p95 = row.get("p95_ms")
+                if "error" in row or p95 is None or p95 > 10 * TARGET_ACTIVE_P95_MS:
+                    failed_active.add(name)
+    meta["loadavg_end"] = _proc.loadavg()
+    report = {"meta": meta, "rows": rows, "ratios": ratios(rows), "verdicts": verdicts(rows)}
+    return report
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
+    stamp = report["meta"]["stamp"]
+    paths = [out / f"results-{stamp}.json", out / f"results-{stamp}.md"]
+    paths[0].write_text(json.dumps(report, indent=1, default=str))
+    paths[1].write_text(markdown(report))
+    paths += plots(report, out, stamp)
+    for p in list(paths):
+        latest = out / p.name.replace(stamp, "latest")
+        shutil.copyfile(p, latest)
+    return paths
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="beach-rescue benchmark matrix (see docs/perf/README.md).")
+    p.add_argument("--targets", default=None, help="comma list; default: all (rescue if importable)")
+    p.add_argument("--modes", default="throughput,active,idle")
+    p.add_argument("--quick", action="store_true", help="small and short: about 1-2 minutes")
+    p.add_argument("--sessions", type=int, default=100, help="throughput sessions")
+    p.add_argument("--window", type=int, default=8, help="throughput: messages in flight per flow")
+    p.add_argument("--active-sessions", default="250,500,1000,1250,1500")
+    p.add_argument("--idle-connections", type=int, default=10000)
+    p.add_argument("--idle-window", type=float, default=60.0, help="seconds of the idle CPU window")
+    p.add_argument("--idle-warmup", type=float, default=5.0, help="seconds of heartbeats before the window")
+    p.add_argument("--idle-settle", type=float, default=2.0, help="seconds after connecting, before start")
+    p.add_argument("--heartbeat", type=float, default=15.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=1, help="load generator processes (throughput, active)")
+    p.add_argument("--no-early-stop", action="store_true", help="run every active level even after failures")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = p.parse_args(argv)
+    if args.quick:
+        defaults = p.parse_args([])
+        for name, value in (
+            ("sessions", 50),
+            ("active_sessions", "100,250"),
+            ("idle_connections", 1000),
+            ("idle_window", 8.0),
+            ("idle_warmup", 1.0),
+            ("warmup", 1.0),
+            ("duration", 3.0),
+        ):
+            if getattr(args, name) == getattr(defaults, name):
+                setattr(args, name, value)
+    args.active_sessions = [int(x) for x in str(args.active_sessions).split(",") if x]
+    if args.targets is None:
+        names = ["tcp", "websockets"] + ([] if args.quick else ["trio-websocket"])
+        if rescue_available():
+            names.append("rescue")
+        args.targets = ",".join(names)
+    return args
+
+
+def rescue_available() -> bool:
+    """True once the real relay can be started by ``bench/rescue_target.py``."""
+    with contextlib.suppress(ImportError):
+        from bench.rescue_target import relay_api_available
+
+        return relay_api_available()
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    raise_nofile()
+    report = trio.run(run_matrix, args)
+    paths = write_outputs(report, args.out)
+    print()
+    print(markdown(report))
+    print("wrote: " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The relays a run can measure, how to start each one, and token minting for the real relay.
+
+Every target is a separate process (so its CPU and memory can be read from ``/proc/<pid>``) that
+listens on 127.0.0.1 and prints ``READY port=<n>`` on stdout when it accepts connections.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import trio
+
+HERE: Final = Path(__file__).resolve().parent
+ROOT: Final = HERE.parent
+REFS: Final = HERE / "references"
+# Longest a target may take from exec to READY (imports, binding).
+START_TIMEOUT_S: Final = 30.0
+# Longest a target may take to exit after SIGTERM before it is killed.
+STOP_TIMEOUT_S: Final = 10.0
+READY_RE: Final = re.compile(rb"READY port=(\d+)")
+
+
+@dataclass(frozen=True)
+class TargetDef:
+    """A relay kind: ``role`` is ``ceiling`` (raw TCP), ``reference`` or ``target`` (the real relay)."""
+
+    name: str
+    transport: str  # tcp | ws | rescue
+    role: str
+    argv: tuple[str, ...]
+    path: str = "/"
+    needs_keys: bool = False
+
+
+def _script(name: str) -> tuple[str, ...]:
+    return (sys.executable, str(REFS / name))
+
+
+TARGETS: Final[dict[str, TargetDef]] = {
+    "tcp": TargetDef("tcp", "tcp", "ceiling", _script("tcp_relay.py")),
+    "websockets": TargetDef("websockets", "ws", "reference", _script("ws_websockets_relay.py")),
+    "trio-websocket": TargetDef("trio-websocket", "ws", "reference", _script("ws_trio_websocket_relay.py")),
+    "rescue": TargetDef(
+        "rescue",
+        "rescue",
+        "target",
+        (sys.executable, str(HERE / "rescue_target.py")),
+        path="/v1/connect",
+        needs_keys=True,
+    ),
+}
+# The reference every ratio is relative to (SPEC §10), and the ceiling.
+BASELINE: Final = "websockets"
+CEILING: Final = "tcp"
+
+
+@dataclass
+class KeyMaterial:
+    """A throwaway signing key for one run: the private JWK (loadgen) and the JWK set (relay)."""
+
+    key_file: Path
+    jwks_file: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> KeyMaterial:
+        from rescue.protocol._tokens import KeyRing, SigningKey
+
+        directory.mkdir(parents=True, exist_ok=True)
+        key = SigningKey.generate()
+        key_file = directory / "bench-signing-key.json"
+        jwks_file = directory / "bench-jwks.json"
+        key_file.touch(mode=0o600)
+        key_file.write_text(json.dumps(key.to_jwk(private=True)))
+        jwks_file.write_text(json.dumps(KeyRing([key]).to_jwks()))
+        return cls(key_file, jwks_file)
+
+
+def make_minter(key_file: str, *, audience: str = "*") -> Callable[[str, str], bytes]:
+    """``mint(session, role)``: a fresh token per connection, as the token service would issue."""
+    from rescue.protocol._tokens import load_signing_key, mint_token
+
+    key = load_signing_key(key_file)
+
+    def mint(session: str, role: str) -> bytes:
+        return mint_token(
+            key, session_id=session, role=role, audience=audience, cohort="bench", ttl=300, now=time.time()
+        )
+
+    return mint
+
+
+@dataclass
+class Running:
+    """A started target process."""
+
+    defn: TargetDef
+    process: trio.Process
+    port: int
+    log: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.process.returncode is None:
+            self.process.terminate()
+            with trio.move_on_after(STOP_TIMEOUT_S):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+
+
+async def start_target(defn: TargetDef, *, log_dir: Path, keys: KeyMaterial | None = None) -> Running:
+    """Start ``defn`` on an ephemeral 127.0.0.1 port and wait for its READY line.
+
+    Raises:
+        RuntimeError: it exited, printed no READY line within ``START_TIMEOUT_S``, or needs keys.
+    """
+    argv = [*defn.argv, "--port", "0"]
+    if defn.needs_keys:
+        if keys is None:
+            raise RuntimeError(f"{defn.name} needs key material")
+        argv += ["--keys", str(keys.jwks_file)]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{defn.name}.log"
+    with log.open("ab") as err:
+        process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err, cwd=str(ROOT))
+    assert process.stdout is not None
+    seen = b""
+    try:
+        with trio.fail_after(START_TIMEOUT_S):
+            while (m := READY_RE.search(seen)) is None:
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError(f"{defn.name} exited before READY (see {log})")
+                seen += chunk
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    # Nobody reads the target's stdout after READY: a target that keeps printing would block, so
+    # they print nothing else (logs go to stderr, i.e. the log file).
+    return Running(defn, process, int(m.group(1)), log)

@@ -1,0 +1,161 @@
+"""Smoke test of the benchmark harness (bench/): it runs end to end at tiny scale and counts right.
+
+Nothing here checks timing (benchmarks measure that, tests never do): the assertions are about
+delivery -- every message the generator sent arrived exactly once, in order, byte for byte -- and
+about the checker itself noticing loss, reordering and corruption.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+# bench/ is a directory of scripts next to the package, not part of the installed wheel.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+loadgen: Any = importlib.import_module("bench.loadgen")
+targets: Any = importlib.import_module("bench.targets")
+wire: Any = importlib.import_module("bench._wire")
+
+
+def _assert_delivered(result: dict[str, Any], connections: int) -> None:
+    assert result["connections"] == connections
+    assert result["connect_failures"] == 0
+    assert result["sent_total"] > 0
+    assert result["recv_total"] == result["sent_total"]
+    assert result["lost"] == 0
+    assert result["seq_errors"] == 0
+    assert result["corrupt"] == 0
+    assert result["relay_closed"] == 0
+    assert result["conn_errors"] == 0
+    assert result["wire_errors"] == 0
+
+
+@pytest.mark.parametrize("name", ["tcp", "websockets", "trio-websocket"])
+async def test_throughput_and_rate_deliver_everything(name: str, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        relay = await targets.start_target(targets.TARGETS[name], log_dir=tmp_path)
+        try:
+            target = loadgen.Target(name=name, transport=relay.defn.transport, port=relay.port)
+            tput = loadgen.Scenario(mode="throughput", sessions=3, size=1024, window=4)
+            result = await loadgen.run_local(target, tput, warmup_s=0.1, duration_s=0.3)
+            _assert_delivered(result, connections=6)
+            assert result["msgs"] > 0
+
+            # 16 KiB messages span several reads and (for ws) use the 16-bit length form.
+            big = loadgen.Scenario(mode="throughput", sessions=2, size=16384, window=2)
+            _assert_delivered(await loadgen.run_local(target, big, warmup_s=0.1, duration_s=0.2), 4)
+
+            rate = loadgen.Scenario(mode="rate", sessions=2, size=4096, rate=65536.0, direction="host")
+            t0 = time.monotonic()
+            result = await loadgen.run_local(target, rate, warmup_s=0.1, duration_s=0.3)
+            elapsed = time.monotonic() - t0
+            _assert_delivered(result, connections=4)
+            # The schedule never bursts: at most one message per interval per flow (+1 for the phase).
+            assert result["sent_total"] <= 2 * (elapsed / (4096 / 65536.0) + 1)
+        finally:
+            await relay.stop()
+
+
+async def test_idle_heartbeats_go_round(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        relay = await targets.start_target(targets.TARGETS["websockets"], log_dir=tmp_path)
+        try:
+            target = loadgen.Target(name="websockets", transport="ws", port=relay.port)
+            idle = loadgen.Scenario(mode="idle", sessions=3, heartbeat_s=0.1)
+            result = await loadgen.run_local(target, idle, warmup_s=0.1, duration_s=0.4)
+        finally:
+            await relay.stop()
+    assert result["connections"] == 6
+    assert result["sent_total"] == result["recv_total"] == 0
+    assert 0 < result["heartbeats_rx"] <= result["heartbeats_tx"]
+    assert loadgen.Hist.merge([result["hb_lat"]]).total > 0
+
+
+async def test_checker_counts_loss_reordering_and_corruption() -> None:
+    """Feed a receiving connection crafted messages: the counters must notice each fault."""
+    target = loadgen.Target(name="t", transport="tcp", port=1)
+    gen = loadgen.LoadGen(target, loadgen.Scenario(mode="rate", sessions=1, size=64))
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        src = loadgen.Conn(gen, "host", a)
+        dst = loadgen.Conn(gen, "guest", b)
+        flow = loadgen.Flow(src, dst)
+        dst.rx_flow = flow
+        builder = wire.MessageBuilder("tcp", 64, gen.filler)
+
+        def deliver(seq: int, *, tamper: bool = False) -> None:
+            msg = bytearray(b"".join(builder.data(seq, time.monotonic_ns())))
+            if tamper:
+                msg[-1] ^= 0xFF
+            dst._feed_tcp(bytes(msg), time.monotonic_ns())
+
+        deliver(1)
+        deliver(2)
+        assert (gen.stats.seq_errors, gen.stats.corrupt, gen.stats.recv_total) == (0, 0, 2)
+        deliver(4)  # 3 lost
+        assert gen.stats.seq_errors == 1
+        deliver(4)  # duplicated
+        assert gen.stats.seq_errors == 2
+        deliver(5, tamper=True)
+        assert gen.stats.corrupt == 1
+        # A partial message is left for the next read, not counted.
+        whole = b"".join(builder.data(6, time.monotonic_ns()))
+        assert dst._feed_tcp(whole[:-1], time.monotonic_ns()) == 0
+        assert gen.stats.recv_total == 5
+    finally:
+        a.close()
+        b.close()
+
+
+def test_ws_framing_masks_and_parses() -> None:
+    """Client frames unmask to the payload; the 7-bit, 16-bit and 64-bit length forms all parse."""
+    filler = wire.make_filler(70000)
+    for size in (100, 1024, 70000):
+        b = wire.MessageBuilder("ws", size, filler[: size - wire.HEAD_SIZE])
+        frame = b"".join(b.data(7, 123))
+        head_len = 2 + (0 if size < 126 else 2 if size < 65536 else 8)
+        assert frame[1] & 0x80  # masked
+        key = frame[head_len : head_len + 4]
+        payload = wire.mask(frame[head_len + 4 :], key)
+        assert len(payload) == size
+        assert wire.HEAD.unpack_from(payload) == (1, wire.KIND_DATA, 0, 0, 7, 123)
+        assert payload[wire.HEAD_SIZE :] == filler[: size - wire.HEAD_SIZE]
+
+
+def test_run_cli_writes_results(tmp_path: Path) -> None:
+    """``python -m bench.run`` end to end at tiny scale: JSON, markdown and plots, delivery ok."""
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    argv = [sys.executable, "-m", "bench.run", "--targets", "tcp,websockets", "--modes", "active,idle"]
+    argv += ["--active-sessions", "3", "--idle-connections", "8", "--heartbeat", "0.2"]
+    argv += ["--warmup", "0.2", "--duration", "0.4", "--idle-warmup", "0.1", "--idle-window", "0.4"]
+    argv += ["--idle-settle", "0"]
+    argv += ["--out", str(tmp_path)]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    report = json.loads((tmp_path / "results-latest.json").read_text())
+    rows = report["rows"]
+    assert {(r["kind"], r["target"]) for r in rows} == {
+        ("active", "tcp"),
+        ("active", "websockets"),
+        ("idle", "tcp"),
+        ("idle", "websockets"),
+    }
+    for row in rows:
+        assert "error" not in row, row
+        assert row["delivery_ok"], row
+    assert (tmp_path / "results-latest.md").read_text().startswith("# Benchmark results")
+    assert (tmp_path / "active-latest.png").stat().st_size > 0
+    assert b" 4/4]" in done.stdout  # one progress line per step
