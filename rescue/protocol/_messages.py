@@ -102,7 +102,8 @@ RESUME_GRACE_S_RANGE: Final = (0, 86_400)
 MAX_FRAME_RANGE: Final = (1024, 16 * 1024 * 1024)
 CLOSE_CODE_RANGE: Final = (1000, 4999)  # the WebSocket close-code space (RFC 6455 §7.4)
 
-_SESSION_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# SPEC §2: a session id is 1-128 chars of [A-Za-z0-9._:-]; tokens and the token service share it.
+SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _COMPRESSION_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _PRINTABLE_RE: Final = re.compile(r"[\x20-\x7e]*")
 
@@ -379,7 +380,7 @@ class Hello:
     def __post_init__(self) -> None:
         _version(self.v)
         _bytes(self.token, "token", hi=MAX_TOKEN_SIZE)
-        if not _SESSION_RE.fullmatch(_text(self.session, "session")):
+        if not SESSION_ID_RE.fullmatch(_text(self.session, "session")):
             raise ValueError(f"session id must be 1-{MAX_SESSION_LEN} chars of [A-Za-z0-9._:-]")
         object.__setattr__(self, "role", _role(self.role))
         _bytes(self.nonce, "nonce", exact=NONCE_SIZE)

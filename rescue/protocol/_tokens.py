@@ -43,6 +43,7 @@ import nacl.signing
 
 from rescue._codes import CloseCode
 from rescue.errors import ConfigError, TokenError
+from rescue.protocol._messages import SESSION_ID_RE as SESSION_ID_RE  # shared pattern, re-exported
 
 __all__ = [
     "ALG_EDDSA",
@@ -81,7 +82,6 @@ MAX_KEY_FILE_SIZE: Final = 1 << 20
 COSE_SIGN1_TAG: Final = 18
 CWT_TAG: Final = 61  # optional outer CWT tag (RFC 8392 §6); accepted on verify, never minted
 ROLES: Final = ("host", "guest")
-SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 _ED25519_SIZE: Final = 32
 _SIGNATURE_SIZE: Final = 64
