@@ -26,6 +26,8 @@ __all__ = ["add_option", "build_parser", "main"]
 # Modules that register sub-commands, in the order `rescue --help` lists them.
 COMMAND_MODULES = [
     "rescue.commands.keys",  # keygen, mint, verify
+    "rescue.commands.token_service",  # token-service
+    "rescue.commands.admin",  # admin pause/resume/status/cohort
 ]
 
 

@@ -1,0 +1,35 @@
+"""The token service (SPEC §4): token minting, guardrails, kill switch, node assignment, keys.
+
+Public API::
+
+    retired = load_retired_keys(["old.jwk"], default_retired_at=time.time())
+    keys = PublishedKeys(load_signing_key("key.jwk"), retired)
+    service = TokenService(TokenServiceConfig(keys=keys, service_keys=frozenset({...})), guardrails)
+    port = await nursery.start(serve_token_service, service, "0.0.0.0", 8080)
+"""
+
+from rescue.tokenservice._app import TokenService as TokenService
+from rescue.tokenservice._app import TokenServiceConfig as TokenServiceConfig
+from rescue.tokenservice._app import serve_token_service as serve_token_service
+from rescue.tokenservice._keys import PublishedKeys as PublishedKeys
+from rescue.tokenservice._keys import RetiredKey as RetiredKey
+from rescue.tokenservice._keys import load_retired_keys as load_retired_keys
+from rescue.tokenservice._oidc import EntitlementError as EntitlementError
+from rescue.tokenservice._oidc import JwksSource as JwksSource
+from rescue.tokenservice._oidc import OidcUnavailable as OidcUnavailable
+from rescue.tokenservice._oidc import OidcVerifier as OidcVerifier
+from rescue.tokenservice._openapi import openapi_document as openapi_document
+
+__all__ = [
+    "EntitlementError",
+    "JwksSource",
+    "OidcUnavailable",
+    "OidcVerifier",
+    "PublishedKeys",
+    "RetiredKey",
+    "TokenService",
+    "TokenServiceConfig",
+    "load_retired_keys",
+    "openapi_document",
+    "serve_token_service",
+]

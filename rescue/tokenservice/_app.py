@@ -1,0 +1,514 @@
+"""The token service's HTTP API (SPEC §4) on :mod:`rescue._http`.
+
+One :class:`TokenService` per process (or per test): it owns its router, its Prometheus registry
+and its guardrails. Serve it with :func:`serve_token_service` (or ``serve_http(service.router, …)``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from rescue._http import (
+    JsonError,
+    Request,
+    Response,
+    Router,
+    json_response,
+    serve_http,
+    text_response,
+)
+from rescue._log import get_logger, log_event, session_tag
+from rescue.errors import GuardrailError, StoreUnavailable
+from rescue.guardrails import Guardrails, check_cohort_id
+from rescue.protocol._tokens import MAX_TTL, ROLES, b64url_encode, mint_token
+from rescue.tokenservice._keys import PublishedKeys
+from rescue.tokenservice._oidc import EntitlementError, OidcUnavailable, OidcVerifier
+from rescue.tokenservice._openapi import openapi_document
+
+# SPEC §2: session ids are <= 128 characters of [A-Za-z0-9._:-] (the token minting rule too)
+_SESSION_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+__all__ = ["TokenService", "TokenServiceConfig", "serve_token_service"]
+
+_LOG = get_logger("rescue.tokenservice")
+
+MAX_CLIENT_VERSION: Final = 64  # "rescue-py/0.1", "beach-web/2024.11.3": short strings
+MAX_ENTITLEMENT_PROOF: Final = 8 * 1024  # an ID token; matches the OIDC verifier's bound
+MAX_REASON: Final = 256  # operator free text for pause/resume
+# Sessions reported per call: the control plane batches per cohort; a cap stops a typo (or an
+# attacker with a service key) from making one cohort's denominator meaningless in one request.
+MAX_SESSIONS_PER_REPORT: Final = 100_000
+# Distinct cohort label values per counter: cohort ids come from requests, and every label value is
+# a time series kept forever; past this, cohorts are counted as "other".
+MAX_COHORT_LABELS: Final = 1_000
+
+_CHALLENGE: Final = {"www-authenticate": "Bearer"}
+
+# SPEC §4 error code -> HTTP status for guardrail refusals.
+_GUARDRAIL_STATUS: Final = {
+    "fallback_paused": 403,
+    "cohort_disabled": 403,
+    "not_entitled": 403,
+    "no_relay_available": 503,
+}
+# Metric label values for beach_fallback_token_requests_total{outcome, guardrail}.
+_REFUSAL_GUARDRAIL_LABEL: Final = {
+    "fallback_paused": "paused",
+    "cohort_disabled": "cohort_disabled",
+    "no_relay_available": "no_relay",
+}
+
+
+@dataclass(frozen=True)
+class TokenServiceConfig:
+    """Everything the token service needs besides its guardrails.
+
+    Attributes:
+        keys: the signing key and the published key set.
+        service_keys: bearer keys of callers allowed to mint (Beach's control plane).
+        admin_key: the admin bearer key; None disables the admin API (403).
+        relay_url: the relay's public ``wss://…/v1/connect`` used when no node is registered
+            (single-node deployments); None means a node registry is required.
+        disable_oidc: ``BEACH_RESCUE_DISABLE_OIDC=1`` outside production: no authentication needed
+            to mint or to report sessions.
+        oidc: checks ``entitlement_proof``; None means proofs are not accepted.
+        report_keys: bearer keys relays use for ``POST /v1/fallback/activations``; empty means the
+            endpoint is open (put the token service on a private network then).
+        issuer: the tokens' ``iss``.
+        token_ttl: token lifetime in seconds (≤ 300), also the session→node assignment lifetime.
+    """
+
+    keys: PublishedKeys
+    service_keys: frozenset[str] = frozenset()
+    admin_key: str | None = None
+    relay_url: str | None = None
+    disable_oidc: bool = False
+    oidc: OidcVerifier | None = None
+    report_keys: frozenset[str] = field(default_factory=frozenset)
+    issuer: str = "beach-rescue"
+    token_ttl: int = MAX_TTL
+
+
+def _key_in(candidate: str, keys: Iterable[str]) -> bool:
+    # compare with every key in constant time, and don't stop early
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(candidate.encode(), key.encode())
+    return found
+
+
+def _require(body: dict[str, Any], name: str, kind: type, *, optional: bool = False) -> Any:
+    value = body.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise JsonError(400, "invalid_request", f"{name} must be a {kind.__name__}")
+    return value
+
+
+class TokenService:
+    """The control-plane API.
+
+    Args:
+        config: keys, credentials, relay URL.
+        guardrails: the guardrail policy over the shared store.
+        wall_clock: epoch seconds for token claims and counters (injectable for tests).
+
+    Resource handling:
+        Owns no I/O resources itself; the store belongs to ``guardrails`` (close it yourself).
+    """
+
+    def __init__(
+        self,
+        config: TokenServiceConfig,
+        guardrails: Guardrails,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.guardrails = guardrails
+        self._now = wall_clock
+        self.registry = CollectorRegistry()
+        self.token_requests = Counter(
+            "beach_fallback_token_requests",
+            "Token requests by outcome and guardrail state",
+            ["outcome", "guardrail"],
+            registry=self.registry,
+        )
+        self.sessions_started = Counter(
+            "beach_fallback_sessions_started",
+            "Sessions reported started (the guardrail denominator)",
+            ["cohort"],
+            registry=self.registry,
+        )
+        self.activations = Counter(
+            "beach_fallback_activations",
+            "Fallback activations reported by relays",
+            ["cohort"],
+            registry=self.registry,
+        )
+        self.paused_gauge = Gauge(
+            "beach_fallback_paused",
+            "1 when the kill switch was on at the last check (status, healthz, token request)",
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "beach_fallback_store_errors",
+            "Requests that failed because the guardrail store was unavailable",
+            registry=self.registry,
+        )
+        self._cohort_labels: set[str] = set()
+        self.router = Router()
+        self._routes()
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _routes(self) -> None:
+        r = self.router
+        r.add("POST", "/v1/fallback/token", self.token)
+        r.add("GET", "/v1/fallback/keys", self.keys)
+        r.add("GET", "/v1/fallback/status", self.status)
+        r.add("POST", "/v1/fallback/activations", self.report_activation)
+        r.add("POST", "/v1/sessions/started", self.sessions_started_report)
+        r.add("GET", "/healthz", self.healthz)
+        r.add("GET", "/metrics", self.metrics)
+        r.add("GET", "/openapi.json", self.openapi)
+        r.add("POST", "/v1/admin/pause", self.admin_pause)
+        r.add("POST", "/v1/admin/resume", self.admin_resume)
+        r.add("PUT", "/v1/admin/cohorts/{cohort_id}", self.admin_put_cohort)
+        r.add("GET", "/v1/admin/cohorts/{cohort_id}", self.admin_get_cohort)
+        r.add("GET", "/v1/admin/guardrails", self.admin_guardrails)
+        r.add("GET", "/v1/admin/nodes", self.admin_nodes)
+
+    def _cohort_label(self, cohort: str) -> str:
+        if cohort in self._cohort_labels:
+            return cohort
+        if len(self._cohort_labels) >= MAX_COHORT_LABELS:
+            return "other"
+        self._cohort_labels.add(cohort)
+        return cohort
+
+    def _store_down(self, exc: StoreUnavailable) -> JsonError:
+        self.store_errors.inc()
+        log_event(_LOG, "guardrail_store_unavailable", level=logging.ERROR, error=str(exc)[:200])
+        return JsonError(503, "guardrail_store_unavailable", "the guardrail store is unavailable")
+
+    @staticmethod
+    def _cohort_from(value: object, name: str) -> str:
+        try:
+            return check_cohort_id(value)  # type: ignore[arg-type]
+        except ValueError:
+            raise JsonError(
+                400, "invalid_request", f"{name} must be 1-64 characters of [A-Za-z0-9._-]"
+            ) from None
+
+    def _require_key(self, request: Request, keys: Iterable[str], what: str) -> None:
+        credential = request.bearer_token()
+        if credential is None:
+            raise JsonError(
+                401,
+                "unauthenticated",
+                f"{what} requires Authorization: Bearer",
+                headers={"www-authenticate": "Bearer"},
+            )
+        if not _key_in(credential, keys):
+            raise JsonError(
+                401, "unauthenticated", f"unknown {what} key", headers={"www-authenticate": "Bearer"}
+            )
+
+    def _require_admin(self, request: Request) -> None:
+        credential = request.bearer_token()
+        if credential is None:
+            raise JsonError(
+                401,
+                "unauthenticated",
+                "admin API requires Authorization: Bearer <admin key>",
+                headers={"www-authenticate": "Bearer"},
+            )
+        if self.config.admin_key is None or not _key_in(credential, [self.config.admin_key]):
+            raise JsonError(403, "forbidden", "not the admin key")
+
+    # --- POST /v1/fallback/token ------------------------------------------------------------------
+
+    async def token(self, request: Request) -> Response:
+        """Mint a fallback token (SPEC §4)."""
+        try:
+            body = self._parse_token_request(request)
+        except JsonError as exc:
+            self.token_requests.labels(outcome="invalid", guardrail="none").inc()
+            raise exc from None
+        try:
+            await self._authenticate_minting(request, body.get("entitlement_proof"))
+        except JsonError as exc:
+            self.token_requests.labels(
+                outcome="auth_failed" if exc.status in (401, 403) else "unavailable", guardrail="none"
+            ).inc()
+            self._considered(body, outcome=exc.error)
+            raise
+        try:
+            answer = await self._decide_and_mint(body)
+        except GuardrailError as exc:
+            label = _REFUSAL_GUARDRAIL_LABEL.get(exc.error, exc.error)
+            self.token_requests.labels(outcome="refused", guardrail=label).inc()
+            self._considered(body, outcome=exc.error)
+            raise JsonError(_GUARDRAIL_STATUS.get(exc.error, 403), exc.error, str(exc)) from None
+        except StoreUnavailable as exc:
+            self.token_requests.labels(outcome="unavailable", guardrail="store_unavailable").inc()
+            self._considered(body, outcome="guardrail_store_unavailable")
+            raise self._store_down(exc) from None
+        self.token_requests.labels(outcome="issued", guardrail=answer["guardrail_hint"]).inc()
+        self._considered(body, outcome="issued", hint=answer["guardrail_hint"])
+        return json_response(answer)
+
+    def _parse_token_request(self, request: Request) -> dict[str, Any]:
+        body = request.json_object()
+        session_id = _require(body, "session_id", str)
+        if _SESSION_ID.fullmatch(session_id) is None:
+            raise JsonError(400, "invalid_request", "session_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        if body.get("role") not in ROLES:
+            raise JsonError(400, "invalid_request", "role must be 'host' or 'guest'")
+        self._cohort_from(body.get("cohort_id"), "cohort_id")
+        version = _require(body, "client_version", str)
+        if not 0 < len(version) <= MAX_CLIENT_VERSION:
+            raise JsonError(
+                400, "invalid_request", f"client_version must be 1-{MAX_CLIENT_VERSION} characters"
+            )
+        proof = _require(body, "entitlement_proof", str, optional=True)
+        if proof is not None and len(proof) > MAX_ENTITLEMENT_PROOF:
+            raise JsonError(400, "invalid_request", "entitlement_proof is too long")
+        _require(body, "telemetry_opt_in", bool)
+        return body
+
+    async def _authenticate_minting(self, request: Request, proof: str | None) -> None:
+        """Service key, or a valid entitlement proof, or nothing with OIDC disabled (SPEC §4)."""
+        if self.config.disable_oidc:
+            return
+        if request.bearer_token() is not None or proof is None:
+            self._require_key(request, self.config.service_keys, "service")
+            return
+        if self.config.oidc is None:
+            raise JsonError(401, "unauthenticated", "entitlement proofs are not accepted by this service")
+        try:
+            await self.config.oidc.verify(proof, now=self._now())
+        except EntitlementError as exc:
+            raise JsonError(401 if exc.error == "unauthenticated" else 403, exc.error, str(exc)) from None
+        except OidcUnavailable as exc:
+            raise JsonError(503, "entitlement_unavailable", str(exc)) from None
+
+    async def _decide_and_mint(self, body: dict[str, Any]) -> dict[str, Any]:
+        cohort: str = body["cohort_id"]
+        now = self._now()
+        try:
+            auth = await self.guardrails.authorize_token(cohort, now=now)
+        except GuardrailError as exc:
+            self.paused_gauge.set(1 if exc.error == "fallback_paused" else 0)
+            raise
+        self.paused_gauge.set(0)
+        node = await self.guardrails.assign_node(body["session_id"], ttl=self.config.token_ttl)
+        relay_url = node.public_url if node is not None else self.config.relay_url
+        if relay_url is None:
+            raise GuardrailError("no_relay_available", "no relay node is registered")
+        await self.guardrails.record_tokens(cohort, now=now)
+        token = mint_token(
+            self.config.keys.signing_key,
+            session_id=body["session_id"],
+            role=body["role"],
+            audience=node.node_id if node is not None else "*",
+            cohort=cohort,
+            ttl=self.config.token_ttl,
+            fb=1 if body["telemetry_opt_in"] else 0,
+            issuer=self.config.issuer,
+            now=now,
+        )
+        return {
+            "token": b64url_encode(token),
+            "expires_at": int(now) + self.config.token_ttl,
+            "cohort": cohort,
+            "guardrail_hint": auth.hint,
+            "relay_url": relay_url,
+        }
+
+    def _considered(self, body: dict[str, Any], *, outcome: str, hint: str | None = None) -> None:
+        """``transport.fallback.considered``: only for sessions that opted in to telemetry."""
+        if body.get("telemetry_opt_in") is not True:
+            return
+        log_event(
+            _LOG,
+            "transport.fallback.considered",
+            session=session_tag(body["session_id"]),
+            role=body.get("role"),
+            cohort=body.get("cohort_id"),
+            client_version=body.get("client_version"),
+            outcome=outcome,
+            guardrail_hint=hint,
+        )
+
+    # --- public read endpoints ------------------------------------------------------------------------
+
+    async def keys(self, request: Request) -> Response:
+        """The JWK set relays verify tokens with: current key plus retired keys in their grace."""
+        await trio.lowlevel.checkpoint()
+        return json_response(self.config.keys.jwks(now=self._now()))
+
+    async def status(self, request: Request) -> Response:
+        """The fleet's kill switch, polled by relays (fails with 503 if it can't be read)."""
+        try:
+            state = await self.guardrails.fleet_state()
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+        self.paused_gauge.set(1 if state.paused else 0)
+        return json_response(state.to_json())
+
+    async def healthz(self, request: Request) -> Response:
+        """``{"status": "ok", "fallback_paused": bool}``; 503 ``store_unavailable`` (reported paused)."""
+        try:
+            state = await self.guardrails.fleet_state()
+        except StoreUnavailable:
+            self.store_errors.inc()
+            return json_response({"status": "store_unavailable", "fallback_paused": True}, 503)
+        self.paused_gauge.set(1 if state.paused else 0)
+        return json_response({"status": "ok", "fallback_paused": state.paused})
+
+    async def metrics(self, request: Request) -> Response:
+        await trio.lowlevel.checkpoint()
+        return text_response(generate_latest(self.registry).decode(), content_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(self, request: Request) -> Response:
+        await trio.lowlevel.checkpoint()
+        return json_response(openapi_document())
+
+    # --- reports ----------------------------------------------------------------------------------------
+
+    async def report_activation(self, request: Request) -> Response:
+        """A relay paired a session: ``{"cohort": id}``, counts only."""
+        if self.config.report_keys:
+            self._require_key(request, self.config.report_keys, "relay report")
+        body = request.json_object()
+        cohort = self._cohort_from(body.get("cohort"), "cohort")
+        try:
+            await self.guardrails.record_activation(cohort, now=self._now())
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+        self.activations.labels(cohort=self._cohort_label(cohort)).inc()
+        return json_response({"cohort": cohort, "recorded": 1})
+
+    async def sessions_started_report(self, request: Request) -> Response:
+        """Beach's control plane reports sessions created: ``{"cohort": id, "count": n = 1}``."""
+        if not self.config.disable_oidc:
+            self._require_key(request, self.config.service_keys, "service")
+        body = request.json_object()
+        cohort = self._cohort_from(body.get("cohort"), "cohort")
+        count = body.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_SESSIONS_PER_REPORT:
+            raise JsonError(
+                400, "invalid_request", f"count must be an integer in 1..{MAX_SESSIONS_PER_REPORT}"
+            )
+        try:
+            await self.guardrails.record_sessions_started(cohort, now=self._now(), count=count)
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+        self.sessions_started.labels(cohort=self._cohort_label(cohort)).inc(count)
+        return json_response({"cohort": cohort, "recorded": count})
+
+    # --- admin ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _pause_body(request: Request) -> tuple[str | None, bool]:
+        body = request.json_object(allow_empty=True)
+        reason = _require(body, "reason", str, optional=True)
+        if reason is not None and len(reason) > MAX_REASON:
+            raise JsonError(400, "invalid_request", f"reason must be at most {MAX_REASON} characters")
+        drain = body.get("drain", False)
+        if not isinstance(drain, bool):
+            raise JsonError(400, "invalid_request", "drain must be a boolean")
+        return reason, drain
+
+    async def admin_pause(self, request: Request) -> Response:
+        self._require_admin(request)
+        reason, drain = self._pause_body(request)
+        try:
+            state = await self.guardrails.pause(reason=reason, drain=drain)
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+        self.paused_gauge.set(1)
+        return json_response(state.to_json())
+
+    async def admin_resume(self, request: Request) -> Response:
+        self._require_admin(request)
+        reason, _ = self._pause_body(request)
+        try:
+            state = await self.guardrails.resume(reason=reason)
+            effective = await self.guardrails.fleet_state()  # FALLBACK_WS_PAUSED may still hold
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+        self.paused_gauge.set(1 if effective.paused else 0)
+        return json_response(effective.to_json() if effective.paused else state.to_json())
+
+    async def _cohort_view(self, cohort: str) -> dict[str, Any]:
+        stored = await self.guardrails.store.cohort_enabled(cohort)
+        dev = self.guardrails.config.dev_enable_all_cohorts
+        return {
+            "cohort": cohort,
+            "fallback_ws_enabled": stored,
+            "effective": stored or dev,
+            "dev_override": dev,
+        }
+
+    async def admin_put_cohort(self, request: Request) -> Response:
+        self._require_admin(request)
+        cohort = self._cohort_from(request.path_params["cohort_id"], "cohort_id")
+        body = request.json_object()
+        enabled = body.get("fallback_ws_enabled")
+        if not isinstance(enabled, bool):
+            raise JsonError(400, "invalid_request", "fallback_ws_enabled must be a boolean")
+        try:
+            await self.guardrails.set_cohort_enabled(cohort, enabled)
+            return json_response(await self._cohort_view(cohort))
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+
+    async def admin_get_cohort(self, request: Request) -> Response:
+        self._require_admin(request)
+        cohort = self._cohort_from(request.path_params["cohort_id"], "cohort_id")
+        try:
+            return json_response(await self._cohort_view(cohort))
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+
+    async def admin_guardrails(self, request: Request) -> Response:
+        self._require_admin(request)
+        cohort = self._cohort_from(request.query.get("cohort"), "cohort")
+        try:
+            window = await self.guardrails.window(cohort, now=self._now())
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+        return json_response(window.to_json())
+
+    async def admin_nodes(self, request: Request) -> Response:
+        self._require_admin(request)
+        try:
+            nodes = await self.guardrails.store.live_nodes()
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+        return json_response({"nodes": [n.to_json() for n in nodes]})
+
+
+async def serve_token_service(
+    service: TokenService,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``service`` until cancelled; reports the bound port (see :func:`rescue._http.serve_http`)."""
+    await serve_http(service.router, host, port, task_status=task_status)
