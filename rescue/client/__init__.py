@@ -1,0 +1,1 @@
+"""The Python SDK for beach-rescue peers (filled in as the parts land)."""
