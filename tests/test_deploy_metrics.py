@@ -1,0 +1,230 @@
+"""Every metric the alert rules and the dashboard query is one the code really exports.
+
+Starts a real token service and a real relay (pointed at it) on 127.0.0.1 port 0, scrapes both
+``/metrics`` over HTTP, and checks each metric name used in deploy/prometheus/rules/*.yml and
+deploy/grafana/beach-rescue.json against what they expose — no hard-coded list. Recording rules
+(``level:metric:window`` names defined in the rules) are resolved to the metrics they use;
+``up`` and ``ALERTS`` are Prometheus's own. Label names used in matchers and ``by (...)`` must
+exist on the metric too, where the scrape shows a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from rescue.guardrails import Guardrails, MemoryStore
+from rescue.protocol import SigningKey
+from rescue.relay import Relay, RelayConfig
+from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+DASHBOARD = ROOT / "deploy" / "grafana" / "beach-rescue.json"
+PROMETHEUS_OWN = {"up", "ALERTS"}
+# Exported by prometheus_client's ProcessCollector, which the relay's per-instance registry does not
+# register yet (the CPU > 70 % alert needs it): strict xfail until it does, then this must go.
+KNOWN_MISSING = {"process_cpu_seconds_total"}
+
+PROMQL_WORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+    "offset", "sum", "avg", "min", "max", "count", "stddev", "stdvar", "topk", "bottomk", "quantile",
+    "count_values", "rate", "irate", "increase", "delta", "idelta", "histogram_quantile", "clamp_min",
+    "clamp_max", "round", "abs", "avg_over_time", "max_over_time", "min_over_time", "sum_over_time",
+    "absent", "vector", "scalar", "time", "le", "inf", "nan",
+}  # fmt: skip
+NAME = re.compile(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def strip_promql(expr: str) -> str:
+    """Drop string literals, label matchers, range/offset durations and Grafana variables."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\$__\w+|\$\{\w+\}|\$\w+", "", expr)
+    return expr
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (not functions, keywords, labels or numbers)."""
+    text = strip_promql(expr)
+    text = re.sub(r"\{[^}]*\}", "", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for m in NAME.finditer(text):
+        word = m.group()
+        after = text[m.end() :].lstrip()
+        if word.lower() in PROMQL_WORDS or after.startswith("("):
+            continue
+        if re.fullmatch(r"\d.*|e\d+", word):
+            continue
+        names.add(word)
+    return names
+
+
+def label_uses(expr: str) -> dict[str, set[str]]:
+    """``{metric: {label names in its matchers}}`` for the selectors in ``expr``."""
+    uses: dict[str, set[str]] = {}
+    for m in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", re.sub(r"\$\{\w+\}", "", expr)):
+        labels = set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", m.group(2)))
+        uses.setdefault(m.group(1), set()).update(labels)
+    return uses
+
+
+def rule_exprs() -> tuple[dict[str, str], list[str]]:
+    """(recording rule name → expr, every expr)."""
+    records: dict[str, str] = {}
+    exprs: list[str] = []
+    for path in RULES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                exprs.append(rule["expr"])
+                if "record" in rule:
+                    records[rule["record"]] = rule["expr"]
+    return records, exprs
+
+
+def dashboard_exprs() -> list[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    out = [a["expr"] for a in doc["annotations"]["list"] if "expr" in a]
+    for panel in doc["panels"]:
+        out += [t["expr"] for t in panel.get("targets", [])]
+    assert len(out) > 20
+    return out
+
+
+def used_metrics() -> set[str]:
+    records, exprs = rule_exprs()
+    used: set[str] = set()
+    for expr in [*exprs, *dashboard_exprs()]:
+        used |= metric_names(expr)
+    unresolved = {n for n in used if ":" in n}
+    assert unresolved <= set(records), f"recording rules used but not defined: {unresolved - set(records)}"
+    return {n for n in used if ":" not in n} - PROMETHEUS_OWN
+
+
+def test_extractor_finds_names_and_ignores_syntax() -> None:
+    expr = (
+        'sum by (code, name) (rate(beach_rescue_closes_total{job="beach-rescue-relay",code!="1012"}[5m]))'
+        " / clamp_min(beach_rescue:x:5m, 1) > 0.2 and histogram_quantile(0.95, sum by (le) "
+        '(rate(foo_seconds_bucket{job="x"}[$__rate_interval]))) or on (job, instance) up == 0'
+    )
+    assert metric_names(expr) == {
+        "beach_rescue_closes_total",
+        "beach_rescue:x:5m",
+        "foo_seconds_bucket",
+        "up",
+    }
+    assert label_uses(expr)["beach_rescue_closes_total"] == {"job", "code"}
+    assert metric_names("sum(rate(x_total[5m])) / clamp_min(y, 1e-9) > 0.5e3") == {"x_total", "y"}
+
+
+async def scrape_both() -> tuple[str, str]:
+    """Run a token service and a relay wired to it; return both /metrics texts."""
+    key = SigningKey.generate()
+    service = TokenService(
+        TokenServiceConfig(
+            keys=PublishedKeys(key), relay_url="ws://127.0.0.1:1/v1/connect", disable_oidc=True
+        ),
+        Guardrails(MemoryStore()),
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ts_port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+            base = f"http://127.0.0.1:{ts_port}"
+            relay = Relay(
+                RelayConfig(
+                    token_service=base, host="127.0.0.1", port=0, admin_port=0, node_id="relay-metrics"
+                )
+            )
+            addresses = await nursery.start(relay.run)
+            async with httpx.AsyncClient(timeout=5) as client:
+                # One poll of the token service's status must have happened, so the control metrics
+                # carry samples (the relay polls every status_poll_s).
+                while relay.control.polls["ok"] == 0:
+                    await trio.sleep(0.05)
+                relay_text = (await client.get(f"http://127.0.0.1:{addresses.admin_port}/metrics")).text
+                ts_text = (await client.get(f"{base}/metrics")).text
+            await relay.drain()
+            nursery.cancel_scope.cancel()
+    return relay_text, ts_text
+
+
+def exposed(texts: Iterable[str]) -> tuple[set[str], dict[str, set[str]]]:
+    """Every sample name a scrape can contain, and the label names seen per sample name."""
+    names: set[str] = set()
+    labels: dict[str, set[str]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.type == "counter":
+                names |= {family.name + "_total", family.name + "_created"}
+            elif family.type == "histogram":
+                names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
+            else:
+                names.add(family.name)
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    return names, labels
+
+
+@pytest.fixture(scope="module")
+def scraped() -> tuple[set[str], dict[str, set[str]]]:
+    relay_text, ts_text = trio.run(scrape_both)
+    assert "beach_rescue_connections_active" in relay_text
+    assert "beach_fallback_token_requests_total" in ts_text
+    return exposed([relay_text, ts_text])
+
+
+def test_spec_metric_names_are_all_used() -> None:
+    """SPEC §8's named metrics all appear on the dashboard or in the rules."""
+    used = used_metrics()
+    spec = {
+        "beach_rescue_connections_active",
+        "beach_rescue_sessions_active",
+        "beach_rescue_messages_forwarded_total",
+        "beach_rescue_bytes_forwarded_total",
+        "beach_rescue_message_size_bytes_bucket",
+        "beach_rescue_idle_pruned_total",
+        "beach_rescue_sessions_emptied_total",
+        "beach_fallback_token_requests_total",
+    }
+    assert spec <= used, spec - used
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=pytest.mark.xfail(
+                reason="relay registry has no ProcessCollector yet; CPU alert needs it", strict=True
+            ),
+        )
+        if n in KNOWN_MISSING
+        else n
+        for n in sorted(used_metrics())
+    ],
+)
+def test_metric_is_exported_by_the_code(name: str, scraped: tuple[set[str], dict[str, set[str]]]) -> None:
+    names, _ = scraped
+    assert name in names, f"{name} is used in deploy/ but neither the relay nor the token service exports it"
+
+
+def test_label_names_used_exist_on_the_metric(scraped: tuple[set[str], dict[str, set[str]]]) -> None:
+    _, labels = scraped
+    _, exprs = rule_exprs()
+    problems = []
+    for expr in [*exprs, *dashboard_exprs()]:
+        for metric, used in label_uses(expr).items():
+            if metric in labels:  # only metrics the scrape showed samples for
+                missing = used - labels[metric] - {"job", "instance"}
+                if missing:
+                    problems.append(f"{metric}: {sorted(missing)}")
+    assert not problems, problems

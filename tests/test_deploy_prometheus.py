@@ -1,0 +1,120 @@
+"""Alert rules and dashboard: promtool syntax checks and rule unit tests, the dashboard generator
+being current, and proof that the rule unit tests fail when a threshold drifts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROM = ROOT / "deploy" / "prometheus"
+RULES = PROM / "rules" / "beach-rescue.rules.yml"
+RULE_TESTS = PROM / "tests" / "beach-rescue.test.yml"
+RUNBOOK = ROOT / "docs" / "operations" / "runbook.md"
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI: apt-get install prometheus")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    return path
+
+
+def run(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_promtool_check_rules_and_config() -> None:
+    tool = promtool()
+    result = run(tool, "check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run(tool, "check", "config", str(PROM / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_rule_unit_tests_pass() -> None:
+    result = run(promtool(), "test", "rules", str(RULE_TESTS.relative_to(PROM)), cwd=PROM)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_rule_unit_tests_cover_soft_breach_and_churn() -> None:
+    doc = yaml.safe_load(RULE_TESTS.read_text())
+    tested = {case["alertname"] for test in doc["tests"] for case in test.get("alert_rule_test", [])}
+    assert {
+        "BeachRescueActivationSoftBreach",
+        "BeachRescueActivationRatioHigh",
+        "BeachRescueConnectionChurnHigh",
+        "BeachRescueRelayCpuHigh",
+        "BeachRescueHandshakeFailureSpike",
+    } <= tested
+
+
+@pytest.mark.parametrize(
+    ("original", "drifted"),
+    [
+        ("> 0.2\n", "> 0.3\n"),  # churn threshold
+        ("beach_rescue:activation_ratio:1h >= 0.005", "beach_rescue:activation_ratio:1h >= 0.05"),
+        ('{guardrail="soft_breach"}', '{guardrail="soft-breach"}'),
+        ("beach_rescue:sessions_started:1h >= 200", "beach_rescue:sessions_started:1h >= 2"),
+    ],
+)
+def test_rule_unit_tests_catch_threshold_drift(tmp_path: Path, original: str, drifted: str) -> None:
+    tool = promtool()
+    text = RULES.read_text()
+    assert original in text
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "rules" / RULES.name).write_text(text.replace(original, drifted))
+    shutil.copy(RULE_TESTS, tmp_path / "tests" / RULE_TESTS.name)
+    result = run(tool, "test", "rules", f"tests/{RULE_TESTS.name}", cwd=tmp_path)
+    assert result.returncode != 0, f"rule tests still pass with {drifted!r}"
+
+
+def test_alerts_carry_severity_and_a_runbook_section_that_exists() -> None:
+    anchors = set()
+    if RUNBOOK.exists():
+        for line in RUNBOOK.read_text().splitlines():
+            if line.startswith("#"):
+                title = line.lstrip("#").strip().lower()
+                anchors.add("".join(c for c in title.replace(" ", "-") if c.isalnum() or c in "-_"))
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "alert" not in rule:
+                continue
+            assert rule["labels"]["severity"] in {"info", "warning", "critical"}
+            url = rule["annotations"]["runbook_url"]
+            assert url.startswith(
+                "https://github.com/beach/beach-rescue/blob/main/docs/operations/runbook.md#"
+            )
+            assert url.split("#", 1)[1] in anchors, f"{rule['alert']}: no runbook section {url}"
+
+
+def test_dashboard_is_generated_and_current() -> None:
+    script = ROOT / "deploy" / "grafana" / "build_dashboard.py"
+    result = run(sys.executable, str(script), "--check")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((ROOT / "deploy" / "grafana" / "beach-rescue.json").read_text())
+    assert doc["uid"] == "beach-rescue"
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = " ".join(p["title"] for p in doc["panels"]).lower()
+    topics = ("kill switch", "activation ratio", "sessions", "connections", "bytes", "latency", "close codes")
+    for topic in topics:
+        assert topic in titles, topic
+    assert "handshakes by outcome" in titles
+    assert "token service" in titles
+    for panel in doc["panels"]:
+        for target in panel.get("targets", []):
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24
