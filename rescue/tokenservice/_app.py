@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,13 +29,11 @@ from rescue._http import (
 from rescue._log import get_logger, log_event, session_tag
 from rescue.errors import GuardrailError, StoreUnavailable
 from rescue.guardrails import Guardrails, check_cohort_id
+from rescue.protocol._messages import SESSION_ID_RE
 from rescue.protocol._tokens import MAX_TTL, ROLES, b64url_encode, mint_token
 from rescue.tokenservice._keys import PublishedKeys
 from rescue.tokenservice._oidc import EntitlementError, OidcUnavailable, OidcVerifier
 from rescue.tokenservice._openapi import openapi_document
-
-# SPEC §2: session ids are <= 128 characters of [A-Za-z0-9._:-] (the token minting rule too)
-_SESSION_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 __all__ = ["TokenService", "TokenServiceConfig", "serve_token_service"]
 
@@ -273,7 +270,7 @@ class TokenService:
     def _parse_token_request(self, request: Request) -> dict[str, Any]:
         body = request.json_object()
         session_id = _require(body, "session_id", str)
-        if _SESSION_ID.fullmatch(session_id) is None:
+        if SESSION_ID_RE.fullmatch(session_id) is None:
             raise JsonError(400, "invalid_request", "session_id must be 1-128 characters of [A-Za-z0-9._:-]")
         if body.get("role") not in ROLES:
             raise JsonError(400, "invalid_request", "role must be 'host' or 'guest'")
