@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -388,3 +389,44 @@ def test_k8s_scrape_job_names_match_the_rules(k8s: dict[tuple[str, str], dict[st
         assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         port = int(template["metadata"]["annotations"]["prometheus.io/port"])
         assert port in {p["containerPort"] for p in _container(k8s[(kind, name)])["ports"]}
+
+
+# --- the runbook's commands ---------------------------------------------------------------------------
+
+
+def runbook_commands() -> list[list[str]]:
+    """Every ``rescue …`` invocation in the runbook's shell blocks, as argv (redirections dropped)."""
+    text = (ROOT / "docs" / "operations" / "runbook.md").read_text()
+    commands: list[list[str]] = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.split("  #", 1)[0].strip()
+            for part in re.split(r"\|\||&&|\||;", line):
+                words = shlex.split(part.strip(), comments=True)
+                if words[:1] != ["rescue"]:
+                    continue
+                argv: list[str] = []
+                for word in words[1:]:
+                    if word.startswith(">"):
+                        break
+                    argv.append(word)
+                commands.append(argv)
+    return commands
+
+
+def test_runbook_rescue_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each `rescue …` line in the runbook is accepted by the real CLI parser (flags exist)."""
+    for var in [v for v in os.environ if v.startswith("RESCUE_")]:
+        monkeypatch.delenv(var)
+    parser = cli.build_parser()
+    commands = runbook_commands()
+    assert len(commands) >= 8
+    seen = {argv[0] if argv[0] != "admin" else f"admin {argv[1]}" for argv in commands}
+    assert {"keygen", "mint", "verify", "token-service"} <= seen
+    assert {"admin pause", "admin resume", "admin status", "admin cohort"} <= seen
+    for argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exc:  # argparse reports unknown flags this way
+            pytest.fail(f"runbook command does not parse: rescue {shlex.join(argv)} ({exc})")
