@@ -33,6 +33,8 @@ MAX_SESSION_ID: Final = PREAMBLE_SIZE - 5
 
 HEAD: Final = struct.Struct(">BBBBQQ")  # rescue header + send timestamp
 HEAD_SIZE: Final = HEAD.size  # 20
+SEQ_TS: Final = struct.Struct(">4xQQ")  # seq and timestamp of a HEAD
+_HEAD_WORDS: Final = struct.Struct(">IQQ")  # the same 20 bytes as three words, for masking
 RESCUE_HEADER: Final = struct.Struct(">BBBBQ")
 VERSION: Final = 1
 KIND_DATA: Final = 0x01
@@ -42,6 +44,7 @@ KIND_HELLO: Final = 0x10
 KIND_WELCOME: Final = 0x11
 KIND_PEER: Final = 0x12
 LEN_PREFIX: Final = struct.Struct(">I")
+_DATA_WORD: Final = (VERSION << 24) | (KIND_DATA << 16)  # version, kind, flags 0, channel 0
 
 # Distinct mask keys per connection: enough that frames do not all share one key, few enough that
 # the premasked filler stays small (keys x message size bytes per connection).
@@ -154,23 +157,21 @@ class MessageBuilder:
         self._tcp = transport == "tcp"
         if self._tcp:
             self._heads = [LEN_PREFIX.pack(size)]
-            self._masks = [0]
+            self._masks = [(0, 0)]
             self._tails = [filler]
         else:
             keys = [os.urandom(4) for _ in range(MASK_KEYS_PER_CONN)]
             self._heads = [ws_frame_prefix(OP_BINARY, size, k) for k in keys]
-            self._masks = [int.from_bytes(k * (HEAD_SIZE // 4), "big") for k in keys]
+            # (32-bit key, 64-bit key+key): the words of the head XOR these, since HEAD_SIZE % 4 == 0.
+            self._masks = [(int.from_bytes(k, "big"), int.from_bytes(k * 2, "big")) for k in keys]
             # HEAD_SIZE is a multiple of 4, so the filler starts key-aligned.
             self._tails = [mask(filler, k) for k in keys]
 
     def data(self, seq: int, now_ns: int) -> tuple[bytes, bytes, bytes]:
         """The three pieces of DATA message ``seq`` stamped ``now_ns`` (join them to send)."""
         i = seq % len(self._heads)
-        head = HEAD.pack(VERSION, KIND_DATA, 0, 0, seq, now_ns)
-        if self._tcp:
-            return self._heads[0], head, self._tails[0]
-        masked = (int.from_bytes(head, "big") ^ self._masks[i]).to_bytes(HEAD_SIZE, "big")
-        return self._heads[i], masked, self._tails[i]
+        k32, k64 = self._masks[i]
+        return self._heads[i], _HEAD_WORDS.pack(_DATA_WORD ^ k32, seq ^ k64, now_ns ^ k64), self._tails[i]
 
     def heartbeat(self, value: int) -> bytes:
         """A HEARTBEAT (kind 0x02, empty body) whose seq carries ``value`` (the send time)."""

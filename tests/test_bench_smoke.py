@@ -83,10 +83,11 @@ async def test_idle_heartbeats_go_round(tmp_path: Path) -> None:
     assert loadgen.Hist.merge([result["hb_lat"]]).total > 0
 
 
-async def test_checker_counts_loss_reordering_and_corruption() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+async def test_checker_counts_loss_reordering_and_corruption(transport: str) -> None:
     """Feed a receiving connection crafted messages: the counters must notice each fault."""
-    target = loadgen.Target(name="t", transport="tcp", port=1)
-    gen = loadgen.LoadGen(target, loadgen.Scenario(mode="rate", sessions=1, size=64))
+    target = loadgen.Target(name="t", transport=transport, port=1)
+    gen = loadgen.LoadGen(target, loadgen.Scenario(mode="rate", sessions=1, size=200))
     a, b = socket.socketpair()
     a.setblocking(False)
     try:
@@ -94,13 +95,20 @@ async def test_checker_counts_loss_reordering_and_corruption() -> None:
         dst = loadgen.Conn(gen, "guest", b)
         flow = loadgen.Flow(src, dst)
         dst.rx_flow = flow
-        builder = wire.MessageBuilder("tcp", 64, gen.filler)
+        builder = wire.MessageBuilder("tcp", 200, gen.filler)  # unmasked, as the relay forwards it
+        feed = dst._feed_tcp if transport == "tcp" else dst._feed_ws
 
-        def deliver(seq: int, *, tamper: bool = False) -> None:
+        def message(seq: int, *, tamper: bool = False) -> bytes:
             msg = bytearray(b"".join(builder.data(seq, time.monotonic_ns())))
             if tamper:
                 msg[-1] ^= 0xFF
-            dst._feed_tcp(bytes(msg), time.monotonic_ns())
+            if transport == "ws":  # a server frame: FIN + binary, 16-bit length, no mask
+                msg[:4] = b"\x82\x7e" + (200).to_bytes(2, "big")
+            return bytes(msg)
+
+        def deliver(seq: int, *, tamper: bool = False) -> None:
+            msg = message(seq, tamper=tamper)
+            assert feed(msg, len(msg), time.monotonic_ns()) == len(msg)
 
         deliver(1)
         deliver(2)
@@ -112,8 +120,8 @@ async def test_checker_counts_loss_reordering_and_corruption() -> None:
         deliver(5, tamper=True)
         assert gen.stats.corrupt == 1
         # A partial message is left for the next read, not counted.
-        whole = b"".join(builder.data(6, time.monotonic_ns()))
-        assert dst._feed_tcp(whole[:-1], time.monotonic_ns()) == 0
+        whole = message(6)
+        assert feed(whole, len(whole) - 1, time.monotonic_ns()) == 0
         assert gen.stats.recv_total == 5
     finally:
         a.close()
