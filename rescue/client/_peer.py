@@ -1,0 +1,731 @@
+"""The trio peer: ``open_peer()`` drives a :class:`~rescue.client._core.PeerCore` over real sockets.
+
+One :class:`Peer` per (session, role). Its nursery holds one connection manager task, which loops:
+get a token (fresh when needed), connect, HELLO/WELCOME, then run four tasks for that connection
+(reader, writer, heartbeat/liveness, ack/resume timer) until it ends, then decide from the close
+code (:func:`rescue.protocol.policy_for`) whether and when to reconnect. Application data written
+meanwhile waits in the replay buffer and is resumed losslessly on the next connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import trio
+
+from rescue._codes import CloseCode, policy_for
+from rescue._log import get_logger, log_event, session_tag
+from rescue.client._backoff import BackoffPolicy
+from rescue.client._core import (
+    Acked,
+    CloseReceived,
+    ControlReceived,
+    CoreStatistics,
+    DataReceived,
+    PeerCore,
+    PeerJoined,
+    PeerLeft,
+    Resumed,
+    Welcomed,
+)
+from rescue.client._tokens import (
+    DEFAULT_COHORT,
+    TokenClient,
+    TokenGrant,
+    TokenProvider,
+    TokenServiceUnavailable,
+)
+from rescue.errors import ConnectionClosedError, ProtocolError, RescueError
+from rescue.protocol._crypto import derive_psk
+from rescue.protocol._messages import Role
+from rescue.protocol._stream import DEFAULT_REPLAY_BUFFER_BYTES, BufferFull
+from rescue.websocket import WebSocketClosedError, WebSocketConnection, connect_websocket
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "CONNECT_TIMEOUT_S",
+    "LIVENESS_FACTOR",
+    "RECEIVE_QUEUE_SIZE",
+    "TOKEN_REFRESH_MARGIN_S",
+    "Connected",
+    "ConnectionEvent",
+    "PartnerEvent",
+    "Peer",
+    "Reconnecting",
+    "SessionClosed",
+    "open_peer",
+]
+
+_LOG = get_logger("rescue.client")
+
+# Received messages waiting for the application: 64 frames of at most 64 KiB is 4 MiB, the same
+# as the replay buffer. When it is full the reader stops reading, so the relay's queue and then TCP
+# push back on the partner (and our liveness clock pauses: a slow application is not a dead link).
+RECEIVE_QUEUE_SIZE: Final = 64
+# Largest batch the writer hands the WebSocket in one write: enough to amortize the syscall, small
+# enough that a heartbeat never waits behind more than ~256 KiB.
+WRITE_BATCH_BYTES: Final = 256 * 1024
+# TCP connect + WebSocket upgrade + HELLO → WELCOME must finish within this (the relay allows 10 s
+# for HELLO alone; a peer that waits longer is better off trying again).
+CONNECT_TIMEOUT_S: Final = 15.0
+# SPEC §2: no inbound message for 3 x heartbeat_s means the connection is dead.
+LIVENESS_FACTOR: Final = 3
+# Fetch a fresh token before reconnecting when the current one expires within this margin (the
+# relay allows 30 s of clock skew; reconnecting with a token about to expire wastes an attempt).
+TOKEN_REFRESH_MARGIN_S: Final = 30.0
+# Sending CLOSE and the WebSocket close handshake at the end get at most this long.
+CLOSE_TIMEOUT_S: Final = 3.0
+# After this many consecutive attempts that could not even get a WELCOME, fetch a fresh token
+# before the next one: the node named by the token may be gone for good (its sessions moved).
+FRESH_TOKEN_AFTER_FAILURES: Final = 2
+# The largest message we accept from the relay; WELCOME's max_frame is at most 16 MiB.
+MAX_INBOUND_MESSAGE: Final = 16 * 1024 * 1024
+
+# ------------------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """A connection got its WELCOME.
+
+    Attributes:
+        relay_url: the node connected to.
+        partner_present: whether the partner was already there.
+        connection: how many connections this peer has made (1 for the first).
+    """
+
+    relay_url: str
+    partner_present: bool
+    connection: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerEvent:
+    """The partner joined, left or came back (``event`` is the PEER event name)."""
+
+    event: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnecting:
+    """The connection ended (or could not be made) and the peer will try again.
+
+    Attributes:
+        reason: why, in words (for a status line on stderr).
+        code: the close code, if there was one.
+        delay: seconds until the next attempt.
+        fresh_token: whether a new token is fetched first.
+    """
+
+    reason: str
+    code: int | None
+    delay: float
+    fresh_token: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """The peer stopped for good.
+
+    Attributes:
+        code: the close code (``NORMAL`` after a graceful close by either side), or ``None`` when it
+            stopped because of an error without one (see ``error``).
+        reason: the reason text.
+        local: we closed it (``Peer.aclose``), rather than the partner or the relay.
+        error: the error that stopped it, if any (e.g. a ``GuardrailError`` from the token service).
+    """
+
+    code: int | None
+    reason: str
+    local: bool
+    error: RescueError | None = None
+
+
+ConnectionEvent: TypeAlias = Connected | PartnerEvent | Reconnecting | SessionClosed
+Received: TypeAlias = DataReceived | ControlReceived
+
+
+# -------------------------------------------------------------------------------------- internals
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How one connection ended."""
+
+    code: int | None
+    reason: str
+    reconnect_in_ms: int | None = None
+    local: bool = False  # we closed it on purpose (aclose)
+    send_close: bool = False  # send CLOSE + close frame with `code` before dropping the socket
+
+
+class _Link:
+    """One connection's shared state between its four tasks."""
+
+    def __init__(self, ws: WebSocketConnection, url: str) -> None:
+        self.ws = ws
+        self.url = url
+        self.outcome: _Outcome | None = None
+        self.scope: trio.CancelScope | None = None
+        self.welcomed = trio.Event()
+        self.heartbeat_s = 15.0
+        self.last_inbound = trio.current_time()
+        self.delivering = False
+        self.heartbeat_due = False
+
+    def finish(self, outcome: _Outcome) -> None:
+        """End the connection (first outcome wins) and cancel its tasks."""
+        if self.outcome is None:
+            self.outcome = outcome
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class Peer:
+    """One peer of a session, alive across reconnects. Made by :func:`open_peer`.
+
+    Concurrency: any number of tasks may :meth:`send` (each call's bytes stay contiguous, calls
+    are served in order); one task should :meth:`receive`.
+    """
+
+    def __init__(
+        self,
+        core: PeerCore,
+        tokens: TokenProvider,
+        *,
+        on_event: Callable[[ConnectionEvent], None] | None,
+        backoff: BackoffPolicy,
+        receive_queue: int,
+        give_up_after: float | None,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.core = core
+        self._tokens = tokens
+        self._on_event = on_event
+        self._backoff = backoff
+        self._give_up_after = give_up_after
+        self._ssl = ssl_context
+        self._deliver, self._received = trio.open_memory_channel[Received](receive_queue)
+        self._send_lock = trio.Lock()
+        self._space = trio.lowlevel.ParkingLot()  # senders waiting for room in the replay buffer
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._timer_lot = trio.lowlevel.ParkingLot()
+        self._acked_lot = trio.lowlevel.ParkingLot()  # drain() waiters
+        self._link: _Link | None = None
+        self._connected = trio.Event()
+        self._partner = trio.Event()
+        self._closed: SessionClosed | None = None
+        self._done = trio.Event()
+        self._local_close: tuple[int, str] | None = None
+        self._manager_scope: trio.CancelScope | None = None
+        self._tag = session_tag(core.session_id)
+
+    # ----------------------------------------------------------------------------- public API
+
+    @property
+    def role(self) -> Role:
+        """Our role."""
+        return self.core.role
+
+    @property
+    def closed(self) -> SessionClosed | None:
+        """How the session ended, or ``None`` while it is alive."""
+        return self._closed
+
+    @property
+    def partner_present(self) -> bool:
+        """Whether the partner is connected right now."""
+        return self.core.partner_present
+
+    def statistics(self) -> CoreStatistics:
+        """A snapshot of the stream state (sequence numbers, buffers, integrity counters)."""
+        return self.core.statistics()
+
+    async def send(self, channel: int, data: bytes) -> None:
+        """Send application bytes on ``channel`` (0-255), split into frames as needed.
+
+        Returns once every byte is in the replay buffer (not when it is delivered: see
+        :meth:`drain`). Blocks while the buffer is full (backpressure).
+
+        Raises:
+            ConnectionClosedError: the session has ended (or ends while waiting).
+            RescueError: the error that ended the session (e.g. ``GuardrailError``).
+            ValueError: ``channel`` outside 0-255.
+
+        Cancellation:
+            Safe between frames: the frames already queued are sent, the rest are not.
+        """
+        if not 0 <= channel <= 0xFF:
+            raise ValueError(f"channel must be 0-255, not {channel}")
+        async with self._send_lock:
+            view = memoryview(bytes(data))
+            pos = 0
+            while True:
+                self._raise_if_closed()
+                size = min(len(view) - pos, self.core.max_payload)
+                if not self.core.can_send(size):
+                    await self._space.park()
+                    continue
+                self.core.send_data(channel, bytes(view[pos : pos + size]))
+                self._writer_lot.unpark_all()
+                pos += size
+                if pos >= len(view):
+                    break
+                await trio.lowlevel.checkpoint()
+
+    async def send_control(self, data: Mapping[Any, Any]) -> None:
+        """Send an application CONTROL map, in order with the data.
+
+        Raises:
+            ValueError: the map uses the reserved top-level keys ``ack``/``resume``.
+            ConnectionClosedError: the session has ended.
+        """
+        async with self._send_lock:
+            while True:
+                self._raise_if_closed()
+                try:
+                    self.core.send_control(data)
+                except BufferFull:
+                    await self._space.park()
+                    continue
+                self._writer_lot.unpark_all()
+                await trio.lowlevel.checkpoint()
+                return
+
+    async def receive(self) -> DataReceived | ControlReceived:
+        """The partner's next DATA or application CONTROL, in order.
+
+        Raises:
+            trio.EndOfChannel: the session ended normally (``NORMAL``) and everything was read.
+            ConnectionClosedError: it ended otherwise (``code`` and ``reason`` say how).
+            RescueError: the error that ended it (e.g. ``GuardrailError``).
+        """
+        try:
+            return await self._received.receive()
+        except trio.EndOfChannel:
+            closed = self._closed
+            if closed is None or closed.code == CloseCode.NORMAL:
+                raise
+            if closed.error is not None:
+                raise closed.error from None
+            raise ConnectionClosedError(_close_code(closed.code), closed.reason) from None
+
+    async def wait_connected(self) -> None:
+        """Wait until the first WELCOME (returns at once if the session already ended)."""
+        await self._connected.wait()
+
+    async def wait_partner(self) -> None:
+        """Wait until the partner has connected at least once (or the session ended)."""
+        await self._partner.wait()
+
+    async def wait_closed(self) -> SessionClosed:
+        """Wait until the session has ended; how it ended."""
+        await self._done.wait()
+        assert self._closed is not None
+        return self._closed
+
+    async def drain(self) -> None:
+        """Wait until the partner has acknowledged every frame sent so far.
+
+        Raises:
+            ConnectionClosedError: the session ended first.
+        """
+        while not self.core.all_acked:
+            self._raise_if_closed()
+            if self.core.partner_present:
+                self.core.flush_ack()  # and nudge our own acks along
+                self._writer_lot.unpark_all()
+            await self._acked_lot.park()
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """End the session for both peers: send CLOSE ``code`` (when connected) and stop.
+
+        Idempotent. Call :meth:`drain` first to be sure everything sent was delivered.
+
+        Cancellation:
+            The CLOSE and the close handshake are bounded by :data:`CLOSE_TIMEOUT_S`.
+        """
+        if self._closed is not None:
+            await self._done.wait()
+            return
+        if self._local_close is None:
+            self._local_close = (int(code), reason)
+            link = self._link
+            if link is not None:
+                self.core.flush_ack()
+                link.finish(_Outcome(int(code), reason, local=True, send_close=True))
+            elif self._manager_scope is not None:
+                self._manager_scope.cancel()
+        await self._done.wait()
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _raise_if_closed(self) -> None:
+        closed = self._closed
+        if closed is None:
+            return
+        if closed.error is not None:
+            raise closed.error
+        raise ConnectionClosedError(_close_code(closed.code), closed.reason or "session closed")
+
+    def _emit(self, event: ConnectionEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def _finish(self, closed: SessionClosed) -> None:
+        if self._closed is None:
+            self._closed = closed
+            log_event(
+                _LOG,
+                "client.session_closed",
+                session=self._tag,
+                role=self.role.value,
+                code=closed.code,
+                reason=closed.reason,
+                local=closed.local,
+            )
+            self._emit(closed)
+        self._deliver.close()
+        self._connected.set()  # wake wait_connected()/wait_partner(): they check `closed`
+        self._partner.set()
+        for lot in (self._space, self._acked_lot, self._writer_lot, self._timer_lot):
+            lot.unpark_all()
+        self._done.set()
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The connection manager: connect, run, decide, back off, repeat."""
+        with trio.CancelScope() as scope:
+            self._manager_scope = scope
+            task_status.started()
+            try:
+                await self._manage()
+            except RescueError as exc:
+                self._finish(SessionClosed(None, str(exc), local=False, error=exc))
+        if self._closed is None:
+            local = self._local_close or (int(CloseCode.NORMAL), "closed")
+            self._finish(SessionClosed(local[0], local[1], local=True))
+
+    async def _manage(self) -> None:
+        grant: TokenGrant | None = None
+        fresh = True
+        attempt = 0
+        failing_since: float | None = None
+        while self._local_close is None:
+            if grant is None or fresh or grant.expires_within(TOKEN_REFRESH_MARGIN_S):
+                grant = await self._fetch_token()
+            outcome, welcomed = await self._connect_once(grant)
+            if outcome.local:
+                self._finish(SessionClosed(outcome.code, outcome.reason, local=True))
+                return
+            policy = policy_for(outcome.code)
+            if not policy.reconnect:
+                self._finish(SessionClosed(outcome.code, outcome.reason, local=False))
+                return
+            now = trio.current_time()
+            if welcomed:
+                attempt = 0
+                failing_since = None
+            elif failing_since is None:
+                failing_since = now
+            if (
+                self._give_up_after is not None
+                and failing_since is not None
+                and now - failing_since >= self._give_up_after
+            ):
+                error = ConnectionClosedError(_close_code(outcome.code), f"gave up: {outcome.reason}")
+                self._finish(SessionClosed(outcome.code, outcome.reason, local=False, error=error))
+                return
+            fresh = policy.new_token or (not welcomed and attempt + 1 >= FRESH_TOKEN_AFTER_FAILURES)
+            delay = self._backoff.delay(policy.backoff, attempt, reconnect_in_ms=outcome.reconnect_in_ms)
+            attempt += 1
+            log_event(
+                _LOG,
+                "client.reconnecting",
+                session=self._tag,
+                role=self.role.value,
+                code=outcome.code,
+                reason=outcome.reason,
+                delay_s=round(delay, 3),
+                fresh_token=fresh,
+            )
+            self._emit(Reconnecting(outcome.reason, outcome.code, delay, fresh))
+            await trio.sleep(delay)
+
+    async def _fetch_token(self) -> TokenGrant:
+        attempt = 0
+        while True:
+            try:
+                return await self._tokens()
+            except TokenServiceUnavailable as exc:
+                delay = self._backoff.full_jitter(attempt)
+                attempt += 1
+                self._emit(Reconnecting(str(exc), None, delay, True))
+                await trio.sleep(delay)
+
+    async def _connect_once(self, grant: TokenGrant) -> tuple[_Outcome, bool]:
+        """One connection from TCP connect to its end; (how it ended, whether it got a WELCOME)."""
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                ws = await connect_websocket(
+                    grant.relay_url, ssl_context=self._ssl, max_message=MAX_INBOUND_MESSAGE
+                )
+        except trio.TooSlowError:
+            return _Outcome(None, f"connect to {grant.relay_url} timed out"), False
+        except ConnectionClosedError as exc:
+            return _Outcome(None, exc.reason or str(exc)), False
+        except ProtocolError as exc:  # HandshakeError: refused upgrade (e.g. 503 draining)
+            return _Outcome(None, str(exc)), False
+        link = _Link(ws, grant.relay_url)
+        hello = self.core.connect(grant.token)
+        self._link = link
+        try:
+            async with trio.open_nursery() as nursery:
+                link.scope = nursery.cancel_scope
+                nursery.start_soon(self._reader, link)
+                nursery.start_soon(self._writer, link, hello)
+                nursery.start_soon(self._keepalive, link)
+                nursery.start_soon(self._timer, link)
+        finally:
+            self._link = None
+            self.core.connection_lost()
+            await self._close_socket(link)
+        outcome = link.outcome or _Outcome(None, "connection ended")
+        return outcome, link.welcomed.is_set()
+
+    async def _close_socket(self, link: _Link) -> None:
+        outcome = link.outcome
+        if outcome is None or not outcome.send_close or outcome.code is None:
+            link.ws.abort()
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+            try:
+                await link.ws.send_message(self.core.close_message(outcome.code, outcome.reason))
+                await link.ws.close(outcome.code, outcome.reason)
+            except (ConnectionClosedError, ProtocolError):
+                pass
+        if scope.cancelled_caught:
+            link.ws.abort()
+
+    # -------------------------------------------------------------------- per-connection tasks
+
+    async def _reader(self, link: _Link) -> None:
+        while True:
+            try:
+                messages = await link.ws.receive_messages()
+            except WebSocketClosedError as exc:
+                code = exc.wire_code if exc.wire_code not in (None, 1005, 1006) else None
+                link.finish(_Outcome(code, exc.reason or "connection closed by the relay"))
+                return
+            except ProtocolError as exc:  # the relay broke WebSocket framing
+                link.finish(_Outcome(int(exc.code), str(exc), send_close=True))
+                return
+            link.last_inbound = trio.current_time()
+            for message in messages:
+                try:
+                    events = self.core.receive(message, trio.current_time())
+                except ProtocolError as exc:
+                    log_event(_LOG, "client.protocol_error", level=logging.WARNING, error=str(exc)[:200])
+                    link.finish(_Outcome(int(exc.code), str(exc)[:100], send_close=True))
+                    return
+                for event in events:
+                    if isinstance(event, DataReceived | ControlReceived):
+                        link.delivering = True
+                        await self._deliver.send(event)
+                        link.delivering = False
+                        link.last_inbound = trio.current_time()
+                    elif isinstance(event, CloseReceived):
+                        link.finish(_Outcome(event.code, event.reason, event.reconnect_in_ms))
+                        return
+                    else:
+                        self._on_event_from_core(link, event)
+            self._writer_lot.unpark_all()
+            self._timer_lot.unpark_all()
+
+    def _on_event_from_core(self, link: _Link, event: object) -> None:
+        if isinstance(event, Welcomed):
+            link.heartbeat_s = float(event.welcome.heartbeat_s)
+            link.welcomed.set()
+            self._connected.set()
+            partner = event.welcome.peer is not None
+            if partner:
+                self._partner.set()
+            log_event(_LOG, "client.connected", session=self._tag, role=self.role.value, partner=partner)
+            self._emit(Connected(link.url, partner, self.core.statistics().connections))
+        elif isinstance(event, PeerJoined):
+            self._partner.set()
+            self._emit(PartnerEvent("rejoined" if event.rejoined else "joined"))
+        elif isinstance(event, PeerLeft):
+            self._emit(PartnerEvent("left"))
+        elif isinstance(event, Acked):
+            self._space.unpark_all()
+            self._acked_lot.unpark_all()
+        elif isinstance(event, Resumed):
+            log_event(
+                _LOG,
+                "client.resumed",
+                session=self._tag,
+                role=self.role.value,
+                after=event.seq,
+                retransmitted=event.retransmitted,
+            )
+
+    async def _writer(self, link: _Link, hello: bytes) -> None:
+        try:
+            await link.ws.send_message(hello)
+            while True:
+                batch: list[bytes] = []
+                if link.heartbeat_due:
+                    link.heartbeat_due = False
+                    batch.append(self.core.heartbeat())
+                batch += self.core.data_to_send(WRITE_BATCH_BYTES)
+                if not batch:
+                    await self._writer_lot.park()
+                    continue
+                await link.ws.send_messages(batch)
+        except WebSocketClosedError as exc:
+            code = exc.wire_code if exc.wire_code not in (None, 1005, 1006) else None
+            link.finish(_Outcome(code, exc.reason or "connection lost while sending"))
+
+    async def _keepalive(self, link: _Link) -> None:
+        """No WELCOME within the connect timeout, or no message for 3 x heartbeat: give up on it."""
+        with trio.move_on_after(CONNECT_TIMEOUT_S):
+            await link.welcomed.wait()
+        if not link.welcomed.is_set():
+            link.finish(_Outcome(None, "no WELCOME from the relay"))
+            return
+        link.last_inbound = trio.current_time()
+        while True:
+            await trio.sleep(link.heartbeat_s)
+            link.heartbeat_due = True
+            self._writer_lot.unpark_all()
+            silent = trio.current_time() - link.last_inbound
+            if not link.delivering and silent >= LIVENESS_FACTOR * link.heartbeat_s:
+                link.finish(_Outcome(None, f"no message from the relay for {silent:.0f} s"))
+                return
+
+    async def _timer(self, link: _Link) -> None:
+        """Acks and resume retries when their deadlines pass."""
+        while True:
+            deadline = self.core.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._timer_lot.park()
+            self.core.poll(trio.current_time())
+            if self.core.has_data_to_send:
+                self._writer_lot.unpark_all()
+
+
+def _close_code(code: int | None) -> CloseCode | None:
+    if code is None:
+        return None
+    try:
+        return CloseCode(code)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------- open_peer
+
+
+@asynccontextmanager
+async def open_peer(
+    tokens: str | TokenProvider,
+    session_id: str,
+    role: Role | str,
+    passphrase: str | bytes | None = None,
+    *,
+    psk: bytes | None = None,
+    cohort: str = DEFAULT_COHORT,
+    service_key: str | None = None,
+    on_event: Callable[[ConnectionEvent], None] | None = None,
+    max_buffer_bytes: int = DEFAULT_REPLAY_BUFFER_BYTES,
+    receive_queue: int = RECEIVE_QUEUE_SIZE,
+    backoff: BackoffPolicy | None = None,
+    give_up_after: float | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[Peer]:
+    """Join a session as ``role`` through the relay; the peer reconnects and resumes by itself.
+
+    ::
+
+        async with open_peer("http://127.0.0.1:8080", "demo-1", "host", "correct horse") as peer:
+            await peer.send(0, b"hello")
+            message = await peer.receive()          # DataReceived(channel, data) / ControlReceived
+
+    Args:
+        tokens: the token service's base URL (a :class:`TokenClient` is made for it), or any
+            ``async () -> TokenGrant`` provider.
+        session_id: the session id (1-128 chars of ``[A-Za-z0-9._:-]``).
+        role: ``"host"`` or ``"guest"``.
+        passphrase: the shared secret; the pre-shared key is derived from it off the event loop
+            (Argon2id, ~0.1 s). Give ``psk`` instead to skip the derivation.
+        psk: a 32-byte key from :func:`rescue.protocol.derive_psk`.
+        cohort: the cohort for :class:`TokenClient`.
+        service_key: the bearer key for :class:`TokenClient`.
+        on_event: called (synchronously, keep it quick) with every :data:`ConnectionEvent`:
+            connected, partner joined/left, reconnecting (with the reason), session closed.
+        max_buffer_bytes: bound of the replay buffer (:meth:`Peer.send` blocks when it is full).
+        receive_queue: received messages buffered for :meth:`Peer.receive`.
+        backoff: reconnect delays (base 250 ms, cap 30 s, full jitter by default).
+        give_up_after: stop (``ConnectionClosedError``) after this many seconds of failed attempts
+            in a row; ``None`` retries as long as the close codes allow.
+        ssl_context: TLS settings for ``wss://`` relays.
+
+    Yields:
+        The :class:`Peer`. Leaving the block closes the session for both peers (CLOSE ``NORMAL``)
+        if it is still open; call :meth:`Peer.drain` first to wait for delivery.
+
+    Raises:
+        ValueError: neither or both of ``passphrase`` and ``psk``, or a bad role/session id.
+
+    Resource handling:
+        All tasks live in a nursery inside this context manager; nothing outlives the block.
+        Exceptions from the block propagate unchanged (not wrapped in an ExceptionGroup).
+
+    Cancellation:
+        Cancelling the block closes the connection (the CLOSE is sent under a shielded,
+        :data:`CLOSE_TIMEOUT_S`-bounded scope).
+    """
+    if (passphrase is None) == (psk is None):
+        raise ValueError("give exactly one of passphrase and psk")
+    role = Role(role)
+    if psk is None:
+        assert passphrase is not None
+        secret = passphrase
+        psk = await trio.to_thread.run_sync(lambda: derive_psk(secret, session_id))
+    core = PeerCore(psk=psk, session_id=session_id, role=role, max_buffer_bytes=max_buffer_bytes)
+    provider: TokenProvider
+    if isinstance(tokens, str):
+        provider = TokenClient(
+            tokens, session_id=session_id, role=role, cohort=cohort, service_key=service_key
+        )
+    else:
+        provider = tokens
+    peer = Peer(
+        core,
+        provider,
+        on_event=on_event,
+        backoff=backoff or BackoffPolicy(),
+        receive_queue=receive_queue,
+        give_up_after=give_up_after,
+        ssl_context=ssl_context,
+    )
+    error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer._run)
+        try:
+            yield peer
+        except BaseException as exc:  # re-raised below, outside the nursery (no ExceptionGroup)
+            error = exc
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S + 1):
+                await peer.aclose()
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error

@@ -1,0 +1,251 @@
+"""The trio SDK through a REAL in-process relay (127.0.0.1, port 0): byte-exact transfer, lossless
+resume while connections are killed and the relay restarts, close-code policy, liveness, backoff."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import trio
+
+from rescue._codes import Backoff, CloseCode
+from rescue.client import (
+    BackoffPolicy,
+    Connected,
+    ConnectionEvent,
+    ControlReceived,
+    DataReceived,
+    Peer,
+    Reconnecting,
+    SessionClosed,
+    open_peer,
+)
+from rescue.client._testing import TEST_PSK, LocalTokens, RelayRunner, abort_connection, run_relay
+from rescue.errors import ConnectionClosedError
+from rescue.protocol import SigningKey
+
+MB = 1024 * 1024
+
+
+def _stream(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def _pump(peer: Peer, data: bytes, chunk: int, channel: int = 0) -> None:
+    rng = random.Random(len(data))
+    pos = 0
+    while pos < len(data):
+        n = rng.randint(1, chunk)
+        await peer.send(channel, data[pos : pos + n])
+        pos += n
+    await peer.send_control({"done": channel})
+
+
+async def _collect(peer: Peer, expect_done: int = 1) -> dict[int, bytearray]:
+    got: dict[int, bytearray] = {}
+    done = 0
+    while done < expect_done:
+        message = await peer.receive()
+        if isinstance(message, ControlReceived):
+            assert "done" in message.data
+            done += 1
+        else:
+            assert isinstance(message, DataReceived)
+            got.setdefault(message.channel, bytearray()).extend(message.data)
+    return got
+
+
+def _tokens(keys: SigningKey, relay: RelayRunner, session: str, role: str) -> LocalTokens:
+    return LocalTokens(keys, relay, session_id=session, role=role)
+
+
+async def test_byte_exact_both_directions() -> None:
+    keys = SigningKey.generate()
+    down = _stream(1, 3 * MB)
+    up = _stream(2, 1 * MB)
+    with trio.fail_after(30):
+        async with run_relay(keys) as relay:
+            async with (
+                open_peer(_tokens(keys, relay, "bulk", "host"), "bulk", "host", psk=TEST_PSK) as host,
+                open_peer(_tokens(keys, relay, "bulk", "guest"), "bulk", "guest", psk=TEST_PSK) as guest,
+            ):
+                results: dict[str, dict[int, bytearray]] = {}
+
+                async def collect(name: str, peer: Peer) -> None:
+                    results[name] = await _collect(peer)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_pump, host, down, 70000)
+                    nursery.start_soon(_pump, guest, up, 5000, 1)
+                    nursery.start_soon(collect, "guest", guest)
+                    nursery.start_soon(collect, "host", host)
+                await host.drain()
+                await guest.drain()
+            assert bytes(results["guest"][0]) == down
+            assert bytes(results["host"][1]) == up
+            assert host.closed is not None and host.closed.code == CloseCode.NORMAL
+
+
+async def test_lossless_while_connections_die_and_relay_restarts() -> None:
+    keys = SigningKey.generate()
+    data = _stream(3, 2 * MB)
+    back = _stream(4, 256 * 1024)
+    events: list[tuple[str, ConnectionEvent]] = []
+    with trio.fail_after(45):
+        async with run_relay(keys, drain_s=0.3) as relay:
+            async with (
+                open_peer(
+                    _tokens(keys, relay, "chaos", "host"),
+                    "chaos",
+                    "host",
+                    psk=TEST_PSK,
+                    on_event=lambda e: events.append(("host", e)),
+                    backoff=BackoffPolicy(base=0.02, cap=0.2),
+                    max_buffer_bytes=512 * 1024,
+                ) as host,
+                open_peer(
+                    _tokens(keys, relay, "chaos", "guest"),
+                    "chaos",
+                    "guest",
+                    psk=TEST_PSK,
+                    on_event=lambda e: events.append(("guest", e)),
+                    backoff=BackoffPolicy(base=0.02, cap=0.2),
+                    max_buffer_bytes=512 * 1024,
+                ) as guest,
+            ):
+                results: dict[str, dict[int, bytearray]] = {}
+
+                async def collect(name: str, peer: Peer) -> None:
+                    results[name] = await _collect(peer)
+
+                async def chaos() -> None:
+                    rng = random.Random(5)
+                    for i in range(12):
+                        await trio.sleep(rng.uniform(0.05, 0.25))
+                        if i % 4 == 3:
+                            await relay.restart(drain=i % 8 == 3)
+                        else:
+                            abort_connection(rng.choice([host, guest]))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_pump, host, data, 20000)
+                    nursery.start_soon(_pump, guest, back, 3000, 1)
+                    nursery.start_soon(collect, "guest", guest)
+                    nursery.start_soon(collect, "host", host)
+                    await chaos()
+                await host.drain()
+                await guest.drain()
+            assert hashlib.sha256(results["guest"][0]).digest() == hashlib.sha256(data).digest()
+            assert bytes(results["guest"][0]) == data
+            assert bytes(results["host"][1]) == back
+            assert relay.restarts == 3
+    reconnects = [e for _, e in events if isinstance(e, Reconnecting)]
+    assert len(reconnects) >= 10
+    assert any(e.code == CloseCode.SERVER_SHUTDOWN and e.fresh_token for e in reconnects)
+    assert sum(isinstance(e, Connected) for _, e in events) >= 12
+    assert host.statistics().integrity_failures == 0
+
+
+async def test_graceful_close_reaches_partner_as_end_of_stream() -> None:
+    keys = SigningKey.generate()
+    with trio.fail_after(15):
+        async with run_relay(keys) as relay:
+            async with open_peer(_tokens(keys, relay, "bye", "guest"), "bye", "guest", psk=TEST_PSK) as guest:
+                async with open_peer(_tokens(keys, relay, "bye", "host"), "bye", "host", psk=TEST_PSK) as host:
+                    await host.send(0, b"last words")
+                    await host.send_control({"exit": 7})
+                    await host.drain()
+                assert await guest.receive() == DataReceived(0, b"last words")
+                assert await guest.receive() == ControlReceived({"exit": 7})
+                with pytest.raises(trio.EndOfChannel):
+                    await guest.receive()
+                closed = await guest.wait_closed()
+                assert closed.code == CloseCode.NORMAL and not closed.local
+                with pytest.raises(ConnectionClosedError):
+                    await guest.send(0, b"too late")
+
+
+async def test_wrong_passphrase_ends_with_integrity_error() -> None:
+    keys = SigningKey.generate()
+    with trio.fail_after(20):
+        async with run_relay(keys) as relay:
+            async with (
+                open_peer(_tokens(keys, relay, "pw", "host"), "pw", "host", psk=TEST_PSK) as host,
+                open_peer(_tokens(keys, relay, "pw", "guest"), "pw", "guest", psk=bytes(32)) as guest,
+            ):
+                await host.send(0, b"secret")
+                with pytest.raises(ConnectionClosedError) as info:
+                    await guest.receive()
+                assert info.value.code in (CloseCode.INTEGRITY_ERROR,)
+                assert (await host.wait_closed()).code == CloseCode.INTEGRITY_ERROR
+
+
+async def test_auth_failure_stops_without_retry() -> None:
+    keys = SigningKey.generate()
+    other = SigningKey.generate()  # the relay does not trust it
+    events: list[ConnectionEvent] = []
+    with trio.fail_after(15):
+        async with run_relay(keys) as relay:
+            tokens = _tokens(other, relay, "auth", "host")
+            async with open_peer(tokens, "auth", "host", psk=TEST_PSK, on_event=events.append) as host:
+                closed = await host.wait_closed()
+                assert closed.code == CloseCode.AUTH_FAILED
+                with pytest.raises(ConnectionClosedError):
+                    await host.receive()
+            assert tokens.grants == 1
+    assert not any(isinstance(e, Reconnecting) for e in events)
+    assert isinstance(events[-1], SessionClosed)
+
+
+async def test_liveness_timeout_reconnects(autojump_clock: trio.testing.MockClock) -> None:
+    """A relay that accepts the WebSocket and WELCOMEs but then says nothing: reconnect after 3 x hb."""
+    from rescue.protocol import HEADER_SIZE, Hello, Kind, Welcome, decode_header
+    from rescue.websocket import WebSocketConnection, serve_websocket
+
+    hellos: list[float] = []
+
+    async def silent_relay(ws: WebSocketConnection) -> None:
+        (first,) = await ws.receive_messages()
+        assert decode_header(first).kind is Kind.HELLO
+        hello = Hello.decode(first[HEADER_SIZE:])
+        hellos.append(trio.current_time())
+        await ws.send_message(Welcome(ack_nonce=hello.nonce, server_nonce=bytes(16), heartbeat_s=5).to_message())
+        await trio.sleep_forever()
+
+    events: list[ConnectionEvent] = []
+    keys = SigningKey.generate()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, silent_relay, "127.0.0.1", 0)
+        url = f"ws://127.0.0.1:{server.port}/v1/connect"
+        with trio.fail_after(200):
+            async with open_peer(
+                LocalTokens(keys, url, session_id="live", role="host"),
+                "live",
+                "host",
+                psk=TEST_PSK,
+                on_event=events.append,
+                backoff=BackoffPolicy(base=1.0, cap=1.0),
+            ):
+                while len(hellos) < 3:
+                    await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in zip(hellos, hellos[1:], strict=False)]
+    assert all(15 <= gap <= 25 for gap in gaps), gaps  # 3 x 5 s of silence (+ heartbeat tick, backoff)
+    reasons = [e.reason for e in events if isinstance(e, Reconnecting)]
+    assert reasons and all("no message from the relay" in r for r in reasons)
+
+
+def test_backoff_policy_full_jitter_and_kinds() -> None:
+    policy = BackoffPolicy(rng=random.Random(1))
+    assert policy.window(0) == 0.25 and policy.window(3) == 2.0 and policy.window(20) == 30.0
+    for attempt in range(12):
+        delay = policy.delay(Backoff.NORMAL, attempt)
+        assert 0 <= delay <= policy.window(attempt)
+    samples = [policy.delay(Backoff.NORMAL, 10) for _ in range(200)]
+    assert min(samples) < 5 and max(samples) > 25  # full jitter spreads over the whole window
+    assert all(policy.delay(Backoff.LONG, 0) <= policy.window(4) for _ in range(50))
+    assert max(policy.delay(Backoff.LONG, 0) for _ in range(200)) > policy.window(1)
+    assert policy.delay(Backoff.SERVER, 5, reconnect_in_ms=1500) == 1.5
+    assert policy.delay(Backoff.NONE, 0) == 0.0
+    assert 0 <= policy.delay(Backoff.NONE, 3) <= policy.window(3)
