@@ -9,7 +9,7 @@ The relay never holds a key: it forwards CONTROL and DATA bodies byte for byte. 
 3. ChaCha20-Poly1305 (IETF) with nonce ``u32 space ‖ u64 seq`` (big-endian; space 0 for sequenced
    frames, 1 for UNSEQUENCED CONTROL) and the 12-byte header as associated data (:class:`FrameCipher`).
 
-Exact byte layouts are in ``docs/protocol-crypto-tokens.md``; known-answer vectors in
+Exact byte layouts are in ``docs/protocol.md``; known-answer vectors in
 ``tests/vectors/crypto.json``.
 
 Invariant the caller (the ordered stream) must keep: under one key, one ``(space, seq)`` pair only

@@ -19,7 +19,7 @@ those 8 bytes in COSE and as base64url without padding in JWK (``"kid"``). Verif
 published as a JWK set ``{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": …, "kid": …}]}``.
 
 All time is injected (``now``, seconds since the Unix epoch): nothing here reads a clock.
-Byte layouts and vectors: ``docs/protocol-crypto-tokens.md``, ``tests/vectors/token.json``.
+Byte layouts and vectors: ``docs/protocol.md``, ``tests/vectors/token.json``.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def crypto_vectors() -> dict[str, object]:
         for role in ("host", "guest")
     }
     return {
-        "description": "beach-rescue v1 end-to-end crypto; see docs/protocol-crypto-tokens.md",
+        "description": "beach-rescue v1 end-to-end crypto; see docs/protocol.md",
         "inputs": CRYPTO_INPUTS,
         "psk_salt_hex": psk_salt(session).hex(),
         "psk_hex": psk.hex(),
@@ -122,8 +122,7 @@ def token_vectors() -> dict[str, object]:
     claims = verify_token(token, KeyRing([key]), now=float(str(t["now"])), audience=str(t["audience"]))
     protected, _unprotected, payload, signature = cbor2.loads(token).value
     return {
-        "description": "beach-rescue v1 fallback token (COSE_Sign1 CWT, EdDSA); "
-        "see docs/protocol-crypto-tokens.md",
+        "description": "beach-rescue v1 fallback token (COSE_Sign1 CWT, EdDSA); see docs/protocol.md",
         "inputs": TOKEN_INPUTS,
         "public_key_hex": key.verify_key.raw.hex(),
         "kid_hex": key.kid.hex(),
