@@ -8,6 +8,7 @@
     ├── ConfigError                 bad settings, key files or command-line values (one-line message)
     ├── GuardrailError              the guardrails refused (paused, cohort disabled, not entitled)
     ├── StoreUnavailable            the guardrail store (Redis) could not be read or written
+    ├── BufferFull                  the sender's replay buffer is full: backpressure, not a peer's fault
     └── ConnectionClosedError       a relay connection ended; carries the close code and reason
 
 Every error that crosses an I/O boundary is translated into one of these there, so callers never see
@@ -19,6 +20,7 @@ from __future__ import annotations
 from rescue._codes import CloseCode
 
 __all__ = [
+    "BufferFull",
     "ConfigError",
     "ConnectionClosedError",
     "GuardrailError",
@@ -95,3 +97,21 @@ class ConnectionClosedError(RescueError):
         super().__init__(f"connection closed: {name} {reason}".rstrip())
         self.code = code
         self.reason = reason
+
+
+class BufferFull(RescueError):
+    """The replay buffer has no room for this frame yet: backpressure, not an error of the peer.
+
+    The caller blocks its application until ``Sender.ack`` (or ``Sender.resume``) frees
+    enough space, then calls ``Sender.send`` again; nothing was recorded and no sequence number
+    was used.
+
+    Attributes:
+        needed: bytes the frame would take in the buffer (payload + ``FRAME_OVERHEAD_BYTES``).
+        available: bytes free right now.
+    """
+
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__(f"replay buffer full: frame needs {needed} bytes, {available} free")
+        self.needed = needed
+        self.available = available

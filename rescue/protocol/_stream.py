@@ -22,7 +22,7 @@ import collections
 from dataclasses import dataclass
 from typing import Final
 
-from rescue.errors import ProtocolError, RescueError
+from rescue.errors import BufferFull, ProtocolError
 from rescue.protocol._frames import MAX_SEQ, Flags, Kind
 
 __all__ = [
@@ -53,24 +53,6 @@ ACK_EVERY_FRAMES: Final = 64
 ACK_INTERVAL_S: Final = 1.0
 
 _SEQUENCED_KINDS: Final = frozenset({Kind.DATA, Kind.CONTROL})
-
-
-class BufferFull(RescueError):
-    """The replay buffer has no room for this frame yet: backpressure, not an error of the peer.
-
-    The caller blocks its application until :meth:`Sender.ack` (or :meth:`Sender.resume`) frees
-    enough space, then calls :meth:`Sender.send` again; nothing was recorded and no sequence number
-    was used.
-
-    Attributes:
-        needed: bytes the frame would take in the buffer (payload + ``FRAME_OVERHEAD_BYTES``).
-        available: bytes free right now.
-    """
-
-    def __init__(self, needed: int, available: int) -> None:
-        super().__init__(f"replay buffer full: frame needs {needed} bytes, {available} free")
-        self.needed = needed
-        self.available = available
 
 
 @dataclass(frozen=True, slots=True)
