@@ -26,6 +26,7 @@ from rescue.client._core import (
 )
 from rescue.errors import ProtocolError
 from rescue.protocol import (
+    BufferFull,
     Close,
     CloseCode,
     Flags,
@@ -42,7 +43,6 @@ from rescue.protocol import (
     derive_frame_key,
     encode_frame,
 )
-from rescue.protocol._stream import BufferFull
 
 SESSION = "core-test"
 PSK = bytes(range(32))
@@ -259,7 +259,9 @@ def test_hello_carries_fresh_nonce_and_session() -> None:
     core = _core(Role.HOST)
     first = Hello.decode(decode_frame(core.connect(b"tok")).body)
     second = Hello.decode(decode_frame(core.connect(b"tok")).body)
-    assert first.session == SESSION and first.role is Role.HOST and first.token == b"tok"
+    assert first.session == SESSION
+    assert first.role is Role.HOST
+    assert first.token == b"tok"
     assert first.nonce != second.nonce
     assert first.caps.compression == ("zlib",)
     assert core.statistics().connections == 2
@@ -271,12 +273,17 @@ def test_welcome_with_partner_sends_resume_first_and_holds_data() -> None:
     host.send_data(0, b"early")  # before WELCOME: buffered only
     assert host.data_to_send() == []
     partner = PeerInfo(role=Role.GUEST, nonce=b"\x07" * 16)
-    events = host.receive(Welcome(ack_nonce=hello.nonce, server_nonce=bytes(16), peer=partner).to_message(), 0)
-    assert isinstance(events[0], Welcomed) and host.partner_present
+    events = host.receive(
+        Welcome(ack_nonce=hello.nonce, server_nonce=bytes(16), peer=partner).to_message(), 0
+    )
+    assert isinstance(events[0], Welcomed)
+    assert host.partner_present
     out = host.data_to_send()
     assert len(out) == 1  # only the resume: data waits for the partner's resume
     header = decode_header(out[0])
-    assert header.kind is Kind.CONTROL and header.unsequenced and header.seq == 1
+    assert header.kind is Kind.CONTROL
+    assert header.unsequenced
+    assert header.seq == 1
     key = derive_frame_key(PSK, SESSION, "host", hello.nonce)
     plain = FrameCipher(key).open(out[0][:12], out[0][12:])
     assert decode_control(plain, flags=header.flags).seq == 0  # type: ignore[union-attr]
@@ -290,7 +297,8 @@ def test_welcome_with_partner_sends_resume_first_and_holds_data() -> None:
     assert events == [Resumed(0, 1)]
     (frame,) = host.data_to_send()
     header = decode_header(frame)
-    assert header.kind is Kind.DATA and header.seq == 1
+    assert header.kind is Kind.DATA
+    assert header.seq == 1
     assert FrameCipher(key).open(frame[:12], frame[12:]) == b"early"
 
 
@@ -350,7 +358,8 @@ def test_peer_events_reported() -> None:
     world.connect(Role.GUEST)
     world.up(Role.GUEST)
     events = host.receive(conn.to_peer.popleft(), 0)
-    assert isinstance(events[0], PeerJoined) and events[0].rejoined
+    assert isinstance(events[0], PeerJoined)
+    assert events[0].rejoined
 
 
 def test_heartbeat_echo_and_app_control() -> None:
@@ -439,7 +448,8 @@ def test_frames_under_the_partners_previous_key_are_not_failures() -> None:
     conn = world.conns[Role.GUEST]
     assert conn is not None
     events = guest.receive(conn.to_peer.popleft(), world.now)
-    assert isinstance(events[0], PeerJoined) and events[0].rejoined
+    assert isinstance(events[0], PeerJoined)
+    assert events[0].rejoined
     # The stale frame arrives after the rekey: decrypted with the previous key, delivered in order.
     assert guest.receive(stale, world.now) == [DataReceived(0, b"old-key")]
     assert guest.statistics().stale_key_frames == 1

@@ -4,6 +4,7 @@ resume while connections are killed and the relay restarts, close-code policy, l
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 
 import pytest
@@ -84,7 +85,8 @@ async def test_byte_exact_both_directions() -> None:
                 await guest.drain()
             assert bytes(results["guest"][0]) == down
             assert bytes(results["host"][1]) == up
-            assert host.closed is not None and host.closed.code == CloseCode.NORMAL
+            assert host.closed is not None
+            assert host.closed.code == CloseCode.NORMAL
 
 
 async def test_lossless_while_connections_die_and_relay_restarts() -> None:
@@ -152,7 +154,9 @@ async def test_graceful_close_reaches_partner_as_end_of_stream() -> None:
     with trio.fail_after(15):
         async with run_relay(keys) as relay:
             async with open_peer(_tokens(keys, relay, "bye", "guest"), "bye", "guest", psk=TEST_PSK) as guest:
-                async with open_peer(_tokens(keys, relay, "bye", "host"), "bye", "host", psk=TEST_PSK) as host:
+                async with open_peer(
+                    _tokens(keys, relay, "bye", "host"), "bye", "host", psk=TEST_PSK
+                ) as host:
                     await host.send(0, b"last words")
                     await host.send_control({"exit": 7})
                     await host.drain()
@@ -161,7 +165,8 @@ async def test_graceful_close_reaches_partner_as_end_of_stream() -> None:
                 with pytest.raises(trio.EndOfChannel):
                     await guest.receive()
                 closed = await guest.wait_closed()
-                assert closed.code == CloseCode.NORMAL and not closed.local
+                assert closed.code == CloseCode.NORMAL
+                assert not closed.local
                 with pytest.raises(ConnectionClosedError):
                     await guest.send(0, b"too late")
 
@@ -210,7 +215,9 @@ async def test_liveness_timeout_reconnects(autojump_clock: trio.testing.MockCloc
         assert decode_header(first).kind is Kind.HELLO
         hello = Hello.decode(first[HEADER_SIZE:])
         hellos.append(trio.current_time())
-        await ws.send_message(Welcome(ack_nonce=hello.nonce, server_nonce=bytes(16), heartbeat_s=5).to_message())
+        await ws.send_message(
+            Welcome(ack_nonce=hello.nonce, server_nonce=bytes(16), heartbeat_s=5).to_message()
+        )
         await trio.sleep_forever()
 
     events: list[ConnectionEvent] = []
@@ -230,20 +237,24 @@ async def test_liveness_timeout_reconnects(autojump_clock: trio.testing.MockCloc
                 while len(hellos) < 3:
                     await trio.sleep(1)
         nursery.cancel_scope.cancel()
-    gaps = [b - a for a, b in zip(hellos, hellos[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(hellos)]
     assert all(15 <= gap <= 25 for gap in gaps), gaps  # 3 x 5 s of silence (+ heartbeat tick, backoff)
     reasons = [e.reason for e in events if isinstance(e, Reconnecting)]
-    assert reasons and all("no message from the relay" in r for r in reasons)
+    assert reasons
+    assert all("no message from the relay" in r for r in reasons)
 
 
 def test_backoff_policy_full_jitter_and_kinds() -> None:
     policy = BackoffPolicy(rng=random.Random(1))
-    assert policy.window(0) == 0.25 and policy.window(3) == 2.0 and policy.window(20) == 30.0
+    assert policy.window(0) == 0.25
+    assert policy.window(3) == 2.0
+    assert policy.window(20) == 30.0
     for attempt in range(12):
         delay = policy.delay(Backoff.NORMAL, attempt)
         assert 0 <= delay <= policy.window(attempt)
     samples = [policy.delay(Backoff.NORMAL, 10) for _ in range(200)]
-    assert min(samples) < 5 and max(samples) > 25  # full jitter spreads over the whole window
+    assert min(samples) < 5
+    assert max(samples) > 25
     assert all(policy.delay(Backoff.LONG, 0) <= policy.window(4) for _ in range(50))
     assert max(policy.delay(Backoff.LONG, 0) for _ in range(200)) > policy.window(1)
     assert policy.delay(Backoff.SERVER, 5, reconnect_in_ms=1500) == 1.5

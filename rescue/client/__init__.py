@@ -20,6 +20,10 @@ from rescue.client._core import ControlReceived as ControlReceived
 from rescue.client._core import CoreStatistics as CoreStatistics
 from rescue.client._core import DataReceived as DataReceived
 from rescue.client._core import PeerCore as PeerCore
+from rescue.client._ladder import Attempt as Attempt
+from rescue.client._ladder import FallbackLadder as FallbackLadder
+from rescue.client._ladder import LadderResult as LadderResult
+from rescue.client._ladder import prefetched as prefetched
 from rescue.client._peer import Connected as Connected
 from rescue.client._peer import ConnectionEvent as ConnectionEvent
 from rescue.client._peer import PartnerEvent as PartnerEvent
