@@ -147,7 +147,7 @@ def test_ci_workflow_runs_the_tests_redis_and_the_load_smoke() -> None:
     assert "apt-get install -y -qq redis-server" in test
     assert "./run test" in test
     assert "actions/setup-python" in test
-    assert "python bench/run.py --quick" in _steps(ci["jobs"]["loadtest-smoke"])
+    assert "python -m bench.run --quick" in _steps(ci["jobs"]["loadtest-smoke"])  # bench imports as a package
     deploy = _steps(ci["jobs"]["deploy-bundle"])
     assert "apt-get install -y -qq prometheus" in deploy
     assert "scripts/validate-deploy" in deploy
