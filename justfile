@@ -9,8 +9,8 @@ default:
 dev *ARGS:
     rescue dev {{ARGS}}
 
-# Everything CI checks: lint, types, then the test suite.
-test *ARGS: lint types
+# Everything CI checks: lint, types, deploy bundle validators, then the test suite.
+test *ARGS: lint types deploy-check
     pytest {{ARGS}}
 
 # Only the test suite (pass pytest arguments, e.g. `just pytest tests/test_frames.py -x`).
@@ -23,6 +23,10 @@ lint:
 
 types:
     mypy
+
+# Container, workflows, Prometheus rules (promtool), Grafana, ECS and Kubernetes manifests.
+deploy-check:
+    scripts/validate-deploy
 
 # Rewrite files with ruff's formatter and autofixes.
 fmt:
