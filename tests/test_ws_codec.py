@@ -452,3 +452,20 @@ def test_client_rejects_a_bad_101(mutation: object) -> None:
     with pytest.raises(HandshakeError) as info:
         parse_response(mutation(good), KEY)
     assert info.value.status == 101
+
+
+def test_codec_module_is_sans_io() -> None:
+    """The codec imports no I/O library (STYLE rule 1), like rescue/protocol."""
+    import ast
+    import pathlib
+
+    import rescue.websocket._codec as codec
+
+    tree = ast.parse(pathlib.Path(codec.__file__).read_text())
+    imported = {
+        (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported & {"trio", "socket", "asyncio", "ssl", "anyio", "trio_websocket"} == set()

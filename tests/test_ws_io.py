@@ -592,3 +592,21 @@ async def test_tls_round_trip() -> None:
             payloads = [b"secret" * 100, b"x" * 50_000]
             await conn.send_messages(payloads)
             assert await receive_n(conn, 2) == payloads
+
+
+async def test_sending_still_works_after_the_peer_broke_framing() -> None:
+    """The relay answers a protocol error with a final message and a 4010 close."""
+    a, b = trio.testing.memory_stream_pair()
+    server = WebSocketConnection(a, client=False)
+    with trio.fail_after(TIMEOUT):
+        await b.send_all(build_frame(Opcode.TEXT, b"text", mask=True))
+        with pytest.raises(ProtocolError) as info:
+            await server.receive_messages()
+        assert info.value.code == CloseCode.PROTOCOL_ERROR
+        with pytest.raises(ProtocolError):
+            await server.receive_messages()  # receiving is over
+        await server.send_message(b"final CLOSE message")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.close, info.value.code, "text message")
+            events = await events_until_eof(b)
+        assert events == [b"final CLOSE message", CloseReceived(4010, "text message")]

@@ -379,10 +379,39 @@ class FrameParser:
         n = len(buf)
         pos = 0
         expect_mask = self._expect_mask
+        mask_bit = 0x80 if expect_mask else 0
+        key_len = 4 if expect_mask else 0
         max_message = self._max
+        unpack16 = _U16.unpack_from
+        append = events.append
         while n - pos >= 2:
             b0 = buf[pos]
             b1 = buf[pos + 1]
+            # Fast path: a whole binary message in one frame, correctly masked, length < 64 KiB
+            # (nearly every relayed message). Anything else takes the general path below.
+            if b0 == 0x82 and b1 & 0x80 == mask_bit and self._frag is None:
+                length = b1 & 0x7F
+                if length < 126:
+                    start = pos + 2 + key_len
+                elif length == 126 and n - pos >= 4:
+                    length = unpack16(buf, pos + 2)[0]
+                    if length < 126:
+                        raise _fail("non-minimal 16-bit payload length")
+                    start = pos + 4 + key_len
+                else:
+                    start = -1
+                if start >= 0:
+                    if length > max_message:
+                        raise _fail(f"message larger than {max_message} bytes")
+                    end = start + length
+                    if end > n:
+                        break
+                    if key_len:
+                        append(apply_mask(buf[start:end], buf[start - 4 : start]))
+                    else:
+                        append(bytes(buf[start:end]))
+                    pos = end
+                    continue
             if b0 & 0x70:
                 raise _fail("RSV bits set but no extension was negotiated")
             opcode = b0 & 0x0F

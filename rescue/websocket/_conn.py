@@ -189,7 +189,8 @@ class WebSocketConnection:
         self._idle = trio.lowlevel.ParkingLot()  # tasks waiting for the active sender to finish
         self._close_started = False
         self._close_sent = False
-        self._error: BaseException | None = None  # raised by every later receive/send
+        self._error: WebSocketClosedError | None = None  # why the connection ended; raised by later calls
+        self._protocol_error: ProtocolError | None = None  # the peer broke framing: receiving is over
         self._peer_done = trio.Event()  # peer's close frame or EOF seen
         self._transport_closed = trio.Event()
         self._bytes_in = self._bytes_out = 0
@@ -236,7 +237,8 @@ class WebSocketConnection:
                 closed; ``code``/``reason`` are the peer's), the transport hit EOF or a reset
                 (``code`` is ``None``), or the connection was closed locally.
             ProtocolError: the peer broke the framing rules (code 4010). Close the connection
-                with ``exc.code``; later calls raise the same error.
+                with ``exc.code`` (sending still works until then, e.g. for a final CLOSE
+                message); later receives raise the same error.
             trio.BusyResourceError: another task is already receiving.
 
         Cancellation:
@@ -244,9 +246,9 @@ class WebSocketConnection:
         """
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this WebSocket")
-        if self._error is not None:
+        if self._protocol_error is not None or self._error is not None:
             await trio.lowlevel.checkpoint()
-            raise self._error
+            raise self._protocol_error or self._closed_error()
         self._receiving = True
         try:
             while True:
@@ -264,7 +266,7 @@ class WebSocketConnection:
                 try:
                     events = self._parser.feed(data)
                 except ProtocolError as exc:
-                    self._error = exc
+                    self._protocol_error = exc
                     raise
                 finally:
                     if isinstance(data, memoryview):
@@ -521,12 +523,12 @@ class WebSocketConnection:
             log_event(_logger, "websocket.close_failed", level=logging.DEBUG, error=str(exc))
             return True
 
-    def _closed_error(self) -> BaseException:
+    def _closed_error(self) -> WebSocketClosedError:
         if self._error is None:
             self._error = WebSocketClosedError(None, "connection closed")
         return self._error
 
-    def _fail(self, error: WebSocketClosedError) -> BaseException:
+    def _fail(self, error: WebSocketClosedError) -> WebSocketClosedError:
         if self._error is None:
             self._error = error
         self._close_transport_now()
