@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "rescue.commands.keys",  # keygen, mint, verify
     "rescue.commands.token_service",  # token-service
     "rescue.commands.admin",  # admin pause/resume/status/cohort
+    "rescue.commands.peer",  # share, join
 ]
 
 

@@ -163,7 +163,6 @@ class _Outcome:
     reason: str
     reconnect_in_ms: int | None = None
     local: bool = False  # we closed it on purpose (aclose)
-    send_close: bool = False  # send CLOSE + close frame with `code` before dropping the socket
 
 
 class _Link:
@@ -179,13 +178,33 @@ class _Link:
         self.last_inbound = trio.current_time()
         self.delivering = False
         self.heartbeat_due = False
+        self.close_request: _Outcome | None = None
+        self.nursery: trio.Nursery | None = None
+        self.writer_lot = trio.lowlevel.ParkingLot()
 
     def finish(self, outcome: _Outcome) -> None:
-        """End the connection (first outcome wins) and cancel its tasks."""
+        """End the connection now (first outcome wins): cancel its tasks, the socket is dropped."""
         if self.outcome is None:
             self.outcome = outcome
         if self.scope is not None:
             self.scope.cancel()
+
+    def request_close(self, outcome: _Outcome) -> None:
+        """End it politely: the writer sends what is queued, then CLOSE and a close frame.
+
+        The writer owns the socket's send side, so this never interleaves with a data write; a
+        guard task drops the socket if that takes longer than :data:`CLOSE_TIMEOUT_S`.
+        """
+        if self.close_request is not None or self.outcome is not None:
+            return
+        self.close_request = outcome
+        self.writer_lot.unpark_all()
+        if self.nursery is not None:
+            self.nursery.start_soon(self._close_guard, outcome)
+
+    async def _close_guard(self, outcome: _Outcome) -> None:
+        await trio.sleep(CLOSE_TIMEOUT_S)
+        self.finish(outcome)
 
 
 class Peer:
@@ -215,7 +234,6 @@ class Peer:
         self._deliver, self._received = trio.open_memory_channel[Received](receive_queue)
         self._send_lock = trio.Lock()
         self._space = trio.lowlevel.ParkingLot()  # senders waiting for room in the replay buffer
-        self._writer_lot = trio.lowlevel.ParkingLot()
         self._timer_lot = trio.lowlevel.ParkingLot()
         self._acked_lot = trio.lowlevel.ParkingLot()  # drain() waiters
         self._link: _Link | None = None
@@ -248,7 +266,7 @@ class Peer:
         """A snapshot of the stream state (sequence numbers, buffers, integrity counters)."""
         return self.core.statistics()
 
-    async def send(self, channel: int, data: bytes) -> None:
+    async def send(self, channel: int, data: bytes | bytearray | memoryview) -> None:
         """Send application bytes on ``channel`` (0-255), split into frames as needed.
 
         Returns once every byte is in the replay buffer (not when it is delivered: see
@@ -274,7 +292,7 @@ class Peer:
                     await self._space.park()
                     continue
                 self.core.send_data(channel, bytes(view[pos : pos + size]))
-                self._writer_lot.unpark_all()
+                self._wake_writer()
                 pos += size
                 if pos >= len(view):
                     break
@@ -295,7 +313,7 @@ class Peer:
                 except BufferFull:
                     await self._space.park()
                     continue
-                self._writer_lot.unpark_all()
+                self._wake_writer()
                 await trio.lowlevel.checkpoint()
                 return
 
@@ -341,7 +359,7 @@ class Peer:
             self._raise_if_closed()
             if self.core.partner_present:
                 self.core.flush_ack()  # and nudge our own acks along
-                self._writer_lot.unpark_all()
+                self._wake_writer()
             await self._acked_lot.park()
         await trio.lowlevel.checkpoint()
 
@@ -361,12 +379,17 @@ class Peer:
             link = self._link
             if link is not None:
                 self.core.flush_ack()
-                link.finish(_Outcome(int(code), reason, local=True, send_close=True))
+                link.request_close(_Outcome(int(code), reason, local=True))
             elif self._manager_scope is not None:
                 self._manager_scope.cancel()
         await self._done.wait()
 
     # ----------------------------------------------------------------------------- internals
+
+    def _wake_writer(self) -> None:
+        link = self._link
+        if link is not None:
+            link.writer_lot.unpark_all()
 
     def _raise_if_closed(self) -> None:
         closed = self._closed
@@ -396,7 +419,7 @@ class Peer:
         self._deliver.close()
         self._connected.set()  # wake wait_connected()/wait_partner(): they check `closed`
         self._partner.set()
-        for lot in (self._space, self._acked_lot, self._writer_lot, self._timer_lot):
+        for lot in (self._space, self._acked_lot, self._timer_lot):
             lot.unpark_all()
         self._done.set()
 
@@ -489,6 +512,7 @@ class Peer:
         try:
             async with trio.open_nursery() as nursery:
                 link.scope = nursery.cancel_scope
+                link.nursery = nursery
                 nursery.start_soon(self._reader, link)
                 nursery.start_soon(self._writer, link, hello)
                 nursery.start_soon(self._keepalive, link)
@@ -496,23 +520,9 @@ class Peer:
         finally:
             self._link = None
             self.core.connection_lost()
-            await self._close_socket(link)
+            link.ws.abort()  # no-op after a close handshake; otherwise the socket just goes
         outcome = link.outcome or _Outcome(None, "connection ended")
         return outcome, link.welcomed.is_set()
-
-    async def _close_socket(self, link: _Link) -> None:
-        outcome = link.outcome
-        if outcome is None or not outcome.send_close or outcome.code is None:
-            link.ws.abort()
-            return
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
-            try:
-                await link.ws.send_message(self.core.close_message(outcome.code, outcome.reason))
-                await link.ws.close(outcome.code, outcome.reason)
-            except (ConnectionClosedError, ProtocolError):
-                pass
-        if scope.cancelled_caught:
-            link.ws.abort()
 
     # -------------------------------------------------------------------- per-connection tasks
 
@@ -525,7 +535,7 @@ class Peer:
                 link.finish(_Outcome(code, exc.reason or "connection closed by the relay"))
                 return
             except ProtocolError as exc:  # the relay broke WebSocket framing
-                link.finish(_Outcome(int(exc.code), str(exc), send_close=True))
+                link.request_close(_Outcome(int(exc.code), str(exc)[:100]))
                 return
             link.last_inbound = trio.current_time()
             for message in messages:
@@ -533,7 +543,7 @@ class Peer:
                     events = self.core.receive(message, trio.current_time())
                 except ProtocolError as exc:
                     log_event(_LOG, "client.protocol_error", level=logging.WARNING, error=str(exc)[:200])
-                    link.finish(_Outcome(int(exc.code), str(exc)[:100], send_close=True))
+                    link.request_close(_Outcome(int(exc.code), str(exc)[:100]))
                     return
                 for event in events:
                     if isinstance(event, DataReceived | ControlReceived):
@@ -546,7 +556,7 @@ class Peer:
                         return
                     else:
                         self._on_event_from_core(link, event)
-            self._writer_lot.unpark_all()
+            self._wake_writer()
             self._timer_lot.unpark_all()
 
     def _on_event_from_core(self, link: _Link, event: object) -> None:
@@ -581,18 +591,34 @@ class Peer:
         try:
             await link.ws.send_message(hello)
             while True:
+                if link.close_request is not None:
+                    await self._send_close(link, link.close_request)
+                    return
                 batch: list[bytes] = []
                 if link.heartbeat_due:
                     link.heartbeat_due = False
                     batch.append(self.core.heartbeat())
                 batch += self.core.data_to_send(WRITE_BATCH_BYTES)
                 if not batch:
-                    await self._writer_lot.park()
+                    await link.writer_lot.park()
                     continue
                 await link.ws.send_messages(batch)
         except WebSocketClosedError as exc:
             code = exc.wire_code if exc.wire_code not in (None, 1005, 1006) else None
             link.finish(_Outcome(code, exc.reason or "connection lost while sending"))
+
+    async def _send_close(self, link: _Link, outcome: _Outcome) -> None:
+        """What is queued (for a local close: the last acks, so the partner's drain() ends), then
+        CLOSE and the WebSocket close handshake."""
+        assert outcome.code is not None
+        final = self.core.data_to_send() if outcome.local else []
+        final.append(self.core.close_message(outcome.code, outcome.reason))
+        try:
+            await link.ws.send_messages(final)
+            await link.ws.close(outcome.code, outcome.reason)
+        except (ConnectionClosedError, ProtocolError):
+            pass
+        link.finish(outcome)
 
     async def _keepalive(self, link: _Link) -> None:
         """No WELCOME within the connect timeout, or no message for 3 x heartbeat: give up on it."""
@@ -605,7 +631,7 @@ class Peer:
         while True:
             await trio.sleep(link.heartbeat_s)
             link.heartbeat_due = True
-            self._writer_lot.unpark_all()
+            self._wake_writer()
             silent = trio.current_time() - link.last_inbound
             if not link.delivering and silent >= LIVENESS_FACTOR * link.heartbeat_s:
                 link.finish(_Outcome(None, f"no message from the relay for {silent:.0f} s"))
@@ -619,7 +645,7 @@ class Peer:
                 await self._timer_lot.park()
             self.core.poll(trio.current_time())
             if self.core.has_data_to_send:
-                self._writer_lot.unpark_all()
+                self._wake_writer()
 
 
 def _close_code(code: int | None) -> CloseCode | None:

@@ -26,7 +26,15 @@ from rescue.protocol._tokens import KeyRing, SigningKey, mint_token
 from rescue.relay import Relay, RelayAddresses
 from rescue.relay._testing import relay_test_config
 
-__all__ = ["TEST_PSK", "LocalTokens", "RelayRunner", "abort_connection", "run_relay"]
+__all__ = [
+    "TEST_PSK",
+    "DevStack",
+    "LocalTokens",
+    "RelayRunner",
+    "abort_connection",
+    "run_dev_stack",
+    "run_relay",
+]
 
 # A fixed pre-shared key for tests: skips the deliberately slow Argon2id derivation.
 TEST_PSK: Final = bytes(range(32))
@@ -177,5 +185,43 @@ async def run_relay(keys: SigningKey, **overrides: object) -> AsyncIterator[Rela
         await runner.start()
         try:
             yield runner
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class DevStack:
+    """A token service and a relay in this process (what ``rescue dev`` runs), for tests.
+
+    Attributes:
+        api_url: the token service's base URL (``--api`` of ``rescue share``/``join``).
+        relay: the relay runner.
+        store: the in-memory guardrail store (pause the fleet or toggle cohorts through it).
+    """
+
+    def __init__(self, api_url: str, relay: RelayRunner, store: object) -> None:
+        self.api_url = api_url
+        self.relay = relay
+        self.store = store
+
+
+@asynccontextmanager
+async def run_dev_stack(*, cohort: str = "dev", **relay_overrides: object) -> AsyncIterator[DevStack]:
+    """Run the token service (memory store, ``cohort`` enabled, no OIDC) in front of a relay.
+
+    Resource handling:
+        Both servers run in a nursery of this block and are cancelled when it ends.
+    """
+    from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
+    from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
+
+    key = SigningKey.generate()
+    store = MemoryStore()
+    await store.set_cohort_enabled(cohort, True)
+    async with run_relay(key, **relay_overrides) as relay, trio.open_nursery() as nursery:
+        config = TokenServiceConfig(keys=PublishedKeys(key), relay_url=relay.url, disable_oidc=True)
+        service = TokenService(config, Guardrails(store, GuardrailConfig()))
+        port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+        try:
+            yield DevStack(f"http://127.0.0.1:{port}", relay, store)
         finally:
             nursery.cancel_scope.cancel()

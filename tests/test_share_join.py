@@ -1,0 +1,165 @@
+"""``rescue share`` / ``rescue join`` end to end, as real subprocesses, against the real token service
+and relay running in this process: raw byte-exact streams, exit status, stderr hygiene, and a pty
+session driven through pseudo-terminal pairs."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import termios
+
+import pytest
+import trio
+
+from rescue.client._testing import run_dev_stack
+from rescue.commands.peer import set_winsize
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RESCUE_PASSPHRASE"] = PASSPHRASE
+    env.pop("RESCUE_SESSION", None)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rescue.cli", *args]
+
+
+async def test_no_pty_byte_exact_with_exit_status_and_stderr() -> None:
+    data = bytes(range(256)) * 16 + random.Random(7).randbytes(3 * 1024 * 1024) + bytes(range(255, -1, -1))
+    results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+    with trio.fail_after(50):
+        async with run_dev_stack() as stack:
+            share_cmd = _cli(
+                "share", "--no-pty", "--api", stack.api_url, "--session", "cli-raw", "--",
+                "sh", "-c", "cat; echo to-stderr >&2; exit 7",
+            )  # fmt: skip
+            join_cmd = _cli("join", "cli-raw", "--api", stack.api_url)
+
+            async def run(name: str, command: list[str], stdin: bytes) -> None:
+                results[name] = await trio.run_process(
+                    command, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False, env=_env()
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, "share", share_cmd, b"")
+                nursery.start_soon(run, "join", join_cmd, data)
+    share, join = results["share"], results["join"]
+    assert join.returncode == 7, join.stderr.decode(errors="replace")
+    assert share.returncode == 7, share.stderr.decode(errors="replace")
+    assert join.stdout == data  # byte-exact: every byte value, nothing added, nothing lost
+    # join's own messages and the command's stderr (channel 2) go to stderr, never stdout
+    assert b"to-stderr" in join.stderr
+    assert b"rescue join: connected to the relay" in join.stderr
+    assert b"session: cli-raw" in share.stderr
+    assert share.stdout == b""  # --no-pty: nothing mirrored to the host's stdout
+
+
+async def test_join_with_unknown_guardrail_cohort_fails_cleanly() -> None:
+    with trio.fail_after(30):
+        async with run_dev_stack() as stack:
+            result = await trio.run_process(
+                _cli("join", "cli-nope", "--api", stack.api_url, "--cohort", "closed"),
+                stdin=b"",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=_env(),
+            )
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert b"cohort_disabled" in result.stderr
+
+
+def test_join_without_passphrase_on_a_pipe_is_a_one_line_error() -> None:
+    env = _env()
+    del env["RESCUE_PASSPHRASE"]
+    result = subprocess.run(
+        _cli("join", "x", "--api", "http://127.0.0.1:9"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert result.stderr.count(b"\n") == 1
+    assert b"RESCUE_PASSPHRASE" in result.stderr
+
+
+class Terminal:
+    """A pty pair: the test holds the master; the process gets the slave as its terminal."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self.output = bytearray()
+        self.stream = trio.lowlevel.FdStream(os.dup(self.master))
+
+    async def pump(self) -> None:
+        while True:
+            try:
+                chunk = await self.stream.receive_some(65536)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not chunk:
+                return
+            self.output += chunk
+
+    async def wait_for(self, text: bytes) -> None:
+        while text not in self.output:
+            await trio.sleep(0.05)
+
+    async def type(self, text: bytes) -> None:
+        await self.stream.send_all(text)
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs pseudo-terminals")
+async def test_pty_session_through_pty_pairs() -> None:
+    host_tty, guest_tty = Terminal(), Terminal()
+    set_winsize(host_tty.slave, 30, 100)
+    guest_modes = termios.tcgetattr(guest_tty.slave)
+    codes: dict[str, int] = {}
+    script = 'printf "ready\\n"; stty size; read line; echo "got:$line"; exit 5'
+    with trio.fail_after(50):
+        async with run_dev_stack() as stack, trio.open_nursery() as nursery:
+            nursery.start_soon(host_tty.pump)
+            nursery.start_soon(guest_tty.pump)
+
+            async def run(name: str, command: list[str], term: Terminal) -> None:
+                process = await trio.lowlevel.open_process(
+                    command, stdin=term.slave, stdout=term.slave, stderr=term.slave, env=_env()
+                )
+                codes[name] = await process.wait()
+
+            async with trio.open_nursery() as processes:
+                processes.start_soon(
+                    run,
+                    "share",
+                    _cli("share", "--api", stack.api_url, "--session", "cli-pty", "--", "sh", "-c", script),
+                    host_tty,
+                )
+                processes.start_soon(run, "join", _cli("join", "cli-pty", "--api", stack.api_url), guest_tty)
+                await guest_tty.wait_for(b"ready")
+                await guest_tty.type(b"hello\r")  # raw mode on the guest: the host's pty does the echo
+                await guest_tty.wait_for(b"got:hello")
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    assert codes == {"share": 5, "join": 5}, (bytes(host_tty.output), bytes(guest_tty.output))
+    # The command ran on a real terminal of the host's window size, and its output reached both.
+    assert b"30 100" in guest_tty.output
+    assert b"got:hello" in host_tty.output
+    assert b"hello" in guest_tty.output
+    # join restored the terminal it had put in raw mode.
+    assert termios.tcgetattr(guest_tty.slave) == guest_modes
+    host_tty.close()
+    guest_tty.close()
