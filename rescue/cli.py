@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "rescue.commands.token_service",  # token-service
     "rescue.commands.admin",  # admin pause/resume/status/cohort
     "rescue.commands.peer",  # share, join
+    "rescue.commands.dev",  # dev
 ]
 
 
