@@ -152,38 +152,38 @@ async def test_lossless_while_connections_die_and_relay_restarts() -> None:
 async def test_graceful_close_reaches_partner_as_end_of_stream() -> None:
     keys = SigningKey.generate()
     with trio.fail_after(15):
-        async with run_relay(keys) as relay:
-            async with open_peer(_tokens(keys, relay, "bye", "guest"), "bye", "guest", psk=TEST_PSK) as guest:
-                async with open_peer(
-                    _tokens(keys, relay, "bye", "host"), "bye", "host", psk=TEST_PSK
-                ) as host:
-                    await host.send(0, b"last words")
-                    await host.send_control({"exit": 7})
-                    await host.drain()
-                assert await guest.receive() == DataReceived(0, b"last words")
-                assert await guest.receive() == ControlReceived({"exit": 7})
-                with pytest.raises(trio.EndOfChannel):
-                    await guest.receive()
-                closed = await guest.wait_closed()
-                assert closed.code == CloseCode.NORMAL
-                assert not closed.local
-                with pytest.raises(ConnectionClosedError):
-                    await guest.send(0, b"too late")
+        async with (
+            run_relay(keys) as relay,
+            open_peer(_tokens(keys, relay, "bye", "guest"), "bye", "guest", psk=TEST_PSK) as guest,
+        ):
+            async with open_peer(_tokens(keys, relay, "bye", "host"), "bye", "host", psk=TEST_PSK) as host:
+                await host.send(0, b"last words")
+                await host.send_control({"exit": 7})
+                await host.drain()
+            assert await guest.receive() == DataReceived(0, b"last words")
+            assert await guest.receive() == ControlReceived({"exit": 7})
+            with pytest.raises(trio.EndOfChannel):
+                await guest.receive()
+            closed = await guest.wait_closed()
+            assert closed.code == CloseCode.NORMAL
+            assert not closed.local
+            with pytest.raises(ConnectionClosedError):
+                await guest.send(0, b"too late")
 
 
 async def test_wrong_passphrase_ends_with_integrity_error() -> None:
     keys = SigningKey.generate()
     with trio.fail_after(20):
-        async with run_relay(keys) as relay:
-            async with (
-                open_peer(_tokens(keys, relay, "pw", "host"), "pw", "host", psk=TEST_PSK) as host,
-                open_peer(_tokens(keys, relay, "pw", "guest"), "pw", "guest", psk=bytes(32)) as guest,
-            ):
-                await host.send(0, b"secret")
-                with pytest.raises(ConnectionClosedError) as info:
-                    await guest.receive()
-                assert info.value.code in (CloseCode.INTEGRITY_ERROR,)
-                assert (await host.wait_closed()).code == CloseCode.INTEGRITY_ERROR
+        async with (
+            run_relay(keys) as relay,
+            open_peer(_tokens(keys, relay, "pw", "host"), "pw", "host", psk=TEST_PSK) as host,
+            open_peer(_tokens(keys, relay, "pw", "guest"), "pw", "guest", psk=bytes(32)) as guest,
+        ):
+            await host.send(0, b"secret")
+            with pytest.raises(ConnectionClosedError) as info:
+                await guest.receive()
+            assert info.value.code in (CloseCode.INTEGRITY_ERROR,)
+            assert (await host.wait_closed()).code == CloseCode.INTEGRITY_ERROR
 
 
 async def test_auth_failure_stops_without_retry() -> None:

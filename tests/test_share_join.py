@@ -163,3 +163,47 @@ async def test_pty_session_through_pty_pairs() -> None:
     assert termios.tcgetattr(guest_tty.slave) == guest_modes
     host_tty.close()
     guest_tty.close()
+
+
+async def test_share_stops_the_command_when_the_guest_is_gone_for_good() -> None:
+    with trio.fail_after(40):
+        async with run_dev_stack(resume_grace_s=1) as stack, trio.open_nursery() as nursery:
+            join = await trio.lowlevel.open_process(
+                _cli("join", "cli-gone", "--api", stack.api_url),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=_env(),
+            )
+            share_done: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+            async def share() -> None:
+                share_done["r"] = await trio.run_process(
+                    _cli(
+                        "share",
+                        "--no-pty",
+                        "--api",
+                        stack.api_url,
+                        "--session",
+                        "cli-gone",
+                        "--",
+                        "sh",
+                        "-c",
+                        "echo started; sleep 60",
+                    ),
+                    stdin=b"",
+                    capture_stderr=True,
+                    check=False,
+                    env=_env(),
+                )
+
+            nursery.start_soon(share)
+            assert join.stdout is not None
+            assert await join.stdout.receive_some(100) == b"started\n"
+            join.kill()  # the guest vanishes without a CLOSE
+            await join.wait()
+            while "r" not in share_done:
+                await trio.sleep(0.1)
+    result = share_done["r"]
+    assert result.returncode == 1
+    assert b"PEER_GONE" in result.stderr or b"4013" in result.stderr

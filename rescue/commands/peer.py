@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import getpass
 import os
 import secrets
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import termios
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 import trio
@@ -221,6 +222,35 @@ class FdIO:
             os.close(self._fd)
 
 
+class _SessionGuard:
+    """Runs the tasks that talk to the peer; the first one that finds the session gone stops all.
+
+    Without it a ``ConnectionClosedError`` from one task would leave the nursery as an
+    ExceptionGroup; with it the caller gets one plain error after the nursery.
+    """
+
+    def __init__(self) -> None:
+        self.lost: BaseException | None = None
+        self.scope: trio.CancelScope | None = None
+
+    def wrap(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def guarded() -> None:
+            try:
+                await fn()
+            except (RescueError, trio.EndOfChannel) as exc:
+                if self.lost is None:
+                    self.lost = exc
+                if self.scope is not None:
+                    self.scope.cancel()
+
+        return guarded
+
+    def check(self) -> None:
+        """Raise :class:`ConnectionClosedError` if a task found the session gone."""
+        if self.lost is not None:
+            raise ConnectionClosedError(None, f"session ended while the command ran: {self.lost}")
+
+
 def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -364,13 +394,18 @@ async def _run_with_pipes(peer: Peer, command: list[str]) -> int:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the command stopped reading: drop the guest's input, as a pipe would
 
+    guard = _SessionGuard()
+    status = 1
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
-            async with trio.open_nursery() as outputs:
-                outputs.start_soon(output, process.stdout, 0)
-                outputs.start_soon(output, process.stderr, 2)
-            status = await _wait_process(process)
+            guard.scope = nursery.cancel_scope
+            nursery.start_soon(guard.wrap(feed))
+
+            async with trio.open_nursery() as streams:
+                streams.start_soon(guard.wrap(functools.partial(output, process.stdout, 0)))
+                streams.start_soon(guard.wrap(functools.partial(output, process.stderr, 2)))
+            if guard.lost is None:
+                status = await _wait_process(process)
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -378,6 +413,7 @@ async def _run_with_pipes(peer: Peer, command: list[str]) -> int:
         with trio.CancelScope(shield=True):
             await process.wait()
             await stdin.aclose()
+    guard.check()
     return status
 
 
@@ -433,12 +469,13 @@ async def _run_in_pty(peer: Peer, command: list[str], console: Console) -> int:
                     set_winsize(pty.fileno(), *size)
                     await peer.send_control({"winsize": list(size)})
 
+    guard = _SessionGuard()
+    status = 1
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(output)
-            nursery.start_soon(guest_input)
-            nursery.start_soon(local_input)
-            nursery.start_soon(resizes)
+            guard.scope = nursery.cancel_scope
+            for task in (output, guest_input, local_input, resizes):
+                nursery.start_soon(guard.wrap(task))
             status = await _wait_process(process)
             with trio.move_on_after(OUTPUT_DRAIN_S):
                 await output_done.wait()
@@ -450,6 +487,7 @@ async def _run_in_pty(peer: Peer, command: list[str], console: Console) -> int:
             await process.wait()
             for io in (pty, keyboard, screen):
                 await io.aclose()
+    guard.check()
     return status
 
 
