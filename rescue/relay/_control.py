@@ -72,7 +72,7 @@ class KeySource:
         """Whether the keys come from a URL."""
         return _is_url(self.source)
 
-    async def load(self, client: httpx.AsyncClient) -> None:
+    async def load(self, client: httpx.AsyncClient | None) -> None:
         """Fetch or read the keys now.
 
         Raises:
@@ -80,6 +80,8 @@ class KeySource:
         """
         async with self._lock:
             if self.is_url:
+                if client is None:
+                    raise ConfigError("keys come from a URL but no HTTP client was given")
                 ring = await self._fetch(client)
             else:
                 ring = await trio.to_thread.run_sync(load_keyring, Path(self.source))
@@ -102,7 +104,7 @@ class KeySource:
             raise ConfigError(f"keys from {self.source} are not JSON") from exc
         return KeyRing.from_jwks(doc)
 
-    async def refresh(self, client: httpx.AsyncClient) -> bool:
+    async def refresh(self, client: httpx.AsyncClient | None) -> bool:
         """Reload the keys, keeping the old ones on failure; True on success."""
         try:
             await self.load(client)
@@ -112,7 +114,7 @@ class KeySource:
             return False
         return True
 
-    async def refresh_for_unknown_kid(self, client: httpx.AsyncClient) -> bool:
+    async def refresh_for_unknown_kid(self, client: httpx.AsyncClient | None) -> bool:
         """Refresh because a token named an unknown kid, at most once per 10 s; True if refreshed."""
         now = trio.current_time()
         if now - self._last_on_demand < UNKNOWN_KID_REFRESH_S:
@@ -120,7 +122,7 @@ class KeySource:
         self._last_on_demand = now
         return await self.refresh(client)
 
-    async def run(self, client: httpx.AsyncClient, interval: float) -> None:
+    async def run(self, client: httpx.AsyncClient | None, interval: float) -> None:
         """Refresh every ``interval`` seconds, forever."""
         while True:
             await trio.sleep(interval)

@@ -18,6 +18,7 @@ is left is cancelled (sockets aborted by structure).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import ssl
@@ -201,16 +202,22 @@ class Relay:
         """
         config = self.config
         ssl_context = self._ssl_context or _load_tls(config)
+        # httpx only when something is fetched over HTTP: creating a client loads the CA bundle
+        # (~50 ms), which a standalone node with a key file never needs.
+        needs_http = not self.control.standalone or (self.keys.is_url and not self._keys_given)
         try:
-            async with httpx.AsyncClient(
-                timeout=config.http_timeout_s, transport=self._http_transport
+            async with (
+                httpx.AsyncClient(timeout=config.http_timeout_s, transport=self._http_transport)
+                if needs_http
+                else contextlib.nullcontext(None)
             ) as client:
                 self._client = client
                 if not self._keys_given:
                     await self.keys.load(client)
                 async with trio.open_nursery() as services:
-                    await services.start(self.control.run, client)
-                    if self.keys.is_url or not self._keys_given:
+                    if client is not None:
+                        await services.start(self.control.run, client)
+                    if not self._keys_given:
                         services.start_soon(self.keys.run, client, config.keys_refresh_s)
                     admin_port: int | None = None
                     if config.admin_port is not None:
@@ -430,7 +437,7 @@ class Relay:
         try:
             return verify_token(token, self.keys.ring, now=time.time(), audience=self.config.node_id)
         except TokenError as exc:
-            if exc.reason != "unknown_kid" or self._client is None or self._keys_given:
+            if exc.reason != "unknown_kid" or self._keys_given:
                 raise
             if not await self.keys.refresh_for_unknown_kid(self._client):
                 raise

@@ -28,7 +28,7 @@ from rescue.protocol._tokens import KeyRing, SigningKey, mint_token
 from rescue.relay._config import RelayConfig
 from rescue.websocket import WebSocketClosedError, WebSocketConnection, connect_websocket
 
-__all__ = ["ClosedBy", "TestKeys", "TestPeer", "test_config"]
+__all__ = ["ClosedBy", "TestKeys", "TestPeer", "relay_test_config"]
 
 
 @dataclass
@@ -130,7 +130,8 @@ class TestPeer:
         nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
         ws = await connect_websocket(url, max_message=max_message)
         peer = cls(ws, nonce)
-        hello = Hello(token=token, session=session, role=Role(role), nonce=nonce, caps=caps or Caps(("zlib",)))
+        caps = Caps(("zlib",)) if caps is None else caps
+        hello = Hello(token=token, session=session, role=Role(role), nonce=nonce, caps=caps)
         await ws.send_message(hello.to_message())
         if expect_welcome:
             first = await peer.receive()
@@ -183,7 +184,7 @@ class TestPeer:
         self.ws.abort()
 
 
-def test_config(**overrides: object) -> RelayConfig:
+def relay_test_config(**overrides: object) -> RelayConfig:
     """A :class:`RelayConfig` for in-process tests: loopback, port 0, no admin port, no rate limit."""
     settings: dict[str, object] = {
         "keys": "test-keys-given-in-process",
