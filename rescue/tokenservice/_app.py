@@ -406,6 +406,8 @@ class TokenService:
         body = request.json_object()
         cohort = self._cohort_from(body.get("cohort"), "cohort")
         count = body.get("count", 1)
+        if isinstance(count, float) and count.is_integer():
+            count = int(count)  # JSON Schema's "integer" includes 3.0, and so does /openapi.json
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_SESSIONS_PER_REPORT:
             raise JsonError(
                 400, "invalid_request", f"count must be an integer in 1..{MAX_SESSIONS_PER_REPORT}"

@@ -1,7 +1,9 @@
 """The OpenAPI 3.1 document served at ``/openapi.json``.
 
-Written by hand to say exactly what the server does; tests/test_tokenservice_openapi.py checks the
-real answers of every endpoint against these schemas, so the two cannot drift apart silently.
+Written by hand to say exactly what the server does; tests/test_tokenservice_api.py checks the
+real answers of every endpoint against these schemas, and tests/test_tokenservice_schemathesis.py
+fuzzes every operation from this document against a running service on Redis, so the two cannot
+drift apart silently.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ _PAUSE_BODY = {
         {
             "type": "object",
             "properties": {
-                "reason": {"type": "string", "maxLength": 256},
+                "reason": {"type": ["string", "null"], "maxLength": 256, "description": "null: none"},
                 "drain": {"type": "boolean", "default": False},
             },
         }
