@@ -158,6 +158,7 @@ class Stats:
     gen_rebased: int = 0
     heartbeats_tx: int = 0
     heartbeats_rx: int = 0
+    relay_heartbeats: int = 0
     relay_closed: int = 0
     conn_errors: int = 0
     wire_errors: int = 0
@@ -450,9 +451,13 @@ class Conn:
             if gen.window and flow.active and flow.tx_seq - seq <= gen.low_water:
                 gen.refill(flow, now)
         elif kind == w.KIND_HEARTBEAT and ln >= w.RESCUE_HEADER.size:
+            sent = w.RESCUE_HEADER.unpack_from(buf, p)[4]
+            if sent == 0:  # the relay's own heartbeat (rescue, under backpressure), not an echo
+                stats.relay_heartbeats += 1
+                return
             stats.heartbeats_rx += 1
             if stats.recording:
-                stats.hb_lat.add((now - w.RESCUE_HEADER.unpack_from(buf, p)[4]) / 1000.0)
+                stats.hb_lat.add((now - sent) / 1000.0)
         elif kind == w.KIND_CLOSE:
             self.closed = True
             stats.relay_closed += 1
@@ -744,6 +749,7 @@ class LoadGen:
             "gen_rebased": s.gen_rebased,
             "heartbeats_tx": s.heartbeats_tx,
             "heartbeats_rx": s.heartbeats_rx,
+            "relay_heartbeats": s.relay_heartbeats,
             "relay_closed": s.relay_closed,
             "conn_errors": s.conn_errors,
             "wire_errors": s.wire_errors,
@@ -878,6 +884,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             "gen_rebased",
             "heartbeats_tx",
             "heartbeats_rx",
+            "relay_heartbeats",
             "relay_closed",
             "conn_errors",
             "wire_errors",
@@ -900,6 +907,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms": lat.percentile(99),
         "gen_lag_p95_ms": lag.percentile(95),
         "hb_p95_ms": hb.percentile(95),
+        "hb_max_ms": hb.percentile(100),
         "gen_cpu_pct": [round(100 * r["gen_cpu_s"] / window, 1) for r in results],
         "connect_s": max((r["connect_s"] for r in results), default=0.0),
     }

@@ -46,6 +46,8 @@ TARGET_IDLE_CPU_PCT: Final = 3.0
 TARGET_IDLE_KB_PER_CONN: Final = 24.0
 # An active level passes when at least this share of the offered messages arrived in the window.
 ACTIVE_DELIVERED_MIN: Final = 0.97
+# An active level delivering less than this share of the offered load ends that target's sweep.
+ACTIVE_COLLAPSED_BELOW: Final = 0.5
 # A worker above this share of one core may be what limits the run (flagged in the results).
 GEN_BOUND_PCT: Final = 85.0
 # Longest wait for a worker to connect all its sessions (10,000 connections take a while).
@@ -167,9 +169,14 @@ async def run_step(
             await wk.send("mark")
         peak = rss_mark
         deadline = t0 + step.duration_s
+        timeline: list[tuple[float, float, int]] = []  # (s since mark, relay CPU s, RSS KiB)
         while (left := deadline - time.monotonic()) > 0:
             await trio.sleep(min(SAMPLE_S, left))
-            peak = max(peak, _proc.rss_kb(relay.pid))
+            rss = _proc.rss_kb(relay.pid)
+            peak = max(peak, rss)
+            timeline.append(
+                (round(time.monotonic() - t0, 2), round(_proc.cpu_seconds(relay.pid) - cpu0, 2), rss)
+            )
         for wk in workers:
             await wk.send("stop")
         window = time.monotonic() - t0
@@ -196,6 +203,7 @@ async def run_step(
             other_load_cores=round(max(0.0, busy - relay_cpu / 100 - gen_cpu / 100), 2),
             gen_bound=any(p > GEN_BOUND_PCT for p in summary["gen_cpu_pct"]),
             workers=len(workers),
+            timeline=timeline,
             loadavg_end=_proc.loadavg(),
         )
         if step.kind == "active":
@@ -385,17 +393,50 @@ def verdicts(rows: list[dict[str, Any]], target: str = "rescue") -> list[dict[st
         best = max((r["sessions"] for r in active if r["passed"]), default=0)
         top = max(r["sessions"] for r in active)
         reached = top >= TARGET_ACTIVE_SESSIONS
+        # Not decided when the run stopped below the target level (--quick) and passed it all.
+        ok: bool | None = best >= TARGET_ACTIVE_SESSIONS if reached or best < top else None
+        got = f"{best:,} (highest level that passed; levels run up to {top:,})"
+        ceiling = [r for r in rows if r["target"] == CEILING and r["kind"] == "active" and "error" not in r]
+        ceiling_best = max((r["sessions"] for r in ceiling if r["passed"]), default=0)
+        if ok is False and ceiling and ceiling_best <= best:
+            # The raw-TCP ceiling failed the same levels: the machine, not the relay, set the limit.
+            ok = None
+            got += f"; inconclusive: the raw-TCP ceiling passed only {ceiling_best:,} (machine-bound)"
         out.append(
             {
                 "check": f"active sessions at 64 KiB/s with P95 < {TARGET_ACTIVE_P95_MS:g} ms",
                 "need": f">= {TARGET_ACTIVE_SESSIONS:,}",
-                "got": f"{best:,} (highest level that passed; levels run up to {top:,})",
-                # Not decided when the run stopped below the target level (--quick) and passed it all.
-                "ok": best >= TARGET_ACTIVE_SESSIONS if reached or best < top else None,
+                "got": got,
+                "ok": ok,
             }
         )
+        costs = [r for r in active if r.get("sessions_per_core")]
+        if costs:
+            top_row = max(costs, key=lambda r: r["sessions"])
+            est = top_row["sessions_per_core"]
+            out.append(
+                {
+                    "check": "active sessions one core carries, estimated from relay CPU per session "
+                    f"(at {top_row['sessions']:,} sessions; ignores latency)",
+                    "need": f">= {TARGET_ACTIVE_SESSIONS:,}",
+                    "got": f"{est:,}",
+                    "ok": est >= TARGET_ACTIVE_SESSIONS,
+                }
+            )
+    ceiling_idle = {r["label"]: r for r in rows if r["target"] == CEILING and r["kind"] == "idle"}
     for r in rows:
         if r["target"] == target and r["kind"] == "idle" and "error" not in r:
+            ref = ceiling_idle.get(r["label"])
+            if ref is not None and "error" not in ref and ref["relay_cpu_pct"] > 0:
+                out.append(
+                    {
+                        "check": f"idle CPU relative to the raw-TCP ceiling ({ref['relay_cpu_pct']:.2f}%), "
+                        "same connections (context, no SPEC bar)",
+                        "need": "-",
+                        "got": f"{r['relay_cpu_pct'] / ref['relay_cpu_pct']:.2f}x",
+                        "ok": None,
+                    }
+                )
             out.append(
                 {
                     "check": f"idle CPU, {r['connections']:,} connections",
@@ -485,8 +526,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"window {meta['idle_window_s']:g} s)",
             "",
             "| connections | target | relay CPU % of one core | KB/conn | RSS empty MB | RSS loaded MB "
-            "| heartbeat P95 ms | connect s | pass |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+            "| heartbeat P95 ms | heartbeat max ms | connect s | pass |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in idle:
             if "error" in r:
@@ -495,14 +536,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['connections']:,} | {r['target']} | {r['relay_cpu_pct']:.2f} | "
                 f"{_fmt(r['kb_per_conn'], 2)} | {r['rss_empty_mb']:.0f} | {r['relay_rss_mb']:.0f} | "
-                f"{_fmt(r['hb_p95_ms'], 2)} | {r['connect_s']:.1f} | {_fmt(r['passed'])} |"
+                f"{_fmt(r['hb_p95_ms'], 2)} | {_fmt(r.get('hb_max_ms'), 0)} | {r['connect_s']:.1f} | "
+                f"{_fmt(r['passed'])} |"
             )
         lines.append("")
     checks = report["verdicts"]
     if checks:
         lines += ["## SPEC §10 checks (rescue)", "", "| check | need | got | ok |", "|---|---|---|---|"]
         for c in checks:
-            ok = "not measured" if c["ok"] is None else "yes" if c["ok"] else "NO"
+            ok = "-" if c["ok"] is None else "yes" if c["ok"] else "NO"
             lines.append(f"| {c['check']} | {c['need']} | {c['got']} | {ok} |")
         lines.append("")
     errors = [r for r in rows if "error" in r]
@@ -564,6 +606,27 @@ def plots(report: dict[str, Any], out: Path, stamp: str) -> list[Path]:
         ax2.set_title("Active: relay CPU vs sessions")
         fig.tight_layout()
         path = out / f"active-{stamp}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    idle = [r for r in rows if r["kind"] == "idle" and r.get("timeline")]
+    if idle:
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        for r in idle:
+            tl = r["timeline"]
+            xs = [tl[i][0] for i in range(1, len(tl))]
+            ys = [
+                100 * (tl[i][1] - tl[i - 1][1]) / max(1e-9, tl[i][0] - tl[i - 1][0])
+                for i in range(1, len(tl))
+            ]
+            ax.plot(xs, ys, label=f"{r['target']} ({r['relay_cpu_pct']:.1f}% avg)", linewidth=1)
+        ax.axhline(TARGET_IDLE_CPU_PCT, color="red", linestyle="--", linewidth=1, label="target 3%")
+        ax.set_xlabel("seconds into the window")
+        ax.set_ylabel("relay CPU (% of one core)")
+        ax.set_title(f"Idle: {idle[0]['connections']:,} connections, heartbeats only")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"idle-{stamp}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         made.append(path)
@@ -648,10 +711,10 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 }
             rows.append(row)
             print(progress_line(i, total, row), flush=True)
-            if step.kind == "active" and not row.get("passed") and not args.no_early_stop:
-                p95 = row.get("p95_ms")
-                if "error" in row or p95 is None or p95 > 10 * TARGET_ACTIVE_P95_MS:
-                    failed_active.add(name)
+            # Only a collapse stops a target's sweep: on a shared machine latency alone is too noisy.
+            collapsed = "error" in row or (row.get("delivered_frac") or 0) < ACTIVE_COLLAPSED_BELOW
+            if step.kind == "active" and collapsed and not args.no_early_stop:
+                failed_active.add(name)
     meta["loadavg_end"] = _proc.loadavg()
     report = {"meta": meta, "rows": rows, "ratios": ratios(rows), "verdicts": verdicts(rows)}
     return report
@@ -685,8 +748,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=1, help="load generator processes (throughput, active)")
-    p.add_argument("--no-early-stop", action="store_true", help="run every active level even after failures")
+    p.add_argument(
+        "--no-early-stop", action="store_true", help="run every active level even after a collapse"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    p.add_argument("--render", type=Path, help="only re-render the markdown and plots of a results JSON")
     args = p.parse_args(argv)
     if args.quick:
         defaults = p.parse_args([])
@@ -721,6 +787,15 @@ def rescue_available() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        report["ratios"] = ratios(report["rows"])
+        report["verdicts"] = verdicts(report["rows"])
+        args.out.mkdir(parents=True, exist_ok=True)
+        paths = write_outputs(report, args.out)
+        print(markdown(report))
+        print("wrote: " + ", ".join(str(p) for p in paths))
+        return
     raise_nofile()
     report = trio.run(run_matrix, args)
     paths = write_outputs(report, args.out)

@@ -40,7 +40,7 @@ async def _read_preamble(stream: trio.SocketStream) -> tuple[bytes, bytes, bytes
         if not data:
             return None
         buf += data
-    if buf[:4] != MAGIC or buf[4:5] not in (b"h", b"g"):
+    if bytes(buf[:4]) != MAGIC or bytes(buf[4:5]) not in (b"h", b"g"):
         return None
     return bytes(buf[4:5]), bytes(buf[5:PREAMBLE_SIZE]).rstrip(b"\0"), bytes(buf[PREAMBLE_SIZE:])
 
