@@ -1,0 +1,305 @@
+"""The fault injector: seeded, bounded in number and duration, one fault at a time.
+
+Fault kinds:
+
+- ``peer_abort``: drop one connected peer's socket (no close handshake), as a network failure would.
+- ``relay_sigkill`` / ``relay_sigterm``: stop one relay node (crash, or graceful drain with
+  CLOSE ``SERVER_SHUTDOWN``), leave it down for a random outage, start it again on the same ports.
+- ``redis_restart``: SIGKILL redis-server, outage, start an empty one (no persistence: the node
+  registry and session assignments are gone and must be rebuilt by the relays' refresh).
+- ``token_service_restart``: stop the token service (SIGTERM or SIGKILL at random), outage, start.
+
+During Redis and token-service outages one random peer is also dropped half-way, so a reconnect
+happens while the control plane is down (relays verify tokens themselves and keep serving with
+the last known kill-switch state, SPEC §6).
+
+After each fault the injector waits until the fleet has *recovered*: every live session has
+delivered, in both directions, a byte written after the fault ended (so every byte before it went
+through too), a token can be minted, every relay is ready and registered. The time from the
+fault to that moment is the fault's recovery time.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from chaos._fleet import Fleet, FleetError
+from chaos._traffic import SessionRun
+
+__all__ = ["FAULT_KINDS", "FaultInjector", "FaultPlan", "FaultRecord"]
+
+FAULT_KINDS: Final = (
+    "peer_abort",
+    "relay_sigkill",
+    "relay_sigterm",
+    "redis_restart",
+    "token_service_restart",
+)
+# Recovery is checked this often (its resolution).
+_RECOVERY_POLL_S: Final = 0.05
+# Control-plane probes (a token mint, /readyz, the node list) are slower HTTP round trips.
+_PROBE_EVERY_S: Final = 0.25
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """How faults are drawn.
+
+    Attributes:
+        weights: relative frequency of each kind (kinds with weight 0 never happen). Kinds are
+            drawn from a shuffled deck holding ``weight`` cards of each, refilled when empty, so
+            every kind with a weight appears once per deck.
+        gap: (min, max) seconds of calm between one fault's recovery and the next fault.
+        outage: (min, max) seconds a stopped process stays down before it is started again.
+        max_faults: stop injecting after this many (``None``: until the duration ends).
+        recovery_timeout_s: a fault not recovered within this counts as unrecovered (and fails
+            the run); the injector then moves on.
+        abort_during_outage: drop a peer half-way through control-plane outages.
+    """
+
+    weights: dict[str, int]
+    gap: tuple[float, float] = (2.0, 6.0)
+    outage: tuple[float, float] = (0.5, 4.0)
+    max_faults: int | None = None
+    recovery_timeout_s: float = 90.0
+    abort_during_outage: bool = True
+
+
+@dataclass
+class FaultRecord:
+    """One injected fault and how the fleet came back.
+
+    Attributes:
+        index: 1-based.
+        kind: one of :data:`FAULT_KINDS`.
+        target: what was hit (``session/role``, node id, ``redis``, ``token-service``).
+        start: run clock time of the fault.
+        restored: when the process was running and ready again (= ``start`` for ``peer_abort``).
+        recovered: when the fleet had recovered, or ``None`` if it did not in time.
+        detail: what else happened (signal, exit status, time to exit, restart time, extra abort).
+    """
+
+    index: int
+    kind: str
+    target: str
+    start: float
+    restored: float | None = None
+    recovered: float | None = None
+    streams_recovered: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def recovery_s(self) -> float | None:
+        """Seconds from the fault to recovery."""
+        return None if self.recovered is None else self.recovered - self.start
+
+    def to_json(self) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 3)
+
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "target": self.target,
+            "start": r(self.start),
+            "restored": r(self.restored),
+            "recovered": r(self.recovered),
+            "recovery_s": r(self.recovery_s),
+            "streams_recovered_s": None
+            if self.streams_recovered is None
+            else r(self.streams_recovered - self.start),
+            "detail": self.detail,
+        }
+
+
+class FaultInjector:
+    """Injects faults into ``fleet`` and ``sessions`` per ``plan`` with a seeded RNG.
+
+    Args:
+        fleet: the running fleet.
+        sessions: the live sessions (read each time; the list may change under churn).
+        plan: kinds, timings, bounds.
+        seed: the RNG seed (same seed, same sequence of choices).
+        clock: the run clock.
+        log: progress line sink.
+    """
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        sessions: Callable[[], Sequence[SessionRun]],
+        plan: FaultPlan,
+        *,
+        seed: int,
+        clock: Callable[[], float],
+        log: Callable[[str], None],
+    ) -> None:
+        self.fleet = fleet
+        self.sessions = sessions
+        self.plan = plan
+        self.rng = random.Random(f"chaos-faults:{seed}")
+        self.clock = clock
+        self.log = log
+        self.records: list[FaultRecord] = []
+        self.current: FaultRecord | None = None
+        self._deck: list[str] = []
+        self._probes = 0
+
+    def _draw_kind(self) -> str:
+        if not self._deck:
+            for kind in FAULT_KINDS:
+                self._deck += [kind] * self.plan.weights.get(kind, 0)
+            if not self._deck:
+                raise ValueError("every fault weight is 0")
+            self.rng.shuffle(self._deck)
+        kind = self._deck.pop()
+        if kind.startswith("relay_") and not self.fleet.relays:
+            return "peer_abort"
+        return kind
+
+    async def run(self, until: float) -> None:
+        """Inject faults until the run clock reaches ``until`` or ``max_faults`` are done."""
+        plan = self.plan
+        while plan.max_faults is None or len(self.records) < plan.max_faults:
+            await trio.sleep(self.rng.uniform(*plan.gap))
+            if self.clock() >= until:
+                return
+            await self.inject(self._draw_kind())
+
+    # ----------------------------------------------------------------------------- injecting
+
+    async def inject(self, kind: str) -> FaultRecord:
+        """Inject one fault of ``kind`` and wait for recovery (bounded); its record."""
+        record = FaultRecord(len(self.records) + 1, kind, "", self.clock())
+        self.records.append(record)
+        self.current = record
+        try:
+            if kind == "peer_abort":
+                record.target = self._abort_random_peer() or "(no connected peer)"
+                record.restored = record.start
+            elif kind in ("relay_sigkill", "relay_sigterm"):
+                await self._restart_relay(
+                    record, signal.SIGKILL if kind == "relay_sigkill" else signal.SIGTERM
+                )
+            elif kind == "redis_restart":
+                assert self.fleet.redis is not None
+                await self._restart_control(record, self.fleet.redis, signal.SIGKILL)
+            elif kind == "token_service_restart":
+                assert self.fleet.token_service is not None
+                sig = self.rng.choice([signal.SIGTERM, signal.SIGKILL])
+                await self._restart_control(record, self.fleet.token_service, sig)
+            else:
+                raise ValueError(f"unknown fault kind {kind!r}")
+        except FleetError as exc:
+            record.detail["error"] = str(exc)[:500]
+            self.log(f"fault #{record.index} {kind}: could not restore: {str(exc).splitlines()[0]}")
+        if record.restored is not None:
+            await self._wait_recovered(record)
+        outcome = (
+            f"recovered in {record.recovery_s:.2f} s" if record.recovery_s is not None else "NOT RECOVERED"
+        )
+        self.log(f"fault #{record.index} {kind} -> {record.target}: {outcome}")
+        self.current = None
+        return record
+
+    def _abort_random_peer(self) -> str | None:
+        candidates = [
+            (s, role)
+            for s in self.sessions()
+            if not s.failed and s.peers
+            for role, tracker in s.trackers.items()
+            if tracker.connected
+        ]
+        self.rng.shuffle(candidates)
+        for session, role in candidates:
+            if session.abort(role):
+                return f"{session.session_id}/{role}"
+        return None
+
+    async def _restart_relay(self, record: FaultRecord, sig: signal.Signals) -> None:
+        fleet = self.fleet
+        relay = self.rng.choice(fleet.relays)
+        record.target = relay.name
+        on_node = sum(1 for s in self.sessions() if relay.name in s.nodes())
+        stop_started = trio.current_time()
+        drain_s = float(fleet.relay_tuning.get("--drain-s", "30"))
+        status = await relay.stop(sig, wait_s=drain_s + 15.0)
+        record.detail.update(
+            signal=sig.name,
+            exit_status=status,
+            exit_s=round(trio.current_time() - stop_started, 3),
+            sessions_on_node=on_node,
+        )
+        await self._outage(record)
+        record.detail["start_s"] = round(await relay.start(), 3)
+        record.restored = self.clock()
+
+    async def _restart_control(self, record: FaultRecord, service: Any, sig: signal.Signals) -> None:
+        record.target = service.name
+        stop_started = trio.current_time()
+        status = await service.stop(sig)
+        record.detail.update(
+            signal=sig.name, exit_status=status, exit_s=round(trio.current_time() - stop_started, 3)
+        )
+        outage = self.rng.uniform(*self.plan.outage)
+        record.detail["outage_s"] = round(outage, 3)
+        if self.plan.abort_during_outage:
+            await trio.sleep(outage / 2)
+            record.detail["aborted_during_outage"] = self._abort_random_peer()
+            await trio.sleep(outage / 2)
+        else:
+            await trio.sleep(outage)
+        record.detail["start_s"] = round(await service.start(), 3)
+        record.restored = self.clock()
+
+    async def _outage(self, record: FaultRecord) -> None:
+        outage = self.rng.uniform(*self.plan.outage)
+        record.detail["outage_s"] = round(outage, 3)
+        await trio.sleep(outage)
+
+    # ----------------------------------------------------------------------------- recovery
+
+    async def _wait_recovered(self, record: FaultRecord) -> None:
+        sessions = [s for s in self.sessions() if not s.failed and s.peers]
+        for session in sessions:
+            session.mark()
+        control_ok = False
+        next_probe = trio.current_time()
+        with trio.move_on_after(self.plan.recovery_timeout_s):
+            while True:
+                if record.streams_recovered is None and all(s.recovered or s.failed for s in sessions):
+                    times = [t for s in sessions if (t := s.recovered_at()) is not None]
+                    record.streams_recovered = max(times, default=self.clock())
+                if not control_ok and trio.current_time() >= next_probe:
+                    control_ok = await self._control_plane_ok()
+                    next_probe = trio.current_time() + _PROBE_EVERY_S
+                    if control_ok:
+                        record.detail["control_ok_s"] = round(self.clock() - record.start, 3)
+                if control_ok and record.streams_recovered is not None:
+                    record.recovered = max(
+                        record.streams_recovered, record.start + record.detail["control_ok_s"]
+                    )
+                    failed = [s.session_id for s in sessions if s.failed]
+                    if failed:
+                        record.detail["sessions_failed"] = failed
+                    return
+                await trio.sleep(_RECOVERY_POLL_S)
+        record.detail["unrecovered_sessions"] = [s.session_id for s in sessions if not s.recovered]
+        record.detail["control_ok"] = control_ok
+
+    async def _control_plane_ok(self) -> bool:
+        """A token can be minted, every relay is ready, and every relay is registered."""
+        fleet = self.fleet
+        self._probes += 1
+        if not await fleet.control_plane_ok(f"chaos-probe-{self._probes}"):
+            return False
+        for relay in fleet.relays:
+            if not await fleet.relay_ready(relay.name):
+                return False
+        return set(await fleet.registered_nodes()) == {r.name for r in fleet.relays}

@@ -1,0 +1,472 @@
+"""A real beach-rescue fleet on 127.0.0.1: redis-server, ``rescue token-service``, N ``rescue relay``.
+
+Every part is a child process started through its public command line (SPEC §11), with its own
+log file, and can be stopped (SIGTERM or SIGKILL) and started again on the same ports, which is
+what the chaos harness does to it and what an operator's supervisor would do.
+
+- Redis is private: a unix socket in a fresh temporary directory, TCP off, no persistence (a
+  restart loses every key, as a fresh Redis container would).
+- The token service signs with a throwaway key (``rescue keygen``) and mints without
+  authentication (``BEACH_RESCUE_DISABLE_OIDC=1``, ``BEACH_DEV_ENABLE_FALLBACK_WS=1``; both are
+  ignored under ``RESCUE_ENV=production``, which is removed from the children's environment).
+- Relays verify tokens with the public JWK set from a file (so a relay restarted while the token
+  service is down still starts), register in Redis and poll the token service for the kill switch.
+
+Resource handling:
+    :func:`open_fleet` kills whatever is still running when it exits (bounded, shielded) and
+    removes the Redis socket directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final
+
+import httpx
+import trio
+
+__all__ = [
+    "RELAY_TUNING",
+    "Fleet",
+    "FleetError",
+    "Service",
+    "free_port",
+    "open_fleet",
+    "rescue_argv",
+]
+
+# How long a (re)started process may take to answer its readiness check. Python start-up plus
+# imports take ~1 s on an idle machine; a shared 2-core box under load can take far longer.
+START_TIMEOUT_S: Final = 60.0
+# After SIGKILL a process is gone at once; after SIGTERM it may drain first (bounded by drain_s).
+KILL_WAIT_S: Final = 10.0
+# Readiness polling period.
+POLL_S: Final = 0.05
+# Each readiness/probe HTTP request; short, since a hung child must not stall the harness.
+HTTP_TIMEOUT_S: Final = 2.0
+# Environment the children must not inherit: it would change what they do behind our back.
+_SCRUB_PREFIXES: Final = ("RESCUE_", "FALLBACK_WS_", "BEACH_")
+
+# Relay settings the harness asks for when `rescue relay --help` offers them (flag -> value).
+# A shorter drain keeps SIGTERM faults (whose reconnect_in_ms is spread over the drain window)
+# to a few seconds; a higher handshake rate limit keeps a fleet-wide reconnect after a relay
+# restart -- every session of the node at once, all from 127.0.0.1 -- from being rate limited.
+RELAY_TUNING: Final = {
+    "--drain-s": "5",
+    "--handshakes-per-ip-per-min": "100000",
+}
+
+
+def rescue_argv(*args: str) -> list[str]:
+    """The ``rescue`` command line (the console script next to this Python, else ``-m``)."""
+    script = Path(sys.executable).with_name("rescue")
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "rescue.cli", *args]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (kept for restarts on the same port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every child: ours minus RESCUE_*/BEACH_*/FALLBACK_WS_*, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+class FleetError(Exception):
+    """A fleet process could not be started or did not become ready."""
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Service:
+    """One restartable child process.
+
+    Attributes:
+        name: short name (``redis``, ``token-service``, ``relay-1``, ...).
+        argv: its command line.
+        env: its environment.
+        log_path: stdout and stderr are appended here (across restarts).
+        ready: an async check; True once the process serves.
+        process: the running process, if any.
+        starts: how many times it was started.
+        expected_exits: exits we caused (signals we sent).
+        unexpected_exits: exits nobody asked for (crashes): each one fails a run.
+    """
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready: Callable[[], Awaitable[bool]]
+    process: trio.Process | None = None
+    starts: int = 0
+    expected_exits: int = 0
+    unexpected_exits: list[int | None] = field(default_factory=list)
+    stopping: bool = False
+    _log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's pid."""
+        return self.process.pid if self.process is not None and self.process.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive (as far as ``poll`` knows)."""
+        return self.process is not None and self.process.poll() is None
+
+    async def start(self) -> float:
+        """Start it and wait until ``ready``; the seconds that took.
+
+        Raises:
+            FleetError: it exited, or was not ready within :data:`START_TIMEOUT_S`.
+        """
+        if self.running:
+            raise FleetError(f"{self.name} is already running")
+        if self._log is None:
+            self._log = self.log_path.open("ab")
+        self._log.write(f"\n==== chaos: start #{self.starts + 1} of {self.name}\n".encode())
+        self._log.flush()
+        started = trio.current_time()
+        self.process = await trio.lowlevel.open_process(
+            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env
+        )
+        self.starts += 1
+        with trio.move_on_after(START_TIMEOUT_S):
+            while True:
+                if self.process.poll() is not None:
+                    raise FleetError(
+                        f"{self.name} exited with {self.process.returncode} while starting:\n"
+                        + _tail(self.log_path)
+                    )
+                if await self.ready():
+                    return trio.current_time() - started
+                await trio.sleep(POLL_S)
+        await self.stop(signal.SIGKILL)
+        raise FleetError(f"{self.name} was not ready within {START_TIMEOUT_S:g} s:\n" + _tail(self.log_path))
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, *, wait_s: float = KILL_WAIT_S) -> int | None:
+        """Send ``sig`` and wait for the exit (SIGKILL after ``wait_s``); the exit status.
+
+        Cancellation:
+            Safe; a process left running is killed by :func:`open_fleet` at the end.
+        """
+        process = self.process
+        if process is None:
+            return None
+        self.stopping = True
+        try:
+            if process.poll() is None:
+                self.expected_exits += 1
+                process.send_signal(sig)
+                with trio.move_on_after(wait_s):
+                    await process.wait()
+                if process.poll() is None:
+                    process.kill()
+                    await process.wait()
+            return process.returncode
+        finally:
+            if process.poll() is None:  # cancelled while waiting: don't leave it behind
+                process.kill()
+            self.process = None
+            self.stopping = False
+
+    def check_crash(self) -> bool:
+        """Record (once) and report whether the process exited without being asked to."""
+        process = self.process
+        if self.stopping or process is None or process.poll() is None:
+            return False
+        self.unexpected_exits.append(process.returncode)
+        self.process = None
+        return True
+
+    def close_log(self) -> None:
+        """Close the log file."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class Fleet:
+    """The running fleet. Made by :func:`open_fleet`.
+
+    Attributes:
+        redis: the redis-server.
+        token_service: the token service.
+        relays: the relay nodes, ``relay-1`` ... ``relay-N``.
+        api_url: the token service's base URL.
+        redis_url: ``unix://...`` of the private Redis.
+        admin_key: the token service's admin bearer key.
+        relay_tuning: the relay flags from :data:`RELAY_TUNING` the relay CLI accepted.
+        relay_flags_missing: the ones it does not offer.
+    """
+
+    def __init__(self, work_dir: Path, log_dir: Path, *, nodes: int, client: httpx.AsyncClient) -> None:
+        self.work_dir = work_dir
+        self.log_dir = log_dir
+        self.nodes = nodes
+        self.http = client
+        self.admin_key = secrets.token_urlsafe(24)
+        self.redis_dir = Path(tempfile.mkdtemp(prefix="chaos-redis-"))  # short: unix socket path limit
+        self.redis_socket = self.redis_dir / "redis.sock"
+        self.redis_url = f"unix://{self.redis_socket}?db=0"
+        self.api_port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.api_port}"
+        self.relay_tuning: dict[str, str] = {}
+        self.relay_flags_missing: list[str] = []
+        self.redis: Service | None = None
+        self.token_service: Service | None = None
+        self.relays: list[Service] = []
+        self.relay_admin_ports: dict[str, int] = {}
+        self.relay_ports: dict[str, int] = {}
+
+    # ---------------------------------------------------------------------------- set-up
+
+    async def _prepare(self, log_level: str) -> None:
+        key = self.work_dir / "signing-key.jwk"
+        jwks = self.work_dir / "jwks.json"
+        result = await trio.run_process(
+            rescue_argv("keygen", "--out", str(key), "--force"), capture_stdout=True, env=child_env()
+        )
+        json.loads(result.stdout)  # a JWK set, or the run stops here
+        jwks.write_bytes(result.stdout)
+        relay_help = await trio.run_process(
+            rescue_argv("relay", "--help"),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=child_env(),
+        )
+        if relay_help.returncode != 0:
+            raise FleetError(
+                "`rescue relay --help` failed: " + relay_help.stderr.decode(errors="replace")[-500:]
+            )
+        offered = relay_help.stdout.decode()
+        for flag, value in RELAY_TUNING.items():
+            if flag in offered:
+                self.relay_tuning[flag] = value
+            else:
+                self.relay_flags_missing.append(flag)
+        relay_log_level = ["--log-level", log_level] if "--log-level" in offered else []
+
+        redis_binary = shutil.which("redis-server")
+        if redis_binary is None:
+            raise FleetError("redis-server is not installed (apt-get install redis-server)")
+        self.redis = Service(
+            "redis",
+            [redis_binary, "--port", "0", "--unixsocket", str(self.redis_socket), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.redis_dir), "--daemonize", "no"],
+            child_env(),
+            self.log_dir / "redis.log",
+            self._redis_ready,
+        )  # fmt: skip
+        env = child_env(
+            {
+                "BEACH_RESCUE_DISABLE_OIDC": "1",
+                "BEACH_DEV_ENABLE_FALLBACK_WS": "1",
+                "RESCUE_ADMIN_KEY": self.admin_key,
+            }
+        )
+        self.token_service = Service(
+            "token-service",
+            rescue_argv(
+                "token-service", "--signing-key", str(key), "--redis-url", self.redis_url,
+                "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", log_level,
+            ),
+            env,
+            self.log_dir / "token-service.log",
+            self._token_service_ready,
+        )  # fmt: skip
+        for i in range(1, self.nodes + 1):
+            node_id = f"relay-{i}"
+            port, admin_port = free_port(), free_port()
+            self.relay_ports[node_id] = port
+            self.relay_admin_ports[node_id] = admin_port
+            argv = rescue_argv(
+                "relay", "--keys", str(jwks), "--host", "127.0.0.1", "--port", str(port),
+                "--admin-port", str(admin_port), "--node-id", node_id,
+                "--token-service", self.api_url, "--redis-url", self.redis_url,
+                *relay_log_level,
+            )  # fmt: skip
+            for flag, value in self.relay_tuning.items():
+                argv += [flag, value]
+            self.relays.append(
+                Service(
+                    node_id, argv, child_env(), self.log_dir / f"{node_id}.log", self._relay_ready(node_id)
+                )
+            )
+
+    async def start(self, *, log_level: str = "INFO") -> None:
+        """Start everything and wait until every node is registered and ready.
+
+        Raises:
+            FleetError: a part did not start.
+        """
+        await self._prepare(log_level)
+        assert self.redis is not None
+        assert self.token_service is not None
+        await self.redis.start()
+        await self.token_service.start()
+        async with trio.open_nursery() as nursery:
+            for relay in self.relays:
+                nursery.start_soon(relay.start)
+        with trio.move_on_after(START_TIMEOUT_S):
+            # polls the token service over HTTP: there is nothing local to wait on
+            while set(await self.registered_nodes()) != {r.name for r in self.relays}:  # noqa: ASYNC110
+                await trio.sleep(POLL_S)
+            return
+        raise FleetError("relays did not all register with the token service in time")
+
+    # ---------------------------------------------------------------------------- checks
+
+    async def _get(self, url: str, **kwargs: Any) -> httpx.Response | None:
+        try:
+            return await self.http.get(url, timeout=HTTP_TIMEOUT_S, **kwargs)
+        except httpx.HTTPError:
+            return None
+
+    async def _redis_ready(self) -> bool:
+        return await redis_ping(self.redis_socket)
+
+    async def _token_service_ready(self) -> bool:
+        response = await self._get(f"{self.api_url}/healthz")
+        return response is not None and response.status_code == 200
+
+    def _relay_ready(self, node_id: str) -> Callable[[], Awaitable[bool]]:
+        async def ready() -> bool:
+            return await self.relay_ready(node_id)
+
+        return ready
+
+    async def relay_ready(self, node_id: str) -> bool:
+        """``/readyz`` of one node answers 200."""
+        response = await self._get(f"http://127.0.0.1:{self.relay_admin_ports[node_id]}/readyz")
+        return response is not None and response.status_code == 200
+
+    async def relay_stats(self, node_id: str) -> dict[str, Any] | None:
+        """``/debug/stats`` of one node, or ``None`` when it does not answer."""
+        response = await self._get(f"http://127.0.0.1:{self.relay_admin_ports[node_id]}/debug/stats")
+        if response is None or response.status_code != 200:
+            return None
+        try:
+            doc = response.json()
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    async def registered_nodes(self) -> list[str]:
+        """Node ids the token service sees as live and not draining ([] when it cannot tell)."""
+        response = await self._get(
+            f"{self.api_url}/v1/admin/nodes", headers={"authorization": f"Bearer {self.admin_key}"}
+        )
+        if response is None or response.status_code != 200:
+            return []
+        try:
+            nodes = response.json()["nodes"]
+            return sorted(n["id"] for n in nodes if not n.get("draining"))
+        except (ValueError, KeyError, TypeError):
+            return []
+
+    async def control_plane_ok(self, session_id: str) -> bool:
+        """A token can be minted right now (the probe session is never connected to)."""
+        try:
+            response = await self.http.post(
+                f"{self.api_url}/v1/fallback/token",
+                json={
+                    "session_id": session_id,
+                    "role": "host",
+                    "cohort_id": "dev",
+                    "client_version": "chaos-probe/1",
+                    "telemetry_opt_in": False,
+                },
+                timeout=HTTP_TIMEOUT_S,
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def relay(self, node_id: str) -> Service:
+        """The relay service named ``node_id``."""
+        for relay in self.relays:
+            if relay.name == node_id:
+                return relay
+        raise KeyError(node_id)
+
+    def services(self) -> list[Service]:
+        """Every service made so far: redis, token service, relays."""
+        return [s for s in (self.redis, self.token_service, *self.relays) if s is not None]
+
+    async def kill_all(self) -> None:
+        """Stop everything: relays first, then the token service, then Redis (SIGTERM, bounded)."""
+        async with trio.open_nursery() as nursery:
+            for relay in self.relays:
+                nursery.start_soon(relay.stop)
+        for service in (self.token_service, self.redis):
+            if service is not None:
+                await service.stop()
+        for service in self.services():
+            service.close_log()
+
+
+async def redis_ping(path: Path) -> bool:
+    """Whether a Redis on unix socket ``path`` answers PING (RESP inline command)."""
+    try:
+        with trio.move_on_after(HTTP_TIMEOUT_S):
+            stream = await trio.open_unix_socket(str(path))
+            async with stream:
+                await stream.send_all(b"PING\r\n")
+                return (await stream.receive_some(64)).startswith(b"+PONG")
+    except OSError:
+        return False
+    return False
+
+
+@contextlib.asynccontextmanager
+async def open_fleet(work_dir: Path, *, nodes: int, log_level: str = "INFO") -> AsyncIterator[Fleet]:
+    """Start a fleet under ``work_dir`` (logs in ``work_dir/logs``); stop it on the way out.
+
+    Raises:
+        FleetError: a part did not start (its log tail is in the message).
+    """
+    log_dir = work_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    async with httpx.AsyncClient() as client:
+        fleet = Fleet(work_dir, log_dir, nodes=nodes, client=client)
+        try:
+            await fleet.start(log_level=log_level)
+            yield fleet
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(3 * KILL_WAIT_S) as scope:
+                await fleet.kill_all()
+            if scope.cancelled_caught:
+                for service in fleet.services():
+                    if service.process is not None and service.process.poll() is None:
+                        service.process.kill()
+            shutil.rmtree(fleet.redis_dir, ignore_errors=True)

@@ -1,0 +1,446 @@
+"""Sessions that stream checksummed bytes both ways through the SDK, and what they observed.
+
+A :class:`SessionRun` is one host and one guest (``rescue.client.open_peer``, tokens from the token
+service) in this process. Each side writes a predictable stream (:mod:`chaos._stream`) at a fixed
+rate in random-sized chunks and verifies what it receives from the other side by content. A
+:class:`PeerTracker` turns each peer's connection events into *reconnect episodes*: an episode
+starts when a connection that had its WELCOME is lost and ends when the next WELCOME arrives
+(success) or when the peer gives up (failure).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from chaos._stream import Pattern, StreamCheck
+from rescue.client import (
+    BackoffPolicy,
+    Connected,
+    ConnectionEvent,
+    DataReceived,
+    PartnerEvent,
+    Peer,
+    Reconnecting,
+    SessionClosed,
+    open_peer,
+)
+from rescue.errors import RescueError
+from rescue.protocol import CloseCode
+from rescue.testing import abort_connection
+
+__all__ = [
+    "Episode",
+    "PeerTracker",
+    "SessionRun",
+    "Throughput",
+    "TrafficConfig",
+    "percentile",
+    "trio_task_count",
+]
+
+# Channel each role writes on (SPEC §2: 0 terminal output from the host, 1 terminal input).
+_CHANNEL: Final = {"host": 0, "guest": 1}
+# How often the drain at the end re-checks that every written byte arrived.
+_DRAIN_POLL_S: Final = 0.05
+# A writer that fell further behind its schedule than this (backpressure while the partner was
+# away) restarts the schedule instead of bursting to catch up.
+_MAX_LAG_S: Final = 1.0
+
+
+@dataclass(frozen=True)
+class TrafficConfig:
+    """What every session writes.
+
+    Attributes:
+        rate: bytes per second per direction.
+        chunk_min: smallest ``Peer.send`` call, bytes.
+        chunk_max: largest (kept below one frame's payload so a send is one frame).
+        drain_timeout_s: at the end, how long a session waits for its last bytes to arrive.
+    """
+
+    rate: float = 16 * 1024
+    chunk_min: int = 64
+    chunk_max: int = 8 * 1024
+    drain_timeout_s: float = 60.0
+
+
+class Throughput:
+    """Delivered bytes per second of run-clock time (all sessions together).
+
+    Args:
+        per_second: keep one bin per second (chaos plots); ``False`` keeps only the total, so a
+            24 h soak does not grow its own memory with the bins.
+    """
+
+    def __init__(self, *, per_second: bool = True) -> None:
+        self.bins: list[int] = []
+        self.total = 0
+        self.per_second = per_second
+
+    def add(self, now: float, size: int) -> None:
+        """Count ``size`` bytes delivered at run-clock time ``now``."""
+        self.total += size
+        if not self.per_second:
+            return
+        index = max(0, int(now))
+        if index >= len(self.bins):
+            self.bins.extend([0] * (index + 1 - len(self.bins)))
+        self.bins[index] += size
+
+    def recent(self, now: float, seconds: int = 3) -> float:
+        """Mean bytes/s over the last ``seconds`` whole seconds before run-clock time ``now``."""
+        end = int(now)
+        window = self.bins[max(0, end - seconds) : end]
+        return sum(window) / seconds if window else 0.0
+
+
+@dataclass
+class Episode:
+    """One reconnect: from losing a welcomed connection to the next WELCOME (or giving up).
+
+    Attributes:
+        peer: ``session/role``.
+        start: when the connection was lost (run clock).
+        cause: the first reason given (close code name or transport reason).
+        end: when it ended.
+        ok: True when a new connection got its WELCOME; False when the peer gave up.
+        attempts: connection attempts that failed within the episode.
+    """
+
+    peer: str
+    start: float
+    cause: str
+    end: float | None = None
+    ok: bool | None = None
+    attempts: int = 0
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from loss to outcome."""
+        return None if self.end is None else self.end - self.start
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer,
+            "start": round(self.start, 3),
+            "end": None if self.end is None else round(self.end, 3),
+            "ok": self.ok,
+            "cause": self.cause,
+            "failed_attempts": self.attempts,
+        }
+
+
+def _describe(code: int | None, reason: str) -> str:
+    if code is None:
+        return "no close code: " + reason[:60]
+    try:
+        return CloseCode(code).name
+    except ValueError:
+        return str(code)
+
+
+class PeerTracker:
+    """A peer's connection events, as counts and reconnect episodes.
+
+    Args:
+        name: ``session/role``.
+        clock: the run clock.
+        on_episode: called with each episode when it ends.
+    """
+
+    def __init__(self, name: str, clock: Callable[[], float], on_episode: Callable[[Episode], None]) -> None:
+        self.name = name
+        self.clock = clock
+        self.on_episode = on_episode
+        self.connected = False
+        self.ever_connected = False
+        self.node: str | None = None
+        self.connections = 0
+        self.reconnect_events = 0  # Reconnecting after the first WELCOME: attempts that follow
+        self.reconnect_welcomes = 0  # WELCOMEs after the first
+        self.causes: Counter[str] = Counter()
+        self.partner_events: Counter[str] = Counter()
+        self.episode: Episode | None = None
+        self.closed: SessionClosed | None = None
+        self.url_to_node: dict[str, str] = {}
+
+    def on_event(self, event: ConnectionEvent) -> None:
+        """The ``on_event`` callback of ``open_peer``."""
+        now = self.clock()
+        if isinstance(event, Connected):
+            self.connections += 1
+            if self.ever_connected:
+                self.reconnect_welcomes += 1
+            self.ever_connected = True
+            self.connected = True
+            self.node = self.url_to_node.get(event.relay_url, event.relay_url)
+            self._end_episode(now, ok=True)
+        elif isinstance(event, Reconnecting):
+            self.connected = False
+            if not self.ever_connected:
+                return  # still the first connection: not a reconnect
+            self.reconnect_events += 1
+            cause = _describe(event.code, event.reason)
+            self.causes[cause] += 1
+            if self.episode is None:
+                self.episode = Episode(self.name, now, cause)
+            else:
+                self.episode.attempts += 1
+        elif isinstance(event, SessionClosed):
+            self.connected = False
+            self.closed = event
+            # A NORMAL close (ours or the partner's) ends the session on purpose; the session's
+            # own checks notice if that happened before the end of the run.
+            if not event.local and event.code != CloseCode.NORMAL:
+                if self.episode is None:
+                    self.episode = Episode(self.name, now, "closed: " + _describe(event.code, event.reason))
+                self._end_episode(now, ok=False)
+        elif isinstance(event, PartnerEvent):
+            self.partner_events[event.event] += 1
+
+    def _end_episode(self, now: float, *, ok: bool) -> None:
+        episode = self.episode
+        if episode is None:
+            return
+        episode.end = now
+        episode.ok = ok
+        self.episode = None
+        self.on_episode(episode)
+
+    def finish(self) -> None:
+        """End of run: an episode still open never recovered (a failure)."""
+        self._end_episode(self.clock(), ok=False)
+
+
+@dataclass
+class SessionRun:
+    """One session: host and guest in this process, streaming both ways until ``stop`` is set.
+
+    Attributes:
+        session_id: the session id.
+        checks: ``host->guest`` and ``guest->host`` stream checks.
+        trackers: ``host`` and ``guest`` connection trackers.
+        peers: the open peers (while the session runs).
+        error: why the session failed, or ``None``.
+        peer_stats: each peer's final ``statistics()`` (resumes, retransmits, ...).
+        ended: when the session finished (run clock).
+    """
+
+    session_id: str
+    seed: int | str
+    config: TrafficConfig
+    clock: Callable[[], float]
+    throughput: Throughput
+    on_episode: Callable[[Episode], None]
+    url_to_node: dict[str, str] = field(default_factory=dict)
+    checks: dict[str, StreamCheck] = field(init=False)
+    trackers: dict[str, PeerTracker] = field(init=False)
+    peers: dict[str, Peer] = field(default_factory=dict)
+    error: str | None = None
+    peer_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    started: float | None = None
+    ended: float | None = None
+    stop: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        self.checks = {
+            "host->guest": StreamCheck(Pattern(f"{self.seed}:{self.session_id}:host->guest")),
+            "guest->host": StreamCheck(Pattern(f"{self.seed}:{self.session_id}:guest->host")),
+        }
+        self.trackers = {}
+        for role in ("host", "guest"):
+            tracker = PeerTracker(f"{self.session_id}/{role}", self.clock, self.on_episode)
+            tracker.url_to_node = self.url_to_node
+            self.trackers[role] = tracker
+
+    # ----------------------------------------------------------------------------- queries
+
+    @property
+    def failed(self) -> bool:
+        """Whether the session ended abnormally."""
+        return self.error is not None
+
+    @property
+    def both_connected(self) -> bool:
+        """Both peers hold a welcomed connection."""
+        return all(t.connected for t in self.trackers.values())
+
+    def nodes(self) -> set[str]:
+        """The nodes the peers were last welcomed by."""
+        return {t.node for t in self.trackers.values() if t.node is not None}
+
+    def abort(self, role: str) -> bool:
+        """Drop ``role``'s socket as a network failure would; False when it had none."""
+        peer = self.peers.get(role)
+        return peer is not None and abort_connection(peer)
+
+    def mark(self) -> None:
+        """Start a recovery watch on both directions (see :meth:`StreamCheck.mark`)."""
+        for check in self.checks.values():
+            check.mark()
+
+    @property
+    def recovered(self) -> bool:
+        """Both directions moved past the last mark (a failed session never recovers)."""
+        return not self.failed and all(c.recovered for c in self.checks.values())
+
+    def recovered_at(self) -> float | None:
+        """When the last of the two directions moved past the mark."""
+        times = [c.recovered_at for c in self.checks.values()]
+        if any(t is None for t in times):
+            return None
+        return max(t for t in times if t is not None)
+
+    # ----------------------------------------------------------------------------- running
+
+    async def run(
+        self, api_url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open both peers, stream until ``stop``, then drain and verify; never raises RescueError.
+
+        Cancellation:
+            Cancelling ends the session at once (no drain); ``error`` says so.
+        """
+        rng = random.Random(f"{self.seed}:{self.session_id}")
+        psk = rng.randbytes(32)  # any shared 32 bytes will do: the relay never sees it
+        started = False
+        try:
+            async with (
+                open_peer(
+                    api_url,
+                    self.session_id,
+                    "host",
+                    psk=psk,
+                    on_event=self.trackers["host"].on_event,
+                    backoff=BackoffPolicy(rng=random.Random(rng.random())),
+                ) as host,
+                open_peer(
+                    api_url,
+                    self.session_id,
+                    "guest",
+                    psk=psk,
+                    on_event=self.trackers["guest"].on_event,
+                    backoff=BackoffPolicy(rng=random.Random(rng.random())),
+                ) as guest,
+            ):
+                self.peers = {"host": host, "guest": guest}
+                self.started = self.clock()
+                task_status.started()
+                started = True
+                await self._stream(host, guest, rng)
+                for role, peer in self.peers.items():
+                    self.peer_stats[role] = _stats_json(peer)
+        except RescueError as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.peers = {}
+            self.ended = self.clock()
+            if not started:
+                task_status.started()
+
+    def _fail(self, why: str) -> None:
+        if self.error is None:
+            self.error = why[:300]
+
+    async def _stream(self, host: Peer, guest: Peer, rng: random.Random) -> None:
+        async with trio.open_nursery() as traffic:
+            traffic.start_soon(self._receive, guest, "host->guest", _CHANNEL["host"])
+            traffic.start_soon(self._receive, host, "guest->host", _CHANNEL["guest"])
+            async with trio.open_nursery() as writers:
+                writers.start_soon(self._write, host, "host->guest", random.Random(rng.random()))
+                writers.start_soon(self._write, guest, "guest->host", random.Random(rng.random()))
+            # Writers stop when `stop` is set (or the session failed): wait for the last bytes.
+            with trio.move_on_after(self.config.drain_timeout_s):
+                # polls counters two receiver tasks advance (no event for "both caught up")
+                while not self.failed and any(  # noqa: ASYNC110
+                    c.delivered < c.sent for c in self.checks.values()
+                ):
+                    await trio.sleep(_DRAIN_POLL_S)
+            if not self.failed and any(c.delivered != c.sent for c in self.checks.values()):
+                self._fail("bytes missing after the drain timeout")
+            traffic.cancel_scope.cancel()
+
+    async def _write(self, peer: Peer, direction: str, rng: random.Random) -> None:
+        check = self.checks[direction]
+        config = self.config
+        channel = _CHANNEL[direction.split("->")[0]]
+        due = trio.current_time()
+        while not self.stop.is_set() and not self.failed:
+            size = rng.randint(config.chunk_min, config.chunk_max)
+            data = check.pattern.slice(check.sent, size)
+            try:
+                await peer.send(channel, data)
+            except RescueError as exc:
+                self._fail(f"{direction} send: {type(exc).__name__}: {exc}")
+                return
+            check.sent += size
+            due += size / config.rate
+            now = trio.current_time()
+            if now - due > _MAX_LAG_S:
+                due = now
+            with trio.move_on_at(due):
+                await self.stop.wait()
+
+    async def _receive(self, peer: Peer, direction: str, channel: int) -> None:
+        check = self.checks[direction]
+        while True:
+            try:
+                message = await peer.receive()
+            except trio.EndOfChannel:
+                if not self.stop.is_set():
+                    self._fail(f"{direction}: the session ended early")
+                return
+            except RescueError as exc:
+                self._fail(f"{direction} receive: {type(exc).__name__}: {exc}")
+                return
+            if not isinstance(message, DataReceived) or message.channel != channel:
+                self._fail(f"{direction}: unexpected {message!r:.80}")
+                continue
+            now = self.clock()
+            check.receive(message.data, now)
+            self.throughput.add(now, len(message.data))
+
+
+def _stats_json(peer: Peer) -> dict[str, Any]:
+    s = peer.statistics()
+    return {
+        "connections": s.connections,
+        "integrity_failures": s.integrity_failures,
+        "stale_key_frames": s.stale_key_frames,
+        "resumes": s.sender.resumes,
+        "retransmitted_frames": s.sender.retransmitted_frames,
+        "peak_buffered_bytes": s.sender.peak_buffered_bytes,
+        "duplicates_dropped": s.receiver.duplicates_dropped,
+        "delivered_frames": s.receiver.delivered_frames,
+    }
+
+
+def trio_task_count() -> int:
+    """Live tasks in this trio run (the whole tree under the root task)."""
+    count = 0
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        if task is None:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0-1) by linear interpolation, or ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)

@@ -1,0 +1,633 @@
+"""Chaos harness (SPEC §10 "chaos"): a real fleet, streaming sessions, random faults, verdict.
+
+Usage (from the repository root)::
+
+    .venv/bin/python chaos/run.py --quick                     # ~30 s: 2 sessions, 1 node, 5 faults
+    .venv/bin/python chaos/run.py --duration 5m --sessions 8 --nodes 2 --seed 7
+
+What runs (everything on 127.0.0.1): a private redis-server (unix socket, no persistence),
+``rescue token-service`` with a throwaway key, ``--nodes`` ``rescue relay`` processes registered in
+Redis, and ``--sessions`` sessions (host + guest through the SDK in this process) that stream
+predictable bytes both ways at ``--rate`` per direction. A seeded fault injector
+(:mod:`chaos._faults`) drops peers' sockets, SIGKILLs/SIGTERMs relays, restarts Redis and the
+token service, one fault at a time, and times how long the fleet takes to recover from each.
+
+Targets (SPEC §10): at least 99.5 % of reconnects succeed; zero application bytes lost,
+duplicated or reordered (verified by content); plus every fault recovered and no process exited
+unasked. The run exits 1 when any is missed, 2 on a harness error.
+
+Outputs in ``--out`` (default ``chaos/out``), under a time-stamped directory: ``report.json``,
+``report.md`` (the table printed at the end), ``throughput.png``, ``recovery.png`` and every
+process's log under ``logs/``; ``chaos/out/latest`` points at the newest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+if __package__ in (None, ""):  # run as a script: make `chaos` (and `rescue`) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import trio
+
+from chaos._faults import FAULT_KINDS, FaultInjector, FaultPlan, FaultRecord
+from chaos._fleet import Fleet, FleetError, open_fleet
+from chaos._report import fmt_duration, machine_info, parse_duration, render_table, write_json
+from chaos._traffic import Episode, SessionRun, Throughput, TrafficConfig, percentile
+
+__all__ = ["ChaosConfig", "main", "run_chaos"]
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+# SPEC §10: at least this share of reconnects must succeed.
+TARGET_RECONNECT_PCT: Final = 99.5
+# Every session must be connected and flowing both ways before the first fault.
+WARMUP_TIMEOUT_S: Final = 60.0
+# How often the unexpected-exit watcher looks at the processes.
+CRASH_POLL_S: Final = 0.5
+
+DEFAULT_WEIGHTS: Final = {
+    "peer_abort": 3,
+    "relay_sigkill": 2,
+    "relay_sigterm": 1,
+    "redis_restart": 1,
+    "token_service_restart": 1,
+}
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """One run's settings (from :func:`parse_args`; see ``--help`` for each)."""
+
+    duration: float
+    sessions: int
+    nodes: int
+    seed: int
+    quick: bool
+    faults: int | None
+    rate: float
+    gap: tuple[float, float]
+    outage: tuple[float, float]
+    recovery_timeout: float
+    weights: dict[str, int]
+    progress: float
+    out: Path
+    log_level: str
+
+
+def _pair(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition(",")
+    a, b = parse_duration(lo), parse_duration(hi or lo)
+    if a > b:
+        raise ValueError(f"min above max in {text!r}")
+    return a, b
+
+
+def _weights(text: str) -> dict[str, int]:
+    weights = dict.fromkeys(FAULT_KINDS, 0)
+    for item in text.split(","):
+        kind, _, n = item.partition("=")
+        if kind.strip() not in weights:
+            raise ValueError(f"unknown fault kind {kind!r} (kinds: {', '.join(FAULT_KINDS)})")
+        weights[kind.strip()] = int(n or "1")
+    return weights
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
+    """Parse the command line; ``--quick`` fills in small defaults for anything not given."""
+    p = argparse.ArgumentParser(
+        prog="chaos/run.py",
+        description="Chaos run against a real local fleet; exits 1 when a SPEC §10 target is missed.",
+    )
+    p.add_argument("--duration", type=parse_duration, default=None, help="fault phase, e.g. 90s, 5m (3m)")
+    p.add_argument("--sessions", type=int, default=None, help="concurrent sessions (8)")
+    p.add_argument("--nodes", type=int, default=None, help="relay nodes (2)")
+    p.add_argument("--seed", type=int, default=1, help="RNG seed for faults and traffic (1)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small run: 2 sessions, 1 node, 5 faults (one of each kind), short gaps and outages",
+    )
+    p.add_argument("--faults", type=int, default=None, help="stop after this many faults (no limit)")
+    p.add_argument("--rate", type=float, default=16 * 1024, help="bytes/s per direction per session (16384)")
+    p.add_argument("--gap", type=_pair, default=None, help="calm between faults, MIN,MAX (2s,6s)")
+    p.add_argument("--outage", type=_pair, default=None, help="time a stopped process stays down (0.5s,4s)")
+    p.add_argument(
+        "--recovery-timeout", type=parse_duration, default=90.0, help="a fault must recover within (90s)"
+    )
+    p.add_argument(
+        "--weights",
+        type=_weights,
+        default=None,
+        help="fault mix, e.g. peer_abort=3,relay_sigkill=2,relay_sigterm=1,redis_restart=1,"
+        "token_service_restart=1 (that is the default; --quick uses 1 each)",
+    )
+    p.add_argument("--progress", type=parse_duration, default=None, help="progress line interval (5s)")
+    p.add_argument("--out", type=Path, default=ROOT / "chaos" / "out", help="output directory")
+    p.add_argument("--log-level", default="INFO", help="log level of the fleet processes (INFO)")
+    ns = p.parse_args(argv)
+    quick: bool = ns.quick
+    if (ns.sessions is not None and ns.sessions < 1) or (ns.nodes is not None and ns.nodes < 1):
+        p.error("--sessions and --nodes must be >= 1")
+
+    def pick(given: Any, small: Any, full: Any) -> Any:
+        if given is not None:
+            return given
+        return small if quick else full
+
+    return ChaosConfig(
+        duration=pick(ns.duration, 30.0, 180.0),
+        sessions=pick(ns.sessions, 2, 8),
+        nodes=pick(ns.nodes, 1, 2),
+        seed=ns.seed,
+        quick=quick,
+        faults=pick(ns.faults, 5, None),
+        rate=ns.rate,
+        gap=pick(ns.gap, (0.3, 1.0), (2.0, 6.0)),
+        outage=pick(ns.outage, (0.2, 1.0), (0.5, 4.0)),
+        recovery_timeout=ns.recovery_timeout,
+        weights=pick(ns.weights, dict.fromkeys(FAULT_KINDS, 1), dict(DEFAULT_WEIGHTS)),
+        progress=pick(ns.progress, 2.0, 5.0),
+        out=ns.out,
+        log_level=ns.log_level,
+    )
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+class _Run:
+    """State of one chaos run, shared by its tasks."""
+
+    def __init__(self, config: ChaosConfig, fleet: Fleet, out_dir: Path) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.out_dir = out_dir
+        self.origin = trio.current_time()
+        self.throughput = Throughput()
+        self.episodes: list[Episode] = []
+        self.crashes: list[dict[str, Any]] = []
+        url_to_node = {f"ws://127.0.0.1:{port}/v1/connect": node for node, port in fleet.relay_ports.items()}
+        traffic = TrafficConfig(rate=config.rate)
+        run_tag = f"{config.seed}-{os.getpid()}"
+        self.sessions = [
+            SessionRun(
+                f"chaos-{run_tag}-{i}",
+                seed=config.seed,
+                config=traffic,
+                clock=self.clock,
+                throughput=self.throughput,
+                on_episode=self.episodes.append,
+                url_to_node=url_to_node,
+            )
+            for i in range(config.sessions)
+        ]
+        self.injector = FaultInjector(
+            fleet, lambda: self.sessions, _plan(config), seed=config.seed, clock=self.clock, log=self.log
+        )
+        self.phase = "starting"
+
+    def clock(self) -> float:
+        return trio.current_time() - self.origin
+
+    def log(self, line: str) -> None:
+        print(f"[{self.clock():7.1f}s] {line}", flush=True)
+
+    async def progress(self) -> None:
+        while True:
+            await trio.sleep(self.config.progress)
+            kinds = Counter(r.kind for r in self.injector.records)
+            ok = sum(1 for e in self.episodes if e.ok)
+            open_now = sum(1 for s in self.sessions for t in s.trackers.values() if t.episode is not None)
+            delivered = sum(c.delivered for s in self.sessions for c in s.checks.values())
+            bad = sum(c.mismatched_chunks for s in self.sessions for c in s.checks.values())
+            live = sum(1 for s in self.sessions if s.both_connected)
+            failed = sum(1 for s in self.sessions if s.failed)
+            mix = " ".join(f"{k}={n}" for k, n in sorted(kinds.items())) or "-"
+            self.log(
+                f"{self.phase:<8} faults={len(self.injector.records)} ({mix}) "
+                f"reconnects ok={ok}/{len(self.episodes)} open={open_now} "
+                f"sessions connected={live}/{len(self.sessions)} failed={failed} "
+                f"delivered={delivered / 2**20:.1f}MiB bad_chunks={bad} "
+                f"tput={self.throughput.recent(self.clock()) / 1024:.0f}KiB/s load={os.getloadavg()[0]:.1f}"
+            )
+
+    async def watch_crashes(self) -> None:
+        """A process that exits unasked is a failure; it is recorded and started again."""
+        while True:
+            await trio.sleep(CRASH_POLL_S)
+            for service in self.fleet.services():
+                if service.check_crash():
+                    status = service.unexpected_exits[-1]
+                    self.crashes.append(
+                        {"service": service.name, "status": status, "at": round(self.clock(), 3)}
+                    )
+                    self.log(f"!! {service.name} exited unasked with status {status}; starting it again")
+                    with contextlib.suppress(FleetError):
+                        await service.start()
+
+    async def warm_up(self) -> None:
+        with trio.move_on_after(WARMUP_TIMEOUT_S):
+            while not all(  # noqa: ASYNC110 -- polls state many tasks update; no one event to wait on
+                s.failed or (s.both_connected and all(c.delivered > 0 for c in s.checks.values()))
+                for s in self.sessions
+            ):
+                await trio.sleep(0.05)
+            return
+        raise FleetError("sessions did not all connect and start flowing within the warm-up")
+
+    async def run(self) -> None:
+        config = self.config
+        async with trio.open_nursery() as background:
+            background.start_soon(self.progress)
+            background.start_soon(self.watch_crashes)
+            async with trio.open_nursery() as sessions:
+                for session in self.sessions:
+                    await sessions.start(session.run, self.fleet.api_url)
+                await self.warm_up()
+                self.phase = "faults"
+                self.log(
+                    f"all {len(self.sessions)} sessions flowing; injecting faults for "
+                    f"{fmt_duration(config.duration)}"
+                    + (f" (at most {config.faults})" if config.faults is not None else "")
+                )
+                await self.injector.run(until=self.clock() + config.duration)
+                self.phase = "draining"
+                self.log("fault phase over; stopping writers and verifying every byte")
+                for session in self.sessions:
+                    session.stop.set()
+            background.cancel_scope.cancel()
+        for session in self.sessions:
+            for tracker in session.trackers.values():
+                tracker.finish()
+
+
+def _plan(config: ChaosConfig) -> FaultPlan:
+    return FaultPlan(
+        weights=config.weights,
+        gap=config.gap,
+        outage=config.outage,
+        max_faults=config.faults,
+        recovery_timeout_s=config.recovery_timeout,
+    )
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _episode_fault(episode: Episode, faults: list[FaultRecord]) -> str:
+    for fault in faults:
+        end = fault.recovered if fault.recovered is not None else fault.start + 1e9
+        if fault.start - 0.5 <= episode.start <= end:
+            return fault.kind
+    return "(none)"
+
+
+def build_report(run: _Run) -> dict[str, Any]:
+    """Everything measured, the targets and the verdict, as a JSON-ready dict."""
+    config = run.config
+    faults = run.injector.records
+    episodes = run.episodes
+
+    by_kind: dict[str, Any] = {}
+    for kind in FAULT_KINDS:
+        records = [f for f in faults if f.kind == kind]
+        times = [f.recovery_s for f in records if f.recovery_s is not None]
+        eps = [e for e in episodes if _episode_fault(e, faults) == kind]
+        by_kind[kind] = {
+            "injected": len(records),
+            "recovered": len(times),
+            "recovery_p50_s": _r(percentile(times, 0.5)),
+            "recovery_p95_s": _r(percentile(times, 0.95)),
+            "recovery_max_s": _r(max(times, default=None)),
+            "reconnects": len(eps),
+            "reconnects_ok": sum(1 for e in eps if e.ok),
+        }
+
+    ok_eps = [e for e in episodes if e.ok]
+    trackers = [t for s in run.sessions for t in s.trackers.values()]
+    attempts = sum(t.reconnect_events for t in trackers)
+    welcomes = sum(t.reconnect_welcomes for t in trackers)
+    causes: Counter[str] = Counter()
+    for t in trackers:
+        causes.update(t.causes)
+    reconnect_pct = 100.0 * len(ok_eps) / len(episodes) if episodes else None
+    durations = [e.duration for e in ok_eps if e.duration is not None]
+
+    directions: list[dict[str, Any]] = []
+    for s in run.sessions:
+        for name, c in s.checks.items():
+            directions.append(
+                {
+                    "session": s.session_id,
+                    "direction": name,
+                    "sent": c.sent,
+                    "delivered": c.delivered,
+                    "chunks": c.chunks,
+                    "mismatched_chunks": c.mismatched_chunks,
+                    "first_mismatch": c.first_mismatch,
+                }
+            )
+    sent = sum(d["sent"] for d in directions)
+    delivered = sum(d["delivered"] for d in directions)
+    missing = sum(max(0, d["sent"] - d["delivered"]) for d in directions)
+    extra = sum(max(0, d["delivered"] - d["sent"]) for d in directions)
+    mismatched = sum(d["mismatched_chunks"] for d in directions)
+    failed_sessions = {s.session_id: s.error for s in run.sessions if s.failed}
+    peer_totals: Counter[str] = Counter()
+    for s in run.sessions:
+        for stats in s.peer_stats.values():
+            peer_totals.update({k: v for k, v in stats.items() if k != "peak_buffered_bytes"})
+
+    unrecovered = [f.index for f in faults if f.recovered is None]
+    targets = [
+        _target(
+            "reconnects succeed",
+            f">= {TARGET_RECONNECT_PCT} % (and at least one)",
+            "n/a" if reconnect_pct is None else f"{reconnect_pct:.2f} % ({len(ok_eps)}/{len(episodes)})",
+            reconnect_pct is not None and reconnect_pct >= TARGET_RECONNECT_PCT,
+        ),
+        _target(
+            "bytes lost/duplicated/reordered",
+            "0",
+            f"{missing} missing, {extra} extra, {mismatched} bad chunks of {delivered} B verified",
+            missing == 0 and extra == 0 and mismatched == 0 and delivered > 0,
+        ),
+        _target(
+            "sessions survived",
+            "all",
+            f"{len(run.sessions) - len(failed_sessions)}/{len(run.sessions)}",
+            not failed_sessions,
+        ),
+        _target(
+            "faults recovered",
+            f"all, each within {config.recovery_timeout:g} s (and at least one fault)",
+            f"{len(faults) - len(unrecovered)}/{len(faults)}",
+            bool(faults) and not unrecovered,
+        ),
+        _target("unasked process exits", "0", str(len(run.crashes)), not run.crashes),
+    ]
+    return {
+        "kind": "chaos",
+        "pass": all(t["pass"] for t in targets),
+        "targets": targets,
+        "config": {
+            "duration_s": config.duration,
+            "sessions": config.sessions,
+            "nodes": config.nodes,
+            "seed": config.seed,
+            "quick": config.quick,
+            "max_faults": config.faults,
+            "rate_bytes_per_s": config.rate,
+            "gap_s": list(config.gap),
+            "outage_s": list(config.outage),
+            "recovery_timeout_s": config.recovery_timeout,
+            "weights": config.weights,
+            "relay_tuning": run.fleet.relay_tuning,
+            "relay_flags_missing": run.fleet.relay_flags_missing,
+        },
+        "machine": machine_info(),
+        "elapsed_s": round(run.clock(), 3),
+        "faults": {"total": len(faults), "by_kind": by_kind, "records": [f.to_json() for f in faults]},
+        "reconnects": {
+            "episodes": len(episodes),
+            "ok": len(ok_eps),
+            "failed": len(episodes) - len(ok_eps),
+            "success_pct": _r(reconnect_pct),
+            "duration_p50_s": _r(percentile(durations, 0.5)),
+            "duration_p95_s": _r(percentile(durations, 0.95)),
+            "attempts": attempts,
+            "attempts_welcomed": welcomes,
+            "attempt_success_pct": _r(100.0 * welcomes / attempts if attempts else None),
+            "causes": dict(causes.most_common()),
+            "failed_episodes": [e.to_json() for e in episodes if not e.ok],
+        },
+        "bytes": {
+            "sent": sent,
+            "delivered": delivered,
+            "missing": missing,
+            "extra": extra,
+            "mismatched_chunks": mismatched,
+            "directions": directions,
+        },
+        "sessions": {"total": len(run.sessions), "failed": failed_sessions, "peer_totals": dict(peer_totals)},
+        "crashes": run.crashes,
+        "services": {
+            s.name: {"starts": s.starts, "expected_exits": s.expected_exits, "unexpected": s.unexpected_exits}
+            for s in run.fleet.services()
+        },
+        "throughput_bytes_per_s": run.throughput.bins,
+    }
+
+
+def _r(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _target(name: str, target: str, value: str, ok: bool) -> dict[str, Any]:
+    return {"name": name, "target": target, "value": value, "pass": ok}
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The human-readable summary (Markdown)."""
+    c = report["config"]
+    m = report["machine"]
+    lines = [
+        f"# Chaos run: {'PASS' if report['pass'] else 'FAIL'}",
+        "",
+        f"{c['sessions']} sessions x 2 directions at {c['rate_bytes_per_s'] / 1024:g} KiB/s, "
+        f"{c['nodes']} relay node(s), fault phase {fmt_duration(c['duration_s'])}, seed {c['seed']}; "
+        f"run took {fmt_duration(report['elapsed_s'])}. Machine: {m['cpus']} CPUs, "
+        f"loadavg at the end {m['loadavg']}.",
+        "",
+        "## Faults and recovery",
+        "",
+    ]
+    rows = []
+    for kind, k in report["faults"]["by_kind"].items():
+        if k["injected"] == 0:
+            continue
+        rows.append(
+            [
+                kind,
+                k["injected"],
+                k["recovered"],
+                k["reconnects"],
+                k["reconnects_ok"],
+                _s(k["recovery_p50_s"]),
+                _s(k["recovery_p95_s"]),
+                _s(k["recovery_max_s"]),
+            ]
+        )
+    lines.append(
+        render_table(
+            ["fault", "injected", "recovered", "reconnects", "ok", "recovery P50", "P95", "max"], rows
+        )
+    )
+    r = report["reconnects"]
+    b = report["bytes"]
+    lines += [
+        "",
+        f"Reconnects (a welcomed connection lost → the next WELCOME): {r['ok']}/{r['episodes']} succeeded "
+        f"({_pct(r['success_pct'])}), duration P50 {_s(r['duration_p50_s'])}, P95 {_s(r['duration_p95_s'])}. "
+        f"Individual connection attempts: {r['attempts_welcomed']}/{r['attempts']} got a WELCOME "
+        f"({_pct(r['attempt_success_pct'])}; the rest hit a node or control plane that was down, "
+        "as intended).",
+        "",
+        f"Bytes: {b['sent']:,} written, {b['delivered']:,} delivered and verified by content; "
+        f"{b['missing']} missing, {b['extra']} extra, {b['mismatched_chunks']} chunks out of place.",
+        "",
+        "## Targets",
+        "",
+        render_table(
+            ["target", "required", "measured", "verdict"],
+            [
+                [t["name"], t["target"], t["value"], "PASS" if t["pass"] else "FAIL"]
+                for t in report["targets"]
+            ],
+        ),
+    ]
+    if r["causes"]:
+        lines += ["", "Why connections were lost or attempts failed: "
+                  + ", ".join(f"{k} x{v}" for k, v in r["causes"].items())]  # fmt: skip
+    if report["sessions"]["failed"]:
+        lines += ["", "Failed sessions:"] + [f"- {k}: {v}" for k, v in report["sessions"]["failed"].items()]
+    if report["crashes"]:
+        lines += ["", "Unasked exits:"] + [f"- {c}" for c in report["crashes"]]
+    missing = c["relay_flags_missing"]
+    if missing:
+        lines += ["", f"Note: the relay CLI does not offer {', '.join(missing)}; relay defaults were used."]
+    return "\n".join(lines) + "\n"
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} s"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} %"
+
+
+def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """throughput.png (with fault markers) and recovery.png (histogram by fault kind)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(
+        zip(FAULT_KINDS, ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"], strict=True)
+    )
+    written = []
+    bins = report["throughput_bytes_per_s"]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    ax.plot(range(len(bins)), [b / 1024 for b in bins], color="black", linewidth=1, label="delivered")
+    seen: set[str] = set()
+    for f in report["faults"]["records"]:
+        kind = f["kind"]
+        label = kind if kind not in seen else None
+        seen.add(kind)
+        ax.axvline(f["start"], color=colors[kind], linewidth=1.2, label=label)
+        end = f["recovered"] if f["recovered"] is not None else f["start"] + 1
+        ax.axvspan(f["start"], end, color=colors[kind], alpha=0.12)
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("KiB/s delivered (all sessions, both directions)")
+    ax.set_title("Chaos: throughput with faults (line: fault; band: until recovered)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    data, labels, cols = [], [], []
+    for kind in FAULT_KINDS:
+        times = [
+            f["recovery_s"] for f in report["faults"]["records"] if f["kind"] == kind and f["recovery_s"]
+        ]
+        if times:
+            data.append(times)
+            labels.append(kind)
+            cols.append(colors[kind])
+    if data:
+        ax.hist(data, bins=20, stacked=True, label=labels, color=cols)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("seconds from fault to recovery")
+    ax.set_ylabel("faults")
+    ax.set_title("Chaos: recovery time by fault kind")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "recovery.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+async def run_chaos(config: ChaosConfig) -> tuple[dict[str, Any], Path]:
+    """One chaos run; (the report, its output directory).
+
+    Raises:
+        FleetError: the fleet could not be started, or the sessions never started flowing.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = config.out / f"chaos-{stamp}-seed{config.seed}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"chaos: output in {out_dir}", flush=True)
+    async with open_fleet(out_dir, nodes=config.nodes, log_level=config.log_level) as fleet:
+        run = _Run(config, fleet, out_dir)
+        run.log(
+            f"fleet up: redis, token service {fleet.api_url}, {len(fleet.relays)} relay(s); "
+            f"relay tuning {fleet.relay_tuning or 'none'}"
+            + (f", not offered: {fleet.relay_flags_missing}" if fleet.relay_flags_missing else "")
+        )
+        await run.run()
+        report = build_report(run)
+    return report, out_dir
+
+
+def _link_latest(out_dir: Path) -> None:
+    latest = out_dir.parent / "latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(out_dir.name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run, write the report, print the table; 0 pass, 1 a target missed, 2 harness error."""
+    config = parse_args(argv)
+    try:
+        report, out_dir = trio.run(run_chaos, config)
+    except FleetError as exc:
+        print(f"chaos: error: {exc}", file=sys.stderr)
+        return 2
+    write_json(out_dir / "report.json", report)
+    text = render_report(report)
+    (out_dir / "report.md").write_text(text)
+    try:
+        write_plots(report, out_dir)
+    except Exception as exc:  # plots are a convenience; the verdict is in report.json
+        print(f"chaos: plots not written: {exc}", file=sys.stderr)
+    _link_latest(out_dir)
+    print()
+    print(text)
+    print(f"report: {out_dir / 'report.json'}")
+    return 0 if report["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Soak harness for SPEC §10 (run ``python soak/run.py --help``)."""
