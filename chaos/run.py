@@ -610,10 +610,15 @@ def _link_latest(out_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, write the report, print the table; 0 pass, 1 a target missed, 2 harness error."""
     config = parse_args(argv)
+    failure: FleetError | None = None
     try:
         report, out_dir = trio.run(run_chaos, config)
-    except FleetError as exc:
-        print(f"chaos: error: {exc}", file=sys.stderr)
+    except* FleetError as group:
+        failure = (
+            group.exceptions[0] if isinstance(group.exceptions[0], FleetError) else FleetError(str(group))
+        )
+    if failure is not None:
+        print(f"chaos: error: {failure}", file=sys.stderr)
         return 2
     write_json(out_dir / "report.json", report)
     text = render_report(report)

@@ -171,7 +171,9 @@ class _Soak:
         self.durations: collections.deque[float] = collections.deque(maxlen=MAX_KEPT_DURATIONS)
         self.aborts = 0
         self.peer_totals: collections.Counter[str] = collections.Counter()
-        self.samples: list[dict[str, float | None]] = []
+        # Samples as tuples in `columns` order: a 24 h run keeps ~1,500 of them, and dicts would
+        # make this process's own memory grow more than the tolerance it is judged by.
+        self.samples: list[tuple[float | None, ...]] = []
         self.columns: list[str] = []
         self.relay_task_field: str | None = None
         self.after_load: dict[str, Any] = {}
@@ -283,6 +285,14 @@ class _Soak:
                     self.relay_task_field = field
                     break
             row[f"{relay.name}.tasks"] = tasks
+        # Rendezvous hashing moves the population between nodes at random as sessions churn, so a
+        # node's fds and table sizes follow its share of the load. What must stay flat is the
+        # fleet's total and each node's descriptors beyond one per live connection.
+        row["relays.sessions"] = _total(row, [f"{r.name}.sessions" for r in self.fleet.relays])
+        row["relays.connections"] = _total(row, [f"{r.name}.connections" for r in self.fleet.relays])
+        for relay in self.fleet.relays:
+            fds, conns = row[f"{relay.name}.fds"], row[f"{relay.name}.connections"]
+            row[f"{relay.name}.fds_beyond_conns"] = None if fds is None or conns is None else fds - conns
         row["loadgen.tasks"] = trio_task_count()
         row["live_sessions"] = len(self.live)
         row["completed_sessions"] = self.completed
@@ -319,12 +329,31 @@ class _Soak:
         )
         return " | ".join(parts)
 
+    def keep(self, row: dict[str, float | None]) -> None:
+        """Store a sample (the first one fixes the columns)."""
+        if not self.columns:
+            self.columns = list(row)
+        self.samples.append(tuple(row.get(c) for c in self.columns))
+
+    def column(self, key: str) -> tuple[list[float], list[float]]:
+        """(times, values) of one column, skipping gaps and the after-load sample."""
+        if key not in self.columns:
+            return [], []
+        ti, vi = self.columns.index("t"), self.columns.index(key)
+        ts, ys = [], []
+        for row in self.samples[:-1]:  # the last sample is after the load stopped
+            t, value = row[ti], row[vi]
+            if value is not None and t is not None:
+                ts.append(t)
+                ys.append(value)
+        return ts, ys
+
     async def sampler(self) -> None:
         previous = None
         next_at = trio.current_time()
         while True:
             row = await self.take_sample()
-            self.samples.append(row)
+            self.keep(row)
             self.log(self._line(row, previous))
             previous = row
             next_at += self.config.interval
@@ -365,7 +394,7 @@ class _Soak:
                 self.stopping.set()
                 self.log("duration reached; closing every session (drain and verify)")
             background.cancel_scope.cancel()
-        self.samples.append(await self.take_sample())
+        self.keep(await self.take_sample())
         await self.wait_tables_empty()
 
 
@@ -376,6 +405,13 @@ def _num(doc: dict[str, Any] | None, key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+def _total(row: dict[str, float | None], keys: list[str]) -> float | None:
+    values = [row.get(k) for k in keys]
+    if any(v is None for v in values):
+        return None
+    return sum(v for v in values if v is not None)
 
 
 def _mib(kb: float | None) -> str:
@@ -390,13 +426,7 @@ def _i(x: float | None) -> str:
 
 
 def _series(soak: _Soak, key: str) -> tuple[list[float], list[float]]:
-    ts, ys = [], []
-    for row in soak.samples[:-1]:  # the last sample is after the load stopped
-        value = row.get(key)
-        if value is not None:
-            ts.append(float(row["t"] or 0))
-            ys.append(float(value))
-    return ts, ys
+    return soak.column(key)
 
 
 def build_report(soak: _Soak) -> dict[str, Any]:
@@ -412,16 +442,16 @@ def build_report(soak: _Soak) -> dict[str, Any]:
         checks.append({"process": process, "metric": metric, "unit": unit, **result.to_json()})
         return result
 
-    names = [r.name for r in soak.fleet.relays] + ["token-service", "loadgen"]
-    for name in names:
+    for relay in soak.fleet.relays:
+        judge(relay.name, "rss", f"{relay.name}.rss_kb", RSS_TOLERANCE, "KiB")
+        judge(relay.name, "fds beyond connections", f"{relay.name}.fds_beyond_conns", FD_TOLERANCE, "fds")
+        if soak.relay_task_field is not None:
+            judge(relay.name, "tasks", f"{relay.name}.tasks", TASK_TOLERANCE, "tasks")
+    judge("all relays", "sessions", "relays.sessions", TABLE_TOLERANCE, "sessions")
+    judge("all relays", "connections", "relays.connections", TABLE_TOLERANCE, "connections")
+    for name in ("token-service", "loadgen"):
         judge(name, "rss", f"{name}.rss_kb", RSS_TOLERANCE, "KiB")
         judge(name, "fds", f"{name}.fds", FD_TOLERANCE, "fds")
-    relay_tasks_reported = soak.relay_task_field is not None
-    for relay in soak.fleet.relays:
-        if relay_tasks_reported:
-            judge(relay.name, "tasks", f"{relay.name}.tasks", TASK_TOLERANCE, "tasks")
-        judge(relay.name, "sessions", f"{relay.name}.sessions", TABLE_TOLERANCE, "sessions")
-        judge(relay.name, "connections", f"{relay.name}.connections", TABLE_TOLERANCE, "connections")
     judge("loadgen", "tasks", "loadgen.tasks", TASK_TOLERANCE, "tasks")
 
     tables = soak.after_load.get("tables", {})
@@ -595,15 +625,10 @@ def render_report(report: dict[str, Any]) -> str:
 
 def write_samples_csv(soak: _Soak, path: Path) -> None:
     """Every sample as one CSV row."""
-    keys: list[str] = []
-    for row in soak.samples:
-        for key in row:
-            if key not in keys:
-                keys.append(key)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(soak.samples)
+        writer = csv.writer(f)
+        writer.writerow(soak.columns)
+        writer.writerows(["" if v is None else v for v in row] for row in soak.samples)
 
 
 def write_plot(soak: _Soak, report: dict[str, Any], path: Path) -> None:
@@ -682,10 +707,15 @@ async def run_soak(config: SoakConfig) -> tuple[dict[str, Any], Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, write the report, print the table; 0 pass, 1 fail, 2 harness error."""
     config = parse_args(argv)
+    failure: FleetError | None = None
     try:
         report, out_dir = trio.run(run_soak, config)
-    except FleetError as exc:
-        print(f"soak: error: {exc}", file=sys.stderr)
+    except* FleetError as group:
+        failure = (
+            group.exceptions[0] if isinstance(group.exceptions[0], FleetError) else FleetError(str(group))
+        )
+    if failure is not None:
+        print(f"soak: error: {failure}", file=sys.stderr)
         return 2
     write_json(out_dir / "report.json", report)
     text = render_report(report)
