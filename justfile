@@ -17,10 +17,12 @@ test *ARGS: lint types deploy-check
 pytest *ARGS:
     pytest {{ARGS}}
 
+# ruff lint + format check (the rules are in pyproject.toml).
 lint:
     ruff check rescue tests bench chaos soak
     ruff format --check rescue tests bench chaos soak
 
+# mypy, strict on rescue/.
 types:
     mypy
 
@@ -32,3 +34,15 @@ deploy-check:
 fmt:
     ruff format rescue tests bench chaos soak
     ruff check --fix rescue tests bench chaos soak
+
+# Benchmarks: this relay vs raw TCP and websockets relays, in one run (see docs/perf/README.md).
+bench *ARGS:
+    python -m bench.run {{ARGS}}
+
+# Chaos: a local fleet under injected faults; zero bytes lost, >= 99.5 % reconnects (docs/perf/chaos.md).
+chaos *ARGS:
+    python chaos/run.py {{ARGS}}
+
+# Soak: 24 h by default (`just soak --duration 2h`); memory, fds and tasks must stay flat (docs/perf/soak.md).
+soak *ARGS:
+    python soak/run.py {{ARGS}}
