@@ -483,7 +483,7 @@ class Conn:
             view = view[sent:]
 
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and not self.pending:  # never cut into a half-sent frame
             bye = w.close_message(self.transport)
             if bye:
                 try:

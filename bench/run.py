@@ -410,17 +410,27 @@ def verdicts(rows: list[dict[str, Any]], target: str = "rescue") -> list[dict[st
                 "ok": ok,
             }
         )
-        costs = [r for r in active if r.get("sessions_per_core")]
-        if costs:
-            top_row = max(costs, key=lambda r: r["sessions"])
-            est = top_row["sessions_per_core"]
+        # The lowest level: one message per wakeup, no backlog to batch over, so the most
+        # conservative per-session cost (under a backlog each message costs less).
+        low = min(active, key=lambda r: r["sessions"])
+        est = low.get("sessions_per_core")
+        if est:
+            level = [
+                x for x in rows if x["kind"] == "active" and x["label"] == low["label"] and "error" not in x
+            ]
+            refs = {x["target"]: x.get("sessions_per_core") for x in level}
+            ceiling_est = refs.get(CEILING)
+            context = ", ".join(f"{n} {v:,}" for n, v in refs.items() if n != target and v)
+            est_ok: bool | None = est >= TARGET_ACTIVE_SESSIONS
+            if not est_ok and ceiling_est is not None and ceiling_est < TARGET_ACTIVE_SESSIONS:
+                est_ok = None  # even raw TCP cannot, on this machine: inconclusive
             out.append(
                 {
                     "check": "active sessions one core carries, estimated from relay CPU per session "
-                    f"(at {top_row['sessions']:,} sessions; ignores latency)",
+                    f"at {low['sessions']:,} sessions (ignores latency)",
                     "need": f">= {TARGET_ACTIVE_SESSIONS:,}",
-                    "got": f"{est:,}",
-                    "ok": est >= TARGET_ACTIVE_SESSIONS,
+                    "got": f"{est:,}" + (f" (same level: {context})" if context else ""),
+                    "ok": est_ok,
                 }
             )
     ceiling_idle = {r["label"]: r for r in rows if r["target"] == CEILING and r["kind"] == "idle"}
@@ -441,7 +451,10 @@ def verdicts(rows: list[dict[str, Any]], target: str = "rescue") -> list[dict[st
                 {
                     "check": f"idle CPU, {r['connections']:,} connections",
                     "need": f"< {TARGET_IDLE_CPU_PCT:g}% of one core",
-                    "got": f"{r['relay_cpu_pct']:.2f}%",
+                    "got": f"{r['relay_cpu_pct']:.2f}%"
+                    + (
+                        f" (raw TCP relay: {ref['relay_cpu_pct']:.2f}%)" if ref and "error" not in ref else ""
+                    ),
                     "ok": r["relay_cpu_pct"] < TARGET_IDLE_CPU_PCT,
                 }
             )
@@ -634,29 +647,30 @@ def plots(report: dict[str, Any], out: Path, stamp: str) -> list[Path]:
     if tput:
         labels = list(dict.fromkeys(r["label"] for r in tput))
         names = list(dict.fromkeys(r["target"] for r in tput))
-        fig, ax = plt.subplots(figsize=(8, 4.2))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         width = 0.8 / max(1, len(names))
-        for j, name in enumerate(names):
-            vals = [
-                next((r["msgs_per_s"] for r in tput if r["label"] == lab and r["target"] == name), 0.0)
-                for lab in labels
-            ]
-            bars = ax.bar([i + j * width for i in range(len(labels))], vals, width, label=name)
-            ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], fontsize=7)
-        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))], labels)
-        ax.set_ylabel("messages forwarded per second")
-        ax.set_title("Throughput per target (same run)")
-        ax.legend(fontsize=8)
+        panels = (
+            ("msgs_per_s", "messages forwarded per second", "Throughput (same run)"),
+            ("msgs_per_cpu_s", "messages per relay CPU-second", "Cost: msgs per second of one relay core"),
+        )
+        for ax, (key, ylabel, title) in zip(axes, panels, strict=True):
+            for j, name in enumerate(names):
+                vals = [
+                    next((r[key] or 0.0 for r in tput if r["label"] == lab and r["target"] == name), 0.0)
+                    for lab in labels
+                ]
+                bars = ax.bar([i + j * width for i in range(len(labels))], vals, width, label=name)
+                ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], fontsize=7)
+            ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))], labels)
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"throughput-{stamp}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         made.append(path)
     return made
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    return "\n".join(progress_line(i + 1, len(rows), r) for i, r in enumerate(rows))
 
 
 async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
