@@ -5,8 +5,9 @@ Each sub-command lives in its own module under ``rescue.commands`` and exposes
 ``(args) -> int``. Every option can also come from a ``RESCUE_<OPTION>`` environment variable
 (``--node-id`` ← ``RESCUE_NODE_ID``); use :func:`add_option` so the help text says so.
 
-Errors: a :class:`~rescue.errors.RescueError` (or ``OSError``) escaping a command becomes one line on
-stderr and exit status 1; argparse's own usage errors exit 2.
+Errors: a :class:`~rescue.errors.RescueError` (or ``OSError``) escaping a command — also inside an
+exception group from a nursery — becomes one line on stderr and exit status 1; argparse's own
+usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = ["add_option", "build_parser", "main"]
 # Modules that register sub-commands, in the order `rescue --help` lists them.
 COMMAND_MODULES = [
     "rescue.commands.keys",  # keygen, mint, verify
+    "rescue.commands.relay",  # relay
     "rescue.commands.token_service",  # token-service
     "rescue.commands.admin",  # admin pause/resume/status/cohort
     "rescue.commands.peer",  # share, join
@@ -76,12 +78,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)
-    except (RescueError, OSError) as exc:
-        print(f"rescue {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        messages = _user_errors(exc)
+        if messages is None:
+            raise  # a bug: the traceback is what a maintainer needs
+        print(f"rescue {args.command}: error: {'; '.join(messages)}", file=sys.stderr)
+        return 1
     return status
+
+
+def _user_errors(exc: BaseException) -> list[str] | None:
+    """The one-line messages of ``exc`` if it is (a group of nothing but) expected errors.
+
+    Commands run inside trio nurseries, so a ``ConfigError`` from start-up arrives wrapped in an
+    exception group; every leaf is reported, and anything that is not a RescueError/OSError makes
+    the whole thing a bug (``None``).
+    """
+    if isinstance(exc, (RescueError, OSError)):
+        return [str(exc)]
+    if isinstance(exc, BaseExceptionGroup):
+        messages: list[str] = []
+        for inner in exc.exceptions:
+            found = _user_errors(inner)
+            if found is None:
+                return None
+            messages.extend(found)
+        return messages
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,185 @@
+"""``rescue relay`` (SPEC §11): one relay node.
+
+::
+
+    rescue relay --keys JWKS_FILE_OR_URL [--host H] [--port P] [--admin-port M] [--node-id N]
+                 [--token-service URL] [--redis-url URL] [--tls-cert F --tls-key F] [limits…]
+
+Without ``--token-service`` the node runs standalone: local token verification only (kill switch
+from ``FALLBACK_WS_PAUSED=1`` alone, no activation reports). SIGTERM (or SIGINT) drains: ``/readyz``
+turns 503, listeners close, every peer gets CLOSE ``SERVER_SHUTDOWN`` with ``reconnect_in_ms``
+spread over ``--drain-s``, and the process exits 0 once they are gone or the drain period ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from functools import partial
+
+import trio
+
+from rescue._log import configure_logging, get_logger, log_event
+from rescue.cli import add_option
+from rescue.errors import ConfigError
+from rescue.relay import DEFAULT_ADMIN_PORT, DEFAULT_PORT, Relay, RelayConfig
+
+__all__ = ["build_config", "register", "run_relay"]
+
+_LOG = get_logger("rescue.relay")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_DEFAULTS = RelayConfig(keys="-")  # only to show the defaults in --help
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``relay`` sub-command."""
+    p = subparsers.add_parser(
+        "relay",
+        help="run a relay node (data plane)",
+        description="Run one relay node: pairs the two peers of each session and forwards their "
+        "end-to-end encrypted frames (SPEC §2), with an admin HTTP port (/healthz, /readyz, "
+        "/metrics, /debug/stats). FALLBACK_WS_PAUSED=1 starts it paused (refusing new handshakes).",
+    )
+    add_option(
+        p,
+        "--keys",
+        metavar="JWKS_FILE_OR_URL",
+        default=None,
+        help="JWK set verifying tokens (file or http(s) URL); default: the token service's /v1/fallback/keys",
+    )
+    add_option(p, "--host", default=_DEFAULTS.host, metavar="H", help="address the WebSocket port binds")
+    add_option(p, "--port", type=int, default=DEFAULT_PORT, metavar="P", help="WebSocket port (0: any)")
+    add_option(
+        p,
+        "--admin-port",
+        type=int,
+        default=DEFAULT_ADMIN_PORT,
+        metavar="M",
+        help="admin HTTP port (0: any, -1: off)",
+    )
+    add_option(
+        p, "--admin-host", default=None, metavar="H", help="address the admin port binds (default --host)"
+    )
+    add_option(p, "--node-id", default=_DEFAULTS.node_id, metavar="N", help="this node's id (tokens' aud)")
+    add_option(
+        p,
+        "--public-url",
+        default=None,
+        metavar="URL",
+        help="ws(s)://…/v1/connect that clients reach this node at (registered in Redis)",
+    )
+    add_option(p, "--token-service", default=None, metavar="URL", help="token service base URL")
+    add_option(p, "--redis-url", default=None, metavar="URL", help="Redis for node registration (SPEC §7)")
+    add_option(p, "--tls-cert", default=None, metavar="F", help="PEM certificate chain for wss://")
+    add_option(p, "--tls-key", default=None, metavar="F", help="PEM private key for wss://")
+    add_option(
+        p, "--heartbeat-s", type=int, default=_DEFAULTS.heartbeat_s, metavar="S", help="heartbeat interval"
+    )
+    add_option(
+        p,
+        "--resume-grace-s",
+        type=int,
+        default=_DEFAULTS.resume_grace_s,
+        metavar="S",
+        help="how long a lone peer waits for its partner to come back (PEER_GONE)",
+    )
+    add_option(
+        p,
+        "--pair-timeout-s",
+        type=float,
+        default=_DEFAULTS.pair_timeout_s,
+        metavar="S",
+        help="how long a peer waits for its first partner (PAIR_TIMEOUT)",
+    )
+    add_option(p, "--max-frame", type=int, default=_DEFAULTS.max_frame, metavar="B", help="largest message")
+    add_option(
+        p, "--max-sessions", type=int, default=_DEFAULTS.max_sessions, metavar="N", help="sessions per node"
+    )
+    add_option(
+        p,
+        "--handshakes-per-ip-per-min",
+        type=int,
+        default=_DEFAULTS.handshakes_per_ip_per_min,
+        metavar="N",
+        help="handshakes per source address per minute (RATE_LIMITED; 0: off)",
+    )
+    add_option(
+        p,
+        "--max-bytes-per-s",
+        type=int,
+        default=_DEFAULTS.max_bytes_per_s,
+        metavar="B",
+        help="forwarding rate per connection and direction, throttled by not reading (0: unlimited)",
+    )
+    add_option(
+        p,
+        "--drain-s",
+        type=float,
+        default=_DEFAULTS.drain_s,
+        metavar="S",
+        help="on SIGTERM, how long peers get to leave (and the spread of their reconnect_in_ms)",
+    )
+    add_option(
+        p,
+        "--status-stale-s",
+        type=float,
+        default=_DEFAULTS.status_stale_s,
+        metavar="S",
+        help="refuse new handshakes once the token service's paused state is older than this",
+    )
+    add_option(p, "--log-level", default="INFO", metavar="LEVEL", help="logging level (JSON on stderr)")
+    p.set_defaults(func=_run)
+
+
+def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> RelayConfig:
+    """Turn parsed options and the environment into a :class:`RelayConfig`.
+
+    Raises:
+        ConfigError: a missing key source or inconsistent settings (one line).
+    """
+    try:
+        return RelayConfig(
+            keys=args.keys,
+            host=args.host,
+            port=args.port,
+            admin_host=args.admin_host,
+            admin_port=None if args.admin_port < 0 else args.admin_port,
+            node_id=args.node_id,
+            public_url=args.public_url,
+            token_service=args.token_service,
+            redis_url=args.redis_url,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            heartbeat_s=args.heartbeat_s,
+            resume_grace_s=args.resume_grace_s,
+            pair_timeout_s=args.pair_timeout_s,
+            max_frame=args.max_frame,
+            max_sessions=args.max_sessions,
+            handshakes_per_ip_per_min=args.handshakes_per_ip_per_min,
+            max_bytes_per_s=args.max_bytes_per_s,
+            drain_s=args.drain_s,
+            status_stale_s=args.status_stale_s,
+            paused=environ.get("FALLBACK_WS_PAUSED", "").strip().lower() in _TRUE,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def run_relay(relay: Relay, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``relay`` until SIGTERM/SIGINT, then drain it; returns when it has stopped."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            task_status.started()
+            async for signum in signals:
+                log_event(_LOG, "relay.signal", signal=signal.Signals(signum).name)
+                relay.shutdown()  # run() drains and returns; the nursery then closes
+                break
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    relay = Relay(build_config(args, os.environ))
+    trio.run(partial(run_relay, relay))
+    return 0
