@@ -30,9 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 DASHBOARD = ROOT / "deploy" / "grafana" / "beach-rescue.json"
 PROMETHEUS_OWN = {"up", "ALERTS"}
-# Exported by prometheus_client's ProcessCollector, which the relay's per-instance registry does not
-# register yet (the CPU > 70 % alert needs it): strict xfail until it does, then this must go.
-KNOWN_MISSING = {"process_cpu_seconds_total"}
 
 PROMQL_WORDS = {
     "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
@@ -198,20 +195,7 @@ def test_spec_metric_names_are_all_used() -> None:
     assert spec <= used, spec - used
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                reason="relay registry has no ProcessCollector yet; CPU alert needs it", strict=True
-            ),
-        )
-        if n in KNOWN_MISSING
-        else n
-        for n in sorted(used_metrics())
-    ],
-)
+@pytest.mark.parametrize("name", sorted(used_metrics()))
 def test_metric_is_exported_by_the_code(name: str, scraped: tuple[set[str], dict[str, set[str]]]) -> None:
     names, _ = scraped
     assert name in names, f"{name} is used in deploy/ but neither the relay nor the token service exports it"

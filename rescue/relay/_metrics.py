@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -218,6 +218,8 @@ class RelayMetrics:
         registrar: Callable[[], NodeRegistrar | None],
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        # process_cpu_seconds_total, RSS, open fds: the CPU > 70 % alert and the soak reports read them.
+        ProcessCollector(registry=self.registry)
         self.handshakes = Counter(
             "beach_rescue_handshakes",
             "Relay handshakes by outcome",

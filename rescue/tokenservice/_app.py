@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rescue._http import (
@@ -136,6 +136,7 @@ class TokenService:
         self.guardrails = guardrails
         self._now = wall_clock
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total etc. for the CPU alert
         self.token_requests = Counter(
             "beach_fallback_token_requests",
             "Token requests by outcome and guardrail state",
