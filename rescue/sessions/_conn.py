@@ -105,6 +105,8 @@ class PeerConn:
         "_prio",
         "_q_bytes",
         "_q_frames",
+        "_q_peak_bytes",
+        "_q_peak_frames",
         "_reader_scope",
         "_space",
         "_stats",
@@ -147,6 +149,8 @@ class PeerConn:
         self._fifo_t0 = 0.0
         self._q_frames = 0
         self._q_bytes = 0
+        self._q_peak_frames = 0
+        self._q_peak_bytes = 0
         self._wake = trio.lowlevel.ParkingLot()  # the writer waits here for work
         self._space = trio.lowlevel.ParkingLot()  # partners' readers wait here for room
         self._reader_scope = trio.CancelScope()
@@ -177,6 +181,10 @@ class PeerConn:
         self._fifo.append(messages)
         self._q_frames += len(messages)
         self._q_bytes += size
+        if self._q_bytes > self._q_peak_bytes:
+            self._q_peak_bytes = self._q_bytes
+        if self._q_frames > self._q_peak_frames:
+            self._q_peak_frames = self._q_frames
         if self._wake:
             self._wake.unpark_all()
 
@@ -208,6 +216,8 @@ class PeerConn:
         return {
             "queued_frames": self._q_frames,
             "queued_bytes": self._q_bytes,
+            "peak_queued_frames": self._q_peak_frames,
+            "peak_queued_bytes": self._q_peak_bytes,
             "priority_frames": len(self._prio),
             "closing": self.closing,
         }
