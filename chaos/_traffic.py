@@ -168,6 +168,7 @@ class PeerTracker:
         self.causes: Counter[str] = Counter()
         self.partner_events: Counter[str] = Counter()
         self.episode: Episode | None = None
+        self.interrupted = 0
         self.closed: SessionClosed | None = None
         self.url_to_node: dict[str, str] = {}
 
@@ -214,8 +215,20 @@ class PeerTracker:
         self.episode = None
         self.on_episode(episode)
 
-    def finish(self) -> None:
-        """End of run: an episode still open never recovered (a failure)."""
+    def finish(self, *, ended_normally: bool) -> None:
+        """The session is over: settle an episode that is still open.
+
+        Args:
+            ended_normally: the session drained every byte and was closed on purpose. A peer
+                that was still reconnecting then (its socket was dropped just before the end,
+                after its last bytes had arrived) had nothing left to resume: the episode is
+                dropped and counted in ``interrupted``, neither a success nor a failure.
+                Otherwise an open episode never recovered: a failure.
+        """
+        if self.episode is not None and ended_normally:
+            self.episode = None
+            self.interrupted += 1
+            return
         self._end_episode(self.clock(), ok=False)
 
 

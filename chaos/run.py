@@ -267,7 +267,7 @@ class _Run:
             background.cancel_scope.cancel()
         for session in self.sessions:
             for tracker in session.trackers.values():
-                tracker.finish()
+                tracker.finish(ended_normally=not session.failed)
 
 
 def _plan(config: ChaosConfig) -> FaultPlan:
@@ -404,6 +404,7 @@ def build_report(run: _Run) -> dict[str, Any]:
             "success_pct": _r(reconnect_pct),
             "duration_p50_s": _r(percentile(durations, 0.5)),
             "duration_p95_s": _r(percentile(durations, 0.95)),
+            "interrupted_by_session_end": sum(t.interrupted for t in trackers),
             "attempts": attempts,
             "attempts_welcomed": welcomes,
             "attempt_success_pct": _r(100.0 * welcomes / attempts if attempts else None),

@@ -170,6 +170,7 @@ class _Soak:
         self.failed_episodes: list[dict[str, Any]] = []
         self.durations: collections.deque[float] = collections.deque(maxlen=MAX_KEPT_DURATIONS)
         self.aborts = 0
+        self.interrupted = 0  # reconnects cut short by the session's own normal end
         self.peer_totals: collections.Counter[str] = collections.Counter()
         # Samples as tuples in `columns` order: a 24 h run keeps ~1,500 of them, and dicts would
         # make this process's own memory grow more than the tolerance it is judged by.
@@ -228,7 +229,8 @@ class _Soak:
 
     def _account(self, session: SessionRun) -> None:
         for tracker in session.trackers.values():
-            tracker.finish()
+            tracker.finish(ended_normally=not session.failed)
+            self.interrupted += tracker.interrupted
         self.completed += 1
         for check in session.checks.values():
             self.sent += check.sent
@@ -545,6 +547,7 @@ def build_report(soak: _Soak) -> dict[str, Any]:
             "episodes": total_eps,
             "ok": soak.episodes_ok,
             "failed": soak.episodes_failed,
+            "interrupted_by_session_end": soak.interrupted,
             "duration_p50_s": _r(percentile(durations, 0.5)),
             "duration_p95_s": _r(percentile(durations, 0.95)),
             "failed_episodes": soak.failed_episodes,
