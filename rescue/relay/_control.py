@@ -217,6 +217,8 @@ class ControlLink:
     ) -> None:
         """Poll the status and send activation reports until cancelled (returns at once standalone).
 
+        Reports started after the first poll, whatever its outcome.
+
         Cancellation:
             The only way it ends; queued activation reports are dropped.
         """
@@ -225,7 +227,12 @@ class ControlLink:
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report_loop, client)
+            # one poll first, so a node that starts next to a healthy token service is ready at
+            # once; an unreachable one leaves the state stale (refusing, /readyz 503) and we go on
+            started = trio.current_time()
+            await self.poll_once(client)
             task_status.started()
+            await trio.sleep_until(started + self.poll_s)
             await self._poll_loop(client)
 
     async def poll_once(self, client: httpx.AsyncClient) -> bool:
