@@ -80,6 +80,7 @@ async def start_relay(nursery: trio.Nursery) -> AsyncIterator[StartRelay]:
     for env in envs:
         for peer in env.peers:
             peer.abort()
+        assert env.relay.stats.internal_errors == 0  # no bad input ever reaches a bug
 
 
 def data(seq: int, body: bytes = b"x", channel: int = 0) -> bytes:

@@ -333,9 +333,14 @@ class PeerConn:
         if self._dead or self._close_code is None:
             return
         with trio.move_on_at(self._close_deadline):
-            try:
-                if self._close_body is not None:
+            if self._close_body is not None:
+                try:
                     await self.transport.send_messages([self._close_body])
+                except ProtocolError:
+                    pass  # after a framing error the WebSocket takes no more messages; the code still goes
+                except TRANSPORT_ERRORS:
+                    return
+            try:
                 await self.transport.close(websocket_close_code(self._close_code), self._close_reason)
             except TRANSPORT_ERRORS:
                 return
@@ -379,6 +384,8 @@ class PeerConn:
                         stats.forward_latency.observe(trio.current_time() - t0)
                         if self._space:
                             self._space.unpark_all()
+            except ProtocolError:
+                return  # the reader hit a framing error and is closing the connection with its code
             except TRANSPORT_ERRORS:
                 self._lost()
                 return
