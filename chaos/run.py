@@ -41,7 +41,8 @@ import trio
 
 from chaos._faults import FAULT_KINDS, FaultInjector, FaultPlan, FaultRecord
 from chaos._fleet import Fleet, FleetError, open_fleet
-from chaos._report import fmt_duration, machine_info, parse_duration, render_table, write_json
+from chaos._harness import run_and_report
+from chaos._report import fmt_duration, machine_info, parse_duration, render_table
 from chaos._traffic import Episode, SessionRun, Throughput, TrafficConfig, percentile
 
 __all__ = ["ChaosConfig", "main", "run_chaos"]
@@ -600,39 +601,9 @@ async def run_chaos(config: ChaosConfig) -> tuple[dict[str, Any], Path]:
     return report, out_dir
 
 
-def _link_latest(out_dir: Path) -> None:
-    latest = out_dir.parent / "latest"
-    with contextlib.suppress(OSError):
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        latest.symlink_to(out_dir.name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, write the report, print the table; 0 pass, 1 a target missed, 2 harness error."""
-    config = parse_args(argv)
-    failure: FleetError | None = None
-    try:
-        report, out_dir = trio.run(run_chaos, config)
-    except* FleetError as group:
-        failure = (
-            group.exceptions[0] if isinstance(group.exceptions[0], FleetError) else FleetError(str(group))
-        )
-    if failure is not None:
-        print(f"chaos: error: {failure}", file=sys.stderr)
-        return 2
-    write_json(out_dir / "report.json", report)
-    text = render_report(report)
-    (out_dir / "report.md").write_text(text)
-    try:
-        write_plots(report, out_dir)
-    except Exception as exc:  # plots are a convenience; the verdict is in report.json
-        print(f"chaos: plots not written: {exc}", file=sys.stderr)
-    _link_latest(out_dir)
-    print()
-    print(text)
-    print(f"report: {out_dir / 'report.json'}")
-    return 0 if report["pass"] else 1
+    return run_and_report("chaos", run_chaos, parse_args(argv), render_report, plots=write_plots)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import csv
 import os
 import random
@@ -43,9 +42,10 @@ if __package__ in (None, ""):  # run as a script: make `chaos`/`soak` (and `resc
 
 import trio
 
-from chaos._fleet import Fleet, FleetError, open_fleet
+from chaos._fleet import Fleet, open_fleet
+from chaos._harness import run_and_report
 from chaos._procstat import sample as proc_sample
-from chaos._report import fmt_duration, machine_info, parse_duration, render_table, write_json
+from chaos._report import fmt_duration, machine_info, parse_duration, render_table
 from chaos._traffic import Episode, SessionRun, Throughput, TrafficConfig, percentile, trio_task_count
 from soak._analysis import Flatness, Tolerance, flatness
 
@@ -709,29 +709,7 @@ async def run_soak(config: SoakConfig) -> tuple[dict[str, Any], Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, write the report, print the table; 0 pass, 1 fail, 2 harness error."""
-    config = parse_args(argv)
-    failure: FleetError | None = None
-    try:
-        report, out_dir = trio.run(run_soak, config)
-    except* FleetError as group:
-        failure = (
-            group.exceptions[0] if isinstance(group.exceptions[0], FleetError) else FleetError(str(group))
-        )
-    if failure is not None:
-        print(f"soak: error: {failure}", file=sys.stderr)
-        return 2
-    write_json(out_dir / "report.json", report)
-    text = render_report(report)
-    (out_dir / "report.md").write_text(text)
-    latest = out_dir.parent / "latest"
-    with contextlib.suppress(OSError):
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        latest.symlink_to(out_dir.name)
-    print()
-    print(text)
-    print(f"report: {out_dir / 'report.json'}")
-    return 0 if report["pass"] else 1
+    return run_and_report("soak", run_soak, parse_args(argv), render_report)
 
 
 if __name__ == "__main__":
