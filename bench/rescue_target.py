@@ -12,9 +12,13 @@ Usage: ``python bench/rescue_target.py --keys JWKS --port 0`` prints ``READY por
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -33,9 +37,43 @@ def relay_api_available() -> bool:
     return True
 
 
+def gc_probe() -> Callable[[], str]:
+    """Time every garbage collection of this process; returns a function that summarises them.
+
+    One callback per collection (not per object): negligible next to the collections themselves.
+    The summary (one line on stderr at exit, i.e. in the harness's log file) says how much CPU the
+    collector took per generation and lists the full (generation 2) collections.
+    """
+    started: list[float] = [0.0]
+    total = [0.0, 0.0, 0.0]
+    count = [0, 0, 0]
+    full: list[tuple[float, float]] = []
+    t0 = time.monotonic()
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        gen = info["generation"]
+        took = time.perf_counter() - started[0]
+        total[gen] += took
+        count[gen] += 1
+        if gen == 2:
+            full.append((time.monotonic() - t0, took))
+
+    gc.callbacks.append(callback)
+
+    def summary() -> str:
+        gens = " ".join(f"gen{g}={count[g]}x/{total[g]:.2f}s" for g in range(3))
+        fulls = " ".join(f"{at:.0f}s:{took * 1000:.0f}ms" for at, took in full[-20:])
+        return f"gc: {gens} frozen={gc.get_freeze_count()} thresholds={gc.get_threshold()} full: {fulls}"
+
+    return summary
+
+
 async def main(keys: str, port: int, log_level: str) -> None:
     from rescue._log import configure_logging
-    from rescue.relay import Relay, RelayConfig
+    from rescue.relay import Relay, RelayConfig, tune_gc
 
     configure_logging(log_level)
     config = RelayConfig(
@@ -48,13 +86,16 @@ async def main(keys: str, port: int, log_level: str) -> None:
         drain_s=DRAIN_S,
     )
     relay = Relay(config)
+    report = gc_probe()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(relay.run)
+            tune_gc()  # what `rescue relay` does once the node is up
             print(f"READY port={addresses.port}", flush=True)
             async for _ in signals:
                 relay.shutdown()
                 break
+    print(report(), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

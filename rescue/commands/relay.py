@@ -23,7 +23,7 @@ import trio
 from rescue._log import configure_logging, get_logger, log_event
 from rescue.cli import add_option
 from rescue.errors import ConfigError
-from rescue.relay import DEFAULT_ADMIN_PORT, DEFAULT_PORT, Relay, RelayConfig
+from rescue.relay import DEFAULT_ADMIN_PORT, DEFAULT_PORT, Relay, RelayConfig, tune_gc
 
 __all__ = ["build_config", "register", "run_relay"]
 
@@ -167,10 +167,15 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
 
 
 async def run_relay(relay: Relay, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run ``relay`` until SIGTERM/SIGINT, then drain it; returns when it has stopped."""
+    """Run ``relay`` until SIGTERM/SIGINT, then drain it; returns when it has stopped.
+
+    Once the node is up, the process's garbage collector is tuned for a long-lived heap
+    (:func:`rescue.relay.tune_gc`): this is the node's own process.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run)
+            tune_gc()
             task_status.started()
             async for signum in signals:
                 log_event(_LOG, "relay.signal", signal=signal.Signals(signum).name)

@@ -15,6 +15,8 @@ from rescue.relay._config import RelayConfig as RelayConfig
 from rescue.relay._control import ControlLink as ControlLink
 from rescue.relay._control import KeySource as KeySource
 from rescue.relay._control import NodeRegistrar as NodeRegistrar
+from rescue.relay._gc import GC_THRESHOLDS as GC_THRESHOLDS
+from rescue.relay._gc import tune_gc as tune_gc
 from rescue.relay._metrics import RelayMetrics as RelayMetrics
 from rescue.relay._relay import Relay as Relay
 from rescue.relay._relay import RelayAddresses as RelayAddresses
