@@ -610,3 +610,67 @@ async def test_sending_still_works_after_the_peer_broke_framing() -> None:
             nursery.start_soon(server.close, info.value.code, "text message")
             events = await events_until_eof(b)
         assert events == [b"final CLOSE message", CloseReceived(4010, "text message")]
+
+
+async def test_detached_connection_outlives_its_handler_and_is_closed_by_its_new_owner() -> None:
+    """A handler that detaches returns at once; the server never closes the connection itself."""
+    owned: list[WebSocketConnection] = []
+
+    async def owner_task(conn: WebSocketConnection) -> None:
+        try:
+            await echo(conn)
+        except ConnectionClosedError:
+            pass
+        finally:
+            await conn.close(CloseCode.PEER_GONE, "owner done")
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as owner:
+
+            async def handler(conn: WebSocketConnection) -> None:
+                owner.start_soon(owner_task, conn)
+                conn.detach()
+                owned.append(conn)
+                raise RuntimeError("a bug after the hand-off must not close the detached connection")
+
+            async with running(handler) as server, await connect_websocket(url(server)) as conn:
+                await conn.send_message(b"after the handler returned")
+                assert await conn.receive_messages() == [b"after the handler returned"]
+                assert owned[0].detached
+                assert not owned[0].closed
+                owned[0].abort()  # the owner's socket goes away: the owner closes, the server is not involved
+                with pytest.raises(WebSocketClosedError):
+                    await conn.receive_messages()
+
+
+async def test_send_nowait_writes_at_once_when_idle_and_keeps_a_partial_tail_in_order() -> None:
+    with trio.fail_after(TIMEOUT):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        client = WebSocketConnection(await trio.open_tcp_stream("127.0.0.1", port), client=True)
+        server = WebSocketConnection(await listeners[0].accept(), client=False)
+        await listeners[0].aclose()
+        assert server.send_nowait([b"one", b"two"])
+        assert not server.has_unsent
+        assert await receive_n(client, 2) == [b"one", b"two"]
+        # fill the socket until a write no longer goes through at all
+        big = b"x" * 60_000
+        sent = 0
+        while server.send_nowait([big]):
+            sent += 1
+            if server.has_unsent:
+                break
+        assert server.has_unsent  # the last write was partial (the first refused one writes nothing)
+        assert not server.send_nowait([b"after"])  # never jumps ahead of the kept tail
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_messages, [b"queued after the tail"])
+            got = await receive_n(client, sent + 1)
+        assert got == [big] * sent + [b"queued after the tail"]
+        assert not server.has_unsent
+        # while a send is in progress, send_nowait refuses (the single-writer rule)
+        server._sending = True
+        assert not server.send_nowait([b"x"])
+        server._sending = False
+        await server.flush()  # nothing left: a checkpoint
+    server.abort()
+    client.abort()

@@ -182,10 +182,12 @@ class WebSocketConnection:
             except OSError:
                 pass
         self._initial = initial_data
+        self._detached = False  # the server's handler handed the connection to another owner
         self._more = False  # the last read filled the buffer: try reading before waiting
         self._receiving = False
         self._sending = False
         self._pending_control = b""  # pong/close frames for the active sender to write next
+        self._unsent = b""  # the tail of a partial send_nowait: written before anything else
         self._idle = trio.lowlevel.ParkingLot()  # tasks waiting for the active sender to finish
         self._close_started = False
         self._close_sent = False
@@ -208,6 +210,24 @@ class WebSocketConnection:
     def closed(self) -> bool:
         """Whether the transport is closed (nothing more can be sent or received)."""
         return self._transport_closed.is_set()
+
+    @property
+    def detached(self) -> bool:
+        """Whether :meth:`detach` was called (the server no longer closes it)."""
+        return self._detached
+
+    def detach(self) -> None:
+        """Take the connection away from the server that accepted it.
+
+        By default :func:`serve_websocket` closes a connection when its handler returns, so a
+        handler that passes the connection to a task elsewhere must keep waiting for that task.
+        After ``detach()`` the handler may return at once (its task ends, saving that task's memory
+        for every long-lived connection) and the server never touches the connection again, even if
+        the handler raises: whoever took it must close or :meth:`abort` it, on every path.
+        Call it only once the new owner is certain to run (e.g. a task started in a nursery that
+        aborts the connection when cancelled).
+        """
+        self._detached = True
 
     def statistics(self) -> ConnectionStatistics:
         """An immutable snapshot of the connection's counters."""
@@ -273,6 +293,12 @@ class WebSocketConnection:
                         data.release()
                 if not events:
                     continue
+                for event in events:
+                    if type(event) is not bytes:
+                        break
+                else:  # only messages (the usual case): the parser's list is the batch
+                    self._messages_in += len(events)
+                    return events  # type: ignore[return-value]
                 messages: list[bytes] = []
                 for event in events:
                     if type(event) is bytes:
@@ -379,6 +405,64 @@ class WebSocketConnection:
         await self._write(data)
         self._messages_out += len(payloads)
 
+    @property
+    def has_unsent(self) -> bool:
+        """Whether a :meth:`send_nowait` left bytes that the next send (or :meth:`flush`) writes."""
+        return bool(self._unsent)
+
+    def send_nowait(self, payloads: Sequence[bytes | bytearray | memoryview]) -> bool:
+        """Write the framed payloads now, without waiting, if the connection is idle.
+
+        For small control traffic (a heartbeat echo) from a task other than the usual sender: it
+        saves waking that sender. It writes only when nothing else is being or waiting to be
+        written (no send in progress, no pending pong or close reply, no earlier unsent tail),
+        on plain TCP, and the socket takes at least one byte. If the socket takes only part of
+        it, the rest is kept and written first by the next send; :attr:`has_unsent` tells the
+        caller to arrange one (:meth:`flush`).
+
+        Returns:
+            True if the messages now belong to the connection (written, or their tail kept);
+            False if nothing was written: send them the usual way.
+        """
+        sock = self._sock
+        if (
+            sock is None
+            or self._sending
+            or self._pending_control
+            or self._unsent
+            or self._close_started
+            or self._error is not None
+        ):
+            return False
+        fd = sock.fileno()
+        if fd < 0:
+            return False
+        data = frame_messages(payloads, mask=self._client)
+        try:
+            n = os.write(fd, data)
+        except OSError:
+            return False  # full (EAGAIN) or broken: the usual send path waits or reports it
+        self._writes += 1
+        self._bytes_out += n
+        self._messages_out += len(payloads)
+        if n < len(data):
+            self._unsent = data[n:]
+        return True
+
+    async def flush(self) -> None:
+        """Write what a partial :meth:`send_nowait` left (a no-op checkpoint when nothing is left).
+
+        Raises:
+            WebSocketClosedError: the transport failed.
+            trio.BusyResourceError: another task is sending.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this WebSocket")
+        if not self._unsent:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._write(b"")
+
     async def _write_control(self, frame: bytes) -> None:
         if self._sending:
             # The active sender writes it right after its batch (no interleaving inside a frame).
@@ -390,6 +474,8 @@ class WebSocketConnection:
     async def _write(self, data: bytes) -> None:
         self._sending = True
         try:
+            if self._unsent:
+                data, self._unsent = self._unsent + data, b""
             await self._write_all(data)
             while self._pending_control:
                 control, self._pending_control = self._pending_control, b""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import ssl
@@ -37,6 +38,10 @@ _logger = get_logger("rescue.websocket")
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 # RFC 6455 1011: the server hit an unexpected condition (a handler raised).
 _INTERNAL_ERROR: Final = 1011
+# accept() failures that mean "out of descriptors/memory for now" (as trio.serve_listeners): the
+# listener logs, waits ACCEPT_RETRY_S and tries again instead of dying.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY_S: Final = 0.1
 
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
 AcceptCheck = Callable[[Request, "tuple[str, int] | None"], Awaitable[Rejection | None]]
@@ -88,7 +93,8 @@ async def serve_websocket(
     ask ``accept_check``, answer 101 (never with an extension), then run the handler.
 
     Args:
-        handler: ``async def handler(conn)``; the connection is closed when it returns.
+        handler: ``async def handler(conn)``; the connection is closed when it returns, unless
+            the handler called :meth:`WebSocketConnection.detach` (then its new owner closes it).
         host: the address to bind, or ``None`` for every interface.
         port: the port (0 picks one; read it from ``WebSocketServer.port``).
         path: the only path served (404 otherwise), or ``None`` for any.
@@ -104,7 +110,8 @@ async def serve_websocket(
 
     Resource handling:
         The socket is always closed when the handler returns or raises: after ``close()`` with
-        ``NORMAL`` (returned), ``exc.code`` (``ProtocolError``), or 1011 (any other exception).
+        ``NORMAL`` (returned), ``exc.code`` (``ProtocolError``), or 1011 (any other exception) --
+        except a detached connection, which its new owner must close.
 
     Error handling:
         A handler's exception never stops the server: ``ConnectionClosedError`` is expected
@@ -127,11 +134,31 @@ async def serve_websocket(
         accept_check=accept_check,
     )
     log_event(_logger, "websocket.listening", addresses=[f"{h}:{p}" for h, p in server.addresses])
+    # Not trio.serve_listeners: its wrapper closes the stream when the handler task ends, which
+    # would make WebSocketConnection.detach() impossible. _serve_connection closes it instead.
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            functools.partial(trio.serve_listeners, serve_one, listeners, handler_nursery=handler_nursery)
-        )
+        handlers = handler_nursery if handler_nursery is not None else nursery
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handlers, serve_one)
         task_status.started(server)
+
+
+async def _accept_loop(
+    listener: Listener,
+    handlers: trio.Nursery,
+    serve_one: Callable[[trio.abc.Stream], Awaitable[None]],
+) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log_event(_logger, "websocket.accept_failed", level=logging.ERROR, error=str(exc))
+                await trio.sleep(ACCEPT_RETRY_S)
+            else:
+                handlers.start_soon(serve_one, stream)
 
 
 async def _serve_connection(
@@ -143,16 +170,16 @@ async def _serve_connection(
     handshake_timeout: float,
     accept_check: AcceptCheck | None,
 ) -> None:
-    sock = _socket_of(stream)
-    remote: tuple[str, int] | None = None
-    if sock is not None:
-        try:
-            peer = sock.getpeername()
-            remote = (str(peer[0]), int(peer[1]))
-        except OSError:
-            pass
     conn: WebSocketConnection | None = None
-    try:
+    remote: tuple[str, int] | None = None
+    try:  # from here on, every path closes the stream (or hands it off: detach)
+        sock = _socket_of(stream)
+        if sock is not None:
+            try:
+                peer = sock.getpeername()
+                remote = (str(peer[0]), int(peer[1]))
+            except OSError:
+                pass
         upgraded: tuple[Request, bytes] | None = None
         with trio.move_on_after(handshake_timeout) as scope:
             upgraded = await _handshake(stream, path, accept_check, remote)
@@ -173,7 +200,8 @@ async def _serve_connection(
             await handler(conn)
         except ProtocolError as exc:
             log_event(_logger, "websocket.protocol_error", level=logging.DEBUG, error=str(exc))
-            await conn.close(exc.code, str(exc)[:60])
+            if not conn.detached:
+                await conn.close(exc.code, str(exc)[:60])
         except ConnectionClosedError as exc:
             log_event(_logger, "websocket.closed", level=logging.DEBUG, code=exc.code, reason=exc.reason)
         except Exception as exc:  # a handler bug must not take the server down
@@ -185,12 +213,13 @@ async def _serve_connection(
                 error=repr(exc),
                 traceback="".join(traceback.format_exception(exc)),
             )
-            await conn.close(_INTERNAL_ERROR, "internal error")
+            if not conn.detached:
+                await conn.close(_INTERNAL_ERROR, "internal error")
     finally:
-        if conn is not None:
-            await conn.close(CloseCode.NORMAL)
-        else:
+        if conn is None:
             await trio.aclose_forcefully(stream)
+        elif not conn.detached:  # a detached connection belongs to whoever took it
+            await conn.close(CloseCode.NORMAL)
 
 
 def _fmt(remote: tuple[str, int] | None) -> str | None:
