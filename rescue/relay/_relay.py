@@ -5,7 +5,8 @@ Task tree of a running node::
     Relay.run
     ├── services nursery ─ admin HTTP port, token-service poller, key refresher, node registrar
     └── handlers nursery (drain deadline on shutdown)
-        ├── handler per WebSocket ─ rate limit, HELLO, token, attach, then waits for its connection
+        ├── handler per WebSocket ─ rate limit, HELLO, token, attach; then hands the socket to
+        │                           its session (WebSocketConnection.detach) and ends
         ├── Session.run per session ─ the session's nursery
         │   └── PeerConn.run per connection ─ writer pump + reader pump
         └── listeners nursery (cancelled first on shutdown) ─ serve_websocket
@@ -333,7 +334,7 @@ class Relay:
     # handshake
 
     async def _handle(self, ws: WebSocketConnection) -> None:
-        """One WebSocket from upgrade to end: admission, HELLO, token, attach, wait."""
+        """One WebSocket's handshake: admission, HELLO, token, attach, hand-off to the session."""
         started = trio.current_time()
         source = ws.remote_addr[0] if ws.remote_addr else "unknown"
         if not self.limiter.allow(source, started):
@@ -407,11 +408,14 @@ class Relay:
                 session.cancel()
             await self._refuse(ws, exc.code, str(exc))
             return
+        # The session's nursery owns the connection now (conn.run closes or aborts the socket on
+        # every path, cancellation included), so this handler task can end instead of waiting:
+        # one task less per connection (~2.5 KB each at 10,000 idle connections).
+        ws.detach()
         self.metrics.handshakes.labels("ok").inc()
         self.metrics.handshake_seconds.observe(trio.current_time() - started)
         if claims.analytics_allowed:
             log_event(_LOG, "relay.peer_connected", session=session_tag(hello.session), role=hello.role.value)
-        await conn.wait_done()
 
     async def _check_hello(self, first: bytes) -> tuple[Hello, Claims]:
         """Validate the first message: a HELLO with a token for this node, session and role.
