@@ -417,6 +417,27 @@ async def test_protocol_error_on_live_connection(start_relay: StartRelay) -> Non
             await guest.aclose()
 
 
+async def test_lone_heartbeat_is_validated_like_any_other(start_relay: StartRelay) -> None:
+    """A HEARTBEAT alone in a read takes the relay's shortcut; a bad one must still be refused."""
+    env = await start_relay()
+    beat = encode_frame(Kind.HEARTBEAT, seq=7)
+    cases = [
+        beat[:2] + b"\x01" + beat[3:],  # a flag bit (HEARTBEAT carries none)
+        beat[:3] + b"\x02" + beat[4:],  # channel 2
+        b"\x02" + beat[1:],  # version 2
+        beat + b"x",  # a body
+    ]
+    with trio.fail_after(TEST_TIMEOUT):
+        for i, message in enumerate(cases):
+            host, guest = await env.pair(f"beat{i}")
+            await host.send(beat)
+            assert await host.receive() == beat  # the good one is echoed, byte for byte
+            await host.send(message)
+            closed = await host.wait_closed()
+            assert closed.wire_code == CloseCode.PROTOCOL_ERROR, message
+            await guest.aclose()
+
+
 async def test_hello_replay_is_refused(start_relay: StartRelay) -> None:
     env = await start_relay()
     with trio.fail_after(TEST_TIMEOUT):

@@ -9,6 +9,11 @@ Data path (see ``docs/decisions/0004-relay-flow-control.md``)::
 - The reader parses headers only. CONTROL/DATA messages go to the partner's FIFO as the very list
   the transport returned (no copy when a batch is all relayed frames). HEARTBEAT is echoed into the
   connection's own priority list, so echoes never wait behind data.
+- Shortcut (decision 0006): when the target connection's writer is idle (no write in progress,
+  nothing queued), the reader writes the batch or the echo itself with one non-blocking
+  ``send_nowait`` instead of waking the writer. It never waits: a full socket means "queue as
+  usual", and a partial write counts as queued until the writer has flushed its tail, so the
+  FIFO bounds and the single-writer order hold.
 - The FIFO is bounded in frames and bytes. When it is full the sender's reader stops reading (TCP
   pushes back on the sender); while it waits, its liveness deadline is suspended (the stall is the
   partner's fault) and the relay sends it a HEARTBEAT with seq 0 every ``heartbeat_s`` so the sender
@@ -99,6 +104,7 @@ class PeerConn:
         "_fifo",
         "_fifo_t0",
         "_flush",
+        "_flush_needed",
         "_initial",
         "_limits",
         "_live",
@@ -151,6 +157,7 @@ class PeerConn:
         self._q_bytes = 0
         self._q_peak_frames = 0
         self._q_peak_bytes = 0
+        self._flush_needed = False  # an inline write left a tail in the transport: writer flushes
         self._wake = trio.lowlevel.ParkingLot()  # the writer waits here for work
         self._space = trio.lowlevel.ParkingLot()  # partners' readers wait here for room
         self._reader_scope = trio.CancelScope()
@@ -185,6 +192,54 @@ class PeerConn:
             self._q_peak_bytes = self._q_bytes
         if self._q_frames > self._q_peak_frames:
             self._q_peak_frames = self._q_frames
+        if self._wake:
+            self._wake.unpark_all()
+
+    def send_batch_now(self, messages: list[bytes], size: int) -> bool:
+        """Write a relayed batch at once if this connection's writer is idle and its queue empty.
+
+        The partner's reader calls it instead of :meth:`push_batch` at light load: one write from
+        the reader instead of a hand-off to the writer task (a task switch and a wake-up per batch).
+        It never waits: if a write is in progress or anything is queued, it returns False and the
+        caller queues as usual. If the socket took only part of the batch, the whole batch counts
+        as queued (the FIFO bounds still hold) until the writer has flushed the tail.
+        """
+        if self._prio or self._fifo or self._flush_needed or self.closing:
+            return False
+        transport = self.transport
+        if not transport.send_nowait(messages):
+            return False
+        if transport.has_unsent:
+            self._hold_tail(len(messages), size)
+        else:
+            self._stats.forward_latency.observe(0.0)
+        return True
+
+    def send_priority(self, message: bytes) -> bool:
+        """Send ahead of data (a heartbeat echo): written at once when idle, else the priority lane.
+
+        Returns:
+            False if dropped (the priority lane is full).
+        """
+        if not self._prio and not self._fifo and not self._flush_needed and not self.closing:
+            transport = self.transport
+            if transport.send_nowait([message]):
+                if transport.has_unsent:
+                    self._hold_tail(0, 0)
+                return True
+        return self.push_priority(message)
+
+    def _hold_tail(self, frames: int, size: int) -> None:
+        """A write at once was partial: count it as queued and have the writer flush the tail."""
+        if not self._q_frames:
+            self._fifo_t0 = trio.current_time()
+        self._q_frames += frames
+        self._q_bytes += size
+        if self._q_bytes > self._q_peak_bytes:
+            self._q_peak_bytes = self._q_bytes
+        if self._q_frames > self._q_peak_frames:
+            self._q_peak_frames = self._q_frames
+        self._flush_needed = True
         if self._wake:
             self._wake.unpark_all()
 
@@ -352,13 +407,15 @@ class PeerConn:
         with self._writer_scope:
             try:
                 while True:
-                    if not self._prio and not self._fifo:
+                    if not self._prio and not self._fifo and not self._flush_needed:
                         if self.closing:
                             return
                         await self._wake.park()
                         continue
                     if self.closing and not self._flush:
                         return
+                    # (an unsent tail goes out first, whatever this write carries; [] flushes it)
+                    self._flush_needed = False
                     prio = self._prio
                     fifo = self._fifo
                     frames = self._q_frames
@@ -434,6 +491,21 @@ class PeerConn:
             # the common case: every message is CONTROL/DATA, forward the list as it is
             await self._forward(batch)
             return not self.closing
+        if len(batch) == 1:
+            message = batch[0]
+            # the next most common: a lone HEARTBEAT (version 1, no flags, channel 0, empty body)
+            if (
+                len(message) == HEADER_SIZE
+                and message[1] == _HEARTBEAT
+                and message[0] == _VERSION
+                and not message[2]
+                and not message[3]
+            ):
+                if self.send_priority(message):  # the echo is the very same bytes
+                    self._stats.heartbeats_echoed += 1
+                else:
+                    self._stats.heartbeats_dropped += 1
+                return not self.closing
         run: list[bytes] = []
         for message in batch:
             if (
@@ -447,7 +519,7 @@ class PeerConn:
             kind = message[1] if len(message) > 1 else -1
             if kind == _HEARTBEAT and len(message) == HEADER_SIZE:
                 decode_header(message)  # validates the rest of the header
-                if self.push_priority(message):  # the echo is the very same bytes
+                if self.send_priority(message):  # the echo is the very same bytes
                     self._stats.heartbeats_echoed += 1
                 else:
                     self._stats.heartbeats_dropped += 1
@@ -486,7 +558,8 @@ class PeerConn:
         if partner is None:
             stats.frames_discarded += len(messages)
         else:
-            partner.push_batch(messages, size)
+            if not partner.send_batch_now(messages, size):
+                partner.push_batch(messages, size)
             count = len(messages)
             stats.messages_forwarded += count
             stats.bytes_forwarded += size

@@ -24,11 +24,21 @@ class Transport(Protocol):
     ``receive_messages`` returns every complete message one read produced (never an empty list at
     end of stream: it raises instead); ``send_messages`` writes a list of messages in one write;
     ``close`` performs a bounded-by-the-caller closing handshake; ``abort`` drops the socket now.
+
+    ``send_nowait`` writes at once without waiting, from any task, but only while no send is in
+    progress or pending (else it returns False and writes nothing). A partial write keeps its tail
+    (``has_unsent``), which the next ``send_messages`` writes first; a transport that cannot write
+    without waiting simply returns False.
     """
 
     async def receive_messages(self) -> list[bytes]: ...
 
     async def send_messages(self, messages: list[bytes]) -> None: ...
+
+    def send_nowait(self, messages: list[bytes]) -> bool: ...
+
+    @property
+    def has_unsent(self) -> bool: ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
