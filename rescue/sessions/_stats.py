@@ -42,6 +42,11 @@ class FastHistogram:
         self.total += value * n
         self.count += n
 
+    def observe_first(self) -> None:
+        """Record one observation in the first bucket, counted as 0 (a write done at once)."""
+        self.counts[0] += 1
+        self.count += 1
+
     def cumulative(self) -> list[tuple[str, int]]:
         """``(le, cumulative count)`` pairs in Prometheus order, ending with ``+Inf``."""
         out: list[tuple[str, int]] = []
