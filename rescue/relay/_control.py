@@ -16,11 +16,12 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import httpx
 import trio
 
+from rescue._codes import CloseCode
 from rescue._log import get_logger, log_event
 from rescue.errors import ConfigError, RescueError
 from rescue.guardrails import GuardrailStore, NodeInfo
@@ -129,6 +130,13 @@ class KeySource:
             await self.refresh(client)
 
 
+class Refusal(NamedTuple):
+    """A reason to refuse new handshakes: the close code and the text for the CLOSE body."""
+
+    code: CloseCode
+    reason: str
+
+
 class ControlLink:
     """The token service as the relay sees it: paused state and activation reports (SPEC §6).
 
@@ -179,16 +187,22 @@ class ControlLink:
         """Whether the known state is too old to trust."""
         return self.state_age() > self.stale_s
 
-    def refusal(self) -> str | None:
-        """Why new handshakes must be refused right now (``None``: accept)."""
+    def refusal(self) -> Refusal | None:
+        """Why new handshakes must be refused right now, and with which code (``None``: accept).
+
+        A pause is ``GUARDRAIL_TRIPPED``: clients stop. A kill-switch state that is merely unknown
+        (token service unreachable for longer than ``stale_s``) is ``OVERLOADED``: clients fetch a
+        fresh token with backoff and come back once the control plane answers, so a control-plane
+        outage never ends a session for good (see docs/relay.md, "Failing closed").
+        """
         if self.local_paused:
-            return "fallback is paused on this node"
+            return Refusal(CloseCode.GUARDRAIL_TRIPPED, "fallback is paused on this node")
         if self.standalone:
             return None
         if self.stale():
-            return "the kill switch state is unknown (token service unreachable)"
+            return Refusal(CloseCode.OVERLOADED, "kill switch state unknown (token service unreachable)")
         if self.fleet_paused:
-            return "fallback is paused"
+            return Refusal(CloseCode.GUARDRAIL_TRIPPED, "fallback is paused")
         return None
 
     def detail(self) -> dict[str, Any]:

@@ -154,7 +154,7 @@ class Relay:
             reasons.append("draining")
         refusal = self.control.refusal()
         if refusal is not None:
-            reasons.append(refusal)
+            reasons.append(refusal.reason)
         if self.table.full():
             reasons.append("at max_sessions")
         return {
@@ -345,7 +345,7 @@ class Relay:
             return
         refusal = self.control.refusal()
         if refusal is not None:
-            await self._refuse(ws, CloseCode.GUARDRAIL_TRIPPED, refusal)
+            await self._refuse(ws, refusal.code, refusal.reason)
             return
         try:
             with trio.fail_after(self.config.hello_timeout_s):
@@ -372,7 +372,7 @@ class Relay:
             return
         refusal = self.control.refusal()
         if refusal is not None:
-            await self._refuse(ws, CloseCode.GUARDRAIL_TRIPPED, refusal)
+            await self._refuse(ws, refusal.code, refusal.reason)
             return
         # From here to attach() there is no checkpoint: the table cannot change under us.
         session = self.table.get(hello.session)
