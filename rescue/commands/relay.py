@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run a relay node (data plane)",
         description="Run one relay node: pairs the two peers of each session and forwards their "
         "end-to-end encrypted frames (SPEC §2), with an admin HTTP port (/healthz, /readyz, "
-        "/metrics, /debug/stats). FALLBACK_WS_PAUSED=1 starts it paused (refusing new handshakes).",
+        "/metrics, /debug/stats). FALLBACK_WS_PAUSED=1 starts it paused (refusing new handshakes); "
+        "RESCUE_REPORT_KEY is the bearer key for activation reports when the token service wants one.",
     )
     add_option(
         p,
@@ -185,6 +186,8 @@ async def run_relay(relay: Relay, *, task_status: trio.TaskStatus[None] = trio.T
 
 def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    relay = Relay(build_config(args, os.environ))
+    # the activation-report key is a secret: environment only, never a flag (`ps` shows flags)
+    report_key = os.environ.get("RESCUE_REPORT_KEY", "").strip() or None
+    relay = Relay(build_config(args, os.environ), report_key=report_key)
     trio.run(partial(run_relay, relay))
     return 0

@@ -146,6 +146,8 @@ class ControlLink:
         stale_s: fail closed once the last good state is older than this.
         paused: the local kill switch (``FALLBACK_WS_PAUSED=1``), ORed with the fleet's.
         on_drain: called (synchronously) after each poll that says paused with ``drain``.
+        report_key: bearer key for ``POST /v1/fallback/activations`` when the token service
+            requires one (its ``RESCUE_REPORT_KEYS``); never logged.
     """
 
     def __init__(
@@ -156,8 +158,10 @@ class ControlLink:
         stale_s: float,
         paused: bool = False,
         on_drain: Callable[[], None] | None = None,
+        report_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/") if base_url else None
+        self._report_headers = {"authorization": f"Bearer {report_key}"} if report_key else {}
         self.poll_s = poll_s
         self.stale_s = stale_s
         self.local_paused = paused
@@ -289,7 +293,9 @@ class ControlLink:
         async for cohort in self._activations_out:
             try:
                 response = await client.post(
-                    f"{self.base_url}/v1/fallback/activations", json={"cohort": cohort}
+                    f"{self.base_url}/v1/fallback/activations",
+                    json={"cohort": cohort},
+                    headers=self._report_headers,
                 )
                 ok = response.status_code < 300
             except httpx.HTTPError:

@@ -86,6 +86,8 @@ class Relay:
             ``config.redis_url`` when that is set, else no registration.
         http_transport: an httpx transport for the token-service link (tests); default real HTTP.
         ssl_context: serve ``wss://`` with this context instead of loading ``tls_cert``/``tls_key``.
+        report_key: bearer key for activation reports (``$RESCUE_REPORT_KEY`` in ``rescue relay``);
+            kept out of :class:`RelayConfig` so a logged config never shows it.
 
     Resource handling:
         Everything (listeners, connections, sessions, HTTP clients, registration) lives inside
@@ -100,6 +102,7 @@ class Relay:
         store: GuardrailStore | None = None,
         http_transport: httpx.AsyncBaseTransport | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        report_key: str | None = None,
     ) -> None:
         self.config = config
         self.limits = config.session_limits()
@@ -116,6 +119,7 @@ class Relay:
             stale_s=config.status_stale_s,
             paused=config.paused,
             on_drain=self._on_fleet_drain,
+            report_key=report_key,
         )
         self._store = store
         self.registrar: NodeRegistrar | None = None
