@@ -6,6 +6,10 @@ for every session of the idle run, no admin port, and a short drain on SIGTERM. 
 (the harness sends them to a log file) at WARNING, so per-connection INFO lines do not cost CPU in
 the measured windows -- pass ``--log-level INFO`` to see them.
 
+Like ``rescue relay``, it tunes the garbage collector once the node is up
+(:func:`rescue.relay.tune_gc`), and at exit it writes one ``gc: ...`` line to stderr (the log
+file): collections per generation, the time they took, and the last full collections.
+
 Usage: ``python bench/rescue_target.py --keys JWKS --port 0`` prints ``READY port=<n>``.
 """
 
