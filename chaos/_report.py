@@ -73,3 +73,11 @@ def machine_info() -> dict[str, Any]:
 def write_json(path: Path, doc: Any) -> None:
     """Write ``doc`` as indented JSON."""
     path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def render_targets(targets: Sequence[dict[str, Any]]) -> str:
+    """The PASS/FAIL table both harnesses end their report with."""
+    return render_table(
+        ["target", "required", "measured", "verdict"],
+        [[t["name"], t["target"], t["value"], "PASS" if t["pass"] else "FAIL"] for t in targets],
+    )

@@ -42,7 +42,7 @@ import trio
 from chaos._faults import FAULT_KINDS, FaultInjector, FaultPlan, FaultRecord
 from chaos._fleet import Fleet, FleetError, open_fleet
 from chaos._harness import run_and_report
-from chaos._report import fmt_duration, machine_info, parse_duration, render_table
+from chaos._report import fmt_duration, machine_info, parse_duration, render_table, render_targets
 from chaos._traffic import Episode, SessionRun, Throughput, TrafficConfig, percentile
 
 __all__ = ["ChaosConfig", "main", "run_chaos"]
@@ -489,13 +489,7 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        render_table(
-            ["target", "required", "measured", "verdict"],
-            [
-                [t["name"], t["target"], t["value"], "PASS" if t["pass"] else "FAIL"]
-                for t in report["targets"]
-            ],
-        ),
+        render_targets(report["targets"]),
     ]
     if r["causes"]:
         lines += ["", "Why connections were lost or attempts failed: "

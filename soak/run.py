@@ -45,7 +45,7 @@ import trio
 from chaos._fleet import Fleet, open_fleet
 from chaos._harness import run_and_report
 from chaos._procstat import sample as proc_sample
-from chaos._report import fmt_duration, machine_info, parse_duration, render_table
+from chaos._report import fmt_duration, machine_info, parse_duration, render_table, render_targets
 from chaos._traffic import Episode, SessionRun, Throughput, TrafficConfig, percentile, trio_task_count
 from soak._analysis import Flatness, Tolerance, flatness
 
@@ -611,13 +611,7 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        render_table(
-            ["target", "required", "measured", "verdict"],
-            [
-                [t["name"], t["target"], t["value"], "PASS" if t["pass"] else "FAIL"]
-                for t in report["targets"]
-            ],
-        ),
+        render_targets(report["targets"]),
     ]
     if s["failures"]:
         lines += ["", "Failed sessions (first ones):"] + [
