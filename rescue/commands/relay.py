@@ -129,6 +129,62 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="refuse new handshakes once the token service's paused state is older than this",
     )
+    add_option(
+        p,
+        "--hello-timeout-s",
+        type=float,
+        default=_DEFAULTS.hello_timeout_s,
+        metavar="S",
+        help="time from the upgrade to a complete HELLO",
+    )
+    add_option(
+        p,
+        "--close-timeout-s",
+        type=float,
+        default=_DEFAULTS.close_timeout_s,
+        metavar="S",
+        help="bound on a relay-initiated close before the socket is aborted",
+    )
+    add_option(
+        p,
+        "--queue-max-frames",
+        type=int,
+        default=_DEFAULTS.queue_max_frames,
+        metavar="N",
+        help="per-direction queue bound in messages",
+    )
+    add_option(
+        p,
+        "--queue-max-bytes",
+        type=int,
+        default=_DEFAULTS.queue_max_bytes,
+        metavar="N",
+        help="per-direction queue bound in bytes",
+    )
+    add_option(
+        p,
+        "--burst-bytes",
+        type=int,
+        default=_DEFAULTS.burst_bytes,
+        metavar="N",
+        help="bucket size for --max-bytes-per-s (0: one second's worth)",
+    )
+    add_option(
+        p,
+        "--keys-refresh-s",
+        type=float,
+        default=_DEFAULTS.keys_refresh_s,
+        metavar="S",
+        help="how often the JWK set is re-read or re-fetched",
+    )
+    add_option(
+        p,
+        "--register-ttl-s",
+        type=float,
+        default=_DEFAULTS.register_ttl_s,
+        metavar="S",
+        help="expiry of the node's Redis registration",
+    )
     add_option(p, "--log-level", default="INFO", metavar="LEVEL", help="logging level (JSON on stderr)")
     p.set_defaults(func=_run)
 
@@ -161,6 +217,13 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
             max_bytes_per_s=args.max_bytes_per_s,
             drain_s=args.drain_s,
             status_stale_s=args.status_stale_s,
+            hello_timeout_s=args.hello_timeout_s,
+            close_timeout_s=args.close_timeout_s,
+            queue_max_frames=args.queue_max_frames,
+            queue_max_bytes=args.queue_max_bytes,
+            burst_bytes=args.burst_bytes,
+            keys_refresh_s=args.keys_refresh_s,
+            register_ttl_s=args.register_ttl_s,
             paused=environ.get("FALLBACK_WS_PAUSED", "").strip().lower() in _TRUE,
         )
     except ValueError as exc:
