@@ -81,3 +81,12 @@ def render_targets(targets: Sequence[dict[str, Any]]) -> str:
         ["target", "required", "measured", "verdict"],
         [[t["name"], t["target"], t["value"], "PASS" if t["pass"] else "FAIL"] for t in targets],
     )
+
+
+def parse_duration_pair(text: str) -> tuple[float, float]:
+    """``"0.5s,4s"`` → ``(0.5, 4.0)``; one value means both ends (``"2s"`` → ``(2.0, 2.0)``)."""
+    lo, _, hi = text.partition(",")
+    a, b = parse_duration(lo), parse_duration(hi or lo)
+    if a > b:
+        raise ValueError(f"min above max in {text!r}")
+    return a, b

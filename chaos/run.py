@@ -42,7 +42,14 @@ import trio
 from chaos._faults import FAULT_KINDS, FaultInjector, FaultPlan, FaultRecord
 from chaos._fleet import Fleet, FleetError, open_fleet
 from chaos._harness import run_and_report
-from chaos._report import fmt_duration, machine_info, parse_duration, render_table, render_targets
+from chaos._report import (
+    fmt_duration,
+    machine_info,
+    parse_duration,
+    render_table,
+    render_targets,
+)
+from chaos._report import parse_duration_pair as _pair
 from chaos._traffic import Episode, SessionRun, Throughput, TrafficConfig, percentile
 
 __all__ = ["ChaosConfig", "main", "run_chaos"]
@@ -82,14 +89,6 @@ class ChaosConfig:
     progress: float
     out: Path
     log_level: str
-
-
-def _pair(text: str) -> tuple[float, float]:
-    lo, _, hi = text.partition(",")
-    a, b = parse_duration(lo), parse_duration(hi or lo)
-    if a > b:
-        raise ValueError(f"min above max in {text!r}")
-    return a, b
 
 
 def _weights(text: str) -> dict[str, int]:

@@ -45,7 +45,14 @@ import trio
 from chaos._fleet import Fleet, open_fleet
 from chaos._harness import run_and_report
 from chaos._procstat import sample as proc_sample
-from chaos._report import fmt_duration, machine_info, parse_duration, render_table, render_targets
+from chaos._report import (
+    fmt_duration,
+    machine_info,
+    parse_duration,
+    render_table,
+    render_targets,
+)
+from chaos._report import parse_duration_pair as _pair
 from chaos._traffic import Episode, SessionRun, Throughput, TrafficConfig, percentile, trio_task_count
 from soak._analysis import Flatness, Tolerance, flatness
 
@@ -85,14 +92,6 @@ class SoakConfig:
     quick: bool
     out: Path
     log_level: str
-
-
-def _pair(text: str) -> tuple[float, float]:
-    lo, _, hi = text.partition(",")
-    a, b = parse_duration(lo), parse_duration(hi or lo)
-    if a > b:
-        raise ValueError(f"min above max in {text!r}")
-    return a, b
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SoakConfig:
