@@ -298,19 +298,30 @@ async def _share(
     use_pty: bool,
     console: Console,
 ) -> int:
+    return await _until_signal(
+        functools.partial(_share_session, args, command, session, passphrase, use_pty, console),
+        on_signal=lambda signum: console.say(f"stopped by signal {signum}"),
+    )
+
+
+async def _until_signal(
+    session: Callable[[], Awaitable[int]], *, on_signal: Callable[[int], None] | None = None
+) -> int:
+    """Run ``session`` for its exit status; SIGINT/SIGTERM/SIGHUP cancel it and make it 128 + signal."""
     status = 1
     with trio.open_signal_receiver(*SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def on_signal() -> None:
+            async def watch() -> None:
                 nonlocal status
                 async for signum in signals:
-                    console.say(f"stopped by signal {signum}")
+                    if on_signal is not None:
+                        on_signal(signum)
                     status = 128 + signum
                     nursery.cancel_scope.cancel()
 
-            nursery.start_soon(on_signal)
-            status = await _share_session(args, command, session, passphrase, use_pty, console)
+            nursery.start_soon(watch)
+            status = await session()
             nursery.cancel_scope.cancel()
     return status
 
@@ -503,23 +514,14 @@ def _join_main(args: argparse.Namespace) -> int:
 
 
 async def _join(args: argparse.Namespace, passphrase: str, console: Console) -> int:
-    status = 1
     interactive = sys.stdin.isatty()
-    with contextlib.ExitStack() as stack, trio.open_signal_receiver(*SIGNALS) as signals:
-        if interactive:
-            stack.enter_context(raw_terminal(sys.stdin.fileno(), console))
-        async with trio.open_nursery() as nursery:
 
-            async def on_signal() -> None:
-                nonlocal status
-                async for signum in signals:
-                    status = 128 + signum
-                    nursery.cancel_scope.cancel()
+    async def session() -> int:
+        # raw mode is entered inside the signal receiver and restored on every way out of here
+        with raw_terminal(sys.stdin.fileno(), console) if interactive else contextlib.nullcontext():
+            return await _join_session(args, passphrase, console, interactive)
 
-            nursery.start_soon(on_signal)
-            status = await _join_session(args, passphrase, console, interactive)
-            nursery.cancel_scope.cancel()
-    return status
+    return await _until_signal(session)
 
 
 async def _join_session(
