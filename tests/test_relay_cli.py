@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from rescue.protocol import CloseCode, Kind, encode_frame
@@ -114,3 +115,22 @@ def test_relay_config_errors_are_one_line(tmp_path: Path) -> None:
         lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
         assert len(lines) == 1, (argv, result.stderr)
         assert lines[0].startswith("rescue relay: error:")
+
+
+def test_read_poller_options_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rescue.cli import build_parser
+    from rescue.commands.relay import build_config
+
+    args = build_parser().parse_args(
+        ["relay", "--keys", "k.json", "--quiet-tick-s", "0.2", "--read-coalesce-s", "0"]
+    )
+    config = build_config(args, {})
+    assert config.read_poller is True
+    assert config.quiet_tick_s == 0.2
+    assert config.quiet_after_s == 15.0
+    monkeypatch.setenv("RESCUE_NO_READ_POLLER", "1")
+    monkeypatch.setenv("RESCUE_QUIET_AFTER_S", "0")
+    config = build_config(build_parser().parse_args(["relay", "--keys", "k.json"]), {})
+    assert config.read_poller is False
+    assert config.quiet_after_s == 0.0
+    assert config.session_limits().quiet_after_s == 0.0

@@ -185,6 +185,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="expiry of the node's Redis registration",
     )
+    add_option(
+        p,
+        "--no-read-poller",
+        action="store_true",
+        help="wait for each connection's input with trio's own per-socket wait instead of the shared "
+        "epoll poller (decision 0007)",
+    )
+    add_option(
+        p,
+        "--read-coalesce-s",
+        type=float,
+        default=_DEFAULTS.read_coalesce_s,
+        metavar="S",
+        help="let readiness of active connections accumulate this long after each batch (0: none)",
+    )
+    add_option(
+        p,
+        "--quiet-after-s",
+        type=float,
+        default=_DEFAULTS.quiet_after_s,
+        metavar="S",
+        help="a connection with only heartbeats for this long is polled every --quiet-tick-s (0: never)",
+    )
+    add_option(
+        p,
+        "--quiet-tick-s",
+        type=float,
+        default=_DEFAULTS.quiet_tick_s,
+        metavar="S",
+        help="how often quiet connections are looked at (the most a message after a quiet spell waits)",
+    )
     add_option(p, "--log-level", default="INFO", metavar="LEVEL", help="logging level (JSON on stderr)")
     p.set_defaults(func=_run)
 
@@ -224,6 +255,10 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
             burst_bytes=args.burst_bytes,
             keys_refresh_s=args.keys_refresh_s,
             register_ttl_s=args.register_ttl_s,
+            read_poller=not args.no_read_poller,
+            read_coalesce_s=args.read_coalesce_s,
+            quiet_after_s=args.quiet_after_s,
+            quiet_tick_s=args.quiet_tick_s,
             paused=environ.get("FALLBACK_WS_PAUSED", "").strip().lower() in _TRUE,
         )
     except ValueError as exc:

@@ -61,6 +61,15 @@ class RelayConfig:
         keys_refresh_s: how often the JWK set is re-read (file) or re-fetched (URL).
         register_ttl_s: expiry of the node's Redis registration; refreshed every third of it.
         paused: start paused (``FALLBACK_WS_PAUSED=1``): refuse every new handshake.
+        read_poller: wait for established connections' input through one shared epoll poller
+            (Linux; decision 0007) instead of one trio wait per connection.
+        read_coalesce_s: with ``read_poller``, how long readiness of active connections
+            accumulates after a batch is handled (the most a message can wait extra); 0 = none.
+        quiet_after_s: with ``read_poller``, a connection that sent only heartbeats for this
+            long is polled every ``quiet_tick_s`` instead of at once; its next CONTROL/DATA
+            makes it active again. 0 = never.
+        quiet_tick_s: how often quiet connections are looked at: the most the first message
+            after a quiet spell can wait extra.
     """
 
     keys: str | None = None
@@ -96,6 +105,10 @@ class RelayConfig:
     keys_refresh_s: float = 60.0
     register_ttl_s: float = 15.0
     paused: bool = False
+    read_poller: bool = True
+    read_coalesce_s: float = 0.0
+    quiet_after_s: float = 15.0
+    quiet_tick_s: float = 0.1
 
     def __post_init__(self) -> None:
         self.session_limits()  # validates the session numbers
@@ -116,6 +129,10 @@ class RelayConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if not (0 <= self.read_coalesce_s <= 1 and 0 <= self.quiet_tick_s <= 1):
+            raise ValueError("read_coalesce_s and quiet_tick_s must be between 0 and 1")
+        if not self.quiet_after_s >= 0:  # (NaN too)
+            raise ValueError("quiet_after_s must be >= 0")
         if self.max_sessions < 1 or self.handshakes_per_ip_per_min < 0 or self.rate_limit_sources < 1:
             raise ValueError(
                 "max_sessions and rate_limit_sources must be >= 1, handshakes_per_ip_per_min >= 0"
@@ -133,6 +150,7 @@ class RelayConfig:
             max_bytes_per_s=self.max_bytes_per_s,
             burst_bytes=self.burst_bytes,
             close_timeout_s=self.close_timeout_s,
+            quiet_after_s=self.quiet_after_s if self.read_poller else 0.0,
         )
 
     @property

@@ -52,6 +52,8 @@ from rescue.sessions import (
     websocket_close_code,
 )
 from rescue.websocket import WebSocketConnection, serve_websocket
+from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
+from rescue.websocket._poller import ReadPoller
 
 __all__ = ["Relay", "RelayAddresses"]
 
@@ -139,6 +141,12 @@ class Relay:
         self._stopped = trio.Event()
         self._handlers: trio.Nursery | None = None
         self._client: httpx.AsyncClient | None = None
+        # batched read readiness for attached connections (decision 0007)
+        self.poller = (
+            ReadPoller(coalesce_s=config.read_coalesce_s, quiet_tick_s=config.quiet_tick_s)
+            if config.read_poller and POLLER_AVAILABLE
+            else None
+        )
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -184,6 +192,7 @@ class Relay:
             "rate_limiter_sources": len(self.limiter),
             "closes": {str(k): v for k, v in sorted(s.closes.items())},
             "control": self.control.detail(),
+            "read_poller": self.poller.statistics() if self.poller is not None else None,
         }
         if detail:
             out["session_detail"] = [session.statistics() for session in self.table]
@@ -220,6 +229,10 @@ class Relay:
                 if not self._keys_given:
                     await self.keys.load(client)
                 async with trio.open_nursery() as services:
+                    if self.poller is not None:
+                        # started first, so it outlives the handlers nursery (drained connections
+                        # still read their peers' close frames through it)
+                        await services.start(self.poller.run)
                     if client is not None:
                         await services.start(self.control.run, client)
                     if not self._keys_given:
@@ -416,6 +429,8 @@ class Relay:
         # every path, cancellation included), so this handler task can end instead of waiting:
         # one task less per connection (~2.5 KB each at 10,000 idle connections).
         ws.detach()
+        if self.poller is not None:
+            ws.use_poller(self.poller, conn.handle_now)
         self.metrics.handshakes.labels("ok").inc()
         self.metrics.handshake_seconds.observe(trio.current_time() - started)
         if claims.analytics_allowed:

@@ -52,6 +52,9 @@ class SessionLimits:
         burst_bytes: the token-bucket capacity for ``max_bytes_per_s`` (0 = one second's worth).
         close_timeout_s: how long a relay-initiated close (CLOSE message, close frame, the peer's
             answer) may take before the socket is aborted.
+        quiet_after_s: a connection that sent no CONTROL/DATA for this long is marked quiet at
+            its next heartbeat (its transport may then poll it less often, decision 0007);
+            0 = never.
     """
 
     heartbeat_s: int = 15
@@ -63,6 +66,7 @@ class SessionLimits:
     max_bytes_per_s: int = 0
     burst_bytes: int = 0
     close_timeout_s: float = 5.0
+    quiet_after_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.heartbeat_s <= 3600:
@@ -77,6 +81,8 @@ class SessionLimits:
             raise ValueError("queue bounds must be positive")
         if self.max_bytes_per_s < 0 or self.burst_bytes < 0:
             raise ValueError("max_bytes_per_s and burst_bytes must be >= 0")
+        if not self.quiet_after_s >= 0:  # (NaN too)
+            raise ValueError("quiet_after_s must be >= 0")
 
     @property
     def liveness_timeout_s(self) -> float:

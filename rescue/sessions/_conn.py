@@ -69,6 +69,30 @@ def websocket_close_code(code: int) -> int:
     return code if code in _SENDABLE_WS_CODES or 3000 <= code <= 4999 else 1000
 
 
+def _all_relayed(batch: list[bytes]) -> bool:
+    """Whether every message is CONTROL/DATA with a well-formed fixed header (forwarded as is)."""
+    for message in batch:
+        if (
+            len(message) < HEADER_SIZE
+            or message[1] > _MAX_RELAYED_KIND
+            or message[0] != _VERSION
+            or message[2] & _RESERVED_FLAGS
+        ):
+            return False
+    return True
+
+
+def _is_lone_heartbeat(message: bytes) -> bool:
+    """A HEARTBEAT as peers send it: version 1, no flags, channel 0, empty body (echoed as is)."""
+    return (
+        len(message) == HEADER_SIZE
+        and message[1] == _HEARTBEAT
+        and message[0] == _VERSION
+        and not message[2]
+        and not message[3]
+    )
+
+
 def _clip_reason(reason: str) -> str:
     data = reason.encode()[:MAX_CLOSE_REASON_BYTES]
     return data.decode("utf-8", "ignore")
@@ -106,6 +130,7 @@ class PeerConn:
         "_flush",
         "_flush_needed",
         "_initial",
+        "_last_data",
         "_limits",
         "_live",
         "_prio",
@@ -113,6 +138,7 @@ class PeerConn:
         "_q_frames",
         "_q_peak_bytes",
         "_q_peak_frames",
+        "_quiet",
         "_reader_scope",
         "_space",
         "_stats",
@@ -164,6 +190,8 @@ class PeerConn:
         self._writer_scope = trio.CancelScope()
         self._live: trio.CancelScope | None = None
         self._bucket: TokenBucket | None = None
+        self._last_data = trio.current_time()  # last inbound CONTROL/DATA
+        self._quiet = False  # told the transport that only heartbeats arrive
         # closing state
         self._flush = False
         self._close_code: int | None = None
@@ -477,35 +505,59 @@ class PeerConn:
                     CloseCode.HEARTBEAT_TIMEOUT, f"no message for {timeout:g} s (3 x heartbeat_s)"
                 )
 
+    def handle_now(self, batch: list[bytes]) -> bool:
+        """Handle a batch without waiting if it is one of the common cases; else do nothing.
+
+        The shared read poller's read-ahead (decision 0007) offers every batch it reads while the
+        reader waits: CONTROL/DATA for a partner with room (and no rate limit), or a lone
+        HEARTBEAT, are handled right there and the reader task is not woken. Anything else
+        (backpressure, throttling, CLOSE, bad input) returns False untouched and goes to the
+        reader, which handles it exactly as before.
+        """
+        if self.closing:
+            return False
+        now = trio.current_time()
+        if _all_relayed(batch):
+            partner = self.session.partner_of(self)
+            if self._bucket is not None or (partner is not None and not partner.has_room()):
+                return False
+            self._deliver(partner, batch, sum(map(len, batch)))
+        elif len(batch) == 1 and _is_lone_heartbeat(batch[0]):
+            self._echo(batch[0], now)
+        else:
+            return False
+        live = self._live
+        timeout = self._limits.liveness_timeout_s
+        if live is not None and now + timeout > live.deadline:
+            live.deadline = now + timeout + LIVENESS_SLACK_S
+        return True
+
+    def _echo(self, heartbeat: bytes, now: float) -> None:
+        if self.send_priority(heartbeat):  # the echo is the very same bytes
+            self._stats.heartbeats_echoed += 1
+        else:
+            self._stats.heartbeats_dropped += 1
+        quiet_after = self._limits.quiet_after_s
+        if quiet_after and not self._quiet and now - self._last_data >= quiet_after:
+            self._quiet = True
+            self.transport.set_quiet(True)
+
+    def _set_active(self) -> None:
+        """Data flows (or is about to): have the transport look at this socket at once again."""
+        if self._quiet:
+            self._quiet = False
+            self.transport.set_quiet(False)
+
     async def _handle(self, batch: list[bytes]) -> bool:
         """Handle one read's messages; False once the connection is closing."""
-        for message in batch:
-            if (
-                len(message) < HEADER_SIZE
-                or message[1] > _MAX_RELAYED_KIND
-                or message[0] != _VERSION
-                or message[2] & _RESERVED_FLAGS
-            ):
-                break
-        else:
+        if _all_relayed(batch):
             # the common case: every message is CONTROL/DATA, forward the list as it is
             await self._forward(batch)
             return not self.closing
-        if len(batch) == 1:
-            message = batch[0]
+        if len(batch) == 1 and _is_lone_heartbeat(batch[0]):
             # the next most common: a lone HEARTBEAT (version 1, no flags, channel 0, empty body)
-            if (
-                len(message) == HEADER_SIZE
-                and message[1] == _HEARTBEAT
-                and message[0] == _VERSION
-                and not message[2]
-                and not message[3]
-            ):
-                if self.send_priority(message):  # the echo is the very same bytes
-                    self._stats.heartbeats_echoed += 1
-                else:
-                    self._stats.heartbeats_dropped += 1
-                return not self.closing
+            self._echo(batch[0], trio.current_time())
+            return not self.closing
         run: list[bytes] = []
         for message in batch:
             if (
@@ -519,10 +571,7 @@ class PeerConn:
             kind = message[1] if len(message) > 1 else -1
             if kind == _HEARTBEAT and len(message) == HEADER_SIZE:
                 decode_header(message)  # validates the rest of the header
-                if self.send_priority(message):  # the echo is the very same bytes
-                    self._stats.heartbeats_echoed += 1
-                else:
-                    self._stats.heartbeats_dropped += 1
+                self._echo(message, trio.current_time())
                 continue
             if run:
                 await self._forward(run)
@@ -551,24 +600,35 @@ class PeerConn:
 
     async def _forward(self, messages: list[bytes]) -> None:
         size = sum(map(len, messages))
-        stats = self._stats
         partner = self.session.partner_of(self)
         if partner is not None and not partner.has_room():
             partner = await self._wait_for_room()
-        if partner is None:
-            stats.frames_discarded += len(messages)
-        else:
-            if not partner.send_batch_now(messages, size):
-                partner.push_batch(messages, size)
-            count = len(messages)
-            stats.messages_forwarded += count
-            stats.bytes_forwarded += size
-            stats.message_sizes.observe(size / count, count)
+        self._deliver(partner, messages, size)
         if self._bucket is not None:
             delay = self._bucket.consume(size, trio.current_time())
             if delay > 0:
-                stats.throttle_waits += 1
+                self._stats.throttle_waits += 1
                 await self._throttle(delay)
+
+    def _deliver(self, partner: PeerConn | None, messages: list[bytes], size: int) -> None:
+        """Hand a batch to the partner (written at once or queued), or count it discarded."""
+        stats = self._stats
+        self._last_data = trio.current_time()
+        if self._quiet:
+            # The first message after a quiet spell (it waited up to quiet_tick_s): the partner's
+            # answer is likely next, so the partner is looked at at once again too.
+            self._set_active()
+            if partner is not None:
+                partner._set_active()
+        if partner is None:
+            stats.frames_discarded += len(messages)
+            return
+        if not partner.send_batch_now(messages, size):
+            partner.push_batch(messages, size)
+        count = len(messages)
+        stats.messages_forwarded += count
+        stats.bytes_forwarded += size
+        stats.message_sizes.observe(size / count, count)
 
     async def _throttle(self, delay: float) -> None:
         """Stop reading for ``delay`` seconds, with the liveness deadline suspended (our doing)."""

@@ -29,6 +29,9 @@ class Transport(Protocol):
     progress or pending (else it returns False and writes nothing). A partial write keeps its tail
     (``has_unsent``), which the next ``send_messages`` writes first; a transport that cannot write
     without waiting simply returns False.
+
+    ``set_quiet`` is a hint: only heartbeats arrive lately (the transport may look at the socket
+    less often) or data flows again; a transport without such a mode ignores it.
     """
 
     async def receive_messages(self) -> list[bytes]: ...
@@ -43,3 +46,5 @@ class Transport(Protocol):
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
     def abort(self) -> None: ...
+
+    def set_quiet(self, quiet: bool) -> None: ...

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -28,11 +28,13 @@ from rescue.errors import ConnectionClosedError, ProtocolError
 from rescue.websocket._codec import (
     DEFAULT_MAX_MESSAGE,
     CloseReceived,
+    Event,
     FrameParser,
     Ping,
     frame_close,
     frame_messages,
 )
+from rescue.websocket._poller import ReadPoller
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -183,6 +185,12 @@ class WebSocketConnection:
                 pass
         self._initial = initial_data
         self._detached = False  # the server's handler handed the connection to another owner
+        self._poller: ReadPoller | None = None  # shared read readiness (use_poller)
+        self._on_messages: Callable[[list[bytes]], bool] | None = None  # the poller's read-ahead taker
+        self._fast_wait = False  # the reader waits in receive_messages: read-ahead allowed
+        self._read_ahead = False  # the poller's read-ahead consumed input the reader must see
+        self._stash: list[Event] = []  # events the read-ahead parsed but did not hand off
+        self._handler_error: Exception | None = None  # on_messages raised during a read-ahead
         self._more = False  # the last read filled the buffer: try reading before waiting
         self._receiving = False
         self._sending = False
@@ -229,6 +237,105 @@ class WebSocketConnection:
         """
         self._detached = True
 
+    def use_poller(
+        self, poller: ReadPoller, on_messages: Callable[[list[bytes]], bool] | None = None
+    ) -> bool:
+        """Wait for readability through ``poller`` from now on instead of trio's own wait.
+
+        For a server holding many mostly quiet connections (decision 0007): the poller batches
+        their wake-ups. Only plain TCP connections can; the registration ends when the transport
+        closes.
+
+        Args:
+            poller: a running :class:`ReadPoller`.
+            on_messages: optional read-ahead taker. While a task waits in
+                :meth:`receive_messages`, the poller reads and parses ready input itself and
+                offers a batch of binary messages to ``on_messages(batch)`` *synchronously*; if it
+                returns True it has handled the whole batch (the waiting task is not woken);
+                False means it did nothing and the batch goes to the waiting task as usual. It
+                must never handle part of a batch. If it raises, :meth:`receive_messages` raises
+                the same exception.
+
+        Returns:
+            Whether the connection now uses the poller (False: not plain TCP, closed, or the
+            poller is not running).
+        """
+        sock = self._sock
+        if sock is None or self._transport_closed.is_set() or self._poller is not None:
+            return False
+        fd = sock.fileno()
+        if fd < 0 or not poller.register(fd, self._read_ahead_now if on_messages is not None else None):
+            return False
+        self._poller = poller
+        self._on_messages = on_messages
+        return True
+
+    def set_quiet(self, quiet: bool) -> None:
+        """Hint for the poller: only heartbeats arrive lately (look less often), or data flows again.
+
+        A no-op without a poller (:meth:`use_poller`).
+        """
+        poller = self._poller
+        sock = self._sock
+        if poller is not None and sock is not None:
+            fd = sock.fileno()
+            if fd >= 0:
+                poller.set_quiet(fd, quiet)
+
+    def _read_ahead_now(self) -> bool:
+        """The poller's callback while a task waits on this socket: read, parse, offer the batch.
+
+        Returns:
+            True to keep the waiting task parked (nothing for it yet), False to wake it.
+        """
+        on_messages = self._on_messages
+        sock = self._sock
+        if not self._fast_wait or on_messages is None or sock is None or self._more:
+            return False
+        fd = sock.fileno()
+        if fd < 0:
+            return False
+        buf = _read_buffer()
+        try:
+            n = os.readv(fd, [buf])
+        except BlockingIOError:
+            return True  # nothing there after all
+        except OSError:
+            return False  # the waiting task reads again and reports it
+        if not n:
+            return False  # EOF stays: the waiting task reads it again
+        self._reads += 1
+        self._bytes_in += n
+        self._more = n == READ_SIZE
+        view = memoryview(buf)[:n]
+        try:
+            events = self._parser.feed(view)
+        except ProtocolError as exc:
+            self._protocol_error = exc
+            self._read_ahead = True
+            return False
+        finally:
+            view.release()
+        if not events and not self._more:
+            return True  # part of a frame: wait for the rest
+        if not self._more:
+            for event in events:
+                if type(event) is not bytes:
+                    break
+            else:
+                try:
+                    handled = on_messages(events)  # type: ignore[arg-type]
+                except Exception as exc:  # handed to the waiting task, which raises it
+                    self._handler_error = exc
+                    self._read_ahead = True
+                    return False
+                if handled:
+                    self._messages_in += len(events)
+                    return True
+        self._stash = events
+        self._read_ahead = True
+        return False
+
     def statistics(self) -> ConnectionStatistics:
         """An immutable snapshot of the connection's counters."""
         return ConnectionStatistics(
@@ -272,25 +379,31 @@ class WebSocketConnection:
         self._receiving = True
         try:
             while True:
+                got: bytes | bytearray | memoryview | None
                 if self._initial:
-                    data: bytes | bytearray | memoryview = self._initial
+                    got = self._initial
                     self._initial = b""
                     await trio.lowlevel.checkpoint()
                 elif self._sock is not None:
-                    data = await self._read_socket()
+                    got = await self._read_socket(read_ahead=True)
                 else:
-                    data = await self._read_stream()
-                if not data:
-                    self._peer_done.set()
-                    raise self._fail(WebSocketClosedError(None, "connection closed without a close frame"))
-                try:
-                    events = self._parser.feed(data)
-                except ProtocolError as exc:
-                    self._protocol_error = exc
-                    raise
-                finally:
-                    if isinstance(data, memoryview):
-                        data.release()
+                    got = await self._read_stream()
+                if got is None:  # the poller read and parsed for us (use_poller)
+                    events = self._take_read_ahead()
+                else:
+                    if not got:
+                        self._peer_done.set()
+                        raise self._fail(
+                            WebSocketClosedError(None, "connection closed without a close frame")
+                        )
+                    try:
+                        events = self._parser.feed(got)
+                    except ProtocolError as exc:
+                        self._protocol_error = exc
+                        raise
+                    finally:
+                        if isinstance(got, memoryview):
+                            got.release()
                 if not events:
                     continue
                 for event in events:
@@ -317,14 +430,38 @@ class WebSocketConnection:
         finally:
             self._receiving = False
 
-    async def _read_socket(self) -> memoryview | bytes:
+    def _take_read_ahead(self) -> list[Event]:
+        """What the poller's read-ahead left for the waiting task (raising what it caught)."""
+        self._read_ahead = False
+        if self._protocol_error is not None:
+            raise self._protocol_error
+        if self._handler_error is not None:
+            error, self._handler_error = self._handler_error, None
+            raise error
+        events, self._stash = self._stash, []
+        return events
+
+    async def _read_socket(self, *, read_ahead: bool = False) -> memoryview | bytes | None:
+        """Wait for input and read it; ``None`` when the poller's read-ahead already took it."""
         sock = self._sock
         assert sock is not None
         buf = _read_buffer()
         while True:
             try:
+                poller = self._poller
                 if self._more:
                     await trio.lowlevel.checkpoint()
+                elif poller is not None and poller.running:
+                    fd = sock.fileno()
+                    if fd < 0:
+                        raise trio.ClosedResourceError
+                    self._fast_wait = read_ahead
+                    try:
+                        await poller.wait_readable(fd)
+                    finally:
+                        self._fast_wait = False
+                    if self._read_ahead:
+                        return None
                 else:
                     await trio.lowlevel.wait_readable(sock)
                 fd = sock.fileno()
@@ -567,7 +704,7 @@ class WebSocketConnection:
         try:
             while not self._peer_done.is_set() and not self._parser.closed:
                 if self._sock is not None:
-                    data: bytes | bytearray | memoryview = await self._read_socket()
+                    data: bytes | bytearray | memoryview | None = await self._read_socket()
                 else:
                     data = await self._read_stream()
                 if not data:
@@ -603,6 +740,12 @@ class WebSocketConnection:
         self._transport_closed.set()
         self._peer_done.set()
         self._idle.unpark_all()
+        poller = self._poller
+        if poller is not None and self._sock is not None:
+            self._poller = None
+            fd = self._sock.fileno()
+            if fd >= 0:
+                poller.unregister(fd)  # while the number is still ours; wakes a parked reader
         try:
             return _close_now(self._stream)
         except OSError as exc:  # pragma: no cover - close(2) failing is not actionable

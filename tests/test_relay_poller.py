@@ -1,0 +1,411 @@
+"""A real relay with the shared read poller (decision 0007) on and off, on 127.0.0.1 (port 0).
+
+Every test is bounded by ``trio.fail_after`` and waits for conditions (counters, events). Timers run
+in real time with the shortest heartbeat the config allows (1 s), so they take a few seconds.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from rescue._codes import CloseCode
+from rescue.protocol import HEADER_SIZE, Kind, encode_frame
+from rescue.protocol._messages import Role
+from rescue.relay import Relay
+from rescue.relay._config import RelayConfig
+from rescue.relay._testing import TestKeys, TestPeer, relay_test_config
+from rescue.sessions import PeerConn
+from rescue.websocket import READ_SIZE
+from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
+
+pytestmark = pytest.mark.skipif(not POLLER_AVAILABLE, reason="the read poller needs select.epoll (Linux)")
+
+TEST_TIMEOUT = 30  # wall clock per test; they take milliseconds to a few seconds
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Wait for a condition the test cannot await directly (bounded by the caller's fail_after)."""
+    while not predicate():
+        await trio.sleep(0.001)
+
+
+def frame(seq: int, size: int) -> bytes:
+    """A DATA frame whose body is derived from its seq, so any corruption or reordering shows."""
+    stamp = struct.pack(">Q", seq)
+    return encode_frame(Kind.DATA, (stamp * (size // 8 + 1))[:size], seq=seq)
+
+
+async def start(nursery: trio.Nursery, **overrides: object) -> tuple[Relay, str, TestKeys]:
+    keys = TestKeys()
+    relay = Relay(relay_test_config(**overrides), keys=keys.ring)
+    addresses = await nursery.start(relay.run)
+    return relay, addresses.url, keys
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[list[TestPeer]]:
+    """Every peer a test connects; aborted at the end whatever happened (no socket leaks)."""
+    made: list[TestPeer] = []
+    yield made
+    for peer in made:
+        peer.abort()
+
+
+async def pair(
+    url: str, keys: TestKeys, peers: list[TestPeer], session: str = "p"
+) -> tuple[TestPeer, TestPeer]:
+    host = await TestPeer.connect(url, keys, session=session, role="host")
+    peers.append(host)
+    guest = await TestPeer.connect(url, keys, session=session, role="guest")
+    peers.append(guest)
+    assert (await host.receive_peer_event()).event == "joined"
+    return host, guest
+
+
+def poller_stat(relay: Relay, name: str) -> int | float:
+    stats = relay.statistics()["read_poller"]
+    assert stats is not None
+    return stats[name]  # type: ignore[no-any-return]
+
+
+def both_parked(relay: Relay) -> bool:
+    """Both connections' readers wait in the poller (read-ahead is offered what comes next)."""
+    return poller_stat(relay, "registered") == 2 and poller_stat(relay, "waiting") == 2
+
+
+def conn_of(relay: Relay, session: str, role: Role) -> PeerConn:
+    s = relay.table.get(session)
+    assert s is not None
+    conn = s.peer(role)
+    assert conn is not None
+    return conn
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_config_read_poller_defaults_and_coalesce_bounds() -> None:
+    config = relay_test_config()
+    assert config.read_poller is True
+    assert config.read_coalesce_s == 0.0
+    assert config.quiet_after_s == 15.0
+    assert config.quiet_tick_s == 0.1
+    for bad in (-0.001, -1.0, 1.001, 5.0):
+        with pytest.raises(ValueError, match="read_coalesce_s"):
+            relay_test_config(read_coalesce_s=bad)
+    for good in (0.0, 0.5, 1.0):
+        assert relay_test_config(read_coalesce_s=good).read_coalesce_s == good
+    assert isinstance(relay_test_config(read_poller=False), RelayConfig)
+    keys = TestKeys()
+    assert Relay(relay_test_config(read_poller=False), keys=keys.ring).poller is None
+    poller = Relay(relay_test_config(read_coalesce_s=0.25), keys=keys.ring).poller
+    assert poller is not None
+    assert poller.coalesce_s == 0.25
+
+
+# ------------------------------------------------------------------------------ forwarding
+
+
+@pytest.mark.parametrize("read_poller", [True, False], ids=["poller", "no-poller"])
+async def test_paired_session_exchanges_data_and_heartbeats(
+    nursery: trio.Nursery, peers: list[TestPeer], read_poller: bool
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start(nursery, read_poller=read_poller)
+        host, guest = await pair(url, keys, peers)
+        if read_poller:
+            assert relay.poller is not None
+            await wait_until(lambda: both_parked(relay))
+        else:
+            assert relay.poller is None
+            assert relay.statistics()["read_poller"] is None
+        # one message at a time, each while both readers are parked: the fast path's case
+        sizes = [0, 1, 100, 1000, 20_000, 60_000]
+        seq = 0
+        for size in sizes:
+            for sender, receiver in ((host, guest), (guest, host)):
+                seq += 1
+                if read_poller:
+                    await wait_until(lambda: both_parked(relay))
+                await sender.send(frame(seq, size))
+                assert await receiver.receive() == frame(seq, size)
+        # heartbeats are echoed as the very same bytes
+        for peer, beat_seq in ((host, 7), (guest, 8)):
+            if read_poller:
+                await wait_until(lambda: both_parked(relay))
+            beat = encode_frame(Kind.HEARTBEAT, seq=beat_seq)
+            await peer.send(beat)
+            assert await peer.receive() == beat
+        # many messages in a few writes (batches, full reads): byte-exact and in order
+        burst = [frame(1000 + i, (i * 7919) % 60_000) for i in range(120)]
+
+        async def send_burst() -> None:
+            for i in range(0, len(burst), 40):
+                await host.send(*burst[i : i + 40])
+
+        async with trio.open_nursery() as io:
+            io.start_soon(send_burst)
+            for message in burst:
+                assert await guest.receive() == message
+        assert relay.stats.messages_forwarded == 2 * len(sizes) + len(burst)
+        assert relay.stats.frames_discarded == 0
+        assert relay.stats.heartbeats_echoed == 2
+        if read_poller:
+            # the poller's read-ahead handled the one-at-a-time messages without waking readers
+            assert poller_stat(relay, "handled") >= 2 * len(sizes) + 2
+            assert poller_stat(relay, "events") >= poller_stat(relay, "handled")
+        # a normal close: the partner hears PEER left, both registrations end
+        await host.aclose()
+        assert (await guest.receive_peer_event()).event == "left"
+        await guest.aclose()
+        if read_poller:
+            await wait_until(lambda: poller_stat(relay, "registered") == 0)
+        assert relay.stats.internal_errors == 0
+
+
+@pytest.mark.parametrize("read_poller", [True, False], ids=["poller", "no-poller"])
+async def test_a_peer_that_sends_and_drops_is_seen_to_leave(
+    nursery: trio.Nursery, peers: list[TestPeer], read_poller: bool
+) -> None:
+    """BUG with the poller (rescue/websocket/_poller.py edge-triggered EOF, see test_ws_poller.py):
+    a peer that sends DATA and then drops its connection (a crash, a killed process: data and FIN
+    arrive together) is not noticed; the relay forwards the DATA through read-ahead and the
+    reader stays parked until the liveness timeout (3 x heartbeat_s = 45 s here), so the partner
+    hears PEER left 45 s late. Without the poller it is at once."""
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start(nursery, read_poller=read_poller, heartbeat_s=15)
+        host, guest = await pair(url, keys, peers)
+        if read_poller:
+            await wait_until(lambda: both_parked(relay))
+        await host.send(frame(1, 100))
+        host.abort()  # data and FIN back to back
+        assert await guest.receive() == frame(1, 100)
+        with trio.move_on_after(5) as timed:
+            event = await guest.receive_peer_event()
+        assert not timed.cancelled_caught, "the dropped peer was not noticed"
+        assert event.event == "left"
+
+
+# ---------------------------------------------------------------------------- backpressure
+
+
+async def test_backpressure_holds_the_sender_back_with_the_poller_on(
+    nursery: trio.Nursery, peers: list[TestPeer]
+) -> None:
+    body = 8000
+    queue_max_bytes = 16384
+    total_frames = 4_000_000 // body  # the path holds a few hundred KB before the host blocks
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start(nursery, queue_max_bytes=queue_max_bytes)
+        assert relay.poller is not None
+        host, guest = await pair(url, keys, peers)
+        sent = 0
+
+        async def send_everything() -> None:
+            nonlocal sent
+            batch = 8
+            for first in range(1, total_frames + 1, batch):
+                messages = [frame(seq, body) for seq in range(first, min(first + batch, total_frames + 1))]
+                await host.send(*messages)
+                sent += len(messages)
+
+        async with trio.open_nursery() as io:
+            io.start_soon(send_everything)
+            # wait until everyone is stuck: the host in send (TCP full), the relay reader held back
+            while True:
+                before = sent
+                await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+                if sent == before and relay.stats.backpressure_stalls:
+                    break
+            assert sent < total_frames  # held back
+            to_guest = conn_of(relay, "p", Role.GUEST)
+            assert to_guest.statistics()["peak_queued_bytes"] <= queue_max_bytes + READ_SIZE + 65536
+            for seq in range(1, total_frames + 1):
+                message = await guest.receive()
+                assert message[:HEADER_SIZE] == frame(seq, body)[:HEADER_SIZE], seq
+                assert message == frame(seq, body), seq
+        assert sent == total_frames
+        assert relay.stats.messages_forwarded == total_frames
+        assert relay.stats.frames_discarded == 0
+        assert to_guest.statistics()["peak_queued_bytes"] <= queue_max_bytes + READ_SIZE + 65536
+
+
+# ---------------------------------------------------------------------------------- liveness
+
+
+async def test_heartbeat_timeout_fires_for_a_silent_connection_with_the_poller_on(
+    nursery: trio.Nursery, peers: list[TestPeer]
+) -> None:
+    """heartbeat_s=1: a silent host is timed out after 3 s, a guest whose heartbeats are all echoed
+    by the fast path (its reader never woken) stays alive."""
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start(nursery, heartbeat_s=1, resume_grace_s=30)
+        host, guest = await pair(url, keys, peers)
+        await wait_until(lambda: both_parked(relay))
+        handled = poller_stat(relay, "handled")
+        start_time = trio.current_time()
+        beat = encode_frame(Kind.HEARTBEAT, seq=1)
+
+        async def keep_guest_alive() -> None:
+            while True:
+                await guest.send(beat)
+                await trio.sleep(0.25)  # pacing: well inside the guest's 3 s liveness window
+
+        async with trio.open_nursery() as io:
+            io.start_soon(keep_guest_alive)
+            closed = await host.wait_closed()  # the host never sends anything
+            io.cancel_scope.cancel()
+        elapsed = trio.current_time() - start_time
+        assert closed.wire_code == CloseCode.HEARTBEAT_TIMEOUT
+        assert closed.close is not None
+        assert closed.close.code == CloseCode.HEARTBEAT_TIMEOUT
+        assert 3.0 <= elapsed < 3.0 + 1.0 + 2.0  # 3 x heartbeat_s + slack, plus scheduling
+        # the guest, kept alive only through the poller's fast path, hears PEER left
+        while True:
+            message = await guest.receive()
+            if message[1] == Kind.PEER:
+                break
+            assert message == beat  # the echoes
+        assert poller_stat(relay, "handled") > handled
+        assert relay.stats.heartbeats_echoed >= 4
+
+
+# ------------------------------------------------------------------------------- quiet mode
+
+
+def test_config_quiet_bounds_and_what_reaches_the_sessions() -> None:
+    for bad in (-0.001, -1.0, float("-inf")):
+        with pytest.raises(ValueError, match="quiet_after_s"):
+            relay_test_config(quiet_after_s=bad)
+    for bad in (-0.001, 1.001, 5.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="quiet_tick_s"):
+            relay_test_config(quiet_tick_s=bad)
+    for good in (0.0, 0.05, 1.0):
+        assert relay_test_config(quiet_tick_s=good).quiet_tick_s == good
+    # with the poller the sessions get quiet_after_s as configured (0 = never)
+    for quiet_after in (0.0, 0.5, 15.0, 3600.0):
+        config = relay_test_config(quiet_after_s=quiet_after)
+        assert config.session_limits().quiet_after_s == quiet_after
+    # without it there is nothing to be quiet in: always 0
+    for quiet_after in (0.0, 0.5, 15.0):
+        config = relay_test_config(read_poller=False, quiet_after_s=quiet_after)
+        assert config.session_limits().quiet_after_s == 0
+    keys = TestKeys()
+    relay = Relay(relay_test_config(read_poller=False, quiet_after_s=0.5), keys=keys.ring)
+    assert relay.poller is None
+    assert relay.limits.quiet_after_s == 0
+    relay = Relay(relay_test_config(quiet_after_s=0.5, quiet_tick_s=0.05), keys=keys.ring)
+    assert relay.poller is not None
+    assert relay.poller.quiet_tick_s == 0.05
+    assert relay.limits.quiet_after_s == 0.5
+
+
+def is_quiet(conn: PeerConn) -> bool:
+    """Whether the connection told its transport it is quiet (its private flag: no public view)."""
+    return conn._quiet
+
+
+async def heartbeat_round(peers: list[TestPeer], seq: int) -> None:
+    """Each peer sends a HEARTBEAT and gets the very same bytes back."""
+    beat = encode_frame(Kind.HEARTBEAT, seq=seq)
+    for peer in peers:
+        await peer.send(beat)
+    for peer in peers:
+        assert await peer.receive() == beat
+
+
+# Pacing of heartbeat rounds: far inside the 3 s liveness window of heartbeat_s=1.
+BEAT_PACE_S = 0.05
+
+
+async def test_a_heartbeat_only_connection_goes_quiet_and_data_makes_it_active_again(
+    nursery: trio.Nursery, peers: list[TestPeer]
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start(nursery, heartbeat_s=1, quiet_after_s=0.5, quiet_tick_s=0.05)
+        assert poller_stat(relay, "quiet_tick_s") == 0.05
+        host, guest = await pair(url, keys, peers)
+        await wait_until(lambda: both_parked(relay))
+        assert poller_stat(relay, "moves") == 0
+        host_conn = conn_of(relay, "p", Role.HOST)
+        guest_conn = conn_of(relay, "p", Role.GUEST)
+        # both peers send only heartbeats: after quiet_after_s both are moved to the quiet set
+        seq = 0
+        while poller_stat(relay, "quiet") < 2:
+            seq += 1
+            await heartbeat_round([host, guest], seq)
+            await trio.sleep(BEAT_PACE_S)
+        assert poller_stat(relay, "moves") == 2
+        assert poller_stat(relay, "registered") == 2
+        assert is_quiet(host_conn)
+        assert is_quiet(guest_conn)
+        # quiet connections still have their heartbeats echoed (and kept alive)
+        echoed = relay.stats.heartbeats_echoed
+        for _ in range(3):
+            seq += 1
+            await heartbeat_round([host, guest], seq)
+        assert relay.stats.heartbeats_echoed == echoed + 6
+        assert poller_stat(relay, "quiet") == 2
+        # DATA from the quiet host: forwarded byte-exact, and the host is active again -- and so
+        # is the guest, whose answer is likely next (both are moved before the data is handed
+        # on, so this holds as soon as the guest has it)
+        for size in (0, 100, 60_000):
+            seq += 1
+            await host.send(frame(seq, size))
+            assert await guest.receive() == frame(seq, size)
+            assert poller_stat(relay, "quiet") == 0
+            assert poller_stat(relay, "moves") == 4
+            assert not is_quiet(host_conn)
+            assert not is_quiet(guest_conn)
+        # and from the guest the other way: nothing left to move
+        seq += 1
+        await guest.send(frame(seq, 1000))
+        assert await host.receive() == frame(seq, 1000)
+        assert poller_stat(relay, "quiet") == 0
+        assert poller_stat(relay, "moves") == 4
+        # heartbeats alone again: quiet again after another quiet_after_s
+        while poller_stat(relay, "quiet") < 2:
+            seq += 1
+            await heartbeat_round([host, guest], seq)
+            await trio.sleep(BEAT_PACE_S)
+        assert poller_stat(relay, "moves") == 6
+        assert relay.stats.messages_forwarded == 4
+        assert relay.stats.frames_discarded == 0
+        assert is_quiet(host_conn)
+        assert is_quiet(guest_conn)
+        # closing quiet connections takes them out of the quiet set
+        await host.aclose()
+        assert (await guest.receive_peer_event()).event == "left"
+        await guest.aclose()
+        await wait_until(lambda: poller_stat(relay, "registered") == 0)
+        assert poller_stat(relay, "quiet") == 0
+        assert relay.stats.internal_errors == 0
+
+
+async def test_with_quiet_after_zero_nothing_ever_goes_quiet(
+    nursery: trio.Nursery, peers: list[TestPeer]
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start(nursery, heartbeat_s=1, quiet_after_s=0.0, quiet_tick_s=0.05)
+        assert relay.limits.quiet_after_s == 0
+        host, guest = await pair(url, keys, peers)
+        await wait_until(lambda: both_parked(relay))
+        # heartbeats only, for longer than the 0.5 s that makes connections quiet in the test above
+        started = trio.current_time()
+        seq = 0
+        while trio.current_time() - started < 0.75:
+            seq += 1
+            await heartbeat_round([host, guest], seq)
+            assert poller_stat(relay, "quiet") == 0
+            await trio.sleep(BEAT_PACE_S)
+        seq += 1
+        await host.send(frame(seq, 100))
+        assert await guest.receive() == frame(seq, 100)
+        assert poller_stat(relay, "quiet") == 0
+        assert poller_stat(relay, "moves") == 0
+        assert relay.stats.heartbeats_echoed == 2 * (seq - 1)
