@@ -75,7 +75,9 @@ def gc_probe() -> Callable[[], str]:
     return summary
 
 
-async def main(keys: str, port: int, log_level: str) -> None:
+async def main(
+    keys: str, port: int, log_level: str, read_coalesce: str, quiet_after: float, quiet_tick: float
+) -> None:
     from rescue._log import configure_logging
     from rescue.relay import Relay, RelayConfig, tune_gc
 
@@ -88,6 +90,10 @@ async def main(keys: str, port: int, log_level: str) -> None:
         handshakes_per_ip_per_min=0,
         max_sessions=MAX_SESSIONS,
         drain_s=DRAIN_S,
+        read_poller=read_coalesce != "off",
+        read_coalesce_s=0.0 if read_coalesce == "off" else float(read_coalesce),
+        quiet_after_s=quiet_after,
+        quiet_tick_s=quiet_tick,
     )
     relay = Relay(config)
     report = gc_probe()
@@ -108,5 +114,16 @@ if __name__ == "__main__":
     parser.add_argument("--keys", required=True, help="JWK set file")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--read-coalesce",
+        default="0",
+        help="seconds the shared read poller lets readiness accumulate, or 'off' for trio's own waits",
+    )
+    parser.add_argument("--quiet-after", type=float, default=15.0, help="heartbeat-only seconds before quiet")
+    parser.add_argument(
+        "--quiet-tick", type=float, default=0.1, help="seconds between looks at quiet sockets"
+    )
     args = parser.parse_args()
-    trio.run(main, args.keys, args.port, args.log_level)
+    trio.run(
+        main, args.keys, args.port, args.log_level, args.read_coalesce, args.quiet_after, args.quiet_tick
+    )

@@ -56,6 +56,26 @@ TARGETS: Final[dict[str, TargetDef]] = {
         path="/v1/connect",
         needs_keys=True,
     ),
+    # the real relay without the shared read poller (decision 0007's A/B): trio's own waits
+    "rescue-trio-waits": TargetDef(
+        "rescue-trio-waits",
+        "rescue",
+        "context",
+        (sys.executable, str(HERE / "rescue_target.py"), "--read-coalesce", "off"),
+        path="/v1/connect",
+        needs_keys=True,
+    ),
+    # the shared read poller without the quiet set: every connection looked at at once
+    "rescue-no-quiet": TargetDef(
+        "rescue-no-quiet",
+        "rescue",
+        "context",
+        (sys.executable, str(HERE / "rescue_target.py"), "--quiet-after", "0"),
+        path="/v1/connect",
+        needs_keys=True,
+    ),
+    # bare select.epoll, no framework, no framing: the floor of Python on this machine
+    "epoll": TargetDef("epoll", "tcp", "context", _script("epoll_relay.py")),
 }
 # The reference every ratio is relative to (SPEC §10), and the ceiling.
 BASELINE: Final = "websockets"
