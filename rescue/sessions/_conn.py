@@ -14,6 +14,12 @@ Data path (see ``docs/decisions/0004-relay-flow-control.md``)::
   ``send_nowait`` instead of waking the writer. It never waits: a full socket means "queue as
   usual", and a partial write counts as queued until the writer has flushed its tail, so the
   FIFO bounds and the single-writer order hold.
+- Read-ahead (decision 0007): while the reader waits, the node's read poller reads and parses
+  ready input itself and offers it to :meth:`PeerConn.handle_now`, which does the two common
+  cases above synchronously when nothing has to wait (a partner with room, no rate limit) and
+  otherwise returns False untouched, so the reader is woken with the batch. A connection that
+  sent only heartbeats for ``quiet_after_s`` is marked quiet (its transport looks at it less
+  often); its next CONTROL/DATA marks it, and its partner, active again.
 - The FIFO is bounded in frames and bytes. When it is full the sender's reader stops reading (TCP
   pushes back on the sender); while it waits, its liveness deadline is suspended (the stall is the
   partner's fault) and the relay sends it a HEARTBEAT with seq 0 every ``heartbeat_s`` so the sender
@@ -131,6 +137,7 @@ class PeerConn:
         "_flush_needed",
         "_initial",
         "_last_data",
+        "_last_in",
         "_limits",
         "_live",
         "_prio",
@@ -191,6 +198,7 @@ class PeerConn:
         self._live: trio.CancelScope | None = None
         self._bucket: TokenBucket | None = None
         self._last_data = trio.current_time()  # last inbound CONTROL/DATA
+        self._last_in = self._last_data  # last inbound message of any kind (liveness)
         self._quiet = False  # told the transport that only heartbeats arrive
         # closing state
         self._flush = False
@@ -481,29 +489,49 @@ class PeerConn:
     async def _reader(self) -> None:
         transport = self.transport
         timeout = self._limits.liveness_timeout_s
-        live = self._live = trio.CancelScope(deadline=trio.current_time() + timeout + LIVENESS_SLACK_S)
         batch = self._initial
         self._initial = None
+        self._last_in = trio.current_time()
         with self._reader_scope:
             try:
-                with live:
-                    while True:
-                        if batch and not await self._handle(batch):
-                            return
-                        batch = await transport.receive_messages()
-                        now = trio.current_time()
-                        if now + timeout > live.deadline:
-                            live.deadline = now + timeout + LIVENESS_SLACK_S
+                while True:
+                    # Liveness: a deadline that fires when no message came for `timeout`. It is
+                    # pushed lazily (see _touch), so it may fire early: then it is re-armed from
+                    # the last message, and only a real silence closes the connection.
+                    live = self._live = trio.CancelScope(deadline=self._last_in + timeout + LIVENESS_SLACK_S)
+                    with live:
+                        while True:
+                            if batch:
+                                handled, batch = batch, None
+                                if not await self._handle(handled):
+                                    return
+                            batch = await transport.receive_messages()
+                            self._touch(trio.current_time())
+                    if trio.current_time() - self._last_in >= timeout:
+                        break
             except ProtocolError as exc:
                 self.request_close(exc.code, str(exc))
                 return
             except TRANSPORT_ERRORS:
                 self._lost()
                 return
-            if live.cancelled_caught:
-                self.request_close(
-                    CloseCode.HEARTBEAT_TIMEOUT, f"no message for {timeout:g} s (3 x heartbeat_s)"
-                )
+        if self._reader_scope.cancelled_caught:
+            return
+        self.request_close(CloseCode.HEARTBEAT_TIMEOUT, f"no message for {timeout:g} s (3 x heartbeat_s)")
+
+    def _touch(self, now: float) -> None:
+        """A message arrived: note it for liveness, and push the deadline if it is close.
+
+        The deadline moves only once less than one heartbeat interval is left on it (every
+        third heartbeat of a quiet peer, not every one: moving a trio deadline is the dearest
+        thing an idle connection does). If the peer then goes silent the deadline fires early,
+        and the reader re-arms it from ``_last_in``: the timeout stays exact to the slack.
+        """
+        self._last_in = now
+        live = self._live
+        limits = self._limits
+        if live is not None and live.deadline < now + limits.heartbeat_s:
+            live.deadline = now + limits.liveness_timeout_s + LIVENESS_SLACK_S
 
     def handle_now(self, batch: list[bytes]) -> bool:
         """Handle a batch without waiting if it is one of the common cases; else do nothing.
@@ -526,10 +554,7 @@ class PeerConn:
             self._echo(batch[0], now)
         else:
             return False
-        live = self._live
-        timeout = self._limits.liveness_timeout_s
-        if live is not None and now + timeout > live.deadline:
-            live.deadline = now + timeout + LIVENESS_SLACK_S
+        self._touch(now)
         return True
 
     def _echo(self, heartbeat: bytes, now: float) -> None:
@@ -638,7 +663,12 @@ class PeerConn:
         try:
             await trio.sleep(delay)
         finally:
-            live.deadline = trio.current_time() + self._limits.liveness_timeout_s + LIVENESS_SLACK_S
+            self._resume_liveness(live)
+
+    def _resume_liveness(self, live: trio.CancelScope) -> None:
+        """After a stall of our making: the peer gets a full timeout from now."""
+        now = self._last_in = trio.current_time()
+        live.deadline = now + self._limits.liveness_timeout_s + LIVENESS_SLACK_S
 
     async def _wait_for_room(self) -> PeerConn | None:
         """Backpressure: wait until the partner's FIFO has room (or the partner is gone).
@@ -661,4 +691,4 @@ class PeerConn:
                 if idle.cancelled_caught and self.push_priority(RELAY_HEARTBEAT):
                     self._stats.relay_heartbeats += 1
         finally:
-            live.deadline = trio.current_time() + self._limits.liveness_timeout_s + LIVENESS_SLACK_S
+            self._resume_liveness(live)

@@ -158,6 +158,42 @@ class WebSocketConnection:
         initial_data: bytes read past the end of the handshake, parsed before anything else.
     """
 
+    __slots__ = (
+        "_bytes_in",
+        "_bytes_out",
+        "_client",
+        "_close_sent",
+        "_close_started",
+        "_detached",
+        "_error",
+        "_fast_wait",
+        "_handler_error",
+        "_idle",
+        "_initial",
+        "_messages_in",
+        "_messages_out",
+        "_more",
+        "_on_messages",
+        "_parser",
+        "_peer_done",
+        "_pending_control",
+        "_poller",
+        "_protocol_error",
+        "_read_ahead",
+        "_reads",
+        "_receiving",
+        "_sending",
+        "_sock",
+        "_stash",
+        "_stream",
+        "_transport_closed",
+        "_unsent",
+        "_writes",
+        "path",
+        "remote_addr",
+        "request_headers",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,

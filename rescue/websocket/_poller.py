@@ -1,20 +1,27 @@
-"""Shared read readiness for many sockets: one epoll, one task, wake-ups coalesced per tick.
+"""Shared read readiness for many sockets: edge-triggered epoll sets, read-ahead, a quiet set.
 
-Why (``docs/decisions/0007-shared-read-poller.md``): a relay with thousands of mostly quiet
-connections pays, for every inbound message, one pass of trio's run loop, one ``epoll_wait`` and
-one ``epoll_ctl`` re-registration (trio arms each wait as ``EPOLLONESHOT``). At 10,000 idle
-connections with a heartbeat every 15 s that is ~670 wake-ups a second, each costing more than
-the message. This poller keeps every registered socket in a private edge-triggered epoll set
-(registered once, never re-armed), waits for that one descriptor through trio, hands every ready
-socket's waiting task back to the scheduler in one batch, and then lets readiness accumulate for
-``coalesce_s`` before it looks again. Quiet connections then cost a share of one wake-up per tick
-instead of a wake-up each; a lone message on a quiet node is still handled at once (the first
-event after a pause wakes the poller immediately), later ones within ``coalesce_s``.
+Why (``docs/decisions/0007-shared-read-poller.md``): a relay holding thousands of mostly idle
+connections paid, for every inbound message, a wake-up of that connection's reader task, a pass
+of trio's run loop and an ``epoll_ctl`` re-arm (trio arms each wait ``EPOLLONESHOT``). On the
+VMs we measure on, the wake-up costs far more than the message: 10,000 idle connections with a
+heartbeat every 15 s (~670 messages a second) took ~10 % of a core, as much as a byte-copying
+trio relay.
+
+This poller keeps every registered socket in a private edge-triggered epoll set (registered
+once, never re-armed) and waits for that one descriptor through trio. When sockets are ready it
+runs, for each whose reader is parked, that socket's callback -- the connection's read-ahead,
+which reads, parses and lets the relay handle the common cases synchronously -- and wakes the
+reader task only when the callback cannot finish the job. Sockets whose owner marked them quiet
+(:meth:`ReadPoller.set_quiet`: only heartbeats lately) live in a second set that is looked at
+as soon as one of them is ready and then not again for ``quiet_tick_s``: thousands of
+heartbeat-only connections cost a few wake-ups a second instead of one per heartbeat, and the
+first message after a quiet spell waits at most ``quiet_tick_s``.
 
 Edge-triggered contract: a reader must read until the socket is drained (a short read) before it
 waits again; :class:`~rescue.websocket.WebSocketConnection` does (a full read retries without
 waiting). Readiness that arrives while the reader is busy is remembered, so the next wait returns
-at once and nothing is lost.
+at once; a hang-up (EOF, error) keeps the socket ready for good, so an EOF that arrived with the
+last data is never missed.
 
 It is an I/O multiplexer, not an owner: every socket and reader task still belongs to its
 session's nursery. When the poller's task ends, every waiter is woken and falls back to trio's
