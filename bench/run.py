@@ -756,7 +756,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--active-sessions", default="250,500,1000,1250,1500")
     p.add_argument("--idle-connections", type=int, default=10000)
     p.add_argument("--idle-window", type=float, default=60.0, help="seconds of the idle CPU window")
-    p.add_argument("--idle-warmup", type=float, default=5.0, help="seconds of heartbeats before the window")
+    p.add_argument(
+        "--idle-warmup",
+        type=float,
+        default=35.0,
+        help="seconds of heartbeats before the window (the relay moves heartbeat-only connections "
+        "to its quiet set after 15 s: the window measures the steady state after that)",
+    )
     p.add_argument("--idle-settle", type=float, default=2.0, help="seconds after connecting, before start")
     p.add_argument("--heartbeat", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=3.0)

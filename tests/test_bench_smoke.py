@@ -42,7 +42,7 @@ def _assert_delivered(result: dict[str, Any], connections: int) -> None:
     assert result["wire_errors"] == 0
 
 
-@pytest.mark.parametrize("name", ["tcp", "websockets", "trio-websocket"])
+@pytest.mark.parametrize("name", ["tcp", "websockets", "trio-websocket", "epoll"])
 async def test_throughput_and_rate_deliver_everything(name: str, tmp_path: Path) -> None:
     with trio.fail_after(30):
         relay = await targets.start_target(targets.TARGETS[name], log_dir=tmp_path)
