@@ -57,6 +57,7 @@ async def test_slow_receiver_holds_back_sender_with_bounded_queue(nursery: trio.
     queue_max_bytes = 256 * 1024
     with trio.fail_after(TEST_TIMEOUT):
         relay, url, keys = await start(nursery, queue_max_bytes=queue_max_bytes)
+        assert relay.poller is not None  # the default: backpressure through the shared read poller
         host, guest = await pair(url, keys)
         sent = 0
 

@@ -56,6 +56,24 @@ def waiting(poller: ReadPoller) -> int:
     return int(poller.statistics()["waiting"])
 
 
+async def data_wakes_a_waiter(
+    poller: ReadPoller, fd: int, sender: trio.socket.SocketType, data: bytes = b"x"
+) -> None:
+    """Park a task on ``fd``, send ``data`` from ``sender``, and wait until the task is woken."""
+    woke = trio.Event()
+
+    async def waiter() -> None:
+        await poller.wait_readable(fd)
+        woke.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await wait_until(lambda: waiting(poller) == 1)
+        assert not woke.is_set()
+        await sender.send(data)
+        await woke.wait()
+
+
 def running(poller: ReadPoller) -> bool:
     return poller.running  # (a call, so a type checker does not pin the value between asserts)
 
@@ -136,18 +154,7 @@ async def read_until(
 async def test_a_waiter_is_woken_when_data_arrives(poller: ReadPoller) -> None:
     a, b = trio.socket.socketpair()
     with trio.fail_after(TIMEOUT), a, b, registered(poller, a) as fd:
-        woke = trio.Event()
-
-        async def waiter() -> None:
-            await poller.wait_readable(fd)
-            woke.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await wait_until(lambda: waiting(poller) == 1)
-            assert not woke.is_set()
-            await b.send(b"x")
-            await woke.wait()
+        await data_wakes_a_waiter(poller, fd, b, b"x")
         stats = poller.statistics()
         assert stats["waiting"] == 0
         assert stats["registered"] == 1
@@ -165,17 +172,7 @@ async def test_readiness_while_nobody_waits_is_remembered(poller: ReadPoller) ->
         assert waiting(poller) == 0  # it never parked
         assert await a.recv(10) == b"x"
         # the remembered readiness is used up: the next wait parks until new data arrives
-        woke = trio.Event()
-
-        async def waiter() -> None:
-            await poller.wait_readable(fd)
-            woke.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await wait_until(lambda: waiting(poller) == 1)
-            await b.send(b"y")
-            await woke.wait()
+        await data_wakes_a_waiter(poller, fd, b, b"y")
 
 
 async def test_pending_data_at_registration_counts_as_ready_and_quiet_sockets_stay_parked(
@@ -361,17 +358,7 @@ async def test_a_cancelled_waiter_leaves_the_poller_consistent(poller: ReadPolle
         assert scope.cancelled_caught
         assert poller.statistics()["waiting"] == 0
         assert poller.statistics()["registered"] == 1
-        woke = trio.Event()
-
-        async def waiter() -> None:
-            await poller.wait_readable(fd)
-            woke.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await wait_until(lambda: waiting(poller) == 1)
-            await b.send(b"x")
-            await woke.wait()
+        await data_wakes_a_waiter(poller, fd, b, b"x")
 
 
 async def test_a_cancelled_wait_keeps_remembered_readiness(poller: ReadPoller) -> None:
@@ -903,17 +890,7 @@ async def test_set_quiet_moves_a_socket_into_the_quiet_set_and_back(quiet_poller
             poller.set_quiet(fd, False)  # already active: nothing to do
             assert quiet_state(poller) == (1, 0, 2)
             # back in the active set, data still wakes a waiter
-            woke = trio.Event()
-
-            async def waiter() -> None:
-                await poller.wait_readable(fd)
-                woke.set()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(waiter)
-                await wait_until(lambda: waiting(poller) == 1)
-                await b.send(b"x")
-                await woke.wait()
+            await data_wakes_a_waiter(poller, fd, b, b"x")
             assert drain(a) == b"x"
             poller.set_quiet(fd, True)
             assert quiet_state(poller) == (1, 1, 3)
@@ -946,17 +923,7 @@ async def test_registering_a_quiet_socket_again_starts_it_over_in_the_active_set
         assert quiet_state(poller) == (1, 0, 1)
         poller.set_quiet(fd, True)  # and it can be made quiet again (no stale entry in the way)
         assert quiet_state(poller) == (1, 1, 2)
-        woke = trio.Event()
-
-        async def waiter() -> None:
-            await poller.wait_readable(fd)
-            woke.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await wait_until(lambda: waiting(poller) == 1)
-            await b.send(b"x")
-            await woke.wait()
+        await data_wakes_a_waiter(poller, fd, b, b"x")
         assert drain(a) == b"x"
 
 
@@ -1150,17 +1117,7 @@ async def test_unregistering_a_quiet_socket_wakes_its_waiter_with_closed_resourc
         assert drain(a) == b"ignored"
         with registered(poller, a):
             assert quiet_state(poller) == (1, 0, 1)
-            woke = trio.Event()
-
-            async def second_waiter() -> None:
-                await poller.wait_readable(fd)
-                woke.set()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(second_waiter)
-                await wait_until(lambda: waiting(poller) == 1)
-                await b.send(b"x")
-                await woke.wait()
+            await data_wakes_a_waiter(poller, fd, b, b"x")
             assert drain(a) == b"x"
 
 
