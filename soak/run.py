@@ -59,8 +59,8 @@ from soak._analysis import Flatness, Tolerance, flatness
 __all__ = ["SoakConfig", "main", "run_soak"]
 
 ROOT: Final = Path(__file__).resolve().parents[1]
-# Fields of a relay's /debug/stats that may carry its live task count (none did when this was
-# written; the report says so and the relay's owner can add one).
+# Fields of a relay's /debug/stats that may carry its live task count (`rescue relay` reports
+# `tasks`; a relay that reports none is said so in the report).
 TASK_FIELDS: Final = ("tasks", "task_count", "trio_tasks")
 # Tolerances for "flat" (see soak._analysis): fitted growth over the second half must stay below
 # max(absolute, relative x mean). RSS: allocator arenas and caches settle in steps of a few MiB.

@@ -85,6 +85,8 @@ async def test_admin_endpoints(nursery: trio.Nursery) -> None:
             stats = (await client.get("/debug/stats")).json()
             assert stats["sessions"] == 1
             assert stats["connections"] == 2
+            assert stats["tasks"] > 0  # the node's live trio tasks (the soak watches them)
+            assert stats["read_poller"]["registered"] == 2
             [detail] = stats["session_detail"]
             assert detail["session"] == session_tag("secret-session-id")
             assert "secret-session-id" not in json.dumps(stats)

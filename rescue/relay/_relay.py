@@ -193,6 +193,7 @@ class Relay:
             "closes": {str(k): v for k, v in sorted(s.closes.items())},
             "control": self.control.detail(),
             "read_poller": self.poller.statistics() if self.poller is not None else None,
+            "tasks": trio.lowlevel.current_statistics().tasks_living,
         }
         if detail:
             out["session_detail"] = [session.statistics() for session in self.table]
