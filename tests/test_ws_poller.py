@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import pytest
@@ -72,6 +72,31 @@ async def data_wakes_a_waiter(
         assert not woke.is_set()
         await sender.send(data)
         await woke.wait()
+
+
+async def raised_while_parked(
+    poller: ReadPoller,
+    wait: Callable[[], Awaitable[object]],
+    trigger: Callable[[], Awaitable[object] | None],
+    error_type: type[BaseException],
+) -> BaseException:
+    """Park ``wait()`` in the poller, then run ``trigger()``; return the one ``error_type`` it raised."""
+    raised: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await wait()
+        except error_type as exc:
+            raised.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await wait_until(lambda: waiting(poller) == 1)
+        result = trigger()
+        if result is not None:
+            await result
+    assert len(raised) == 1
+    return raised[0]
 
 
 def running(poller: ReadPoller) -> bool:
@@ -238,19 +263,9 @@ async def test_unregister_wakes_a_waiter_with_closed_resource_error(poller: Read
     with trio.fail_after(TIMEOUT), a, b:
         fd = a.fileno()
         assert poller.register(fd)
-        raised: list[BaseException] = []
-
-        async def waiter() -> None:
-            try:
-                await poller.wait_readable(fd)
-            except trio.ClosedResourceError as exc:
-                raised.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await wait_until(lambda: waiting(poller) == 1)
-            poller.unregister(fd)
-        assert len(raised) == 1
+        await raised_while_parked(
+            poller, lambda: poller.wait_readable(fd), lambda: poller.unregister(fd), trio.ClosedResourceError
+        )
         assert poller.statistics()["registered"] == 0
         assert poller.statistics()["waiting"] == 0
         poller.unregister(fd)  # idempotent
@@ -729,25 +744,16 @@ async def test_protocol_error_seen_by_read_ahead_is_raised_by_receive_messages(
     async with ws_and_raw() as (server, raw):
         with trio.fail_after(TIMEOUT):
             assert server.use_poller(poller, taker)
-            errors: list[ProtocolError] = []
-
-            async def server_reader() -> None:
-                try:
-                    await server.receive_messages()
-                except ProtocolError as exc:
-                    errors.append(exc)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server_reader)
-                await wait_until(lambda: waiting(poller) == 1)
-                await raw.send_all(bad_frame)
-            assert len(errors) == 1
-            assert errors[0].code == CloseCode.PROTOCOL_ERROR
-            assert int(errors[0].code) == 4010
+            error = await raised_while_parked(
+                poller, server.receive_messages, lambda: raw.send_all(bad_frame), ProtocolError
+            )
+            assert isinstance(error, ProtocolError)
+            assert error.code == CloseCode.PROTOCOL_ERROR
+            assert int(error.code) == 4010
             assert offered == []
             with pytest.raises(ProtocolError) as again:
                 await server.receive_messages()
-            assert again.value is errors[0]
+            assert again.value is error
             # the connection still closes with the error's code
 
             async def answer_close() -> list[Event]:
@@ -764,7 +770,7 @@ async def test_protocol_error_seen_by_read_ahead_is_raised_by_receive_messages(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client_side)
                 with trio.fail_after(CLOSE_TIMEOUT / 2):
-                    await server.close(errors[0].code, "bad framing")
+                    await server.close(error.code, "bad framing")
             assert events == [CloseReceived(CloseCode.PROTOCOL_ERROR, "bad framing")]
 
 
@@ -780,19 +786,10 @@ async def test_an_exception_from_on_messages_is_raised_by_receive_messages(polle
     async with ws_pair() as (server, client):
         with trio.fail_after(TIMEOUT):
             assert server.use_poller(poller, taker)
-            raised: list[BaseException] = []
-
-            async def server_reader() -> None:
-                try:
-                    await server.receive_messages()
-                except TakerError as exc:
-                    raised.append(exc)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server_reader)
-                await wait_until(lambda: waiting(poller) == 1)
-                await client.send_message(b"x")
-            assert raised == [error]
+            raised = await raised_while_parked(
+                poller, server.receive_messages, lambda: client.send_message(b"x"), TakerError
+            )
+            assert raised is error
             assert poller.statistics()["registered"] == 1  # the poller itself carried on
 
 
@@ -1090,19 +1087,9 @@ async def test_unregistering_a_quiet_socket_wakes_its_waiter_with_closed_resourc
         fd = a.fileno()
         assert poller.register(fd, lambda: True)
         poller.set_quiet(fd, True)
-        raised: list[BaseException] = []
-
-        async def waiter() -> None:
-            try:
-                await poller.wait_readable(fd)
-            except trio.ClosedResourceError as exc:
-                raised.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await wait_until(lambda: waiting(poller) == 1)
-            poller.unregister(fd)
-        assert len(raised) == 1
+        await raised_while_parked(
+            poller, lambda: poller.wait_readable(fd), lambda: poller.unregister(fd), trio.ClosedResourceError
+        )
         assert quiet_state(poller) == (0, 0, 1)
         assert waiting(poller) == 0
         poller.unregister(fd)  # idempotent
