@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import struct
 
 import trio
 import trio.testing
@@ -13,25 +12,12 @@ from rescue.errors import ConnectionClosedError
 from rescue.protocol import HEADER_SIZE, Kind, encode_frame
 from rescue.protocol._messages import Role
 from rescue.relay import Relay
-from rescue.relay._testing import TestKeys, TestPeer, relay_test_config
+from rescue.relay._testing import TestKeys, TestPeer, seq_frame, start_test_relay
 from rescue.sessions import RELAY_HEARTBEAT, PeerConn
 from rescue.websocket import READ_SIZE
 
 TEST_TIMEOUT = 60  # wall clock; the 50 MB test moves the most data
 VIRTUAL_TIMEOUT = 10_000  # autojump tests, virtual seconds
-
-
-def frame(seq: int, size: int) -> bytes:
-    """A DATA frame whose body is derived from its seq, so any corruption or reordering shows."""
-    stamp = struct.pack(">Q", seq)
-    return encode_frame(Kind.DATA, (stamp * (size // 8 + 1))[:size], seq=seq)
-
-
-async def start(nursery: trio.Nursery, **overrides: object) -> tuple[Relay, str, TestKeys]:
-    keys = TestKeys()
-    relay = Relay(relay_test_config(**overrides), keys=keys.ring)
-    addresses = await nursery.start(relay.run)
-    return relay, addresses.url, keys
 
 
 async def pair(url: str, keys: TestKeys, session: str = "f") -> tuple[TestPeer, TestPeer]:
@@ -56,7 +42,7 @@ async def test_slow_receiver_holds_back_sender_with_bounded_queue(nursery: trio.
     total_frames = 50_000_000 // body + 1
     queue_max_bytes = 256 * 1024
     with trio.fail_after(TEST_TIMEOUT):
-        relay, url, keys = await start(nursery, queue_max_bytes=queue_max_bytes)
+        relay, url, keys = await start_test_relay(nursery, queue_max_bytes=queue_max_bytes)
         assert relay.poller is not None  # the default: backpressure through the shared read poller
         host, guest = await pair(url, keys)
         sent = 0
@@ -65,7 +51,9 @@ async def test_slow_receiver_holds_back_sender_with_bounded_queue(nursery: trio.
             nonlocal sent
             batch = 8
             for first in range(1, total_frames + 1, batch):
-                messages = [frame(seq, body) for seq in range(first, min(first + batch, total_frames + 1))]
+                messages = [
+                    seq_frame(seq, body) for seq in range(first, min(first + batch, total_frames + 1))
+                ]
                 await host.send(*messages)
                 sent += len(messages)
 
@@ -87,8 +75,8 @@ async def test_slow_receiver_holds_back_sender_with_bounded_queue(nursery: trio.
             assert sent == held_at  # still held while the guest does not read
             for seq in range(1, total_frames + 1):
                 message = await guest.receive()
-                assert message[:HEADER_SIZE] == frame(seq, body)[:HEADER_SIZE]
-                assert message == frame(seq, body), seq
+                assert message[:HEADER_SIZE] == seq_frame(seq, body)[:HEADER_SIZE]
+                assert message == seq_frame(seq, body), seq
         assert sent == total_frames
         assert relay.stats.messages_forwarded == total_frames
         assert relay.stats.frames_discarded == 0
@@ -103,7 +91,7 @@ async def test_stalled_receiver_does_not_stop_sender_supervision(
     """A guest that heartbeats but never reads: the host, held back, is not timed out, and hears
     HEARTBEAT seq 0 from the relay every heartbeat_s."""
     with trio.fail_after(VIRTUAL_TIMEOUT):
-        relay, url, keys = await start(nursery, heartbeat_s=15, queue_max_bytes=16384)
+        relay, url, keys = await start_test_relay(nursery, heartbeat_s=15, queue_max_bytes=16384)
         host, guest = await pair(url, keys)
         total = 24_000_000 // 8192
         sent = 0
@@ -112,7 +100,7 @@ async def test_stalled_receiver_does_not_stop_sender_supervision(
         async def host_sender() -> None:
             nonlocal sent
             for seq in range(1, total + 1, 16):
-                await host.send(*[frame(s, 8192) for s in range(seq, min(seq + 16, total + 1))])
+                await host.send(*[seq_frame(s, 8192) for s in range(seq, min(seq + 16, total + 1))])
                 sent = min(seq + 15, total)
 
         async def host_reader() -> None:
@@ -147,7 +135,7 @@ async def test_stalled_receiver_does_not_stop_sender_supervision(
                 message = await guest.receive()
                 if message[1] == Kind.HEARTBEAT:
                     continue
-                assert message == frame(seq, 8192)
+                assert message == seq_frame(seq, 8192)
                 seq += 1
             io.cancel_scope.cancel()
         host.abort()
@@ -157,9 +145,11 @@ async def test_stalled_receiver_does_not_stop_sender_supervision(
 async def test_throttle_by_not_reading(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     rate = 100_000
     with trio.fail_after(VIRTUAL_TIMEOUT):
-        relay, url, keys = await start(nursery, max_bytes_per_s=rate, burst_bytes=rate, heartbeat_s=1)
+        relay, url, keys = await start_test_relay(
+            nursery, max_bytes_per_s=rate, burst_bytes=rate, heartbeat_s=1
+        )
         host, guest = await pair(url, keys)
-        frames = [frame(seq, 10_000) for seq in range(1, 61)]  # ~600 KB
+        frames = [seq_frame(seq, 10_000) for seq in range(1, 61)]  # ~600 KB
         start_time = trio.current_time()
 
         async def guest_heartbeats() -> None:  # the receiver stays alive; the host only sends
@@ -192,7 +182,9 @@ async def test_closing_a_stalled_peer_is_bounded(
 ) -> None:
     """REPLACED on a guest whose socket is full: the relay gives up after close_timeout_s."""
     with trio.fail_after(VIRTUAL_TIMEOUT):
-        relay, url, keys = await start(nursery, heartbeat_s=600, close_timeout_s=5, queue_max_bytes=16384)
+        relay, url, keys = await start_test_relay(
+            nursery, heartbeat_s=600, close_timeout_s=5, queue_max_bytes=16384
+        )
         host, guest = await pair(url, keys)
         old = conn_of(relay, "f", Role.GUEST)
 
@@ -201,7 +193,7 @@ async def test_closing_a_stalled_peer_is_bounded(
             # autojump clock from ever advancing while the relay drains it during a close
             with contextlib.suppress(ConnectionClosedError):  # the relay closes the host at the end
                 for seq in range(1, 3000, 16):
-                    await host.send(*[frame(s, 8192) for s in range(seq, seq + 16)])
+                    await host.send(*[seq_frame(s, 8192) for s in range(seq, seq + 16)])
 
         async with trio.open_nursery() as io:
             io.start_soon(flood)
@@ -228,7 +220,7 @@ async def test_shutdown_with_a_stalled_peer_finishes_within_drain(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(VIRTUAL_TIMEOUT):
-        relay, url, keys = await start(nursery, heartbeat_s=600, drain_s=20, queue_max_bytes=16384)
+        relay, url, keys = await start_test_relay(nursery, heartbeat_s=600, drain_s=20, queue_max_bytes=16384)
         host, guest = await pair(url, keys)
 
         async def flood() -> None:
@@ -236,7 +228,7 @@ async def test_shutdown_with_a_stalled_peer_finishes_within_drain(
             # autojump clock from ever advancing while the relay drains it during a close
             with contextlib.suppress(ConnectionClosedError):  # the relay closes the host at the end
                 for seq in range(1, 3000, 16):
-                    await host.send(*[frame(s, 8192) for s in range(seq, seq + 16)])
+                    await host.send(*[seq_frame(s, 8192) for s in range(seq, seq + 16)])
 
         async with trio.open_nursery() as io:
             io.start_soon(flood)

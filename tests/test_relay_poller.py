@@ -6,7 +6,6 @@ in real time with the shortest heartbeat the config allows (1 s), so they take a
 
 from __future__ import annotations
 
-import struct
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -18,7 +17,7 @@ from rescue.protocol import Kind, encode_frame
 from rescue.protocol._messages import Role
 from rescue.relay import Relay
 from rescue.relay._config import RelayConfig
-from rescue.relay._testing import TestKeys, TestPeer, relay_test_config
+from rescue.relay._testing import TestKeys, TestPeer, relay_test_config, seq_frame, start_test_relay
 from rescue.sessions import PeerConn
 from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
 
@@ -31,19 +30,6 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
     """Wait for a condition the test cannot await directly (bounded by the caller's fail_after)."""
     while not predicate():
         await trio.sleep(0.001)
-
-
-def frame(seq: int, size: int) -> bytes:
-    """A DATA frame whose body is derived from its seq, so any corruption or reordering shows."""
-    stamp = struct.pack(">Q", seq)
-    return encode_frame(Kind.DATA, (stamp * (size // 8 + 1))[:size], seq=seq)
-
-
-async def start(nursery: trio.Nursery, **overrides: object) -> tuple[Relay, str, TestKeys]:
-    keys = TestKeys()
-    relay = Relay(relay_test_config(**overrides), keys=keys.ring)
-    addresses = await nursery.start(relay.run)
-    return relay, addresses.url, keys
 
 
 @pytest.fixture
@@ -115,7 +101,7 @@ async def test_paired_session_exchanges_data_and_heartbeats(
     nursery: trio.Nursery, peers: list[TestPeer], read_poller: bool
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        relay, url, keys = await start(nursery, read_poller=read_poller)
+        relay, url, keys = await start_test_relay(nursery, read_poller=read_poller)
         host, guest = await pair(url, keys, peers)
         if read_poller:
             assert relay.poller is not None
@@ -131,8 +117,8 @@ async def test_paired_session_exchanges_data_and_heartbeats(
                 seq += 1
                 if read_poller:
                     await wait_until(lambda: both_parked(relay))
-                await sender.send(frame(seq, size))
-                assert await receiver.receive() == frame(seq, size)
+                await sender.send(seq_frame(seq, size))
+                assert await receiver.receive() == seq_frame(seq, size)
         # heartbeats are echoed as the very same bytes
         for peer, beat_seq in ((host, 7), (guest, 8)):
             if read_poller:
@@ -141,7 +127,7 @@ async def test_paired_session_exchanges_data_and_heartbeats(
             await peer.send(beat)
             assert await peer.receive() == beat
         # many messages in a few writes (batches, full reads): byte-exact and in order
-        burst = [frame(1000 + i, (i * 7919) % 60_000) for i in range(120)]
+        burst = [seq_frame(1000 + i, (i * 7919) % 60_000) for i in range(120)]
 
         async def send_burst() -> None:
             for i in range(0, len(burst), 40):
@@ -177,13 +163,13 @@ async def test_a_peer_that_sends_and_drops_is_seen_to_leave(
     reader stays parked until the liveness timeout (3 x heartbeat_s = 45 s here), so the partner
     hears PEER left 45 s late. Without the poller it is at once."""
     with trio.fail_after(TEST_TIMEOUT):
-        relay, url, keys = await start(nursery, read_poller=read_poller, heartbeat_s=15)
+        relay, url, keys = await start_test_relay(nursery, read_poller=read_poller, heartbeat_s=15)
         host, guest = await pair(url, keys, peers)
         if read_poller:
             await wait_until(lambda: both_parked(relay))
-        await host.send(frame(1, 100))
+        await host.send(seq_frame(1, 100))
         host.abort()  # data and FIN back to back
-        assert await guest.receive() == frame(1, 100)
+        assert await guest.receive() == seq_frame(1, 100)
         with trio.move_on_after(5) as timed:
             event = await guest.receive_peer_event()
         assert not timed.cancelled_caught, "the dropped peer was not noticed"
@@ -199,7 +185,7 @@ async def test_heartbeat_timeout_fires_for_a_silent_connection_with_the_poller_o
     """heartbeat_s=1: a silent host is timed out after 3 s, a guest whose heartbeats are all echoed
     by the fast path (its reader never woken) stays alive."""
     with trio.fail_after(TEST_TIMEOUT):
-        relay, url, keys = await start(nursery, heartbeat_s=1, resume_grace_s=30)
+        relay, url, keys = await start_test_relay(nursery, heartbeat_s=1, resume_grace_s=30)
         host, guest = await pair(url, keys, peers)
         await wait_until(lambda: both_parked(relay))
         handled = poller_stat(relay, "handled")
@@ -282,7 +268,9 @@ async def test_a_heartbeat_only_connection_goes_quiet_and_data_makes_it_active_a
     nursery: trio.Nursery, peers: list[TestPeer]
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        relay, url, keys = await start(nursery, heartbeat_s=1, quiet_after_s=0.5, quiet_tick_s=0.05)
+        relay, url, keys = await start_test_relay(
+            nursery, heartbeat_s=1, quiet_after_s=0.5, quiet_tick_s=0.05
+        )
         assert poller_stat(relay, "quiet_tick_s") == 0.05
         host, guest = await pair(url, keys, peers)
         await wait_until(lambda: both_parked(relay))
@@ -311,16 +299,16 @@ async def test_a_heartbeat_only_connection_goes_quiet_and_data_makes_it_active_a
         # on, so this holds as soon as the guest has it)
         for size in (0, 100, 60_000):
             seq += 1
-            await host.send(frame(seq, size))
-            assert await guest.receive() == frame(seq, size)
+            await host.send(seq_frame(seq, size))
+            assert await guest.receive() == seq_frame(seq, size)
             assert poller_stat(relay, "quiet") == 0
             assert poller_stat(relay, "moves") == 4
             assert not is_quiet(host_conn)
             assert not is_quiet(guest_conn)
         # and from the guest the other way: nothing left to move
         seq += 1
-        await guest.send(frame(seq, 1000))
-        assert await host.receive() == frame(seq, 1000)
+        await guest.send(seq_frame(seq, 1000))
+        assert await host.receive() == seq_frame(seq, 1000)
         assert poller_stat(relay, "quiet") == 0
         assert poller_stat(relay, "moves") == 4
         # heartbeats alone again: quiet again after another quiet_after_s
@@ -346,7 +334,9 @@ async def test_with_quiet_after_zero_nothing_ever_goes_quiet(
     nursery: trio.Nursery, peers: list[TestPeer]
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        relay, url, keys = await start(nursery, heartbeat_s=1, quiet_after_s=0.0, quiet_tick_s=0.05)
+        relay, url, keys = await start_test_relay(
+            nursery, heartbeat_s=1, quiet_after_s=0.0, quiet_tick_s=0.05
+        )
         assert relay.limits.quiet_after_s == 0
         host, guest = await pair(url, keys, peers)
         await wait_until(lambda: both_parked(relay))
@@ -359,8 +349,8 @@ async def test_with_quiet_after_zero_nothing_ever_goes_quiet(
             assert poller_stat(relay, "quiet") == 0
             await trio.sleep(BEAT_PACE_S)
         seq += 1
-        await host.send(frame(seq, 100))
-        assert await guest.receive() == frame(seq, 100)
+        await host.send(seq_frame(seq, 100))
+        assert await guest.receive() == seq_frame(seq, 100)
         assert poller_stat(relay, "quiet") == 0
         assert poller_stat(relay, "moves") == 0
         assert relay.stats.heartbeats_echoed == 2 * (seq - 1)

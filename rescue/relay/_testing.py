@@ -17,18 +17,25 @@ relay's tests need (the SDK in ``rescue.client`` is the real peer).
 from __future__ import annotations
 
 import os
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
 
 from rescue.errors import ConnectionClosedError
-from rescue.protocol import HEADER_SIZE, Kind, decode_header
+from rescue.protocol import HEADER_SIZE, Kind, decode_header, encode_frame
 from rescue.protocol._messages import NONCE_SIZE, Caps, Close, Hello, PeerEvent, Role, Welcome
 from rescue.protocol._tokens import KeyRing, SigningKey, mint_token
 from rescue.relay._config import RelayConfig
 from rescue.websocket import WebSocketClosedError, WebSocketConnection, connect_websocket
 
-__all__ = ["ClosedBy", "TestKeys", "TestPeer", "relay_test_config"]
+if TYPE_CHECKING:
+    from rescue.relay._relay import Relay
+
+__all__ = ["ClosedBy", "TestKeys", "TestPeer", "relay_test_config", "seq_frame", "start_test_relay"]
 
 
 @dataclass
@@ -196,3 +203,19 @@ def relay_test_config(**overrides: object) -> RelayConfig:
     }
     settings.update(overrides)
     return RelayConfig(**settings)  # type: ignore[arg-type]
+
+
+async def start_test_relay(nursery: trio.Nursery, **overrides: object) -> tuple[Relay, str, TestKeys]:
+    """Start a :func:`relay_test_config` relay (with ``overrides``) in ``nursery``: (relay, url, keys)."""
+    from rescue.relay._relay import Relay
+
+    keys = TestKeys()
+    relay = Relay(relay_test_config(**overrides), keys=keys.ring)
+    addresses = await nursery.start(relay.run)
+    return relay, addresses.url, keys
+
+
+def seq_frame(seq: int, size: int) -> bytes:
+    """A DATA frame whose body is derived from its seq, so any corruption or reordering shows."""
+    stamp = struct.pack(">Q", seq)
+    return encode_frame(Kind.DATA, (stamp * (size // 8 + 1))[:size], seq=seq)
