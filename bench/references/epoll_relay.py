@@ -4,8 +4,8 @@ Same pairing as ``tcp_relay.py`` (a 64-byte preamble, then bytes copied both way
 blocking ``epoll.poll`` loop with persistent level-triggered registrations instead of trio. It
 shows what a wake-up and a message cost Python on this machine with nothing else in the way:
 the floor under every relay here (decision 0007 uses it to tell framework cost from machine cost).
-Writes are plain non-blocking ``send`` calls; a full socket drops the tail, which the benchmark's
-delivery check would report -- it only ever runs with light loads (idle mode).
+Writes go out at once; a full socket makes the whole loop wait for it (``select``), which a
+benchmark reference can afford: the load generator always reads.
 
 Usage: ``python bench/references/epoll_relay.py --port 0`` prints ``READY port=<n>`` when listening.
 """
@@ -20,6 +20,16 @@ import sys
 
 PREAMBLE_SIZE = 64  # magic (4) + role (1) + session id (59, NUL-padded)
 CHUNK = 65536
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """Write all of ``data`` to a non-blocking socket, waiting (the whole loop) while it is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            select.select([], [sock], [])
 
 
 def serve(port: int) -> None:
@@ -88,7 +98,7 @@ def serve(port: int) -> None:
             other = partner.get(fd)
             if other is not None:
                 try:
-                    socks[other].send(data)
+                    send_all(socks[other], data)
                 except OSError:
                     drop(fd)
 
