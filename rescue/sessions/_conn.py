@@ -549,7 +549,7 @@ class PeerConn:
             partner = self.session.partner_of(self)
             if self._bucket is not None or (partner is not None and not partner.has_room()):
                 return False
-            self._deliver(partner, batch, sum(map(len, batch)))
+            self._deliver(partner, batch, sum(map(len, batch)), now)
         elif len(batch) == 1 and _is_lone_heartbeat(batch[0]):
             self._echo(batch[0], now)
         else:
@@ -628,17 +628,18 @@ class PeerConn:
         partner = self.session.partner_of(self)
         if partner is not None and not partner.has_room():
             partner = await self._wait_for_room()
-        self._deliver(partner, messages, size)
+        now = trio.current_time()
+        self._deliver(partner, messages, size, now)
         if self._bucket is not None:
-            delay = self._bucket.consume(size, trio.current_time())
+            delay = self._bucket.consume(size, now)
             if delay > 0:
                 self._stats.throttle_waits += 1
                 await self._throttle(delay)
 
-    def _deliver(self, partner: PeerConn | None, messages: list[bytes], size: int) -> None:
+    def _deliver(self, partner: PeerConn | None, messages: list[bytes], size: int, now: float) -> None:
         """Hand a batch to the partner (written at once or queued), or count it discarded."""
         stats = self._stats
-        self._last_data = trio.current_time()
+        self._last_data = now
         if self._quiet:
             # The first message after a quiet spell (it waited up to quiet_tick_s): the partner's
             # answer is likely next, so the partner is looked at at once again too.

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, TypeGuard
 
 import trio
 
@@ -107,6 +107,14 @@ class ConnectionStatistics:
     reads: int
     writes: int
     buffered: int
+
+
+def _only_messages(events: list[Event]) -> TypeGuard[list[bytes]]:
+    """Whether a parse produced nothing but binary messages (no ping, pong or close)."""
+    for event in events:  # noqa: SIM110 - a plain loop is cheaper than all() over a generator
+        if type(event) is not bytes:
+            return False
+    return True
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
@@ -354,20 +362,16 @@ class WebSocketConnection:
             view.release()
         if not events and not self._more:
             return True  # part of a frame: wait for the rest
-        if not self._more:
-            for event in events:
-                if type(event) is not bytes:
-                    break
-            else:
-                try:
-                    handled = on_messages(events)  # type: ignore[arg-type]
-                except Exception as exc:  # handed to the waiting task, which raises it
-                    self._handler_error = exc
-                    self._read_ahead = True
-                    return False
-                if handled:
-                    self._messages_in += len(events)
-                    return True
+        if not self._more and _only_messages(events):
+            try:
+                handled = on_messages(events)
+            except Exception as exc:  # handed to the waiting task, which raises it
+                self._handler_error = exc
+                self._read_ahead = True
+                return False
+            if handled:
+                self._messages_in += len(events)
+                return True
         self._stash = events
         self._read_ahead = True
         return False
@@ -442,12 +446,9 @@ class WebSocketConnection:
                             got.release()
                 if not events:
                     continue
-                for event in events:
-                    if type(event) is not bytes:
-                        break
-                else:  # only messages (the usual case): the parser's list is the batch
+                if _only_messages(events):  # the usual case: the parser's list is the batch
                     self._messages_in += len(events)
-                    return events  # type: ignore[return-value]
+                    return events
                 messages: list[bytes] = []
                 for event in events:
                     if type(event) is bytes:
