@@ -11,9 +11,8 @@ from rescue._codes import CloseCode
 from rescue.errors import ConnectionClosedError
 from rescue.protocol import HEADER_SIZE, Kind, encode_frame
 from rescue.protocol._messages import Role
-from rescue.relay import Relay
-from rescue.relay._testing import TestKeys, TestPeer, seq_frame, start_test_relay
-from rescue.sessions import RELAY_HEARTBEAT, PeerConn
+from rescue.relay._testing import TestKeys, TestPeer, peer_conn, seq_frame, start_test_relay
+from rescue.sessions import RELAY_HEARTBEAT
 from rescue.websocket import READ_SIZE
 
 TEST_TIMEOUT = 60  # wall clock; the 50 MB test moves the most data
@@ -27,12 +26,15 @@ async def pair(url: str, keys: TestKeys, session: str = "f") -> tuple[TestPeer, 
     return host, guest
 
 
-def conn_of(relay: Relay, session: str, role: Role) -> PeerConn:
-    s = relay.table.get(session)
-    assert s is not None
-    conn = s.peer(role)
-    assert conn is not None
-    return conn
+async def flood(host: TestPeer) -> None:
+    """Send 24 MB of DATA, far more than the socket buffers hold, until done or closed.
+
+    Bounded: an endless flood would keep the autojump clock from ever advancing while the relay
+    drains it during a close.
+    """
+    with contextlib.suppress(ConnectionClosedError):  # the relay closes the host at the end
+        for seq in range(1, 3000, 16):
+            await host.send(*[seq_frame(s, 8192) for s in range(seq, seq + 16)])
 
 
 async def test_slow_receiver_holds_back_sender_with_bounded_queue(nursery: trio.Nursery) -> None:
@@ -66,7 +68,7 @@ async def test_slow_receiver_holds_back_sender_with_bounded_queue(nursery: trio.
                 if sent == before and relay.stats.backpressure_stalls:
                     break
             assert sent < total_frames  # held back: kernel buffers + bounded queue < 50 MB
-            to_guest = conn_of(relay, "f", Role.GUEST)
+            to_guest = peer_conn(relay, "f", Role.GUEST)
             stats = to_guest.statistics()
             # the bound: queue limit + one read's batch + the batch being written
             assert stats["peak_queued_bytes"] <= queue_max_bytes + READ_SIZE + 65536
@@ -186,17 +188,10 @@ async def test_closing_a_stalled_peer_is_bounded(
             nursery, heartbeat_s=600, close_timeout_s=5, queue_max_bytes=16384
         )
         host, guest = await pair(url, keys)
-        old = conn_of(relay, "f", Role.GUEST)
-
-        async def flood() -> None:
-            # bounded (24 MB, far more than the socket buffers hold): an endless flood would keep the
-            # autojump clock from ever advancing while the relay drains it during a close
-            with contextlib.suppress(ConnectionClosedError):  # the relay closes the host at the end
-                for seq in range(1, 3000, 16):
-                    await host.send(*[seq_frame(s, 8192) for s in range(seq, seq + 16)])
+        old = peer_conn(relay, "f", Role.GUEST)
 
         async with trio.open_nursery() as io:
-            io.start_soon(flood)
+            io.start_soon(flood, host)
             while not relay.stats.backpressure_stalls:
                 await trio.sleep(1)
             guest2 = await TestPeer.connect(url, keys, session="f", role="guest", max_message=1 << 20)
@@ -223,15 +218,8 @@ async def test_shutdown_with_a_stalled_peer_finishes_within_drain(
         relay, url, keys = await start_test_relay(nursery, heartbeat_s=600, drain_s=20, queue_max_bytes=16384)
         host, guest = await pair(url, keys)
 
-        async def flood() -> None:
-            # bounded (24 MB, far more than the socket buffers hold): an endless flood would keep the
-            # autojump clock from ever advancing while the relay drains it during a close
-            with contextlib.suppress(ConnectionClosedError):  # the relay closes the host at the end
-                for seq in range(1, 3000, 16):
-                    await host.send(*[seq_frame(s, 8192) for s in range(seq, seq + 16)])
-
         async with trio.open_nursery() as io:
-            io.start_soon(flood)
+            io.start_soon(flood, host)
             while not relay.stats.backpressure_stalls:
                 await trio.sleep(1)
             started = trio.current_time()

@@ -17,7 +17,14 @@ from rescue.protocol import Kind, encode_frame
 from rescue.protocol._messages import Role
 from rescue.relay import Relay
 from rescue.relay._config import RelayConfig
-from rescue.relay._testing import TestKeys, TestPeer, relay_test_config, seq_frame, start_test_relay
+from rescue.relay._testing import (
+    TestKeys,
+    TestPeer,
+    peer_conn,
+    relay_test_config,
+    seq_frame,
+    start_test_relay,
+)
 from rescue.sessions import PeerConn
 from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
 
@@ -61,14 +68,6 @@ def poller_stat(relay: Relay, name: str) -> int | float:
 def both_parked(relay: Relay) -> bool:
     """Both connections' readers wait in the poller (read-ahead is offered what comes next)."""
     return poller_stat(relay, "registered") == 2 and poller_stat(relay, "waiting") == 2
-
-
-def conn_of(relay: Relay, session: str, role: Role) -> PeerConn:
-    s = relay.table.get(session)
-    assert s is not None
-    conn = s.peer(role)
-    assert conn is not None
-    return conn
 
 
 # ------------------------------------------------------------------------------------ config
@@ -275,8 +274,8 @@ async def test_a_heartbeat_only_connection_goes_quiet_and_data_makes_it_active_a
         host, guest = await pair(url, keys, peers)
         await wait_until(lambda: both_parked(relay))
         assert poller_stat(relay, "moves") == 0
-        host_conn = conn_of(relay, "p", Role.HOST)
-        guest_conn = conn_of(relay, "p", Role.GUEST)
+        host_conn = peer_conn(relay, "p", Role.HOST)
+        guest_conn = peer_conn(relay, "p", Role.GUEST)
         # both peers send only heartbeats: after quiet_after_s both are moved to the quiet set
         seq = 0
         while poller_stat(relay, "quiet") < 2:

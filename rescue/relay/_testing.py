@@ -21,7 +21,6 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -30,12 +29,19 @@ from rescue.protocol import HEADER_SIZE, Kind, decode_header, encode_frame
 from rescue.protocol._messages import NONCE_SIZE, Caps, Close, Hello, PeerEvent, Role, Welcome
 from rescue.protocol._tokens import KeyRing, SigningKey, mint_token
 from rescue.relay._config import RelayConfig
+from rescue.relay._relay import Relay
+from rescue.sessions import PeerConn
 from rescue.websocket import WebSocketClosedError, WebSocketConnection, connect_websocket
 
-if TYPE_CHECKING:
-    from rescue.relay._relay import Relay
-
-__all__ = ["ClosedBy", "TestKeys", "TestPeer", "relay_test_config", "seq_frame", "start_test_relay"]
+__all__ = [
+    "ClosedBy",
+    "TestKeys",
+    "TestPeer",
+    "peer_conn",
+    "relay_test_config",
+    "seq_frame",
+    "start_test_relay",
+]
 
 
 @dataclass
@@ -207,8 +213,6 @@ def relay_test_config(**overrides: object) -> RelayConfig:
 
 async def start_test_relay(nursery: trio.Nursery, **overrides: object) -> tuple[Relay, str, TestKeys]:
     """Start a :func:`relay_test_config` relay (with ``overrides``) in ``nursery``: (relay, url, keys)."""
-    from rescue.relay._relay import Relay
-
     keys = TestKeys()
     relay = Relay(relay_test_config(**overrides), keys=keys.ring)
     addresses = await nursery.start(relay.run)
@@ -219,3 +223,12 @@ def seq_frame(seq: int, size: int) -> bytes:
     """A DATA frame whose body is derived from its seq, so any corruption or reordering shows."""
     stamp = struct.pack(">Q", seq)
     return encode_frame(Kind.DATA, (stamp * (size // 8 + 1))[:size], seq=seq)
+
+
+def peer_conn(relay: Relay, session: str, role: Role) -> PeerConn:
+    """The relay's connection object for ``role`` in ``session`` (which must be connected)."""
+    found = relay.table.get(session)
+    assert found is not None, f"no session {session!r}"
+    conn = found.peer(role)
+    assert conn is not None, f"no {role.value} in {session!r}"
+    return conn
