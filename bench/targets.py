@@ -44,36 +44,21 @@ def _script(name: str) -> tuple[str, ...]:
     return (sys.executable, str(REFS / name))
 
 
+def _rescue(name: str, role: str, *flags: str) -> TargetDef:
+    """The real relay (``rescue_target.py``) run with ``flags``."""
+    argv = (sys.executable, str(HERE / "rescue_target.py"), *flags)
+    return TargetDef(name, "rescue", role, argv, path="/v1/connect", needs_keys=True)
+
+
 TARGETS: Final[dict[str, TargetDef]] = {
     "tcp": TargetDef("tcp", "tcp", "ceiling", _script("tcp_relay.py")),
     "websockets": TargetDef("websockets", "ws", "reference", _script("ws_websockets_relay.py")),
     "trio-websocket": TargetDef("trio-websocket", "ws", "reference", _script("ws_trio_websocket_relay.py")),
-    "rescue": TargetDef(
-        "rescue",
-        "rescue",
-        "target",
-        (sys.executable, str(HERE / "rescue_target.py")),
-        path="/v1/connect",
-        needs_keys=True,
-    ),
+    "rescue": _rescue("rescue", "target"),
     # the real relay without the shared read poller (decision 0007's A/B): trio's own waits
-    "rescue-trio-waits": TargetDef(
-        "rescue-trio-waits",
-        "rescue",
-        "context",
-        (sys.executable, str(HERE / "rescue_target.py"), "--read-coalesce", "off"),
-        path="/v1/connect",
-        needs_keys=True,
-    ),
+    "rescue-trio-waits": _rescue("rescue-trio-waits", "context", "--read-coalesce", "off"),
     # the shared read poller without the quiet set: every connection looked at at once
-    "rescue-no-quiet": TargetDef(
-        "rescue-no-quiet",
-        "rescue",
-        "context",
-        (sys.executable, str(HERE / "rescue_target.py"), "--quiet-after", "0"),
-        path="/v1/connect",
-        needs_keys=True,
-    ),
+    "rescue-no-quiet": _rescue("rescue-no-quiet", "context", "--quiet-after", "0"),
     # bare select.epoll, no framework, no framing: the floor of Python on this machine
     "epoll": TargetDef("epoll", "tcp", "context", _script("epoll_relay.py")),
 }
