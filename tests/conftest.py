@@ -31,7 +31,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -121,3 +121,21 @@ def private_redis() -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_factory() -> Iterator[Callable[[], RedisServer]]:
+    """Start as many private Redis servers as a test needs (each may be stopped); all go at the end."""
+    servers: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        server = start_redis_server()
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()  # SIGKILL also ends a SIGSTOPped server
+            shutil.rmtree(server.directory, ignore_errors=True)

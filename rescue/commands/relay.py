@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from collections.abc import AsyncIterator
 from functools import partial
 
 import trio
@@ -265,27 +266,47 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
         raise ConfigError(str(exc)) from None
 
 
-async def run_relay(relay: Relay, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_relay(
+    relay: Relay,
+    *,
+    early_signals: list[int] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run ``relay`` until SIGTERM/SIGINT, then drain it; returns when it has stopped.
+
+    A signal is acted on at any moment, start-up included (the node then drains as soon as it is
+    up). ``early_signals`` are signals caught before trio ran (see :func:`_run`); they count as if
+    they arrived now.
 
     Once the node is up, the process's garbage collector is tuned for a long-lived heap
     (:func:`rescue.relay.tune_gc`): this is the node's own process.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        for signum in early_signals or ():
+            signal.raise_signal(signum)  # now delivered to the receiver
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_shutdown_on_signal, relay, signals)
             await nursery.start(relay.run)
             tune_gc()
             task_status.started()
-            async for signum in signals:
-                log_event(_LOG, "relay.signal", signal=signal.Signals(signum).name)
-                relay.shutdown()  # run() drains and returns; the nursery then closes
-                break
+            await relay.wait_stopped()
+            nursery.cancel_scope.cancel()
+
+
+async def _shutdown_on_signal(relay: Relay, signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        log_event(_LOG, "relay.signal", signal=signal.Signals(signum).name)
+        relay.shutdown()  # run() drains and returns; a second signal changes nothing
 
 
 def _run(args: argparse.Namespace) -> int:
+    # From here on a SIGTERM is never fatal: it is kept until trio's receiver takes over.
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: early.append(signum))
     configure_logging(args.log_level)
+    log_event(_LOG, "relay.starting", node_id=args.node_id)
     # the activation-report key is a secret: environment only, never a flag (`ps` shows flags)
     report_key = os.environ.get("RESCUE_REPORT_KEY", "").strip() or None
     relay = Relay(build_config(args, os.environ), report_key=report_key)
-    trio.run(partial(run_relay, relay))
+    trio.run(partial(run_relay, relay, early_signals=early))
     return 0

@@ -10,6 +10,8 @@ Public API::
 See docs/guardrails.md for the Redis layout and the rolling-window definition.
 """
 
+from rescue.guardrails._deadline import Breaker as Breaker
+from rescue.guardrails._deadline import store_deadline as store_deadline
 from rescue.guardrails._memory import MemoryStore as MemoryStore
 from rescue.guardrails._policy import Authorization as Authorization
 from rescue.guardrails._policy import GuardrailConfig as GuardrailConfig
@@ -35,6 +37,7 @@ __all__ = [
     "COUNTER_TTL_S",
     "REDIS_THREADS",
     "Authorization",
+    "Breaker",
     "CounterField",
     "FleetState",
     "GuardrailConfig",
@@ -52,4 +55,5 @@ __all__ = [
     "hour_bucket",
     "rendezvous_pick",
     "rolling_window",
+    "store_deadline",
 ]

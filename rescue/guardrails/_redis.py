@@ -9,6 +9,7 @@ Lua script), so its atomicity never depends on two threads cooperating.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -19,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from rescue.errors import StoreUnavailable
+from rescue.guardrails._deadline import PROBE_INTERVAL_S, Admission, Breaker, current_store_deadline
 from rescue.guardrails._store import (
     COUNTER_TTL_S,
     KEY_PREFIX,
@@ -99,14 +101,23 @@ class RedisStore:
     Error handling:
         Any Redis or socket error becomes :class:`~rescue.errors.StoreUnavailable` (with the
         original as ``__cause__``). One immediate retry covers a pooled connection that went stale
-        when Redis restarted.
+        when Redis restarted. Every call honours the caller's :func:`store_deadline` (one budget
+        for a whole request). After a failure the store is known down (:attr:`breaker`): calls
+        fail at once, except one probe per ``probe_interval`` that notices when Redis is back.
 
     Cancellation:
-        A call already running in a worker thread finishes (bounded by the socket timeouts)
-        before the cancellation is delivered.
+        Immediate. A call already running in a worker thread is abandoned: the thread finishes its
+        round trip alone on the connection it checked out (bounded by the socket timeouts), and
+        :meth:`aclose` never closes a connection that a thread still uses.
     """
 
-    def __init__(self, url: str, *, socket_timeout: float = SOCKET_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        socket_timeout: float = SOCKET_TIMEOUT_S,
+        probe_interval: float = PROBE_INTERVAL_S,
+    ) -> None:
         try:
             self._client: Any = redis.Redis.from_url(
                 url,
@@ -119,15 +130,68 @@ class RedisStore:
         except ValueError as exc:
             raise StoreUnavailable(f"bad Redis URL: {exc}") from exc
         self._limiter = trio.CapacityLimiter(REDIS_THREADS)
+        self.breaker = Breaker(probe_interval=probe_interval)
+        self._closed = False
+        # calls whose worker thread is still running, abandoned ones included; guarded by a thread
+        # lock because the threads themselves count down
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Event()
+        self._idle.set()
         self._assign = self._client.register_script(_ASSIGN_LUA)
         self._reassign = self._client.register_script(_REASSIGN_LUA)
         self._live_nodes = self._client.register_script(_LIVE_NODES_LUA)
 
+    @property
+    def in_flight(self) -> int:
+        """Worker threads still running a call (including calls their caller gave up on)."""
+        return self._in_flight
+
+    def _tracked(self, fn: Callable[[], _T]) -> Callable[[], _T]:
+        with self._lock:
+            self._in_flight += 1
+            self._idle.clear()
+
+        def call() -> _T:
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+                    if self._in_flight == 0:
+                        self._idle.set()
+
+        return call
+
     async def _run(self, fn: Callable[[], _T]) -> _T:
+        if self._closed:
+            raise StoreUnavailable("guardrail store is closed")
+        now = trio.current_time()
+        admission = self.breaker.admit(now)
+        if admission is Admission.REFUSE:
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailable("guardrail store unavailable (known down; retrying in the background)")
+        ok: bool | None = None
         try:
-            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+            # The thread is abandoned when the deadline (or the caller) cancels: it finishes its
+            # one round trip on a connection it checked out of the pool alone, within the socket
+            # timeouts, and aclose() never closes a connection in use.
+            with trio.CancelScope(deadline=current_store_deadline()):
+                result = await trio.to_thread.run_sync(
+                    self._tracked(fn), limiter=self._limiter, abandon_on_cancel=True
+                )
+                ok = True
+                return result
+            ok = False
+            raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
+        except redis.ResponseError:
+            ok = True  # the store answered (a script or type error): not an outage
+            raise
         except (redis.RedisError, OSError) as exc:
+            ok = False
             raise StoreUnavailable(f"guardrail store unavailable: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.breaker.done(admission, ok=ok, now=trio.current_time())
 
     async def ping(self) -> None:
         await self._run(self._client.ping)
@@ -240,4 +304,16 @@ class RedisStore:
         return result
 
     async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._client.close, limiter=self._limiter)
+        """Refuse new calls, wait for running ones to finish, then close the idle connections.
+
+        Cancellation:
+            Bounded by the caller: if cancelled while a worker thread still runs, only the idle
+            connections are closed (a thread's connection is never closed under it; the process
+            exits or the thread returns it to a pool nobody uses).
+        """
+        self._closed = True
+        pool = self._client.connection_pool
+        try:
+            await trio.to_thread.run_sync(self._idle.wait, abandon_on_cancel=True)
+        finally:
+            pool.disconnect(inuse_connections=False)

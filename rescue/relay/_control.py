@@ -7,7 +7,7 @@
   queue, and fails closed for new handshakes once the last good state is older than
   ``status_stale_s``.
 - :class:`NodeRegistrar`: keeps this node's record (id, public URL, draining) in the guardrail store
-  with a short expiry, and removes it on the way out.
+  with a short expiry; its owner removes it once on the way out, after every other task stopped.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import trio
 from rescue._codes import CloseCode
 from rescue._log import get_logger, log_event
 from rescue.errors import ConfigError, RescueError
-from rescue.guardrails import GuardrailStore, NodeInfo
+from rescue.guardrails import GuardrailStore, NodeInfo, store_deadline
 from rescue.protocol._tokens import KeyRing, load_keyring
 
 __all__ = [
     "MAX_PENDING_ACTIVATIONS",
+    "REGISTER_DEADLINE_S",
     "ControlLink",
     "KeySource",
     "NodeRegistrar",
@@ -45,6 +46,9 @@ MAX_JWKS_BYTES: Final = 1 << 20
 # An unknown kid triggers at most one refetch per this many seconds, so a stream of tokens signed
 # by garbage kids cannot make the relay hammer the token service.
 UNKNOWN_KID_REFRESH_S: Final = 10.0
+# Budget of one registration write or removal. A healthy Redis answers in a millisecond; a stalled
+# one must neither hold up start-up nor shutdown for longer than this (the record then expires).
+REGISTER_DEADLINE_S: Final = 1.0
 
 
 def _is_url(source: str) -> bool:
@@ -329,11 +333,12 @@ class NodeRegistrar:
         self._wake.set()
 
     async def register_once(self) -> bool:
-        """Write the record once; True on success."""
+        """Write the record once (within :data:`REGISTER_DEADLINE_S`); True on success."""
         try:
-            await self.store.register_node(
-                NodeInfo(self.node_id, self.public_url, self.draining), ttl=self.ttl
-            )
+            with store_deadline(REGISTER_DEADLINE_S):
+                await self.store.register_node(
+                    NodeInfo(self.node_id, self.public_url, self.draining), ttl=self.ttl
+                )
         except RescueError as exc:
             self.outcomes["error"] += 1
             log_event(_LOG, "relay.register_failed", level=logging.WARNING, error=str(exc))
@@ -343,23 +348,30 @@ class NodeRegistrar:
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Register, refresh until cancelled, then remove the record (bounded, shielded).
+        """Register, then refresh every ``ttl / 3`` (at once after :meth:`set_draining`) until cancelled.
+
+        Reports started after the first attempt, whatever its outcome.
 
         Cancellation:
-            The normal way to stop; the record is removed within 2 s or left to expire.
+            The only way it ends, at once (a call in flight is abandoned to its worker thread; see
+            :class:`~rescue.guardrails.RedisStore`). It does not remove the record: the owner calls
+            :meth:`remove` once every other task has stopped.
         """
-        try:
+        await self.register_once()
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.ttl / 3):
+                await self._wake.wait()
+            self._wake = trio.Event()
             await self.register_once()
-            task_status.started()
-            while True:
-                with trio.move_on_after(self.ttl / 3):
-                    await self._wake.wait()
-                self._wake = trio.Event()
-                await self.register_once()
-        finally:
-            with trio.move_on_after(2.0) as cleanup:
-                cleanup.shield = True
-                try:
-                    await self.store.remove_node(self.node_id)
-                except RescueError:
-                    pass
+
+    async def remove(self) -> bool:
+        """Remove the record (within :data:`REGISTER_DEADLINE_S`); True on success, else it expires."""
+        try:
+            with store_deadline(REGISTER_DEADLINE_S):
+                await self.store.remove_node(self.node_id)
+        except RescueError as exc:
+            log_event(_LOG, "relay.unregister_failed", level=logging.WARNING, error=str(exc))
+            return False
+        self.registered = False
+        return True

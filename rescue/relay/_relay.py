@@ -14,7 +14,8 @@ Task tree of a running node::
 Shutdown (:meth:`Relay.shutdown`, SIGTERM in the CLI): ``/readyz`` turns 503, the node registers as
 draining, the listener closes, every peer gets CLOSE ``SERVER_SHUTDOWN`` with ``reconnect_in_ms``
 drawn uniformly from the drain window, the handlers nursery gets ``drain_s`` to empty, and whatever
-is left is cancelled (sockets aborted by structure).
+is left is cancelled (sockets aborted by structure). Then the services stop, and only after all of
+them the registration is removed, once, with a deadline, and the node's own store is closed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from rescue.protocol._messages import MAX_RECONNECT_IN_MS, Close, Hello, Role
 from rescue.protocol._tokens import MAX_TTL, Claims, KeyRing, verify_token
 from rescue.relay._admin import admin_app
 from rescue.relay._config import RelayConfig
-from rescue.relay._control import ControlLink, KeySource, NodeRegistrar
+from rescue.relay._control import REGISTER_DEADLINE_S, ControlLink, KeySource, NodeRegistrar
 from rescue.relay._metrics import RelayMetrics
 from rescue.sessions import (
     TRANSPORT_ERRORS,
@@ -124,6 +125,7 @@ class Relay:
             report_key=report_key,
         )
         self._store = store
+        self._owned_store: GuardrailStore | None = None
         self.registrar: NodeRegistrar | None = None
         self._http_transport = http_transport
         self._ssl_context = ssl_context
@@ -248,7 +250,26 @@ class Relay:
                     services.cancel_scope.cancel()
         finally:
             self._client = None
-            self._stopped.set()
+            try:
+                await self._end_registration()
+            finally:
+                self._stopped.set()
+
+    async def _end_registration(self) -> None:
+        """Every other task has stopped: remove the registration once, then close an owned store.
+
+        Shielded and bounded by :data:`~rescue.relay._control.REGISTER_DEADLINE_S` twice over (the
+        removal, then the store's wait for worker threads), so a stalled Redis delays the exit by
+        at most that much and the record simply expires.
+        """
+        registrar, store = self.registrar, self._owned_store
+        self.registrar, self._owned_store = None, None
+        with trio.CancelScope(shield=True):
+            if registrar is not None:
+                await registrar.remove()
+            if store is not None:
+                with trio.move_on_after(REGISTER_DEADLINE_S):
+                    await store.aclose()
 
     async def _serve(
         self,
@@ -301,8 +322,7 @@ class Relay:
         if store is None and config.redis_url:
             from rescue.guardrails import RedisStore
 
-            store = RedisStore(config.redis_url)
-            services.start_soon(_close_store_at_exit, store)
+            store = self._owned_store = RedisStore(config.redis_url)  # closed by _end_registration
         if store is None:
             return
         assert self.addresses is not None
@@ -310,6 +330,8 @@ class Relay:
         self.registrar = NodeRegistrar(
             store, node_id=config.node_id, public_url=public, ttl=config.register_ttl_s
         )
+        if self._draining:  # SIGTERM during start-up
+            self.registrar.set_draining()
         await services.start(self.registrar.run)
 
     def shutdown(self) -> None:
@@ -324,6 +346,10 @@ class Relay:
     async def drain(self) -> None:
         """:meth:`shutdown`, then wait until :meth:`run` has returned."""
         self.shutdown()
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`run` has returned (registration removed, store closed)."""
         await self._stopped.wait()
 
     def _begin_drain(self, handlers: trio.Nursery) -> None:
@@ -515,11 +541,3 @@ def _load_tls(config: RelayConfig) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load TLS certificate/key: {exc}") from exc
     return context
-
-
-async def _close_store_at_exit(store: Any) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-            await store.aclose()
