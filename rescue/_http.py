@@ -44,6 +44,7 @@ from rescue._log import get_logger, log_event
 
 __all__ = [
     "DEFAULT_MAX_BODY",
+    "Handler",
     "JsonError",
     "Request",
     "Response",

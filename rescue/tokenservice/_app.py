@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rescue._http import (
+    Handler,
     JsonError,
     Request,
     Response,
@@ -28,7 +29,7 @@ from rescue._http import (
 )
 from rescue._log import get_logger, log_event, session_tag
 from rescue.errors import GuardrailError, StoreUnavailable
-from rescue.guardrails import Guardrails, check_cohort_id
+from rescue.guardrails import Guardrails, check_cohort_id, store_deadline
 from rescue.protocol._messages import SESSION_ID_RE
 from rescue.protocol._tokens import MAX_TTL, ROLES, b64url_encode, mint_token
 from rescue.tokenservice._keys import PublishedKeys
@@ -48,6 +49,10 @@ MAX_SESSIONS_PER_REPORT: Final = 100_000
 # Distinct cohort label values per counter: cohort ids come from requests, and every label value is
 # a time series kept forever; past this, cohorts are counted as "other".
 MAX_COHORT_LABELS: Final = 1_000
+
+# All the store work of one request (about five Redis round trips of ~1 ms) must fit in this, so
+# a stalled Redis answers 503 in half a second instead of waiting out socket timeouts per call.
+STORE_DEADLINE_S: Final = 0.5
 
 _CHALLENGE: Final = {"www-authenticate": "Bearer"}
 
@@ -83,6 +88,8 @@ class TokenServiceConfig:
             endpoint is open (put the token service on a private network then).
         issuer: the tokens' ``iss``.
         token_ttl: token lifetime in seconds (≤ 300), also the session→node assignment lifetime.
+        store_deadline_s: the budget for all guardrail-store calls of one request; past it the
+            request fails with 503 ``guardrail_store_unavailable``.
     """
 
     keys: PublishedKeys
@@ -94,6 +101,7 @@ class TokenServiceConfig:
     report_keys: frozenset[str] = field(default_factory=frozenset)
     issuer: str = "beach-rescue"
     token_ttl: int = MAX_TTL
+    store_deadline_s: float = STORE_DEADLINE_S
 
 
 def _key_in(candidate: str, keys: Iterable[str]) -> bool:
@@ -172,21 +180,35 @@ class TokenService:
     # --- plumbing --------------------------------------------------------------------------------
 
     def _routes(self) -> None:
-        r = self.router
-        r.add("POST", "/v1/fallback/token", self.token)
-        r.add("GET", "/v1/fallback/keys", self.keys)
-        r.add("GET", "/v1/fallback/status", self.status)
-        r.add("POST", "/v1/fallback/activations", self.report_activation)
-        r.add("POST", "/v1/sessions/started", self.sessions_started_report)
-        r.add("GET", "/healthz", self.healthz)
-        r.add("GET", "/metrics", self.metrics)
-        r.add("GET", "/openapi.json", self.openapi)
-        r.add("POST", "/v1/admin/pause", self.admin_pause)
-        r.add("POST", "/v1/admin/resume", self.admin_resume)
-        r.add("PUT", "/v1/admin/cohorts/{cohort_id}", self.admin_put_cohort)
-        r.add("GET", "/v1/admin/cohorts/{cohort_id}", self.admin_get_cohort)
-        r.add("GET", "/v1/admin/guardrails", self.admin_guardrails)
-        r.add("GET", "/v1/admin/nodes", self.admin_nodes)
+        routes: list[tuple[str, str, Handler]] = [
+            ("POST", "/v1/fallback/token", self.token),
+            ("GET", "/v1/fallback/keys", self.keys),
+            ("GET", "/v1/fallback/status", self.status),
+            ("POST", "/v1/fallback/activations", self.report_activation),
+            ("POST", "/v1/sessions/started", self.sessions_started_report),
+            ("GET", "/healthz", self.healthz),
+            ("GET", "/metrics", self.metrics),
+            ("GET", "/openapi.json", self.openapi),
+            ("POST", "/v1/admin/pause", self.admin_pause),
+            ("POST", "/v1/admin/resume", self.admin_resume),
+            ("PUT", "/v1/admin/cohorts/{cohort_id}", self.admin_put_cohort),
+            ("GET", "/v1/admin/cohorts/{cohort_id}", self.admin_get_cohort),
+            ("GET", "/v1/admin/guardrails", self.admin_guardrails),
+            ("GET", "/v1/admin/nodes", self.admin_nodes),
+        ]
+        for method, template, handler in routes:
+            self.router.add(method, template, self._with_store_deadline(handler))
+
+    def _with_store_deadline(self, handler: Handler) -> Handler:
+        """One budget for all the store calls of one request (``store_deadline_s``): a stalled
+        store turns into a fast 503, never into a request that waits once per call."""
+        budget = self.config.store_deadline_s
+
+        async def bounded(request: Request) -> Response:
+            with store_deadline(budget):
+                return await handler(request)
+
+        return bounded
 
     def _cohort_label(self, cohort: str) -> str:
         if cohort in self._cohort_labels:

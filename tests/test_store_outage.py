@@ -1,0 +1,183 @@
+"""A stalled Redis must not stall everyone (issue #11): one deadline per request, a breaker, a probe.
+
+With Redis SIGSTOPped, every call used to wait its 2 s socket timeout plus a retry: a lone token
+request got 503 after 4 s and a burst of 50 queued behind the 16 worker threads for up to 16 s.
+Now all the store work of one request shares one budget (``store_deadline``), and once a call has
+failed the store is known down: calls fail at once, except one probe per interval, until the probe
+finds Redis back. The breaker itself is pure and checked with Hypothesis.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rescue.errors import StoreUnavailable
+from rescue.guardrails import Breaker, GuardrailConfig, Guardrails, RedisStore, store_deadline
+from rescue.guardrails._deadline import Admission
+from rescue.protocol._tokens import SigningKey
+from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
+
+from .conftest import RedisServer
+
+BODY = {
+    "session_id": "outage-1",
+    "role": "host",
+    "cohort_id": "beta",
+    "client_version": "test",
+    "telemetry_opt_in": False,
+}
+BURST = 50
+# Bounds on the wall clock, far from the old behaviour (4 s per lone request, 16 s for a burst)
+# and far from the new one (0.5 s budget, then instant refusals), so load can't flip them.
+LONE_BOUND_S = 1.5
+BURST_BOUND_S = 4.0
+
+
+# --- the breaker, pure ---------------------------------------------------------------------------
+
+events = st.lists(
+    st.tuples(st.floats(0, 2), st.sampled_from(["ok", "fail", "cancel"])), min_size=1, max_size=60
+)
+
+
+@given(events)
+def test_breaker_lets_one_probe_at_a_time_and_never_refuses_while_closed(
+    steps: list[tuple[float, str]],
+) -> None:
+    breaker = Breaker(probe_interval=0.5)
+    now = 0.0
+    outstanding: list[Admission] = []
+    for gap, outcome in steps:
+        now += gap
+        was_open = breaker.open
+        admission = breaker.admit(now)
+        if not was_open:
+            assert admission is Admission.GO
+        if admission is Admission.PROBE:
+            assert Admission.PROBE not in outstanding  # one probe at a time
+        if admission is not Admission.REFUSE:
+            outstanding.append(admission)
+        # finish the oldest outstanding call
+        if outstanding:
+            done = outstanding.pop(0)
+            ok = {"ok": True, "fail": False, "cancel": None}[outcome]
+            breaker.done(done, ok=ok, now=now)
+            if ok is True:
+                assert not breaker.open
+            if ok is False:
+                assert breaker.open
+                assert breaker.admit(now) is Admission.REFUSE  # no probe before the interval
+
+
+def test_breaker_probes_after_the_interval_and_closes_on_success() -> None:
+    breaker = Breaker(probe_interval=0.5)
+    breaker.done(breaker.admit(0.0), ok=False, now=0.0)
+    assert breaker.admit(0.4) is Admission.REFUSE
+    probe = breaker.admit(0.5)
+    assert probe is Admission.PROBE
+    assert breaker.admit(0.6) is Admission.REFUSE  # the probe is still out
+    breaker.done(probe, ok=False, now=0.7)
+    assert breaker.admit(1.1) is Admission.REFUSE
+    probe = breaker.admit(1.2)
+    breaker.done(probe, ok=True, now=1.2)
+    assert breaker.admit(1.2) is Admission.GO
+    assert breaker.opened == 1
+
+
+# --- a real, stalled Redis -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def stalled() -> Iterator[list[RedisServer]]:
+    """Servers a test SIGSTOPs; they are continued before the fixtures stop them."""
+    servers: list[RedisServer] = []
+    yield servers
+    for server in servers:
+        server.process.send_signal(signal.SIGCONT)
+
+
+async def test_stalled_redis_fails_fast_then_recovers_through_a_probe(
+    private_redis: RedisServer, stalled: list[RedisServer]
+) -> None:
+    store = RedisStore(private_redis.url, probe_interval=0.2)
+    with trio.fail_after(10):
+        await store.ping()
+    private_redis.process.send_signal(signal.SIGSTOP)
+    stalled.append(private_redis)
+    with (
+        trio.fail_after(LONE_BOUND_S),
+        pytest.raises(StoreUnavailable, match="deadline"),
+        store_deadline(0.3),
+    ):
+        await store.fleet_state()
+    assert store.breaker.open
+    # known down: no thread, no wait, no queue
+    with trio.fail_after(0.5):
+        for _ in range(BURST):
+            with pytest.raises(StoreUnavailable, match="known down"):
+                await store.cohort_enabled("beta")
+    assert store.breaker.refused >= BURST - 1
+    assert store.in_flight <= 2  # the stalled call (and at most one probe) hold a thread
+    private_redis.process.send_signal(signal.SIGCONT)
+    with trio.fail_after(10):
+        while True:  # a probe goes every 0.2 s; the first after the restart succeeds
+            try:
+                with store_deadline(1.0):
+                    await store.ping()
+                break
+            except StoreUnavailable:
+                await trio.sleep(0.05)
+    assert not store.breaker.open
+    with trio.fail_after(10):
+        await store.aclose()
+    assert store.in_flight == 0
+
+
+async def test_token_requests_against_a_stalled_redis_get_fast_503s(
+    private_redis: RedisServer, stalled: list[RedisServer]
+) -> None:
+    store = RedisStore(private_redis.url)
+    service = TokenService(
+        TokenServiceConfig(
+            keys=PublishedKeys(SigningKey.generate()), disable_oidc=True, relay_url="ws://r/v1/connect"
+        ),
+        Guardrails(store, GuardrailConfig()),
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}/v1/fallback/token"
+        async with httpx.AsyncClient(timeout=30) as http:
+            with trio.fail_after(10):
+                await store.set_cohort_enabled("beta", True)
+                assert (await http.post(url, json=BODY)).status_code == 200
+            private_redis.process.send_signal(signal.SIGSTOP)
+            stalled.append(private_redis)
+            with trio.fail_after(LONE_BOUND_S):
+                lone = await http.post(url, json=BODY)
+            assert lone.status_code == 503
+            assert lone.json()["error"] == "guardrail_store_unavailable"
+            answers: list[httpx.Response] = []
+
+            async def one() -> None:
+                answers.append(await http.post(url, json=BODY))
+
+            with trio.fail_after(BURST_BOUND_S):
+                async with trio.open_nursery() as burst:
+                    for _ in range(BURST):
+                        burst.start_soon(one)
+            assert [a.status_code for a in answers] == [503] * BURST
+            assert {a.json()["error"] for a in answers} == {"guardrail_store_unavailable"}
+            private_redis.process.send_signal(signal.SIGCONT)
+            with trio.fail_after(10):
+                while (await http.post(url, json=BODY)).status_code != 200:
+                    await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(10):
+        await store.aclose()
