@@ -26,7 +26,7 @@ import enum
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Self, TypeAlias, TypeVar
+from typing import Any, Final, Literal, Self, TypeAlias, TypeGuard, TypeVar
 
 import cbor2
 
@@ -276,14 +276,30 @@ def _version(value: object) -> int:
     return v
 
 
+def is_cbor_array(value: object) -> TypeGuard[list[Any] | tuple[Any, ...]]:
+    """Whether ``value`` is what cbor2 decodes a CBOR array to.
+
+    cbor2 5.x gives a ``list`` everywhere; cbor2 6.x gives a ``list`` at top level but a ``tuple``
+    inside a tag (it decodes tag contents immutable, and a token is a tagged array). Every shape
+    check on decoded CBOR accepts both, so the product works on every cbor2 ``pyproject.toml`` allows.
+    """
+    return type(value) is list or type(value) is tuple
+
+
+def is_cbor_map(value: object) -> TypeGuard[Mapping[Any, Any]]:
+    """Whether ``value`` is what cbor2 decodes a CBOR map to: a ``dict``, or an immutable mapping where
+    cbor2 wants a hashable value (``cbor2.FrozenDict`` in 5.x, ``cbor2.frozendict`` inside any tag in 6.x)."""
+    return isinstance(value, Mapping)
+
+
 def _fields(obj: object, what: str) -> dict[str, Any]:
     """A decoded body as a map with text keys (unknown keys are kept, and later ignored)."""
-    if type(obj) is not dict:
+    if not is_cbor_map(obj):
         raise ProtocolError(f"{what} body must be a CBOR map, not {type(obj).__name__}")
     for key in obj:
         if type(key) is not str:
             raise ProtocolError(f"{what} map keys must be text strings")
-    return obj
+    return obj if type(obj) is dict else dict(obj)
 
 
 def _take(fields: Mapping[str, Any], key: str, what: str) -> Any:
@@ -345,7 +361,7 @@ class Caps:
         """
         fields = _fields(value, "caps")
         names = _take(fields, "compression", "caps")
-        if type(names) is not list:
+        if not is_cbor_array(names):
             raise ProtocolError("caps.compression must be a list")
         return _build("caps", lambda: cls(compression=tuple(names)))
 
@@ -753,8 +769,9 @@ def decode_control(
             sequencing does not match ``flags``.
     """
     value = _loads(body, max_size, "CONTROL")
-    if type(value) is not dict:
+    if not is_cbor_map(value):
         raise ProtocolError(f"CONTROL body must be a CBOR map, not {type(value).__name__}")
+    value = value if type(value) is dict else dict(value)
     msg: ControlMessage
     if any(key in value for key in _TRANSPORT_KEYS):
         if len(value) != 1:

@@ -44,6 +44,7 @@ import nacl.signing
 from rescue._codes import CloseCode
 from rescue.errors import ConfigError, TokenError
 from rescue.protocol._messages import SESSION_ID_RE as SESSION_ID_RE  # shared pattern, re-exported
+from rescue.protocol._messages import is_cbor_array, is_cbor_map
 
 __all__ = [
     "ALG_EDDSA",
@@ -356,7 +357,7 @@ class KeyRing:
             ConfigError: not ``{"keys": [...]}``, an empty set, an entry that is not a valid public
                 Ed25519 JWK, or an entry carrying a private ``d`` (never publish private keys).
         """
-        if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
+        if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list | tuple):
             raise ConfigError('a JWK set must be a JSON object {"keys": [...]}')
         entries: list[Any] = jwks["keys"]
         if not entries:
@@ -414,7 +415,7 @@ def load_keyring(path: str | os.PathLike[str]) -> KeyRing:
 # claims
 
 
-def _exact_keys(mapping: dict[Any, Any]) -> dict[int | str, Any]:
+def _exact_keys(mapping: Mapping[Any, Any]) -> dict[int | str, Any]:
     """Only the entries whose key is exactly an ``int`` or ``str``: CBOR ``true`` or ``1.0`` must not
     stand in for the label ``1`` (Python's ``True == 1.0 == 1``)."""
     return {k: v for k, v in mapping.items() if type(k) is int or type(k) is str}
@@ -508,7 +509,7 @@ class Claims:
         Raises:
             TokenError: ``"malformed"`` when a claim is missing or ill-typed.
         """
-        if not isinstance(claims, dict):
+        if not is_cbor_map(claims):
             raise TokenError("malformed", "token payload is not a CBOR map")
         keys: dict[str, int | str] = {
             "iss": _ISS, "aud": _AUD, "exp": _EXP, "nbf": _NBF, "iat": _IAT, "cti": _CTI,
@@ -633,23 +634,28 @@ def _parse_envelope(token: bytes) -> tuple[bytes, bytes, bytes, bytes]:
         raise _malformed("token must be bytes")
     if len(token) > MAX_TOKEN_SIZE:
         raise _malformed(f"token of {len(token)} bytes exceeds {MAX_TOKEN_SIZE}")
-    outer = _loads(bytes(token), "token")
+    return _envelope_parts(_loads(bytes(token), "token"))
+
+
+def _envelope_parts(outer: object) -> tuple[bytes, bytes, bytes, bytes]:
+    """The checks of :func:`_parse_envelope` on the decoded outer item (whatever container types the
+    installed cbor2 decodes a tag's contents to: see :func:`~rescue.protocol._messages.is_cbor_array`)."""
     if isinstance(outer, cbor2.CBORTag) and outer.tag == CWT_TAG:
         outer = outer.value
     if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
         raise _malformed("token is not a tagged COSE_Sign1 (CBOR tag 18)")
     body = outer.value
-    if not isinstance(body, list) or len(body) != 4:
+    if not is_cbor_array(body) or len(body) != 4:
         raise _malformed("COSE_Sign1 must be an array of 4 items")
     protected, unprotected, payload, signature = body
     if not isinstance(protected, bytes) or not isinstance(payload, bytes) or not isinstance(signature, bytes):
         raise _malformed("COSE_Sign1 protected, payload and signature must be byte strings")
-    if not isinstance(unprotected, dict):
+    if not is_cbor_map(unprotected):
         raise _malformed("COSE_Sign1 unprotected header must be a map")
     if _HDR_ALG in unprotected or _HDR_KID in unprotected:
         raise _malformed("alg and kid belong in the protected header")
     header = _loads(protected, "protected header") if protected else {}
-    if not isinstance(header, dict):
+    if not is_cbor_map(header):
         raise _malformed("protected header is not a CBOR map")
     header = _exact_keys(header)
     unprotected = _exact_keys(unprotected)
