@@ -228,8 +228,17 @@ class Fleet:
         relay_flags_missing: the ones it does not offer.
     """
 
-    def __init__(self, work_dir: Path, log_dir: Path, *, nodes: int, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        log_dir: Path,
+        *,
+        nodes: int,
+        client: httpx.AsyncClient,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.work_dir = work_dir
+        self.extra_env = dict(env or {})  # for every rescue child (OTEL_*, guardrail settings)
         self.log_dir = log_dir
         self.nodes = nodes
         self.http = client
@@ -292,6 +301,7 @@ class Fleet:
                 "BEACH_RESCUE_DISABLE_OIDC": "1",
                 "BEACH_DEV_ENABLE_FALLBACK_WS": "1",
                 "RESCUE_ADMIN_KEY": self.admin_key,
+                **self.extra_env,
             }
         )
         self.token_service = Service(
@@ -319,7 +329,11 @@ class Fleet:
                 argv += [flag, value]
             self.relays.append(
                 Service(
-                    node_id, argv, child_env(), self.log_dir / f"{node_id}.log", self._relay_ready(node_id)
+                    node_id,
+                    argv,
+                    child_env(self.extra_env),
+                    self.log_dir / f"{node_id}.log",
+                    self._relay_ready(node_id),
                 )
             )
 
@@ -449,8 +463,13 @@ async def redis_ping(path: Path) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_fleet(work_dir: Path, *, nodes: int, log_level: str = "INFO") -> AsyncIterator[Fleet]:
+async def open_fleet(
+    work_dir: Path, *, nodes: int, log_level: str = "INFO", env: dict[str, str] | None = None
+) -> AsyncIterator[Fleet]:
     """Start a fleet under ``work_dir`` (logs in ``work_dir/logs``); stop it on the way out.
+
+    ``env`` is added to the environment of the token service and every relay (``RESCUE_*``
+    guardrail settings, ``OTEL_*`` tracing).
 
     Raises:
         FleetError: a part did not start (its log tail is in the message).
@@ -458,7 +477,7 @@ async def open_fleet(work_dir: Path, *, nodes: int, log_level: str = "INFO") -> 
     log_dir = work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     async with httpx.AsyncClient() as client:
-        fleet = Fleet(work_dir, log_dir, nodes=nodes, client=client)
+        fleet = Fleet(work_dir, log_dir, nodes=nodes, client=client, env=env)
         try:
             await fleet.start(log_level=log_level)
             yield fleet

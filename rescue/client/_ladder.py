@@ -12,6 +12,14 @@ Log events (JSON lines, ``rescue._log``; the session appears only as a short has
   rung itself cannot be used, ``guardrail_refused`` (with the ``guardrail`` error code) or
   ``token_unavailable``;
 * ``transport.fallback.activated`` when the guardrails allowed the fallback (a token was granted).
+
+Spans (when tracing is configured, ``rescue._tracing``; ``docs/operations/tracing.md``): one
+``client.fallback.ladder`` span per :meth:`FallbackLadder.run` with the decision (``rung``,
+``reasons``, ``webrtc_attempts``), and a child per rung tried: ``client.fallback.webrtc`` (one per
+attempt, with ``attempt``, ``outcome`` and the failure ``error``), ``client.fallback.turn`` and
+``client.fallback.token`` (the guardrail check; its W3C ``traceparent`` goes to the token service, so
+the token service's span is its child). The session appears only as the short hash, and not at all
+when ``telemetry`` is off.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any, Final, Literal, TypeAlias
 import trio
 
 from rescue._log import get_logger, log_event, session_tag
+from rescue._tracing import SpanLike, span
 from rescue.client._backoff import BackoffPolicy
 from rescue.client._tokens import TokenGrant, TokenProvider, TokenRequestError, TokenServiceUnavailable
 from rescue.errors import GuardrailError
@@ -132,7 +141,15 @@ class FallbackLadder:
             fields["session"] = self._session
         log_event(self._logger, event, **fields)
 
-    async def _try(self, attempt: Attempt) -> tuple[bool, Any, str]:
+    async def _try(self, rung: Rung, fn: Attempt, /, **attributes: Any) -> tuple[bool, Any, str]:
+        with span(f"client.fallback.{rung}", **attributes) as s:
+            ok, transport, error = await self._attempt(fn)
+            s.set_attribute("outcome", "ok" if ok else "failed")
+            if error:
+                s.set_attribute("error", error)
+            return ok, transport, error
+
+    async def _attempt(self, attempt: Attempt) -> tuple[bool, Any, str]:
         try:
             if self._timeout is None:
                 return True, await attempt(), ""
@@ -158,6 +175,14 @@ class FallbackLadder:
         Cancellation:
             Safe at any point; a running attempt is cancelled.
         """
+        with span("client.fallback.ladder", session=self._session) as ladder:
+            result = await self._climb(ladder)
+            ladder.set_attribute("rung", result.rung)
+            ladder.set_attribute("reasons", ",".join(result.reasons))
+            ladder.set_attribute("webrtc_attempts", result.webrtc_attempts)
+            return result
+
+    async def _climb(self, ladder: SpanLike) -> LadderResult:
         reasons: list[str] = []
         attempts = 0
         if self._webrtc is not None:
@@ -166,7 +191,7 @@ class FallbackLadder:
                 if attempt:
                     await trio.sleep(self._backoff.full_jitter(attempt - 1))
                 attempts += 1
-                ok, transport, last_error = await self._try(self._webrtc)
+                ok, transport, last_error = await self._try("webrtc", self._webrtc, attempt=attempts)
                 if ok:
                     return LadderResult("webrtc", transport, webrtc_attempts=attempts)
             self._log(
@@ -181,19 +206,30 @@ class FallbackLadder:
             reasons.append("turn_unavailable")
             self._log("transport.fallback.considered", reason="turn_unavailable")
         else:
-            ok, transport, error = await self._try(self._turn)
+            ok, transport, error = await self._try("turn", self._turn)
             if ok:
                 return LadderResult("turn", transport, reasons=tuple(reasons), webrtc_attempts=attempts)
             reasons.append("turn_failed")
             self._log("transport.fallback.considered", reason="turn_failed", error=error)
-        try:
-            grant = await self._tokens()
-        except GuardrailError as exc:
-            self._log("transport.fallback.considered", reason="guardrail_refused", guardrail=exc.error)
-            raise
-        except (TokenServiceUnavailable, TokenRequestError) as exc:
-            self._log("transport.fallback.considered", reason="token_unavailable", error=exc.error)
-            raise
+        ladder.set_attribute("reasons", ",".join(reasons))
+        with span("client.fallback.token") as token_span:
+            try:
+                grant = await self._tokens()
+            except GuardrailError as exc:
+                token_span.set_attribute("outcome", "guardrail_refused")
+                token_span.set_attribute("guardrail", exc.error)
+                ladder.set_attribute("rung", "none")
+                self._log("transport.fallback.considered", reason="guardrail_refused", guardrail=exc.error)
+                raise
+            except (TokenServiceUnavailable, TokenRequestError) as exc:
+                token_span.set_attribute("outcome", "token_unavailable")
+                token_span.set_attribute("error", exc.error)
+                ladder.set_attribute("rung", "none")
+                self._log("transport.fallback.considered", reason="token_unavailable", error=exc.error)
+                raise
+            token_span.set_attribute("outcome", "granted")
+            token_span.set_attribute("guardrail_hint", grant.guardrail_hint)
+            token_span.set_attribute("cohort", grant.cohort)
         self._log(
             "transport.fallback.activated",
             reasons=list(reasons),

@@ -21,6 +21,7 @@ import trio
 
 from rescue._codes import CloseCode, policy_for
 from rescue._log import get_logger, log_event, session_tag
+from rescue._tracing import NOOP_SPAN, SpanLike, span, trace_headers
 from rescue.client._backoff import BackoffPolicy
 from rescue.client._core import (
     Acked,
@@ -181,6 +182,7 @@ class _Link:
         self.close_request: _Outcome | None = None
         self.nursery: trio.Nursery | None = None
         self.writer_lot = trio.lowlevel.ParkingLot()
+        self.span: SpanLike = NOOP_SPAN  # the connection's span: lifecycle events only, never per frame
 
     def finish(self, outcome: _Outcome) -> None:
         """End the connection now (first outcome wins): cancel its tasks, the socket is dropped."""
@@ -494,11 +496,28 @@ class Peer:
                 await trio.sleep(delay)
 
     async def _connect_once(self, grant: TokenGrant) -> tuple[_Outcome, bool]:
-        """One connection from TCP connect to its end; (how it ended, whether it got a WELCOME)."""
+        """One connection from TCP connect to its end; (how it ended, whether it got a WELCOME).
+
+        One ``client.relay.connection`` span (when tracing is on) covers it, with lifecycle events
+        (``welcomed``, ``partner_joined``, ``partner_left``, ``resumed``) and how it ended; its
+        ``traceparent`` goes on the upgrade request, so the relay's handshake span is its child.
+        """
+        with span("client.relay.connection", session=self._tag, role=self.role.value) as s:
+            outcome, welcomed = await self._connection(grant, s)
+            s.set_attribute("welcomed", welcomed)
+            s.set_attribute("close_code", outcome.code)
+            s.set_attribute("close_reason", outcome.reason[:100])
+            s.set_attribute("local", outcome.local)
+            return outcome, welcomed
+
+    async def _connection(self, grant: TokenGrant, connection_span: SpanLike) -> tuple[_Outcome, bool]:
         try:
             with trio.fail_after(CONNECT_TIMEOUT_S):
                 ws = await connect_websocket(
-                    grant.relay_url, ssl_context=self._ssl, max_message=MAX_INBOUND_MESSAGE
+                    grant.relay_url,
+                    ssl_context=self._ssl,
+                    max_message=MAX_INBOUND_MESSAGE,
+                    headers=tuple(trace_headers().items()),
                 )
         except trio.TooSlowError:
             return _Outcome(None, f"connect to {grant.relay_url} timed out"), False
@@ -507,6 +526,7 @@ class Peer:
         except ProtocolError as exc:  # HandshakeError: refused upgrade (e.g. 503 draining)
             return _Outcome(None, str(exc)), False
         link = _Link(ws, grant.relay_url)
+        link.span = connection_span
         hello = self.core.connect(grant.token)
         self._link = link
         try:
@@ -565,19 +585,23 @@ class Peer:
             link.welcomed.set()
             self._connected.set()
             partner = event.welcome.peer is not None
+            link.span.add_event("welcomed", partner=partner)
             if partner:
                 self._partner.set()
             log_event(_LOG, "client.connected", session=self._tag, role=self.role.value, partner=partner)
             self._emit(Connected(link.url, partner, self.core.statistics().connections))
         elif isinstance(event, PeerJoined):
             self._partner.set()
+            link.span.add_event("partner_joined", rejoined=event.rejoined)
             self._emit(PartnerEvent("rejoined" if event.rejoined else "joined"))
         elif isinstance(event, PeerLeft):
+            link.span.add_event("partner_left")
             self._emit(PartnerEvent("left"))
         elif isinstance(event, Acked):
             self._space.unpark_all()
             self._acked_lot.unpark_all()
         elif isinstance(event, Resumed):
+            link.span.add_event("resumed", after=event.seq, retransmitted=event.retransmitted)
             log_event(
                 _LOG,
                 "client.resumed",

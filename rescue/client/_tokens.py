@@ -22,6 +22,7 @@ from typing import Any, Final, TypeAlias
 
 import httpx
 
+from rescue._tracing import trace_headers
 from rescue.errors import GuardrailError, RescueError
 from rescue.protocol._messages import Role
 from rescue.protocol._tokens import b64url_decode
@@ -193,6 +194,9 @@ class TokenClient:
         if self._proof is not None:
             body["entitlement_proof"] = self._proof
         headers = {"authorization": f"Bearer {self._service_key}"} if self._service_key else {}
+        # W3C traceparent of the caller's span (the ladder's token rung) when tracing is on; the
+        # token service links to it only for sessions that opted in to telemetry
+        headers.update(trace_headers())
         try:
             if self._client is not None:
                 response = await self._client.post(self.url, json=body, headers=headers)

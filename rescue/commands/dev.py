@@ -24,6 +24,7 @@ from typing import IO
 import trio
 
 from rescue._log import configure_logging, get_logger, log_event
+from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
@@ -76,18 +77,19 @@ def _run(args: argparse.Namespace) -> int:
         # never go to logs, not even dev ones.
         admin_key = secrets.token_urlsafe(24)
         key_file = _write_private(admin_key)
-    trio.run(
-        partial(
-            run_dev,
-            host=args.host,
-            api_port=args.api_port,
-            relay_port=args.relay_port,
-            admin_port=args.admin_port,
-            admin_key=admin_key,
-            admin_key_file=key_file,
-            banner=sys.stdout,
+    with traced_process("beach-rescue-dev"):
+        trio.run(
+            partial(
+                run_dev,
+                host=args.host,
+                api_port=args.api_port,
+                relay_port=args.relay_port,
+                admin_port=args.admin_port,
+                admin_key=admin_key,
+                admin_key_file=key_file,
+                banner=sys.stdout,
+            )
         )
-    )
     return 0
 
 

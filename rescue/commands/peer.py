@@ -42,6 +42,7 @@ from typing import Final
 
 import trio
 
+from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.client import (
     Connected,
@@ -287,7 +288,8 @@ def _share_main(args: argparse.Namespace) -> int:
     console.say(f"session: {session}")
     console.say(f"the guest joins with: RESCUE_PASSPHRASE=... rescue join {session} --api {args.api}")
     use_pty = not args.no_pty and sys.stdin.isatty()
-    return trio.run(_share, args, command, session, passphrase, use_pty, console)
+    with traced_process("beach-rescue-client"):
+        return trio.run(_share, args, command, session, passphrase, use_pty, console)
 
 
 async def _share(
@@ -510,7 +512,8 @@ def _join_main(args: argparse.Namespace) -> int:
     passphrase = _read_passphrase("Passphrase: ")
     if passphrase is None:
         raise ConfigError(f"no passphrase: set {PASSPHRASE_ENV} or run on a terminal to be asked")
-    return trio.run(_join, args, passphrase, console)
+    with traced_process("beach-rescue-client"):
+        return trio.run(_join, args, passphrase, console)
 
 
 async def _join(args: argparse.Namespace, passphrase: str, console: Console) -> int:

@@ -22,6 +22,7 @@ from functools import partial
 import trio
 
 from rescue._log import configure_logging, get_logger, log_event
+from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
 from rescue.relay import DEFAULT_ADMIN_PORT, DEFAULT_PORT, Relay, RelayConfig, tune_gc
@@ -308,5 +309,6 @@ def _run(args: argparse.Namespace) -> int:
     # the activation-report key is a secret: environment only, never a flag (`ps` shows flags)
     report_key = os.environ.get("RESCUE_REPORT_KEY", "").strip() or None
     relay = Relay(build_config(args, os.environ), report_key=report_key)
-    trio.run(partial(run_relay, relay, early_signals=early))
+    with traced_process("beach-rescue-relay"):
+        trio.run(partial(run_relay, relay, early_signals=early))
     return 0

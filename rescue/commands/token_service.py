@@ -23,6 +23,7 @@ from functools import partial
 import trio
 
 from rescue._log import configure_logging, get_logger, log_event
+from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, Guardrails, GuardrailStore, RedisStore
@@ -201,5 +202,6 @@ def _run(args: argparse.Namespace) -> int:
     config = build_config(args, os.environ)
     guardrail_config = GuardrailConfig.from_env()
     store = RedisStore(args.redis_url)
-    trio.run(partial(run_token_service, config, store, guardrail_config, args.host, args.port))
+    with traced_process("beach-rescue-token-service"):
+        trio.run(partial(run_token_service, config, store, guardrail_config, args.host, args.port))
     return 0

@@ -34,6 +34,7 @@ import trio
 from rescue._codes import CloseCode
 from rescue._http import serve_http
 from rescue._log import get_logger, log_event, session_tag
+from rescue._tracing import RecordedSpan, record_span
 from rescue.errors import ConfigError, ProtocolError, TokenError
 from rescue.guardrails import GuardrailStore
 from rescue.protocol import HEADER_SIZE, Kind, decode_header
@@ -378,53 +379,74 @@ class Relay:
     # handshake
 
     async def _handle(self, ws: WebSocketConnection) -> None:
-        """One WebSocket's handshake: admission, HELLO, token, attach, hand-off to the session."""
+        """One WebSocket's handshake, recorded as one ``relay.handshake`` span when tracing is on.
+
+        The span (``rescue._tracing.record_span``, decided when the handshake ends) has the outcome,
+        the close code of a refusal, and -- only for sessions whose token allows analytics -- the
+        role, the session's short hash and the caller's ``traceparent`` (the upgrade request's
+        header) as parent. Nothing of it runs per frame: the session owns the socket afterwards.
+        """
         started = trio.current_time()
+        with record_span(
+            "relay.handshake",
+            carrier=dict(ws.request_headers),
+            follow_caller=False,  # until the token says the session opted in
+            node=self.config.node_id,
+        ) as recorded:
+            outcome, code = await self._handshake(ws, started, recorded)
+            elapsed = trio.current_time() - started
+            recorded.set_attribute("outcome", outcome)
+            recorded.set_attribute("close_code", code)
+        if outcome == "ok":
+            self.metrics.handshakes.labels("ok").inc()
+            # after the span is recorded, so its trace id can be the exemplar
+            self.metrics.handshake_seconds.observe(elapsed, exemplar=recorded.exemplar())
+
+    async def _handshake(
+        self, ws: WebSocketConnection, started: float, recorded: RecordedSpan
+    ) -> tuple[str, int | None]:
+        """Admission, HELLO, token, attach, hand-off to the session; (outcome, close code)."""
         source = ws.remote_addr[0] if ws.remote_addr else "unknown"
         if not self.limiter.allow(source, started):
-            await self._refuse(ws, CloseCode.RATE_LIMITED, "too many handshakes from this address")
-            return
+            return await self._refuse(ws, CloseCode.RATE_LIMITED, "too many handshakes from this address")
         if self._draining:
-            await self._refuse_shutdown(ws)
-            return
+            return await self._refuse_shutdown(ws)
         refusal = self.control.refusal()
         if refusal is not None:
-            await self._refuse(ws, refusal.code, refusal.reason)
-            return
+            return await self._refuse(ws, refusal.code, refusal.reason)
         try:
             with trio.fail_after(self.config.hello_timeout_s):
                 batch = await ws.receive_messages()
         except trio.TooSlowError:
-            await self._refuse(
+            return await self._refuse(
                 ws, CloseCode.HEARTBEAT_TIMEOUT, f"no HELLO within {self.config.hello_timeout_s:g} s"
             )
-            return
         except ProtocolError as exc:
-            await self._refuse(ws, exc.code, str(exc))
-            return
+            return await self._refuse(ws, exc.code, str(exc))
         except TRANSPORT_ERRORS:
             self.metrics.handshakes.labels("disconnected").inc()
             ws.abort()
-            return
+            return "disconnected", None
         try:
             hello, claims = await self._check_hello(batch[0])
         except (ProtocolError, TokenError) as exc:
-            await self._refuse(ws, exc.code, str(exc))
-            return
+            return await self._refuse(ws, exc.code, str(exc))
+        recorded.set_attribute("cohort", claims.cohort)
+        if claims.analytics_allowed:
+            recorded.follow_caller = True
+            recorded.set_attribute("session", session_tag(hello.session))
+            recorded.set_attribute("role", hello.role.value)
         if self._is_draining():  # the checks above were before a possibly long wait
-            await self._refuse_shutdown(ws)
-            return
+            return await self._refuse_shutdown(ws)
         refusal = self.control.refusal()
         if refusal is not None:
-            await self._refuse(ws, refusal.code, refusal.reason)
-            return
+            return await self._refuse(ws, refusal.code, refusal.reason)
         # From here to attach() there is no checkpoint: the table cannot change under us.
         session = self.table.get(hello.session)
         created = session is None
         if session is None:
             if self.table.full():
-                await self._refuse(ws, CloseCode.OVERLOADED, "this node is at its session limit")
-                return
+                return await self._refuse(ws, CloseCode.OVERLOADED, "this node is at its session limit")
             session = Session(
                 hello.session,
                 table=self.table,
@@ -450,18 +472,18 @@ class Relay:
         except ProtocolError as exc:
             if created:
                 session.cancel()
-            await self._refuse(ws, exc.code, str(exc))
-            return
+            return await self._refuse(ws, exc.code, str(exc))
         # The session's nursery owns the connection now (conn.run closes or aborts the socket on
         # every path, cancellation included), so this handler task can end instead of waiting:
         # one task less per connection (~2.5 KB each at 10,000 idle connections).
         ws.detach()
         if self.poller is not None:
             ws.use_poller(self.poller, conn.handle_now)
-        self.metrics.handshakes.labels("ok").inc()
-        self.metrics.handshake_seconds.observe(trio.current_time() - started)
+        recorded.set_attribute("created", created)
+        recorded.set_attribute("paired", all(session.peer(role) is not None for role in Role))
         if claims.analytics_allowed:
             log_event(_LOG, "relay.peer_connected", session=session_tag(hello.session), role=hello.role.value)
+        return "ok", None
 
     async def _check_hello(self, first: bytes) -> tuple[Hello, Claims]:
         """Validate the first message: a HELLO with a token for this node, session and role.
@@ -495,9 +517,14 @@ class Relay:
 
     async def _refuse(
         self, ws: WebSocketConnection, code: int, reason: str, *, reconnect_in_ms: int | None = None
-    ) -> None:
-        """Close a connection that never got a role: CLOSE message, close frame, bounded."""
-        self.metrics.handshakes.labels(_outcome(code)).inc()
+    ) -> tuple[str, int]:
+        """Close a connection that never got a role: CLOSE message, close frame, bounded.
+
+        Returns:
+            The handshake outcome (the close code's name in lower case) and the code.
+        """
+        outcome = _outcome(code)
+        self.metrics.handshakes.labels(outcome).inc()
         self.stats.count_close(code)
         reason = reason.encode()[:100].decode("utf-8", "ignore")
         with trio.move_on_after(self.config.close_timeout_s):
@@ -510,10 +537,11 @@ class Relay:
             except TRANSPORT_ERRORS:
                 pass
         ws.abort()
+        return outcome, int(code)
 
-    async def _refuse_shutdown(self, ws: WebSocketConnection) -> None:
+    async def _refuse_shutdown(self, ws: WebSocketConnection) -> tuple[str, int]:
         window_ms = min(int(self.config.drain_s * 1000), MAX_RECONNECT_IN_MS)
-        await self._refuse(
+        return await self._refuse(
             ws,
             CloseCode.SERVER_SHUTDOWN,
             "relay node shutting down",

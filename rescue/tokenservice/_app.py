@@ -2,6 +2,14 @@
 
 One :class:`TokenService` per process (or per test): it owns its router, its Prometheus registry
 and its guardrails. Serve it with :func:`serve_token_service` (or ``serve_http(service.router, …)``).
+
+Every request except ``/metrics``, ``/healthz`` and the relays' status polls is one server span when
+tracing is configured (``rescue._tracing.record_span``; ``docs/operations/tracing.md``): route,
+status, and for token requests outcome, guardrail state and cohort. A caller's W3C ``traceparent``
+becomes the span's parent, except for token requests of sessions that did not opt in to telemetry:
+their span is a root with no session tag, role or client version. Tokens never appear in a span.
+The same requests are timed in ``beach_fallback_request_duration_seconds{route}``, with the trace
+id as exemplar (OpenMetrics).
 """
 
 from __future__ import annotations
@@ -14,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder
 
 from rescue._http import (
     Handler,
@@ -28,6 +36,7 @@ from rescue._http import (
     text_response,
 )
 from rescue._log import get_logger, log_event, session_tag
+from rescue._tracing import current_record, record_span
 from rescue.errors import GuardrailError, StoreUnavailable
 from rescue.guardrails import Guardrails, check_cohort_id, store_deadline
 from rescue.protocol._messages import SESSION_ID_RE
@@ -55,6 +64,12 @@ MAX_COHORT_LABELS: Final = 1_000
 STORE_DEADLINE_S: Final = 0.5
 
 _CHALLENGE: Final = {"www-authenticate": "Bearer"}
+# Request latency: a token request is a few Redis round trips plus one Ed25519 signature
+# (milliseconds); the top buckets catch a slow store or an OIDC key fetch.
+REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# Scrapes, health checks and the relays' kill-switch polls (every node, every second) come all the
+# time and say nothing about a session: not traced.
+_UNTRACED: Final = frozenset({"/metrics", "/healthz", "/v1/fallback/status"})
 
 # SPEC §4 error code -> HTTP status for guardrail refusals.
 _GUARDRAIL_STATUS: Final = {
@@ -173,6 +188,13 @@ class TokenService:
             "Requests that failed because the guardrail store was unavailable",
             registry=self.registry,
         )
+        self.request_seconds = Histogram(
+            "beach_fallback_request_duration_seconds",
+            "Token service request latency by route (exemplars: trace ids when tracing is on)",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
         self._cohort_labels: set[str] = set()
         self.router = Router()
         self._routes()
@@ -197,7 +219,9 @@ class TokenService:
             ("GET", "/v1/admin/nodes", self.admin_nodes),
         ]
         for method, template, handler in routes:
-            self.router.add(method, template, self._with_store_deadline(handler))
+            bounded = self._with_store_deadline(handler)
+            traced = bounded if template in _UNTRACED else self._traced(template, bounded)
+            self.router.add(method, template, traced)
 
     def _with_store_deadline(self, handler: Handler) -> Handler:
         """One budget for all the store calls of one request (``store_deadline_s``): a stalled
@@ -209,6 +233,36 @@ class TokenService:
                 return await handler(request)
 
         return bounded
+
+    def _traced(self, template: str, handler: Handler) -> Handler:
+        """``handler`` inside a recorded server span and timed in ``request_seconds``."""
+        latency = self.request_seconds.labels(route=template)
+
+        async def traced(request: Request) -> Response:
+            started = trio.current_time()
+            status = 500
+            recorded = record_span(f"{request.method} {template}", carrier=request.headers)
+            try:
+                with recorded as span:
+                    span.set_attribute("http.route", template)
+                    span.set_attribute("http.request.method", request.method)
+                    try:
+                        response = await handler(request)
+                        status = response.status
+                    except JsonError as exc:
+                        status = exc.status
+                        span.set_attribute("error.code", exc.error)
+                        raise
+                    finally:
+                        span.set_attribute("http.response.status_code", status)
+                        if status >= 500:
+                            span.set_attribute("error", True)
+                return response
+            finally:
+                # after the span is recorded, so its trace id can be the exemplar
+                latency.observe(trio.current_time() - started, exemplar=span.exemplar())
+
+        return traced
 
     def _cohort_label(self, cohort: str) -> str:
         if cohort in self._cohort_labels:
@@ -265,30 +319,48 @@ class TokenService:
         try:
             body = self._parse_token_request(request)
         except JsonError as exc:
-            self.token_requests.labels(outcome="invalid", guardrail="none").inc()
+            self._count_token_request(None, outcome="invalid", guardrail="none")
             raise exc from None
         try:
             await self._authenticate_minting(request, body.get("entitlement_proof"))
         except JsonError as exc:
-            self.token_requests.labels(
-                outcome="auth_failed" if exc.status in (401, 403) else "unavailable", guardrail="none"
-            ).inc()
+            outcome = "auth_failed" if exc.status in (401, 403) else "unavailable"
+            self._count_token_request(body, outcome=outcome, guardrail="none")
             self._considered(body, outcome=exc.error)
             raise
         try:
             answer = await self._decide_and_mint(body)
         except GuardrailError as exc:
             label = _REFUSAL_GUARDRAIL_LABEL.get(exc.error, exc.error)
-            self.token_requests.labels(outcome="refused", guardrail=label).inc()
+            self._count_token_request(body, outcome="refused", guardrail=label)
             self._considered(body, outcome=exc.error)
             raise JsonError(_GUARDRAIL_STATUS.get(exc.error, 403), exc.error, str(exc)) from None
         except StoreUnavailable as exc:
-            self.token_requests.labels(outcome="unavailable", guardrail="store_unavailable").inc()
+            self._count_token_request(body, outcome="unavailable", guardrail="store_unavailable")
             self._considered(body, outcome="guardrail_store_unavailable")
             raise self._store_down(exc) from None
-        self.token_requests.labels(outcome="issued", guardrail=answer["guardrail_hint"]).inc()
+        self._count_token_request(body, outcome="issued", guardrail=answer["guardrail_hint"])
         self._considered(body, outcome="issued", hint=answer["guardrail_hint"])
         return json_response(answer)
+
+    def _count_token_request(self, body: dict[str, Any] | None, *, outcome: str, guardrail: str) -> None:
+        """The request counter, and the same facts on the request's span (SPEC §5 telemetry rule)."""
+        self.token_requests.labels(outcome=outcome, guardrail=guardrail).inc()
+        recorded = current_record()
+        if recorded is None:
+            return
+        recorded.set_attribute("outcome", outcome)
+        recorded.set_attribute("guardrail", guardrail)
+        if body is None:  # unparsed: nothing says the session opted in
+            recorded.follow_caller = False
+            return
+        recorded.set_attribute("cohort", body["cohort_id"])
+        if body["telemetry_opt_in"] is True:
+            recorded.set_attribute("session", session_tag(body["session_id"]))
+            recorded.set_attribute("role", body["role"])
+            recorded.set_attribute("client_version", body["client_version"])
+        else:
+            recorded.follow_caller = False  # no link to the caller's (per-session) trace either
 
     def _parse_token_request(self, request: Request) -> dict[str, Any]:
         body = request.json_object()
@@ -400,8 +472,10 @@ class TokenService:
         return json_response({"status": "ok", "fallback_paused": state.paused})
 
     async def metrics(self, request: Request) -> Response:
+        """Prometheus text, or OpenMetrics (with exemplars) when the scraper's Accept asks for it."""
         await trio.lowlevel.checkpoint()
-        return text_response(generate_latest(self.registry).decode(), content_type=CONTENT_TYPE_LATEST)
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return text_response(encode(self.registry).decode(), content_type=content_type)
 
     async def openapi(self, request: Request) -> Response:
         await trio.lowlevel.checkpoint()
