@@ -108,8 +108,8 @@ def test_one_registry_per_relay() -> None:
     a = Relay(relay_test_config(), keys=TestKeys().ring)
     b = Relay(relay_test_config(), keys=TestKeys().ring)
     a.stats.messages_forwarded = 5
-    assert b"beach_rescue_messages_forwarded_total 5.0" in a.metrics.render()
-    assert b"beach_rescue_messages_forwarded_total 0.0" in b.metrics.render()
+    assert b"beach_rescue_messages_forwarded_total 5.0" in a.metrics.render()[0]
+    assert b"beach_rescue_messages_forwarded_total 0.0" in b.metrics.render()[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,12 +28,17 @@ FRESH_EXPR = f"(beach_rescue_control_state_age_seconds{{{RELAY}}} >= 0) <= 5"
 READY_EXPR = f"beach_rescue_draining{{{RELAY}}} == 0"
 
 
-def target(expr: str, legend: str = "", ref: str = "A") -> dict[str, Any]:
-    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto", "refId": ref}
+def target(expr: str, legend: str = "", ref: str = "A", *, exemplar: bool = False) -> dict[str, Any]:
+    doc = {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto", "refId": ref}
+    if exemplar:  # trace ids on the histogram buckets (OpenMetrics scrape, tracing on)
+        doc["exemplar"] = True
+    return doc
 
 
-def targets(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
-    return [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
+def targets(*pairs: tuple[str, str], exemplar: bool = False) -> list[dict[str, Any]]:
+    return [
+        target(expr, legend, chr(ord("A") + i), exemplar=exemplar) for i, (expr, legend) in enumerate(pairs)
+    ]
 
 
 class Layout:
@@ -122,6 +127,7 @@ def timeseries(
     w: int = 12,
     threshold: float | None = None,
     stack: bool = False,
+    exemplar: bool = False,
 ) -> dict[str, Any]:
     steps: list[dict[str, Any]] = [{"value": None, "color": "green"}]
     if threshold is not None:
@@ -133,7 +139,7 @@ def timeseries(
         "description": description,
         "datasource": DATASOURCE,
         "gridPos": lay.place(w, 8),
-        "targets": targets(*pairs),
+        "targets": targets(*pairs, exemplar=exemplar),
         "fieldConfig": {
             "defaults": {
                 "unit": unit,
@@ -367,6 +373,18 @@ def build() -> dict[str, Any]:
             "Handshake latency",
             quantiles("beach_rescue_handshake_duration_seconds", RELAY),
             unit="s",
+            exemplar=True,
+            description="Exemplars (when tracing is on) link a slow handshake to its trace.",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Token service latency",
+            quantiles("beach_fallback_request_duration_seconds", TOKEN),
+            unit="s",
+            exemplar=True,
+            description="All traced routes; exemplars link a slow request to its trace.",
         )
     )
     panels.append(
@@ -423,6 +441,35 @@ def build() -> dict[str, Any]:
             "Resumes (a role came back)",
             [(rate("beach_rescue_rejoins_total", by="kind"), "{{kind}}")],
             unit="ops",
+        )
+    )
+
+    panels.append(lay.row("Read poller (decision 0007)"))
+    panels.append(
+        timeseries(
+            lay,
+            "Readiness events: handled inline vs woke a task",
+            [
+                (rate("beach_rescue_read_poller_handled_inline_total"), "handled inline"),
+                (rate("beach_rescue_read_poller_task_wakeups_total"), "woke a task"),
+                (rate("beach_rescue_read_poller_wakeups_total"), "poller passes"),
+            ],
+            unit="ops",
+            description="Inline handling is the cheap path; a rising share of task wake-ups costs CPU.",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Quiet set (heartbeat-only connections)",
+            [
+                (f"sum by (instance) (beach_rescue_read_poller_quiet{{{RELAY}}})", "quiet {{instance}}"),
+                (
+                    f"sum by (instance) (beach_rescue_read_poller_registered{{{RELAY}}})",
+                    "registered {{instance}}",
+                ),
+            ],
+            description="Quiet sockets are read every quiet_tick_s: a first message may wait that long.",
         )
     )
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST
-
 from rescue._http import Request, Response, Router, json_response
 
 if TYPE_CHECKING:
@@ -20,7 +18,8 @@ def admin_app(relay: Relay) -> Router:
     - ``GET /healthz``: 200 ``{"status": "ok"}`` while the process runs.
     - ``GET /readyz``: 200 when the node takes new sessions; 503 while draining, paused, or when
       the kill-switch state is stale beyond ``status_stale_s``; the JSON says why.
-    - ``GET /metrics``: Prometheus text (this node's registry only).
+    - ``GET /metrics``: Prometheus text (this node's registry only); OpenMetrics, with exemplars,
+      when ``Accept`` asks for ``application/openmetrics-text``.
     - ``GET /debug/stats``: sessions (as tags), connections and queue depths; no secrets.
     """
     router = Router()
@@ -36,8 +35,8 @@ def admin_app(relay: Relay) -> Router:
 
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
-        body = relay.metrics.render()
-        return Response(200, body, CONTENT_TYPE_LATEST)
+        body, content_type = relay.metrics.render(request.headers.get("accept", ""))
+        return Response(200, body, content_type)
 
     @router.get("/debug/stats")
     async def debug_stats(request: Request) -> Response:

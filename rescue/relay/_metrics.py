@@ -1,8 +1,11 @@
 """The relay's Prometheus metrics: one registry per :class:`~rescue.relay.Relay` (SPEC §8).
 
-Hot-path numbers live as plain integers in :class:`~rescue.sessions.RelayStats` and become metric
-families only at scrape time (:class:`_StatsCollector`); handshake outcomes, which happen once per
-connection, use ordinary ``prometheus_client`` counters.
+Hot-path numbers live as plain integers in :class:`~rescue.sessions.RelayStats` (and the read
+poller's own counters) and become metric families only at scrape time (:class:`_StatsCollector`);
+handshake outcomes, which happen once per connection, use ordinary ``prometheus_client`` counters.
+
+``/metrics`` is Prometheus text, or OpenMetrics when the scraper's ``Accept`` asks for it; only
+OpenMetrics carries the exemplars (trace ids) of ``beach_rescue_handshake_duration_seconds``.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from rescue._codes import CloseCode
@@ -20,6 +24,7 @@ from rescue.sessions import FastHistogram, RelayStats, SessionTable
 
 if TYPE_CHECKING:
     from rescue.relay._control import ControlLink, KeySource, NodeRegistrar
+    from rescue.websocket._poller import ReadPoller
 
 __all__ = ["HANDSHAKE_BUCKETS", "RelayMetrics"]
 
@@ -54,6 +59,7 @@ class _StatsCollector(Collector):
         keys: KeySource,
         draining: Callable[[], bool],
         registrar: Callable[[], NodeRegistrar | None],
+        poller: Callable[[], ReadPoller | None],
     ) -> None:
         self.stats = stats
         self.table = table
@@ -61,6 +67,7 @@ class _StatsCollector(Collector):
         self.keys = keys
         self.draining = draining
         self.registrar = registrar
+        self.poller = poller
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -188,6 +195,43 @@ class _StatsCollector(Collector):
             yield _labelled(
                 "beach_rescue_node_registrations", "Node registry writes", "outcome", registrar.outcomes
             )
+        poller = self.poller()
+        if poller is not None:
+            yield from _poller_metrics(poller)
+
+
+def _poller_metrics(poller: ReadPoller) -> Iterator[Metric]:
+    """The shared read poller's counters (decision 0007), read at scrape time."""
+    yield _counter(
+        "beach_rescue_read_poller_wakeups",
+        "Read poller dispatch passes (each one wake-up of the poller task)",
+        poller.wakeups,
+    )
+    yield _counter(
+        "beach_rescue_read_poller_events", "Read readiness events the poller dispatched", poller.events
+    )
+    yield _counter(
+        "beach_rescue_read_poller_handled_inline",
+        "Readiness events handled by the read-ahead callback without waking a task",
+        poller.handled,
+    )
+    yield _counter(
+        "beach_rescue_read_poller_task_wakeups",
+        "Readiness events that woke the connection's reader task",
+        poller.events - poller.handled,
+    )
+    yield _counter(
+        "beach_rescue_read_poller_moves", "Sockets moved between the active and the quiet set", poller.moves
+    )
+    stats = poller.statistics()
+    yield GaugeMetricFamily(
+        "beach_rescue_read_poller_registered", "Sockets registered with the poller", value=stats["registered"]
+    )
+    yield GaugeMetricFamily(
+        "beach_rescue_read_poller_quiet",
+        "Sockets in the quiet set (only heartbeats lately; looked at every quiet_tick_s)",
+        value=stats["quiet"],
+    )
 
 
 def _code_name(code: int) -> str:
@@ -216,6 +260,7 @@ class RelayMetrics:
         *,
         draining: Callable[[], bool],
         registrar: Callable[[], NodeRegistrar | None],
+        poller: Callable[[], ReadPoller | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         # process_cpu_seconds_total, RSS, open fds: the CPU > 70 % alert and the soak reports read them.
@@ -232,8 +277,9 @@ class RelayMetrics:
             buckets=HANDSHAKE_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StatsCollector(stats, table, control, keys, draining, registrar))
+        self.registry.register(_StatsCollector(stats, table, control, keys, draining, registrar, poller))
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """Every metric, and the content type: OpenMetrics if ``accept`` asks for it, else text."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type

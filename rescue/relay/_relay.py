@@ -137,6 +137,7 @@ class Relay:
             self.keys,
             draining=lambda: self._draining,
             registrar=lambda: self.registrar,
+            poller=lambda: self.poller,
         )
         self.addresses: RelayAddresses | None = None
         self._draining = False
