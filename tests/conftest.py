@@ -139,3 +139,57 @@ def redis_factory() -> Iterator[Callable[[], RedisServer]]:
         for server in servers:
             server.stop()  # SIGKILL also ends a SIGSTOPped server
             shutil.rmtree(server.directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Browser peer (web/, the /join/ page): node and Chromium
+#
+# Tests that need node (the JS client's own tests, the CBOR/frame cross-fuzz, the bundle check) or
+# Chromium (the Playwright tests) are skipped with a reason on a machine without them, so
+# `./run test` works anywhere. CI must never skip them silently: `.ci/run` installs node, npm and
+# Chromium and exports RESCUE_REQUIRE_BROWSER=1, which turns those skips into failures. (Not keyed
+# on CI=true: a runner without the system Chromium, like the GitHub workflow today, then reports
+# the skips with their reason instead of failing for a tool it was never given.)
+# ---------------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WEB_DIR = REPO_ROOT / "web"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def browser_tests_required() -> bool:
+    """Whether a missing node/Chromium is a failure rather than a skip (.ci/run)."""
+    return os.environ.get("RESCUE_REQUIRE_BROWSER", "") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test (developer machine) or fail it (CI, see :func:`browser_tests_required`)."""
+    if browser_tests_required():
+        pytest.fail(f"{reason} (required: RESCUE_REQUIRE_BROWSER=1, as .ci/run sets it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def node_web() -> Path:
+    """The web/ directory with its npm dependencies installed, and node on PATH."""
+    if shutil.which("node") is None:
+        skip_or_fail("node is not installed (the browser client's tests run under node)")
+    if not (WEB_DIR / "package.json").is_file():
+        skip_or_fail("no web/ directory (an installed package, not a checkout)")
+    if not (WEB_DIR / "node_modules").is_dir():
+        skip_or_fail("web/node_modules is missing: run `just web-deps` (npm ci from the lock file)")
+    return WEB_DIR
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """The system Chromium Playwright drives (no browser downloads), and Playwright itself."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        skip_or_fail("playwright is not installed (it is in the dev extra)")
+    if not os.access(CHROMIUM, os.X_OK):
+        skip_or_fail(f"no Chromium at {CHROMIUM} (Debian package chromium)")
+    return CHROMIUM
