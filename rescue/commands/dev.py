@@ -26,11 +26,12 @@ import trio
 from rescue._log import configure_logging, get_logger, log_event
 from rescue._tracing import traced_process
 from rescue.cli import add_option
+from rescue.commands.token_service import add_cors_option, cors_origins
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
 from rescue.protocol import KeyRing, SigningKey
 from rescue.relay import Relay, RelayConfig
-from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
+from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, join_url, serve_token_service
 
 __all__ = ["DEV_COHORT", "DevAddresses", "register", "run_dev"]
 
@@ -62,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_option(p, "--api-port", type=int, default=8080, metavar="A", help="token service port")
     add_option(p, "--relay-port", type=int, default=8081, metavar="R", help="relay WebSocket port")
     add_option(p, "--admin-port", type=int, default=9090, metavar="M", help="relay admin port")
+    add_cors_option(p)
     add_option(p, "--log-level", default="WARNING", metavar="LEVEL", help="logging level (JSON on stderr)")
     p.set_defaults(func=_run)
 
@@ -70,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     if os.environ.get("RESCUE_ENV", "").strip().lower() == "production":
         raise ConfigError("refusing to start: rescue dev is not for RESCUE_ENV=production")
     configure_logging(args.log_level)
+    origins = cors_origins(args, os.environ)
     admin_key = os.environ.get("RESCUE_ADMIN_KEY", "").strip() or None
     key_file = None
     if admin_key is None:
@@ -88,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
                 admin_key=admin_key,
                 admin_key_file=key_file,
                 banner=sys.stdout,
+                cors_origins=origins,
             )
         )
     return 0
@@ -112,6 +116,7 @@ async def run_dev(
     admin_key_file: str | None = None,
     banner: IO[str] | None = None,
     handle_signals: bool = True,
+    cors_origins: frozenset[str] = frozenset(),
     task_status: trio.TaskStatus[DevAddresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run token service and relay until SIGINT/SIGTERM (or cancellation).
@@ -126,6 +131,7 @@ async def run_dev(
             it came from ``$RESCUE_ADMIN_KEY``, which the operator already has).
         banner: where to print the URLs and a ready-to-paste example (``None``: nowhere).
         handle_signals: stop on SIGINT/SIGTERM (only possible in the main thread).
+        cors_origins: origins whose pages may call the token API cross-origin (none by default).
         task_status: receives the :class:`DevAddresses` once everything listens.
 
     Resource handling:
@@ -140,7 +146,12 @@ async def run_dev(
         # The service starts first (the relay polls it); the relay's URL, known once it is bound,
         # then goes into the service's config for every token answer.
         service = TokenService(
-            TokenServiceConfig(keys=PublishedKeys(signing, ()), admin_key=admin_key, disable_oidc=True),
+            TokenServiceConfig(
+                keys=PublishedKeys(signing, ()),
+                admin_key=admin_key,
+                disable_oidc=True,
+                cors_origins=cors_origins,
+            ),
             guardrails,
         )
         bound_api = await nursery.start(serve_token_service, service, host, api_port)
@@ -190,6 +201,7 @@ def _banner(dev: DevAddresses, admin_api: bool, admin_key_file: str | None) -> s
         "Try it (two terminals):",
         f"  RESCUE_PASSPHRASE=correct-horse rescue share --api {dev.api_url} --session demo-1 -- bash",
         f"  RESCUE_PASSPHRASE=correct-horse rescue join demo-1 --api {dev.api_url}",
+        f"  or in a browser: {join_url(dev.api_url, 'demo-1')}",
         "A token by hand:",
         f"  curl -s -X POST {dev.api_url}/v1/fallback/token -H 'content-type: application/json' \\",
         '    -d \'{"session_id": "demo-1", "role": "host", "cohort_id": "dev", "client_version": "curl", '

@@ -58,6 +58,7 @@ from rescue.client import (
 from rescue.client._tokens import DEFAULT_COHORT
 from rescue.errors import ConfigError, ConnectionClosedError, GuardrailError, RescueError
 from rescue.protocol._messages import MAX_SESSION_LEN
+from rescue.tokenservice import join_url
 
 __all__ = ["register"]
 
@@ -287,6 +288,7 @@ def _share_main(args: argparse.Namespace) -> int:
         console.say(f"passphrase: {passphrase}")
     console.say(f"session: {session}")
     console.say(f"the guest joins with: RESCUE_PASSPHRASE=... rescue join {session} --api {args.api}")
+    console.say(f"or in a browser: {join_url(args.api, session)}")
     use_pty = not args.no_pty and sys.stdin.isatty()
     with traced_process("beach-rescue-client"):
         return trio.run(_share, args, command, session, passphrase, use_pty, console)

@@ -37,6 +37,7 @@ from rescue.tokenservice import (
     load_retired_keys,
     serve_token_service,
 )
+from rescue.tokenservice._cors import parse_origins
 
 __all__ = ["build_config", "register"]
 
@@ -105,8 +106,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="VALUE",
         help="value of that claim",
     )
+    add_cors_option(p)
     add_option(p, "--log-level", default="INFO", metavar="LEVEL", help="logging level")
     p.set_defaults(func=_run)
+
+
+def add_cors_option(p: argparse.ArgumentParser) -> None:
+    """``--cors-origin`` (repeatable; ``$RESCUE_CORS_ORIGINS`` adds a comma-separated list)."""
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="an origin (https://host[:port]) whose pages may call the token API cross-origin; "
+        "repeatable; none by default [env RESCUE_CORS_ORIGINS, comma-separated]",
+    )
+
+
+def cors_origins(args: argparse.Namespace, environ: Mapping[str, str]) -> frozenset[str]:
+    """The allowlist from ``--cors-origin`` and ``$RESCUE_CORS_ORIGINS`` (raises ConfigError)."""
+    return parse_origins([*args.cors_origin, environ.get("RESCUE_CORS_ORIGINS", "")])
 
 
 def _keys_from_env(environ: Mapping[str, str], var: str) -> frozenset[str]:
@@ -161,6 +180,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> TokenS
         report_keys=_keys_from_env(environ, "RESCUE_REPORT_KEYS"),
         issuer=args.issuer,
         token_ttl=args.token_ttl,
+        cors_origins=cors_origins(args, environ),
     )
 
 

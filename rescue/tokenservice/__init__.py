@@ -19,6 +19,7 @@ from rescue.tokenservice._oidc import JwksSource as JwksSource
 from rescue.tokenservice._oidc import OidcUnavailable as OidcUnavailable
 from rescue.tokenservice._oidc import OidcVerifier as OidcVerifier
 from rescue.tokenservice._openapi import openapi_document as openapi_document
+from rescue.tokenservice._web import join_url as join_url
 
 __all__ = [
     "EntitlementError",
@@ -29,6 +30,7 @@ __all__ = [
     "RetiredKey",
     "TokenService",
     "TokenServiceConfig",
+    "join_url",
     "load_retired_keys",
     "openapi_document",
     "serve_token_service",

@@ -1,7 +1,8 @@
 """The token service's HTTP API (SPEC §4) on :mod:`rescue._http`.
 
 One :class:`TokenService` per process (or per test): it owns its router, its Prometheus registry
-and its guardrails. Serve it with :func:`serve_token_service` (or ``serve_http(service.router, …)``).
+and its guardrails. Serve it with :func:`serve_token_service` (or ``serve_http(service.app, …)``:
+the router behind the CORS policy).
 
 Every request except ``/metrics``, ``/healthz`` and the relays' status polls is one server span when
 tracing is configured (``rescue._tracing.record_span``; ``docs/operations/tracing.md``): route,
@@ -41,9 +42,11 @@ from rescue.errors import GuardrailError, StoreUnavailable
 from rescue.guardrails import Guardrails, check_cohort_id, store_deadline
 from rescue.protocol._messages import SESSION_ID_RE
 from rescue.protocol._tokens import MAX_TTL, ROLES, b64url_encode, mint_token
+from rescue.tokenservice._cors import CorsMiddleware
 from rescue.tokenservice._keys import PublishedKeys
 from rescue.tokenservice._oidc import EntitlementError, OidcUnavailable, OidcVerifier
 from rescue.tokenservice._openapi import openapi_document
+from rescue.tokenservice._web import add_join_routes
 
 __all__ = ["TokenService", "TokenServiceConfig", "serve_token_service"]
 
@@ -105,6 +108,8 @@ class TokenServiceConfig:
         token_ttl: token lifetime in seconds (≤ 300), also the session→node assignment lifetime.
         store_deadline_s: the budget for all guardrail-store calls of one request; past it the
             request fails with 503 ``guardrail_store_unavailable``.
+        cors_origins: origins whose pages may call the token API cross-origin (SPEC §12; empty:
+            none). See :mod:`rescue.tokenservice._cors`.
     """
 
     keys: PublishedKeys
@@ -117,6 +122,7 @@ class TokenServiceConfig:
     issuer: str = "beach-rescue"
     token_ttl: int = MAX_TTL
     store_deadline_s: float = STORE_DEADLINE_S
+    cors_origins: frozenset[str] = frozenset()
 
 
 def _key_in(candidate: str, keys: Iterable[str]) -> bool:
@@ -198,6 +204,8 @@ class TokenService:
         self._cohort_labels: set[str] = set()
         self.router = Router()
         self._routes()
+        # What serve_token_service serves: the router behind the CORS policy (read per request).
+        self.app = CorsMiddleware(self.router, lambda: self.config.cors_origins)
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -222,6 +230,7 @@ class TokenService:
             bounded = self._with_store_deadline(handler)
             traced = bounded if template in _UNTRACED else self._traced(template, bounded)
             self.router.add(method, template, traced)
+        add_join_routes(self.router)  # static files: no store, no span
 
     def _with_store_deadline(self, handler: Handler) -> Handler:
         """One budget for all the store calls of one request (``store_deadline_s``): a stalled
@@ -607,4 +616,4 @@ async def serve_token_service(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``service`` until cancelled; reports the bound port (see :func:`rescue._http.serve_http`)."""
-    await serve_http(service.router, host, port, task_status=task_status)
+    await serve_http(service.app, host, port, task_status=task_status)

@@ -349,6 +349,54 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}},
                 }
             },
+            "/join": {
+                "get": {
+                    "summary": "Redirect to the join page",
+                    "responses": {
+                        "308": {
+                            "description": "Location: /join/",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/join/": {
+                "get": {
+                    "summary": "The browser join page (SPEC §12)",
+                    "description": "Open /join/#{session_id} (or #{session_id}:{passphrase}); the "
+                    "fragment never reaches this server.",
+                    "responses": {
+                        "200": {
+                            "description": "HTML",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/join/{asset}": {
+                "get": {
+                    "summary": "A static asset of the join page",
+                    "parameters": [
+                        {
+                            "name": "asset",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"enum": ["index.html", "join.js", "join.css", "xterm.css"]},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The file",
+                            "content": {
+                                "text/javascript": {"schema": {"type": "string"}},
+                                "text/css": {"schema": {"type": "string"}},
+                                "text/html": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "404": _error("No such asset", "not_found"),
+                    },
+                }
+            },
             "/v1/admin/pause": {
                 "post": _admin(
                     {
