@@ -35,6 +35,18 @@ fmt:
     ruff format rescue tests bench chaos soak
     ruff check --fix rescue tests bench chaos soak
 
+# The browser peer's npm dependencies, exactly as locked (web/package-lock.json).
+web-deps:
+    npm ci --prefix web --no-audit --no-fund
+
+# Build the /join/ page bundle into rescue/tokenservice/web/ (commit the result; CI checks it).
+web: web-deps
+    node web/build.mjs
+
+# The browser client's own tests under node (vectors, core); pytest runs them too.
+web-test: web-deps
+    cd web && node --test test/
+
 # Benchmarks: this relay vs raw TCP and websockets relays, in one run (see docs/perf/README.md).
 bench *ARGS:
     python -m bench.run {{ARGS}}
