@@ -119,11 +119,43 @@ async def test_session_assignment_is_set_nx(store: GuardrailStore) -> None:
         assert await store.assign_session("sess-1", "node-b", ttl=60) == "node-a"  # existing wins
         assert await store.assign_session("sess-2", "node-b", ttl=60) == "node-b"
         # compare-and-set: only replaces the value we expected
-        assert await store.reassign_session("sess-1", expected="node-x", node_id="node-c", ttl=60) == "node-a"
-        assert await store.reassign_session("sess-1", expected="node-a", node_id="node-c", ttl=60) == "node-c"
+        assert await store.reassign_session("sess-1", expected="node-x", node_id="node-c", ttl=60) == (
+            "node-a",
+            False,
+        )
+        assert await store.reassign_session("sess-1", expected="node-a", node_id="node-c", ttl=60) == (
+            "node-c",
+            True,
+        )
         assert await store.assign_session("sess-1", "node-a", ttl=60) == "node-c"
         # a missing assignment is simply set
-        assert await store.reassign_session("sess-3", expected="node-x", node_id="node-d", ttl=60) == "node-d"
+        assert await store.reassign_session("sess-3", expected="node-x", node_id="node-d", ttl=60) == (
+            "node-d",
+            True,
+        )
+
+
+async def test_keep_assignments_holds_free_and_own_sessions_and_reports_others(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.assign_session("mine", "node-a", ttl=60) == "node-a"
+        assert await store.assign_session("theirs", "node-b", ttl=60) == "node-b"
+        ids = ["mine", "theirs", "free", *(f"bulk-{i}" for i in range(1200))]  # > one Redis batch
+        held = await store.keep_assignments("node-a", ids, ttl=60)
+        assert held == {**dict.fromkeys(ids, "node-a"), "theirs": "node-b"}
+        # what it held is assigned to node-a now: the token service's SET NX honours it
+        assert await store.assign_session("free", "node-c", ttl=60) == "node-a"
+        assert await store.assign_session("bulk-1199", "node-c", ttl=60) == "node-a"
+        assert await store.assign_session("theirs", "node-c", ttl=60) == "node-b"
+        assert await store.keep_assignments("node-a", [], ttl=60) == {}
+
+
+async def test_keep_assignments_extends_them(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.assign_session("kept", "node-a", ttl=0.2) == "node-a"
+        for _ in range(3):  # 0.45 s in all, more than twice the ttl
+            await trio.sleep(0.15)
+            assert await store.keep_assignments("node-a", ["kept"], ttl=0.2) == {"kept": "node-a"}
+        assert await store.assign_session("kept", "node-b", ttl=0.1) == "node-a"
 
 
 async def test_session_assignment_expires(store: GuardrailStore) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 import trio
@@ -143,15 +143,35 @@ class MemoryStore:
         self._assignments[key] = (t + ttl, node_id)
         return node_id
 
-    async def reassign_session(self, session_id: str, *, expected: str, node_id: str, ttl: float) -> str:
+    async def reassign_session(
+        self, session_id: str, *, expected: str, node_id: str, ttl: float
+    ) -> tuple[str, bool]:
         check_node_id(node_id)
         key = assignment_key(session_id)
         t = await self._enter()
         entry = self._assignments.get(key)
         if entry is None or entry[0] <= t or entry[1] == expected:
             self._assignments[key] = (t + ttl, node_id)
-            return node_id
-        return entry[1]
+            return node_id, True
+        return entry[1], False
+
+    async def keep_assignments(
+        self, node_id: str, session_ids: Sequence[str], *, ttl: float
+    ) -> dict[str, str]:
+        check_node_id(node_id)
+        keys = [(sid, assignment_key(sid)) for sid in session_ids]
+        t = await self._enter()
+        out: dict[str, str] = {}
+        for sid, key in keys:
+            entry = self._assignments.get(key)
+            if entry is not None and entry[0] > t and entry[1] != node_id:
+                out[sid] = entry[1]
+                continue
+            if entry is None:
+                self._sweep(self._assignments, t, MAX_ASSIGNMENTS, "assignments")
+            self._assignments[key] = (t + ttl, node_id)
+            out[sid] = node_id
+        return out
 
     async def aclose(self) -> None:
         self._closed = True

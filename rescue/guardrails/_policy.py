@@ -160,6 +160,8 @@ class Guardrails:
         store: shared state (Redis in a fleet, memory in ``rescue dev``).
         config: thresholds and environment switches.
         wall_clock: wall-clock seconds, for ``since`` stamps (injectable for tests).
+        on_move: called with ``"gone"`` or ``"draining"`` each time a session's assignment is moved
+            off a node (the token service counts it as a metric).
 
     Error handling:
         :class:`~rescue.errors.StoreUnavailable` propagates from every store read: callers fail
@@ -172,10 +174,12 @@ class Guardrails:
         config: GuardrailConfig | None = None,
         *,
         wall_clock: Callable[[], float] = time.time,
+        on_move: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config or GuardrailConfig()
         self._wall_clock = wall_clock
+        self.on_move = on_move
         self._last_breach_log: dict[str, float] = {}
 
     # --- kill switch -------------------------------------------------------------------------
@@ -309,11 +313,15 @@ class Guardrails:
     # --- nodes ---------------------------------------------------------------------------------
 
     async def assign_node(self, session_id: str, *, ttl: float) -> NodeInfo | None:
-        """The relay node for ``session_id``: rendezvous hashing over live, non-draining nodes.
+        """The relay node for ``session_id``: its live assignment, else rendezvous hashing.
 
-        The choice is recorded with SET NX for ``ttl`` seconds so both peers land on the same node
-        even if the node set changes between their requests; an assignment to a node that died or
-        is draining is replaced (compare-and-set).
+        An assignment in force is honoured whatever the node set has become since (scale-out or
+        scale-in never moves a session), because the node holding the session live keeps it alive
+        (``keep_assignments``, docs/decisions/0008-session-affinity.md). A new one is the
+        rendezvous pick over live, non-draining nodes, recorded with SET NX for ``ttl`` seconds so
+        both peers land on the same node even when they ask at once. Only an assignment to a node
+        that is gone or draining is moved (compare-and-set, so racing requests agree); each move is
+        logged (``assignment_moved``) and reported to ``on_move``.
 
         Returns:
             The node, or None when no node is registered at all (single-node / no registry: the
@@ -332,7 +340,13 @@ class Guardrails:
             raise GuardrailError("no_relay_available", "every relay node is draining")
         current = await self.store.assign_session(session_id, choice.node_id, ttl=ttl)
         if current not in eligible:
-            current = await self.store.reassign_session(
+            reason = "draining" if any(n.node_id == current for n in nodes) else "gone"
+            moved_from = current
+            current, moved = await self.store.reassign_session(
                 session_id, expected=current, node_id=choice.node_id, ttl=ttl
             )
+            if moved:  # of racing requests, only the one that wrote records the move
+                log_event(_LOG, "assignment_moved", from_node=moved_from, to_node=current, reason=reason)
+                if self.on_move is not None:
+                    self.on_move(reason)
         return eligible.get(current, choice)

@@ -8,14 +8,15 @@ Two implementations share one contract (tests/test_guardrails_contract.py): ``Me
     fallback:cohort:{cohort_id}:{yyyy-mm-dd-hh} hash  sessions, tokens, activations   TTL 90 min
     fallback:nodes                              set   node ids
     fallback:node:{node_id}                     str   JSON {"id", "url", "draining"}  short TTL
-    fallback:assign:{blake2b(session_id)}       str   node id                         TTL = token lifetime
+    fallback:assign:{blake2b(session_id)}       str   node id       TTL = token lifetime, kept alive
+                                                              by the node holding the session live
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -282,10 +283,26 @@ class GuardrailStore(Protocol):
         The assignment lives ``ttl`` seconds; reading an existing one extends it to ``ttl``.
         """
 
-    async def reassign_session(self, session_id: str, *, expected: str, node_id: str, ttl: float) -> str:
+    async def reassign_session(
+        self, session_id: str, *, expected: str, node_id: str, ttl: float
+    ) -> tuple[str, bool]:
         """Replace the assignment with ``node_id`` if it is still ``expected`` (or gone).
 
-        Returns the assignment in force afterwards.
+        Returns the assignment in force afterwards, and whether this call wrote it (of two racing
+        moves only one did, so a move is recorded once).
+        """
+
+    async def keep_assignments(
+        self, node_id: str, session_ids: Sequence[str], *, ttl: float
+    ) -> dict[str, str]:
+        """Hold sessions on ``node_id``: the relay node that has them live calls this in batches.
+
+        For each session, atomically per session: an assignment that is missing or names
+        ``node_id`` is (re)set to ``node_id`` for ``ttl`` seconds; one that names another node is
+        left alone (that node holds it, or the token service moved it away from us).
+
+        Returns:
+            Every session id mapped to the node assigned afterwards (``node_id`` or the other one).
         """
 
     async def aclose(self) -> None:

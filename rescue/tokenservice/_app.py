@@ -201,6 +201,14 @@ class TokenService:
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
         )
+        self.assignment_moves = Counter(
+            "beach_rescue_assignment_moves",
+            "Session assignments moved off a relay node that was gone or draining",
+            ["reason"],
+            registry=self.registry,
+        )
+        if guardrails.on_move is None:
+            guardrails.on_move = lambda reason: self.assignment_moves.labels(reason).inc()
         self._cohort_labels: set[str] = set()
         self.router = Router()
         self._routes()
