@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -236,9 +236,13 @@ class Fleet:
         nodes: int,
         client: httpx.AsyncClient,
         env: dict[str, str] | None = None,
+        token_service_args: Sequence[str] = (),
+        relay_args: Sequence[str] = (),
     ) -> None:
         self.work_dir = work_dir
         self.extra_env = dict(env or {})  # for every rescue child (OTEL_*, guardrail settings)
+        self.token_service_args = list(token_service_args)
+        self.relay_args = list(relay_args)
         self.log_dir = log_dir
         self.nodes = nodes
         self.http = client
@@ -309,6 +313,7 @@ class Fleet:
             rescue_argv(
                 "token-service", "--signing-key", str(key), "--redis-url", self.redis_url,
                 "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", log_level,
+                *self.token_service_args,
             ),
             env,
             self.log_dir / "token-service.log",
@@ -327,6 +332,7 @@ class Fleet:
             )  # fmt: skip
             for flag, value in self.relay_tuning.items():
                 argv += [flag, value]
+            argv += self.relay_args
             self.relays.append(
                 Service(
                     node_id,
@@ -337,8 +343,13 @@ class Fleet:
                 )
             )
 
-    async def start(self, *, log_level: str = "INFO") -> None:
+    async def start(self, *, log_level: str = "INFO", start_nodes: int | None = None) -> None:
         """Start everything and wait until every node is registered and ready.
+
+        Args:
+            log_level: the children's log level.
+            start_nodes: start only the first this many relays (the others stay stopped, to be
+                started later: a scale-out).
 
         Raises:
             FleetError: a part did not start.
@@ -348,12 +359,13 @@ class Fleet:
         assert self.token_service is not None
         await self.redis.start()
         await self.token_service.start()
+        starting = self.relays[:start_nodes]
         async with trio.open_nursery() as nursery:
-            for relay in self.relays:
+            for relay in starting:
                 nursery.start_soon(relay.start)
         with trio.move_on_after(START_TIMEOUT_S):
             # polls the token service over HTTP: there is nothing local to wait on
-            while set(await self.registered_nodes()) != {r.name for r in self.relays}:  # noqa: ASYNC110
+            while set(await self.registered_nodes()) != {r.name for r in starting}:  # noqa: ASYNC110
                 await trio.sleep(POLL_S)
             return
         raise FleetError("relays did not all register with the token service in time")
@@ -464,12 +476,21 @@ async def redis_ping(path: Path) -> bool:
 
 @contextlib.asynccontextmanager
 async def open_fleet(
-    work_dir: Path, *, nodes: int, log_level: str = "INFO", env: dict[str, str] | None = None
+    work_dir: Path,
+    *,
+    nodes: int,
+    log_level: str = "INFO",
+    env: dict[str, str] | None = None,
+    start_nodes: int | None = None,
+    token_service_args: Sequence[str] = (),
+    relay_args: Sequence[str] = (),
 ) -> AsyncIterator[Fleet]:
     """Start a fleet under ``work_dir`` (logs in ``work_dir/logs``); stop it on the way out.
 
     ``env`` is added to the environment of the token service and every relay (``RESCUE_*``
-    guardrail settings, ``OTEL_*`` tracing).
+    guardrail settings, ``OTEL_*`` tracing). ``start_nodes`` relays of ``nodes`` are started (all
+    by default); ``token_service_args`` and ``relay_args`` are appended to those command lines
+    (short TTLs in tests).
 
     Raises:
         FleetError: a part did not start (its log tail is in the message).
@@ -477,9 +498,17 @@ async def open_fleet(
     log_dir = work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     async with httpx.AsyncClient() as client:
-        fleet = Fleet(work_dir, log_dir, nodes=nodes, client=client, env=env)
+        fleet = Fleet(
+            work_dir,
+            log_dir,
+            nodes=nodes,
+            client=client,
+            env=env,
+            token_service_args=token_service_args,
+            relay_args=relay_args,
+        )
         try:
-            await fleet.start(log_level=log_level)
+            await fleet.start(log_level=log_level, start_nodes=start_nodes)
             yield fleet
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3 * KILL_WAIT_S) as scope:

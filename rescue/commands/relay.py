@@ -189,6 +189,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_option(
         p,
+        "--assignment-ttl-s",
+        type=float,
+        default=_DEFAULTS.assignment_ttl_s,
+        metavar="S",
+        help="lifetime each refresh gives the Redis assignment of a session live on this node",
+    )
+    add_option(
+        p,
         "--no-read-poller",
         action="store_true",
         help="wait for each connection's input with trio's own per-socket wait instead of the shared "
@@ -257,6 +265,7 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
             burst_bytes=args.burst_bytes,
             keys_refresh_s=args.keys_refresh_s,
             register_ttl_s=args.register_ttl_s,
+            assignment_ttl_s=args.assignment_ttl_s,
             read_poller=not args.no_read_poller,
             read_coalesce_s=args.read_coalesce_s,
             quiet_after_s=args.quiet_after_s,

@@ -60,6 +60,8 @@ class RelayConfig:
         http_timeout_s: timeout of each request to the token service.
         keys_refresh_s: how often the JWK set is re-read (file) or re-fetched (URL).
         register_ttl_s: expiry of the node's Redis registration; refreshed every third of it.
+        assignment_ttl_s: lifetime each refresh gives the session→node assignment of a session
+            live on this node; refreshed every third of it (decision 0008).
         paused: start paused (``FALLBACK_WS_PAUSED=1``): refuse every new handshake.
         read_poller: wait for established connections' input through one shared epoll poller
             (Linux; decision 0007) instead of one trio wait per connection.
@@ -104,6 +106,7 @@ class RelayConfig:
     http_timeout_s: float = 2.0
     keys_refresh_s: float = 60.0
     register_ttl_s: float = 15.0
+    assignment_ttl_s: float = 300.0
     paused: bool = False
     read_poller: bool = True
     read_coalesce_s: float = 0.0
@@ -125,6 +128,7 @@ class RelayConfig:
             "http_timeout_s",
             "keys_refresh_s",
             "register_ttl_s",
+            "assignment_ttl_s",
         )
         for name in positive:
             if not getattr(self, name) > 0:

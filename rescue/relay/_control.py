@@ -8,13 +8,16 @@
   ``status_stale_s``.
 - :class:`NodeRegistrar`: keeps this node's record (id, public URL, draining) in the guardrail store
   with a short expiry; its owner removes it once on the way out, after every other task stopped.
+- :class:`AssignmentKeeper`: keeps the session→node assignment of every session live on this node
+  alive in batches, claims a new session's assignment at HELLO (``WRONG_NODE`` when another live
+  node holds it) and closes sessions whose assignment was moved elsewhere (decision 0008).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -30,6 +33,7 @@ from rescue.protocol._tokens import KeyRing, load_keyring
 __all__ = [
     "MAX_PENDING_ACTIVATIONS",
     "REGISTER_DEADLINE_S",
+    "AssignmentKeeper",
     "ControlLink",
     "KeySource",
     "NodeRegistrar",
@@ -49,6 +53,9 @@ UNKNOWN_KID_REFRESH_S: Final = 10.0
 # Budget of one registration write or removal. A healthy Redis answers in a millisecond; a stalled
 # one must neither hold up start-up nor shutdown for longer than this (the record then expires).
 REGISTER_DEADLINE_S: Final = 1.0
+# A keep-alive round gets REGISTER_DEADLINE_S per this many sessions (10,000 sessions are ten
+# pipelined round trips of a few milliseconds each; the bound only stops a stalled Redis).
+KEEP_PER_DEADLINE_S: Final = 5000
 
 
 def _is_url(source: str) -> bool:
@@ -375,3 +382,114 @@ class NodeRegistrar:
             return False
         self.registered = False
         return True
+
+
+class AssignmentKeeper:
+    """Keeps this node's live sessions assigned to it (SPEC §7; docs/decisions/0008).
+
+    Every store call runs under a :func:`~rescue.guardrails.store_deadline`: at HELLO
+    :data:`REGISTER_DEADLINE_S`, so a stalled Redis delays a handshake by at most that.
+
+    A session lives for hours, a token and its assignment for minutes: while a session is live
+    here (at least one peer connected), its assignment is refreshed every ``ttl / 3`` in batches,
+    so the token service keeps sending both peers here whatever the node set does meanwhile.
+
+    Args:
+        store: the guardrail store.
+        node_id: this node's id.
+        ttl: the lifetime each refresh gives an assignment.
+        sessions: the ids of the sessions live on this node right now.
+        on_lost: called with (session id, node id) for a live session whose assignment names
+            another node (the token service moved it: this node was judged gone or draining);
+            the relay closes it with ``WRONG_NODE`` so both peers follow.
+
+    Error handling:
+        A store error during a refresh is counted and logged; the next round tries again (an
+        assignment outlives two missed rounds). At HELLO a store error admits the peer: its token
+        names this node, and refusing would turn a Redis blip into an outage.
+    """
+
+    def __init__(
+        self,
+        store: GuardrailStore,
+        *,
+        node_id: str,
+        ttl: float,
+        sessions: Callable[[], Iterable[str]],
+        on_lost: Callable[[str, str], None],
+    ) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.ttl = ttl
+        self._sessions = sessions
+        self._on_lost = on_lost
+        self.outcomes: dict[str, int] = {
+            "kept": 0,
+            "lost": 0,
+            "claimed": 0,
+            "moved_here": 0,
+            "wrong_node": 0,
+            "error": 0,
+        }
+        self._failing = False
+
+    async def claim(self, session_id: str) -> str | None:
+        """Take ``session_id`` for this node at HELLO; the other node that holds it, or None.
+
+        The assignment becomes this node's when it is missing, already ours, or names a node
+        that is gone or draining (compare-and-set, as the token service moves it).
+        """
+        try:
+            with store_deadline(REGISTER_DEADLINE_S):
+                holder = (await self.store.keep_assignments(self.node_id, [session_id], ttl=self.ttl))[
+                    session_id
+                ]
+                if holder == self.node_id:
+                    self.outcomes["claimed"] += 1
+                    return None
+                other = {n.node_id: n for n in await self.store.live_nodes()}.get(holder)
+                if other is None or other.draining:
+                    holder, moved = await self.store.reassign_session(
+                        session_id, expected=holder, node_id=self.node_id, ttl=self.ttl
+                    )
+                    if moved or holder == self.node_id:
+                        self.outcomes["moved_here"] += 1
+                        return None
+        except RescueError as exc:
+            self._count_error(exc)
+            return None
+        self.outcomes["wrong_node"] += 1
+        return holder
+
+    async def keep_once(self) -> None:
+        """Refresh every live session's assignment once; report the ones moved elsewhere."""
+        ids = list(self._sessions())
+        if not ids:
+            return
+        try:
+            with store_deadline(REGISTER_DEADLINE_S * (1 + len(ids) // KEEP_PER_DEADLINE_S)):
+                holders = await self.store.keep_assignments(self.node_id, ids, ttl=self.ttl)
+        except RescueError as exc:
+            self._count_error(exc)
+            return
+        if self._failing:
+            self._failing = False
+            log_event(_LOG, "relay.assignments_kept_again", sessions=len(ids))
+        for session_id, holder in holders.items():
+            if holder == self.node_id:
+                self.outcomes["kept"] += 1
+            else:
+                self.outcomes["lost"] += 1
+                self._on_lost(session_id, holder)
+
+    def _count_error(self, exc: RescueError) -> None:
+        self.outcomes["error"] += 1
+        if not self._failing:
+            self._failing = True
+            log_event(_LOG, "relay.assignments_failed", level=logging.WARNING, error=str(exc))
+
+    async def run(self) -> None:
+        """Refresh every ``ttl / 3`` seconds until cancelled."""
+        while True:
+            await trio.sleep(self.ttl / 3)
+            await self.keep_once()

@@ -23,7 +23,7 @@ from rescue.protocol._messages import Role
 from rescue.sessions import FastHistogram, RelayStats, SessionTable
 
 if TYPE_CHECKING:
-    from rescue.relay._control import ControlLink, KeySource, NodeRegistrar
+    from rescue.relay._control import AssignmentKeeper, ControlLink, KeySource, NodeRegistrar
     from rescue.websocket._poller import ReadPoller
 
 __all__ = ["HANDSHAKE_BUCKETS", "RelayMetrics"]
@@ -60,6 +60,7 @@ class _StatsCollector(Collector):
         draining: Callable[[], bool],
         registrar: Callable[[], NodeRegistrar | None],
         poller: Callable[[], ReadPoller | None],
+        keeper: Callable[[], AssignmentKeeper | None],
     ) -> None:
         self.stats = stats
         self.table = table
@@ -68,6 +69,7 @@ class _StatsCollector(Collector):
         self.draining = draining
         self.registrar = registrar
         self.poller = poller
+        self.keeper = keeper
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -195,6 +197,14 @@ class _StatsCollector(Collector):
             yield _labelled(
                 "beach_rescue_node_registrations", "Node registry writes", "outcome", registrar.outcomes
             )
+        keeper = self.keeper()
+        if keeper is not None:
+            yield _labelled(
+                "beach_rescue_assignments",
+                "Session assignments: kept alive, lost to another node, claimed or refused at HELLO",
+                "outcome",
+                keeper.outcomes,
+            )
         poller = self.poller()
         if poller is not None:
             yield from _poller_metrics(poller)
@@ -261,6 +271,7 @@ class RelayMetrics:
         draining: Callable[[], bool],
         registrar: Callable[[], NodeRegistrar | None],
         poller: Callable[[], ReadPoller | None] = lambda: None,
+        keeper: Callable[[], AssignmentKeeper | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         # process_cpu_seconds_total, RSS, open fds: the CPU > 70 % alert and the soak reports read them.
@@ -277,7 +288,9 @@ class RelayMetrics:
             buckets=HANDSHAKE_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StatsCollector(stats, table, control, keys, draining, registrar, poller))
+        self.registry.register(
+            _StatsCollector(stats, table, control, keys, draining, registrar, poller, keeper)
+        )
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """Every metric, and the content type: OpenMetrics if ``accept`` asks for it, else text."""

@@ -42,7 +42,7 @@ from rescue.protocol._messages import MAX_RECONNECT_IN_MS, Close, Hello, Role
 from rescue.protocol._tokens import MAX_TTL, Claims, KeyRing, verify_token
 from rescue.relay._admin import admin_app
 from rescue.relay._config import RelayConfig
-from rescue.relay._control import REGISTER_DEADLINE_S, ControlLink, KeySource, NodeRegistrar
+from rescue.relay._control import REGISTER_DEADLINE_S, AssignmentKeeper, ControlLink, KeySource, NodeRegistrar
 from rescue.relay._metrics import RelayMetrics
 from rescue.sessions import (
     TRANSPORT_ERRORS,
@@ -128,6 +128,7 @@ class Relay:
         self._store = store
         self._owned_store: GuardrailStore | None = None
         self.registrar: NodeRegistrar | None = None
+        self.keeper: AssignmentKeeper | None = None
         self._http_transport = http_transport
         self._ssl_context = ssl_context
         self.metrics = RelayMetrics(
@@ -138,6 +139,7 @@ class Relay:
             draining=lambda: self._draining,
             registrar=lambda: self.registrar,
             poller=lambda: self.poller,
+            keeper=lambda: self.keeper,
         )
         self.addresses: RelayAddresses | None = None
         self._draining = False
@@ -335,6 +337,14 @@ class Relay:
         if self._draining:  # SIGTERM during start-up
             self.registrar.set_draining()
         await services.start(self.registrar.run)
+        self.keeper = AssignmentKeeper(
+            store,
+            node_id=config.node_id,
+            ttl=config.assignment_ttl_s,
+            sessions=lambda: [session.session_id for session in self.table],
+            on_lost=self._on_assignment_lost,
+        )
+        services.start_soon(self.keeper.run)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown (idempotent; SIGTERM in the CLI calls this)."""
@@ -437,6 +447,10 @@ class Relay:
             recorded.follow_caller = True
             recorded.set_attribute("session", session_tag(hello.session))
             recorded.set_attribute("role", hello.role.value)
+        if self.keeper is not None and self.table.get(hello.session) is None:
+            holder = await self.keeper.claim(hello.session)
+            if holder is not None:
+                return await self._refuse(ws, CloseCode.WRONG_NODE, f"the session is live on node {holder}")
         if self._is_draining():  # the checks above were before a possibly long wait
             return await self._refuse_shutdown(ws)
         refusal = self.control.refusal()
@@ -548,6 +562,13 @@ class Relay:
             "relay node shutting down",
             reconnect_in_ms=random.randint(0, window_ms),
         )
+
+    def _on_assignment_lost(self, session_id: str, holder: str) -> None:
+        """The token service moved a session live here to ``holder``: send both peers there."""
+        session = self.table.get(session_id)
+        if session is not None:
+            log_event(_LOG, "relay.session_moved_away", session=session_tag(session_id), to_node=holder)
+            session.close_all(CloseCode.WRONG_NODE, "the session was moved to another node")
 
     def _on_paired(self, session: Session) -> None:
         self.control.report_activation(session.cohort)
