@@ -9,6 +9,10 @@ Without ``--token-service`` the node runs standalone: local token verification o
 from ``FALLBACK_WS_PAUSED=1`` alone, no activation reports). SIGTERM (or SIGINT) drains: ``/readyz``
 turns 503, listeners close, every peer gets CLOSE ``SERVER_SHUTDOWN`` with ``reconnect_in_ms``
 spread over ``--drain-s``, and the process exits 0 once they are gone or the drain period ends.
+
+``--nodes N`` (N ≥ 2) runs N such nodes as child processes on consecutive ports, node ``i`` with id
+``<node-id>-<i>``, restarting any that crashes and draining all of them on SIGTERM
+(``rescue.relay._supervisor``): one node per core on a multi-core host.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -26,6 +31,7 @@ from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
 from rescue.relay import DEFAULT_ADMIN_PORT, DEFAULT_PORT, Relay, RelayConfig, tune_gc
+from rescue.relay._supervisor import Supervisor, node_specs
 
 __all__ = ["build_config", "register", "run_relay"]
 
@@ -226,8 +232,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="how often quiet connections are looked at (the most a message after a quiet spell waits)",
     )
+    add_option(
+        p,
+        "--nodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N supervised node processes on consecutive ports (--port, --admin-port and up), "
+        "ids <node-id>-1 … <node-id>-N; a crashed node is restarted, SIGTERM drains them all",
+    )
     add_option(p, "--log-level", default="INFO", metavar="LEVEL", help="logging level (JSON on stderr)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, parser=p)
 
 
 def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> RelayConfig:
@@ -309,11 +324,74 @@ async def _shutdown_on_signal(relay: Relay, signals: AsyncIterator[int]) -> None
         relay.shutdown()  # run() drains and returns; a second signal changes nothing
 
 
+# Options each child gets its own value of (node_specs), or none at all.
+_PER_NODE = frozenset({"help", "nodes", "node_id", "port", "admin_port", "public_url"})
+
+
+def child_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """``rescue relay`` with every shared option as parsed (``--flag=value``), for a child node.
+
+    Explicit flags win over the ``RESCUE_*`` environment the child inherits, so it runs with
+    exactly this configuration; :func:`~rescue.relay._supervisor.node_specs` appends its own
+    id, ports and URL.
+    """
+    argv = [sys.executable, "-m", "rescue.cli", "relay"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in _PER_NODE:
+            continue
+        value = getattr(args, action.dest, None)
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                argv.append(flag)
+        elif value is not None:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
+async def run_supervisor(supervisor: Supervisor, *, early_signals: list[int] | None = None) -> int:
+    """Run ``supervisor`` until SIGTERM/SIGINT, then drain every node; its exit status.
+
+    ``early_signals`` were caught before trio ran; they count as if they arrived now.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        for signum in early_signals or ():
+            signal.raise_signal(signum)
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    log_event(_LOG, "relay.signal", signal=signal.Signals(signum).name)
+                    supervisor.stop()
+                    return
+
+            nursery.start_soon(watch)
+            status = await supervisor.run()
+            nursery.cancel_scope.cancel()
+    return status
+
+
 def _run(args: argparse.Namespace) -> int:
     # From here on a SIGTERM is never fatal: it is kept until trio's receiver takes over.
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: early.append(signum))
     configure_logging(args.log_level)
+    if args.nodes != 1:
+        config = build_config(args, os.environ)  # the same checks a single node makes, once
+        try:
+            specs = node_specs(
+                child_argv(args.parser, args),
+                nodes=args.nodes,
+                node_id=config.node_id,
+                port=config.port,
+                admin_port=config.admin_port,
+                public_url=config.public_url,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return trio.run(
+            partial(run_supervisor, Supervisor(specs, drain_s=config.drain_s), early_signals=early)
+        )
     log_event(_LOG, "relay.starting", node_id=args.node_id)
     # the activation-report key is a secret: environment only, never a flag (`ps` shows flags)
     report_key = os.environ.get("RESCUE_REPORT_KEY", "").strip() or None
