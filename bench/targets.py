@@ -7,6 +7,7 @@ listens on 127.0.0.1 and prints ``READY port=<n>`` on stdout when it accepts con
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -62,6 +63,20 @@ TARGETS: Final[dict[str, TargetDef]] = {
     # bare select.epoll, no framework, no framing: the floor of Python on this machine
     "epoll": TargetDef("epoll", "tcp", "context", _script("epoll_relay.py")),
 }
+# Before/after comparisons (docs/perf): RESCUE_BENCH_BASELINE=<a checkout of the old commit, e.g.
+# a `git worktree`> adds `rescue-base`, that tree's relay run by its own bench/rescue_target.py
+# with the same interpreter, so both commits are measured in one run on the same machine state.
+_BASELINE_TREE: Final = os.environ.get("RESCUE_BENCH_BASELINE", "")
+if _BASELINE_TREE:
+    _tree = Path(_BASELINE_TREE).resolve()
+    TARGETS["rescue-base"] = TargetDef(
+        "rescue-base",
+        "rescue",
+        "context",
+        ("env", f"PYTHONPATH={_tree}", sys.executable, str(_tree / "bench" / "rescue_target.py")),
+        path="/v1/connect",
+        needs_keys=True,
+    )
 # The reference every ratio is relative to (SPEC §10), and the ceiling.
 BASELINE: Final = "websockets"
 CEILING: Final = "tcp"

@@ -4,8 +4,33 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
-__all__ = ["Backoff", "ClientPolicy", "CloseCode", "policy_for"]
+__all__ = [
+    "MAX_CLOSE_REASON_BYTES",
+    "Backoff",
+    "ClientPolicy",
+    "CloseCode",
+    "clip_close_reason",
+    "policy_for",
+]
+
+# 123 bytes: the most a WebSocket close frame can carry as its reason (125 - 2 code bytes), so the
+# CLOSE body's reason and the WebSocket close reason are always the same text.
+MAX_CLOSE_REASON_BYTES: Final = 123
+
+
+def clip_close_reason(reason: str) -> str:
+    """``reason`` cut to :data:`MAX_CLOSE_REASON_BYTES` UTF-8 bytes, never inside a character.
+
+    The one place a close reason is clipped: the relay's refusals and session closes, the client's
+    closes and the WebSocket close frame all go through it, so a CLOSE body and its close frame
+    carry the same text.
+    """
+    data = reason.encode()
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return data[:MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
 
 
 class CloseCode(enum.IntEnum):

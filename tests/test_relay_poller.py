@@ -25,7 +25,7 @@ from rescue.relay._testing import (
     seq_frame,
     start_test_relay,
 )
-from rescue.sessions import PeerConn
+from rescue.sessions import PeerLink
 from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
 
 pytestmark = pytest.mark.skipif(not POLLER_AVAILABLE, reason="the read poller needs select.epoll (Linux)")
@@ -245,9 +245,9 @@ def test_config_quiet_bounds_and_what_reaches_the_sessions() -> None:
     assert relay.limits.quiet_after_s == 0.5
 
 
-def is_quiet(conn: PeerConn) -> bool:
-    """Whether the connection told its transport it is quiet (its private flag: no public view)."""
-    return conn._quiet
+def is_quiet(conn: PeerLink) -> bool:
+    """Whether the session core marked the connection quiet (and told its transport so)."""
+    return conn.link.quiet
 
 
 async def heartbeat_round(peers: list[TestPeer], seq: int) -> None:

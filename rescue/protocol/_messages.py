@@ -30,7 +30,7 @@ from typing import Any, Final, Literal, Self, TypeAlias, TypeGuard, TypeVar
 
 import cbor2
 
-from rescue._codes import CloseCode
+from rescue._codes import MAX_CLOSE_REASON_BYTES, CloseCode
 from rescue.errors import ProtocolError
 from rescue.protocol._frames import DEFAULT_MAX_FRAME, MAX_SEQ, VERSION, Flags, Kind, encode_frame
 
@@ -80,9 +80,6 @@ MAX_TOKEN_SIZE: Final = 2048
 MAX_CLIENT_LEN: Final = 128  # "rescue-py/0.1", "beach-rs/1.4.2 (linux)": a product tag, not prose
 MAX_COMPRESSION_NAMES: Final = 8  # zlib, zstd, lz4, ... a handful of algorithms, never more
 MAX_COMPRESSION_NAME_LEN: Final = 32
-# 123 bytes: the most a WebSocket close frame can carry as its reason (125 - 2 code bytes), so the
-# CLOSE body's reason and the WebSocket close reason are always the same text.
-MAX_CLOSE_REASON_BYTES: Final = 123
 MAX_RECONNECT_IN_MS: Final = 3_600_000  # an hour; a drain window is seconds to minutes
 # Nesting bound for any body: our messages need 3 levels (HELLO > caps > compression); 16 leaves
 # application CONTROL maps room while keeping the recursive walk far from Python's stack limit.

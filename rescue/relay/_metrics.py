@@ -82,8 +82,8 @@ class _StatsCollector(Collector):
         for session in table:
             for conn in (session.peer(Role.HOST), session.peer(Role.GUEST)):
                 if conn is not None:
-                    queued_frames += conn.queued_frames
-                    queued_bytes += conn.queued_bytes
+                    queued_frames += conn.link.q_frames
+                    queued_bytes += conn.link.q_bytes
         yield GaugeMetricFamily(
             "beach_rescue_queued_frames", "Messages waiting in per-direction queues", value=queued_frames
         )

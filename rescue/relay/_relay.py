@@ -7,8 +7,8 @@ Task tree of a running node::
     └── handlers nursery (drain deadline on shutdown)
         ├── handler per WebSocket ─ rate limit, HELLO, token, attach; then hands the socket to
         │                           its session (WebSocketConnection.detach) and ends
-        ├── Session.run per session ─ the session's nursery
-        │   └── PeerConn.run per connection ─ writer pump + reader pump
+        ├── Session.run per session ─ the session's nursery + its timer (SessionCore decides)
+        │   └── PeerLink.run per connection ─ writer pump + reader pump
         └── listeners nursery (cancelled first on shutdown) ─ serve_websocket
 
 Shutdown (:meth:`Relay.shutdown`, SIGTERM in the CLI): ``/readyz`` turns 503, the node registers as
@@ -47,7 +47,6 @@ from rescue.relay._metrics import RelayMetrics
 from rescue.sessions import (
     TRANSPORT_ERRORS,
     HandshakeLimiter,
-    PeerConn,
     RelayStats,
     Session,
     SessionTable,
@@ -373,7 +372,8 @@ class Relay:
             for role in (Role.HOST, Role.GUEST):
                 conn = session.peer(role)
                 if conn is not None:
-                    conn.request_close(
+                    session.close(
+                        conn,
                         CloseCode.SERVER_SHUTDOWN,
                         "relay node shutting down",
                         reconnect_in_ms=random.randint(0, window_ms),
@@ -472,18 +472,8 @@ class Relay:
             )
             assert self._handlers is not None
             self._handlers.start_soon(session.run)
-        conn = PeerConn(
-            ws,
-            session=session,
-            role=hello.role,
-            nonce=hello.nonce,
-            caps=hello.caps,
-            limits=self.limits,
-            stats=self.stats,
-            initial=batch[1:] or None,
-        )
         try:
-            session.attach(conn)
+            conn = session.attach(ws, hello.role, hello.nonce, hello.caps, initial=batch[1:] or None)
         except ProtocolError as exc:
             if created:
                 session.cancel()
@@ -493,7 +483,7 @@ class Relay:
         # one task less per connection (~2.5 KB each at 10,000 idle connections).
         ws.detach()
         if self.poller is not None:
-            ws.use_poller(self.poller, conn.handle_now)
+            ws.use_poller(self.poller, conn.offer)
         recorded.set_attribute("created", created)
         recorded.set_attribute("paired", all(session.peer(role) is not None for role in Role))
         if claims.analytics_allowed:

@@ -30,7 +30,7 @@ from rescue.protocol._messages import NONCE_SIZE, Caps, Close, Hello, PeerEvent,
 from rescue.protocol._tokens import KeyRing, SigningKey, mint_token
 from rescue.relay._config import RelayConfig
 from rescue.relay._relay import Relay
-from rescue.sessions import PeerConn
+from rescue.sessions import PeerLink
 from rescue.websocket import WebSocketClosedError, WebSocketConnection, connect_websocket
 
 __all__ = [
@@ -225,7 +225,7 @@ def seq_frame(seq: int, size: int) -> bytes:
     return encode_frame(Kind.DATA, (stamp * (size // 8 + 1))[:size], seq=seq)
 
 
-def peer_conn(relay: Relay, session: str, role: Role) -> PeerConn:
+def peer_conn(relay: Relay, session: str, role: Role) -> PeerLink:
     """The relay's connection object for ``role`` in ``session`` (which must be connected)."""
     found = relay.table.get(session)
     assert found is not None, f"no session {session!r}"

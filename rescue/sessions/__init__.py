@@ -1,18 +1,22 @@
-"""The relay's sessions: pairing, per-session nursery, forwarding pumps and flow control.
+"""The relay's sessions: a sans-I/O session core and its trio shell (pairing, pumps, flow control).
 
-A :class:`Session` owns one nursery holding every task of both peer connections; a
-:class:`PeerConn` is one peer's connection with its reader and writer pumps and bounded queues.
-The relay node (:mod:`rescue.relay`) does the handshake and hands verified connections over.
+:class:`SessionCore` (pure: messages and time in, actions out) decides everything a session
+decides; :class:`Session` owns one nursery holding every task of both peer connections and
+carries out the core's answers; a :class:`PeerLink` is one peer's connection with its reader and
+writer pumps. The relay node (:mod:`rescue.relay`) does the handshake and hands verified
+connections over.
 """
 
 from rescue.sessions._config import DEFAULT_QUEUE_MAX_BYTES as DEFAULT_QUEUE_MAX_BYTES
 from rescue.sessions._config import DEFAULT_QUEUE_MAX_FRAMES as DEFAULT_QUEUE_MAX_FRAMES
 from rescue.sessions._config import SessionLimits as SessionLimits
-from rescue.sessions._conn import RELAY_HEARTBEAT as RELAY_HEARTBEAT
-from rescue.sessions._conn import PeerConn as PeerConn
-from rescue.sessions._conn import websocket_close_code as websocket_close_code
+from rescue.sessions._core import RELAY_HEARTBEAT as RELAY_HEARTBEAT
+from rescue.sessions._core import Link as Link
+from rescue.sessions._core import SessionCore as SessionCore
+from rescue.sessions._core import websocket_close_code as websocket_close_code
 from rescue.sessions._limits import HandshakeLimiter as HandshakeLimiter
 from rescue.sessions._limits import TokenBucket as TokenBucket
+from rescue.sessions._link import PeerLink as PeerLink
 from rescue.sessions._session import Session as Session
 from rescue.sessions._session import SessionTable as SessionTable
 from rescue.sessions._stats import FastHistogram as FastHistogram

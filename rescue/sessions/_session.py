@@ -1,44 +1,56 @@
-"""A relay session: two roles, their connections, pairing timers, and one nursery that owns it all.
+"""A relay session's trio shell: one nursery for everything, one timer, and the core's answers applied.
 
 Lifecycle::
 
-    Session(...) in the table ── run() opens the nursery ── attach(conn) starts conn.run() in it
-          │                                                        │
-          └─ timers: pair_timeout_s while alone and never paired,  │
-                     resume_grace_s after the partner left          │
-          last connection released ──► removed from the table ──► nursery drains ──► run() returns
+    Session(...) in the table ── run() opens the nursery ── attach(ws) starts PeerLink.run in it
+          │                                                      │
+          └─ one timer task: sleeps until core.next_deadline(), then core.tick(now)
+          last link released (ENDED) ──► removed from the table ──► nursery drains ──► run() returns
 
 Every connection of the session (including one waiting for its partner) runs in the session's
-nursery, inside the session's cancel scope: :meth:`Session.cancel` tears all of it down by structure.
-Bookkeeping (the two role slots) only decides *who* gets PEER events and timeouts.
-
-Invariant: a role slot holds only a connection that is not closing. A connection releases its slot
-synchronously when it starts closing, so the partner learns ``left`` at once and a reconnecting peer
-takes the role without waiting for the old socket's closing handshake.
+nursery, inside the session's cancel scope: :meth:`Session.cancel` tears all of it down by
+structure. What happens is decided by :class:`~rescue.sessions._core.SessionCore`; this class
+only turns its flags and actions into pumps, wake-ups and closes (:meth:`Session.apply`). The
+session's lifecycle (paired, joined, rejoined, replaced, left, closed, ended) arrives as actions
+too and is handled in one place, :meth:`Session._lifecycle`: that is where logs, the activation
+report and tracing span events hook in.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Final
 
 import trio
 
-from rescue._codes import CloseCode
 from rescue._log import get_logger, log_event, session_tag
-from rescue.errors import ProtocolError
-from rescue.protocol._messages import NONCE_SIZE, PeerEvent, PeerEventKind, Role, Welcome
-from rescue.sessions._config import MAX_RECENT_NONCES, SessionLimits
-from rescue.sessions._conn import PeerConn, websocket_close_code
+from rescue.protocol._messages import NONCE_SIZE, Caps, Role
+from rescue.sessions._config import SessionLimits
+from rescue.sessions._core import (
+    ACTIONS,
+    ACTIVE,
+    CLOSE,
+    ENDED,
+    PAIRED,
+    PEER_CLOSED,
+    QUIET,
+    REARM,
+    RESUME,
+    WRITE,
+    WRITE_NOW,
+    WRITE_PARTNER,
+    WRITE_SELF,
+    Link,
+    SessionCore,
+)
+from rescue.sessions._link import PeerLink
 from rescue.sessions._stats import RelayStats
+from rescue.sessions._transport import Transport
 
 __all__ = ["Session", "SessionTable"]
 
 _LOG = get_logger("rescue.sessions")
-_OTHER: Final = {Role.HOST: Role.GUEST, Role.GUEST: Role.HOST}
 
 
 class SessionTable:
@@ -85,7 +97,7 @@ class SessionTable:
 
 
 class Session:
-    """One relay session (SPEC §2 "Relay behaviour").
+    """One relay session (SPEC §2 "Relay behaviour"): a :class:`SessionCore` and its trio mechanics.
 
     Args:
         session_id: the session id from the token and HELLO.
@@ -98,19 +110,13 @@ class Session:
     """
 
     __slots__ = (
-        "_ended",
-        "_ending",
-        "_nonces",
         "_nursery",
-        "_paired",
-        "_peers",
         "_pending",
         "_scope",
-        "_seen",
         "_table",
         "_timer",
-        "_timer_deadline",
         "cohort",
+        "core",
         "limits",
         "on_paired",
         "session_id",
@@ -134,18 +140,12 @@ class Session:
         self.stats = stats
         self.cohort = cohort
         self.on_paired = on_paired
+        self.core: SessionCore[PeerLink] = SessionCore(limits, stats, now=trio.current_time())
         self._table = table
-        self._peers: dict[Role, PeerConn | None] = {Role.HOST: None, Role.GUEST: None}
-        self._seen: set[Role] = set()
-        self._nonces: deque[bytes] = deque(maxlen=MAX_RECENT_NONCES)
-        self._paired = False
-        self._ending = False  # a peer sent CLOSE: no PEER left, no grace
-        self._ended = False  # out of the table; no new connections
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
-        self._pending: list[PeerConn] = []
+        self._pending: list[PeerLink] = []
         self._timer: trio.CancelScope | None = None
-        self._timer_deadline = trio.current_time() + limits.pair_timeout_s
         table.add(self)
 
     # ------------------------------------------------------------------------------------------
@@ -154,37 +154,34 @@ class Session:
     @property
     def ended(self) -> bool:
         """True once the session left the table (it takes no new connections)."""
-        return self._ended
+        return self.core.ended
 
     @property
     def paired(self) -> bool:
         """True once both roles have been connected at the same time."""
-        return self._paired
+        return self.core.paired
 
     @property
     def connected(self) -> int:
         """How many roles currently hold a connection (0-2)."""
-        return (self._peers[Role.HOST] is not None) + (self._peers[Role.GUEST] is not None)
+        return self.core.connected
 
-    def peer(self, role: Role) -> PeerConn | None:
+    def peer(self, role: Role) -> PeerLink | None:
         """The connection holding ``role``, if any."""
-        return self._peers[role]
-
-    def partner_of(self, conn: PeerConn) -> PeerConn | None:
-        """The connection holding the other role, if any."""
-        return self._peers[_OTHER[conn.role]]
+        link = self.core.peer(role)
+        return None if link is None else link.handle
 
     def statistics(self) -> dict[str, object]:
         """A snapshot for ``/debug/stats`` (session id only as a tag)."""
+        deadline = self.core.timer_deadline()
         return {
             "session": self.tag,
-            "paired": self._paired,
+            "paired": self.core.paired,
             "peers": {
-                role.value: None if conn is None else conn.statistics() for role, conn in self._peers.items()
+                role.value: None if link is None else link.statistics()
+                for role, link in zip((Role.HOST, Role.GUEST), self.core.slots, strict=True)
             },
-            "deadline_in_s": None
-            if math.isinf(self._timer_deadline)
-            else round(self._timer_deadline - trio.current_time(), 3),
+            "deadline_in_s": None if math.isinf(deadline) else round(deadline - trio.current_time(), 3),
         }
 
     # ------------------------------------------------------------------------------------------
@@ -208,67 +205,101 @@ class Session:
                     for conn in pending:
                         nursery.start_soon(conn.run)
                     task_status.started()
-                    await self._supervise()
+                    await self._run_timer()
         finally:
             self._nursery = None
-            self._end(emptied=False)
+            self._end()
 
-    async def _supervise(self) -> None:
-        """Fire PAIR_TIMEOUT / PEER_GONE when the session's single deadline passes."""
-        while not self._ended:
-            with trio.CancelScope(deadline=self._timer_deadline) as timer:
+    async def _run_timer(self) -> None:
+        """Sleep until the core's next deadline, then let it fire what is due; until the session ends."""
+        core = self.core
+        while not core.ended:
+            with trio.CancelScope(deadline=core.next_deadline()) as timer:
                 self._timer = timer
                 await trio.sleep_forever()
             self._timer = None
-            if self._ended or trio.current_time() < self._timer_deadline:
-                continue
-            self._timer_deadline = math.inf
-            for conn in list(self._peers.values()):
-                if conn is None:
-                    continue
-                if self._paired:
-                    conn.request_close(
-                        CloseCode.PEER_GONE, f"partner did not return within {self.limits.resume_grace_s} s"
-                    )
-                else:
-                    conn.request_close(
-                        CloseCode.PAIR_TIMEOUT, f"no partner within {self.limits.pair_timeout_s:g} s"
-                    )
-
-    def _set_deadline(self, deadline: float) -> None:
-        self._timer_deadline = deadline
-        if self._timer is not None:
-            self._timer.deadline = deadline
+            now = trio.current_time()
+            if now >= timer.deadline:
+                core.tick(now)
+                self._run_actions()
 
     def cancel(self) -> None:
         """Tear the session down now: every connection is aborted, no closing handshake."""
-        self._end(emptied=False)
+        self._end()
         self._scope.cancel()
 
-    def close_all(
-        self, code: int, reason: str, *, reconnect_in_ms: int | None = None, deadline: float | None = None
-    ) -> None:
-        """Close every connection of the session with ``code`` (CLOSE message + close frame)."""
-        self._ending = True
-        for conn in list(self._peers.values()):
-            if conn is not None:
-                conn.request_close(code, reason, reconnect_in_ms=reconnect_in_ms, deadline=deadline)
-
-    def _end(self, *, emptied: bool) -> None:
-        if self._ended:
-            return
-        self._ended = True
+    def _end(self) -> None:
+        self.core.end()
         self._table.discard(self)
-        if emptied:
-            self.stats.sessions_emptied += 1
         if self._timer is not None:
             self._timer.cancel()
 
     # ------------------------------------------------------------------------------------------
+    # the core's answers
+
+    def apply(self, conn: PeerLink, flags: int, batch: list[bytes], now: float) -> None:
+        """Carry out the core's flags for a ``receive(conn, batch, now)`` or ``sent(conn, now)``."""
+        if flags & ACTIONS:
+            self._run_actions()
+        if flags & (WRITE_NOW | WRITE_PARTNER):
+            partner = self.core.slots[conn.link.other]
+            if partner is not None:  # (one that closed during the call got a CLOSE action)
+                if flags & WRITE_NOW:
+                    partner.handle.write_now(batch, now)
+                else:
+                    partner.handle.pump(now)
+        if flags & WRITE_SELF:
+            conn.pump(now)
+
+    def _run_actions(self) -> None:
+        core = self.core
+        now = trio.current_time()
+        while True:
+            actions = core.take_actions()
+            if not actions:
+                return
+            for kind, link in actions:
+                if link is None:
+                    if kind == REARM:
+                        if self._timer is not None:
+                            self._timer.deadline = core.next_deadline()
+                    else:
+                        self._lifecycle(kind, None)
+                elif kind == WRITE:
+                    link.handle.pump(now)
+                elif kind == CLOSE:
+                    link.handle.begin_close()
+                elif kind == RESUME:
+                    link.handle.resume()
+                elif kind in (QUIET, ACTIVE):
+                    link.handle.transport.set_quiet(kind == QUIET)
+                else:
+                    self._lifecycle(kind, link)
+
+    def _lifecycle(self, kind: int, link: Link[PeerLink] | None) -> None:
+        """The session's lifecycle events (the one place for logs, reports and span events)."""
+        if kind == PAIRED:
+            if self.on_paired is not None:
+                self.on_paired(self)
+        elif kind == PEER_CLOSED:
+            assert link is not None
+            log_event(_LOG, "relay.session_closed_by_peer", session=self.tag, code=link.ws_code)
+        elif kind == ENDED:
+            self._end()
+
+    # ------------------------------------------------------------------------------------------
     # connections
 
-    def attach(self, conn: PeerConn) -> None:
-        """Give ``conn`` its role: WELCOME to it, PEER ``joined``/``rejoined`` to its partner.
+    def attach(
+        self,
+        transport: Transport,
+        role: Role,
+        nonce: bytes,
+        caps: Caps,
+        *,
+        initial: list[bytes] | None = None,
+    ) -> PeerLink:
+        """A verified connection takes ``role``: WELCOME to it, PEER ``joined``/``rejoined`` to its partner.
 
         An existing connection of the same role is replaced (closed with ``REPLACED``).
 
@@ -276,70 +307,42 @@ class Session:
             ProtocolError: the HELLO nonce was already used in this session (a replayed HELLO).
             RuntimeError: the session has ended (the caller must make a new one).
         """
-        if self._ended:
-            raise RuntimeError("session has ended")
-        if conn.nonce in self._nonces:
-            raise ProtocolError("HELLO replay: this nonce was already used in this session")
-        self._nonces.append(conn.nonce)
-        role = conn.role
-        old = self._peers[role]
-        returning = role in self._seen
-        self._peers[role] = conn
-        self._seen.add(role)
-        if old is not None:
-            self.stats.rejoins["replaced"] += 1
-            old.request_close(CloseCode.REPLACED, "a newer connection took this role")
-        elif returning:
-            self.stats.rejoins["returned"] += 1
-        partner = self._peers[_OTHER[role]]
-        conn.push_ordered(
-            Welcome(
-                ack_nonce=conn.nonce,
-                server_nonce=os.urandom(NONCE_SIZE),
-                heartbeat_s=self.limits.heartbeat_s,
-                max_frame=self.limits.max_frame,
-                resume_grace_s=self.limits.resume_grace_s,
-                peer=None if partner is None else partner.info,
-            ).to_message()
+        conn = PeerLink(transport, session=self, initial=initial)
+        conn.link = self.core.attach(
+            role, nonce, caps, now=trio.current_time(), server_nonce=os.urandom(NONCE_SIZE), handle=conn
         )
-        if partner is not None:
-            event: PeerEventKind = "rejoined" if returning else "joined"
-            partner.push_ordered(PeerEvent(event, role, conn.nonce, conn.caps).to_message())
-            self._set_deadline(math.inf)
-            if not self._paired:
-                self._paired = True
-                self.stats.pairings += 1
-                if self.on_paired is not None:
-                    self.on_paired(self)
-        elif not self._paired:
-            self._set_deadline(trio.current_time() + self.limits.pair_timeout_s)
         if self._nursery is not None:
             self._nursery.start_soon(conn.run)
         else:
             self._pending.append(conn)
+        self._run_actions()
+        return conn
 
-    def _release(self, conn: PeerConn) -> None:
-        """``conn`` started closing: free its role, tell the partner, start the grace timer."""
-        role = conn.role
-        if self._peers[role] is not conn:
-            return  # replaced, or never attached
-        self._peers[role] = None
-        partner = self._peers[_OTHER[role]]
-        if partner is None:
-            self._end(emptied=True)
-            return
-        if self._ending:
-            return
-        partner.push_ordered(PeerEvent("left", role, conn.nonce, conn.caps).to_message())
-        self._set_deadline(trio.current_time() + self.limits.resume_grace_s)
+    def close(
+        self,
+        conn: PeerLink,
+        code: int,
+        reason: str,
+        *,
+        reconnect_in_ms: int | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        """Close one connection with ``code`` (a framing error, the node shutting down)."""
+        self.core.close(
+            conn.link, code, reason, trio.current_time(), reconnect_in_ms=reconnect_in_ms, deadline=deadline
+        )
+        self._run_actions()
 
-    def _peer_closed(self, conn: PeerConn, message: bytes, code: int, reason: str) -> None:
-        """A peer sent CLOSE: it ends the session for both (SPEC §2)."""
-        self._ending = True
-        if conn.session is self and self._peers[conn.role] is conn:
-            partner = self.partner_of(conn)
-            if partner is not None:
-                partner.push_ordered(message)  # byte for byte, after everything queued before it
-                partner.request_close(code, reason, send_body=False, flush=True)
-            log_event(_LOG, "relay.session_closed_by_peer", session=self.tag, code=websocket_close_code(code))
-        conn.request_close(code, reason, send_body=False)
+    def lost(self, conn: PeerLink) -> None:
+        """``conn``'s transport died or its task ended (idempotent)."""
+        self.core.connection_lost(conn.link, trio.current_time())
+        self._run_actions()
+
+    def close_all(
+        self, code: int, reason: str, *, reconnect_in_ms: int | None = None, deadline: float | None = None
+    ) -> None:
+        """Close every connection of the session with ``code`` (CLOSE message + close frame)."""
+        self.core.close_all(
+            code, reason, trio.current_time(), reconnect_in_ms=reconnect_in_ms, deadline=deadline
+        )
+        self._run_actions()

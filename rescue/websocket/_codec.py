@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple, cast
 
-from rescue._codes import CloseCode
+from rescue._codes import CloseCode, clip_close_reason
 from rescue.errors import ProtocolError
 
 __all__ = [
@@ -205,13 +205,6 @@ def frame_pong(payload: bytes = b"", *, mask: bool) -> bytes:
     return build_frame(Opcode.PONG, payload, mask=mask)
 
 
-def _truncate_utf8(text: str, limit: int) -> bytes:
-    raw = text.encode("utf-8")
-    if len(raw) <= limit:
-        return raw
-    return raw[:limit].decode("utf-8", "ignore").encode("utf-8")
-
-
 def frame_close(code: int | None, reason: str = "", *, mask: bool) -> bytes:
     """A close frame.
 
@@ -228,7 +221,7 @@ def frame_close(code: int | None, reason: str = "", *, mask: bool) -> bytes:
         return build_frame(Opcode.CLOSE, b"", mask=mask)
     if not _valid_close_code(code):
         raise ValueError(f"close code {code} may not be sent")
-    return build_frame(Opcode.CLOSE, _U16.pack(code) + _truncate_utf8(reason, MAX_CLOSE_REASON), mask=mask)
+    return build_frame(Opcode.CLOSE, _U16.pack(code) + clip_close_reason(reason).encode(), mask=mask)
 
 
 def _valid_close_code(code: int) -> bool:

@@ -1,0 +1,282 @@
+"""The trio shell of one peer connection: a reader pump, a writer pump, and nothing that decides.
+
+Every decision is :class:`~rescue.sessions._core.SessionCore`'s; a :class:`PeerLink` only moves
+bytes between its socket and the core, and carries out what the session hands it. A frame's path
+(decision 0004, 0006, 0007)::
+
+    peer A socket ─► A's input: the poller's read-ahead (fast) or A's reader task (slow)
+        ─► core.receive(A, batch, now) ─► the batch is in B's queue (flag WRITE_PARTNER)
+        ─► B.pump(): B's writer idle? one send_nowait now : wake B's writer task
+        ─► core.sent(B, now) ─► peer B socket
+
+- **Fast and slow path call the same** ``core.receive``. The poller's read-ahead (decision 0007)
+  offers each batch it reads while the reader task waits (:meth:`PeerLink.offer`); when the core
+  answers ``HOLD`` (the partner's queue is full, or a rate wait) the batch goes to the reader task
+  untouched, which waits for ``RESUME`` and hands the same batch in again. Everything else is done
+  right there, synchronously, in the poller's task.
+- **One sender per socket, by construction.** Only :meth:`pump` (when the writer task is not
+  writing and has nothing in hand) and the writer task write; a partial ``send_nowait`` leaves its
+  tail with the transport and its batch in the writer's hands, so the writer flushes it next. The
+  CLOSE message and the close frame go out after the writer has returned.
+- **Closing** (the core's ``CLOSE`` action, :meth:`begin_close`): the reader stops at once, the
+  writer finishes (or flushes, for a forwarded peer CLOSE) under the close deadline, then the
+  CLOSE message and the WebSocket close go out under the same deadline; anything left when it
+  passes is aborted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from rescue._log import get_logger
+from rescue.errors import ProtocolError
+from rescue.sessions._core import HOLD, WRITE_NOW, Link
+from rescue.sessions._transport import TRANSPORT_ERRORS, Transport
+
+if TYPE_CHECKING:
+    from rescue.sessions._session import Session
+
+__all__ = ["PeerLink"]
+
+_LOG = get_logger("rescue.sessions")
+
+
+class PeerLink:
+    """One peer connection of a session: its transport and its two pumps (run in the session's nursery).
+
+    Made by :meth:`Session.attach`, which starts :meth:`run` in the session's nursery. Everything
+    it owns (both pumps, its socket) ends with that task.
+
+    Args:
+        transport: the connection (a WebSocket after the upgrade).
+        session: the session shell it belongs to (it applies the core's answers).
+        initial: messages that arrived in the same read as HELLO, handled before reading more.
+
+    Attributes:
+        link: the core's view of this connection (set by :meth:`Session.attach`).
+    """
+
+    __slots__ = (
+        "_clean",
+        "_dead",
+        "_done",
+        "_in_hand",
+        "_initial",
+        "_reader_scope",
+        "_resume",
+        "_wake",
+        "_writer_scope",
+        "_writing",
+        "link",
+        "session",
+        "transport",
+    )
+
+    def __init__(self, transport: Transport, *, session: Session, initial: list[bytes] | None = None) -> None:
+        self.transport = transport
+        self.session = session
+        self.link: Link[PeerLink]
+        self._initial = initial
+        self._wake = trio.lowlevel.ParkingLot()  # the writer waits here for work
+        self._resume = trio.lowlevel.ParkingLot()  # the reader waits here while its input is held
+        self._reader_scope = trio.CancelScope()
+        self._writer_scope = trio.CancelScope()
+        self._writing = False  # the writer task is in a send
+        self._in_hand: list[bytes] | None = None  # a taken batch the writer must write next
+        self._dead = False
+        self._clean = False
+        self._done = trio.Event()
+
+    def statistics(self) -> dict[str, int | bool]:
+        """A snapshot of the outbound queue (for ``/debug/stats``)."""
+        return self.link.statistics()
+
+    async def wait_done(self) -> None:
+        """Wait until the connection's task has finished and its socket is closed or aborted."""
+        await self._done.wait()
+
+    # ------------------------------------------------------------------------------------------
+    # what the session asks for (sync; from any task)
+
+    def pump(self, now: float) -> None:
+        """The core queued output for this link: write it now if the writer is idle, else wake it."""
+        if self._writing or self._in_hand is not None:
+            if self._wake:
+                self._wake.unpark_all()
+            return
+        messages = self.session.core.take_output(self.link)
+        if messages is not None:
+            self.write_now(messages, now)
+
+    def write_now(self, messages: list[bytes], now: float) -> None:
+        """Write a batch the core gave this link (taken) with one ``send_nowait``, else hand it to the writer.
+
+        Only called while the writer task is not writing and has nothing in hand (the core gives
+        a link one batch at a time, until :meth:`SessionCore.sent`), so the socket has one sender.
+        """
+        transport = self.transport
+        if not self.link.closing and transport.send_nowait(messages):
+            if not transport.has_unsent:
+                session = self.session
+                flags = session.core.sent(self.link, now)
+                if flags:
+                    session.apply(self, flags, messages, now)
+                return
+            messages = []  # the transport keeps the tail: the writer's next send writes it first
+        self._in_hand = messages
+        if self._wake:
+            self._wake.unpark_all()
+
+    def resume(self) -> None:
+        """The core let this link's held input go: the reader hands its batch in again."""
+        if self._resume:
+            self._resume.unpark_all()
+
+    def begin_close(self) -> None:
+        """The core decided to close this link: stop reading, bound the writer by the close deadline."""
+        self._reader_scope.cancel()
+        self._writer_scope.deadline = self.link.close_deadline
+        self._wake.unpark_all()
+
+    # ------------------------------------------------------------------------------------------
+    # input: the fast path (the poller's read-ahead) and the slow path (the reader task)
+
+    def offer(self, batch: list[bytes]) -> bool:
+        """The read poller's read-ahead: handle ``batch`` now unless that means waiting.
+
+        Returns:
+            True when the batch is handled (the reader task stays parked); False (nothing done)
+            when the core holds it back: the reader task gets it and waits.
+        """
+        link = self.link
+        if link.closing:
+            return False
+        session = self.session
+        now = trio.current_time()
+        flags = session.core.receive(link, batch, now)
+        if flags == WRITE_NOW:  # the usual case, inline: the partner's writer is idle
+            partner = session.core.slots[link.other]
+            assert partner is not None
+            partner.handle.write_now(batch, now)
+            return True
+        session.apply(self, flags, batch, now)
+        return not flags & HOLD
+
+    async def _handle(self, batch: list[bytes]) -> None:
+        session = self.session
+        link = self.link
+        while True:
+            now = trio.current_time()
+            flags = session.core.receive(link, batch, now)
+            session.apply(self, flags, batch, now)
+            if not flags & HOLD:
+                return
+            await self._resume.park()  # until RESUME (room, the rate wait is over) or the close
+            if link.closing:
+                return
+
+    async def _reader(self) -> None:
+        transport = self.transport
+        link = self.link
+        batch = self._initial
+        self._initial = None
+        with self._reader_scope:
+            try:
+                while True:
+                    if batch:
+                        await self._handle(batch)
+                    if link.closing:
+                        return
+                    batch = await transport.receive_messages()
+            except ProtocolError as exc:
+                self.session.close(self, exc.code, str(exc))
+            except TRANSPORT_ERRORS:
+                self.session.lost(self)
+
+    # ------------------------------------------------------------------------------------------
+    # output
+
+    async def _writer(self) -> None:
+        transport = self.transport
+        session = self.session
+        core = session.core
+        link = self.link
+        with self._writer_scope:
+            try:
+                while True:
+                    if link.closing and not link.flush:
+                        return
+                    messages = self._in_hand
+                    if messages is None:
+                        messages = core.take_output(link)
+                        if messages is None:
+                            if link.closing:
+                                return
+                            await self._wake.park()
+                            continue
+                    self._in_hand = None
+                    self._writing = True
+                    try:
+                        await transport.send_messages(messages)  # an unsent tail goes out first
+                    finally:
+                        self._writing = False
+                    now = trio.current_time()
+                    session.apply(self, core.sent(link, now), messages, now)
+            except ProtocolError:
+                return  # the reader hit a framing error and is closing the connection with its code
+            except TRANSPORT_ERRORS:
+                session.lost(self)
+                return
+        if self._writer_scope.cancelled_caught:
+            # the close deadline passed mid-write: the stream is in an unknown state
+            self._dead = True
+
+    # ------------------------------------------------------------------------------------------
+    # the connection task
+
+    async def run(self) -> None:
+        """Run both pumps, then close the socket; started by the session in its nursery.
+
+        Resource handling:
+            The transport is closed (bounded by the close deadline) or aborted before this
+            returns, whatever happens.
+
+        Cancellation:
+            Cancelling (the session or the node tearing down) skips the closing handshake and aborts
+            the socket.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                await self._writer()
+                nursery.cancel_scope.cancel()
+            await self._finish_close()
+        except* Exception as group:
+            # A bug in one connection must not take the node down: log it and drop the socket.
+            self.session.core.stats.internal_errors += 1
+            _LOG.error("relay.connection_error", exc_info=group, extra={"event": "relay.connection_error"})
+        finally:
+            self.session.lost(self)
+            if not self._clean:
+                self.transport.abort()
+            self._done.set()
+
+    async def _finish_close(self) -> None:
+        link = self.link
+        if self._dead or link.close_code is None:
+            return
+        with trio.move_on_at(link.close_deadline):
+            if link.close_body is not None:
+                try:
+                    await self.transport.send_messages([link.close_body])
+                except ProtocolError:
+                    pass  # after a framing error the WebSocket takes no more messages; the code still goes
+                except TRANSPORT_ERRORS:
+                    return
+            try:
+                await self.transport.close(link.ws_code, link.close_reason)
+            except TRANSPORT_ERRORS:
+                return
+            self._clean = True
