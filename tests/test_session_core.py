@@ -28,6 +28,7 @@ from rescue.sessions._core import (
     ACTIVE,
     CLOSE,
     CLOSED,
+    ECHO_NOW,
     ENDED,
     HOLD,
     LEFT,
@@ -37,6 +38,7 @@ from rescue.sessions._core import (
     REJOINED,
     REPLACED,
     RESUME,
+    TIMER,
     WRITE,
     WRITE_NOW,
     WRITE_PARTNER,
@@ -91,6 +93,7 @@ class Shell:
         self.links: list[Link[Conn] | None] = []  # and for which link
         self.conns: list[Conn] = []
         self.armed = self.core.next_deadline()
+        self.ticks = 0  # timer wake-ups
 
     # -- events in
 
@@ -120,6 +123,7 @@ class Shell:
             if self.armed > target:
                 break
             self.now = max(self.now, self.armed)
+            self.ticks += 1
             self.core.tick(self.now)
             self.run_actions()
             self.armed = self.core.next_deadline()
@@ -143,6 +147,12 @@ class Shell:
             assert partner is not None  # only the all-relayed hot path writes at once
             assert batch is not None
             self.write_taken(partner.handle, batch)
+        if flags & ECHO_NOW:
+            assert batch is not None
+            assert len(batch) == 1
+            self.write_taken(conn, batch)
+        if flags & TIMER:
+            self.armed = self.core.next_deadline()
         if flags & WRITE_PARTNER:
             partner = self.core.slots[conn.link.other]
             if partner is not None:  # (one that closed meanwhile got a CLOSE action)
@@ -311,8 +321,14 @@ def test_forwarding_hands_the_very_list_on_and_echoes_heartbeats_ahead() -> None
     assert guest.link.q_frames == 1
     assert shell.core.take_output(guest.link) is batch2  # one batch queued: the very list
     assert shell.core.sent(guest.link, shell.now) == 0
-    assert shell.core.receive(guest.link, [beat(7)], shell.now) == WRITE_SELF
-    assert shell.stats.heartbeats_echoed == 1
+    # an echo for an idle link is its write at once; while that is written, the next one waits
+    # in the priority lane (ahead of any data)
+    assert shell.core.receive(guest.link, [beat(7)], shell.now) == ECHO_NOW
+    assert shell.core.receive(guest.link, [beat(8)], shell.now) == WRITE_SELF
+    shell.core.sent(guest.link, shell.now)
+    assert shell.core.take_actions() == [(WRITE, guest.link)]
+    assert shell.core.take_output(guest.link) == [beat(8)]
+    assert shell.stats.heartbeats_echoed == 2
     assert shell.stats.messages_forwarded == 3
     assert shell.stats.bytes_forwarded == sum(map(len, batch + batch2))
     assert shell.stats.forward_latency.count == written + 2
@@ -376,7 +392,7 @@ def test_a_lone_heartbeat_takes_the_shortcut_only_when_valid(message: bytes) -> 
     shell = Shell()
     host = shell.attach(Role.HOST)
     shell.attach(Role.GUEST)
-    assert shell.receive(host, [_BEAT]) == WRITE_SELF  # echoed, the very same bytes
+    assert shell.receive(host, [_BEAT]) == ECHO_NOW  # echoed, the very same bytes
     assert host.got[-1] == _BEAT
     shell.receive(host, [message])
     assert host.link.close_code == CloseCode.PROTOCOL_ERROR
@@ -533,6 +549,24 @@ def test_liveness_is_pushed_lazily_and_stays_exact_to_the_slack() -> None:
     assert 30 <= closed_at - last <= 31  # never early, at most the slack late
     assert shell.stats.idle_pruned == 1
     assert not guest.link.closing
+
+
+def test_live_peers_never_wake_the_session_timer() -> None:
+    """The liveness deadline moves with the heartbeats (TIMER), so the timer fires only for a
+    real silence: idle sessions cost no wake-ups."""
+    shell = Shell()
+    host = shell.attach(Role.HOST)
+    guest = shell.attach(Role.GUEST)
+    for i in range(30):
+        shell.advance(10)
+        for conn in (host, guest) if i % 2 else (guest, host):
+            shell.receive(conn, [beat()])
+    assert shell.ticks == 0
+    assert not host.link.closing
+    assert not guest.link.closing
+    shell.advance(31)  # silence: one wake-up each, both timed out
+    assert host.link.close_code == guest.link.close_code == CloseCode.HEARTBEAT_TIMEOUT
+    assert shell.ticks <= 2
 
 
 def test_quiet_after_heartbeats_only_and_data_wakes_both() -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "ACTIVE",
     "CLOSE",
     "CLOSED",
+    "ECHO_NOW",
     "ENDED",
     "HOLD",
     "JOINED",
@@ -62,6 +63,7 @@ __all__ = [
     "RELAY_HEARTBEAT",
     "REPLACED",
     "RESUME",
+    "TIMER",
     "WRITE",
     "WRITE_NOW",
     "WRITE_PARTNER",
@@ -86,6 +88,10 @@ ACTIONS: Final = 8  # take_actions() has something
 # by take_output): write that very list to the partner, then call sent(). The light-load case,
 # with no queue traffic at all (decision 0006).
 WRITE_NOW: Final = 16
+# The same for a lone heartbeat's echo: the batch handed in is the link's own next write.
+ECHO_NOW: Final = 32
+# The armed timer was a liveness deadline that just moved later: re-arm with next_deadline().
+TIMER: Final = 64
 
 # Action kinds, as (kind, link) from take_actions(). Mechanics first:
 WRITE: Final = 1  # the link's output has something: write it (take_output ... sent)
@@ -407,7 +413,8 @@ class SessionCore(Generic[H]):
             its rate); wait for a ``RESUME`` action for the link (or its close) and hand the same
             batch in again. Else the whole batch is handled: ``WRITE_NOW`` (forwarded, and it is
             the partner's next write: write ``batch`` itself), ``WRITE_PARTNER`` (forwarded),
-            ``WRITE_SELF`` (a heartbeat echo), ``ACTIONS`` (see :meth:`take_actions`).
+            ``WRITE_SELF`` (a heartbeat echo), ``ECHO_NOW`` (the echo is ``batch`` itself: write
+            it to the link), ``TIMER`` (re-arm the timer), ``ACTIONS`` (see :meth:`take_actions`).
         """
         if link.closing:
             return 0
@@ -419,19 +426,26 @@ class SessionCore(Generic[H]):
             return self._hold(link, now)
         if link.held:
             self._unhold(link, now)
-        # liveness: pushed only once less than one heartbeat interval is left on it (lazily:
-        # next_deadline() may then be early, and tick() re-arms it from _last_in)
+        # liveness: pushed only once less than one heartbeat interval is left on it (every third
+        # heartbeat of a quiet peer: moving the timer is the dearest thing an idle session does).
+        # When the armed timer was this deadline, TIMER asks the shell to move it, so a live
+        # peer never wakes the session; if the peer then goes silent it fires at most the
+        # slack late, and tick() re-arms it from _last_in.
         link._last_in = now
+        timer = 0
         if link._live_at < now + self.limits.heartbeat_s:
+            if link._live_at <= self._armed:
+                timer = TIMER
             link._live_at = now + self.limits.liveness_timeout_s + LIVENESS_SLACK_S
         if _all_relayed(batch):
             # the common case: every message is CONTROL/DATA, forward the list as it is
             flags = self._forward(link, partner, batch, now, direct=True)
         elif len(batch) == 1 and _is_lone_heartbeat(batch[0]):
             # the next most common: a lone HEARTBEAT (version 1, no flags, channel 0, empty body)
-            flags = self._echo(link, batch[0], now)
+            flags = self._echo(link, batch[0], now, direct=True)
         else:
             flags = self._receive_mixed(link, partner, batch, now)
+        flags |= timer
         return (flags | ACTIONS) if self._actions else flags
 
     def _receive_mixed(self, link: Link[H], partner: Link[H] | None, batch: list[bytes], now: float) -> int:
@@ -533,10 +547,18 @@ class SessionCore(Generic[H]):
                 link._hold_until = now + delay
         return flags
 
-    def _echo(self, link: Link[H], heartbeat: bytes, now: float) -> int:
-        """Echo a HEARTBEAT (the very same bytes) ahead of data."""
+    def _echo(self, link: Link[H], heartbeat: bytes, now: float, *, direct: bool = False) -> int:
+        """Echo a HEARTBEAT (the very same bytes) ahead of data.
+
+        With ``direct`` (the batch handed in is this one heartbeat) and the link's output idle,
+        the batch itself becomes the link's write in progress (``ECHO_NOW``).
+        """
         flags = 0
-        if len(link._prio) < MAX_PRIORITY_FRAMES:
+        if direct and not link._taken and not link._fifo and not link._prio:
+            link._taken = True  # (no frames: an echo is not counted against the queue bounds)
+            self.stats.heartbeats_echoed += 1
+            flags = ECHO_NOW
+        elif len(link._prio) < MAX_PRIORITY_FRAMES:
             link._prio.append(heartbeat)
             self.stats.heartbeats_echoed += 1
             flags = WRITE_SELF

@@ -32,7 +32,7 @@ import trio
 
 from rescue._log import get_logger
 from rescue.errors import ProtocolError
-from rescue.sessions._core import HOLD, WRITE_NOW, Link
+from rescue.sessions._core import ECHO_NOW, HOLD, WRITE_NOW, Link
 from rescue.sessions._transport import TRANSPORT_ERRORS, Transport
 
 if TYPE_CHECKING:
@@ -156,10 +156,13 @@ class PeerLink:
         session = self.session
         now = trio.current_time()
         flags = session.core.receive(link, batch, now)
-        if flags == WRITE_NOW:  # the usual case, inline: the partner's writer is idle
+        if flags == WRITE_NOW:  # the usual cases, inline: the partner's writer is idle
             partner = session.core.slots[link.other]
             assert partner is not None
             partner.handle.write_now(batch, now)
+            return True
+        if flags == ECHO_NOW:  # a heartbeat, and this link's writer is idle
+            self.write_now(batch, now)
             return True
         session.apply(self, flags, batch, now)
         return not flags & HOLD

@@ -31,12 +31,14 @@ from rescue.sessions._core import (
     ACTIONS,
     ACTIVE,
     CLOSE,
+    ECHO_NOW,
     ENDED,
     PAIRED,
     PEER_CLOSED,
     QUIET,
     REARM,
     RESUME,
+    TIMER,
     WRITE,
     WRITE_NOW,
     WRITE_PARTNER,
@@ -248,8 +250,17 @@ class Session:
                     partner.handle.write_now(batch, now)
                 else:
                     partner.handle.pump(now)
-        if flags & WRITE_SELF:
+        if flags & ECHO_NOW:
+            conn.write_now(batch, now)
+        elif flags & WRITE_SELF:
             conn.pump(now)
+        if flags & TIMER:
+            self.rearm()
+
+    def rearm(self) -> None:
+        """Move the session's timer to the core's next deadline."""
+        if self._timer is not None:
+            self._timer.deadline = self.core.next_deadline()
 
     def _run_actions(self) -> None:
         core = self.core
@@ -261,8 +272,7 @@ class Session:
             for kind, link in actions:
                 if link is None:
                     if kind == REARM:
-                        if self._timer is not None:
-                            self._timer.deadline = core.next_deadline()
+                        self.rearm()
                     else:
                         self._lifecycle(kind, None)
                 elif kind == WRITE:
