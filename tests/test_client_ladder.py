@@ -26,10 +26,10 @@ from rescue.client import (
     prefetched,
 )
 from rescue.client._backoff import BackoffPolicy
-from rescue.client._testing import TEST_PSK, run_relay
 from rescue.errors import GuardrailError
 from rescue.guardrails import FleetState, GuardrailConfig, Guardrails, MemoryStore
 from rescue.protocol import SigningKey
+from rescue.testing import TEST_PSK, run_relay
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
 
 

@@ -22,9 +22,9 @@ from rescue.client import (
     SessionClosed,
     open_peer,
 )
-from rescue.client._testing import TEST_PSK, LocalTokens, RelayRunner, abort_connection, run_relay
 from rescue.errors import ConnectionClosedError
 from rescue.protocol import SigningKey
+from rescue.testing import TEST_PSK, LocalTokens, RelayRunner, abort_connection, run_relay
 
 MB = 1024 * 1024
 

@@ -11,8 +11,8 @@ from rescue._codes import CloseCode
 from rescue.errors import ConnectionClosedError
 from rescue.protocol import HEADER_SIZE, Kind, encode_frame
 from rescue.protocol._messages import Role
-from rescue.relay._testing import TestKeys, TestPeer, peer_conn, seq_frame, start_test_relay
 from rescue.sessions import RELAY_HEARTBEAT
+from rescue.testing import TestKeys, TestPeer, peer_conn, seq_frame, start_test_relay
 from rescue.websocket import READ_SIZE
 
 TEST_TIMEOUT = 60  # wall clock; the 50 MB test moves the most data

@@ -24,7 +24,7 @@ from rescue.protocol import Kind, encode_frame
 from rescue.protocol._messages import Close
 from rescue.protocol._tokens import KeyRing, SigningKey
 from rescue.relay import Relay, RelayAddresses
-from rescue.relay._testing import TestKeys, TestPeer, relay_test_config
+from rescue.testing import TestKeys, TestPeer, relay_test_config
 from rescue.websocket import connect_websocket
 
 TEST_TIMEOUT = 30

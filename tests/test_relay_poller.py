@@ -17,7 +17,8 @@ from rescue.protocol import Kind, encode_frame
 from rescue.protocol._messages import Role
 from rescue.relay import Relay
 from rescue.relay._config import RelayConfig
-from rescue.relay._testing import (
+from rescue.sessions import PeerLink
+from rescue.testing import (
     TestKeys,
     TestPeer,
     peer_conn,
@@ -25,7 +26,6 @@ from rescue.relay._testing import (
     seq_frame,
     start_test_relay,
 )
-from rescue.sessions import PeerLink
 from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
 
 pytestmark = pytest.mark.skipif(not POLLER_AVAILABLE, reason="the read poller needs select.epoll (Linux)")

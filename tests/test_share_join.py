@@ -13,8 +13,8 @@ import termios
 import pytest
 import trio
 
-from rescue.client._testing import run_dev_stack
 from rescue.commands.peer import set_winsize
+from rescue.testing import run_dev_stack
 
 PASSPHRASE = "correct horse battery staple"
 

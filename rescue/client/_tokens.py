@@ -2,7 +2,7 @@
 
 A *token provider* is any ``async () -> TokenGrant`` callable. :class:`TokenClient` is the one that
 talks to the token service; tests and integrators with their own control plane can pass any other
-(``rescue.client._testing.LocalTokens`` mints with a local key).
+(``rescue.testing.LocalTokens`` mints with a local key).
 
 Errors a provider raises decide what the peer does next:
 

@@ -1,4 +1,4 @@
-"""Helpers for testing code built on the SDK (re-exported by ``rescue.testing``).
+"""Helpers for testing code built on the SDK, against a real in-process relay (see ``rescue.testing``).
 
 ::
 
@@ -24,7 +24,7 @@ from rescue.client._tokens import TokenGrant
 from rescue.protocol._messages import Role
 from rescue.protocol._tokens import KeyRing, SigningKey, mint_token
 from rescue.relay import Relay, RelayAddresses
-from rescue.relay._testing import relay_test_config
+from rescue.testing._relay import relay_test_config
 
 __all__ = [
     "TEST_PSK",
