@@ -105,7 +105,8 @@ class KeyMaterial:
 
 def make_minter(key_file: str, *, audience: str = "*") -> Callable[[str, str], bytes]:
     """``mint(session, role)``: a fresh token per connection, as the token service would issue."""
-    from rescue.protocol._tokens import load_signing_key, mint_token
+    from rescue._keyfiles import load_signing_key
+    from rescue.protocol._tokens import mint_token
 
     key = load_signing_key(key_file)
 

@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 
+from rescue._keyfiles import load_keyring, load_signing_key
 from rescue.cli import main
 from rescue.protocol._tokens import (
     KeyRing,
     SigningKey,
     b64url_decode,
     b64url_encode,
-    load_keyring,
-    load_signing_key,
     mint_token,
     verify_token,
 )

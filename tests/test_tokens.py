@@ -18,6 +18,7 @@ from cwt.cose_key_interface import COSEKeyInterface
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rescue._keyfiles import load_keyring, load_signing_key
 from rescue.errors import ConfigError, TokenError
 from rescue.protocol import CloseCode
 from rescue.protocol._tokens import (
@@ -29,8 +30,6 @@ from rescue.protocol._tokens import (
     VerifyKey,
     b64url_decode,
     b64url_encode,
-    load_keyring,
-    load_signing_key,
     mint_token,
     verify_token,
 )

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rescue._keyfiles import load_keyring, load_signing_key
 from rescue.cli import add_option
 from rescue.errors import ConfigError, TokenError
 from rescue.protocol._tokens import (
@@ -28,8 +29,6 @@ from rescue.protocol._tokens import (
     SigningKey,
     b64url_decode,
     b64url_encode,
-    load_keyring,
-    load_signing_key,
     mint_token,
     verify_token,
 )

@@ -22,12 +22,13 @@ from functools import partial
 
 import trio
 
+from rescue._keyfiles import load_signing_key
 from rescue._log import configure_logging, get_logger, log_event
 from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, Guardrails, GuardrailStore, RedisStore
-from rescue.protocol._tokens import MAX_TTL, load_signing_key
+from rescue.protocol._tokens import MAX_TTL
 from rescue.tokenservice import (
     JwksSource,
     OidcVerifier,

@@ -64,7 +64,5 @@ from rescue.protocol._tokens import SigningKey as SigningKey
 from rescue.protocol._tokens import VerifyKey as VerifyKey
 from rescue.protocol._tokens import b64url_decode as b64url_decode
 from rescue.protocol._tokens import b64url_encode as b64url_encode
-from rescue.protocol._tokens import load_keyring as load_keyring
-from rescue.protocol._tokens import load_signing_key as load_signing_key
 from rescue.protocol._tokens import mint_token as mint_token
 from rescue.protocol._tokens import verify_token as verify_token

@@ -28,13 +28,11 @@ import base64
 import binascii
 import hashlib
 import io
-import json
 import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import cbor2
@@ -60,8 +58,6 @@ __all__ = [
     "VerifyKey",
     "b64url_decode",
     "b64url_encode",
-    "load_keyring",
-    "load_signing_key",
     "mint_token",
     "verify_token",
 ]
@@ -77,8 +73,6 @@ MAX_TOKEN_SIZE: Final = 1024
 # Every text claim (iss, aud, sid, cohort) is at most this many characters (sid: SPEC §2 HELLO limit).
 MAX_CLAIM_TEXT: Final = 128
 MAX_FEATURE_BITS: Final = 2**64 - 1  # "fb" is a CBOR uint that fits a u64
-# Key files and JWK sets are small; 1 MiB holds thousands of retired keys and bounds what we read.
-MAX_KEY_FILE_SIZE: Final = 1 << 20
 
 COSE_SIGN1_TAG: Final = 18
 CWT_TAG: Final = 61  # optional outer CWT tag (RFC 8392 §6); accepted on verify, never minted
@@ -369,46 +363,6 @@ class KeyRing:
                 raise ConfigError(f"{where}: contains a private key ('d'); a JWK set holds public keys only")
             ring.add(VerifyKey.from_jwk(entry, where=where))
         return ring
-
-
-def _read_json(path: str | os.PathLike[str], what: str) -> Any:
-    p = Path(path)
-    try:
-        with p.open("rb") as f:
-            data = f.read(MAX_KEY_FILE_SIZE + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
-    if len(data) > MAX_KEY_FILE_SIZE:
-        raise ConfigError(f"{what} {p} is larger than {MAX_KEY_FILE_SIZE} bytes")
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"{what} {p} is not valid JSON: {str(exc).splitlines()[0]}") from None
-
-
-def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
-    """Read a private Ed25519 JWK file (as written by ``rescue keygen``).
-
-    Raises:
-        ConfigError: unreadable, not JSON, or not a valid private Ed25519 JWK (one-line message).
-    """
-    return SigningKey.from_jwk(_read_json(path, "key file"), where=f"key file {path}")
-
-
-def load_keyring(path: str | os.PathLike[str]) -> KeyRing:
-    """Read verification keys: a JWK set file, a single public JWK, or a private JWK file (whose
-    public part is used).
-
-    Raises:
-        ConfigError: unreadable, not JSON, or not valid keys (one-line message).
-    """
-    doc = _read_json(path, "key file")
-    if isinstance(doc, Mapping) and "keys" in doc:
-        try:
-            return KeyRing.from_jwks(doc)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-    return KeyRing([VerifyKey.from_jwk(doc, where=f"key file {path}")])
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rescue._keyfiles import load_keyring
 from rescue.errors import ConfigError
 from rescue.protocol._tokens import (
     CLOCK_SKEW,
@@ -21,7 +22,6 @@ from rescue.protocol._tokens import (
     KeyRing,
     SigningKey,
     VerifyKey,
-    load_keyring,
 )
 
 __all__ = ["PublishedKeys", "RetiredKey", "load_retired_keys"]
