@@ -2,14 +2,27 @@
 
 ::
 
-    RescueError                     base of everything rescue raises on purpose
-    ├── ProtocolError               bad bytes from a peer; carries the close code to answer with
-    ├── TokenError                  a fallback token failed verification; carries a reason and a close code
-    ├── ConfigError                 bad settings, key files or command-line values (one-line message)
-    ├── GuardrailError              the guardrails refused (paused, cohort disabled, not entitled)
-    ├── StoreUnavailable            the guardrail store (Redis) could not be read or written
-    ├── BufferFull                  the sender's replay buffer is full: backpressure, not a peer's fault
-    └── ConnectionClosedError       a relay connection ended; carries the close code and reason
+    RescueError                         base of everything rescue raises on purpose
+    ├── ProtocolError                   bad bytes from a peer; carries the close code to answer with
+    │   ├── DecryptError                a frame failed authentication (INTEGRITY_ERROR)  protocol/_crypto.py
+    │   └── HandshakeError              the HTTP upgrade failed (status, error, detail)  websocket/_codec.py
+    ├── TokenError                      a fallback token failed verification; a reason and a close code
+    ├── ConfigError                     bad settings, key files or command-line values (one-line message)
+    │   └── MintError (+ ValueError)    mint arguments the contract forbids              protocol/_tokens.py
+    ├── GuardrailError                  the guardrails refused (paused, cohort disabled, not entitled)
+    ├── StoreUnavailable                the guardrail store (Redis) could not be read or written
+    ├── BufferFull                      the sender's replay buffer is full: backpressure, not a fault
+    ├── ConnectionClosedError           a relay connection ended; carries the close code and reason
+    │   └── WebSocketClosedError        ... with the close code as received  websocket/_connection.py
+    ├── EntitlementError                an entitlement proof (OIDC JWT) was refused      tokenservice/_oidc.py
+    ├── OidcUnavailable                 the entitlement JWKS could not be fetched (503)  tokenservice/_oidc.py
+    ├── TokenRequestError               the token service refused a request (4xx)       client/_tokens.py
+    └── TokenServiceUnavailable         no token right now (network, timeout, 5xx)      client/_tokens.py
+
+The classes without a path are defined here; the others next to the code that raises them (and
+re-exported by their package). ``tests/test_errors.py`` checks that this tree lists every one.
+(``rescue._http.JsonError`` is not an error of rescue's: it is how an HTTP handler asks for a JSON
+error answer, and never leaves the HTTP layer.)
 
 Every error that crosses an I/O boundary is translated into one of these there, so callers never see
 a ``KeyError`` from a malformed CBOR map or a ``struct.error`` from a short header.

@@ -25,9 +25,9 @@ from rescue.protocol import Flags, Kind, encode_frame, encode_header
 from rescue.protocol._messages import Close, Hello, Role
 from rescue.protocol._tokens import SigningKey
 from rescue.relay import Relay, RelayAddresses
-from rescue.relay._testing import TestKeys, TestPeer, relay_test_config
+from rescue.testing import TestKeys, TestPeer, relay_test_config
 from rescue.websocket import (
-    CloseReceived,
+    CloseFrameReceived,
     FrameParser,
     Opcode,
     build_frame,
@@ -341,7 +341,7 @@ async def _raw_frames_then_close_code(env: Env, *frames: bytes) -> int | None:
             parser.feed(buf.split(b"\r\n\r\n", 1)[1])
             while chunk := await stream.receive_some(65536):
                 for event in parser.feed(chunk):
-                    if isinstance(event, CloseReceived):
+                    if isinstance(event, CloseFrameReceived):
                         return event.code
         return None
 

@@ -18,7 +18,7 @@ from rescue._codes import CloseCode
 from rescue.errors import ProtocolError
 from rescue.websocket import (
     MAX_HANDSHAKE_SIZE,
-    CloseReceived,
+    CloseFrameReceived,
     Event,
     FrameParser,
     HandshakeError,
@@ -256,13 +256,13 @@ def test_bad_close_payloads(payload: bytes, match: str) -> None:
 def test_close_frame_ends_parsing_and_keeps_earlier_messages() -> None:
     wire = frame_binary(b"one", True) + frame_close(4011, "replaced", mask=True) + frame_binary(b"no", True)
     parser = FrameParser(client=False)
-    assert parser.feed(wire) == [b"one", CloseReceived(4011, "replaced")]
+    assert parser.feed(wire) == [b"one", CloseFrameReceived(4011, "replaced")]
     assert parser.closed
     assert parser.feed(frame_binary(b"later", True)) == []
 
 
 def test_empty_close_payload_has_no_code() -> None:
-    assert FrameParser(client=True).feed(frame_close(None, mask=False)) == [CloseReceived(None, "")]
+    assert FrameParser(client=True).feed(frame_close(None, mask=False)) == [CloseFrameReceived(None, "")]
 
 
 def test_pong_is_reported() -> None:
@@ -283,7 +283,7 @@ def test_control_payload_limits_on_the_sending_side() -> None:
 def test_close_reason_is_cut_at_a_character_boundary() -> None:
     frame = frame_close(1000, "é" * 100, mask=False)  # 200 bytes of UTF-8
     [event] = FrameParser(client=True).feed(frame)
-    assert isinstance(event, CloseReceived)
+    assert isinstance(event, CloseFrameReceived)
     assert event.reason == "é" * 61  # 122 bytes: the 62nd character would need byte 124
     assert len(frame) == 2 + 2 + 122
 

@@ -26,7 +26,7 @@ from rescue._codes import CloseCode
 from rescue.errors import ConnectionClosedError, ProtocolError
 from rescue.websocket import (
     CLOSE_TIMEOUT,
-    CloseReceived,
+    CloseFrameReceived,
     Event,
     FrameParser,
     HandshakeError,
@@ -105,7 +105,7 @@ async def events_until_eof(stream: trio.abc.Stream) -> list[Event]:
     while chunk := await stream.receive_some(65536):
         for event in parser.feed(chunk):
             events.append(event)
-            if isinstance(event, CloseReceived):
+            if isinstance(event, CloseFrameReceived):
                 await stream.send_all(frame_close(event.code, event.reason, mask=True))
     return events
 
@@ -271,7 +271,7 @@ async def test_batching_returns_every_message_of_one_read() -> None:
                 payloads = [b"m%d" % i for i in range(50)]
                 await stream.send_all(frame_messages(payloads, mask=True))
                 assert await events_until_eof(stream) == [
-                    CloseReceived(1000, "")
+                    CloseFrameReceived(1000, "")
                 ]  # the handler returned: the server closed the socket
             assert batches == [payloads]
 
@@ -290,7 +290,7 @@ async def test_frames_sent_with_the_upgrade_request_are_not_lost() -> None:
             request = build_request("x", "/v1/connect", new_key())
             await stream.send_all(request + frame_binary(b"early", True))
             assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 101 ")
-            assert await events_until_eof(stream) == [CloseReceived(1000, "")]
+            assert await events_until_eof(stream) == [CloseFrameReceived(1000, "")]
     assert got == [b"early"]
 
 
@@ -313,7 +313,7 @@ async def test_messages_before_a_close_frame_are_delivered_then_close_is_reporte
                 reply = await read_until_eof(stream)
     assert results == [[b"last words"], CloseCode.PEER_GONE]
     # The server echoed the close code, then closed TCP.
-    assert FrameParser(client=True).feed(reply) == [CloseReceived(4013, "gone")]
+    assert FrameParser(client=True).feed(reply) == [CloseFrameReceived(4013, "gone")]
 
 
 async def test_ping_gets_a_pong_with_the_same_payload() -> None:
@@ -326,7 +326,7 @@ async def test_ping_gets_a_pong_with_the_same_payload() -> None:
             async with stream:
                 await stream.send_all(build_frame(Opcode.PING, b"p1", mask=True) + frame_binary(b"x", True))
                 events = await events_until_eof(stream)
-    assert events == [Pong(b"p1"), CloseReceived(1000, "")]
+    assert events == [Pong(b"p1"), CloseFrameReceived(1000, "")]
 
 
 async def test_eof_without_close_frame_is_an_abnormal_closure() -> None:
@@ -609,7 +609,7 @@ async def test_sending_still_works_after_the_peer_broke_framing() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.close, info.value.code, "text message")
             events = await events_until_eof(b)
-        assert events == [b"final CLOSE message", CloseReceived(4010, "text message")]
+        assert events == [b"final CLOSE message", CloseFrameReceived(4010, "text message")]
 
 
 async def test_detached_connection_outlives_its_handler_and_is_closed_by_its_new_owner() -> None:

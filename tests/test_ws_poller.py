@@ -23,7 +23,7 @@ from rescue.errors import ProtocolError
 from rescue.websocket import (
     CLOSE_TIMEOUT,
     READ_SIZE,
-    CloseReceived,
+    CloseFrameReceived,
     Event,
     FrameParser,
     Opcode,
@@ -316,7 +316,7 @@ async def test_closing_a_connection_whose_reader_is_parked_in_the_poller(
 
 @pytest.mark.parametrize("with_taker", [False, True])
 async def test_eof_right_after_a_message_ends_receive_messages(poller: ReadPoller, with_taker: bool) -> None:
-    """BUG (rescue/websocket/_poller.py + _conn.py ``_read_ahead_now``/``_read_socket``): a peer that
+    """BUG (rescue/websocket/_poller.py + _connection.py ``_read_ahead_now``/``_read_socket``): a peer that
     sends a message and then drops the connection (data and FIN in one epoll edge) is never seen
     to go: the message is read with a short read, the EOF stays unread, and the reader waits in
     the poller forever (the relay only notices at the liveness timeout). Without the poller the
@@ -717,7 +717,7 @@ async def test_ping_during_read_ahead_is_answered_and_the_close_handshake_comple
                 await wait_until(lambda: taken == [b"a", b"b"])
                 await raw.send_all(frame_close(CloseCode.NORMAL, "bye", mask=True))
                 events = await read_until(raw, parser, lambda e: False)  # to EOF
-                assert events == [CloseReceived(CloseCode.NORMAL, "bye")]
+                assert events == [CloseFrameReceived(CloseCode.NORMAL, "bye")]
             assert received == []
             assert len(errors) == 1
             assert (errors[0].wire_code, errors[0].reason) == (CloseCode.NORMAL, "bye")
@@ -758,7 +758,7 @@ async def test_protocol_error_seen_by_read_ahead_is_raised_by_receive_messages(
 
             async def answer_close() -> list[Event]:
                 parser = FrameParser(client=True)
-                events = await read_until(raw, parser, lambda e: isinstance(e, CloseReceived))
+                events = await read_until(raw, parser, lambda e: isinstance(e, CloseFrameReceived))
                 await raw.send_all(frame_close(CloseCode.PROTOCOL_ERROR, "", mask=True))
                 return events
 
@@ -771,7 +771,7 @@ async def test_protocol_error_seen_by_read_ahead_is_raised_by_receive_messages(
                 nursery.start_soon(client_side)
                 with trio.fail_after(CLOSE_TIMEOUT / 2):
                     await server.close(error.code, "bad framing")
-            assert events == [CloseReceived(CloseCode.PROTOCOL_ERROR, "bad framing")]
+            assert events == [CloseFrameReceived(CloseCode.PROTOCOL_ERROR, "bad framing")]
 
 
 async def test_an_exception_from_on_messages_is_raised_by_receive_messages(poller: ReadPoller) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Final, TypeAlias
 
 import trio
 
-from rescue._codes import CloseCode, policy_for
+from rescue._codes import CloseCode, clip_close_reason, policy_for
 from rescue._log import get_logger, log_event, session_tag
 from rescue._tracing import NOOP_SPAN, SpanLike, span, trace_headers
 from rescue.client._backoff import BackoffPolicy
@@ -81,7 +81,8 @@ LIVENESS_FACTOR: Final = 3
 # Fetch a fresh token before reconnecting when the current one expires within this margin (the
 # relay allows 30 s of clock skew; reconnecting with a token about to expire wastes an attempt).
 TOKEN_REFRESH_MARGIN_S: Final = 30.0
-# Sending CLOSE and the WebSocket close handshake at the end get at most this long.
+# The default close_timeout_s of open_peer(): sending CLOSE and the WebSocket close handshake (or
+# answering the relay's close frame) get at most this long.
 CLOSE_TIMEOUT_S: Final = 3.0
 # After this many consecutive attempts that could not even get a WELCOME, fetch a fresh token
 # before the next one: the node named by the token may be gone for good (its sessions moved).
@@ -169,9 +170,10 @@ class _Outcome:
 class _Link:
     """One connection's shared state between its four tasks."""
 
-    def __init__(self, ws: WebSocketConnection, url: str) -> None:
+    def __init__(self, ws: WebSocketConnection, url: str, close_timeout_s: float) -> None:
         self.ws = ws
         self.url = url
+        self.close_timeout_s = close_timeout_s
         self.outcome: _Outcome | None = None
         self.scope: trio.CancelScope | None = None
         self.welcomed = trio.Event()
@@ -195,7 +197,7 @@ class _Link:
         """End it politely: the writer sends what is queued, then CLOSE and a close frame.
 
         The writer owns the socket's send side, so this never interleaves with a data write; a
-        guard task drops the socket if that takes longer than :data:`CLOSE_TIMEOUT_S`.
+        guard task drops the socket if that takes longer than the peer's ``close_timeout_s``.
         """
         if self.close_request is not None or self.outcome is not None:
             return
@@ -205,7 +207,7 @@ class _Link:
             self.nursery.start_soon(self._close_guard, outcome)
 
     async def _close_guard(self, outcome: _Outcome) -> None:
-        await trio.sleep(CLOSE_TIMEOUT_S)
+        await trio.sleep(self.close_timeout_s)
         self.finish(outcome)
 
 
@@ -226,8 +228,10 @@ class Peer:
         receive_queue: int,
         give_up_after: float | None,
         ssl_context: ssl.SSLContext | None,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
     ) -> None:
         self.core = core
+        self.close_timeout_s = close_timeout_s
         self._tokens = tokens
         self._on_event = on_event
         self._backoff = backoff
@@ -371,7 +375,7 @@ class Peer:
         Idempotent. Call :meth:`drain` first to be sure everything sent was delivered.
 
         Cancellation:
-            The CLOSE and the close handshake are bounded by :data:`CLOSE_TIMEOUT_S`.
+            The CLOSE and the close handshake are bounded by ``close_timeout_s`` (see :func:`open_peer`).
         """
         if self._closed is not None:
             await self._done.wait()
@@ -518,6 +522,7 @@ class Peer:
                     ssl_context=self._ssl,
                     max_message=MAX_INBOUND_MESSAGE,
                     headers=tuple(trace_headers().items()),
+                    close_timeout=self.close_timeout_s,
                 )
         except trio.TooSlowError:
             return _Outcome(None, f"connect to {grant.relay_url} timed out"), False
@@ -525,7 +530,7 @@ class Peer:
             return _Outcome(None, exc.reason or str(exc)), False
         except ProtocolError as exc:  # HandshakeError: refused upgrade (e.g. 503 draining)
             return _Outcome(None, str(exc)), False
-        link = _Link(ws, grant.relay_url)
+        link = _Link(ws, grant.relay_url, self.close_timeout_s)
         link.span = connection_span
         hello = self.core.connect(grant.token)
         self._link = link
@@ -555,7 +560,7 @@ class Peer:
                 link.finish(_Outcome(code, exc.reason or "connection closed by the relay"))
                 return
             except ProtocolError as exc:  # the relay broke WebSocket framing
-                link.request_close(_Outcome(int(exc.code), str(exc)[:100]))
+                link.request_close(_Outcome(int(exc.code), clip_close_reason(str(exc))))
                 return
             link.last_inbound = trio.current_time()
             for message in messages:
@@ -700,6 +705,7 @@ async def open_peer(
     backoff: BackoffPolicy | None = None,
     give_up_after: float | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    close_timeout_s: float = CLOSE_TIMEOUT_S,
 ) -> AsyncIterator[Peer]:
     """Join a session as ``role`` through the relay; the peer reconnects and resumes by itself.
 
@@ -727,6 +733,8 @@ async def open_peer(
         give_up_after: stop (``ConnectionClosedError``) after this many seconds of failed attempts
             in a row; ``None`` retries as long as the close codes allow.
         ssl_context: TLS settings for ``wss://`` relays.
+        close_timeout_s: the one bound on a close (our CLOSE and the close handshake, or the
+            answer to the relay's close frame) before the socket is dropped.
 
     Yields:
         The :class:`Peer`. Leaving the block closes the session for both peers (CLOSE ``NORMAL``)
@@ -741,7 +749,7 @@ async def open_peer(
 
     Cancellation:
         Cancelling the block closes the connection (the CLOSE is sent under a shielded,
-        :data:`CLOSE_TIMEOUT_S`-bounded scope).
+        ``close_timeout_s``-bounded scope).
     """
     if (passphrase is None) == (psk is None):
         raise ValueError("give exactly one of passphrase and psk")
@@ -766,6 +774,7 @@ async def open_peer(
         receive_queue=receive_queue,
         give_up_after=give_up_after,
         ssl_context=ssl_context,
+        close_timeout_s=close_timeout_s,
     )
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:
@@ -775,7 +784,7 @@ async def open_peer(
         except BaseException as exc:  # re-raised below, outside the nursery (no ExceptionGroup)
             error = exc
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S + 1):
+            with trio.CancelScope(shield=True), trio.move_on_after(close_timeout_s + 1):
                 await peer.aclose()
             nursery.cancel_scope.cancel()
     if error is not None:

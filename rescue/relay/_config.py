@@ -51,7 +51,8 @@ class RelayConfig:
         burst_bytes: bucket size for ``max_bytes_per_s`` (0 = one second's worth).
         queue_max_frames: per-direction queue bound in messages.
         queue_max_bytes: per-direction queue bound in bytes.
-        close_timeout_s: bound on a relay-initiated close before the socket is aborted.
+        close_timeout_s: the one bound on every close the relay does (a refusal, a session close,
+            answering a peer's close frame) before the socket is aborted.
         drain_s: on shutdown, how long peers get to leave after CLOSE SERVER_SHUTDOWN (and the
             window over which their ``reconnect_in_ms`` is spread).
         status_poll_s: how often the token service's paused state is fetched (SPEC: cache ≤ 1 s).

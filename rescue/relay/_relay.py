@@ -31,7 +31,7 @@ from typing import Any, Final
 import httpx
 import trio
 
-from rescue._codes import CloseCode
+from rescue._codes import CloseCode, clip_close_reason
 from rescue._http import serve_http
 from rescue._log import get_logger, log_event, session_tag
 from rescue._tracing import RecordedSpan, record_span
@@ -296,6 +296,7 @@ class Relay:
                         max_message=config.max_frame,
                         handshake_timeout=config.upgrade_timeout_s,
                         handler_nursery=handlers,
+                        close_timeout=config.close_timeout_s,
                     )
                 )
                 host, port = server.addresses[0]
@@ -531,7 +532,7 @@ class Relay:
         outcome = _outcome(code)
         self.metrics.handshakes.labels(outcome).inc()
         self.stats.count_close(code)
-        reason = reason.encode()[:100].decode("utf-8", "ignore")
+        reason = clip_close_reason(reason)
         with trio.move_on_after(self.config.close_timeout_s):
             try:
                 await ws.send_messages([Close(code, reason, reconnect_in_ms).to_message()])

@@ -36,7 +36,7 @@ Public API:
   :class:`HandshakeError` (a ``ProtocolError`` with ``status``/``error``/``detail``) for a failed
   upgrade.
 * Sans-I/O codec (no trio): :class:`FrameParser`, events :class:`Ping` / :class:`Pong` /
-  :class:`CloseReceived` (binary messages are plain ``bytes``), serializers ``frame_binary``,
+  :class:`CloseFrameReceived` (binary messages are plain ``bytes``), serializers ``frame_binary``,
   ``frame_messages``, ``frame_close``, ``frame_ping``, ``frame_pong``, ``build_frame``, and the
   handshake helpers ``parse_request``, ``switching_protocols``, ``error_response``,
   ``build_request``, ``parse_response``, ``find_head_end``, ``accept_key``, ``new_key``.
@@ -45,7 +45,7 @@ Public API:
 from rescue.websocket._client import connect_websocket as connect_websocket
 from rescue.websocket._codec import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
 from rescue.websocket._codec import MAX_HANDSHAKE_SIZE as MAX_HANDSHAKE_SIZE
-from rescue.websocket._codec import CloseReceived as CloseReceived
+from rescue.websocket._codec import CloseFrameReceived as CloseFrameReceived
 from rescue.websocket._codec import Event as Event
 from rescue.websocket._codec import FrameParser as FrameParser
 from rescue.websocket._codec import HandshakeError as HandshakeError
@@ -70,11 +70,11 @@ from rescue.websocket._codec import new_key as new_key
 from rescue.websocket._codec import parse_request as parse_request
 from rescue.websocket._codec import parse_response as parse_response
 from rescue.websocket._codec import switching_protocols as switching_protocols
-from rescue.websocket._conn import CLOSE_TIMEOUT as CLOSE_TIMEOUT
-from rescue.websocket._conn import READ_SIZE as READ_SIZE
-from rescue.websocket._conn import ConnectionStatistics as ConnectionStatistics
-from rescue.websocket._conn import WebSocketClosedError as WebSocketClosedError
-from rescue.websocket._conn import WebSocketConnection as WebSocketConnection
+from rescue.websocket._connection import CLOSE_TIMEOUT as CLOSE_TIMEOUT
+from rescue.websocket._connection import READ_SIZE as READ_SIZE
+from rescue.websocket._connection import ConnectionStatistics as ConnectionStatistics
+from rescue.websocket._connection import WebSocketClosedError as WebSocketClosedError
+from rescue.websocket._connection import WebSocketConnection as WebSocketConnection
 from rescue.websocket._server import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
 from rescue.websocket._server import AcceptCheck as AcceptCheck
 from rescue.websocket._server import Handler as Handler

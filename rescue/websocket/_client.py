@@ -18,7 +18,7 @@ from rescue.websocket._codec import (
     new_key,
     parse_response,
 )
-from rescue.websocket._conn import WebSocketClosedError, WebSocketConnection
+from rescue.websocket._connection import CLOSE_TIMEOUT, WebSocketClosedError, WebSocketConnection
 
 __all__ = ["connect_websocket"]
 
@@ -33,6 +33,7 @@ async def connect_websocket(
     ssl_context: ssl.SSLContext | None = None,
     max_message: int = DEFAULT_MAX_MESSAGE,
     headers: Sequence[tuple[str, str]] = (),
+    close_timeout: float = CLOSE_TIMEOUT,
 ) -> WebSocketConnection:
     """Open a client WebSocket to ``url`` (``ws://host:port/path`` or ``wss://…``).
 
@@ -46,6 +47,7 @@ async def connect_websocket(
         max_message: the largest message accepted from the server.
         headers: extra request headers (never put a token here if it could be logged: SPEC §2
             sends tokens in HELLO, not in the upgrade).
+        close_timeout: the connection's :attr:`WebSocketConnection.close_timeout`.
 
     Returns:
         The open connection.
@@ -92,6 +94,7 @@ async def connect_websocket(
             path=target,
             request_headers=tuple((k.lower(), v) for k, v in headers),
             initial_data=rest,
+            close_timeout=close_timeout,
         )
         ok = True
         return conn

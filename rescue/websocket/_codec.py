@@ -1,6 +1,6 @@
 """Sans-I/O RFC 6455: frame parser, frame serializer and the HTTP/1.1 upgrade handshake.
 
-Nothing here does I/O or imports trio; :mod:`rescue.websocket._conn` drives it from trio streams.
+Nothing here does I/O or imports trio; :mod:`rescue.websocket._connection` drives it from trio streams.
 The parser is written for the relay's hot path: one call parses every complete frame in a chunk with
 ``struct`` and unmasks each payload with one C call (``websockets.speedups.apply_mask`` when it is
 importable, a pure-Python XOR over big integers otherwise).
@@ -32,7 +32,7 @@ __all__ = [
     "MAX_CLOSE_REASON",
     "MAX_CONTROL_PAYLOAD",
     "MAX_HANDSHAKE_SIZE",
-    "CloseReceived",
+    "CloseFrameReceived",
     "Event",
     "FrameParser",
     "HandshakeError",
@@ -248,7 +248,7 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
-class CloseReceived:
+class CloseFrameReceived:
     """The peer sent a close frame.
 
     Attributes:
@@ -260,7 +260,7 @@ class CloseReceived:
     reason: str
 
 
-Event = bytes | Ping | Pong | CloseReceived
+Event = bytes | Ping | Pong | CloseFrameReceived
 """What :meth:`FrameParser.feed` yields: a complete binary message is plain ``bytes``."""
 
 
@@ -490,9 +490,9 @@ class FrameParser:
         return events, pos
 
 
-def _parse_close(payload: bytes) -> CloseReceived:
+def _parse_close(payload: bytes) -> CloseFrameReceived:
     if not payload:
-        return CloseReceived(None, "")
+        return CloseFrameReceived(None, "")
     if len(payload) == 1:
         raise _fail("close payload of one byte")
     code = _U16.unpack_from(payload)[0]
@@ -502,7 +502,7 @@ def _parse_close(payload: bytes) -> CloseReceived:
         reason = payload[2:].decode("utf-8")
     except UnicodeDecodeError:
         raise _fail("close reason is not valid UTF-8") from None
-    return CloseReceived(code, reason)
+    return CloseFrameReceived(code, reason)
 
 
 # ------------------------------------------------------------------------------------ handshake

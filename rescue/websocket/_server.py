@@ -27,7 +27,7 @@ from rescue.websocket._codec import (
     parse_request,
     switching_protocols,
 )
-from rescue.websocket._conn import WebSocketConnection, _socket_of
+from rescue.websocket._connection import CLOSE_TIMEOUT, WebSocketConnection, _socket_of
 
 __all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "AcceptCheck", "Handler", "WebSocketServer", "serve_websocket"]
 
@@ -84,6 +84,7 @@ async def serve_websocket(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     accept_check: AcceptCheck | None = None,
     handler_nursery: trio.Nursery | None = None,
+    close_timeout: float = CLOSE_TIMEOUT,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSocket connections forever, running ``await handler(conn)`` for each.
@@ -106,6 +107,7 @@ async def serve_websocket(
             503 while draining). Exceptions from it are logged and answered 500.
         handler_nursery: run connection tasks here (so they can outlive the listeners during a
             graceful shutdown); by default in a nursery inside this call.
+        close_timeout: each connection's :attr:`WebSocketConnection.close_timeout`.
         task_status: ``started(WebSocketServer)`` once every listener is bound.
 
     Resource handling:
@@ -132,6 +134,7 @@ async def serve_websocket(
         max_message=max_message,
         handshake_timeout=handshake_timeout,
         accept_check=accept_check,
+        close_timeout=close_timeout,
     )
     log_event(_logger, "websocket.listening", addresses=[f"{h}:{p}" for h, p in server.addresses])
     # Not trio.serve_listeners: its wrapper closes the stream when the handler task ends, which
@@ -169,6 +172,7 @@ async def _serve_connection(
     max_message: int,
     handshake_timeout: float,
     accept_check: AcceptCheck | None,
+    close_timeout: float,
 ) -> None:
     conn: WebSocketConnection | None = None
     remote: tuple[str, int] | None = None
@@ -195,6 +199,7 @@ async def _serve_connection(
             path=request.path,
             request_headers=request.headers,
             initial_data=rest,
+            close_timeout=close_timeout,
         )
         try:
             await handler(conn)

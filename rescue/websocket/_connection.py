@@ -27,7 +27,7 @@ from rescue._log import get_logger, log_event
 from rescue.errors import ConnectionClosedError, ProtocolError
 from rescue.websocket._codec import (
     DEFAULT_MAX_MESSAGE,
-    CloseReceived,
+    CloseFrameReceived,
     Event,
     FrameParser,
     Ping,
@@ -50,9 +50,10 @@ _logger = get_logger("rescue.websocket")
 # so the size of one batch handed to the relay. The buffer is shared by every connection of a
 # thread (the parser copies out what it keeps before the next await), so memory stays O(1).
 READ_SIZE: Final = 65536
-# How long close() waits for the close handshake (our frame out, the peer's frame or EOF back)
-# before it drops the socket: the peer may have stopped reading. Short, because a shutting-down
-# relay closes thousands of connections at once and every one must finish in the drain window.
+# The default bound on a close handshake (our frame out, the peer's frame or EOF back) before the
+# socket is dropped: the peer may have stopped reading. Owners set their own per connection
+# (``close_timeout``): the relay its ``close_timeout_s``, the SDK its ``close_timeout_s``, so each
+# side has one configurable value.
 CLOSE_TIMEOUT: Final = 2.0
 
 _buffers = threading.local()
@@ -164,6 +165,11 @@ class WebSocketConnection:
         path: the request path of the upgrade.
         request_headers: the upgrade request's headers (received on a server, sent on a client).
         initial_data: bytes read past the end of the handshake, parsed before anything else.
+        close_timeout: the bound on a close handshake, ours (:meth:`close`) or the answer to the
+            peer's; past it the socket is dropped.
+
+    Attributes:
+        close_timeout: as above; the owner may change it at any time.
     """
 
     __slots__ = (
@@ -197,6 +203,7 @@ class WebSocketConnection:
         "_transport_closed",
         "_unsent",
         "_writes",
+        "close_timeout",
         "path",
         "remote_addr",
         "request_headers",
@@ -211,8 +218,10 @@ class WebSocketConnection:
         path: str = "",
         request_headers: tuple[tuple[str, str], ...] = (),
         initial_data: bytes = b"",
+        close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         self._stream = stream
+        self.close_timeout = close_timeout
         self._client = client
         self._parser = FrameParser(client=client, max_message=max_message)
         self.path = path
@@ -457,7 +466,7 @@ class WebSocketConnection:
                         pong = self._parser.data_to_send()
                         if pong and not self._close_started:
                             await self._write_control(pong)
-                    elif isinstance(event, CloseReceived):
+                    elif isinstance(event, CloseFrameReceived):
                         await self._on_peer_close(event)
                 if messages:
                     self._messages_in += len(messages)
@@ -532,7 +541,7 @@ class WebSocketConnection:
             self._bytes_in += len(data)
         return data
 
-    async def _on_peer_close(self, event: CloseReceived) -> None:
+    async def _on_peer_close(self, event: CloseFrameReceived) -> None:
         self._peer_done.set()
         wire = 1005 if event.code is None else event.code
         error = WebSocketClosedError(wire, event.reason)
@@ -542,7 +551,7 @@ class WebSocketConnection:
             # Answer with the same code (RFC 6455 §5.5.1), then drop the socket: after both close
             # frames nothing may be sent, and the server side closes TCP first.
             self._close_started = True
-            with trio.move_on_after(CLOSE_TIMEOUT):
+            with trio.move_on_after(self.close_timeout):
                 try:
                     await self._write_control(frame_close(event.code, event.reason, mask=self._client))
                     while self._sending and not self._transport_closed.is_set():
@@ -696,12 +705,12 @@ class WebSocketConnection:
         """Close the connection: send a close frame, wait briefly for the peer's, drop the socket.
 
         Idempotent; a second call waits until the first has closed the transport. The whole close
-        handshake is bounded by ``CLOSE_TIMEOUT`` (the peer may not be reading), after which the
+        handshake is bounded by :attr:`close_timeout` (the peer may not be reading), after which the
         socket is dropped anyway, so this never hangs.
 
         Args:
             code: the close code (1000-4999, see :func:`frame_close`).
-            reason: a short reason, cut to 123 UTF-8 bytes.
+            reason: a short reason, clipped by :func:`rescue._codes.clip_close_reason`.
 
         Raises:
             ValueError: ``code`` may not be sent on the wire.
@@ -718,7 +727,7 @@ class WebSocketConnection:
         if self._error is None:
             self._error = WebSocketClosedError(code, reason)
         try:
-            with trio.move_on_after(CLOSE_TIMEOUT):
+            with trio.move_on_after(self.close_timeout):
                 if not self._peer_done.is_set():
                     try:
                         await self._write_control(frame)
