@@ -506,10 +506,13 @@ async def test_handshake_timeout(autojump_clock: trio.testing.MockClock) -> None
     assert started == []
 
 
+@pytest.mark.parametrize("close_timeout", [None, 7.5], ids=["default", "configured"])
 async def test_close_does_not_hang_when_the_peer_stops_reading(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, close_timeout: float | None
 ) -> None:
+    """close() gives up after the connection's close_timeout (the server's setting, or the default)."""
     durations: list[float] = []
+    settings = {} if close_timeout is None else {"close_timeout": close_timeout}
 
     async def handler(conn: WebSocketConnection) -> None:
         chunk = b"z" * 65536
@@ -522,12 +525,12 @@ async def test_close_does_not_hang_when_the_peer_stops_reading(
         assert conn.closed
 
     with trio.fail_after(60):
-        async with running(handler) as server:
+        async with running(handler, **settings) as server:
             stream, _ = await raw_upgrade(server.port)  # ... and never reads again
             while not durations:
                 await trio.sleep(1)
             await stream.aclose()
-    assert durations[0] == pytest.approx(CLOSE_TIMEOUT, abs=0.1)
+    assert durations[0] == pytest.approx(close_timeout or CLOSE_TIMEOUT, abs=0.1)
 
 
 async def test_close_is_immediate_when_cancelled() -> None:
