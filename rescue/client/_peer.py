@@ -568,7 +568,7 @@ class Peer:
                     events = self.core.receive(message, trio.current_time())
                 except ProtocolError as exc:
                     log_event(_LOG, "client.protocol_error", level=logging.WARNING, error=str(exc)[:200])
-                    link.request_close(_Outcome(int(exc.code), str(exc)[:100]))
+                    link.request_close(_Outcome(int(exc.code), clip_close_reason(str(exc))))
                     return
                 for event in events:
                     if isinstance(event, DataReceived | ControlReceived):
