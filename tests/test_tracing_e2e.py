@@ -31,8 +31,8 @@ from rescue._log import session_tag
 from rescue._tracing import ENDPOINT_ENV, configure_tracing, shutdown_tracing, span
 from rescue.client import DataReceived, FallbackLadder, TokenClient, open_peer, prefetched
 from rescue.client._backoff import BackoffPolicy
-from rescue.client._testing import TEST_PSK
 from rescue.protocol._tokens import b64url_encode
+from rescue.testing import TEST_PSK
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
