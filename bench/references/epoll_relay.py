@@ -45,12 +45,14 @@ def serve(port: int) -> None:
     preamble: dict[int, bytes] = {}  # fd -> bytes of an incomplete preamble
     partner: dict[int, int] = {}
     waiting: dict[tuple[bytes, bytes], int] = {}  # (session, role) -> fd of a lone peer
+    early: dict[int, list[bytes]] = {}  # fd of a lone peer -> what it sent before its partner came
 
     def drop(fd: int) -> None:
         for one in (fd, partner.pop(fd, None)):
             if one is not None and one in socks:
                 partner.pop(one, None)
                 preamble.pop(one, None)
+                early.pop(one, None)
                 epoll.unregister(one)
                 socks.pop(one).close()
 
@@ -89,14 +91,24 @@ def serve(port: int) -> None:
                 other = waiting.pop((sid, b"g" if role == b"h" else b"h"), None)
                 if other is None:
                     waiting[(sid, role)] = fd
+                    early[fd] = [rest] if rest else []
                     continue
                 partner[fd] = other
                 partner[other] = fd
+                held = b"".join(early.pop(other, []))  # the lone peer's bytes, in order, first
+                if held:
+                    try:
+                        send_all(sock, held)
+                    except OSError:
+                        drop(fd)
+                        continue
                 data = rest
                 if not data:
                     continue
             other = partner.get(fd)
-            if other is not None:
+            if other is None and fd in early:
+                early[fd].append(data)  # the partner is not here yet: keep it (a relay loses nothing)
+            elif other is not None:
                 try:
                     send_all(socks[other], data)
                 except OSError:
