@@ -23,8 +23,7 @@ import trio
 from rescue.client import Connected, Reconnecting, TokenClient, TokenGrant, open_peer, prefetched
 from rescue.guardrails import NodeInfo, rendezvous_pick
 from rescue.protocol import CloseCode, Kind
-from rescue.relay._testing import seq_frame
-from rescue.testing import TestPeer
+from rescue.testing import TestPeer, seq_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

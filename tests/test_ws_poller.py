@@ -1241,7 +1241,7 @@ async def test_websocket_set_quiet_is_a_noop_without_a_poller_and_forwards_with_
 
 
 async def test_a_taker_may_move_its_connection_during_a_dispatch(quiet_poller: ReadPoller) -> None:
-    """As the relay's PeerConn does: a heartbeat handled by read-ahead (in the active set's pass)
+    """As the relay's PeerLink does: a heartbeat handled by read-ahead (in the active set's pass)
     marks the connection quiet, data handled in the quiet set's pass marks it active again; every
     message still arrives once, in order, whichever set it was read through."""
     poller = quiet_poller
