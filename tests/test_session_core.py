@@ -434,17 +434,20 @@ def test_frames_without_a_partner_are_discarded_and_counted() -> None:
 # ------------------------------------------------------------------------- flow control, holds
 
 
-def test_a_full_partner_queue_holds_the_sender_until_written() -> None:
+def stalled_pair() -> tuple[Shell, Conn, Conn, int]:
+    """A paired session whose guest reads nothing, after the host sent until it was held back."""
     shell = Shell()
     host = shell.attach(Role.HOST)
     guest = shell.attach(Role.GUEST)
     shell.stalled.add(Role.GUEST)
     seq = 0
-    while True:
-        seq += 1
-        flags = shell.receive(host, [data(seq, 500)])
-        if flags & HOLD:
-            break
+    while not shell.receive(host, [data(seq := seq + 1, 500)]) & HOLD:
+        pass
+    return shell, host, guest, seq
+
+
+def test_a_full_partner_queue_holds_the_sender_until_written() -> None:
+    shell, host, guest, seq = stalled_pair()
     assert host.link.held
     assert shell.stats.backpressure_stalls == 1
     assert shell.retry(host) & HOLD  # again: still full, counted once
@@ -471,13 +474,7 @@ def test_a_full_partner_queue_holds_the_sender_until_written() -> None:
 
 
 def test_a_held_sender_is_released_when_its_partner_leaves_and_then_discards() -> None:
-    shell = Shell()
-    host = shell.attach(Role.HOST)
-    guest = shell.attach(Role.GUEST)
-    shell.stalled.add(Role.GUEST)
-    seq = 0
-    while not shell.receive(host, [data(seq := seq + 1, 500)]) & HOLD:
-        pass
+    shell, host, guest, _ = stalled_pair()
     shell.core.connection_lost(guest.link, shell.now)
     shell.run_actions()
     assert host.resumed == 1
