@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 
 from rescue.protocol import CloseCode
 from rescue.relay._supervisor import RestartBackoff, node_specs
-from rescue.relay._testing import seq_frame
-from rescue.testing import TestKeys, TestPeer
+from rescue.testing import TestKeys, TestPeer, seq_frame
 
 RESCUE = [sys.executable, "-m", "rescue.cli"]
 DRAIN_S = 2.0
