@@ -184,6 +184,12 @@ async def test_wrong_passphrase_ends_with_integrity_error() -> None:
                 await guest.receive()
             assert info.value.code in (CloseCode.INTEGRITY_ERROR,)
             assert (await host.wait_closed()).code == CloseCode.INTEGRITY_ERROR
+            node = relay.relay
+            assert node is not None
+            while len(node.table):  # both sides' closes have gone through the relay
+                await trio.sleep(0.01)
+            # one sender per socket: no BusyResourceError (or any other bug) while both close
+            assert node.stats.internal_errors == 0
 
 
 async def test_auth_failure_stops_without_retry() -> None:

@@ -464,6 +464,28 @@ async def test_pong_waits_behind_an_active_send_and_never_splits_a_frame() -> No
             nursery.cancel_scope.cancel()
 
 
+async def test_a_send_waits_for_the_receiving_tasks_pong_instead_of_raising_busy() -> None:
+    """The receiving task writes a pong itself when nobody sends; the owner's send that comes
+    meanwhile waits for it (one owner never sees BusyResourceError from housekeeping)."""
+    a_send, b_recv = trio.testing.lockstep_stream_pair()
+    b_send, a_recv = trio.testing.lockstep_stream_pair()
+    conn = WebSocketConnection(trio.StapledStream(a_send, a_recv), client=False)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.receive_messages)
+            await trio.testing.wait_all_tasks_blocked()
+            await b_send.send_all(build_frame(Opcode.PING, b"ping!", mask=True))
+            await trio.testing.wait_all_tasks_blocked()  # the pong's send_all blocks: nobody reads
+            nursery.start_soon(conn.send_message, b"data")  # must wait, not raise
+            await trio.testing.wait_all_tasks_blocked()
+            parser = FrameParser(client=True)
+            events: list[object] = []
+            while len(events) < 2:
+                events += parser.feed(await b_recv.receive_some(65536))
+            assert events == [Pong(b"ping!"), b"data"]
+            nursery.cancel_scope.cancel()
+
+
 async def test_memory_stream_round_trip_on_the_generic_path() -> None:
     a, b = trio.testing.memory_stream_pair()
     server = WebSocketConnection(a, client=False)

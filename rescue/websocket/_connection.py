@@ -178,6 +178,7 @@ class WebSocketConnection:
         "_client",
         "_close_sent",
         "_close_started",
+        "_control_writing",
         "_detached",
         "_error",
         "_fast_wait",
@@ -248,6 +249,7 @@ class WebSocketConnection:
         self._receiving = False
         self._sending = False
         self._pending_control = b""  # pong/close frames for the active sender to write next
+        self._control_writing = False  # the receiving task holds the send side for a pong/close reply
         self._unsent = b""  # the tail of a partial send_nowait: written before anything else
         self._idle = trio.lowlevel.ParkingLot()  # tasks waiting for the active sender to finish
         self._close_started = False
@@ -579,11 +581,7 @@ class WebSocketConnection:
             A cancellation point. If cancelled after part of the batch was written the stream is
             corrupt: close the connection (the relay does, since a cancelled send ends the session).
         """
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this WebSocket")
-        if self._close_started or self._error is not None:
-            await trio.lowlevel.checkpoint()
-            raise self._closed_error()
+        await self._take_send_side()
         data = frame_messages(payloads, mask=self._client)
         await self._write(data)
         self._messages_out += len(payloads)
@@ -639,6 +637,8 @@ class WebSocketConnection:
             WebSocketClosedError: the transport failed.
             trio.BusyResourceError: another task is sending.
         """
+        while self._sending and self._control_writing:
+            await self._idle.park()
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this WebSocket")
         if not self._unsent:
@@ -646,13 +646,34 @@ class WebSocketConnection:
             return
         await self._write(b"")
 
+    async def _take_send_side(self) -> None:
+        """Before a send: wait out the receiving task's pong or close reply, refuse a second sender.
+
+        The receiving task writes control frames itself when nobody is sending; the owner's sender
+        then waits for that write (it is not a second sender), so one owner never sees
+        ``BusyResourceError`` from the connection's own housekeeping.
+        """
+        if self._close_started or self._error is not None:
+            await trio.lowlevel.checkpoint()
+            raise self._closed_error()
+        while self._sending and self._control_writing:
+            await self._idle.park()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this WebSocket")
+        if self._close_started or self._error is not None:
+            raise self._closed_error()  # (the peer's close arrived while we waited)
+
     async def _write_control(self, frame: bytes) -> None:
         if self._sending:
             # The active sender writes it right after its batch (no interleaving inside a frame).
             self._pending_control += frame
             await trio.lowlevel.checkpoint()
         else:
-            await self._write(frame)
+            self._control_writing = True
+            try:
+                await self._write(frame)
+            finally:
+                self._control_writing = False
 
     async def _write(self, data: bytes) -> None:
         self._sending = True
