@@ -22,8 +22,7 @@ from collections.abc import Callable
 
 from wsproto.frame_protocol import FrameProtocol
 
-from rescue.websocket import FrameParser, frame_messages
-from rescue.websocket._codec import apply_mask
+from rescue.websocket import FrameParser, apply_mask, frame_messages
 
 # The relay reads at most this much per wake-up (rescue.websocket.READ_SIZE).
 CHUNK = 65536

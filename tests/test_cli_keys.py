@@ -16,14 +16,7 @@ import pytest
 
 from rescue._keyfiles import load_keyring, load_signing_key
 from rescue.cli import main
-from rescue.protocol._tokens import (
-    KeyRing,
-    SigningKey,
-    b64url_decode,
-    b64url_encode,
-    mint_token,
-    verify_token,
-)
+from rescue.protocol import KeyRing, SigningKey, b64url_decode, b64url_encode, mint_token, verify_token
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

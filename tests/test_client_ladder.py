@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from rescue.client import (
+    BackoffPolicy,
     DataReceived,
     FallbackLadder,
     LadderResult,
@@ -25,7 +26,6 @@ from rescue.client import (
     open_peer,
     prefetched,
 )
-from rescue.client._backoff import BackoffPolicy
 from rescue.errors import GuardrailError
 from rescue.guardrails import FleetState, GuardrailConfig, Guardrails, MemoryStore
 from rescue.protocol import SigningKey

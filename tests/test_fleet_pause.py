@@ -15,8 +15,7 @@ import trio
 
 from rescue.commands.dev import run_dev
 from rescue.errors import ConnectionClosedError
-from rescue.protocol import CloseCode, Kind, encode_frame
-from rescue.protocol._tokens import b64url_decode
+from rescue.protocol import CloseCode, Kind, b64url_decode, encode_frame
 from rescue.relay import RelayConfig
 from rescue.testing import TestPeer
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from rescue._tracing import configure_tracing, shutdown_tracing
 from rescue.client import DataReceived, open_peer
 from rescue.testing import TEST_PSK, DevStack, run_dev_stack
-from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
+from rescue.websocket import POLLER_AVAILABLE
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 POLLER_COUNTERS = (

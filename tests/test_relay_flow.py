@@ -9,8 +9,7 @@ import trio.testing
 
 from rescue._codes import CloseCode
 from rescue.errors import ConnectionClosedError
-from rescue.protocol import HEADER_SIZE, Kind, encode_frame
-from rescue.protocol._messages import Role
+from rescue.protocol import HEADER_SIZE, Kind, Role, encode_frame
 from rescue.sessions import RELAY_HEARTBEAT
 from rescue.testing import TestKeys, TestPeer, peer_conn, seq_frame, start_test_relay
 from rescue.websocket import READ_SIZE

@@ -20,9 +20,7 @@ from rescue._http import Request, Response, Router, json_response, serve_http
 from rescue._log import session_tag
 from rescue.errors import ConfigError
 from rescue.guardrails import MemoryStore
-from rescue.protocol import Kind, encode_frame
-from rescue.protocol._messages import Close
-from rescue.protocol._tokens import KeyRing, SigningKey
+from rescue.protocol import Close, KeyRing, Kind, SigningKey, encode_frame
 from rescue.relay import Relay, RelayAddresses
 from rescue.testing import TestKeys, TestPeer, relay_test_config
 from rescue.websocket import connect_websocket

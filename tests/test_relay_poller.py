@@ -13,10 +13,8 @@ import trio
 import trio.testing
 
 from rescue._codes import CloseCode
-from rescue.protocol import Kind, encode_frame
-from rescue.protocol._messages import Role
-from rescue.relay import Relay
-from rescue.relay._config import RelayConfig
+from rescue.protocol import Kind, Role, encode_frame
+from rescue.relay import Relay, RelayConfig
 from rescue.sessions import PeerLink
 from rescue.testing import (
     TestKeys,
@@ -26,7 +24,7 @@ from rescue.testing import (
     seq_frame,
     start_test_relay,
 )
-from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
+from rescue.websocket import POLLER_AVAILABLE
 
 pytestmark = pytest.mark.skipif(not POLLER_AVAILABLE, reason="the read poller needs select.epoll (Linux)")
 

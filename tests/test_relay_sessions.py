@@ -21,9 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rescue._codes import CloseCode
-from rescue.protocol import Flags, Kind, encode_frame, encode_header
-from rescue.protocol._messages import Close, Hello, Role
-from rescue.protocol._tokens import SigningKey
+from rescue.protocol import Close, Flags, Hello, Kind, Role, SigningKey, encode_frame, encode_header
 from rescue.relay import Relay, RelayAddresses
 from rescue.testing import TestKeys, TestPeer, relay_test_config
 from rescue.websocket import (

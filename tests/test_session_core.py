@@ -20,8 +20,18 @@ from hypothesis import strategies as st
 
 from rescue._codes import CloseCode
 from rescue.errors import ProtocolError
-from rescue.protocol import HEADER_SIZE, Kind, decode_header, encode_frame, encode_header
-from rescue.protocol._messages import Caps, Close, PeerEvent, Role, Welcome
+from rescue.protocol import (
+    HEADER_SIZE,
+    Caps,
+    Close,
+    Kind,
+    PeerEvent,
+    Role,
+    Welcome,
+    decode_header,
+    encode_frame,
+    encode_header,
+)
 from rescue.sessions import RELAY_HEARTBEAT, Link, RelayStats, SessionCore, SessionLimits
 from rescue.sessions._core import (
     ACTIONS,

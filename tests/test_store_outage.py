@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from rescue.errors import StoreUnavailable
 from rescue.guardrails import Breaker, GuardrailConfig, Guardrails, RedisStore, store_deadline
 from rescue.guardrails._deadline import Admission
-from rescue.protocol._tokens import SigningKey
+from rescue.protocol import SigningKey
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
 
 from .conftest import RedisServer

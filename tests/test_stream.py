@@ -22,9 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from rescue.errors import ProtocolError
-from rescue.protocol import _stream
-from rescue.protocol._frames import MAX_SEQ, Flags, Kind
-from rescue.protocol._stream import (
+from rescue.protocol import (
     ACK_EVERY_FRAMES,
     ACK_INTERVAL_S,
     DEFAULT_REPLAY_BUFFER_BYTES,
@@ -35,7 +33,9 @@ from rescue.protocol._stream import (
     Sender,
     UnsequencedCounter,
     UnsequencedFilter,
+    _stream,
 )
+from rescue.protocol._frames import MAX_SEQ, Flags, Kind
 
 # ---------------------------------------------------------------------------------------------------
 # Sender

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from rescue._keyfiles import load_keyring, load_signing_key
 from rescue.errors import ConfigError, TokenError
-from rescue.protocol import CloseCode
-from rescue.protocol._tokens import (
+from rescue.protocol import (
     MAX_TOKEN_SIZE,
     Claims,
+    CloseCode,
     KeyRing,
     MintError,
     SigningKey,

@@ -20,7 +20,7 @@ import trio
 
 from rescue._http import serve_http
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore, NodeInfo, RedisStore
-from rescue.protocol._tokens import KeyRing, SigningKey, b64url_decode, verify_token
+from rescue.protocol import KeyRing, SigningKey, b64url_decode, verify_token
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, openapi_document
 
 TIMEOUT = 10

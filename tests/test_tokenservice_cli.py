@@ -18,7 +18,7 @@ from rescue.cli import build_parser, main
 from rescue.commands.token_service import build_config, run_token_service
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, RedisStore
-from rescue.protocol._tokens import SigningKey
+from rescue.protocol import SigningKey
 
 TIMEOUT = 20  # a subprocess start on a loaded 2-core box
 

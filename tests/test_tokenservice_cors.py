@@ -18,9 +18,15 @@ from rescue.cli import build_parser
 from rescue.commands.token_service import build_config
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
-from rescue.protocol._tokens import SigningKey
-from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, join_url, serve_token_service
-from rescue.tokenservice._cors import parse_origins
+from rescue.protocol import SigningKey
+from rescue.tokenservice import (
+    PublishedKeys,
+    TokenService,
+    TokenServiceConfig,
+    join_url,
+    parse_origins,
+    serve_token_service,
+)
 
 TIMEOUT = 10
 ALLOWED = "https://beach.example"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from rescue._http import Request
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore, NodeInfo
-from rescue.protocol._tokens import SigningKey
+from rescue.protocol import SigningKey
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, openapi_document
 
 from .test_tokenservice_api import ADMIN_KEY, SERVICE_KEY, check_against_openapi

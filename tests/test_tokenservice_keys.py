@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rescue.errors import ConfigError, TokenError
-from rescue.protocol._tokens import CLOCK_SKEW, MAX_TTL, KeyRing, SigningKey, mint_token, verify_token
+from rescue.protocol import CLOCK_SKEW, MAX_TTL, KeyRing, SigningKey, mint_token, verify_token
 from rescue.tokenservice import PublishedKeys, RetiredKey, load_retired_keys
 
 T0 = 1_700_000_000.0

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from rescue.errors import ConfigError
 from rescue.guardrails import Guardrails, MemoryStore
-from rescue.protocol._tokens import SigningKey
+from rescue.protocol import SigningKey
 from rescue.tokenservice import (
     EntitlementError,
     JwksSource,

@@ -41,7 +41,7 @@ import trio
 from hypothesis import HealthCheck, settings
 
 from rescue.guardrails import GuardrailConfig, Guardrails, NodeInfo, RedisStore
-from rescue.protocol._tokens import SigningKey
+from rescue.protocol import SigningKey
 from rescue.tokenservice import (
     PublishedKeys,
     TokenService,

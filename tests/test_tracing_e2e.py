@@ -29,9 +29,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from rescue._log import session_tag
 from rescue._tracing import ENDPOINT_ENV, configure_tracing, shutdown_tracing, span
-from rescue.client import DataReceived, FallbackLadder, TokenClient, open_peer, prefetched
-from rescue.client._backoff import BackoffPolicy
-from rescue.protocol._tokens import b64url_encode
+from rescue.client import BackoffPolicy, DataReceived, FallbackLadder, TokenClient, open_peer, prefetched
+from rescue.protocol import b64url_encode
 from rescue.testing import TEST_PSK
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,17 +21,20 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cwt import COSE, COSEKey
 
-from rescue.protocol import Flags, Kind
-from rescue.protocol._crypto import FrameCipher, aead_nonce, derive_frame_key, derive_psk, psk_salt
-from rescue.protocol._frames import HEADER_SIZE, decode_header, encode_header
-from rescue.protocol._tokens import (
+from rescue.protocol import (
+    HEADER_SIZE,
+    Flags,
     KeyRing,
+    Kind,
     SigningKey,
     b64url_decode,
     b64url_encode,
+    decode_header,
+    encode_header,
     mint_token,
     verify_token,
 )
+from rescue.protocol._crypto import FrameCipher, aead_nonce, derive_frame_key, derive_psk, psk_salt
 
 VECTORS = Path(__file__).parent / "vectors"
 

@@ -21,16 +21,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rescue.errors import ProtocolError
-from rescue.protocol._crypto import FrameCipher
-from rescue.protocol._frames import Flags, Kind, decode_frame
-from rescue.protocol._messages import (
+from rescue.protocol import (
     Caps,
     Close,
+    Flags,
+    FrameCipher,
     Hello,
+    Kind,
     PeerEvent,
     PeerInfo,
     Welcome,
     decode_control,
+    decode_frame,
     decode_relay_message,
 )
 

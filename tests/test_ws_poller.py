@@ -22,12 +22,14 @@ from rescue._codes import CloseCode
 from rescue.errors import ProtocolError
 from rescue.websocket import (
     CLOSE_TIMEOUT,
+    POLLER_AVAILABLE,
     READ_SIZE,
     CloseFrameReceived,
     Event,
     FrameParser,
     Opcode,
     Pong,
+    ReadPoller,
     WebSocketClosedError,
     WebSocketConnection,
     build_frame,
@@ -35,8 +37,6 @@ from rescue.websocket import (
     frame_close,
     frame_ping,
 )
-from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
-from rescue.websocket._poller import ReadPoller
 
 pytestmark = pytest.mark.skipif(not POLLER_AVAILABLE, reason="the read poller needs select.epoll (Linux)")
 

@@ -31,6 +31,7 @@ from rescue.client._peer import Peer as Peer
 from rescue.client._peer import Reconnecting as Reconnecting
 from rescue.client._peer import SessionClosed as SessionClosed
 from rescue.client._peer import open_peer as open_peer
+from rescue.client._tokens import DEFAULT_COHORT as DEFAULT_COHORT
 from rescue.client._tokens import TokenClient as TokenClient
 from rescue.client._tokens import TokenGrant as TokenGrant
 from rescue.client._tokens import TokenProvider as TokenProvider

@@ -42,44 +42,43 @@ from typing import Any, Final, TypeAlias
 
 from rescue._codes import CloseCode
 from rescue.errors import ProtocolError
-from rescue.protocol._crypto import TAG_SIZE, DecryptError, FrameCipher, derive_frame_key
-from rescue.protocol._frames import (
+from rescue.protocol import (
+    ACK_EVERY_FRAMES,
+    ACK_INTERVAL_S,
     DEFAULT_MAX_FRAME,
+    DEFAULT_REPLAY_BUFFER_BYTES,
     HEADER_SIZE,
-    Flags,
-    Header,
-    Kind,
-    decode_frame,
-    encode_frame,
-)
-from rescue.protocol._messages import (
     NONCE_SIZE,
+    TAG_SIZE,
     Ack,
     AppControl,
     Caps,
     Close,
+    DecryptError,
+    Flags,
+    FrameCipher,
+    Header,
     Hello,
+    Kind,
+    Outbound,
     PeerEvent,
     PeerInfo,
-    Resume,
-    Role,
-    Welcome,
-    decode_control,
-    decode_relay_message,
-    encode_ack,
-    encode_resume,
-)
-from rescue.protocol._stream import (
-    ACK_EVERY_FRAMES,
-    ACK_INTERVAL_S,
-    DEFAULT_REPLAY_BUFFER_BYTES,
-    Outbound,
     Receiver,
     ReceiverStatistics,
+    Resume,
+    Role,
     Sender,
     SenderStatistics,
     UnsequencedCounter,
     UnsequencedFilter,
+    Welcome,
+    decode_control,
+    decode_frame,
+    decode_relay_message,
+    derive_frame_key,
+    encode_ack,
+    encode_frame,
+    encode_resume,
 )
 
 __all__ = [

@@ -43,10 +43,7 @@ from rescue.client._tokens import (
     TokenServiceUnavailable,
 )
 from rescue.errors import ConnectionClosedError, ProtocolError, RescueError
-from rescue.protocol import BufferFull
-from rescue.protocol._crypto import derive_psk
-from rescue.protocol._messages import Role
-from rescue.protocol._stream import DEFAULT_REPLAY_BUFFER_BYTES
+from rescue.protocol import DEFAULT_REPLAY_BUFFER_BYTES, BufferFull, Role, derive_psk
 from rescue.websocket import WebSocketClosedError, WebSocketConnection, connect_websocket
 
 __all__ = [

@@ -24,8 +24,7 @@ import httpx
 
 from rescue._tracing import trace_headers
 from rescue.errors import GuardrailError, RescueError
-from rescue.protocol._messages import Role
-from rescue.protocol._tokens import b64url_decode
+from rescue.protocol import Role, b64url_decode
 
 __all__ = [
     "DEFAULT_COHORT",

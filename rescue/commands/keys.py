@@ -22,7 +22,7 @@ from typing import Any
 from rescue._keyfiles import load_keyring, load_signing_key
 from rescue.cli import add_option
 from rescue.errors import ConfigError, TokenError
-from rescue.protocol._tokens import (
+from rescue.protocol import (
     MAX_TTL,
     ROLES,
     KeyRing,

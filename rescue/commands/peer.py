@@ -45,6 +45,7 @@ import trio
 from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.client import (
+    DEFAULT_COHORT,
     Connected,
     ConnectionEvent,
     ControlReceived,
@@ -55,9 +56,8 @@ from rescue.client import (
     SessionClosed,
     open_peer,
 )
-from rescue.client._tokens import DEFAULT_COHORT
 from rescue.errors import ConfigError, ConnectionClosedError, GuardrailError, RescueError
-from rescue.protocol._messages import MAX_SESSION_LEN
+from rescue.protocol import MAX_SESSION_LEN
 from rescue.tokenservice import join_url
 
 __all__ = ["register"]

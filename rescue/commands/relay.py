@@ -30,8 +30,7 @@ from rescue._log import configure_logging, get_logger, log_event
 from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
-from rescue.relay import DEFAULT_ADMIN_PORT, DEFAULT_PORT, Relay, RelayConfig, tune_gc
-from rescue.relay._supervisor import Supervisor, node_specs
+from rescue.relay import DEFAULT_ADMIN_PORT, DEFAULT_PORT, Relay, RelayConfig, Supervisor, node_specs, tune_gc
 
 __all__ = ["build_config", "register", "run_relay"]
 

@@ -28,7 +28,7 @@ from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, Guardrails, GuardrailStore, RedisStore
-from rescue.protocol._tokens import MAX_TTL
+from rescue.protocol import MAX_TTL
 from rescue.tokenservice import (
     JwksSource,
     OidcVerifier,
@@ -36,9 +36,9 @@ from rescue.tokenservice import (
     TokenService,
     TokenServiceConfig,
     load_retired_keys,
+    parse_origins,
     serve_token_service,
 )
-from rescue.tokenservice._cors import parse_origins
 
 __all__ = ["build_config", "register"]
 

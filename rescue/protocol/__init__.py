@@ -8,6 +8,7 @@ from rescue._codes import Backoff as Backoff
 from rescue._codes import ClientPolicy as ClientPolicy
 from rescue._codes import CloseCode as CloseCode
 from rescue._codes import policy_for as policy_for
+from rescue.protocol._crypto import TAG_SIZE as TAG_SIZE
 from rescue.protocol._crypto import DecryptError as DecryptError
 from rescue.protocol._crypto import FrameCipher as FrameCipher
 from rescue.protocol._crypto import derive_frame_key as derive_frame_key
@@ -24,7 +25,10 @@ from rescue.protocol._frames import decode_frame as decode_frame
 from rescue.protocol._frames import decode_header as decode_header
 from rescue.protocol._frames import encode_frame as encode_frame
 from rescue.protocol._frames import encode_header as encode_header
+from rescue.protocol._messages import MAX_RECONNECT_IN_MS as MAX_RECONNECT_IN_MS
+from rescue.protocol._messages import MAX_SESSION_LEN as MAX_SESSION_LEN
 from rescue.protocol._messages import NONCE_SIZE as NONCE_SIZE
+from rescue.protocol._messages import SESSION_ID_RE as SESSION_ID_RE
 from rescue.protocol._messages import Ack as Ack
 from rescue.protocol._messages import AppControl as AppControl
 from rescue.protocol._messages import Caps as Caps
@@ -57,6 +61,7 @@ from rescue.protocol._stream import UnsequencedFilter as UnsequencedFilter
 from rescue.protocol._tokens import CLOCK_SKEW as CLOCK_SKEW
 from rescue.protocol._tokens import MAX_TOKEN_SIZE as MAX_TOKEN_SIZE
 from rescue.protocol._tokens import MAX_TTL as MAX_TTL
+from rescue.protocol._tokens import ROLES as ROLES
 from rescue.protocol._tokens import Claims as Claims
 from rescue.protocol._tokens import KeyRing as KeyRing
 from rescue.protocol._tokens import MintError as MintError

@@ -20,3 +20,5 @@ from rescue.relay._gc import tune_gc as tune_gc
 from rescue.relay._metrics import RelayMetrics as RelayMetrics
 from rescue.relay._relay import Relay as Relay
 from rescue.relay._relay import RelayAddresses as RelayAddresses
+from rescue.relay._supervisor import Supervisor as Supervisor
+from rescue.relay._supervisor import node_specs as node_specs

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from rescue.protocol import DEFAULT_MAX_FRAME
-from rescue.sessions import DEFAULT_QUEUE_MAX_BYTES, DEFAULT_QUEUE_MAX_FRAMES, SessionLimits
-from rescue.sessions._limits import DEFAULT_MAX_SOURCES
+from rescue.sessions import (
+    DEFAULT_MAX_SOURCES,
+    DEFAULT_QUEUE_MAX_BYTES,
+    DEFAULT_QUEUE_MAX_FRAMES,
+    SessionLimits,
+)
 
 __all__ = ["DEFAULT_ADMIN_PORT", "DEFAULT_PORT", "RelayConfig"]
 

@@ -29,7 +29,7 @@ from rescue._keyfiles import load_keyring
 from rescue._log import get_logger, log_event
 from rescue.errors import ConfigError, RescueError
 from rescue.guardrails import GuardrailStore, NodeInfo, store_deadline
-from rescue.protocol._tokens import KeyRing
+from rescue.protocol import KeyRing
 
 __all__ = [
     "MAX_PENDING_ACTIVATIONS",

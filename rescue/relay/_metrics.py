@@ -19,12 +19,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from rescue._codes import CloseCode
-from rescue.protocol._messages import Role
+from rescue.protocol import Role
 from rescue.sessions import FastHistogram, RelayStats, SessionTable
 
 if TYPE_CHECKING:
     from rescue.relay._control import AssignmentKeeper, ControlLink, KeySource, NodeRegistrar
-    from rescue.websocket._poller import ReadPoller
+    from rescue.websocket import ReadPoller
 
 __all__ = ["HANDSHAKE_BUCKETS", "RelayMetrics"]
 

@@ -37,9 +37,19 @@ from rescue._log import get_logger, log_event, session_tag
 from rescue._tracing import RecordedSpan, record_span
 from rescue.errors import ConfigError, ProtocolError, TokenError
 from rescue.guardrails import GuardrailStore
-from rescue.protocol import HEADER_SIZE, Kind, decode_header
-from rescue.protocol._messages import MAX_RECONNECT_IN_MS, Close, Hello, Role
-from rescue.protocol._tokens import MAX_TTL, Claims, KeyRing, verify_token
+from rescue.protocol import (
+    HEADER_SIZE,
+    MAX_RECONNECT_IN_MS,
+    MAX_TTL,
+    Claims,
+    Close,
+    Hello,
+    KeyRing,
+    Kind,
+    Role,
+    decode_header,
+    verify_token,
+)
 from rescue.relay._admin import admin_app
 from rescue.relay._config import RelayConfig
 from rescue.relay._control import REGISTER_DEADLINE_S, AssignmentKeeper, ControlLink, KeySource, NodeRegistrar
@@ -52,9 +62,7 @@ from rescue.sessions import (
     SessionTable,
     websocket_close_code,
 )
-from rescue.websocket import WebSocketConnection, serve_websocket
-from rescue.websocket._poller import AVAILABLE as POLLER_AVAILABLE
-from rescue.websocket._poller import ReadPoller
+from rescue.websocket import POLLER_AVAILABLE, ReadPoller, WebSocketConnection, serve_websocket
 
 __all__ = ["Relay", "RelayAddresses"]
 

@@ -14,6 +14,7 @@ from rescue.sessions._core import RELAY_HEARTBEAT as RELAY_HEARTBEAT
 from rescue.sessions._core import Link as Link
 from rescue.sessions._core import SessionCore as SessionCore
 from rescue.sessions._core import websocket_close_code as websocket_close_code
+from rescue.sessions._limits import DEFAULT_MAX_SOURCES as DEFAULT_MAX_SOURCES
 from rescue.sessions._limits import HandshakeLimiter as HandshakeLimiter
 from rescue.sessions._limits import TokenBucket as TokenBucket
 from rescue.sessions._link import PeerLink as PeerLink

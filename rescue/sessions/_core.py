@@ -39,8 +39,18 @@ from typing import Final, Generic, TypeVar
 
 from rescue._codes import CloseCode, clip_close_reason
 from rescue.errors import ProtocolError
-from rescue.protocol import HEADER_SIZE, Kind, decode_header, encode_frame
-from rescue.protocol._messages import Caps, Close, PeerEvent, PeerInfo, Role, Welcome
+from rescue.protocol import (
+    HEADER_SIZE,
+    Caps,
+    Close,
+    Kind,
+    PeerEvent,
+    PeerInfo,
+    Role,
+    Welcome,
+    decode_header,
+    encode_frame,
+)
 from rescue.sessions._config import LIVENESS_SLACK_S, MAX_PRIORITY_FRAMES, MAX_RECENT_NONCES, SessionLimits
 from rescue.sessions._limits import TokenBucket
 from rescue.sessions._stats import RelayStats

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import trio
 
 from rescue._log import get_logger, log_event, session_tag
-from rescue.protocol._messages import NONCE_SIZE, Caps, Role
+from rescue.protocol import NONCE_SIZE, Caps, Role
 from rescue.sessions._config import SessionLimits
 from rescue.sessions._core import (
     ACTIONS,

@@ -25,11 +25,23 @@ from dataclasses import dataclass, field
 import trio
 
 from rescue.errors import ConnectionClosedError
-from rescue.protocol import HEADER_SIZE, Kind, decode_header, encode_frame
-from rescue.protocol._messages import NONCE_SIZE, Caps, Close, Hello, PeerEvent, Role, Welcome
-from rescue.protocol._tokens import KeyRing, SigningKey, mint_token
-from rescue.relay._config import RelayConfig
-from rescue.relay._relay import Relay
+from rescue.protocol import (
+    HEADER_SIZE,
+    NONCE_SIZE,
+    Caps,
+    Close,
+    Hello,
+    KeyRing,
+    Kind,
+    PeerEvent,
+    Role,
+    SigningKey,
+    Welcome,
+    decode_header,
+    encode_frame,
+    mint_token,
+)
+from rescue.relay import Relay, RelayConfig
 from rescue.sessions import PeerLink
 from rescue.websocket import WebSocketClosedError, WebSocketConnection, connect_websocket
 

@@ -19,10 +19,8 @@ from typing import Final
 
 import trio
 
-from rescue.client._peer import Peer
-from rescue.client._tokens import TokenGrant
-from rescue.protocol._messages import Role
-from rescue.protocol._tokens import KeyRing, SigningKey, mint_token
+from rescue.client import Peer, TokenGrant
+from rescue.protocol import KeyRing, Role, SigningKey, mint_token
 from rescue.relay import Relay, RelayAddresses
 from rescue.testing._relay import relay_test_config
 

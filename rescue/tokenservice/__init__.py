@@ -35,3 +35,4 @@ __all__ = [
     "openapi_document",
     "serve_token_service",
 ]
+from rescue.tokenservice._cors import parse_origins as parse_origins

@@ -40,8 +40,7 @@ from rescue._log import get_logger, log_event, session_tag
 from rescue._tracing import current_record, record_span
 from rescue.errors import GuardrailError, StoreUnavailable
 from rescue.guardrails import Guardrails, check_cohort_id, store_deadline
-from rescue.protocol._messages import SESSION_ID_RE
-from rescue.protocol._tokens import MAX_TTL, ROLES, b64url_encode, mint_token
+from rescue.protocol import MAX_TTL, ROLES, SESSION_ID_RE, b64url_encode, mint_token
 from rescue.tokenservice._cors import CorsMiddleware
 from rescue.tokenservice._keys import PublishedKeys
 from rescue.tokenservice._oidc import EntitlementError, OidcUnavailable, OidcVerifier

@@ -16,13 +16,7 @@ from pathlib import Path
 
 from rescue._keyfiles import load_keyring
 from rescue.errors import ConfigError
-from rescue.protocol._tokens import (
-    CLOCK_SKEW,
-    MAX_TTL,
-    KeyRing,
-    SigningKey,
-    VerifyKey,
-)
+from rescue.protocol import CLOCK_SKEW, MAX_TTL, KeyRing, SigningKey, VerifyKey
 
 __all__ = ["PublishedKeys", "RetiredKey", "load_retired_keys"]
 

@@ -38,9 +38,11 @@ from typing import Final
 import outcome
 import trio
 
-__all__ = ["AVAILABLE", "ReadPoller"]
+__all__ = ["AVAILABLE", "POLLER_AVAILABLE", "ReadPoller"]
 
 AVAILABLE: Final = hasattr(select, "epoll")
+# The same, under the name rescue.websocket exports it by (AVAILABLE alone says too little).
+POLLER_AVAILABLE: Final = AVAILABLE
 # Events taken per epoll_wait: bounds one dispatch pass; more ready sockets take another pass.
 MAX_EVENTS: Final = 4096
 if AVAILABLE:

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import cbor2
 
-from rescue.protocol import Flags, Kind
+from rescue.protocol import (
+    HEADER_SIZE,
+    Flags,
+    KeyRing,
+    Kind,
+    SigningKey,
+    b64url_encode,
+    decode_header,
+    mint_token,
+    verify_token,
+)
 from rescue.protocol._crypto import (
     FrameCipher,
     aead_nonce,
@@ -23,8 +33,6 @@ from rescue.protocol._crypto import (
     derive_psk,
     psk_salt,
 )
-from rescue.protocol._frames import HEADER_SIZE, decode_header
-from rescue.protocol._tokens import KeyRing, SigningKey, b64url_encode, mint_token, verify_token
 
 HERE = Path(__file__).resolve().parent
 
