@@ -14,6 +14,7 @@ it under the page (and the relay's end with it) at a moment the test picks.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -120,6 +121,14 @@ class Proc:
         for lines in (self.stdout, self.stderr):
             lines.close()
         return status
+
+    @classmethod
+    def start_python(cls, *args: str) -> Proc:
+        """A Python script of the test's own, with the same pipes."""
+        process = subprocess.Popen(
+            [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        return cls(process, Lines(process.stdout), Lines(process.stderr))
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> Proc:
@@ -324,5 +333,43 @@ def test_background_tab_keeps_heartbeats(api: str, page: Page) -> None:
             "n => window.__rescueJoin.peer.heartbeatEchoes >= n", arg=before + 5, timeout=WAIT_MS
         )
         assert states(page)[-1] == "connected"
+    finally:
+        host.stop()
+
+
+# A host written with the Python SDK (a real peer through the real relay) that prints every
+# {"winsize"} the guest sends, one JSON line each.
+WINSIZE_HOST = r"""
+import json, sys, trio
+from rescue.client import ControlReceived, open_peer
+
+async def main(api, session, passphrase):
+    async with open_peer(api, session, "host", passphrase) as peer:
+        print("ready", flush=True)
+        while True:
+            message = await peer.receive()
+            if isinstance(message, ControlReceived) and "winsize" in message.data:
+                print(json.dumps(list(message.data["winsize"])), flush=True)
+
+trio.run(main, *sys.argv[1:])
+"""
+
+
+def test_window_size_goes_to_the_host(api: str, page: Page, tmp_path: Path) -> None:
+    """The page sends {"winsize": [rows, cols]} on joining and whenever its window changes."""
+    script = tmp_path / "winsize_host.py"
+    script.write_text(WINSIZE_HOST)
+    host = Proc.start_python(str(script), api, "web-e2e-4", "pass 4")
+    try:
+        host.stdout.wait_for(r"^ready$")
+        page.goto(f"{api}/join/?test-hook#web-e2e-4:pass%204")
+        wait_state(page, "connected")
+        first = page.evaluate("[window.__rescueJoin.term.rows, window.__rescueJoin.term.cols]")
+        host.stdout.wait_for(re.escape(json.dumps(first)))
+        page.set_viewport_size({"width": 500, "height": 300})
+        page.wait_for_function("n => window.__rescueJoin.term.cols < n", arg=first[1], timeout=WAIT_MS)
+        smaller = page.evaluate("[window.__rescueJoin.term.rows, window.__rescueJoin.term.cols]")
+        assert smaller[0] < first[0]
+        host.stdout.wait_for(re.escape(json.dumps(smaller)))
     finally:
         host.stop()

@@ -50,7 +50,7 @@ function join (sessionId, passphrase) {
   fit.fit()
   const heartbeatS = hook && params.has('heartbeat') ? Number(params.get('heartbeat')) : null
   const peer = new BrowserPeer({ api: location.origin, sessionId, passphrase, role: 'guest', client: 'rescue-web/0.1 (join)', heartbeatS })
-  if (hook) hook.peer = peer
+  if (hook) { hook.peer = peer; hook.term = term }
   let exitStatus = null
   // A host on a pty sends {"winsize"}; until then its output is a plain byte stream, whose bare
   // \n must become \r\n on screen (and typed Enter a \n), as a cooked terminal would do.
