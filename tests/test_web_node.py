@@ -1,7 +1,8 @@
 """The browser client's own tests (web/test/, node's test runner) and the committed bundle.
 
 - ``node --test``: every vector of tests/vectors/ and the examples of docs/protocol.md, recomputed
-  by the JavaScript implementation, plus its core driven through an in-memory relay.
+  by the JavaScript implementation, its core driven through an in-memory relay, and its WebSocket
+  shell against a scripted relay (close-code policy, backoff, heartbeats, liveness).
 - The bundle under rescue/tokenservice/web/ is what ``just web`` builds from web/ and its lock
   file: rebuilt into a temporary directory here, it must be byte-identical to the committed one
   (so nobody ships a stale or hand-edited bundle, and the build is reproducible).
