@@ -178,3 +178,32 @@ async def test_node_info_validation() -> None:
     with pytest.raises(ValueError):
         NodeInfo.from_json({"id": "ok", "url": 3})
     assert NodeInfo.from_json(NodeInfo("n", "wss://n", True).to_json()) == NodeInfo("n", "wss://n", True)
+
+
+async def test_mint_snapshot_reads_what_a_token_decision_needs(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        empty = await store.mint_snapshot("beta", now=NOW)
+        assert (empty.fleet, empty.cohort_enabled, empty.nodes) == (FleetState(), False, ())
+        assert empty.current == empty.previous == HourCounts()
+        await store.set_fleet_state(FleetState(paused=True, reason="r", since=NOW))
+        await store.set_cohort_enabled("beta", True)
+        await store.increment("beta", CounterField.SESSIONS, now=NOW, amount=5)
+        await store.increment("beta", CounterField.ACTIVATIONS, now=NOW - 3600, amount=2)
+        await store.register_node(NodeInfo("n-b", "wss://b/v1/connect"), ttl=60)
+        await store.register_node(NodeInfo("n-a", "wss://a/v1/connect", draining=True), ttl=60)
+        snap = await store.mint_snapshot("beta", now=NOW)
+        assert snap.fleet == FleetState(paused=True, reason="r", since=NOW)
+        assert snap.cohort_enabled is True
+        assert snap.current == HourCounts(sessions=5)
+        assert snap.previous == HourCounts(activations=2)
+        assert [n.node_id for n in snap.nodes] == ["n-a", "n-b"]
+        assert snap.nodes[0].draining
+
+
+async def test_record_mint_counts_and_assigns_like_its_parts(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.record_mint("beta", now=NOW, session_id="m", node_id="n-1", ttl=60) == "n-1"
+        assert await store.record_mint("beta", now=NOW, session_id="m", node_id="n-2", ttl=60) == "n-1"
+        assert await store.record_mint("beta", now=NOW, session_id="m", node_id=None, ttl=60) is None
+        assert (await store.hour_counts("beta", [hour_bucket(NOW)]))[0] == HourCounts(tokens=3)
+        assert await store.assign_session("m", "n-3", ttl=60) == "n-1"

@@ -156,3 +156,28 @@ async def test_concurrent_assignments_agree(redis_url: str) -> None:
                 nursery.start_soon(one)
         assert len(set(results)) == 1
         await store.aclose()
+
+
+async def test_scripts_lost_by_a_redis_restart_are_reloaded_without_counting_twice(
+    redis_url: str, redis_session_server: RedisServer
+) -> None:
+    store = RedisStore(redis_url)
+    try:
+        with trio.fail_after(10):
+            now = time.time()
+            await store.register_node(NodeInfo("n-1", "wss://n1/v1/connect"), ttl=60)
+            assert await store.record_mint("beta", now=now, session_id="s", node_id="n-1", ttl=60) == "n-1"
+            for _ in range(2):  # the transaction (record_mint) and the plain pipelines
+                with redis_session_server.client() as client:
+                    client.script_flush()
+                assert (
+                    await store.record_mint("beta", now=now, session_id="s", node_id="n-2", ttl=60) == "n-1"
+                )
+                assert [n.node_id for n in (await store.mint_snapshot("beta", now=now)).nodes] == ["n-1"]
+                with redis_session_server.client() as client:
+                    client.script_flush()
+                assert await store.keep_assignments("n-1", ["s", "t"], ttl=60) == {"s": "n-1", "t": "n-1"}
+            counts = await store.hour_counts("beta", [hour_bucket(now)])
+            assert counts[0].tokens == 3
+    finally:
+        await store.aclose()

@@ -13,6 +13,7 @@ from rescue.guardrails._store import (
     CounterField,
     FleetState,
     HourCounts,
+    MintSnapshot,
     NodeInfo,
     assignment_key,
     check_cohort_id,
@@ -154,6 +155,25 @@ class MemoryStore:
             self._assignments[key] = (t + ttl, node_id)
             return node_id, True
         return entry[1], False
+
+    async def mint_snapshot(self, cohort_id: str, *, now: float) -> MintSnapshot:
+        check_cohort_id(cohort_id)
+        current, previous = await self.hour_counts(cohort_id, [hour_bucket(now), hour_bucket(now - 3600)])
+        return MintSnapshot(
+            fleet=await self.fleet_state(),
+            cohort_enabled=await self.cohort_enabled(cohort_id),
+            current=current,
+            previous=previous,
+            nodes=tuple(await self.live_nodes()),
+        )
+
+    async def record_mint(
+        self, cohort_id: str, *, now: float, session_id: str, node_id: str | None, ttl: float
+    ) -> str | None:
+        await self.increment(cohort_id, CounterField.TOKENS, now=now)
+        if node_id is None:
+            return None
+        return await self.assign_session(session_id, node_id, ttl=ttl)
 
     async def keep_assignments(
         self, node_id: str, session_ids: Sequence[str], *, ttl: float

@@ -264,14 +264,54 @@ class Guardrails:
             ValueError: ``cohort_id`` is malformed.
         """
         check_cohort_id(cohort_id)
-        fleet = await self.fleet_state()
-        if fleet.paused:
+        _check_switches(await self.fleet_state(), cohort_id, enabled=None)
+        _check_switches(FleetState(), cohort_id, enabled=await self.cohort_enabled(cohort_id))
+        return await self._judge_window(await self.window(cohort_id, now=now), now)
+
+    async def decide(
+        self, cohort_id: str, session_id: str, *, now: float, ttl: float, require_node: bool
+    ) -> tuple[Authorization, NodeInfo | None]:
+        """The whole token decision in two store round trips (decision 0010).
+
+        The same checks, in the same order, as :meth:`authorize_token`, then :meth:`assign_node`,
+        then :meth:`record_tokens`: one :meth:`~GuardrailStore.mint_snapshot` reads everything,
+        one :meth:`~GuardrailStore.record_mint` counts the token and records the assignment. A
+        move off a gone or draining node costs one more (rare).
+
+        Args:
+            require_node: without registered nodes, refuse (``no_relay_available``) instead of
+                returning None (the caller has no relay URL of its own).
+
+        Raises:
+            GuardrailError: ``fallback_paused``, ``cohort_disabled`` or ``no_relay_available``.
+            StoreUnavailable: the store can't be read or written (fail closed).
+            ValueError: ``cohort_id`` is malformed.
+        """
+        check_cohort_id(cohort_id)
+        if self.config.env_paused:
             raise GuardrailError("fallback_paused", "WebSocket fallback is paused fleet-wide")
-        if not await self.cohort_enabled(cohort_id):
-            raise GuardrailError(
-                "cohort_disabled", f"WebSocket fallback is not enabled for cohort {cohort_id}"
-            )
-        window = await self.window(cohort_id, now=now)
+        snap = await self.store.mint_snapshot(cohort_id, now=now)
+        _check_switches(
+            snap.fleet, cohort_id, enabled=snap.cohort_enabled or self.config.dev_enable_all_cohorts
+        )
+        counts = rolling_window(snap.current, snap.previous, now)
+        auth = await self._judge_window(GuardrailWindow(cohort_id, counts, self.judge(counts)), now)
+        nodes = list(snap.nodes)
+        if not nodes:
+            if require_node:
+                raise GuardrailError("no_relay_available", "no relay node is registered")
+            await self.store.record_mint(cohort_id, now=now, session_id=session_id, node_id=None, ttl=ttl)
+            return auth, None
+        eligible, choice = _eligible(session_id, nodes)
+        current = await self.store.record_mint(
+            cohort_id, now=now, session_id=session_id, node_id=choice.node_id, ttl=ttl
+        )
+        assert current is not None
+        return auth, await self._settle(session_id, current, nodes, eligible, choice, ttl=ttl)
+
+    async def _judge_window(self, window: GuardrailWindow, now: float) -> Authorization:
+        """The rolling-window part of the decision: auto-pause on a hard breach, hint on a soft one."""
+        cohort_id = window.cohort_id
         if window.state == "hard_breach":
             ratio = window.counts.ratio or 0.0
             reason = (
@@ -334,11 +374,21 @@ class Guardrails:
         nodes = await self.store.live_nodes()
         if not nodes:
             return None
-        eligible = {n.node_id: n for n in nodes if not n.draining}
-        choice = rendezvous_pick(session_id, eligible.values())
-        if choice is None:
-            raise GuardrailError("no_relay_available", "every relay node is draining")
+        eligible, choice = _eligible(session_id, nodes)
         current = await self.store.assign_session(session_id, choice.node_id, ttl=ttl)
+        return await self._settle(session_id, current, nodes, eligible, choice, ttl=ttl)
+
+    async def _settle(
+        self,
+        session_id: str,
+        current: str,
+        nodes: list[NodeInfo],
+        eligible: dict[str, NodeInfo],
+        choice: NodeInfo,
+        *,
+        ttl: float,
+    ) -> NodeInfo:
+        """The assignment in force is ``current``: keep it, or move it off a gone/draining node."""
         if current not in eligible:
             reason = "draining" if any(n.node_id == current for n in nodes) else "gone"
             moved_from = current
@@ -350,3 +400,28 @@ class Guardrails:
                 if self.on_move is not None:
                     self.on_move(reason)
         return eligible.get(current, choice)
+
+
+def _eligible(session_id: str, nodes: list[NodeInfo]) -> tuple[dict[str, NodeInfo], NodeInfo]:
+    """The live, non-draining nodes by id, and the rendezvous pick among them.
+
+    Raises:
+        GuardrailError: ``no_relay_available`` when every node is draining.
+    """
+    eligible = {n.node_id: n for n in nodes if not n.draining}
+    choice = rendezvous_pick(session_id, eligible.values())
+    if choice is None:
+        raise GuardrailError("no_relay_available", "every relay node is draining")
+    return eligible, choice
+
+
+def _check_switches(fleet: FleetState, cohort_id: str, *, enabled: bool | None) -> None:
+    """The kill switch, then the cohort flag (``None``: not read yet).
+
+    Raises:
+        GuardrailError: ``fallback_paused`` or ``cohort_disabled``.
+    """
+    if fleet.paused:
+        raise GuardrailError("fallback_paused", "WebSocket fallback is paused fleet-wide")
+    if enabled is False:
+        raise GuardrailError("cohort_disabled", f"WebSocket fallback is not enabled for cohort {cohort_id}")

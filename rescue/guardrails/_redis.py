@@ -27,6 +27,7 @@ from rescue.guardrails._store import (
     CounterField,
     FleetState,
     HourCounts,
+    MintSnapshot,
     NodeInfo,
     assignment_key,
     check_cohort_id,
@@ -155,6 +156,7 @@ class RedisStore:
         self._reassign = self._client.register_script(_REASSIGN_LUA)
         self._live_nodes = self._client.register_script(_LIVE_NODES_LUA)
         self._keep = self._client.register_script(_KEEP_LUA)
+        self._scripts_loaded = False  # see _with_scripts
 
     @property
     def in_flight(self) -> int:
@@ -212,17 +214,7 @@ class RedisStore:
 
     async def fleet_state(self) -> FleetState:
         raw: dict[str, str] = await self._run(partial(self._client.hgetall, _FLEET_KEY))
-        since: float | None
-        try:
-            since = float(raw["since"]) if raw.get("since") else None
-        except ValueError:
-            since = None
-        return FleetState(
-            paused=raw.get("paused") == "1",
-            reason=raw.get("reason") or None,
-            since=since,
-            drain=raw.get("drain") == "1",
-        )
+        return _parse_fleet(raw)
 
     async def set_fleet_state(self, state: FleetState) -> None:
         mapping = {
@@ -297,13 +289,77 @@ class RedisStore:
 
     async def live_nodes(self) -> list[NodeInfo]:
         raw: list[str] = await self._run(partial(self._live_nodes, keys=[_NODES_KEY], args=[_NODE_PREFIX]))
-        nodes = []
-        for item in raw:
-            try:
-                nodes.append(NodeInfo.from_json(json.loads(item)))
-            except ValueError:  # a corrupt record is a dead node, not an outage
-                continue
-        return sorted(nodes, key=lambda n: n.node_id)
+        return _parse_nodes(raw)
+
+    async def mint_snapshot(self, cohort_id: str, *, now: float) -> MintSnapshot:
+        keys = [counter_key(cohort_id, hour_bucket(now)), counter_key(cohort_id, hour_bucket(now - 3600))]
+
+        def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(_FLEET_KEY)
+            pipe.hget(_COHORTS_KEY, cohort_id)
+            pipe.hgetall(keys[0])
+            pipe.hgetall(keys[1])
+            _evalsha(pipe, self._live_nodes, [_NODES_KEY], [_NODE_PREFIX])
+            result: list[Any] = pipe.execute()
+            return result
+
+        fleet, cohort, current, previous, nodes = await self._run(partial(self._with_scripts, read))
+        return MintSnapshot(
+            fleet=_parse_fleet(fleet),
+            cohort_enabled=cohort == "1",
+            current=HourCounts.from_mapping(current),
+            previous=HourCounts.from_mapping(previous),
+            nodes=tuple(_parse_nodes(nodes)),
+        )
+
+    async def record_mint(
+        self, cohort_id: str, *, now: float, session_id: str, node_id: str | None, ttl: float
+    ) -> str | None:
+        key = counter_key(cohort_id, hour_bucket(now))
+        if node_id is not None:
+            check_node_id(node_id)
+        assign_key = assignment_key(session_id)
+
+        def write() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the counter TTL can't be missed
+            pipe.hincrby(key, CounterField.TOKENS.value, 1)
+            pipe.expire(key, COUNTER_TTL_S, nx=True)
+            if node_id is not None:
+                _evalsha(pipe, self._assign, [assign_key], [node_id, _ms(ttl)])
+            result: list[Any] = pipe.execute(raise_on_error=False)
+            if len(result) > 2 and isinstance(result[2], redis.exceptions.NoScriptError):
+                # Redis lost its scripts (a restart): the counter is already written, so only the
+                # assignment is run again, by the script object that loads it
+                assert node_id is not None
+                result[2] = self._assign(keys=[assign_key], args=[node_id, _ms(ttl)])
+            for item in result:
+                if isinstance(item, Exception):
+                    raise item
+            return result
+
+        result = await self._run(partial(self._with_scripts, write))
+        return str(result[2]) if node_id is not None else None
+
+    def _with_scripts(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` (a pipeline using :func:`_evalsha`, in a worker thread) with the scripts loaded.
+
+        redis-py checks a pipeline's scripts with ``SCRIPT EXISTS`` on every execute: one more
+        round trip per pipeline. Instead they are loaded once, and again after a ``NOSCRIPT``
+        (Redis restarted), when ``fn`` is retried once; ``fn`` must be safe to repeat then.
+        """
+        if not self._scripts_loaded:
+            self._load_scripts()
+        try:
+            return fn()
+        except redis.exceptions.NoScriptError:
+            self._load_scripts()
+            return fn()
+
+    def _load_scripts(self) -> None:
+        for script in (self._live_nodes, self._assign, self._keep):
+            self._client.script_load(script.script)
+        self._scripts_loaded = True
 
     async def assign_session(self, session_id: str, node_id: str, *, ttl: float) -> str:
         check_node_id(node_id)
@@ -331,14 +387,15 @@ class RedisStore:
         def keep(chunk: list[str]) -> list[str]:
             pipe = self._client.pipeline(transaction=False)
             for sid in chunk:
-                self._keep(keys=[assignment_key(sid)], args=args, client=pipe)
+                _evalsha(pipe, self._keep, [assignment_key(sid)], args)
             result: list[str] = pipe.execute()
             return result
 
         out: dict[str, str] = {}
         for start in range(0, len(ids), KEEP_BATCH):
             chunk = ids[start : start + KEEP_BATCH]
-            out.update(zip(chunk, await self._run(partial(keep, chunk)), strict=True))
+            held = await self._run(partial(self._with_scripts, partial(keep, chunk)))
+            out.update(zip(chunk, held, strict=True))
         return out
 
     async def aclose(self) -> None:
@@ -355,3 +412,32 @@ class RedisStore:
             await trio.to_thread.run_sync(self._idle.wait, abandon_on_cancel=True)
         finally:
             pool.disconnect(inuse_connections=False)
+
+
+def _parse_fleet(raw: dict[str, str]) -> FleetState:
+    since: float | None
+    try:
+        since = float(raw["since"]) if raw.get("since") else None
+    except ValueError:
+        since = None
+    return FleetState(
+        paused=raw.get("paused") == "1",
+        reason=raw.get("reason") or None,
+        since=since,
+        drain=raw.get("drain") == "1",
+    )
+
+
+def _parse_nodes(raw: list[str]) -> list[NodeInfo]:
+    nodes = []
+    for item in raw:
+        try:
+            nodes.append(NodeInfo.from_json(json.loads(item)))
+        except ValueError:  # a corrupt record is a dead node, not an outage
+            continue
+    return sorted(nodes, key=lambda n: n.node_id)
+
+
+def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
+    """Queue ``script`` on ``pipe`` by its SHA alone (loaded by ``RedisStore._with_scripts``)."""
+    pipe.evalsha(script.sha, len(keys), *keys, *args)

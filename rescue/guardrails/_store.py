@@ -28,6 +28,7 @@ __all__ = [
     "FleetState",
     "GuardrailStore",
     "HourCounts",
+    "MintSnapshot",
     "NodeInfo",
     "WindowCounts",
     "assignment_key",
@@ -156,6 +157,24 @@ class HourCounts:
                 return 0
 
         return cls(num("sessions"), num("tokens"), num("activations"))
+
+
+@dataclass(frozen=True, slots=True)
+class MintSnapshot:
+    """Everything a token decision reads, fetched in one round trip (decision 0010).
+
+    Attributes:
+        fleet: the kill switch as stored.
+        cohort_enabled: the cohort's ``fallback_ws_enabled`` flag.
+        current, previous: the cohort's counters of this and the previous UTC hour.
+        nodes: the live registered nodes, sorted by id.
+    """
+
+    fleet: FleetState
+    cohort_enabled: bool
+    current: HourCounts
+    previous: HourCounts
+    nodes: tuple[NodeInfo, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +310,17 @@ class GuardrailStore(Protocol):
         Returns the assignment in force afterwards, and whether this call wrote it (of two racing
         moves only one did, so a move is recorded once).
         """
+
+    async def mint_snapshot(self, cohort_id: str, *, now: float) -> MintSnapshot:
+        """Kill switch, cohort flag, this and the previous hour's counters and the live nodes, read
+        together (one round trip on Redis): the reads of one token request."""
+
+    async def record_mint(
+        self, cohort_id: str, *, now: float, session_id: str, node_id: str | None, ttl: float
+    ) -> str | None:
+        """Count one token for the cohort's hour and, with ``node_id``, assign the session like
+        :meth:`assign_session` (SET NX, an existing one extended and returned), together (one
+        round trip on Redis). Returns the assignment in force, or None without ``node_id``."""
 
     async def keep_assignments(
         self, node_id: str, session_ids: Sequence[str], *, ttl: float

@@ -417,16 +417,20 @@ class TokenService:
         cohort: str = body["cohort_id"]
         now = self._now()
         try:
-            auth = await self.guardrails.authorize_token(cohort, now=now)
+            auth, node = await self.guardrails.decide(
+                cohort,
+                body["session_id"],
+                now=now,
+                ttl=self.config.token_ttl,
+                require_node=self.config.relay_url is None,
+            )
         except GuardrailError as exc:
-            self.paused_gauge.set(1 if exc.error == "fallback_paused" else 0)
+            if exc.error != "no_relay_available":
+                self.paused_gauge.set(1 if exc.error == "fallback_paused" else 0)
             raise
         self.paused_gauge.set(0)
-        node = await self.guardrails.assign_node(body["session_id"], ttl=self.config.token_ttl)
         relay_url = node.public_url if node is not None else self.config.relay_url
-        if relay_url is None:
-            raise GuardrailError("no_relay_available", "no relay node is registered")
-        await self.guardrails.record_tokens(cohort, now=now)
+        assert relay_url is not None
         token = mint_token(
             self.config.keys.signing_key,
             session_id=body["session_id"],
