@@ -39,6 +39,13 @@ RELAY_ARGS = ("--assignment-ttl-s", "2", "--register-ttl-s", "1.5", "--drain-s",
 TIMEOUT_S = 120
 
 
+def short_ttl_fleet(work_dir: Path) -> Any:
+    """Three relays of which two are started (the third is the scale-out), TTLs of seconds."""
+    return fleet_mod.open_fleet(
+        work_dir, nodes=3, start_nodes=2, token_service_args=TOKEN_SERVICE_ARGS, relay_args=RELAY_ARGS
+    )
+
+
 def sessions_moving_to(new: str, before: list[str], count: int, prefix: str) -> list[str]:
     """Session ids that rendezvous hashing would move to ``new`` once it joins ``before``."""
     after = [*before, new]
@@ -104,9 +111,7 @@ async def test_sessions_stay_through_expiry_scale_out_and_one_peer_back_then_fol
     tmp_path: Path,
 ) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with fleet_mod.open_fleet(
-            tmp_path, nodes=3, start_nodes=2, token_service_args=TOKEN_SERVICE_ARGS, relay_args=RELAY_ARGS
-        ) as fleet:
+        async with short_ttl_fleet(tmp_path) as fleet:
             # sessions that relay-3 would take over if assignments were not kept alive
             ids = sessions_moving_to("relay-3", ["relay-1", "relay-2"], 6, "stay")
             placed = {sid: await pair(fleet, sid) for sid in ids}
@@ -160,9 +165,7 @@ async def test_a_peer_with_a_stale_token_gets_wrong_node_and_the_sdk_follows_to_
     tmp_path: Path,
 ) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with fleet_mod.open_fleet(
-            tmp_path, nodes=3, start_nodes=2, token_service_args=TOKEN_SERVICE_ARGS, relay_args=RELAY_ARGS
-        ) as fleet:
+        async with short_ttl_fleet(tmp_path) as fleet:
             sid = sessions_moving_to("relay-3", ["relay-1", "relay-2"], 1, "stale")[0]
             stale = await grant(fleet, sid, "guest")  # names relay-1 or relay-2; never used at once
             old_node = node_of(fleet, stale.relay_url)

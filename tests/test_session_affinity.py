@@ -111,6 +111,13 @@ class Fleet:
         return held[0] if held else None
 
 
+async def fleet_with(nursery: trio.Nursery, *node_ids: str) -> Fleet:
+    fleet = Fleet(nursery)
+    for node_id in node_ids:
+        await fleet.add(node_id)
+    return fleet
+
+
 def sessions(n: int) -> Iterator[str]:
     return (f"session-{i}" for i in range(n))
 
@@ -119,9 +126,7 @@ async def test_live_sessions_keep_their_node_for_hours_of_scale_out_and_in(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        fleet = Fleet(nursery)
-        for node_id in ("a", "b"):
-            await fleet.add(node_id)
+        fleet = await fleet_with(nursery, "a", "b")
         placed = {sid: await fleet.connect(sid) for sid in sessions(40)}
         # assigned once, then left alone (nobody holds it live): the control that shows the
         # test would notice a mechanism that did not keep assignments alive
@@ -152,9 +157,7 @@ async def test_draining_node_hands_its_sessions_on_and_both_peers_follow(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        fleet = Fleet(nursery)
-        for node_id in ("a", "b", "c"):
-            await fleet.add(node_id)
+        fleet = await fleet_with(nursery, "a", "b", "c")
         placed = {sid: await fleet.connect(sid) for sid in sessions(30)}
         on_a = sorted(sid for sid, n in placed.items() if n == "a")
         assert on_a
@@ -184,9 +187,7 @@ async def test_killed_node_sessions_move_once_its_registration_expires(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        fleet = Fleet(nursery)
-        for node_id in ("a", "b", "c"):
-            await fleet.add(node_id)
+        fleet = await fleet_with(nursery, "a", "b", "c")
         placed = {sid: await fleet.connect(sid) for sid in sessions(30)}
         on_b = [sid for sid, n in placed.items() if n == "b"]
         await fleet.kill("b")
@@ -203,9 +204,7 @@ async def test_hello_for_a_session_held_elsewhere_is_wrong_node_unless_that_node
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        fleet = Fleet(nursery)
-        for node_id in ("a", "b"):
-            await fleet.add(node_id)
+        fleet = await fleet_with(nursery, "a", "b")
         held = await fleet.connect("s")
         other = fleet.nodes["b" if held == "a" else "a"]
         # a peer with a stale token for the other node: refused there, pointing at the holder
@@ -224,8 +223,8 @@ async def test_store_outage_admits_at_hello_and_the_next_round_recovers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        fleet = Fleet(nursery)
-        a = await fleet.add("a")
+        fleet = await fleet_with(nursery, "a")
+        a = fleet.nodes["a"]
         await fleet.connect("s")
         fleet.store.available = False
         assert await a.keeper.claim("t") is None  # the token named this node: admit
@@ -243,9 +242,7 @@ async def test_racing_peers_of_a_new_session_land_together(
     autojump_clock: trio.testing.MockClock, order: str
 ) -> None:
     async with trio.open_nursery() as nursery:
-        fleet = Fleet(nursery)
-        for node_id in ("a", "b", "c"):
-            await fleet.add(node_id)
+        fleet = await fleet_with(nursery, "a", "b", "c")
         answers: dict[str, str] = {}
 
         async def ask(role: str) -> None:
@@ -271,9 +268,7 @@ OPS = st.lists(
 def test_property_a_live_session_is_only_ever_assigned_to_its_holder(ops: list[tuple[str, int]]) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            fleet = Fleet(nursery)
-            for node_id in ("n0", "n1"):
-                await fleet.add(node_id)
+            fleet = await fleet_with(nursery, "n0", "n1")
             counter = 2
             for op, arg in ops:
                 usable = [n for n in fleet.nodes.values() if not n.registrar.draining]
