@@ -9,9 +9,22 @@ default:
 dev *ARGS:
     rescue dev {{ARGS}}
 
-# Everything CI checks: lint, types, deploy bundle validators, then the test suite.
-test *ARGS: lint types deploy-check
+# Everything CI checks: the lock, lint, types, deploy bundle validators, then the test suite.
+test *ARGS: lock-check lint types deploy-check
     pytest {{ARGS}}
+
+# Refresh requirements/*.txt (hash-pinned) from pyproject.toml; `just lock --upgrade` moves every pin.
+lock *ARGS:
+    scripts/lock {{ARGS}}
+
+# Fail when pyproject.toml and requirements/ disagree (someone added a dependency without `just lock`).
+lock-check:
+    scripts/check-lock
+
+# Runtime dependencies at their lowest (requirements/lowest.txt) or newest allowed versions, in a
+# clean venv with the built wheel: protocol, tokens, messages, vectors and a real share/join session.
+range KIND *ARGS:
+    scripts/range-check {{KIND}} {{ARGS}}
 
 # Only the test suite (pass pytest arguments, e.g. `just pytest tests/test_frames.py -x`).
 pytest *ARGS:

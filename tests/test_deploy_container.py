@@ -130,9 +130,15 @@ def test_multi_stage_on_python_311_slim(containerfile: tuple[dict[str, str], lis
     run = " ".join(builder.all("RUN"))
     assert "pip wheel" in run
     assert "python -m venv /opt/venv" in run
-    assert "/opt/venv/bin/python -m pip install" in run
-    assert "/wheels/" in run
-    assert "[otel]" in run  # the image can export traces (OTEL_EXPORTER_OTLP_ENDPOINT)
+    # the hash-pinned runtime lock first, then the wheel alone: the image ships the tested versions
+    assert "/opt/venv/bin/python -m pip install --require-hashes -r requirements/runtime.txt" in run
+    assert "/opt/venv/bin/python -m pip install --no-deps /wheels/" in run
+    assert run.index("--require-hashes") < run.index("--no-deps /wheels/")
+    assert "pip check" in run
+    # the image can export traces (OTEL_EXPORTER_OTLP_ENDPOINT): the lock carries the otel extra
+    runtime_lock = (ROOT / "requirements" / "runtime.txt").read_text()
+    assert "\nopentelemetry-exporter-otlp-proto-http==" in runtime_lock
+    assert "import opentelemetry.exporter.otlp.proto.http.trace_exporter" in run
 
 
 def test_final_stage_is_non_root_and_minimal(containerfile: tuple[dict[str, str], list[Stage]]) -> None:

@@ -1,0 +1,145 @@
+"""Packaging: runtime dependencies are what rescue/ imports, the lock agrees with pyproject.toml, and
+``python -m rescue`` is the CLI (docs/decisions/0008-dependency-locking.md)."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+# Imported by rescue/ only when an operator turns the feature on, inside a guarded import.
+OPTIONAL_IMPORTS = {
+    "opentelemetry": "rescue._tracing imports the SDK only when tracing is configured",
+}
+
+
+def _imported_top_level_modules() -> set[str]:
+    modules: set[str] = set()
+    for path in (ROOT / "rescue").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return {m for m in modules if m not in sys.stdlib_module_names and m != "rescue"}
+
+
+def test_runtime_dependencies_are_exactly_what_rescue_imports() -> None:
+    declared = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["dependencies"]}
+    extras = {
+        canonicalize_name(Requirement(r).name)
+        for name, reqs in PYPROJECT["project"]["optional-dependencies"].items()
+        if name != "dev"
+        for r in reqs
+    }
+    dists = packages_distributions()
+    imported: set[str] = set()
+    for module in _imported_top_level_modules() - set(OPTIONAL_IMPORTS):
+        assert module in dists, f"rescue/ imports {module}, which no installed distribution provides"
+        imported |= {canonicalize_name(d) for d in dists[module]}
+    undeclared, unused = imported - declared - extras, declared - imported
+    assert undeclared == set(), "rescue/ imports these: declare them in [project] dependencies"
+    assert unused == set(), "declared runtime dependencies rescue/ never imports: move them to dev"
+
+
+def _copy_project(tmp_path: Path) -> Path:
+    (tmp_path / "requirements").mkdir()
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    for lock in (ROOT / "requirements").glob("*.txt"):
+        shutil.copy(lock, tmp_path / "requirements")
+    return tmp_path
+
+
+def _check_lock(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check-lock"), str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_lock_agrees_with_pyproject() -> None:
+    result = _check_lock(ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "complaint"),
+    [
+        (
+            '"cbor2>=5.6,<7",',
+            '"cbor2>=5.6,<7", "left-pad>=1.0",',
+            "asks for left-pad>=1.0 but requirements/dev.txt",
+        ),
+        ('"cbor2>=5.6,<7",', '"cbor2>=5.7,<7",', "requirements/lowest.txt pins cbor2==5.6.0"),
+        ('"redis>=5.0,<9",', '"redis>=5.0,<8",', "asks for redis<8,>=5.0 but requirements/dev.txt pins 8"),
+        ('    "cryptography>=42",', "", "requirements/runtime.txt still lists cryptography"),
+        ('    "pytest>=8",', "", "requirements/dev.txt still lists pytest"),
+    ],
+    ids=["added", "raised-floor", "lowered-cap", "removed-runtime", "removed-dev"],
+)
+def test_lock_check_names_what_was_not_relocked(tmp_path: Path, old: str, new: str, complaint: str) -> None:
+    root = _copy_project(tmp_path)
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text()
+    assert old in text
+    pyproject.write_text(text.replace(old, new, 1))
+    result = _check_lock(root)
+    assert result.returncode == 1
+    assert complaint in result.stderr
+    assert "run `./run lock`" in result.stderr
+
+
+def test_lock_check_wants_hashes_and_the_same_runtime_pins_as_dev(tmp_path: Path) -> None:
+    root = _copy_project(tmp_path)
+    runtime = root / "requirements" / "runtime.txt"
+    original = runtime.read_text()
+    pinned = next(line for line in original.splitlines() if line.startswith("trio=="))
+    runtime.write_text(original.replace(pinned, "trio==0.27.0 \\", 1))
+    result = _check_lock(root)
+    assert result.returncode == 1
+    assert "requirements/runtime.txt pins trio==0.27.0, requirements/dev.txt 0." in result.stderr
+    lines = original.splitlines()
+    at = lines.index(pinned)
+    while lines[at + 1].strip().startswith("--hash="):
+        del lines[at + 1]
+    lines[at] = lines[at].removesuffix(" \\")
+    runtime.write_text("\n".join(lines) + "\n")
+    result = _check_lock(root)
+    assert result.returncode == 1
+    assert "requirements/runtime.txt pins trio==" in result.stderr
+    assert "without a --hash" in result.stderr
+
+
+def test_python_dash_m_rescue_is_the_cli(tmp_path: Path) -> None:
+    version = subprocess.run(
+        [sys.executable, "-m", "rescue", "--version"], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert version.stdout.startswith("rescue ")
+    key = tmp_path / "k.json"
+    made = subprocess.run(
+        [sys.executable, "-m", "rescue", "keygen", "--out", str(key)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    assert key.is_file()
+    assert '"keys"' in made.stdout
+    bad = subprocess.run([sys.executable, "-m", "rescue", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("usage: rescue")
