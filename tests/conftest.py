@@ -193,3 +193,26 @@ def chromium_path() -> str:
     if not os.access(CHROMIUM, os.X_OK):
         skip_or_fail(f"no Chromium at {CHROMIUM} (Debian package chromium)")
     return CHROMIUM
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent implementations (oracles) from the dev extra
+#
+# Interop and known-answer tests check rescue against other implementations (cwt, cryptography's
+# Argon2id). The range jobs (scripts/range-check: the runtime dependencies at their lowest and
+# newest allowed versions, no dev extra) run those files with RESCUE_RANGE_JOB=1, where a missing
+# oracle skips its check; everywhere else a missing oracle is an error, never a silent skip.
+# ---------------------------------------------------------------------------------------------
+
+import importlib  # noqa: E402
+from types import ModuleType  # noqa: E402
+
+
+@pytest.fixture
+def oracle() -> Callable[[str], ModuleType]:
+    def load(name: str) -> ModuleType:
+        if os.environ.get("RESCUE_RANGE_JOB"):
+            return pytest.importorskip(name, reason=f"{name} is not installed in this range job")
+        return importlib.import_module(name)
+
+    return load

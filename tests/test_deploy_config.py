@@ -205,6 +205,37 @@ def test_container_workflow_pushes_and_signs_only_on_version_tags() -> None:
     assert "hadolint Containerfile" in _steps(job)
 
 
+def test_every_action_is_pinned_to_a_commit_sha() -> None:
+    # a tag can be moved to other code; a commit SHA cannot (the tag stays readable in the comment)
+    pinned = re.compile(r"uses: [\w.-]+/[\w./-]+@[0-9a-f]{40} # v\d+(\.\d+)*$")
+    for path in sorted(WORKFLOWS.glob("*.yml")):
+        for line in path.read_text().splitlines():
+            if "uses:" in line.split("#")[0]:
+                assert pinned.search(line), (path.name, line)
+
+
+def test_ci_runs_the_range_jobs_and_the_clean_install_test() -> None:
+    ci = _workflow("ci.yml")
+    assert ci["jobs"]["range"]["strategy"]["matrix"]["kind"] == ["lowest", "newest"]
+    assert "scripts/range-check ${{ matrix.kind }}" in _steps(ci["jobs"]["range"])
+    assert "./run pytest -m clean_install" in _steps(ci["jobs"]["test"])
+    for name in ("deploy-bundle", "loadtest-smoke"):
+        assert "--require-hashes -r requirements/dev.txt" in _steps(ci["jobs"][name])
+    ci_run = (ROOT / ".ci" / "run").read_text()
+    commands = ("./run test", "./run pytest -m clean_install", "./run range lowest", "./run range newest")
+    for command in commands:
+        assert command in ci_run, command
+
+
+def test_image_runs_a_real_session_before_anything_is_signed_or_pushed() -> None:
+    steps = _workflow("container.yml")["jobs"]["image"]["steps"]
+    runs = [str(step.get("run", "")) for step in steps]
+    session = next(i for i, run in enumerate(runs) if "scripts/smoke-session image beach-rescue:ci" in run)
+    push = next(i for i, step in enumerate(steps) if step.get("id") == "push")
+    sign = next(i for i, run in enumerate(runs) if "cosign sign" in run)
+    assert session < push < sign
+
+
 def test_workflows_pass_the_github_schema() -> None:
     tool = require_tool("check-jsonschema")
     files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))

@@ -6,15 +6,14 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import cbor2
-import cwt
 import nacl.signing
 import pytest
-from cwt import COSE, COSEKey
-from cwt.cose_key_interface import COSEKeyInterface
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,6 +32,9 @@ from rescue.protocol import (
     mint_token,
     verify_token,
 )
+
+if TYPE_CHECKING:
+    from cwt.cose_key_interface import COSEKeyInterface
 
 NOW = 1_700_000_000.0
 SEED = bytes(range(32))
@@ -626,19 +628,20 @@ def test_mutated_tokens_raise_only_token_error_or_verify_unchanged(
 # interop with the independent cwt package
 
 
-def _cose_keys(key: SigningKey) -> tuple[COSEKeyInterface, COSEKeyInterface]:
+def _cose_keys(cwt: ModuleType, key: SigningKey) -> tuple[COSEKeyInterface, COSEKeyInterface]:
     """cwt keys built from our JWK. COSE kid = the 8 raw kid bytes (the JWK "kid" is their base64url)."""
     jwk = key.to_jwk(private=True)
     x, d, kid = b64url_decode(jwk["x"]), b64url_decode(jwk["d"]), b64url_decode(jwk["kid"])
-    public = COSEKey.new({1: 1, 2: kid, 3: -8, -1: 6, -2: x})
-    private = COSEKey.new({1: 1, 2: kid, 3: -8, -1: 6, -2: x, -4: d})
+    public = cwt.COSEKey.new({1: 1, 2: kid, 3: -8, -1: 6, -2: x})
+    private = cwt.COSEKey.new({1: 1, 2: kid, 3: -8, -1: 6, -2: x, -4: d})
     return public, private
 
 
-def test_our_token_verifies_with_cwt(key: SigningKey) -> None:
-    public, _ = _cose_keys(key)
+def test_our_token_verifies_with_cwt(oracle: Callable[[str], ModuleType], key: SigningKey) -> None:
+    cwt = oracle("cwt")
+    public, _ = _cose_keys(cwt, key)
     token = _mint(key, role="guest", audience="relay-3", cohort="c1", fb=1, cti=b"\x07" * 16)
-    payload = COSE.new().decode(token, public)
+    payload = cwt.COSE.new().decode(token, public)
     assert cbor2.loads(payload) == {
         1: "beach-rescue", 3: "relay-3", 4: int(NOW) + 300, 5: int(NOW), 6: int(NOW), 7: b"\x07" * 16,
         "sid": "sess-1", "role": "guest", "cohort": "c1", "fb": 1,
@@ -652,19 +655,22 @@ def test_our_token_verifies_with_cwt(key: SigningKey) -> None:
     broken = bytearray(token)
     broken[-1] ^= 1
     with pytest.raises(cwt.VerifyError):
-        COSE.new().decode(bytes(broken), public)
+        cwt.COSE.new().decode(bytes(broken), public)
 
 
-def test_cwt_signed_token_verifies_with_ours(key: SigningKey, ring: KeyRing) -> None:
-    _, private = _cose_keys(key)
+def test_cwt_signed_token_verifies_with_ours(
+    oracle: Callable[[str], ModuleType], key: SigningKey, ring: KeyRing
+) -> None:
+    cwt = oracle("cwt")
+    _, private = _cose_keys(cwt, key)
     claims = _claims_map({7: os.urandom(16), "fb": 3, "cohort": "gamma"})
-    ctx = COSE.new(alg_auto_inclusion=False, kid_auto_inclusion=False)
+    ctx = cwt.COSE.new(alg_auto_inclusion=False, kid_auto_inclusion=False)
     token = ctx.encode_and_sign(cbor2.dumps(claims), private, protected={1: -8, 4: key.kid}, unprotected={})
     verified = verify_token(token, ring, now=NOW, audience="relay-x")
     assert verified.to_cbor_map() == claims
     # cwt's CWT-layer layout (alg auto-included in the protected header, kid in the unprotected
     # one) is not the SPEC §3 layout: we refuse it as malformed rather than guess
-    auto = COSE.new(alg_auto_inclusion=True, kid_auto_inclusion=True)
+    auto = cwt.COSE.new(alg_auto_inclusion=True, kid_auto_inclusion=True)
     default_layout = auto.encode_and_sign(cbor2.dumps(claims), private)
     assert cbor2.loads(default_layout).value[1] == {4: key.kid}
     assert _reason(default_layout, ring).reason == "malformed"
