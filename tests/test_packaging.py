@@ -18,9 +18,9 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
-# Imported by rescue/ only when an operator turns the feature on, inside a guarded import.
+# Imported by rescue/ only inside a guarded import, from an extra (absent from a range job's venv).
 OPTIONAL_IMPORTS = {
-    "opentelemetry": "rescue._tracing imports the SDK only when tracing is configured",
+    "opentelemetry": "the otel extra; rescue._tracing imports it only when tracing is configured",
 }
 
 
