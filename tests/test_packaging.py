@@ -88,8 +88,9 @@ def test_lock_agrees_with_pyproject() -> None:
         ('"redis>=5.0,<9",', '"redis>=5.0,<8",', "asks for redis<8,>=5.0 but requirements/dev.txt pins 8"),
         ('    "cryptography>=42",', "", "requirements/runtime.txt still lists cryptography"),
         ('    "pytest>=8",', "", "requirements/dev.txt still lists pytest"),
+        ('"cbor2>=5.6,<7",', '"cbor2>=5.6,<7", "attrs>=20",', "attrs, which requirements/dev.txt pins only"),
     ],
-    ids=["added", "raised-floor", "lowered-cap", "removed-runtime", "removed-dev"],
+    ids=["added", "raised-floor", "lowered-cap", "removed-runtime", "removed-dev", "transitive-made-direct"],
 )
 def test_lock_check_names_what_was_not_relocked(tmp_path: Path, old: str, new: str, complaint: str) -> None:
     root = _copy_project(tmp_path)
