@@ -1,5 +1,5 @@
 """Packaging: runtime dependencies are what rescue/ imports, the lock agrees with pyproject.toml, and
-``python -m rescue`` is the CLI (docs/decisions/0009-dependency-locking.md)."""
+``python -m rescue`` is the CLI (docs/decisions/0011-dependency-locking.md)."""
 
 from __future__ import annotations
 
