@@ -73,6 +73,32 @@ KEEP_ALIVE_TIMEOUT: Final = 15.0
 
 _LOG = get_logger("rescue.http")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# hypercorn's own lines (its "error log") go through this logger; _name_server_event gives each one
+# an ``event`` like ours instead of hypercorn's free text.
+_SERVER_LOG = get_logger("rescue.http.server")
+_SERVER_EVENTS: Final = (
+    # (what hypercorn's message starts with, our event name)
+    ("Running on ", "http.server.bound"),
+    ("Error in ASGI Framework", "http.server.app_error"),
+    ("ASGI Framework Lifespan", "http.server.lifespan_error"),
+)
+
+
+def _name_server_event(record: logging.LogRecord) -> bool:
+    """A logging filter: name one of hypercorn's records (``event``), its text goes to ``detail``."""
+    if "event" not in record.__dict__:
+        text = record.getMessage()
+        event = next(
+            (event for prefix, event in _SERVER_EVENTS if text.startswith(prefix)), "http.server.log"
+        )
+        fields = {"event": event, "detail": text}
+        if event == "http.server.bound":
+            fields["url"] = text.removeprefix("Running on ").split(" ", 1)[0]
+        record.__dict__.update(fields)  # what log_event's extra= does
+    return True
+
+
+_SERVER_LOG.addFilter(_name_server_event)
 
 
 class JsonError(Exception):
@@ -420,7 +446,7 @@ async def serve_http(
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     config.accesslog = None
-    config.errorlog = get_logger("rescue.http.server")
+    config.errorlog = _SERVER_LOG  # its lines get an event name from _name_server_event
     config.include_server_header = False
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:

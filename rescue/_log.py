@@ -21,7 +21,6 @@ import json
 import logging
 import re
 import sys
-import time
 from typing import IO, Any, Final
 
 __all__ = ["JsonFormatter", "configure_logging", "get_logger", "log_event", "redact", "scrub", "session_tag"]
@@ -89,7 +88,12 @@ def scrub(text: str) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``ts``, ``level``, ``logger``, ``event`` and the event's fields."""
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``event`` and the event's fields.
+
+    ``ts`` is the line's one timestamp: the record's creation time, wall-clock seconds since the
+    epoch with millisecond precision. An event field cannot replace ``ts``, ``level``, ``logger`` or
+    ``event``.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         fields = {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
@@ -99,7 +103,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": fields.pop("event", None) or record.getMessage(),
         }
-        doc.update(redact(fields))
+        for name, value in redact(fields).items():
+            doc.setdefault(name, value)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return scrub(json.dumps(doc, default=str, separators=(",", ":")))
@@ -122,5 +127,4 @@ def get_logger(name: str) -> logging.Logger:
 def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """Log one structured event; ``fields`` are redacted by the formatter."""
     if logger.isEnabledFor(level):
-        fields.setdefault("wall", time.time())
         logger.log(level, event, extra={"event": event, **fields})
