@@ -5,7 +5,8 @@ dependencies and startup time than it saves. This module gives them:
 
 - :class:`Router`: method + path routes with ``{name}`` path parameters, JSON answers, and errors
   that are always JSON ``{"error": code, "detail": text}`` (404, 405, 413, 400 ``invalid_request``
-  for malformed JSON, 500 ``internal_error`` for an unexpected exception, logged, never a
+  for malformed JSON, 415 ``unsupported_media_type`` for a body that is not declared
+  ``application/json``, 500 ``internal_error`` for an unexpected exception, logged, never a
   traceback to the client);
 - :class:`JsonError`: raise it from a handler to answer with that status and error code;
 - :func:`json_response` / :func:`text_response` (``/metrics`` is plain text);
@@ -49,6 +50,7 @@ __all__ = [
     "Request",
     "Response",
     "Router",
+    "is_json_media_type",
     "json_response",
     "serve_http",
     "text_response",
@@ -177,10 +179,13 @@ class Request:
         """The body parsed as JSON.
 
         Raises:
-            JsonError: 400 ``invalid_request`` when the body is empty, not UTF-8 or not JSON.
+            JsonError: 415 ``unsupported_media_type`` when a body is sent without
+                ``Content-Type: application/json`` (see :func:`is_json_media_type`); 400
+                ``invalid_request`` when the body is empty, not UTF-8 or not JSON.
         """
         if not self.body:
             raise JsonError(400, "invalid_request", "request body must be JSON")
+        self._require_json_media_type()
         try:
             return json.loads(self.body.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -192,12 +197,25 @@ class Request:
         Raises:
             JsonError: 400 ``invalid_request`` when it isn't a JSON object.
         """
+        if allow_empty and not self.body:
+            return {}
         if allow_empty and not self.body.strip():
+            self._require_json_media_type()  # whitespace is a body: it must say what it is
             return {}
         data = self.json()
         if not isinstance(data, dict):
             raise JsonError(400, "invalid_request", "request body must be a JSON object")
         return data
+
+    def _require_json_media_type(self) -> None:
+        content_type = self.headers.get("content-type")
+        if content_type is None or not is_json_media_type(content_type):
+            shown = "none" if content_type is None else repr(content_type[:64])
+            raise JsonError(
+                415,
+                "unsupported_media_type",
+                f"request bodies must be sent as Content-Type: application/json (got {shown})",
+            )
 
     def bearer_token(self) -> str | None:
         """The credential of an ``Authorization: Bearer …`` header, or None if absent/garbled."""
@@ -209,6 +227,30 @@ class Request:
         if scheme.lower() != "bearer" or not credential or " " in credential:
             return None
         return credential
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """Whether a ``Content-Type`` value is ``application/json`` (any case, any spacing), with
+    at most a ``charset=utf-8`` parameter (these APIs read bodies as UTF-8).
+
+    Why this is required of every body: a browser sends ``text/plain``,
+    ``application/x-www-form-urlencoded`` and ``multipart/form-data`` POSTs cross-site without
+    a CORS preflight, so a server that parses any body as JSON lets any page make a visitor's
+    browser act on it. ``application/json`` is not a "simple" content type: a cross-origin page
+    can only send it after a preflight, which the CORS policy (``rescue.tokenservice._cors``)
+    answers only for allowed origins.
+    """
+    media_type, *params = content_type.split(";")
+    if media_type.strip().lower() != "application/json":
+        return False
+    for param in params:
+        name, _, value = param.partition("=")
+        name = name.strip().lower()
+        if not name and not value:
+            continue  # "application/json;" (a stray separator)
+        if name != "charset" or value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
 
 
 def _reject_constant(name: str) -> Any:

@@ -17,12 +17,14 @@ from rescue._http import (
     Request,
     Response,
     Router,
+    is_json_media_type,
     json_response,
     serve_http,
     text_response,
 )
 
 TIMEOUT = 10  # generous bound for every network test on a loaded 2-core CI box
+JSON = {"content-type": "application/json"}
 
 
 def make_router(max_body: int = 1024) -> Router:
@@ -126,10 +128,56 @@ async def test_malformed_json_is_400_invalid_request(body: bytes, content_type: 
             assert r.json()["error"] == "invalid_request"
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b", "text/json"],
+)
+async def test_body_not_declared_json_is_415(content_type: str | None) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    with trio.fail_after(TIMEOUT):
+        async with running(make_router()) as (client, _):
+            for path in ("/echo", "/maybe-empty"):
+                r = await client.post(path, content=b'{"a": 1}', headers=headers)
+                assert r.status_code == 415
+                assert r.json()["error"] == "unsupported_media_type"
+            # whitespace is a body too; only a truly empty one needs no declaration
+            r = await client.post("/maybe-empty", content=b" ", headers=headers)
+            assert r.status_code == 415
+            r = await client.post("/maybe-empty", content=b"")
+            assert (r.status_code, r.json()) == (200, {})
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("application/json", True),
+        ("APPLICATION/JSON", True),
+        (" application/json ; charset=utf-8", True),
+        ('application/json; charset="UTF-8"', True),
+        ("application/json;", True),
+        ("application/json; charset=latin-1", False),
+        ("application/json; boundary=x", False),
+        ("application/jsonx", False),
+        ("application/problem+json", False),
+        ("text/plain", False),
+        ("", False),
+    ],
+)
+def test_is_json_media_type(value: str, ok: bool) -> None:
+    assert is_json_media_type(value) is ok
+
+
+@given(st.text(max_size=40))
+def test_is_json_media_type_needs_the_json_type(value: str) -> None:
+    # whatever the text, it is accepted only if its media type is application/json
+    if is_json_media_type(value):
+        assert value.split(";")[0].strip().lower() == "application/json"
+
+
 async def test_body_over_limit_is_413_declared_and_streamed() -> None:
     with trio.fail_after(TIMEOUT):
         async with running(make_router(max_body=100)) as (client, _):
-            r = await client.post("/echo", content=b"[" + b"1," * 100 + b"1]")
+            r = await client.post("/echo", content=b"[" + b"1," * 100 + b"1]", headers=JSON)
             assert r.status_code == 413
             assert r.json()["error"] == "payload_too_large"
 
@@ -137,10 +185,10 @@ async def test_body_over_limit_is_413_declared_and_streamed() -> None:
                 for _ in range(10):
                     yield b" " * 20
 
-            r = await client.post("/echo", content=chunks())
+            r = await client.post("/echo", content=chunks(), headers=JSON)
             assert r.status_code == 413
             # exactly at the limit is fine
-            r = await client.post("/echo", content=b" " * 97 + b"[1]")
+            r = await client.post("/echo", content=b" " * 97 + b"[1]", headers=JSON)
             assert r.status_code == 200
 
 
@@ -260,14 +308,19 @@ def test_bearer_token_parsing(value: str | None, expected: str | None) -> None:
     assert _request({"authorization": value} if value is not None else {}).bearer_token() == expected
 
 
-@given(st.binary(max_size=200))
-def test_json_of_arbitrary_bytes_raises_only_json_error(body: bytes) -> None:
+@given(st.binary(max_size=200), st.sampled_from([None, "application/json", "text/plain"]))
+def test_json_of_arbitrary_bytes_raises_only_json_error(body: bytes, content_type: str | None) -> None:
     error: JsonError | None = None
+    headers = {} if content_type is None else {"content-type": content_type}
     try:
-        _request(body=body).json()
+        _request(headers, body=body).json()
     except JsonError as exc:
         error = exc
-    if error is not None:
+    if error is None:
+        assert content_type == "application/json"
+    elif body and content_type != "application/json":
+        assert (error.status, error.error) == (415, "unsupported_media_type")
+    else:
         assert (error.status, error.error) == (400, "invalid_request")
 
 

@@ -7,6 +7,7 @@ document can't drift from what the server really does.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -250,13 +251,77 @@ async def test_mint_invalid_request(h: Harness, body: dict[str, Any]) -> None:
 
 
 async def test_mint_malformed_json_and_too_large(h: Harness) -> None:
+    json_svc = {**SVC, "content-type": "application/json"}
     with trio.fail_after(TIMEOUT):
-        r = await h.client.post("/v1/fallback/token", content=b"{", headers=SVC)
+        r = await h.client.post("/v1/fallback/token", content=b"{", headers=json_svc)
         assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
-        r = await h.client.post("/v1/fallback/token", content=b"[]", headers=SVC)
+        r = await h.client.post("/v1/fallback/token", content=b"[]", headers=json_svc)
         assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
-        r = await h.client.post("/v1/fallback/token", content=b" " * (65 * 1024), headers=SVC)
+        r = await h.client.post("/v1/fallback/token", content=b" " * (65 * 1024), headers=json_svc)
         assert (r.status_code, r.json()["error"]) == (413, "payload_too_large")
+
+
+# What a browser sends cross-site without a CORS preflight (a <form>, or fetch with a "simple"
+# content type), plus no declaration at all and near misses.
+NOT_JSON_CONTENT_TYPES = [
+    "text/plain",
+    "text/plain;charset=UTF-8",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    None,
+    "application/json-seq",
+    "application/json; charset=latin-1",
+    "text/json",
+]
+
+
+def _raw(body: dict[str, Any], content_type: str | None, auth: dict[str, str]) -> dict[str, Any]:
+    """httpx arguments for ``body`` as JSON text declared as ``content_type`` (None: undeclared)."""
+    headers = dict(auth)
+    if content_type is not None:
+        headers["content-type"] = content_type
+    return {"content": json.dumps(body).encode(), "headers": headers}
+
+
+@pytest.mark.parametrize("content_type", NOT_JSON_CONTENT_TYPES)
+async def test_bodies_not_declared_json_are_415_and_do_nothing(h: Harness, content_type: str | None) -> None:
+    """Every POST/PUT with a body: a valid JSON body declared as anything but application/json is
+    refused before it acts (no token, no count, no pause, no cohort change)."""
+    with trio.fail_after(TIMEOUT):
+        calls = [
+            ("POST", "/v1/fallback/token", token_body(), SVC),
+            ("POST", "/v1/fallback/activations", {"cohort": "beta"}, {}),
+            ("POST", "/v1/sessions/started", {"cohort": "beta", "count": 5}, SVC),
+            ("POST", "/v1/admin/pause", {"reason": "csrf"}, ADMIN),
+            ("PUT", "/v1/admin/cohorts/gamma", {"fallback_ws_enabled": True}, ADMIN),
+        ]
+        for method, path, body, auth in calls:
+            r = await h.client.request(method, path, **_raw(body, content_type, auth))
+            assert r.status_code == 415, (path, r.text)
+            assert r.json()["error"] == "unsupported_media_type"
+            assert "application/json" in r.json()["detail"]
+        # nothing happened
+        assert (await h.client.get("/v1/fallback/status")).json()["paused"] is False
+        window = (await h.client.get("/v1/admin/guardrails?cohort=beta", headers=ADMIN)).json()
+        assert (window["sessions"], window["tokens"], window["activations"]) == (0, 0, 0)
+        r = await h.client.get("/v1/admin/cohorts/gamma", headers=ADMIN)
+        assert r.json()["fallback_ws_enabled"] is False
+        assert h.service.token_requests.labels(outcome="invalid", guardrail="none")._value.get() == 1
+        # and the resume endpoint is guarded the same way (tested last: it must not undo a pause)
+        r = await h.client.post("/v1/admin/resume", **_raw({}, content_type, ADMIN))
+        assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "application/json; charset=utf-8", 'Application/JSON;Charset="UTF-8"'],
+)
+async def test_json_content_types_are_accepted(h: Harness, content_type: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        r = await h.client.post("/v1/fallback/token", **_raw(token_body(), content_type, SVC))
+        assert r.status_code == 200
+        r = await h.client.post("/v1/admin/pause", **_raw({"reason": "r"}, content_type, ADMIN))
+        assert r.json()["paused"] is True
 
 
 @pytest.mark.parametrize(
@@ -505,7 +570,7 @@ async def test_admin_pause_resume_cohorts_nodes(h: Harness) -> None:
         h.clock.now += 60
         r = await h.client.post("/v1/admin/resume", headers=ADMIN)
         assert r.json() == {"paused": False, "reason": None, "since": T0 + 60, "drain": False}
-        # empty body is fine for pause/resume
+        # an empty body is fine for pause/resume, and needs no content type (it has none)
         r = await h.client.post("/v1/admin/pause", content=b"", headers=ADMIN)
         assert r.json()["paused"] is True
         for bad in ({"drain": "yes"}, {"reason": 5}, {"reason": "r" * 300}):

@@ -53,6 +53,10 @@ operations = [
 ]
 path_values = st.sampled_from(["beta", "gamma", "bad id", "x" * 70, "caf\u00e9"])
 auth = st.sampled_from([None, f"Bearer {SERVICE_KEY}", f"Bearer {ADMIN_KEY}", "Bearer nope", "garbage"])
+# Mostly JSON, so bodies reach the handlers; the others must get the documented 415.
+content_types = st.sampled_from(
+    ["application/json", "application/json; charset=utf-8", "application/json", None, "text/plain"]
+)
 
 
 def make_service(paused_env: bool, dev: bool) -> tuple[TokenService, MemoryStore]:
@@ -76,6 +80,7 @@ def make_service(paused_env: bool, dev: bool) -> tuple[TokenService, MemoryStore
     param=path_values,
     query=st.sampled_from([{}, {"cohort": "beta"}, {"cohort": "bad:x"}]),
     authorization=auth,
+    content_type=content_types,
     paused_env=st.booleans(),
     dev=st.booleans(),
     store_up=st.booleans(),
@@ -87,6 +92,7 @@ async def test_any_request_gets_a_documented_answer(
     param: str,
     query: dict[str, str],
     authorization: str | None,
+    content_type: str | None,
     paused_env: bool,
     dev: bool,
     store_up: bool,
@@ -101,6 +107,8 @@ async def test_any_request_gets_a_documented_answer(
     path = template.replace("{cohort_id}", param)
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"authorization": authorization} if authorization else {}
+    if content_type is not None:
+        headers["content-type"] = content_type
     response = await service.router.handle(Request(method, path, {}, query, headers, raw))
     assert response.status != 500, response.body
     url = httpx.URL(f"http://127.0.0.1{path}", params=query)

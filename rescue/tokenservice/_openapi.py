@@ -33,6 +33,7 @@ def _error(description: str, *codes: str) -> dict[str, Any]:
 
 
 _BAD = _error("Malformed request (`invalid_request`)", "invalid_request")
+_MEDIA = _error("The body is not declared `application/json`", "unsupported_media_type")
 _TOO_LARGE = _error("Request body over 64 KiB", "payload_too_large")
 _STORE = _error("The guardrail store is unavailable (fail closed)", "guardrail_store_unavailable")
 _ADMIN_401 = _error("No or garbled `Authorization: Bearer` header", "unauthenticated")
@@ -68,14 +69,16 @@ def openapi_document() -> dict[str, Any]:
     """The document (built once; treat it as read-only)."""
     fleet = _ref("FleetState")
     cohort_view = _ref("CohortView")
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "beach-rescue token service",
             "version": __version__,
             "description": "Fallback tokens, guardrails, kill switch and node assignment for Beach's "
             'WebSocket fallback relay. Every error is JSON `{"error": code, "detail": text}`; '
-            "unknown paths answer 404 `not_found`, wrong methods 405 `method_not_allowed`.",
+            "unknown paths answer 404 `not_found`, wrong methods 405 `method_not_allowed`. "
+            "A request body must be sent as `Content-Type: application/json` (a `charset=utf-8` "
+            "parameter is allowed); any other body answers 415 `unsupported_media_type`.",
         },
         "components": {
             "securitySchemes": {
@@ -469,3 +472,10 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+    # Every body is JSON, and a body declared as anything else (text/plain, a form: what a
+    # browser sends cross-site without a preflight) is refused before it is read.
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                operation["responses"]["415"] = _MEDIA
+    return document
