@@ -224,6 +224,7 @@ class Fleet:
         api_url: the token service's base URL.
         redis_url: ``unix://...`` of the private Redis.
         admin_key: the token service's admin bearer key.
+        log_tag_key: ``RESCUE_LOG_TAG_KEY`` of the token service and every relay.
         relay_tuning: the relay flags from :data:`RELAY_TUNING` the relay CLI accepted.
         relay_flags_missing: the ones it does not offer.
     """
@@ -247,6 +248,10 @@ class Fleet:
         self.nodes = nodes
         self.http = client
         self.admin_key = secrets.token_urlsafe(24)
+        # One deployment, one session-tag key: the token service and every relay tag a session
+        # alike (rescue._log.session_tag); a caller's `env` may still override it.
+        self.log_tag_key = secrets.token_urlsafe(32)
+        self.extra_env = {"RESCUE_LOG_TAG_KEY": self.log_tag_key, **self.extra_env}
         self.redis_dir = Path(tempfile.mkdtemp(prefix="chaos-redis-"))  # short: unix socket path limit
         self.redis_socket = self.redis_dir / "redis.sock"
         self.redis_url = f"unix://{self.redis_socket}?db=0"

@@ -9,13 +9,17 @@ ladder and two peers) get only the standard ``OTEL_*`` variables. Asserted:
 * W3C ``traceparent`` propagation: the token service's span is a child of the SDK's token rung, the
   relay's handshake spans are children of the peers' connection spans, all in one trace;
 * a session that did not opt in to telemetry leaves spans with no session tag, role or parent;
-* no secret (token, pre-shared key, admin key) and no session id in clear anywhere in the export.
+* no secret (token, pre-shared key, admin key) and no session id in clear anywhere in the export;
+* the token service and the relay, two processes sharing the fleet's ``RESCUE_LOG_TAG_KEY``, name
+  the session by the same keyed tag (issue #11), and it is not the unkeyed hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import importlib
+import json
 import sys
 import threading
 from collections.abc import Iterator
@@ -27,7 +31,7 @@ import pytest
 import trio
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from rescue._log import session_tag
+from rescue._log import session_tag, set_session_tag_key
 from rescue._tracing import ENDPOINT_ENV, configure_tracing, shutdown_tracing, span
 from rescue.client import BackoffPolicy, DataReceived, FallbackLadder, TokenClient, open_peer, prefetched
 from rescue.protocol import b64url_encode
@@ -176,6 +180,9 @@ async def test_spans_from_real_processes_link_up_and_carry_no_secrets(
         with trio.fail_after(TIMEOUT_S):
             async with fleet_mod.open_fleet(tmp_path, nodes=1) as fleet:
                 admin_key = fleet.admin_key
+                # this process (the test, and here also the SDK) shares the fleet's tag key, so
+                # the tags below are the ones the token service and the relay computed
+                set_session_tag_key(fleet.log_tag_key)
                 with span("app.connect"):
                     tokens.append(await _echo_session(fleet.api_url, "traced-1", opt_in=True, ladder=True))
                 tokens.append(await _echo_session(fleet.api_url, "private-2", opt_in=False, ladder=False))
@@ -256,3 +263,20 @@ async def test_spans_from_real_processes_link_up_and_carry_no_secrets(
         assert b64url_encode(token).encode() not in everything
     for secret in (TEST_PSK, TEST_PSK.hex().encode(), admin_key.encode(), b"traced-1", b"private-2"):
         assert secret not in everything
+    # the tags are keyed: the unkeyed hash of the id (what a log reader could compute) is nowhere
+    unkeyed = hashlib.blake2b(b"traced-1", digest_size=6).hexdigest()
+    assert unkeyed.encode() not in everything
+    assert session_tag("traced-1").encode() in everything
+
+    # --- the logs of the two processes name the session by the same tag ------------------------
+    def events(log: str) -> list[dict[str, Any]]:
+        lines = (tmp_path / "logs" / log).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    considered = {
+        e["session"] for e in events("token-service.log") if e["event"] == "transport.fallback.considered"
+    }
+    connected = {e["session"] for e in events("relay-1.log") if e["event"] == "relay.peer_connected"}
+    assert considered == {session_tag("traced-1")}  # private-2 did not opt in: not logged
+    assert session_tag("traced-1") in connected
+    assert unkeyed not in (tmp_path / "logs" / "relay-1.log").read_text()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from functools import partial
 
 import trio
 
-from rescue._log import configure_logging, get_logger, log_event
+from rescue._log import LOG_TAG_KEY_ENV, configure_logging, configure_session_tags, get_logger, log_event
 from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
@@ -47,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Run one relay node: pairs the two peers of each session and forwards their "
         "end-to-end encrypted frames (SPEC §2), with an admin HTTP port (/healthz, /readyz, "
         "/metrics, /debug/stats). FALLBACK_WS_PAUSED=1 starts it paused (refusing new handshakes); "
-        "RESCUE_REPORT_KEY is the bearer key for activation reports when the token service wants one.",
+        "RESCUE_REPORT_KEY is the bearer key for activation reports when the token service wants one; "
+        "RESCUE_LOG_TAG_KEY keys the session tags in logs and spans (the same value on every relay "
+        "and the token service of a deployment).",
     )
     add_option(
         p,
@@ -377,6 +380,9 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if args.nodes != 1:
         config = build_config(args, os.environ)  # the same checks a single node makes, once
+        if not configure_session_tags(os.environ, component="relay"):
+            # The nodes of this host tag sessions alike at least: they inherit one random key.
+            os.environ[LOG_TAG_KEY_ENV] = secrets.token_urlsafe(32)
         try:
             specs = node_specs(
                 child_argv(args.parser, args),
@@ -395,6 +401,7 @@ def _run(args: argparse.Namespace) -> int:
     # the activation-report key is a secret: environment only, never a flag (`ps` shows flags)
     report_key = os.environ.get("RESCUE_REPORT_KEY", "").strip() or None
     relay = Relay(build_config(args, os.environ), report_key=report_key)
+    configure_session_tags(os.environ, component="relay")
     with traced_process("beach-rescue-relay"):
         trio.run(partial(run_relay, relay, early_signals=early))
     return 0

@@ -7,7 +7,8 @@
 
 Secrets come from environment variables, never from the command line (which `ps` shows): the admin
 key from ``$RESCUE_ADMIN_KEY`` (or the variable ``--admin-key-env`` names), service keys
-(comma-separated) from ``$RESCUE_SERVICE_KEYS``, relay report keys from ``$RESCUE_REPORT_KEYS``.
+(comma-separated) from ``$RESCUE_SERVICE_KEYS``, relay report keys from ``$RESCUE_REPORT_KEYS``, the
+session-tag key from ``$RESCUE_LOG_TAG_KEY`` (shared with the relays; ``rescue._log``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from functools import partial
 import trio
 
 from rescue._keyfiles import load_signing_key
-from rescue._log import configure_logging, get_logger, log_event
+from rescue._log import configure_logging, configure_session_tags, get_logger, log_event
 from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
@@ -56,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Serve the token service API (SPEC §4): token minting behind the guardrails, kill "
         "switch, cohort flags, node assignment and public keys. Secrets come from environment "
         "variables: the admin key from $RESCUE_ADMIN_KEY (see --admin-key-env), service keys from "
-        "$RESCUE_SERVICE_KEYS (comma-separated), relay report keys from $RESCUE_REPORT_KEYS. "
+        "$RESCUE_SERVICE_KEYS (comma-separated), relay report keys from $RESCUE_REPORT_KEYS, the "
+        "session-tag key (shared with the relays) from $RESCUE_LOG_TAG_KEY. "
         "BEACH_RESCUE_DISABLE_OIDC=1 (ignored when RESCUE_ENV=production) lets anyone mint.",
     )
     add_option(
@@ -221,6 +223,7 @@ async def run_token_service(
 def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     config = build_config(args, os.environ)
+    configure_session_tags(os.environ, component="token-service")
     guardrail_config = GuardrailConfig.from_env()
     store = RedisStore(args.redis_url)
     with traced_process("beach-rescue-token-service"):
