@@ -15,6 +15,7 @@ from rescue.guardrails import (
     MemoryStore,
     NodeInfo,
     RedisStore,
+    TelemetryGap,
     hour_bucket,
 )
 
@@ -40,7 +41,9 @@ async def test_ping(store: GuardrailStore) -> None:
 async def test_fleet_state_round_trip(store: GuardrailStore) -> None:
     with trio.fail_after(TIMEOUT):
         assert await store.fleet_state() == FleetState()
-        paused = FleetState(paused=True, reason="incident 42 — ünïcode", since=NOW + 0.125, drain=True)
+        paused = FleetState(
+            paused=True, reason="incident 42 — ünïcode", since=NOW + 0.125, drain=True, cause="operator"
+        )
         await store.set_fleet_state(paused)
         assert await store.fleet_state() == paused
         resumed = FleetState(paused=False, reason=None, since=NOW + 1)
@@ -207,3 +210,30 @@ async def test_record_mint_counts_and_assigns_like_its_parts(store: GuardrailSto
         assert await store.record_mint("beta", now=NOW, session_id="m", node_id=None, ttl=60) is None
         assert (await store.hour_counts("beta", [hour_bucket(NOW)]))[0] == HourCounts(tokens=3)
         assert await store.assign_session("m", "n-3", ttl=60) == "n-1"
+
+
+async def test_telemetry_gap_counts_tokens_until_each_report(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.telemetry_gap() == TelemetryGap()
+        for i in range(3):
+            await store.record_mint("beta", now=NOW + i, session_id=f"g{i}", node_id=None, ttl=60)
+        assert await store.telemetry_gap() == TelemetryGap(3, NOW, 3, NOW)
+        assert (await store.mint_snapshot("beta", now=NOW)).telemetry == TelemetryGap(3, NOW, 3, NOW)
+        await store.increment("gamma", CounterField.ACTIVATIONS, now=NOW + 5)  # any cohort: fleet-wide
+        assert await store.telemetry_gap() == TelemetryGap(0, None, 3, NOW)
+        await store.record_mint("beta", now=NOW + 6, session_id="g9", node_id="n-1", ttl=60)
+        assert await store.telemetry_gap() == TelemetryGap(1, NOW + 6, 4, NOW)
+        await store.increment("beta", CounterField.SESSIONS, now=NOW + 7, amount=10)
+        assert await store.telemetry_gap() == TelemetryGap(1, NOW + 6, 0, None)
+        await store.increment("beta", CounterField.TOKENS, now=NOW + 8)  # not a report
+        assert await store.telemetry_gap() == TelemetryGap(1, NOW + 6, 0, None)
+
+
+async def test_telemetry_gap_expires_after_its_ttl_without_tokens(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.record_mint("beta", now=NOW, session_id="e", node_id=None, ttl=60, telemetry_ttl=60)
+        assert (await store.telemetry_gap()).tokens_since_activation == 1
+        # each token sets the TTL anew (here shorter: only to see it expire)
+        await store.record_mint("beta", now=NOW, session_id="f", node_id=None, ttl=60, telemetry_ttl=0.2)
+        await trio.sleep(0.3)  # the real clock: Redis expires keys on its own
+        assert await store.telemetry_gap() == TelemetryGap()

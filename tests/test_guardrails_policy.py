@@ -110,7 +110,7 @@ async def test_kill_switch_from_store_and_env() -> None:
     g = Guardrails(store, wall_clock=lambda: 1234.5)
     assert (await g.authorize_token("beta", now=T0)).hint == "ok"
     state = await g.pause(reason="incident", drain=True)
-    assert state == FleetState(True, "incident", 1234.5, True)
+    assert state == FleetState(True, "incident", 1234.5, True, cause="operator")
     with pytest.raises(GuardrailError) as info:
         await g.authorize_token("beta", now=T0)
     assert info.value.error == "fallback_paused"

@@ -17,14 +17,17 @@ from rescue.guardrails._policy import Authorization as Authorization
 from rescue.guardrails._policy import GuardrailConfig as GuardrailConfig
 from rescue.guardrails._policy import Guardrails as Guardrails
 from rescue.guardrails._policy import GuardrailWindow as GuardrailWindow
+from rescue.guardrails._policy import missing_telemetry as missing_telemetry
 from rescue.guardrails._redis import REDIS_THREADS as REDIS_THREADS
 from rescue.guardrails._redis import RedisStore as RedisStore
 from rescue.guardrails._store import COUNTER_TTL_S as COUNTER_TTL_S
+from rescue.guardrails._store import PAUSE_CAUSES as PAUSE_CAUSES
 from rescue.guardrails._store import CounterField as CounterField
 from rescue.guardrails._store import FleetState as FleetState
 from rescue.guardrails._store import GuardrailStore as GuardrailStore
 from rescue.guardrails._store import HourCounts as HourCounts
 from rescue.guardrails._store import NodeInfo as NodeInfo
+from rescue.guardrails._store import TelemetryGap as TelemetryGap
 from rescue.guardrails._store import WindowCounts as WindowCounts
 from rescue.guardrails._store import check_cohort_id as check_cohort_id
 from rescue.guardrails._store import check_node_id as check_node_id
@@ -35,6 +38,7 @@ from rescue.guardrails._store import rolling_window as rolling_window
 
 __all__ = [
     "COUNTER_TTL_S",
+    "PAUSE_CAUSES",
     "REDIS_THREADS",
     "Authorization",
     "Breaker",
@@ -48,11 +52,13 @@ __all__ = [
     "MemoryStore",
     "NodeInfo",
     "RedisStore",
+    "TelemetryGap",
     "WindowCounts",
     "check_cohort_id",
     "check_node_id",
     "counter_key",
     "hour_bucket",
+    "missing_telemetry",
     "rendezvous_pick",
     "rolling_window",
     "store_deadline",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Final, TypeVar
 
 import trio
@@ -15,6 +16,7 @@ from rescue.guardrails._store import (
     HourCounts,
     MintSnapshot,
     NodeInfo,
+    TelemetryGap,
     assignment_key,
     check_cohort_id,
     check_node_id,
@@ -53,6 +55,7 @@ class MemoryStore:
         self._counters: dict[str, tuple[float, dict[str, int]]] = {}  # key -> (expires_at, fields)
         self._nodes: dict[str, tuple[float, NodeInfo]] = {}
         self._assignments: dict[str, tuple[float, str]] = {}
+        self._gap: tuple[float, TelemetryGap] = (0.0, TelemetryGap())  # (expires_at, gap)
         self._closed = False
 
     async def _enter(self) -> float:
@@ -105,6 +108,11 @@ class MemoryStore:
             entry = (t + COUNTER_TTL_S, {})  # TTL set on the first increment only, like EXPIRE NX
             self._counters[key] = entry
         entry[1][field.value] = entry[1].get(field.value, 0) + amount
+        expires, gap = self._gap
+        if field is CounterField.ACTIVATIONS:
+            self._gap = (expires, replace(gap, tokens_since_activation=0, since_activation=None))
+        elif field is CounterField.SESSIONS:
+            self._gap = (expires, replace(gap, tokens_since_sessions=0, since_sessions=None))
 
     async def hour_counts(self, cohort_id: str, buckets: list[str]) -> list[HourCounts]:
         keys = [counter_key(cohort_id, b) for b in buckets]
@@ -165,12 +173,35 @@ class MemoryStore:
             current=current,
             previous=previous,
             nodes=tuple(await self.live_nodes()),
+            telemetry=await self.telemetry_gap(),
         )
 
+    async def telemetry_gap(self) -> TelemetryGap:
+        t = await self._enter()
+        expires, gap = self._gap
+        return gap if expires > t else TelemetryGap()
+
     async def record_mint(
-        self, cohort_id: str, *, now: float, session_id: str, node_id: str | None, ttl: float
+        self,
+        cohort_id: str,
+        *,
+        now: float,
+        session_id: str,
+        node_id: str | None,
+        ttl: float,
+        telemetry_ttl: float = 3600.0,
     ) -> str | None:
         await self.increment(cohort_id, CounterField.TOKENS, now=now)
+        gap = await self.telemetry_gap()
+        self._gap = (
+            self._clock() + telemetry_ttl,
+            TelemetryGap(
+                gap.tokens_since_activation + 1,
+                now if gap.since_activation is None else gap.since_activation,
+                gap.tokens_since_sessions + 1,
+                now if gap.since_sessions is None else gap.since_sessions,
+            ),
+        )
         if node_id is None:
             return None
         return await self.assign_session(session_id, node_id, ttl=ttl)

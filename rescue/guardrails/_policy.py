@@ -22,6 +22,7 @@ from rescue.guardrails._store import (
     FleetState,
     GuardrailStore,
     NodeInfo,
+    TelemetryGap,
     WindowCounts,
     check_cohort_id,
     hour_bucket,
@@ -29,7 +30,7 @@ from rescue.guardrails._store import (
     rolling_window,
 )
 
-__all__ = ["Authorization", "GuardrailConfig", "GuardrailWindow", "Guardrails"]
+__all__ = ["Authorization", "GuardrailConfig", "GuardrailWindow", "Guardrails", "missing_telemetry"]
 
 _LOG = get_logger("rescue.guardrails")
 
@@ -40,6 +41,14 @@ DEFAULT_MIN_SAMPLE: Final = 200  # SPEC §5: below this many sessions the ratio 
 SOFT_BREACH_LOG_INTERVAL_S: Final = 60.0
 # Cohort entries in the soft-breach log limiter; when full it is cleared (worst case: one extra line).
 MAX_TRACKED_BREACHES: Final = 10_000
+# Missing telemetry (decision 0012): in production, minting pauses when tokens kept being minted for
+# this long without one activation report (or one sessions-started report) reaching the service...
+DEFAULT_TELEMETRY_GRACE_S: Final = 600.0
+# ...and at least this many tokens were minted meanwhile (25 sessions' worth: a few sessions whose
+# partner never came cannot trip it).
+DEFAULT_TELEMETRY_MIN_TOKENS: Final = 50
+
+MissingInput = Literal["activations", "sessions"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -74,6 +83,9 @@ class GuardrailConfig:
         soft_ratio: activations/sessions at or above which tokens are tagged ``soft_breach``.
         min_sample: weighted sessions in the window needed before the ratio is judged.
         hard_ratio: if set, a ratio at or above it pauses the fleet (auto-pause).
+        telemetry_grace_s: pause minting once tokens were minted for this long without a single
+            activation or sessions-started report (None: off; decision 0012).
+        telemetry_min_tokens: ...and at least this many tokens were minted in that time.
     """
 
     environment: str = "development"
@@ -82,6 +94,8 @@ class GuardrailConfig:
     soft_ratio: float = DEFAULT_SOFT_RATIO
     min_sample: int = DEFAULT_MIN_SAMPLE
     hard_ratio: float | None = None
+    telemetry_grace_s: float | None = None
+    telemetry_min_tokens: int = DEFAULT_TELEMETRY_MIN_TOKENS
 
     def __post_init__(self) -> None:
         if self.is_production and self.dev_enable_all_cohorts:
@@ -91,6 +105,10 @@ class GuardrailConfig:
             raise ConfigError("the hard breach ratio must not be below the soft breach ratio")
         if self.min_sample < 1:
             raise ConfigError("the guardrail minimum sample must be at least 1")
+        if self.telemetry_grace_s is not None and not self.telemetry_grace_s > 0:
+            raise ConfigError("the telemetry grace period must be positive (or None: off)")
+        if self.telemetry_min_tokens < 1:
+            raise ConfigError("the telemetry minimum token count must be at least 1")
 
     @property
     def is_production(self) -> bool:
@@ -99,7 +117,9 @@ class GuardrailConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GuardrailConfig:
         """Read ``RESCUE_ENV``, ``FALLBACK_WS_PAUSED``, ``BEACH_DEV_ENABLE_FALLBACK_WS``,
-        ``RESCUE_SOFT_BREACH_RATIO``, ``RESCUE_GUARDRAIL_MIN_SAMPLE``, ``RESCUE_HARD_BREACH_RATIO``.
+        ``RESCUE_SOFT_BREACH_RATIO``, ``RESCUE_GUARDRAIL_MIN_SAMPLE``, ``RESCUE_HARD_BREACH_RATIO``,
+        ``RESCUE_TELEMETRY_GRACE_S`` (unset: 600 in production, off elsewhere; ``0``: off) and
+        ``RESCUE_TELEMETRY_MIN_TOKENS`` (50).
 
         Raises:
             ConfigError: a numeric setting is malformed or out of range.
@@ -113,6 +133,22 @@ class GuardrailConfig:
             raise ConfigError(f"RESCUE_GUARDRAIL_MIN_SAMPLE must be an integer, got {raw_sample!r}") from None
         soft = _env_float(env, "RESCUE_SOFT_BREACH_RATIO", DEFAULT_SOFT_RATIO)
         assert soft is not None
+        production = environment.lower() == "production"
+        raw_grace = env.get("RESCUE_TELEMETRY_GRACE_S", "").strip()
+        grace: float | None = DEFAULT_TELEMETRY_GRACE_S if production else None
+        if raw_grace:
+            try:
+                grace = float(raw_grace)
+            except ValueError:
+                raise ConfigError(f"RESCUE_TELEMETRY_GRACE_S must be a number, got {raw_grace!r}") from None
+            if grace < 0 or grace != grace:
+                raise ConfigError(f"RESCUE_TELEMETRY_GRACE_S must be >= 0 (0: off), got {raw_grace!r}")
+            grace = grace or None
+        raw_tokens = env.get("RESCUE_TELEMETRY_MIN_TOKENS", "").strip()
+        try:
+            min_tokens = int(raw_tokens) if raw_tokens else DEFAULT_TELEMETRY_MIN_TOKENS
+        except ValueError:
+            raise ConfigError(f"RESCUE_TELEMETRY_MIN_TOKENS must be an integer, got {raw_tokens!r}") from None
         return cls(
             environment=environment,
             env_paused=_env_flag(env, "FALLBACK_WS_PAUSED"),
@@ -121,7 +157,36 @@ class GuardrailConfig:
             soft_ratio=soft,
             min_sample=min_sample,
             hard_ratio=_env_float(env, "RESCUE_HARD_BREACH_RATIO", None),
+            telemetry_grace_s=grace,
+            telemetry_min_tokens=min_tokens,
         )
+
+
+def missing_telemetry(
+    gap: TelemetryGap, *, now: float, grace_s: float | None, min_tokens: int
+) -> MissingInput | None:
+    """Which guardrail input has gone missing, if any (decision 0012; pure).
+
+    An input is missing when at least ``min_tokens`` tokens were minted fleet-wide since it was last
+    reported, the first of them ``grace_s`` or more seconds ago. Activation reports (the ratio's
+    numerator, from relays) are checked before sessions-started reports (its denominator, from
+    Beach's control plane): without either, the ratio cannot breach, so the guardrail is blind.
+    """
+    if grace_s is None:
+        return None
+    if (
+        gap.since_activation is not None
+        and gap.tokens_since_activation >= min_tokens
+        and now - gap.since_activation >= grace_s
+    ):
+        return "activations"
+    if (
+        gap.since_sessions is not None
+        and gap.tokens_since_sessions >= min_tokens
+        and now - gap.since_sessions >= grace_s
+    ):
+        return "sessions"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,14 +256,20 @@ class Guardrails:
             StoreUnavailable: the store can't be read (unless the env switch already pauses).
         """
         if self.config.env_paused:
-            return FleetState(paused=True, reason="FALLBACK_WS_PAUSED is set on this process")
+            return FleetState(paused=True, reason="FALLBACK_WS_PAUSED is set on this process", cause="env")
         return await self.store.fleet_state()
 
-    async def pause(self, *, reason: str | None = None, drain: bool = False) -> FleetState:
-        """Set the fleet-wide kill switch (stored, so every replica and relay sees it)."""
-        state = FleetState(paused=True, reason=reason, since=self._wall_clock(), drain=drain)
+    async def pause(
+        self, *, reason: str | None = None, drain: bool = False, cause: str = "operator"
+    ) -> FleetState:
+        """Set the fleet-wide kill switch (stored, so every replica and relay sees it).
+
+        ``cause`` says who paused (``FleetState.cause``): ``operator`` for the admin API, the
+        guardrails' own ``hard_breach`` and ``telemetry_missing``.
+        """
+        state = FleetState(paused=True, reason=reason, since=self._wall_clock(), drain=drain, cause=cause)
         await self.store.set_fleet_state(state)
-        log_event(_LOG, "guardrail_paused", level=logging.WARNING, reason=reason, drain=drain)
+        log_event(_LOG, "guardrail_paused", level=logging.WARNING, reason=reason, drain=drain, cause=cause)
         return state
 
     async def resume(self, *, reason: str | None = None) -> FleetState:
@@ -294,20 +365,71 @@ class Guardrails:
         _check_switches(
             snap.fleet, cohort_id, enabled=snap.cohort_enabled or self.config.dev_enable_all_cohorts
         )
+        await self._check_telemetry(snap.telemetry, now)
         counts = rolling_window(snap.current, snap.previous, now)
         auth = await self._judge_window(GuardrailWindow(cohort_id, counts, self.judge(counts)), now)
         nodes = list(snap.nodes)
         if not nodes:
             if require_node:
                 raise GuardrailError("no_relay_available", "no relay node is registered")
-            await self.store.record_mint(cohort_id, now=now, session_id=session_id, node_id=None, ttl=ttl)
+            await self.store.record_mint(
+                cohort_id, now=now, session_id=session_id, node_id=None, ttl=ttl, telemetry_ttl=self._gap_ttl
+            )
             return auth, None
         eligible, choice = _eligible(session_id, nodes)
         current = await self.store.record_mint(
-            cohort_id, now=now, session_id=session_id, node_id=choice.node_id, ttl=ttl
+            cohort_id,
+            now=now,
+            session_id=session_id,
+            node_id=choice.node_id,
+            ttl=ttl,
+            telemetry_ttl=self._gap_ttl,
         )
         assert current is not None
         return auth, await self._settle(session_id, current, nodes, eligible, choice, ttl=ttl)
+
+    @property
+    def _gap_ttl(self) -> float:
+        """How long the telemetry gap outlives the last token: twice the grace period (an hour when
+        off). Tokens further apart than that are no steady use that reports should have followed."""
+        grace = self.config.telemetry_grace_s
+        return 2 * grace if grace is not None else float(SECONDS_PER_HOUR)
+
+    async def _check_telemetry(self, gap: TelemetryGap, now: float) -> None:
+        """Pause the fleet when a guardrail input went missing (decision 0012).
+
+        Raises:
+            GuardrailError: ``fallback_paused`` after pausing.
+        """
+        missing = missing_telemetry(
+            gap, now=now, grace_s=self.config.telemetry_grace_s, min_tokens=self.config.telemetry_min_tokens
+        )
+        if missing is None:
+            return
+        tokens, first = (
+            (gap.tokens_since_activation, gap.since_activation)
+            if missing == "activations"
+            else (gap.tokens_since_sessions, gap.since_sessions)
+        )
+        silent_s = now - (first if first is not None else now)
+        report = "activation" if missing == "activations" else "sessions-started"
+        reason = (
+            f"auto-pause: telemetry missing: {tokens} tokens minted over {silent_s:.0f} s"
+            f" without one {report} report"
+        )
+        await self.pause(reason=reason, cause="telemetry_missing")
+        log_event(
+            _LOG,
+            "guardrail_telemetry_missing",
+            level=logging.ERROR,
+            missing=missing,
+            tokens=tokens,
+            silent_s=round(silent_s, 1),
+            grace_s=self.config.telemetry_grace_s,
+        )
+        raise GuardrailError(
+            "fallback_paused", "WebSocket fallback was auto-paused: guardrail telemetry is missing"
+        )
 
     async def _judge_window(self, window: GuardrailWindow, now: float) -> Authorization:
         """The rolling-window part of the decision: auto-pause on a hard breach, hint on a soft one."""
@@ -317,7 +439,7 @@ class Guardrails:
             reason = (
                 f"auto-pause: cohort {cohort_id} activation ratio {ratio:.4f} >= {self.config.hard_ratio}"
             )
-            await self.pause(reason=reason)
+            await self.pause(reason=reason, cause="hard_breach")
             log_event(
                 _LOG,
                 "guardrail_auto_pause",

@@ -29,6 +29,7 @@ from rescue.guardrails._store import (
     HourCounts,
     MintSnapshot,
     NodeInfo,
+    TelemetryGap,
     assignment_key,
     check_cohort_id,
     check_node_id,
@@ -51,6 +52,12 @@ SOCKET_TIMEOUT_S: Final = 2.0
 CONNECT_TIMEOUT_S: Final = 1.0
 
 _FLEET_KEY: Final = f"{KEY_PREFIX}fleet"
+_TELEMETRY_KEY: Final = f"{KEY_PREFIX}telemetry"
+# The TelemetryGap fields an activation / sessions-started report clears.
+_GAP_FIELDS: Final = {
+    CounterField.ACTIVATIONS: ("act_tokens", "act_first"),
+    CounterField.SESSIONS: ("ses_tokens", "ses_first"),
+}
 _COHORTS_KEY: Final = f"{KEY_PREFIX}cohorts"
 _NODES_KEY: Final = f"{KEY_PREFIX}nodes"
 _NODE_PREFIX: Final = f"{KEY_PREFIX}node:"
@@ -222,6 +229,7 @@ class RedisStore:
             "drain": "1" if state.drain else "0",
             "reason": state.reason or "",
             "since": repr(state.since) if state.since is not None else "",
+            "cause": state.cause or "",
         }
 
         def write() -> None:
@@ -249,6 +257,8 @@ class RedisStore:
             pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the TTL can't be missed
             pipe.hincrby(key, name, amount)
             pipe.expire(key, COUNTER_TTL_S, nx=True)  # only on the first increment
+            if name in _GAP_FIELDS:  # the input arrived: its telemetry gap closes
+                pipe.hdel(_TELEMETRY_KEY, *_GAP_FIELDS[CounterField(name)])
             pipe.execute()
 
         await self._run(write)
@@ -301,25 +311,39 @@ class RedisStore:
             pipe.hgetall(keys[0])
             pipe.hgetall(keys[1])
             _evalsha(pipe, self._live_nodes, [_NODES_KEY], [_NODE_PREFIX])
+            pipe.hgetall(_TELEMETRY_KEY)
             result: list[Any] = pipe.execute()
             return result
 
-        fleet, cohort, current, previous, nodes = await self._run(partial(self._with_scripts, read))
+        fleet, cohort, current, previous, nodes, gap = await self._run(partial(self._with_scripts, read))
         return MintSnapshot(
             fleet=_parse_fleet(fleet),
             cohort_enabled=cohort == "1",
             current=HourCounts.from_mapping(current),
             previous=HourCounts.from_mapping(previous),
             nodes=tuple(_parse_nodes(nodes)),
+            telemetry=TelemetryGap.from_mapping(gap),
         )
 
+    async def telemetry_gap(self) -> TelemetryGap:
+        raw: dict[str, str] = await self._run(partial(self._client.hgetall, _TELEMETRY_KEY))
+        return TelemetryGap.from_mapping(raw)
+
     async def record_mint(
-        self, cohort_id: str, *, now: float, session_id: str, node_id: str | None, ttl: float
+        self,
+        cohort_id: str,
+        *,
+        now: float,
+        session_id: str,
+        node_id: str | None,
+        ttl: float,
+        telemetry_ttl: float = 3600.0,
     ) -> str | None:
         key = counter_key(cohort_id, hour_bucket(now))
         if node_id is not None:
             check_node_id(node_id)
         assign_key = assignment_key(session_id)
+        stamp = repr(now)
 
         def write() -> list[Any]:
             pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the counter TTL can't be missed
@@ -327,11 +351,16 @@ class RedisStore:
             pipe.expire(key, COUNTER_TTL_S, nx=True)
             if node_id is not None:
                 _evalsha(pipe, self._assign, [assign_key], [node_id, _ms(ttl)])
+            # the telemetry gap (decision 0012), after the assignment so its result stays at [2]
+            pipe.hincrby(_TELEMETRY_KEY, "act_tokens", 1)
+            pipe.hsetnx(_TELEMETRY_KEY, "act_first", stamp)
+            pipe.hincrby(_TELEMETRY_KEY, "ses_tokens", 1)
+            pipe.hsetnx(_TELEMETRY_KEY, "ses_first", stamp)
+            pipe.pexpire(_TELEMETRY_KEY, _ms(telemetry_ttl))
             result: list[Any] = pipe.execute(raise_on_error=False)
-            if len(result) > 2 and isinstance(result[2], redis.exceptions.NoScriptError):
-                # Redis lost its scripts (a restart): the counter is already written, so only the
+            if node_id is not None and isinstance(result[2], redis.exceptions.NoScriptError):
+                # Redis lost its scripts (a restart): the counters are already written, so only the
                 # assignment is run again, by the script object that loads it
-                assert node_id is not None
                 result[2] = self._assign(keys=[assign_key], args=[node_id, _ms(ttl)])
             for item in result:
                 if isinstance(item, Exception):
@@ -425,6 +454,7 @@ def _parse_fleet(raw: dict[str, str]) -> FleetState:
         reason=raw.get("reason") or None,
         since=since,
         drain=raw.get("drain") == "1",
+        cause=raw.get("cause") or None,
     )
 
 

@@ -3,7 +3,9 @@
 Two implementations share one contract (tests/test_guardrails_contract.py): ``MemoryStore`` for
 ``rescue dev`` and tests, ``RedisStore`` for a fleet. Redis layout (see docs/guardrails.md)::
 
-    fallback:fleet                              hash  paused, reason, since, drain
+    fallback:fleet                              hash  paused, reason, since, drain, cause
+    fallback:telemetry                          hash  act_tokens, act_first, ses_tokens, ses_first
+                                                      TTL = 2 x the telemetry grace, set per token
     fallback:cohorts                            hash  cohort_id -> "1" / "0" (fallback_ws_enabled)
     fallback:cohort:{cohort_id}:{yyyy-mm-dd-hh} hash  sessions, tokens, activations   TTL 90 min
     fallback:nodes                              set   node ids
@@ -30,6 +32,7 @@ __all__ = [
     "HourCounts",
     "MintSnapshot",
     "NodeInfo",
+    "TelemetryGap",
     "WindowCounts",
     "assignment_key",
     "check_cohort_id",
@@ -44,6 +47,9 @@ __all__ = [
 COUNTER_TTL_S: Final = 90 * 60
 SECONDS_PER_HOUR: Final = 3600
 KEY_PREFIX: Final = "fallback:"
+# Why the fleet is paused (FleetState.cause): an operator (admin API / CLI), FALLBACK_WS_PAUSED on a
+# process, the hard breach ratio, or missing telemetry (decision 0012). One label value each.
+PAUSE_CAUSES: Final = ("operator", "env", "hard_breach", "telemetry_missing")
 
 # Cohort and node ids go into Redis keys and JSON: a small charset and a length bound stop key
 # injection (":" in a cohort id would forge another cohort's counter key) and unbounded keys.
@@ -92,15 +98,23 @@ class FleetState:
         reason: free text from the operator (or the auto-pause), None when never given.
         since: wall-clock (epoch seconds) of the last pause/resume, None if never set.
         drain: when paused, relays also close existing sessions.
+        cause: who paused, one of :data:`PAUSE_CAUSES` (None when not paused or unknown).
     """
 
     paused: bool = False
     reason: str | None = None
     since: float | None = None
     drain: bool = False
+    cause: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"paused": self.paused, "reason": self.reason, "since": self.since, "drain": self.drain}
+        return {
+            "paused": self.paused,
+            "reason": self.reason,
+            "since": self.since,
+            "drain": self.drain,
+            "cause": self.cause,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +174,52 @@ class HourCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryGap:
+    """Tokens minted fleet-wide since the guardrail last heard each of its two inputs (decision 0012).
+
+    Every minted token adds to both counts; an activation report (a relay paired a session) clears
+    the ``activation`` pair, a sessions-started report clears the ``sessions`` pair. The whole record
+    expires when no token was minted for twice the telemetry grace period, so an old stray token
+    never counts towards a later gap.
+
+    Attributes:
+        tokens_since_activation: tokens minted since the last activation report.
+        since_activation: wall-clock time of the first of them (None: none minted).
+        tokens_since_sessions: tokens minted since the last sessions-started report.
+        since_sessions: wall-clock time of the first of them (None: none minted).
+    """
+
+    tokens_since_activation: int = 0
+    since_activation: float | None = None
+    tokens_since_sessions: int = 0
+    since_sessions: float | None = None
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, str]) -> TelemetryGap:
+        def num(name: str) -> int:
+            try:
+                return max(0, int(raw.get(name, 0)))
+            except (TypeError, ValueError):
+                return 0
+
+        def stamp(name: str) -> float | None:
+            try:
+                return float(raw[name]) if raw.get(name) else None
+            except ValueError:
+                return None
+
+        return cls(num("act_tokens"), stamp("act_first"), num("ses_tokens"), stamp("ses_first"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tokens_since_activation": self.tokens_since_activation,
+            "since_activation": self.since_activation,
+            "tokens_since_sessions": self.tokens_since_sessions,
+            "since_sessions": self.since_sessions,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class MintSnapshot:
     """Everything a token decision reads, fetched in one round trip (decision 0010).
 
@@ -168,6 +228,7 @@ class MintSnapshot:
         cohort_enabled: the cohort's ``fallback_ws_enabled`` flag.
         current, previous: the cohort's counters of this and the previous UTC hour.
         nodes: the live registered nodes, sorted by id.
+        telemetry: tokens minted since the last activation / sessions-started report.
     """
 
     fleet: FleetState
@@ -175,6 +236,7 @@ class MintSnapshot:
     current: HourCounts
     previous: HourCounts
     nodes: tuple[NodeInfo, ...]
+    telemetry: TelemetryGap = TelemetryGap()
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +343,8 @@ class GuardrailStore(Protocol):
     async def increment(self, cohort_id: str, field: CounterField, *, now: float, amount: int = 1) -> None:
         """Add ``amount`` to ``field`` of the cohort's counter for the UTC hour containing ``now``.
 
-        The counter hash gets its 90-minute TTL on the first increment, atomically with it.
+        The counter hash gets its 90-minute TTL on the first increment, atomically with it. An
+        ``ACTIVATIONS`` or ``SESSIONS`` increment also clears that input's :class:`TelemetryGap`.
         """
 
     async def hour_counts(self, cohort_id: str, buckets: list[str]) -> list[HourCounts]:
@@ -312,13 +375,24 @@ class GuardrailStore(Protocol):
         """
 
     async def mint_snapshot(self, cohort_id: str, *, now: float) -> MintSnapshot:
-        """Kill switch, cohort flag, this and the previous hour's counters and the live nodes, read
-        together (one round trip on Redis): the reads of one token request."""
+        """Kill switch, cohort flag, this and the previous hour's counters, the live nodes and the
+        telemetry gap, read together (one round trip on Redis): the reads of one token request."""
+
+    async def telemetry_gap(self) -> TelemetryGap:
+        """The fleet's :class:`TelemetryGap` (zeros when no token was minted lately)."""
 
     async def record_mint(
-        self, cohort_id: str, *, now: float, session_id: str, node_id: str | None, ttl: float
+        self,
+        cohort_id: str,
+        *,
+        now: float,
+        session_id: str,
+        node_id: str | None,
+        ttl: float,
+        telemetry_ttl: float = 3600.0,
     ) -> str | None:
-        """Count one token for the cohort's hour and, with ``node_id``, assign the session like
+        """Count one token for the cohort's hour and in the :class:`TelemetryGap` (which then lives
+        ``telemetry_ttl`` seconds) and, with ``node_id``, assign the session like
         :meth:`assign_session` (SET NX, an existing one extended and returned), together (one
         round trip on Redis). Returns the assignment in force, or None without ``node_id``."""
 

@@ -39,7 +39,7 @@ from rescue._http import (
 from rescue._log import get_logger, log_event, session_tag
 from rescue._tracing import current_record, record_span
 from rescue.errors import GuardrailError, StoreUnavailable
-from rescue.guardrails import Guardrails, check_cohort_id, store_deadline
+from rescue.guardrails import PAUSE_CAUSES, FleetState, Guardrails, check_cohort_id, store_deadline
 from rescue.protocol import MAX_TTL, ROLES, SESSION_ID_RE, b64url_encode, mint_token
 from rescue.tokenservice._cors import CorsMiddleware
 from rescue.tokenservice._keys import PublishedKeys
@@ -188,6 +188,15 @@ class TokenService:
             "1 when the kill switch was on at the last check (status, healthz, token request)",
             registry=self.registry,
         )
+        self.pause_cause = Gauge(
+            "beach_fallback_pause_cause",
+            "1 for the cause of the kill switch at the last check (operator, env, hard_breach, "
+            "telemetry_missing); all 0 when not paused",
+            ["cause"],
+            registry=self.registry,
+        )
+        for cause in PAUSE_CAUSES:
+            self.pause_cause.labels(cause).set(0)
         self.store_errors = Counter(
             "beach_fallback_store_errors",
             "Requests that failed because the guardrail store was unavailable",
@@ -279,6 +288,13 @@ class TokenService:
                 latency.observe(trio.current_time() - started, exemplar=span.exemplar())
 
         return traced
+
+    def _saw_fleet_state(self, state: FleetState) -> None:
+        """Update the kill-switch gauges from a fleet state just read."""
+        self.paused_gauge.set(1 if state.paused else 0)
+        cause = (state.cause or "operator") if state.paused else None
+        for name in PAUSE_CAUSES:
+            self.pause_cause.labels(name).set(1 if name == cause else 0)
 
     def _cohort_label(self, cohort: str) -> str:
         if cohort in self._cohort_labels:
@@ -478,7 +494,7 @@ class TokenService:
             state = await self.guardrails.fleet_state()
         except StoreUnavailable as exc:
             raise self._store_down(exc) from None
-        self.paused_gauge.set(1 if state.paused else 0)
+        self._saw_fleet_state(state)
         return json_response(state.to_json())
 
     async def healthz(self, request: Request) -> Response:
@@ -488,12 +504,19 @@ class TokenService:
         except StoreUnavailable:
             self.store_errors.inc()
             return json_response({"status": "store_unavailable", "fallback_paused": True}, 503)
-        self.paused_gauge.set(1 if state.paused else 0)
+        self._saw_fleet_state(state)
         return json_response({"status": "ok", "fallback_paused": state.paused})
 
     async def metrics(self, request: Request) -> Response:
-        """Prometheus text, or OpenMetrics (with exemplars) when the scraper's Accept asks for it."""
-        await trio.lowlevel.checkpoint()
+        """Prometheus text, or OpenMetrics (with exemplars) when the scraper's Accept asks for it.
+
+        The kill-switch gauges are refreshed first (one store read; left as they were when the
+        store is down), so every replica's scrape says whether, and why, the fleet is paused.
+        """
+        try:
+            self._saw_fleet_state(await self.guardrails.fleet_state())
+        except StoreUnavailable:
+            self.store_errors.inc()
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return text_response(encode(self.registry).decode(), content_type=content_type)
 
@@ -556,7 +579,7 @@ class TokenService:
             state = await self.guardrails.pause(reason=reason, drain=drain)
         except StoreUnavailable as exc:
             raise self._store_down(exc) from None
-        self.paused_gauge.set(1)
+        self._saw_fleet_state(state)
         return json_response(state.to_json())
 
     async def admin_resume(self, request: Request) -> Response:
@@ -567,7 +590,7 @@ class TokenService:
             effective = await self.guardrails.fleet_state()  # FALLBACK_WS_PAUSED may still hold
         except StoreUnavailable as exc:
             raise self._store_down(exc) from None
-        self.paused_gauge.set(1 if effective.paused else 0)
+        self._saw_fleet_state(effective)
         return json_response(effective.to_json() if effective.paused else state.to_json())
 
     async def _cohort_view(self, cohort: str) -> dict[str, Any]:
@@ -606,9 +629,10 @@ class TokenService:
         cohort = self._cohort_from(request.query.get("cohort"), "cohort")
         try:
             window = await self.guardrails.window(cohort, now=self._now())
+            gap = await self.guardrails.store.telemetry_gap()
         except StoreUnavailable as exc:
             raise self._store_down(exc) from None
-        return json_response(window.to_json())
+        return json_response({**window.to_json(), "telemetry": gap.to_json()})
 
     async def admin_nodes(self, request: Request) -> Response:
         self._require_admin(request)

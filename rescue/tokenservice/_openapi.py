@@ -158,6 +158,11 @@ def openapi_document() -> dict[str, Any]:
                         "reason": {"type": ["string", "null"]},
                         "since": {"type": ["number", "null"], "description": "epoch seconds"},
                         "drain": {"type": "boolean"},
+                        "cause": {
+                            "type": ["string", "null"],
+                            "enum": ["operator", "env", "hard_breach", "telemetry_missing", None],
+                            "description": "who paused (null when not paused)",
+                        },
                     },
                 },
                 "CohortReport": {
@@ -205,6 +210,17 @@ def openapi_document() -> dict[str, Any]:
                         "ratio": {"type": ["number", "null"]},
                         "state": {"enum": ["ok", "insufficient_sample", "soft_breach", "hard_breach"]},
                         "previous_hour_weight": {"type": "number", "minimum": 0, "maximum": 1},
+                        "telemetry": {
+                            "type": "object",
+                            "description": "fleet-wide tokens minted since the last activation / "
+                            "sessions-started report (docs/decisions/0012-missing-telemetry.md)",
+                            "properties": {
+                                "tokens_since_activation": {"type": "integer", "minimum": 0},
+                                "since_activation": {"type": ["number", "null"]},
+                                "tokens_since_sessions": {"type": "integer", "minimum": 0},
+                                "since_sessions": {"type": ["number", "null"]},
+                            },
+                        },
                     },
                 },
                 "Nodes": {
