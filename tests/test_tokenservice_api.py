@@ -507,7 +507,7 @@ async def test_reports_validation_and_auth(harness_factory: Callable[..., Any]) 
 async def test_status_healthz_metrics_openapi(h: Harness) -> None:
     with trio.fail_after(TIMEOUT):
         r = await h.client.get("/v1/fallback/status")
-        assert r.json() == {"paused": False, "reason": None, "since": None, "drain": False}
+        assert r.json() == {"paused": False, "reason": None, "since": None, "drain": False, "cause": None}
         assert (await h.client.get("/healthz")).json() == {"status": "ok", "fallback_paused": False}
         r = await h.client.get("/metrics")
         assert r.headers["content-type"].startswith("text/plain")
@@ -565,11 +565,17 @@ async def test_admin_pause_resume_cohorts_nodes(h: Harness) -> None:
         r = await h.client.post(
             "/v1/admin/pause", json={"reason": "incident 7", "drain": True}, headers=ADMIN
         )
-        assert r.json() == {"paused": True, "reason": "incident 7", "since": T0, "drain": True}
+        assert r.json() == {
+            "paused": True,
+            "reason": "incident 7",
+            "since": T0,
+            "drain": True,
+            "cause": "operator",
+        }
         assert (await h.client.get("/v1/fallback/status")).json()["drain"] is True
         h.clock.now += 60
         r = await h.client.post("/v1/admin/resume", headers=ADMIN)
-        assert r.json() == {"paused": False, "reason": None, "since": T0 + 60, "drain": False}
+        assert r.json() == {"paused": False, "reason": None, "since": T0 + 60, "drain": False, "cause": None}
         # an empty body is fine for pause/resume, and needs no content type (it has none)
         r = await h.client.post("/v1/admin/pause", content=b"", headers=ADMIN)
         assert r.json()["paused"] is True
