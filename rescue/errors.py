@@ -5,6 +5,7 @@
     RescueError                         base of everything rescue raises on purpose
     ├── ProtocolError                   bad bytes from a peer; carries the close code to answer with
     │   ├── DecryptError                a frame failed authentication (INTEGRITY_ERROR)  protocol/_crypto.py
+    │   ├── FrameFloodError             too many frames for their bytes (kind)           websocket/_codec.py
     │   └── HandshakeError              the HTTP upgrade failed (status, error, detail)  websocket/_codec.py
     ├── TokenError                      a fallback token failed verification; a reason and a close code
     ├── ConfigError                     bad settings, key files or command-line values (one-line message)
@@ -54,11 +55,16 @@ class ProtocolError(RescueError):
     Attributes:
         code: the close code the connection must be closed with (``PROTOCOL_ERROR`` unless a more
             specific one applies, e.g. ``INTEGRITY_ERROR`` or ``SESSION_MISMATCH``).
+        kind: a short stable label for metrics: ``"protocol"`` for any broken rule, or what a
+            flood was made of (``"fragments"``, ``"small_frames"``: see the WebSocket codec).
     """
 
-    def __init__(self, message: str, code: CloseCode = CloseCode.PROTOCOL_ERROR) -> None:
+    def __init__(
+        self, message: str, code: CloseCode = CloseCode.PROTOCOL_ERROR, *, kind: str = "protocol"
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.kind = kind
 
 
 class TokenError(RescueError):

@@ -17,9 +17,15 @@ from wsproto.frame_protocol import Opcode as WsprotoOpcode
 from rescue._codes import CloseCode
 from rescue.errors import ProtocolError
 from rescue.websocket import (
+    FRAME_BURST,
+    FRAME_BYTES,
+    FRAME_RATE,
+    MAX_FRAGMENTS,
     MAX_HANDSHAKE_SIZE,
     CloseFrameReceived,
     Event,
+    FrameBudget,
+    FrameFloodError,
     FrameParser,
     HandshakeError,
     Opcode,
@@ -469,3 +475,114 @@ def test_codec_module_is_sans_io() -> None:
         for alias in node.names
     }
     assert imported & {"trio", "socket", "asyncio", "ssl", "anyio", "trio_websocket"} == set()
+
+
+# ---------------------------------------------------------------------------- floods (issue 11)
+
+
+def _fragmented(pieces: int, *, piece: bytes = b"", mask: bool = True) -> bytes:
+    """One binary message in ``pieces`` frames (the first BINARY, the rest CONTINUATION)."""
+    frames = [build_frame(Opcode.BINARY, piece, mask=mask, fin=pieces == 1)]
+    frames += [
+        build_frame(Opcode.CONTINUATION, piece, mask=mask, fin=i == pieces - 1) for i in range(1, pieces)
+    ]
+    return b"".join(frames)
+
+
+def test_a_message_of_max_fragments_is_accepted() -> None:
+    parser = FrameParser(client=False)
+    assert parser.feed(_fragmented(MAX_FRAGMENTS, piece=b"ab")) == [b"ab" * MAX_FRAGMENTS]
+    assert parser.frames == MAX_FRAGMENTS
+    assert parser.buffered == 0
+
+
+def test_one_fragment_more_is_a_flood() -> None:
+    parser = FrameParser(client=False)
+    # empty continuation frames, never finished: the old parser kept a list entry for each
+    wire = build_frame(Opcode.BINARY, b"x", mask=True, fin=False) + build_frame(
+        Opcode.CONTINUATION, b"", mask=True, fin=False
+    ) * (MAX_FRAGMENTS + 10)
+    with pytest.raises(FrameFloodError) as caught:
+        parser.feed(wire)
+    assert caught.value.code == CloseCode.PROTOCOL_ERROR
+    assert caught.value.kind == "fragments"
+
+
+def test_fragments_are_held_as_their_bytes_only() -> None:
+    parser = FrameParser(client=False)
+    parser.feed(_fragmented(MAX_FRAGMENTS + 1, piece=b"abc")[:-9])  # all but the final frame
+    assert parser.buffered == 3 * MAX_FRAGMENTS
+
+
+# Frames as an attacker would mix them: any opcode (valid or not), FIN or not, masked or not, short
+# payloads (zero-length ones often), sometimes an absurd 64-bit length.
+_soup_frame = st.one_of(
+    st.builds(
+        lambda op, fin, mask, payload: build_frame(op, payload, mask=mask, fin=fin),
+        st.sampled_from([0x0, 0x0, 0x0, 0x1, 0x2, 0x2, 0x3, 0x8, 0x9, 0xA, 0xB]),
+        st.booleans(),
+        st.booleans() | st.just(True),
+        st.binary(max_size=8) | st.just(b"") | st.builds(lambda n: b"z" * n, st.integers(120, 1200)),
+    ),
+    st.builds(lambda n: b"\x82\xff" + struct.pack(">Q", n) + b"\0\0\0\0", st.integers(0, (1 << 64) - 1)),
+    st.binary(min_size=1, max_size=16),
+)
+
+
+@given(
+    frames=st.lists(_soup_frame, max_size=200),
+    cuts=st.lists(st.integers(0, 100_000), max_size=8),
+    client=st.booleans(),
+)
+def test_hostile_frame_soup_raises_only_protocol_errors_and_holds_little(
+    frames: list[bytes], cuts: list[int], client: bool
+) -> None:
+    max_message = 1000
+    parser = FrameParser(client=client, max_message=max_message)
+    wire = b"".join(frames)
+    start = 0
+    error: ProtocolError | None = None
+    try:
+        for cut in [*sorted({c % (len(wire) + 1) for c in cuts}), len(wire)]:
+            parser.feed(wire[start:cut])
+            start = cut
+            # an incomplete frame (14-byte head + payload of at most max_message) plus an
+            # incomplete message (at most max_message): never more, whatever arrived
+            assert parser.buffered <= 14 + 2 * max_message
+    except ProtocolError as exc:
+        error = exc
+    if error is not None:
+        assert error.code == CloseCode.PROTOCOL_ERROR
+        assert error.kind in ("protocol", "fragments")
+
+
+def test_budget_never_limits_bulk_frames_of_frame_bytes_or_more() -> None:
+    budget = FrameBudget(0.0)
+    size = FRAME_BYTES  # on the wire: e.g. a 58-byte DATA message plus its 6-byte frame head
+    # ten minutes of one read every millisecond, each read a whole 64 KiB buffer of such frames
+    for ms in range(600_000):
+        assert budget.charge(65536 // size, 65536, ms / 1000)
+
+
+def test_budget_allows_the_rate_of_tiny_frames_and_a_burst_then_refuses() -> None:
+    budget = FrameBudget(0.0)
+    # heartbeats (18 bytes on the wire) at twice FRAME_RATE: the burst absorbs a few seconds
+    t = 0.0
+    per_tick = int(2 * FRAME_RATE / 100)
+    ok_ticks = 0
+    while budget.charge(per_tick, 18 * per_tick, t):
+        ok_ticks += 1
+        t += 0.01
+        assert ok_ticks < 10_000, "never refused"
+    # the burst drains at (sent - FRAME_RATE - bytes / FRAME_BYTES) frames a second
+    drain = 2 * FRAME_RATE - FRAME_RATE - 2 * FRAME_RATE * 18 / FRAME_BYTES
+    assert abs(ok_ticks / 100 - FRAME_BURST / drain) < 0.05
+    # ...while a peer at a heartbeat every 15 s, or FRAME_RATE tiny frames a second, never is
+    calm = FrameBudget(0.0)
+    for second in range(3600):
+        assert calm.charge(int(FRAME_RATE) - 1, 6 * int(FRAME_RATE), float(second + 1))
+
+
+def test_one_read_of_pings_is_refused_at_once() -> None:
+    budget = FrameBudget(0.0)
+    assert not budget.charge(65536 // 6, 65536, 0.0)

@@ -147,6 +147,13 @@ class _StatsCollector(Collector):
             "kind",
             s.rejoins,
         )
+        yield _labelled(
+            "beach_rescue_protocol_errors",
+            "Connections closed because the peer broke the protocol, by kind (fragments and"
+            " small_frames are floods)",
+            "reason",
+            s.protocol_errors,
+        )
         closes = CounterMetricFamily(
             "beach_rescue_closes", "Connections ended with a close code", labels=["code", "name"]
         )

@@ -204,6 +204,7 @@ class Relay:
             "backpressure_stalls": s.backpressure_stalls,
             "rate_limiter_sources": len(self.limiter),
             "closes": {str(k): v for k, v in sorted(s.closes.items())},
+            "protocol_errors": dict(sorted(s.protocol_errors.items())),
             "control": self.control.detail(),
             "read_poller": self.poller.statistics() if self.poller is not None else None,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
@@ -442,6 +443,7 @@ class Relay:
                 ws, CloseCode.HEARTBEAT_TIMEOUT, f"no HELLO within {self.config.hello_timeout_s:g} s"
             )
         except ProtocolError as exc:
+            self.stats.count_protocol_error(exc.kind)
             return await self._refuse(ws, exc.code, str(exc))
         except TRANSPORT_ERRORS:
             self.metrics.handshakes.labels("disconnected").inc()
@@ -450,6 +452,8 @@ class Relay:
         try:
             hello, claims = await self._check_hello(batch[0])
         except (ProtocolError, TokenError) as exc:
+            if isinstance(exc, ProtocolError):
+                self.stats.count_protocol_error(exc.kind)
             return await self._refuse(ws, exc.code, str(exc))
         recorded.set_attribute("cohort", claims.cohort)
         if claims.analytics_allowed:

@@ -494,6 +494,7 @@ class SessionCore(Generic[H]):
         except ProtocolError as exc:
             if run:  # everything before the bad message goes on
                 flags |= self._forward(link, partner, run, now)
+            self.stats.count_protocol_error(exc.kind)
             self.close(link, exc.code, str(exc), now)
             return flags
         if run:

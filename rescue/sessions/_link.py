@@ -194,6 +194,7 @@ class PeerLink:
                         return
                     batch = await transport.receive_messages()
             except ProtocolError as exc:
+                self.session.stats.count_protocol_error(exc.kind)
                 self.session.close(self, exc.code, str(exc))
             except TRANSPORT_ERRORS:
                 self.session.lost(self)

@@ -78,6 +78,9 @@ class RelayStats:
         closes: ``{close code: n}`` for every connection the relay closed or saw closed with a code.
         transport_lost: connections that ended without a close code (reset, EOF).
         internal_errors: unexpected exceptions caught at a connection boundary (bugs).
+        protocol_errors: ``{kind: n}``: connections closed because their peer broke the protocol,
+            by :attr:`rescue.errors.ProtocolError.kind` (``protocol``, ``fragments``,
+            ``small_frames``, ...).
         message_sizes: sizes of forwarded messages (each batch contributes its count at its mean).
         forward_latency: seconds from reading a batch to finishing the write that carried it.
     """
@@ -95,6 +98,7 @@ class RelayStats:
         "message_sizes",
         "messages_forwarded",
         "pairings",
+        "protocol_errors",
         "rejoins",
         "relay_heartbeats",
         "sessions_emptied",
@@ -118,8 +122,13 @@ class RelayStats:
         self.internal_errors = 0
         self.rejoins: dict[str, int] = {"replaced": 0, "returned": 0}
         self.closes: dict[int, int] = {}
+        self.protocol_errors: dict[str, int] = {}
         self.message_sizes = FastHistogram(MESSAGE_SIZE_BUCKETS)
         self.forward_latency = FastHistogram(FORWARD_LATENCY_BUCKETS)
+
+    def count_protocol_error(self, kind: str) -> None:
+        """Count one connection closed for a broken protocol rule of ``kind``."""
+        self.protocol_errors[kind] = self.protocol_errors.get(kind, 0) + 1
 
     def count_close(self, code: int) -> None:
         """Count one connection closed with ``code``."""

@@ -1,7 +1,8 @@
 """Helpers for tests — ours and Beach integrators' — that run the real thing on 127.0.0.1.
 
 A package of its own, on top of every production package (``_relay.py``: keys, a HELLO-speaking
-peer, a test relay; ``_sdk.py``: local tokens, a restartable relay, a dev stack): no production
+peer, a test relay; ``_sdk.py``: local tokens, a restartable relay, a dev stack; ``_hostile.py``: a
+raw client that sends malformed bytes and floods): no production
 package imports test helpers, and none imports another sideways to build them.
 
 Nothing here fakes the relay, the token service or the sockets: these start real ones in-process
@@ -26,6 +27,8 @@ passes the same contract tests as Redis; tests of what Redis promises use a priv
 ``redis-server`` (see ``tests/conftest.py``).
 """
 
+from rescue.testing._hostile import RawClient as RawClient
+from rescue.testing._hostile import RawOutcome as RawOutcome
 from rescue.testing._relay import ClosedBy as ClosedBy
 from rescue.testing._relay import TestKeys as TestKeys
 from rescue.testing._relay import TestPeer as TestPeer

@@ -35,7 +35,8 @@ Public API:
   ``wire_code``), :class:`rescue.errors.ProtocolError` (code 4010) for bad framing,
   :class:`HandshakeError` (a ``ProtocolError`` with ``status``/``error``/``detail``) for a failed
   upgrade.
-* Sans-I/O codec (no trio): :class:`FrameParser`, events :class:`Ping` / :class:`Pong` /
+* Sans-I/O codec (no trio): :class:`FrameParser`, :class:`FrameBudget` (frames a connection may
+  send, :class:`FrameFloodError` past it), events :class:`Ping` / :class:`Pong` /
   :class:`CloseFrameReceived` (binary messages are plain ``bytes``), serializers ``frame_binary``,
   ``frame_messages``, ``frame_close``, ``frame_ping``, ``frame_pong``, ``build_frame``, and the
   handshake helpers ``parse_request``, ``switching_protocols``, ``error_response``,
@@ -44,9 +45,15 @@ Public API:
 
 from rescue.websocket._client import connect_websocket as connect_websocket
 from rescue.websocket._codec import DEFAULT_MAX_MESSAGE as DEFAULT_MAX_MESSAGE
+from rescue.websocket._codec import FRAME_BURST as FRAME_BURST
+from rescue.websocket._codec import FRAME_BYTES as FRAME_BYTES
+from rescue.websocket._codec import FRAME_RATE as FRAME_RATE
+from rescue.websocket._codec import MAX_FRAGMENTS as MAX_FRAGMENTS
 from rescue.websocket._codec import MAX_HANDSHAKE_SIZE as MAX_HANDSHAKE_SIZE
 from rescue.websocket._codec import CloseFrameReceived as CloseFrameReceived
 from rescue.websocket._codec import Event as Event
+from rescue.websocket._codec import FrameBudget as FrameBudget
+from rescue.websocket._codec import FrameFloodError as FrameFloodError
 from rescue.websocket._codec import FrameParser as FrameParser
 from rescue.websocket._codec import HandshakeError as HandshakeError
 from rescue.websocket._codec import Opcode as Opcode

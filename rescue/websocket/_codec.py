@@ -29,11 +29,17 @@ from rescue.errors import ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
+    "FRAME_BURST",
+    "FRAME_BYTES",
+    "FRAME_RATE",
     "MAX_CLOSE_REASON",
     "MAX_CONTROL_PAYLOAD",
+    "MAX_FRAGMENTS",
     "MAX_HANDSHAKE_SIZE",
     "CloseFrameReceived",
     "Event",
+    "FrameBudget",
+    "FrameFloodError",
     "FrameParser",
     "HandshakeError",
     "Opcode",
@@ -62,6 +68,22 @@ __all__ = [
 # The largest message (after continuation frames are joined) we accept: SPEC's default max_frame,
 # which already counts the 12-byte relay header. Anything larger is a PROTOCOL_ERROR.
 DEFAULT_MAX_MESSAGE: Final = 65536
+# The most frames one fragmented message may have. Our SDK and browsers never fragment; libraries
+# that do cut at 4 KiB or more (16 pieces for a DEFAULT_MAX_MESSAGE message). 64 leaves room for
+# 1 KiB pieces. Without a bound, each zero-length continuation frame (6 bytes on the wire) cost the
+# relay a list entry and a parse: an unauthenticated connection grew the relay by 130 MB in 10 s.
+MAX_FRAGMENTS: Final = 64
+# Per-connection frame budget (see FrameBudget). A frame costs the relay a fixed amount of work
+# (parse, event, session-core call, maybe an echo or a pong) whatever its size, so a flood of tiny
+# frames is a CPU attack a byte rate limit never sees. A legitimate peer's frames are either rare
+# (a HEARTBEAT every 15 s, keystrokes, mouse reports: tens a second) or large (DATA up to
+# max_frame). So a connection may send FRAME_RATE frames a second of any size (bursts of
+# FRAME_BURST), plus one frame for every FRAME_BYTES bytes it sends: bulk traffic whose frames
+# average FRAME_BYTES or more is never limited, while a flood of 6-40 byte frames (pings, empty
+# continuations, 12-byte HEARTBEATs or DATA) is closed within a read or two.
+FRAME_RATE: Final = 500.0
+FRAME_BURST: Final = 2000.0
+FRAME_BYTES: Final = 64
 # RFC 6455 §5.5: control frames carry at most 125 payload bytes and are never fragmented.
 MAX_CONTROL_PAYLOAD: Final = 125
 # A close payload is a 2-byte code plus a UTF-8 reason, so the reason gets 123 bytes.
@@ -268,6 +290,60 @@ def _fail(message: str) -> ProtocolError:
     return ProtocolError(message, CloseCode.PROTOCOL_ERROR)
 
 
+class FrameFloodError(ProtocolError):
+    """Too many frames for what they carry (a ``PROTOCOL_ERROR``, 4010).
+
+    Attributes:
+        kind: ``"fragments"`` (a message of more than :data:`MAX_FRAGMENTS` frames) or
+            ``"small_frames"`` (over the :class:`FrameBudget`); the relay counts closes by it.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message, CloseCode.PROTOCOL_ERROR, kind=kind)
+
+
+class FrameBudget:
+    """How many frames a connection may send: a token bucket in frames, refilled by time and bytes.
+
+    Sans-I/O: every call takes ``now``. Each frame takes one token; ``rate`` tokens come back every
+    second and one for every ``frame_bytes`` bytes received; the bucket holds at most ``burst``.
+    See :data:`FRAME_RATE` for why.
+
+    Args:
+        now: the current time (any monotonic origin); the bucket starts full.
+    """
+
+    __slots__ = ("_stamp", "_tokens", "burst", "frame_bytes", "rate")
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        rate: float = FRAME_RATE,
+        burst: float = FRAME_BURST,
+        frame_bytes: int = FRAME_BYTES,
+    ) -> None:
+        if rate <= 0 or burst < 1 or frame_bytes < 1:
+            raise ValueError("rate, burst and frame_bytes must be positive")
+        self.rate = rate
+        self.burst = burst
+        self.frame_bytes = frame_bytes
+        self._tokens = burst
+        self._stamp = now
+
+    def charge(self, frames: int, nbytes: int, now: float) -> bool:
+        """Take ``frames`` frames that arrived in ``nbytes`` bytes; False once over the budget."""
+        tokens = self._tokens + nbytes / self.frame_bytes
+        if now > self._stamp:
+            tokens += (now - self._stamp) * self.rate
+            self._stamp = now
+        if tokens > self.burst:
+            tokens = self.burst
+        tokens -= frames
+        self._tokens = tokens
+        return tokens >= 0
+
+
 class FrameParser:
     """Incremental RFC 6455 frame parser for one side of a connection.
 
@@ -294,7 +370,8 @@ class FrameParser:
         "_expect_mask",
         "_failed",
         "_frag",
-        "_frag_size",
+        "_frag_count",
+        "_frames",
         "_max",
         "_pong",
         "_tail",
@@ -308,8 +385,12 @@ class FrameParser:
         # Bytes of an incomplete frame kept between feeds: at most one frame header plus one
         # payload (the length is checked against max_message before we wait for the payload).
         self._tail = bytearray()
-        self._frag: list[bytes] | None = None
-        self._frag_size = 0
+        # The parts of a fragmented message, joined as they come: one buffer of at most max_message
+        # bytes however many frames carried them (a list of parts cost a pointer and an object per
+        # frame, empty ones included). _frag_count <= MAX_FRAGMENTS.
+        self._frag: bytearray | None = None
+        self._frag_count = 0
+        self._frames = 0  # frames parsed so far, for the owner's FrameBudget
         # Only the pong for the most recent ping is kept (RFC 6455 §5.5.3 allows it): a flood of
         # pings can never grow this beyond one frame.
         self._pong = b""
@@ -324,7 +405,12 @@ class FrameParser:
     @property
     def buffered(self) -> int:
         """Bytes held: an incomplete frame plus the parts of an incomplete fragmented message."""
-        return len(self._tail) + self._frag_size
+        return len(self._tail) + (len(self._frag) if self._frag is not None else 0)
+
+    @property
+    def frames(self) -> int:
+        """Frames parsed so far (every opcode; a frame counts once it is complete)."""
+        return self._frames
 
     def data_to_send(self) -> bytes:
         """The pong owed for the last ping, if any; clears it."""
@@ -377,6 +463,7 @@ class FrameParser:
         max_message = self._max
         unpack16 = _U16.unpack_from
         append = events.append
+        frames = 0
         while n - pos >= 2:
             b0 = buf[pos]
             b1 = buf[pos + 1]
@@ -404,6 +491,7 @@ class FrameParser:
                     else:
                         append(bytes(buf[start:end]))
                     pos = end
+                    frames += 1
                     continue
             if b0 & 0x70:
                 raise _fail("RSV bits set but no extension was negotiated")
@@ -444,8 +532,12 @@ class FrameParser:
                 else:
                     if self._frag is None:
                         raise _fail("continuation frame without a message to continue")
-                    if self._frag_size + length > max_message:
+                    if len(self._frag) + length > max_message:
                         raise _fail(f"message larger than {max_message} bytes")
+                    if self._frag_count >= MAX_FRAGMENTS:
+                        raise FrameFloodError(
+                            "fragments", f"a message in more than {MAX_FRAGMENTS} fragments"
+                        )
             elif opcode == 0x1:
                 raise _fail("text messages are not allowed (binary only)")
             else:
@@ -460,22 +552,23 @@ class FrameParser:
             else:
                 payload = bytes(buf[pos + head : end])
             pos = end
+            frames += 1
             if opcode == 0x2:
                 if b0 & 0x80:
                     events.append(payload)
                 else:
-                    self._frag = [payload]
-                    self._frag_size = length
+                    self._frag = bytearray(payload)
+                    self._frag_count = 1
             elif opcode == 0x0:
                 frag = self._frag
                 assert frag is not None
-                frag.append(payload)
+                frag += payload
                 if b0 & 0x80:
-                    events.append(b"".join(frag))
+                    events.append(bytes(frag))
                     self._frag = None
-                    self._frag_size = 0
+                    self._frag_count = 0
                 else:
-                    self._frag_size += length
+                    self._frag_count += 1
             elif opcode == 0x9:
                 events.append(Ping(payload))
                 self._pong = build_frame(Opcode.PONG, payload, mask=not expect_mask)
@@ -485,8 +578,10 @@ class FrameParser:
                 events.append(_parse_close(payload))
                 self._closed = True
                 self._frag = None
-                self._frag_size = 0
+                self._frag_count = 0
+                self._frames += frames
                 return events, n
+        self._frames += frames
         return events, pos
 
 

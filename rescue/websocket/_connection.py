@@ -29,6 +29,8 @@ from rescue.websocket._codec import (
     DEFAULT_MAX_MESSAGE,
     CloseFrameReceived,
     Event,
+    FrameBudget,
+    FrameFloodError,
     FrameParser,
     Ping,
     frame_close,
@@ -165,6 +167,9 @@ class WebSocketConnection:
         path: the request path of the upgrade.
         request_headers: the upgrade request's headers (received on a server, sent on a client).
         initial_data: bytes read past the end of the handshake, parsed before anything else.
+        frame_budget: hold the peer to a :class:`~rescue.websocket.FrameBudget` (servers do): a
+            flood of tiny frames raises :class:`~rescue.websocket.FrameFloodError` (4010) from a
+            receive.
         close_timeout: the bound on a close handshake, ours (:meth:`close`) or the answer to the
             peer's; past it the socket is dropped.
 
@@ -173,6 +178,7 @@ class WebSocketConnection:
     """
 
     __slots__ = (
+        "_budget",
         "_bytes_in",
         "_bytes_out",
         "_client",
@@ -182,6 +188,7 @@ class WebSocketConnection:
         "_detached",
         "_error",
         "_fast_wait",
+        "_frames_seen",
         "_handler_error",
         "_idle",
         "_initial",
@@ -220,11 +227,15 @@ class WebSocketConnection:
         request_headers: tuple[tuple[str, str], ...] = (),
         initial_data: bytes = b"",
         close_timeout: float = CLOSE_TIMEOUT,
+        frame_budget: bool = False,
     ) -> None:
         self._stream = stream
         self.close_timeout = close_timeout
         self._client = client
         self._parser = FrameParser(client=client, max_message=max_message)
+        # frames per second beyond what their bytes pay for (servers: a tiny-frame flood is closed)
+        self._budget = FrameBudget(trio.current_time()) if frame_budget else None
+        self._frames_seen = 0
         self.path = path
         self.request_headers = request_headers
         plain = stream if isinstance(stream, trio.SocketStream) else None
@@ -364,7 +375,7 @@ class WebSocketConnection:
         self._more = n == READ_SIZE
         view = memoryview(buf)[:n]
         try:
-            events = self._parser.feed(view)
+            events = self._feed(view)
         except ProtocolError as exc:
             self._protocol_error = exc
             self._read_ahead = True
@@ -448,7 +459,7 @@ class WebSocketConnection:
                             WebSocketClosedError(None, "connection closed without a close frame")
                         )
                     try:
-                        events = self._parser.feed(got)
+                        events = self._feed(got)
                     except ProtocolError as exc:
                         self._protocol_error = exc
                         raise
@@ -477,6 +488,20 @@ class WebSocketConnection:
                     raise self._error
         finally:
             self._receiving = False
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Parse input, and charge its frames to the budget (if any)."""
+        events = self._parser.feed(data)
+        budget = self._budget
+        if budget is not None:
+            frames = self._parser.frames
+            if not budget.charge(frames - self._frames_seen, len(data), trio.current_time()):
+                raise FrameFloodError(
+                    "small_frames",
+                    f"more than {budget.rate:g} small frames a second (bursts of {budget.burst:g})",
+                )
+            self._frames_seen = frames
+        return events
 
     def _take_read_ahead(self) -> list[Event]:
         """What the poller's read-ahead left for the waiting task (raising what it caught)."""

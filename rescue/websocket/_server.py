@@ -85,6 +85,7 @@ async def serve_websocket(
     accept_check: AcceptCheck | None = None,
     handler_nursery: trio.Nursery | None = None,
     close_timeout: float = CLOSE_TIMEOUT,
+    frame_budget: bool = True,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSocket connections forever, running ``await handler(conn)`` for each.
@@ -108,6 +109,8 @@ async def serve_websocket(
         handler_nursery: run connection tasks here (so they can outlive the listeners during a
             graceful shutdown); by default in a nursery inside this call.
         close_timeout: each connection's :attr:`WebSocketConnection.close_timeout`.
+        frame_budget: hold each client to a :class:`~rescue.websocket.FrameBudget` (a flood of
+            tiny frames is a ``PROTOCOL_ERROR``).
         task_status: ``started(WebSocketServer)`` once every listener is bound.
 
     Resource handling:
@@ -135,6 +138,7 @@ async def serve_websocket(
         handshake_timeout=handshake_timeout,
         accept_check=accept_check,
         close_timeout=close_timeout,
+        frame_budget=frame_budget,
     )
     log_event(_logger, "websocket.listening", addresses=[f"{h}:{p}" for h, p in server.addresses])
     # Not trio.serve_listeners: its wrapper closes the stream when the handler task ends, which
@@ -173,6 +177,7 @@ async def _serve_connection(
     handshake_timeout: float,
     accept_check: AcceptCheck | None,
     close_timeout: float,
+    frame_budget: bool,
 ) -> None:
     conn: WebSocketConnection | None = None
     remote: tuple[str, int] | None = None
@@ -200,6 +205,7 @@ async def _serve_connection(
             request_headers=request.headers,
             initial_data=rest,
             close_timeout=close_timeout,
+            frame_budget=frame_budget,
         )
         try:
             await handler(conn)
