@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         redis_cmd(sock, "HSET", "fallback:cohorts", COHORT, "1")
         for node in NODES:
             record = json.dumps({"id": node, "url": f"ws://127.0.0.1:1/{node}", "draining": False})
-            redis_cmd(sock, "SET", f"fallback:node:{node}", record, "EX", "86400")
-            redis_cmd(sock, "SADD", "fallback:nodes", node)
+            redis_cmd(sock, "SET", f"fallback:{{nodes}}:{node}", record, "EX", "86400")
+            redis_cmd(sock, "SADD", "fallback:{nodes}", node)
         key = work / "key.jwk"
         subprocess.run(
             [sys.executable, "-m", "rescue.cli", "keygen", "--out", str(key)],

@@ -142,6 +142,203 @@ def redis_factory() -> Iterator[Callable[[], RedisServer]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Redis Cluster (decision 0013): three private masters on random 127.0.0.1 ports (a cluster needs
+# TCP, and its bus port is the port + 10000), each in its own directory of one temporary directory,
+# no persistence, joined by `redis-cli --cluster create`. Session-scoped (start-up takes a second
+# or two); `redis_cluster_url` flushes every master before each test.
+# ---------------------------------------------------------------------------------------------
+
+import random  # noqa: E402
+import socket  # noqa: E402
+
+import redis.cluster  # noqa: E402
+
+CLUSTER_MASTERS = 3
+# joining three masters and gossiping the slot map to "ok" takes 1-3 s; the box may be loaded
+CLUSTER_START_TIMEOUT_S = 60.0
+
+
+def _port_pair_free(port: int) -> bool:
+    """``port`` and its cluster bus port (``port`` + 10000) can both be bound right now."""
+    for candidate in (port, port + 10000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                return False
+    return True
+
+
+def tcp_redis_argv(port: int, directory: str, *extra: str) -> list[str]:
+    """A private redis-server on 127.0.0.1:``port`` in ``directory``, persistence off."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (the CI script installs it: apt-get install redis-server)")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", directory, "--daemonize", "no", *extra]  # fmt: skip
+
+
+def wait_for_ping(port: int, process: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Wait until 127.0.0.1:``port`` answers PING; False if ``process`` exited or time ran out."""
+    with redis.Redis(port=port, socket_timeout=5, socket_connect_timeout=1) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                return False
+            try:
+                if client.ping():
+                    return True
+            except redis.RedisError:
+                pass
+            time.sleep(0.02)
+    return False
+
+
+@dataclass
+class RedisClusterServers:
+    """A private three-master Redis Cluster on 127.0.0.1."""
+
+    processes: list[subprocess.Popen[bytes]]
+    ports: list[int]
+    directory: str
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def node(self, index: int) -> redis.Redis:
+        return redis.Redis(port=self.ports[index], decode_responses=True, socket_timeout=5)
+
+    def client(self) -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster(
+            host="127.0.0.1", port=self.ports[0], decode_responses=True, socket_timeout=5
+        )
+
+    def flush(self) -> None:
+        for i in range(len(self.ports)):
+            with self.node(i) as node:
+                node.flushall()
+                node.script_flush()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            process.wait(timeout=10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_redis_cluster(masters: int = CLUSTER_MASTERS) -> RedisClusterServers:
+    """Start ``masters`` cluster-enabled redis-servers, join them into one cluster, wait for "ok"."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.fail("redis-cli is not installed (it comes with redis-server)")
+    rng = random.Random()
+    servers = RedisClusterServers([], [], tempfile.mkdtemp(prefix="rescue-cluster-"))
+    deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
+    try:
+        while len(servers.ports) < masters:
+            port = rng.randrange(20000, 30000)  # the bus port (+10000) stays below 40000
+            if port in servers.ports or not _port_pair_free(port):
+                continue
+            directory = os.path.join(servers.directory, str(port))
+            os.mkdir(directory)
+            process = subprocess.Popen(
+                tcp_redis_argv(port, directory, "--cluster-enabled", "yes", "--cluster-config-file",
+                               "nodes.conf", "--cluster-node-timeout", "2000"),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            if wait_for_ping(port, process, deadline):
+                servers.processes.append(process)
+                servers.ports.append(port)
+                continue
+            process.kill()
+            process.wait(timeout=10)
+            if time.monotonic() > deadline:
+                pytest.fail("cluster redis-servers did not start in time")
+            # another process took the port between the check and the bind: try another
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in servers.ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=CLUSTER_START_TIMEOUT_S,
+        )  # fmt: skip
+        for i in range(masters):
+            with servers.node(i) as node:
+                while node.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                    if time.monotonic() > deadline:
+                        pytest.fail("the cluster did not reach cluster_state:ok in time")
+                    time.sleep(0.05)
+        return servers
+    except BaseException:
+        servers.stop()
+        raise
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[RedisClusterServers]:
+    servers = start_redis_cluster()
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_session: RedisClusterServers) -> str:
+    """``redis+cluster://`` URL of the shared private cluster, flushed (data and scripts) for this test."""
+    redis_cluster_session.flush()
+    return redis_cluster_session.url
+
+
+# ---------------------------------------------------------------------------------------------
+# A real `rescue token-service` process, with the flags an operator uses
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+
+import trio  # noqa: E402
+
+SERVICE_PROCESS_ENV = {"RESCUE_SERVICE_KEYS": "svc", "RESCUE_ADMIN_KEY": "adm", "RESCUE_ENV": "test"}
+
+
+@asynccontextmanager
+async def token_service_process(
+    key_file: str, redis_url: str, *extra: str
+) -> AsyncIterator[tuple[trio.Process, int]]:
+    """``rescue token-service --redis-url URL`` on 127.0.0.1, port 0; yields (process, port).
+
+    Service key ``svc``, admin key ``adm``. Killed on the way out if still running (a test that
+    checks the exit sends SIGTERM and waits itself). The caller bounds the start with fail_after.
+    """
+    env = {**os.environ, **SERVICE_PROCESS_ENV}
+    argv = [sys.executable, "-m", "rescue.cli", "token-service", "--signing-key", key_file,
+            "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
+            "--relay-url", "wss://r/v1/connect", *extra]  # fmt: skip
+    process = await trio.lowlevel.open_process(argv, env=env, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    try:
+        buffer = b""
+        port = None
+        while port is None:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, f"token-service exited early: {buffer.decode(errors='replace')}"
+            buffer += chunk
+            for line in buffer.splitlines():
+                if b"tokenservice.listening" in line:
+                    port = json.loads(line)["port"]
+        yield process, port
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.stderr.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
 # Browser peer (web/, the /join/ page): node and Chromium
 #
 # Tests that need node (the JS client's own tests, the CBOR/frame cross-fuzz, the bundle check) or

@@ -1,4 +1,5 @@
-"""One contract for every GuardrailStore: MemoryStore and RedisStore (on a private redis-server)."""
+"""One contract for every GuardrailStore: MemoryStore and RedisStore, on a private redis-server and on
+a private three-master Redis Cluster (``redis+cluster://``)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,21 @@ TIMEOUT = 10
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),  # a real three-master Redis Cluster
+    ]
+)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[GuardrailStore]:
     s: GuardrailStore
-    s = MemoryStore() if request.param == "memory" else RedisStore(request.getfixturevalue("redis_url"))
+    if request.param == "memory":
+        s = MemoryStore()
+    else:
+        s = RedisStore(
+            request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
+        )
     try:
         yield s
     finally:

@@ -50,20 +50,20 @@ async def test_node_and_assignment_ttls_and_no_session_ids_in_keys(
     store = RedisStore(redis_url)
     with trio.fail_after(TIMEOUT), redis_session_server.client() as raw:
         await store.register_node(NodeInfo("n1", "wss://n1/v1/connect"), ttl=15)
-        assert 14_000 <= raw.pttl("fallback:node:n1") <= 15_000
-        assert raw.smembers("fallback:nodes") == {"n1"}
+        assert 14_000 <= raw.pttl("fallback:{nodes}:n1") <= 15_000
+        assert raw.smembers("fallback:{nodes}") == {"n1"}
         await store.assign_session("my-secret-session", "n1", ttl=300)
         keys = raw.keys("fallback:assign:*")
         assert len(keys) == 1
         assert "my-secret-session" not in keys[0]
         assert 299_000 <= raw.pttl(keys[0]) <= 300_000
         # an expired node is pruned from the registry set when listed
-        raw.delete("fallback:node:n1")
+        raw.delete("fallback:{nodes}:n1")
         assert await store.live_nodes() == []
-        assert raw.smembers("fallback:nodes") == set()
+        assert raw.smembers("fallback:{nodes}") == set()
         # a corrupt record counts as a dead node, not an outage
-        raw.set("fallback:node:bad", "{not json")
-        raw.sadd("fallback:nodes", "bad")
+        raw.set("fallback:{nodes}:bad", "{not json")
+        raw.sadd("fallback:{nodes}", "bad")
         assert await store.live_nodes() == []
         await store.aclose()
 

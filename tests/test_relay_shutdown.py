@@ -112,8 +112,8 @@ async def _one_run(
         assert "Traceback" not in text, f"run {index} ({scenario}): {text}"
         if scenario in ("startup", "steady"):
             with redis_server.client() as client:
-                assert not client.sismember("fallback:nodes", f"sigterm-{index}")
-                assert client.get(f"fallback:node:sigterm-{index}") is None
+                assert not client.sismember("fallback:{nodes}", f"sigterm-{index}")
+                assert client.get(f"fallback:{{nodes}}:sigterm-{index}") is None
     finally:
         if stopped:
             redis_server.process.send_signal(signal.SIGCONT)

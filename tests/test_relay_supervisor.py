@@ -157,9 +157,9 @@ async def test_two_supervised_nodes_restart_after_a_crash_and_drain_on_sigterm(
                     assert stats["node_id"] == f"edge-{i + 1}"
                 with redis_session_server.client() as r:  # each registers itself once listening
                     with trio.move_on_after(30):
-                        while r.smembers("fallback:nodes") != {"edge-1", "edge-2"}:
+                        while r.smembers("fallback:{nodes}") != {"edge-1", "edge-2"}:
                             await trio.sleep(0.1)
-                    assert r.smembers("fallback:nodes") == {"edge-1", "edge-2"}, log.read_text()
+                    assert r.smembers("fallback:{nodes}") == {"edge-1", "edge-2"}, log.read_text()
                 url2 = f"ws://127.0.0.1:{port + 1}/v1/connect"
                 host = await TestPeer.connect(url2, keys, session="s", role="host", audience="edge-2")
                 guest = await TestPeer.connect(url2, keys, session="s", role="guest", audience="edge-2")
@@ -188,7 +188,7 @@ async def test_two_supervised_nodes_restart_after_a_crash_and_drain_on_sigterm(
                 not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
             )
         with redis_session_server.client() as r:
-            assert r.smembers("fallback:nodes") == set()  # both removed their registrations
+            assert r.smembers("fallback:{nodes}") == set()  # both removed their registrations
     finally:
         for peer in peers:
             peer.abort()

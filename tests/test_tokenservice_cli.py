@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ from rescue.commands.token_service import build_config, run_token_service
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, RedisStore
 from rescue.protocol import SigningKey
+
+from .conftest import token_service_process
 
 TIMEOUT = 20  # a subprocess start on a loaded 2-core box
 
@@ -71,31 +71,8 @@ def test_bad_key_file_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFi
 
 @pytest.mark.redis
 async def test_process_serves_and_exits_0_on_sigterm(key_file: str, redis_url: str) -> None:
-    env = {**os.environ, "RESCUE_SERVICE_KEYS": "svc", "RESCUE_ADMIN_KEY": "adm", "RESCUE_ENV": "test"}
-    argv = [sys.executable, "-m", "rescue.cli", "token-service", "--signing-key", key_file]
-    argv += [
-        "--redis-url",
-        redis_url,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--relay-url",
-        "wss://r/v1/connect",
-    ]
     with trio.fail_after(TIMEOUT):
-        process = await trio.lowlevel.open_process(argv, env=env, stderr=-1)
-        assert process.stderr is not None
-        try:
-            buffer = b""
-            port = None
-            while port is None:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, f"token-service exited early: {buffer.decode(errors='replace')}"
-                buffer += chunk
-                for line in buffer.splitlines():
-                    if b"tokenservice.listening" in line:
-                        port = json.loads(line)["port"]
+        async with token_service_process(key_file, redis_url) as (process, port):
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 r = await client.get("/healthz")
                 assert r.json() == {"status": "ok", "fallback_paused": False}
@@ -103,11 +80,6 @@ async def test_process_serves_and_exits_0_on_sigterm(key_file: str, redis_url: s
                 assert r.json()["paused"] is True
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.stderr.aclose()
 
 
 @pytest.mark.redis

@@ -42,7 +42,8 @@ def build(redis_url: str, key_path: str) -> Starlette:
                 .hgetall(f"fallback:cohort:{cohort}:{hours[1]}")
                 .execute()
             )
-        nodes = [json.loads(n) for n in await live_nodes(keys=["fallback:nodes"], args=["fallback:node:"])]
+        listed = await live_nodes(keys=["fallback:{nodes}"], args=["fallback:{nodes}:"])
+        nodes = [json.loads(n) for n in listed]
         node = max(
             (n for n in nodes if not n["draining"]),
             key=lambda n: hashlib.blake2b(f"{n['id']}\0{sid}".encode(), digest_size=8).digest(),

@@ -81,7 +81,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="ws(s)://…/v1/connect that clients reach this node at (registered in Redis)",
     )
     add_option(p, "--token-service", default=None, metavar="URL", help="token service base URL")
-    add_option(p, "--redis-url", default=None, metavar="URL", help="Redis for node registration (SPEC §7)")
+    add_option(
+        p,
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="Redis for node registration (SPEC §7); the token service's URL forms, "
+        "redis+cluster:// and redis+sentinel:// included",
+    )
     add_option(p, "--tls-cert", default=None, metavar="F", help="PEM certificate chain for wss://")
     add_option(p, "--tls-key", default=None, metavar="F", help="PEM private key for wss://")
     add_option(

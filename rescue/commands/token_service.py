@@ -73,7 +73,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="keys that signed before; published until their tokens expired (JWK or JWK set; an "
         "optional top-level 'retired_at' epoch time, else the start of this process)",
     )
-    add_option(p, "--redis-url", required=True, metavar="URL", help="guardrail store, redis:// or unix://")
+    add_option(
+        p,
+        "--redis-url",
+        required=True,
+        metavar="URL",
+        help="guardrail store: redis://, rediss://, unix://, redis+cluster://H:P[,H:P…] (Redis Cluster) "
+        "or redis+sentinel://H:P[,H:P…]/MASTER[/DB] (Sentinel); Valkey takes the same URLs",
+    )
     add_option(p, "--host", default="0.0.0.0", metavar="H", help="address to listen on")
     add_option(p, "--port", type=int, default=8080, metavar="A", help="port to listen on")
     add_option(

@@ -2,8 +2,14 @@
 
 redis-py's asyncio client does not run on trio, so each operation runs in a worker thread via
 ``trio.to_thread.run_sync(..., limiter=...)``; docs/decisions/0003-redis-from-trio.md records the
-measurements behind that choice. Each operation is one round trip (a command, a MULTI pipeline or a
-Lua script), so its atomicity never depends on two threads cooperating.
+measurements behind that choice. Each operation is one round trip (a command, a Lua script or a
+plain pipeline of them), so its atomicity never depends on two threads cooperating.
+
+One server, a Redis Cluster or a Sentinel-managed primary (``_url.parse_redis_url``; decision 0013).
+Cluster-safe by construction: every atomic step is one command or one Lua script whose declared
+keys share one hash slot (``_store`` lists the keys and their tags); several steps that go together
+are a non-transactional pipeline, which redis-py's cluster client splits per node and sends to all
+of them at once. No MULTI (redis-py 5's cluster pipeline has none), no KEYS/SCAN.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from functools import partial
 from typing import Any, Final, TypeVar
 
 import redis
+import redis.cluster
+import redis.exceptions
+import redis.sentinel
 import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -24,6 +33,7 @@ from rescue.guardrails._deadline import PROBE_INTERVAL_S, Admission, Breaker, cu
 from rescue.guardrails._store import (
     COUNTER_TTL_S,
     KEY_PREFIX,
+    NODES_KEY,
     CounterField,
     FleetState,
     HourCounts,
@@ -35,11 +45,15 @@ from rescue.guardrails._store import (
     check_node_id,
     counter_key,
     hour_bucket,
+    node_key,
 )
+from rescue.guardrails._url import RedisKind, parse_redis_url
 
 __all__ = ["REDIS_THREADS", "RedisStore"]
 
 _T = TypeVar("_T")
+# One script call of a pipeline: the script object, its keys and its arguments.
+_Call = tuple[Any, list[str], list[Any]]
 
 # Worker threads (and pooled connections) per store. A token request makes ~5 Redis calls of
 # ~0.1 ms each; 16 concurrent calls saturate a Redis far beyond what one token-service process can
@@ -59,8 +73,52 @@ _GAP_FIELDS: Final = {
     CounterField.SESSIONS: ("ses_tokens", "ses_first"),
 }
 _COHORTS_KEY: Final = f"{KEY_PREFIX}cohorts"
-_NODES_KEY: Final = f"{KEY_PREFIX}nodes"
-_NODE_PREFIX: Final = f"{KEY_PREFIX}node:"
+_NODE_PREFIX: Final = f"{NODES_KEY}:"  # + node id = node_key(node_id): the registry's hash slot
+
+# Answers that mean "no usable primary right now", not "your command is wrong": a failover in
+# progress (READONLY from a demoted primary, MASTERDOWN, CLUSTERDOWN, TRYAGAIN while a slot moves)
+# or a cluster whose slot map can't be read. They are outages (fail closed, breaker), like a
+# refused connection.
+_OUTAGE_ERRORS: Final = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterException,
+)
+
+# Replace a whole hash (the kill switch) in one step: a reader never sees it half-written.
+_REPLACE_HASH_LUA: Final = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+# Count into an hourly counter; its TTL is set on the first increment only, in the same step.
+_COUNT_LUA: Final = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX')
+return n
+"""
+# Register (or refresh) a node: its record with the TTL and its id in the registry set, together.
+# KEYS[1] the set, KEYS[2] the record: one hash slot (the {nodes} tag).
+_REGISTER_LUA: Final = """
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+# Tokens since each telemetry input was last heard (decision 0012): one key, one step.
+_GAP_LUA: Final = """
+redis.call('HINCRBY', KEYS[1], 'act_tokens', 1)
+redis.call('HSETNX', KEYS[1], 'act_first', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'ses_tokens', 1)
+redis.call('HSETNX', KEYS[1], 'ses_first', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+_REMOVE_LUA: Final = """
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[1], ARGV[1])
+return 1
+"""
 
 # SET NX, and if a value was there already extend it and return it. One script = one atomic step.
 _ASSIGN_LUA: Final = """
@@ -95,6 +153,8 @@ return cur
 KEEP_BATCH: Final = 1000
 # Live nodes: the registry set names candidates, each node's own key (with its TTL) says whether it
 # is alive; ids whose key expired are pruned here, atomically, so a concurrent refresh can't be lost.
+# The records are not declared (their ids are only known inside): they share the set's hash slot
+# (the {nodes} tag), which is all Redis Cluster requires of a script's keys.
 _LIVE_NODES_LUA: Final = """
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -113,11 +173,14 @@ class RedisStore:
     """A :class:`~rescue.guardrails.GuardrailStore` on Redis (SPEC §5, §7 layout in ``_store``).
 
     Args:
-        url: ``redis://host:port/db``, ``rediss://…`` or ``unix:///path/redis.sock?db=0``.
+        url: ``redis://host:port/db``, ``rediss://…``, ``unix:///path/redis.sock?db=0``,
+            ``redis+cluster://host:port[,host:port…]`` (Redis Cluster seed nodes) or
+            ``redis+sentinel://host:port[,host:port…]/master-name[/db]`` (sentinels).
         socket_timeout: seconds before a Redis call is abandoned with :class:`StoreUnavailable`.
 
     Resource handling:
-        Holds a connection pool of at most :data:`REDIS_THREADS` connections; call :meth:`aclose`.
+        Holds a connection pool of at most :data:`REDIS_THREADS` connections (per cluster node);
+        call :meth:`aclose`.
 
     Error handling:
         Any Redis or socket error becomes :class:`~rescue.errors.StoreUnavailable` (with the
@@ -139,17 +202,12 @@ class RedisStore:
         socket_timeout: float = SOCKET_TIMEOUT_S,
         probe_interval: float = PROBE_INTERVAL_S,
     ) -> None:
+        self._sentinel: Any = None
         try:
-            self._client: Any = redis.Redis.from_url(
-                url,
-                decode_responses=True,
-                max_connections=REDIS_THREADS,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=min(CONNECT_TIMEOUT_S, socket_timeout),
-                retry=Retry(NoBackoff(), 1),
-            )
+            self._client: Any = self._connect(url, socket_timeout)
         except ValueError as exc:
             raise StoreUnavailable(f"bad Redis URL: {exc}") from exc
+        self.kind = parse_redis_url(url).kind
         self._limiter = trio.CapacityLimiter(REDIS_THREADS)
         self.breaker = Breaker(probe_interval=probe_interval)
         self._closed = False
@@ -163,7 +221,73 @@ class RedisStore:
         self._reassign = self._client.register_script(_REASSIGN_LUA)
         self._live_nodes = self._client.register_script(_LIVE_NODES_LUA)
         self._keep = self._client.register_script(_KEEP_LUA)
+        self._count = self._client.register_script(_COUNT_LUA)
+        self._replace_hash = self._client.register_script(_REPLACE_HASH_LUA)
+        self._register = self._client.register_script(_REGISTER_LUA)
+        self._remove = self._client.register_script(_REMOVE_LUA)
+        self._gap = self._client.register_script(_GAP_LUA)
         self._scripts_loaded = False  # see _with_scripts
+
+    def _connect(self, url: str, socket_timeout: float) -> Any:
+        """The redis-py client for ``url``: ``Redis``, ``RedisCluster`` or a Sentinel's master.
+
+        Raises:
+            ValueError: a bad URL.
+        """
+        target = parse_redis_url(url)
+        timeouts: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": min(CONNECT_TIMEOUT_S, socket_timeout),
+        }
+        if target.kind is RedisKind.SINGLE:
+            return redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                max_connections=REDIS_THREADS,
+                retry=Retry(NoBackoff(), 1),
+                **timeouts,
+            )
+        auth: dict[str, Any] = {"username": target.username, "password": target.password}
+        if target.tls:
+            auth["ssl"] = True
+        if target.kind is RedisKind.CLUSTER:
+            # redis-py follows MOVED/ASK and refreshes its slot map itself (also after a failover);
+            # a pool per node, each bounded like the single-server pool
+            return redis.cluster.RedisCluster(
+                startup_nodes=[
+                    redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                    for host, port in target.hosts
+                ],
+                decode_responses=True,
+                max_connections=REDIS_THREADS,
+                **timeouts,
+                **auth,
+            )
+        # Sentinel: every new connection asks the sentinels where the primary is, and a connection
+        # to a primary that was demoted is dropped (redis-py turns its READONLY into a connection
+        # error), so the one retry below lands on the new primary once the sentinels promoted it
+        self._sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.hosts), sentinel_kwargs={**timeouts, **({"ssl": True} if target.tls else {})}
+        )
+        return self._sentinel.master_for(
+            target.service,
+            decode_responses=True,
+            db=target.db,
+            max_connections=REDIS_THREADS,
+            retry=Retry(NoBackoff(), 1),
+            **timeouts,
+            **auth,
+        )
+
+    def _pools(self) -> list[Any]:
+        """Every connection pool this store opened (one, one per cluster node, plus the sentinels')."""
+        if self.kind is RedisKind.CLUSTER:
+            nodes = self._client.get_nodes()
+            return [n.redis_connection.connection_pool for n in nodes if n.redis_connection is not None]
+        pools = [self._client.connection_pool]
+        if self._sentinel is not None:
+            pools += [s.connection_pool for s in self._sentinel.sentinels]
+        return pools
 
     @property
     def in_flight(self) -> int:
@@ -207,6 +331,9 @@ class RedisStore:
                 return result
             ok = False
             raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
+        except _OUTAGE_ERRORS as exc:  # before ResponseError: some of these are ResponseErrors
+            ok = False
+            raise StoreUnavailable(f"guardrail store unavailable: {type(exc).__name__}: {exc}") from exc
         except redis.ResponseError:
             ok = True  # the store answered (a script or type error): not an outage
             raise
@@ -232,13 +359,8 @@ class RedisStore:
             "cause": state.cause or "",
         }
 
-        def write() -> None:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.delete(_FLEET_KEY)
-            pipe.hset(_FLEET_KEY, mapping=mapping)
-            pipe.execute()
-
-        await self._run(write)
+        args = [x for item in mapping.items() for x in item]
+        await self._run(partial(self._replace_hash, keys=[_FLEET_KEY], args=args))
 
     async def cohort_enabled(self, cohort_id: str) -> bool:
         check_cohort_id(cohort_id)
@@ -252,16 +374,18 @@ class RedisStore:
     async def increment(self, cohort_id: str, field: CounterField, *, now: float, amount: int = 1) -> None:
         key = counter_key(cohort_id, hour_bucket(now))
         name = CounterField(field).value
-
-        def write() -> None:
-            pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the TTL can't be missed
-            pipe.hincrby(key, name, amount)
-            pipe.expire(key, COUNTER_TTL_S, nx=True)  # only on the first increment
-            if name in _GAP_FIELDS:  # the input arrived: its telemetry gap closes
+        if name in _GAP_FIELDS:
+            # the input arrived: its telemetry gap closes (another key, maybe another cluster node:
+            # one plain pipeline, each step atomic on its own)
+            def write() -> None:
+                pipe = self._client.pipeline(transaction=False)
+                _evalsha(pipe, self._count, [key], [name, amount, COUNTER_TTL_S])
                 pipe.hdel(_TELEMETRY_KEY, *_GAP_FIELDS[CounterField(name)])
-            pipe.execute()
+                pipe.execute()
 
-        await self._run(write)
+            await self._run(partial(self._with_scripts, write))
+            return
+        await self._run(partial(self._count, keys=[key], args=[name, amount, COUNTER_TTL_S]))
 
     async def hour_counts(self, cohort_id: str, buckets: list[str]) -> list[HourCounts]:
         keys = [counter_key(cohort_id, b) for b in buckets]
@@ -277,28 +401,14 @@ class RedisStore:
 
     async def register_node(self, node: NodeInfo, *, ttl: float) -> None:
         value = json.dumps(node.to_json(), separators=(",", ":"))
-
-        def write() -> None:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.set(_NODE_PREFIX + node.node_id, value, px=_ms(ttl))
-            pipe.sadd(_NODES_KEY, node.node_id)
-            pipe.execute()
-
-        await self._run(write)
+        keys = [NODES_KEY, node_key(node.node_id)]
+        await self._run(partial(self._register, keys=keys, args=[node.node_id, value, _ms(ttl)]))
 
     async def remove_node(self, node_id: str) -> None:
-        check_node_id(node_id)
-
-        def write() -> None:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.delete(_NODE_PREFIX + node_id)
-            pipe.srem(_NODES_KEY, node_id)
-            pipe.execute()
-
-        await self._run(write)
+        await self._run(partial(self._remove, keys=[NODES_KEY, node_key(node_id)], args=[node_id]))
 
     async def live_nodes(self) -> list[NodeInfo]:
-        raw: list[str] = await self._run(partial(self._live_nodes, keys=[_NODES_KEY], args=[_NODE_PREFIX]))
+        raw: list[str] = await self._run(partial(self._live_nodes, keys=[NODES_KEY], args=[_NODE_PREFIX]))
         return _parse_nodes(raw)
 
     async def mint_snapshot(self, cohort_id: str, *, now: float) -> MintSnapshot:
@@ -310,7 +420,7 @@ class RedisStore:
             pipe.hget(_COHORTS_KEY, cohort_id)
             pipe.hgetall(keys[0])
             pipe.hgetall(keys[1])
-            _evalsha(pipe, self._live_nodes, [_NODES_KEY], [_NODE_PREFIX])
+            _evalsha(pipe, self._live_nodes, [NODES_KEY], [_NODE_PREFIX])
             pipe.hgetall(_TELEMETRY_KEY)
             result: list[Any] = pipe.execute()
             return result
@@ -340,35 +450,40 @@ class RedisStore:
         telemetry_ttl: float = 3600.0,
     ) -> str | None:
         key = counter_key(cohort_id, hour_bucket(now))
+        calls: list[_Call] = [(self._count, [key], [CounterField.TOKENS.value, 1, COUNTER_TTL_S])]
         if node_id is not None:
             check_node_id(node_id)
-        assign_key = assignment_key(session_id)
-        stamp = repr(now)
+            calls.append((self._assign, [assignment_key(session_id)], [node_id, _ms(ttl)]))
+        # the telemetry gap (decision 0012): its own key, one script
+        calls.append((self._gap, [_TELEMETRY_KEY], [repr(now), _ms(telemetry_ttl)]))
+        # Scripts in one plain pipeline: one round trip on one server; on a cluster the counter,
+        # the assignment and the gap usually live on different nodes, reached at once (decision 0013)
+        result = await self._run(partial(self._run_scripts, calls))
+        return str(result[1]) if node_id is not None else None
 
-        def write() -> list[Any]:
-            pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the counter TTL can't be missed
-            pipe.hincrby(key, CounterField.TOKENS.value, 1)
-            pipe.expire(key, COUNTER_TTL_S, nx=True)
-            if node_id is not None:
-                _evalsha(pipe, self._assign, [assign_key], [node_id, _ms(ttl)])
-            # the telemetry gap (decision 0012), after the assignment so its result stays at [2]
-            pipe.hincrby(_TELEMETRY_KEY, "act_tokens", 1)
-            pipe.hsetnx(_TELEMETRY_KEY, "act_first", stamp)
-            pipe.hincrby(_TELEMETRY_KEY, "ses_tokens", 1)
-            pipe.hsetnx(_TELEMETRY_KEY, "ses_first", stamp)
-            pipe.pexpire(_TELEMETRY_KEY, _ms(telemetry_ttl))
-            result: list[Any] = pipe.execute(raise_on_error=False)
-            if node_id is not None and isinstance(result[2], redis.exceptions.NoScriptError):
-                # Redis lost its scripts (a restart): the counters are already written, so only the
-                # assignment is run again, by the script object that loads it
-                result[2] = self._assign(keys=[assign_key], args=[node_id, _ms(ttl)])
-            for item in result:
-                if isinstance(item, Exception):
-                    raise item
-            return result
+    def _run_scripts(self, calls: list[_Call]) -> list[Any]:
+        """Run script ``calls`` as one plain pipeline by SHA (in a worker thread); their results.
 
-        result = await self._run(partial(self._with_scripts, write))
-        return str(result[2]) if node_id is not None else None
+        A call answered ``NOSCRIPT`` (its Redis restarted, or on a cluster: a node failed over to
+        a replica without the script cache) did nothing, so it alone is run again by its script
+        object, which loads it; the others already took effect and are not repeated (a counter
+        is never counted twice).
+        """
+        if not self._scripts_loaded:
+            self._load_scripts()
+        pipe = self._client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            _evalsha(pipe, script, keys, args)
+        result: list[Any] = pipe.execute(raise_on_error=False)
+        for i, item in enumerate(result):
+            if isinstance(item, redis.exceptions.NoScriptError):
+                self._scripts_loaded = False
+                script, keys, args = calls[i]
+                result[i] = script(keys=keys, args=args)
+        for item in result:
+            if isinstance(item, Exception):
+                raise item
+        return result
 
     def _with_scripts(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` (a pipeline using :func:`_evalsha`, in a worker thread) with the scripts loaded.
@@ -386,7 +501,8 @@ class RedisStore:
             return fn()
 
     def _load_scripts(self) -> None:
-        for script in (self._live_nodes, self._assign, self._keep):
+        # on a cluster SCRIPT LOAD goes to every primary
+        for script in (self._live_nodes, self._assign, self._keep, self._count, self._gap):
             self._client.script_load(script.script)
         self._scripts_loaded = True
 
@@ -411,20 +527,13 @@ class RedisStore:
     ) -> dict[str, str]:
         check_node_id(node_id)
         ids = list(session_ids)
-        args: list[str | int] = [node_id, _ms(ttl)]
-
-        def keep(chunk: list[str]) -> list[str]:
-            pipe = self._client.pipeline(transaction=False)
-            for sid in chunk:
-                _evalsha(pipe, self._keep, [assignment_key(sid)], args)
-            result: list[str] = pipe.execute()
-            return result
-
+        args: list[Any] = [node_id, _ms(ttl)]
         out: dict[str, str] = {}
         for start in range(0, len(ids), KEEP_BATCH):
             chunk = ids[start : start + KEEP_BATCH]
-            held = await self._run(partial(self._with_scripts, partial(keep, chunk)))
-            out.update(zip(chunk, held, strict=True))
+            calls: list[_Call] = [(self._keep, [assignment_key(sid)], args) for sid in chunk]
+            held = await self._run(partial(self._run_scripts, calls))
+            out.update(zip(chunk, map(str, held), strict=True))
         return out
 
     async def aclose(self) -> None:
@@ -436,11 +545,11 @@ class RedisStore:
             exits or the thread returns it to a pool nobody uses).
         """
         self._closed = True
-        pool = self._client.connection_pool
         try:
             await trio.to_thread.run_sync(self._idle.wait, abandon_on_cancel=True)
         finally:
-            pool.disconnect(inuse_connections=False)
+            for pool in self._pools():
+                pool.disconnect(inuse_connections=False)
 
 
 def _parse_fleet(raw: dict[str, str]) -> FleetState:
@@ -469,5 +578,9 @@ def _parse_nodes(raw: list[str]) -> list[NodeInfo]:
 
 
 def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
-    """Queue ``script`` on ``pipe`` by its SHA alone (loaded by ``RedisStore._with_scripts``)."""
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    """Queue ``script`` on ``pipe`` by its SHA alone (loaded by ``RedisStore._load_scripts``).
+
+    Through ``execute_command``: redis-py's cluster pipeline refuses its ``evalsha`` method, yet
+    routes an ``EVALSHA`` by its declared keys like any keyed command.
+    """
+    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)

@@ -1,17 +1,21 @@
-"""The guardrail store interface, its value types, and the pure maths around it (no I/O here).
+r"""The guardrail store interface, its value types, and the pure maths around it (no I/O here).
 
 Two implementations share one contract (tests/test_guardrails_contract.py): ``MemoryStore`` for
-``rescue dev`` and tests, ``RedisStore`` for a fleet. Redis layout (see docs/guardrails.md)::
+``rescue dev`` and tests, ``RedisStore`` for a fleet. Redis layout (see docs/guardrails.md; ``<x>``
+is a value, and the only literal braces are the ``{nodes}`` hash tag of the node registry)::
 
     fallback:fleet                              hash  paused, reason, since, drain, cause
     fallback:telemetry                          hash  act_tokens, act_first, ses_tokens, ses_first
                                                       TTL = 2 x the telemetry grace, set per token
     fallback:cohorts                            hash  cohort_id -> "1" / "0" (fallback_ws_enabled)
-    fallback:cohort:{cohort_id}:{yyyy-mm-dd-hh} hash  sessions, tokens, activations   TTL 90 min
-    fallback:nodes                              set   node ids
-    fallback:node:{node_id}                     str   JSON {"id", "url", "draining"}  short TTL
-    fallback:assign:{blake2b(session_id)}       str   node id       TTL = token lifetime, kept alive
+    fallback:cohort:<cohort_id>:<yyyy-mm-dd-hh> hash  sessions, tokens, activations   TTL 90 min
+    fallback:{nodes}                            set   node ids                      \ one hash slot
+    fallback:{nodes}:<node_id>                  str   JSON {"id", "url", "draining"} / short TTL
+    fallback:assign:<blake2b(session_id)>       str   node id       TTL = token lifetime, kept alive
                                                               by the node holding the session live
+
+Every atomic operation touches keys of one hash slot (Redis Cluster): one key each, except the
+node registry, whose set and records share the ``{nodes}`` hash tag.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Final, Protocol
 
 __all__ = [
     "COUNTER_TTL_S",
+    "NODES_KEY",
     "CounterField",
     "FleetState",
     "GuardrailStore",
@@ -39,6 +44,7 @@ __all__ = [
     "check_node_id",
     "counter_key",
     "hour_bucket",
+    "node_key",
     "rendezvous_pick",
     "rolling_window",
 ]
@@ -265,8 +271,23 @@ def hour_bucket(now: float) -> str:
 
 
 def counter_key(cohort_id: str, bucket: str) -> str:
-    """``fallback:cohort:{cohort_id}:{yyyy-mm-dd-hh}``."""
+    """``fallback:cohort:<cohort_id>:<yyyy-mm-dd-hh>`` (SPEC §5; the SPEC's braces are placeholders).
+
+    No hash tag: every operation on a counter touches that one key, so on a Redis Cluster the
+    counters spread over the shards by their full name.
+    """
     return f"{KEY_PREFIX}cohort:{check_cohort_id(cohort_id)}:{bucket}"
+
+
+# The node registry: a set of ids and one record per node with its own TTL, read and pruned by one
+# script and written with the set by one script, so all of them carry the hash tag ``{nodes}``
+# (Redis Cluster hashes only the tag: the set and every record share one slot).
+NODES_KEY: Final = f"{KEY_PREFIX}{{nodes}}"
+
+
+def node_key(node_id: str) -> str:
+    """``fallback:{nodes}:<node_id>``: a node's record, in the registry set's hash slot."""
+    return f"{NODES_KEY}:{check_node_id(node_id)}"
 
 
 def assignment_key(session_id: str) -> str:

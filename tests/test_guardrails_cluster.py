@@ -1,0 +1,153 @@
+"""RedisStore on a real three-master Redis Cluster (``redis+cluster://``, decision 0013).
+
+The store contract itself runs on the cluster in tests/test_guardrails_contract.py; this file checks
+what only a cluster shows: where the keys land, a script cache lost by one master only, and a real
+``rescue token-service`` process minting through the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from rescue.guardrails import CounterField, NodeInfo, RedisStore, counter_key, hour_bucket
+from rescue.guardrails._store import NODES_KEY, assignment_key, node_key
+from rescue.protocol import KeyRing, SigningKey, b64url_decode, verify_token
+
+from .conftest import RedisClusterServers, token_service_process
+
+pytestmark = pytest.mark.redis
+
+TIMEOUT = 20  # a subprocess start on a loaded 2-core box
+NOW = 1_700_000_000.0
+
+
+def _master_of(cluster: RedisClusterServers, key: str) -> int:
+    """Index (in ``cluster.ports``) of the master serving ``key``."""
+    with cluster.client() as client:
+        node = client.get_node_from_key(key)
+        return cluster.ports.index(int(node.port))
+
+
+async def test_registry_shares_one_slot_and_the_rest_spreads(
+    redis_cluster_url: str, redis_cluster_session: RedisClusterServers
+) -> None:
+    cluster = redis_cluster_session
+    store = RedisStore(redis_cluster_url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            ids = [f"node-{i}" for i in range(20)]
+            for node_id in ids:
+                await store.register_node(NodeInfo(node_id, f"wss://{node_id}/v1/connect"), ttl=30)
+            assert [n.node_id for n in await store.live_nodes()] == sorted(ids)
+            with cluster.client() as client:
+                slots = {client.keyslot(k) for k in [NODES_KEY, *(node_key(i) for i in ids)]}
+            assert len(slots) == 1  # one slot: the registry script may read every record
+            sessions = [f"s-{i}" for i in range(30)]
+            await store.keep_assignments("node-1", sessions, ttl=60)
+            cohorts = [f"c{i}" for i in range(30)]
+            for cohort in cohorts:
+                await store.increment(cohort, CounterField.SESSIONS, now=NOW)
+            # counters keep SPEC §5's exact name and, like assignments, spread over the masters
+            assert {_master_of(cluster, counter_key(c, hour_bucket(NOW))) for c in cohorts} == {0, 1, 2}
+            assert {_master_of(cluster, assignment_key(s)) for s in sessions} == {0, 1, 2}
+            with cluster.client() as client:
+                assert client.hgetall("fallback:cohort:c7:2023-11-14-22") == {"sessions": "1"}
+    finally:
+        await store.aclose()
+
+
+async def test_a_master_that_lost_its_scripts_never_counts_a_token_twice(
+    redis_cluster_url: str, redis_cluster_session: RedisClusterServers
+) -> None:
+    """``record_mint`` on a cluster: counter and assignment on different masters, one of which lost
+    its script cache (restarted, or a replica promoted): only the failed script is run again."""
+    cluster = redis_cluster_session
+    now = time.time()
+    counter = counter_key("beta", hour_bucket(now))
+    # a session whose assignment lives on another master than the counter
+    session = next(
+        f"s{i}"
+        for i in range(100)
+        if _master_of(cluster, assignment_key(f"s{i}")) != _master_of(cluster, counter)
+    )
+    store = RedisStore(redis_cluster_url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert (
+                await store.record_mint("beta", now=now, session_id=session, node_id="n-1", ttl=60) == "n-1"
+            )
+            for lost in (counter, assignment_key(session)):
+                with cluster.node(_master_of(cluster, lost)) as node:
+                    node.script_flush()
+                assert (
+                    await store.record_mint("beta", now=now, session_id=session, node_id="n-2", ttl=60)
+                    == "n-1"
+                )
+                assert await store.keep_assignments("n-1", [session, "other"], ttl=60) == {
+                    session: "n-1",
+                    "other": "n-1",
+                }
+            assert (await store.hour_counts("beta", [hour_bucket(now)]))[0].tokens == 3
+    finally:
+        await store.aclose()
+
+
+async def test_token_service_process_mints_through_the_cluster(
+    tmp_path: Path, redis_cluster_url: str, redis_cluster_session: RedisClusterServers
+) -> None:
+    key = SigningKey.generate()
+    key_file = tmp_path / "signing.jwk"
+    key_file.write_text(json.dumps(key.to_jwk(private=True)))
+    store = RedisStore(redis_cluster_url)  # plays the relay nodes' registrations
+    svc = {"authorization": "Bearer svc"}
+    adm = {"authorization": "Bearer adm"}
+
+    def body(session: str, role: str) -> dict[str, object]:
+        return {
+            "session_id": session,
+            "role": role,
+            "cohort_id": "beta",
+            "client_version": "t/1",
+            "telemetry_opt_in": False,
+        }
+
+    try:
+        with trio.fail_after(TIMEOUT):
+            for node_id in ("n-a", "n-b", "n-c"):
+                await store.register_node(NodeInfo(node_id, f"wss://{node_id}/v1/connect"), ttl=60)
+            async with (
+                token_service_process(str(key_file), redis_cluster_url) as (_, port),
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+            ):
+                assert (await client.get("/healthz")).json() == {"status": "ok", "fallback_paused": False}
+                r = await client.put(
+                    "/v1/admin/cohorts/beta", json={"fallback_ws_enabled": True}, headers=adm
+                )
+                assert r.status_code == 200
+                ring = KeyRing.from_jwks((await client.get("/v1/fallback/keys")).json())
+                auds = {}
+                for i in range(10):
+                    for role in ("host", "guest"):
+                        r = await client.post("/v1/fallback/token", json=body(f"sess-{i}", role), headers=svc)
+                        assert r.status_code == 200, r.text
+                        claims = verify_token(b64url_decode(r.json()["token"]), ring, now=time.time())
+                        auds.setdefault(i, set()).add(claims.aud)
+                assert all(len(a) == 1 for a in auds.values())  # both peers on one node
+                assert set().union(*auds.values()) <= {"n-a", "n-b", "n-c"}
+                assert (await client.post("/v1/admin/pause", headers=adm)).json()["paused"] is True
+                r = await client.post("/v1/fallback/token", json=body("sess-x", "host"), headers=svc)
+                assert (r.status_code, r.json()["error"]) == (403, "fallback_paused")
+                await client.post("/v1/admin/resume", headers=adm)
+                r = await client.post("/v1/fallback/token", json=body("sess-y", "host"), headers=svc)
+                assert r.status_code == 200
+            now = time.time()  # both hours: the hour may have turned during the test
+            counts = await store.hour_counts("beta", [hour_bucket(now), hour_bucket(now - 3600)])
+            assert sum(c.tokens for c in counts) == 21
+    finally:
+        await store.aclose()
