@@ -56,6 +56,9 @@ KILL_WAIT_S: Final = 10.0
 POLL_S: Final = 0.05
 # Each readiness/probe HTTP request; short, since a hung child must not stall the harness.
 HTTP_TIMEOUT_S: Final = 2.0
+# /debug/stats of a node holding a thousand sessions is a few hundred KiB of JSON made on a
+# busy event loop: it gets longer than a probe.
+STATS_TIMEOUT_S: Final = 15.0
 # Environment the children must not inherit: it would change what they do behind our back.
 _SCRUB_PREFIXES: Final = ("RESCUE_", "FALLBACK_WS_", "BEACH_")
 
@@ -377,9 +380,9 @@ class Fleet:
 
     # ---------------------------------------------------------------------------- checks
 
-    async def _get(self, url: str, **kwargs: Any) -> httpx.Response | None:
+    async def _get(self, url: str, wait_s: float = HTTP_TIMEOUT_S, **kwargs: Any) -> httpx.Response | None:
         try:
-            return await self.http.get(url, timeout=HTTP_TIMEOUT_S, **kwargs)
+            return await self.http.get(url, timeout=wait_s, **kwargs)
         except httpx.HTTPError:
             return None
 
@@ -403,7 +406,9 @@ class Fleet:
 
     async def relay_stats(self, node_id: str) -> dict[str, Any] | None:
         """``/debug/stats`` of one node, or ``None`` when it does not answer."""
-        response = await self._get(f"http://127.0.0.1:{self.relay_admin_ports[node_id]}/debug/stats")
+        response = await self._get(
+            f"http://127.0.0.1:{self.relay_admin_ports[node_id]}/debug/stats", wait_s=STATS_TIMEOUT_S
+        )
         if response is None or response.status_code != 200:
             return None
         try:
@@ -411,6 +416,43 @@ class Fleet:
         except ValueError:
             return None
         return doc if isinstance(doc, dict) else None
+
+    async def session_placement(self) -> tuple[dict[str, dict[str, set[str]]], list[str]]:
+        """Where every session's peers are connected, as the running nodes' ``/debug/stats`` say.
+
+        Returns:
+            ``{session tag: {role: {node, ...}}}`` over every running node (only roles with a
+            connection), and the running nodes that did not answer.
+        """
+        placement: dict[str, dict[str, set[str]]] = {}
+        silent: list[str] = []
+        for relay in self.relays:
+            if not relay.running:
+                continue
+            stats = await self.relay_stats(relay.name)
+            if stats is None:
+                silent.append(relay.name)
+                continue
+            for session in stats.get("session_detail") or []:
+                for role, link in (session.get("peers") or {}).items():
+                    if link is not None:
+                        placement.setdefault(session["session"], {}).setdefault(role, set()).add(relay.name)
+        return placement, silent
+
+    async def split_sessions(self) -> tuple[dict[str, list[str]], int, list[str]]:
+        """Sessions whose peers are connected to more than one node (SPEC §7 says never).
+
+        Returns:
+            ``{session tag: [nodes]}`` of the split ones, how many sessions had a connected
+            peer, and the running nodes that did not answer (their sessions were not seen).
+        """
+        placement, silent = await self.session_placement()
+        split = {}
+        for tag, roles in placement.items():
+            nodes = set().union(*roles.values())
+            if len(nodes) > 1:
+                split[tag] = sorted(nodes)
+        return split, len(placement), silent
 
     async def registered_nodes(self) -> list[str]:
         """Node ids the token service sees as live and not draining ([] when it cannot tell)."""

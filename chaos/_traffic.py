@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import httpx
 import trio
 
 from chaos._stream import Pattern, StreamCheck
@@ -29,6 +30,9 @@ from rescue.client import (
     Peer,
     Reconnecting,
     SessionClosed,
+    TokenClient,
+    TokenGrant,
+    TokenProvider,
     open_peer,
 )
 from rescue.errors import RescueError
@@ -38,11 +42,15 @@ from rescue.testing import abort_connection
 __all__ = [
     "Episode",
     "PeerTracker",
+    "SessionGroup",
     "SessionRun",
     "Throughput",
+    "TokenFetch",
+    "TokenLog",
     "TrafficConfig",
     "percentile",
     "trio_task_count",
+    "wait_flowing",
 ]
 
 # Channel each role writes on (SPEC §2: 0 terminal output from the host, 1 terminal input).
@@ -52,6 +60,10 @@ _DRAIN_POLL_S: Final = 0.05
 # A writer that fell further behind its schedule than this (backpressure while the partner was
 # away) restarts the schedule instead of bursting to catch up.
 _MAX_LAG_S: Final = 1.0
+# Largest Peer.send the traffic uses: below one frame's payload, so a send is one frame.
+_CHUNK_CAP: Final = 8 * 1024
+# How often wait_flowing() looks at the sessions.
+_FLOWING_POLL_S: Final = 0.05
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,21 @@ class TrafficConfig:
 
     rate: float = 16 * 1024
     chunk_min: int = 64
-    chunk_max: int = 8 * 1024
+    chunk_max: int = _CHUNK_CAP
     drain_timeout_s: float = 60.0
+
+    @classmethod
+    def for_rate(cls, rate: float, *, drain_timeout_s: float = 60.0) -> TrafficConfig:
+        """Chunk sizes that fit ``rate``: about one write per second per direction at low rates.
+
+        At 16 KiB/s and above this is the default (64 B - 8 KiB chunks). Below, a chunk averages
+        ``rate`` bytes (``rate / 2`` to ``1.5 * rate``), so a fleet of a thousand slow sessions
+        makes a thousand writes a second per direction rather than a write per 4 KiB of a
+        schedule that is seconds long (and a stream that looks stalled between writes).
+        """
+        chunk_max = max(2, min(_CHUNK_CAP, int(rate * 1.5)))
+        chunk_min = max(1, min(64, chunk_max // 3))
+        return cls(rate=rate, chunk_min=chunk_min, chunk_max=chunk_max, drain_timeout_s=drain_timeout_s)
 
 
 class Throughput:
@@ -112,6 +137,9 @@ class Episode:
         end: when it ended.
         ok: True when a new connection got its WELCOME; False when the peer gave up.
         attempts: connection attempts that failed within the episode.
+        delay: the SDK's wait before its first new attempt (``reconnect_in_ms`` after a drain,
+            the backoff's jitter otherwise): how reconnects spread after a fault.
+        node: the node the episode ended on (its WELCOME), when it succeeded.
     """
 
     peer: str
@@ -120,6 +148,8 @@ class Episode:
     end: float | None = None
     ok: bool | None = None
     attempts: int = 0
+    delay: float | None = None
+    node: str | None = None
 
     @property
     def duration(self) -> float | None:
@@ -134,6 +164,8 @@ class Episode:
             "ok": self.ok,
             "cause": self.cause,
             "failed_attempts": self.attempts,
+            "delay": None if self.delay is None else round(self.delay, 3),
+            "node": self.node,
         }
 
 
@@ -144,6 +176,81 @@ def _describe(code: int | None, reason: str) -> str:
         return CloseCode(code).name
     except ValueError:
         return str(code)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFetch:
+    """One token request a peer made through the SDK.
+
+    Attributes:
+        peer: ``session/role``.
+        at: run clock when it was made.
+        latency_s: how long the answer took (as this process saw it: the event loop's own lag
+            under a thousand sessions is part of it).
+        node: the node the grant names (``None`` when it failed).
+        error: the exception's type name when it failed.
+    """
+
+    peer: str
+    at: float
+    latency_s: float
+    node: str | None
+    error: str | None = None
+
+
+class TokenLog:
+    """Every token fetch of every peer it wraps: when, how long, which node.
+
+    Args:
+        clock: the run clock.
+        url_to_node: relay URL -> node id.
+    """
+
+    def __init__(self, clock: Callable[[], float], url_to_node: dict[str, str]) -> None:
+        self.clock = clock
+        self.url_to_node = url_to_node
+        self.fetches: list[TokenFetch] = []
+
+    def provider(self, inner: TokenProvider, peer: str) -> TokenProvider:
+        """``inner``, recording each call (a fresh token per connect is the SDK's business)."""
+
+        async def fetch() -> TokenGrant:
+            at, started = self.clock(), trio.current_time()
+            try:
+                grant = await inner()
+            except RescueError as exc:
+                self.fetches.append(
+                    TokenFetch(peer, at, trio.current_time() - started, None, type(exc).__name__)
+                )
+                raise
+            node = self.url_to_node.get(grant.relay_url, grant.relay_url)
+            self.fetches.append(TokenFetch(peer, at, trio.current_time() - started, node))
+            return grant
+
+        return fetch
+
+    def between(self, start: float, end: float) -> list[TokenFetch]:
+        """Fetches made from ``start`` to ``end`` (run clock)."""
+        return [f for f in self.fetches if start <= f.at <= end]
+
+    @staticmethod
+    def summary(fetches: Sequence[TokenFetch]) -> dict[str, Any]:
+        """Count, failures, latency P50/P95/max (ms) and the busiest second of ``fetches``."""
+        latencies = [f.latency_s * 1000 for f in fetches if f.error is None]
+        per_second = Counter(int(f.at) for f in fetches)
+
+        def ms(x: float | None) -> float | None:
+            return None if x is None else round(x, 1)
+
+        return {
+            "fetches": len(fetches),
+            "failed": sum(1 for f in fetches if f.error is not None),
+            "errors": dict(Counter(f.error for f in fetches if f.error is not None)),
+            "latency_p50_ms": ms(percentile(latencies, 0.5)),
+            "latency_p95_ms": ms(percentile(latencies, 0.95)),
+            "latency_max_ms": ms(max(latencies, default=None)),
+            "peak_per_s": max(per_second.values(), default=0),
+        }
 
 
 class PeerTracker:
@@ -171,6 +278,7 @@ class PeerTracker:
         self.interrupted = 0
         self.closed: SessionClosed | None = None
         self.url_to_node: dict[str, str] = {}
+        self.welcomed_at: float | None = None  # run clock of the last WELCOME
 
     def on_event(self, event: ConnectionEvent) -> None:
         """The ``on_event`` callback of ``open_peer``."""
@@ -181,7 +289,10 @@ class PeerTracker:
                 self.reconnect_welcomes += 1
             self.ever_connected = True
             self.connected = True
+            self.welcomed_at = now
             self.node = self.url_to_node.get(event.relay_url, event.relay_url)
+            if self.episode is not None:
+                self.episode.node = self.node
             self._end_episode(now, ok=True)
         elif isinstance(event, Reconnecting):
             self.connected = False
@@ -191,7 +302,7 @@ class PeerTracker:
             cause = _describe(event.code, event.reason)
             self.causes[cause] += 1
             if self.episode is None:
-                self.episode = Episode(self.name, now, cause)
+                self.episode = Episode(self.name, now, cause, delay=event.delay)
             else:
                 self.episode.attempts += 1
         elif isinstance(event, SessionClosed):
@@ -244,6 +355,13 @@ class SessionRun:
         error: why the session failed, or ``None``.
         peer_stats: each peer's final ``statistics()`` (resumes, retransmits, ...).
         ended: when the session finished (run clock).
+        token_log: records every token fetch of both peers, when given.
+        http: one HTTP client shared by the token fetches of many sessions, when given (a
+            client per request costs ~50 ms of CPU for its TLS set-up: a thousand sessions
+            reconnecting at once would spend the harness's CPU on it).
+        lost_since_watch: a peer lost its connection after :meth:`watch_resume`.
+        resumed_at: after such a loss, when both peers were back and each direction delivered
+            a byte again (run clock).
     """
 
     session_id: str
@@ -261,6 +379,12 @@ class SessionRun:
     started: float | None = None
     ended: float | None = None
     stop: trio.Event = field(default_factory=trio.Event)
+    token_log: TokenLog | None = None
+    http: httpx.AsyncClient | None = None
+    resume_since: float | None = None
+    lost_since_watch: bool = False
+    resumed_at: float | None = None
+    _resume_marks: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.checks = {
@@ -293,6 +417,49 @@ class SessionRun:
         """Drop ``role``'s socket as a network failure would; False when it had none."""
         peer = self.peers.get(role)
         return peer is not None and abort_connection(peer)
+
+    def watch_resume(self, since: float) -> None:
+        """Time the next interruption: from ``since`` (a fault) to the stream flowing again.
+
+        After this, a peer that loses its connection sets ``lost_since_watch``; once both peers
+        are welcomed again, ``resumed_at`` is set by the first moment each direction has
+        delivered a byte after that (replayed or new). A later loss starts over.
+        """
+        self.resume_since = since
+        self.lost_since_watch = False
+        self.resumed_at = None
+        self._resume_marks = None
+
+    def resume_s(self) -> float | None:
+        """Seconds from the watched fault to the resumed stream (``None``: not interrupted or not yet)."""
+        if self.resume_since is None or self.resumed_at is None:
+            return None
+        return self.resumed_at - self.resume_since
+
+    def _on_event(self, role: str) -> Callable[[ConnectionEvent], None]:
+        tracker = self.trackers[role]
+
+        def on_event(event: ConnectionEvent) -> None:
+            was_welcomed = tracker.ever_connected
+            tracker.on_event(event)
+            if self.resume_since is None:
+                return
+            if isinstance(event, Reconnecting) and was_welcomed:
+                self.lost_since_watch = True
+                self.resumed_at = None
+                self._resume_marks = None
+            elif isinstance(event, Connected) and self.lost_since_watch and self.both_connected:
+                self._resume_marks = {name: c.delivered for name, c in self.checks.items()}
+
+        return on_event
+
+    def _provider(self, api_url: str, role: str) -> str | TokenProvider:
+        if self.http is None and self.token_log is None:
+            return api_url
+        client = TokenClient(api_url, session_id=self.session_id, role=role, client=self.http)
+        if self.token_log is None:
+            return client
+        return self.token_log.provider(client, f"{self.session_id}/{role}")
 
     def mark(self) -> None:
         """Start a recovery watch on both directions (see :meth:`StreamCheck.mark`)."""
@@ -327,19 +494,19 @@ class SessionRun:
         try:
             async with (
                 open_peer(
-                    api_url,
+                    self._provider(api_url, "host"),
                     self.session_id,
                     "host",
                     psk=psk,
-                    on_event=self.trackers["host"].on_event,
+                    on_event=self._on_event("host"),
                     backoff=BackoffPolicy(rng=random.Random(rng.random())),
                 ) as host,
                 open_peer(
-                    api_url,
+                    self._provider(api_url, "guest"),
                     self.session_id,
                     "guest",
                     psk=psk,
-                    on_event=self.trackers["guest"].on_event,
+                    on_event=self._on_event("guest"),
                     backoff=BackoffPolicy(rng=random.Random(rng.random())),
                 ) as guest,
             ):
@@ -419,6 +586,13 @@ class SessionRun:
             now = self.clock()
             check.receive(message.data, now)
             self.throughput.add(now, len(message.data))
+            marks = self._resume_marks
+            if (
+                marks is not None
+                and self.resumed_at is None
+                and all(c.delivered > marks[name] for name, c in self.checks.items())
+            ):
+                self.resumed_at = now
 
 
 def _stats_json(peer: Peer) -> dict[str, Any]:
@@ -433,6 +607,105 @@ def _stats_json(peer: Peer) -> dict[str, Any]:
         "duplicates_dropped": s.receiver.duplicates_dropped,
         "delivered_frames": s.receiver.delivered_frames,
     }
+
+
+class SessionGroup:
+    """Many :class:`SessionRun` sharing a clock, throughput meter, episode list, token log and HTTP client.
+
+    Args:
+        prefix: session ids are ``prefix-0`` ... ``prefix-(count-1)``.
+        count: how many sessions.
+        seed: traffic and backoff seed.
+        config: what every session writes.
+        clock: the run clock.
+        url_to_node: relay URL -> node id.
+        http: the shared HTTP client for token fetches (it stays the caller's).
+        throughput: the meter (a per-second one by default).
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        count: int,
+        *,
+        seed: int,
+        config: TrafficConfig,
+        clock: Callable[[], float],
+        url_to_node: dict[str, str],
+        http: httpx.AsyncClient | None = None,
+        throughput: Throughput | None = None,
+    ) -> None:
+        self.clock = clock
+        self.throughput = throughput or Throughput()
+        self.episodes: list[Episode] = []
+        self.token_log = TokenLog(clock, url_to_node)
+        self.sessions = [
+            SessionRun(
+                f"{prefix}-{i}",
+                seed=seed,
+                config=config,
+                clock=clock,
+                throughput=self.throughput,
+                on_episode=self.episodes.append,
+                url_to_node=url_to_node,
+                token_log=self.token_log,
+                http=http,
+            )
+            for i in range(count)
+        ]
+
+    async def start(self, nursery: trio.Nursery, api_url: str, *, per_second: float | None = None) -> None:
+        """Start every session in ``nursery``, at most ``per_second`` a second (a gentle ramp).
+
+        A thousand sessions opened at once would be a token and handshake storm of their own
+        before the first fault; the ramp keeps the start-up from measuring that.
+        """
+        interval = 0.0 if per_second is None else 1.0 / per_second
+        due = trio.current_time()
+        for session in self.sessions:
+            await nursery.start(session.run, api_url)
+            due += interval
+            await trio.sleep_until(due)
+
+    def stop(self) -> None:
+        """Stop every session's writers (each then drains and verifies)."""
+        for session in self.sessions:
+            session.stop.set()
+
+    def on_node(self, node: str) -> list[SessionRun]:
+        """Sessions with a peer last welcomed by ``node``."""
+        return [s for s in self.sessions if node in s.nodes()]
+
+    def by_node(self) -> dict[str, list[SessionRun]]:
+        """Sessions by the node their peers were last welcomed by (a split one under both)."""
+        out: dict[str, list[SessionRun]] = {}
+        for session in self.sessions:
+            for node in session.nodes():
+                out.setdefault(node, []).append(session)
+        return out
+
+    def watch(self, since: float) -> None:
+        """:meth:`SessionRun.watch_resume` and :meth:`SessionRun.mark` on every live session."""
+        for session in self.sessions:
+            if not session.failed:
+                session.watch_resume(since)
+                session.mark()
+
+
+async def wait_flowing(sessions: Sequence[SessionRun], within_s: float) -> bool:
+    """Wait until every session is connected and has delivered bytes both ways (or failed).
+
+    Returns:
+        False when ``within_s`` seconds passed first.
+    """
+    with trio.move_on_after(within_s):
+        while not all(  # noqa: ASYNC110 -- polls state many tasks update; no one event to wait on
+            s.failed or (s.both_connected and all(c.delivered > 0 for c in s.checks.values()))
+            for s in sessions
+        ):
+            await trio.sleep(_FLOWING_POLL_S)
+        return True
+    return False
 
 
 def trio_task_count() -> int:
