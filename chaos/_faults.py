@@ -17,6 +17,12 @@ After each fault the injector waits until the fleet has *recovered*: every live 
 delivered, in both directions, a byte written after the fault ended (so every byte before it went
 through too), a token can be minted, every relay is ready and registered. The time from the
 fault to that moment is the fault's recovery time.
+
+Per session it also times *fault → resumed stream*: for each session a fault interrupted, from
+the fault to the moment both peers were welcomed again and each direction delivered a byte
+(``SessionRun.watch_resume``). After recovery it counts the sessions that changed node, asks every
+running node's ``/debug/stats`` whether any session has peers on two nodes (SPEC §7: never), and
+summarises the token fetches the fault caused (count, failures, latency, busiest second).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any, Final
 import trio
 
 from chaos._fleet import Fleet, FleetError
-from chaos._traffic import SessionRun
+from chaos._traffic import SessionRun, TokenLog, percentile
 
 __all__ = ["FAULT_KINDS", "FaultInjector", "FaultPlan", "FaultRecord"]
 
@@ -93,6 +99,7 @@ class FaultRecord:
     recovered: float | None = None
     streams_recovered: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    resume_s: list[float] = field(default_factory=list)
 
     @property
     def recovery_s(self) -> float | None:
@@ -114,6 +121,10 @@ class FaultRecord:
             "streams_recovered_s": None
             if self.streams_recovered is None
             else r(self.streams_recovered - self.start),
+            "sessions_interrupted": len(self.resume_s) + self.detail.get("not_resumed", 0),
+            "resume_p50_s": r(percentile(self.resume_s, 0.5)),
+            "resume_p95_s": r(percentile(self.resume_s, 0.95)),
+            "resume_max_s": r(max(self.resume_s, default=None)),
             "detail": self.detail,
         }
 
@@ -128,6 +139,9 @@ class FaultInjector:
         seed: the RNG seed (same seed, same sequence of choices).
         clock: the run clock.
         log: progress line sink.
+        token_log: the sessions' token fetches (summarised per fault), when recorded.
+        check_placement: after each fault, ask every node which sessions it holds and count
+            sessions whose peers are on two nodes.
     """
 
     def __init__(
@@ -139,7 +153,12 @@ class FaultInjector:
         seed: int,
         clock: Callable[[], float],
         log: Callable[[str], None],
+        token_log: TokenLog | None = None,
+        check_placement: bool = False,
     ) -> None:
+        self.token_log = token_log
+        self.check_placement = check_placement
+        self.placement_checks: list[dict[str, Any]] = []
         self.fleet = fleet
         self.sessions = sessions
         self.plan = plan
@@ -179,6 +198,9 @@ class FaultInjector:
         record = FaultRecord(len(self.records) + 1, kind, "", self.clock())
         self.records.append(record)
         self.current = record
+        before = {s.session_id: s.nodes() for s in self.sessions() if not s.failed}
+        for session in self.sessions():
+            session.watch_resume(record.start)
         try:
             if kind == "peer_abort":
                 record.target = self._abort_random_peer() or "(no connected peer)"
@@ -201,6 +223,7 @@ class FaultInjector:
             self.log(f"fault #{record.index} {kind}: could not restore: {str(exc).splitlines()[0]}")
         if record.restored is not None:
             await self._wait_recovered(record)
+        await self._after(record, before)
         outcome = (
             f"recovered in {record.recovery_s:.2f} s" if record.recovery_s is not None else "NOT RECOVERED"
         )
@@ -292,6 +315,36 @@ class FaultInjector:
                 await trio.sleep(_RECOVERY_POLL_S)
         record.detail["unrecovered_sessions"] = [s.session_id for s in sessions if not s.recovered]
         record.detail["control_ok"] = control_ok
+
+    async def _after(self, record: FaultRecord, before: dict[str, set[str]]) -> None:
+        """Per-session resume times, moves, split sessions and the token storm of one fault."""
+        interrupted = [s for s in self.sessions() if s.lost_since_watch]
+        record.resume_s = [t for s in interrupted if (t := s.resume_s()) is not None]
+        record.detail["not_resumed"] = len(interrupted) - len(record.resume_s)
+        record.detail["sessions_moved"] = sum(
+            1 for s in self.sessions() if s.session_id in before and before[s.session_id] - s.nodes()
+        )
+        if self.token_log is not None:
+            end = record.recovered if record.recovered is not None else self.clock()
+            record.detail["tokens"] = TokenLog.summary(self.token_log.between(record.start, end))
+        if self.check_placement:
+            record.detail["split_sessions"] = await self.placement_check(f"after fault #{record.index}")
+
+    async def placement_check(self, when: str) -> int:
+        """Ask every running node for its sessions; the number whose peers are on two nodes."""
+        split, seen, silent = await self.fleet.split_sessions()
+        self.placement_checks.append(
+            {
+                "when": when,
+                "at": round(self.clock(), 3),
+                "sessions_seen": seen,
+                "split": split,
+                "silent": silent,
+            }
+        )
+        if split or silent:
+            self.log(f"placement {when}: {len(split)} split session(s) {split}, nodes not answering {silent}")
+        return len(split)
 
     async def _control_plane_ok(self) -> bool:
         """A token can be minted, every relay is ready, and every relay is registered."""

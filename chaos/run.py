@@ -4,6 +4,8 @@ Usage (from the repository root)::
 
     .venv/bin/python chaos/run.py --quick                     # ~30 s: 2 sessions, 1 node, 5 faults
     .venv/bin/python chaos/run.py --duration 5m --sessions 8 --nodes 2 --seed 7
+    nice .venv/bin/python chaos/run.py --scenario fleet       # 1,000 sessions on 3 nodes, 15 min
+    .venv/bin/python chaos/run.py --scenario fleet --quick    # its smoke: 12 sessions, 3 faults
 
 What runs (everything on 127.0.0.1): a private redis-server (unix socket, no persistence),
 ``rescue token-service`` with a throwaway key, ``--nodes`` ``rescue relay`` processes registered in
@@ -14,7 +16,15 @@ token service, one fault at a time, and times how long the fleet takes to recove
 
 Targets (SPEC §10): at least 99.5 % of reconnects succeed; zero application bytes lost,
 duplicated or reordered (verified by content); plus every fault recovered and no process exited
-unasked. The run exits 1 when any is missed, 2 on a harness error.
+unasked; and (every run, the point of ``--scenario fleet``) the two peers of a session are never
+connected to different nodes, as every node's ``/debug/stats`` says after each fault.
+
+``--scenario fleet`` is the fleet-scale preset: 1,000 sessions on 3 nodes at 64 B/s per direction
+(what a shared 2-core machine carries next to the fleet itself), started at 50 sessions/s, relays
+registering for 5 s (``--register-ttl-s 5``: a dead node's sessions move within seconds), and a
+mix of node SIGKILLs and SIGTERMs, token-service restarts and a few peer drops. Per fault kind it
+reports P95 of fault -> resumed stream over every interrupted session, how many moved node, and
+the token service's latency and busiest second during the reconnect storm.
 
 Outputs in ``--out`` (default ``chaos/out``), under a time-stamped directory: ``report.json``,
 ``report.md`` (the table printed at the end), ``throughput.png``, ``recovery.png`` and every
@@ -29,7 +39,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -37,6 +47,7 @@ from typing import Any, Final
 if __package__ in (None, ""):  # run as a script: make `chaos` (and `rescue`) importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
 import trio
 
 from chaos._faults import FAULT_KINDS, FaultInjector, FaultPlan, FaultRecord
@@ -50,15 +61,19 @@ from chaos._report import (
     render_targets,
 )
 from chaos._report import parse_duration_pair as _pair
-from chaos._traffic import Episode, SessionRun, Throughput, TrafficConfig, percentile
+from chaos._traffic import Episode, SessionGroup, TokenLog, TrafficConfig, percentile, wait_flowing
 
 __all__ = ["ChaosConfig", "main", "run_chaos"]
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 # SPEC §10: at least this share of reconnects must succeed.
 TARGET_RECONNECT_PCT: Final = 99.5
-# Every session must be connected and flowing both ways before the first fault.
+# Every session must be connected and flowing both ways before the first fault (plus the ramp).
 WARMUP_TIMEOUT_S: Final = 60.0
+# Token fetches of many sessions share one HTTP client (see SessionRun.http): its pool bound and
+# the SDK's own request timeout.
+HTTP_MAX_CONNECTIONS: Final = 200
+TOKEN_TIMEOUT_S: Final = 10.0
 # How often the unexpected-exit watcher looks at the processes.
 CRASH_POLL_S: Final = 0.5
 
@@ -69,6 +84,20 @@ DEFAULT_WEIGHTS: Final = {
     "redis_restart": 1,
     "token_service_restart": 1,
 }
+# --scenario fleet: node loss and drains dominate; a plain Redis restart (no persistence: every
+# assignment gone at once) is not a failover and stays out of the mix (weight it in explicitly).
+FLEET_WEIGHTS: Final = {
+    "peer_abort": 1,
+    "relay_sigkill": 2,
+    "relay_sigterm": 2,
+    "redis_restart": 0,
+    "token_service_restart": 1,
+}
+# --scenario fleet relays: registrations that lapse 5 s after a node dies (default 15 s); the
+# smoke (--quick) lets them lapse in 1.5 s and keeps nodes down 2-3 s, so its SIGKILL moves sessions.
+FLEET_RELAY_ARGS: Final = ("--register-ttl-s", "5")
+FLEET_SMOKE_RELAY_ARGS: Final = ("--register-ttl-s", "1.5")
+SCENARIOS: Final = ("basic", "fleet")
 
 
 @dataclass(frozen=True)
@@ -89,6 +118,9 @@ class ChaosConfig:
     progress: float
     out: Path
     log_level: str
+    scenario: str = "basic"
+    ramp: float | None = None
+    relay_args: tuple[str, ...] = ()
 
 
 def _weights(text: str) -> dict[str, int]:
@@ -114,10 +146,24 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small run: 2 sessions, 1 node, 5 faults (one of each kind), short gaps and outages",
+        help="small run: 2 sessions, 1 node, 5 faults (one of each kind), short gaps and outages; "
+        "with --scenario fleet: 12 sessions on 3 nodes, 3 faults (a node SIGKILL, a drain, a "
+        "token-service restart)",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="basic",
+        help="basic (the defaults shown) or fleet: 1,000 sessions on 3 nodes at 64 B/s, 15 min, "
+        "node faults and token-service restarts, relays with --register-ttl-s 5",
+    )
+    p.add_argument(
+        "--ramp", type=float, default=None, help="sessions started per second (all at once; fleet: 50)"
     )
     p.add_argument("--faults", type=int, default=None, help="stop after this many faults (no limit)")
-    p.add_argument("--rate", type=float, default=16 * 1024, help="bytes/s per direction per session (16384)")
+    p.add_argument(
+        "--rate", type=float, default=None, help="bytes/s per direction per session (16384; fleet: 64)"
+    )
     p.add_argument("--gap", type=_pair, default=None, help="calm between faults, MIN,MAX (2s,6s)")
     p.add_argument("--outage", type=_pair, default=None, help="time a stopped process stays down (0.5s,4s)")
     p.add_argument(
@@ -138,26 +184,45 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
     if (ns.sessions is not None and ns.sessions < 1) or (ns.nodes is not None and ns.nodes < 1):
         p.error("--sessions and --nodes must be >= 1")
 
-    def pick(given: Any, small: Any, full: Any) -> Any:
+    fleet = ns.scenario == "fleet"
+
+    def pick(given: Any, small: Any, full: Any, fleet_small: Any = None, fleet_full: Any = None) -> Any:
         if given is not None:
             return given
+        if fleet:
+            return fleet_small if quick else fleet_full
         return small if quick else full
 
+    smoke_weights = dict.fromkeys(FAULT_KINDS, 0) | {
+        "relay_sigkill": 1,
+        "relay_sigterm": 1,
+        "token_service_restart": 1,
+    }
     return ChaosConfig(
-        duration=pick(ns.duration, 30.0, 180.0),
-        sessions=pick(ns.sessions, 2, 8),
-        nodes=pick(ns.nodes, 1, 2),
+        duration=pick(ns.duration, 30.0, 180.0, 60.0, 900.0),
+        sessions=pick(ns.sessions, 2, 8, 12, 1000),
+        nodes=pick(ns.nodes, 1, 2, 3, 3),
         seed=ns.seed,
         quick=quick,
-        faults=pick(ns.faults, 5, None),
-        rate=ns.rate,
-        gap=pick(ns.gap, (0.3, 1.0), (2.0, 6.0)),
-        outage=pick(ns.outage, (0.2, 1.0), (0.5, 4.0)),
+        faults=pick(ns.faults, 5, None, 3, None),
+        rate=pick(ns.rate, 16 * 1024, 16 * 1024, 512.0, 64.0),
+        gap=pick(ns.gap, (0.3, 1.0), (2.0, 6.0), (0.3, 1.0), (5.0, 15.0)),
+        # fleet: outages around the 5 s registration TTL, so some dead nodes' sessions move
+        outage=pick(ns.outage, (0.2, 1.0), (0.5, 4.0), (2.0, 3.0), (1.0, 10.0)),
         recovery_timeout=ns.recovery_timeout,
-        weights=pick(ns.weights, dict.fromkeys(FAULT_KINDS, 1), dict(DEFAULT_WEIGHTS)),
-        progress=pick(ns.progress, 2.0, 5.0),
+        weights=pick(
+            ns.weights,
+            dict.fromkeys(FAULT_KINDS, 1),
+            dict(DEFAULT_WEIGHTS),
+            smoke_weights,
+            dict(FLEET_WEIGHTS),
+        ),
+        progress=pick(ns.progress, 2.0, 5.0, 2.0, 10.0),
         out=ns.out,
         log_level=ns.log_level,
+        scenario=ns.scenario,
+        ramp=pick(ns.ramp, None, None, None, 50.0),
+        relay_args=(FLEET_SMOKE_RELAY_ARGS if quick else FLEET_RELAY_ARGS) if fleet else (),
     )
 
 
@@ -167,31 +232,34 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
 class _Run:
     """State of one chaos run, shared by its tasks."""
 
-    def __init__(self, config: ChaosConfig, fleet: Fleet, out_dir: Path) -> None:
+    def __init__(self, config: ChaosConfig, fleet: Fleet, out_dir: Path, http: httpx.AsyncClient) -> None:
         self.config = config
         self.fleet = fleet
         self.out_dir = out_dir
         self.origin = trio.current_time()
-        self.throughput = Throughput()
-        self.episodes: list[Episode] = []
         self.crashes: list[dict[str, Any]] = []
         url_to_node = {f"ws://127.0.0.1:{port}/v1/connect": node for node, port in fleet.relay_ports.items()}
-        traffic = TrafficConfig(rate=config.rate)
-        run_tag = f"{config.seed}-{os.getpid()}"
-        self.sessions = [
-            SessionRun(
-                f"chaos-{run_tag}-{i}",
-                seed=config.seed,
-                config=traffic,
-                clock=self.clock,
-                throughput=self.throughput,
-                on_episode=self.episodes.append,
-                url_to_node=url_to_node,
-            )
-            for i in range(config.sessions)
-        ]
+        self.group = SessionGroup(
+            f"chaos-{config.seed}-{os.getpid()}",
+            config.sessions,
+            seed=config.seed,
+            config=TrafficConfig.for_rate(config.rate),
+            clock=self.clock,
+            url_to_node=url_to_node,
+            http=http,
+        )
+        self.sessions = self.group.sessions
+        self.episodes: list[Episode] = self.group.episodes
+        self.throughput = self.group.throughput
         self.injector = FaultInjector(
-            fleet, lambda: self.sessions, _plan(config), seed=config.seed, clock=self.clock, log=self.log
+            fleet,
+            lambda: self.sessions,
+            _plan(config),
+            seed=config.seed,
+            clock=self.clock,
+            log=self.log,
+            token_log=self.group.token_log,
+            check_placement=True,
         )
         self.phase = "starting"
 
@@ -212,10 +280,13 @@ class _Run:
             live = sum(1 for s in self.sessions if s.both_connected)
             failed = sum(1 for s in self.sessions if s.failed)
             mix = " ".join(f"{k}={n}" for k, n in sorted(kinds.items())) or "-"
+            per_node = " ".join(f"{n}:{len(v)}" for n, v in sorted(self.group.by_node().items()))
+            splits = sum(len(c["split"]) for c in self.injector.placement_checks)
             self.log(
                 f"{self.phase:<8} faults={len(self.injector.records)} ({mix}) "
                 f"reconnects ok={ok}/{len(self.episodes)} open={open_now} "
-                f"sessions connected={live}/{len(self.sessions)} failed={failed} "
+                f"sessions connected={live}/{len(self.sessions)} failed={failed} [{per_node}] "
+                f"split={splits} tokens={len(self.group.token_log.fetches)} "
                 f"delivered={delivered / 2**20:.1f}MiB bad_chunks={bad} "
                 f"tput={self.throughput.recent(self.clock()) / 1024:.0f}KiB/s load={os.getloadavg()[0]:.1f}"
             )
@@ -235,14 +306,8 @@ class _Run:
                         await service.start()
 
     async def warm_up(self) -> None:
-        with trio.move_on_after(WARMUP_TIMEOUT_S):
-            while not all(  # noqa: ASYNC110 -- polls state many tasks update; no one event to wait on
-                s.failed or (s.both_connected and all(c.delivered > 0 for c in s.checks.values()))
-                for s in self.sessions
-            ):
-                await trio.sleep(0.05)
-            return
-        raise FleetError("sessions did not all connect and start flowing within the warm-up")
+        if not await wait_flowing(self.sessions, WARMUP_TIMEOUT_S):
+            raise FleetError("sessions did not all connect and start flowing within the warm-up")
 
     async def run(self) -> None:
         config = self.config
@@ -250,9 +315,9 @@ class _Run:
             background.start_soon(self.progress)
             background.start_soon(self.watch_crashes)
             async with trio.open_nursery() as sessions:
-                for session in self.sessions:
-                    await sessions.start(session.run, self.fleet.api_url)
+                await self.group.start(sessions, self.fleet.api_url, per_second=config.ramp)
                 await self.warm_up()
+                await self.injector.placement_check("after warm-up")
                 self.phase = "faults"
                 self.log(
                     f"all {len(self.sessions)} sessions flowing; injecting faults for "
@@ -260,6 +325,7 @@ class _Run:
                     + (f" (at most {config.faults})" if config.faults is not None else "")
                 )
                 await self.injector.run(until=self.clock() + config.duration)
+                await self.injector.placement_check("end of the fault phase")
                 self.phase = "draining"
                 self.log("fault phase over; stopping writers and verifying every byte")
                 for session in self.sessions:
@@ -297,11 +363,23 @@ def build_report(run: _Run) -> dict[str, Any]:
     faults = run.injector.records
     episodes = run.episodes
 
+    token_log = run.group.token_log
     by_kind: dict[str, Any] = {}
     for kind in FAULT_KINDS:
         records = [f for f in faults if f.kind == kind]
         times = [f.recovery_s for f in records if f.recovery_s is not None]
         eps = [e for e in episodes if _episode_fault(e, faults) == kind]
+        resume = [t for f in records for t in f.resume_s]
+        fetches = [
+            t
+            for f in records
+            for t in token_log.between(
+                f.start, f.recovered if f.recovered is not None else f.start + config.recovery_timeout
+            )
+        ]
+        tokens = TokenLog.summary(fetches)
+        delays = [e.delay for e in eps if e.delay is not None]
+        welcomes = Counter(int(e.end) for e in eps if e.ok and e.end is not None)
         by_kind[kind] = {
             "injected": len(records),
             "recovered": len(times),
@@ -310,6 +388,16 @@ def build_report(run: _Run) -> dict[str, Any]:
             "recovery_max_s": _r(max(times, default=None)),
             "reconnects": len(eps),
             "reconnects_ok": sum(1 for e in eps if e.ok),
+            "sessions_interrupted": sum(len(f.resume_s) + f.detail.get("not_resumed", 0) for f in records),
+            "sessions_not_resumed": sum(f.detail.get("not_resumed", 0) for f in records),
+            "sessions_moved": sum(f.detail.get("sessions_moved", 0) for f in records),
+            "resume_p50_s": _r(percentile(resume, 0.5)),
+            "resume_p95_s": _r(percentile(resume, 0.95)),
+            "resume_max_s": _r(max(resume, default=None)),
+            "tokens": tokens,
+            "reconnect_delay_p50_s": _r(percentile(delays, 0.5)),
+            "reconnect_delay_max_s": _r(max(delays, default=None)),
+            "reconnects_peak_per_s": max(welcomes.values(), default=0),
         }
 
     ok_eps = [e for e in episodes if e.ok]
@@ -348,6 +436,9 @@ def build_report(run: _Run) -> dict[str, Any]:
             peer_totals.update({k: v for k, v in stats.items() if k != "peak_buffered_bytes"})
 
     unrecovered = [f.index for f in faults if f.recovered is None]
+    checks = run.injector.placement_checks
+    split_total = sum(len(c["split"]) for c in checks)
+    silent_total = sum(len(c["silent"]) for c in checks)
     targets = [
         _target(
             "reconnects succeed",
@@ -374,6 +465,13 @@ def build_report(run: _Run) -> dict[str, Any]:
             bool(faults) and not unrecovered,
         ),
         _target("unasked process exits", "0", str(len(run.crashes)), not run.crashes),
+        _target(
+            "sessions with peers on two nodes",
+            "0 (every node's /debug/stats, after warm-up and after each fault)",
+            f"{split_total} in {len(checks)} checks"
+            + (f"; {silent_total} node answers missing" if silent_total else ""),
+            bool(checks) and split_total == 0 and silent_total == 0,
+        ),
     ]
     return {
         "kind": "chaos",
@@ -385,6 +483,9 @@ def build_report(run: _Run) -> dict[str, Any]:
             "nodes": config.nodes,
             "seed": config.seed,
             "quick": config.quick,
+            "scenario": config.scenario,
+            "ramp_sessions_per_s": config.ramp,
+            "relay_args": list(config.relay_args),
             "max_faults": config.faults,
             "rate_bytes_per_s": config.rate,
             "gap_s": list(config.gap),
@@ -421,12 +522,28 @@ def build_report(run: _Run) -> dict[str, Any]:
         },
         "sessions": {"total": len(run.sessions), "failed": failed_sessions, "peer_totals": dict(peer_totals)},
         "crashes": run.crashes,
+        "tokens": TokenLog.summary(token_log.fetches),
+        "placement": {
+            "checks": len(checks),
+            "split": split_total,
+            "silent": silent_total,
+            "sessions_seen": [c["sessions_seen"] for c in checks],
+            "bad_checks": [c for c in checks if c["split"] or c["silent"]],
+        },
         "services": {
             s.name: {"starts": s.starts, "expected_exits": s.expected_exits, "unexpected": s.unexpected_exits}
             for s in run.fleet.services()
         },
         "throughput_bytes_per_s": run.throughput.bins,
+        "reconnects_per_s": _bins(e.end for e in episodes if e.ok and e.end is not None),
+        "token_fetches_per_s": _bins(f.at for f in token_log.fetches),
     }
+
+
+def _bins(times: Iterable[float]) -> list[int]:
+    """How many of ``times`` fall in each whole second of the run clock."""
+    counts = Counter(max(0, int(t)) for t in times)
+    return [counts.get(i, 0) for i in range(max(counts, default=-1) + 1)]
 
 
 def _r(x: float | None, digits: int = 3) -> float | None:
@@ -473,6 +590,42 @@ def render_report(report: dict[str, Any]) -> str:
             ["fault", "injected", "recovered", "reconnects", "ok", "recovery P50", "P95", "max"], rows
         )
     )
+    lines += [
+        "",
+        "Per fault kind, over every session the faults interrupted: sessions that moved node, fault ->"
+        " resumed stream (both peers welcomed again and a byte delivered each way), the token fetches"
+        " made until recovery (failures, latency as the harness saw it, busiest second), and how the"
+        " reconnects spread (the SDK's first wait: its backoff jitter, or reconnect_in_ms after a drain;"
+        " the busiest second of WELCOMEs).",
+        "",
+    ]
+    rows = []
+    for kind, k in report["faults"]["by_kind"].items():
+        if k["injected"] == 0:
+            continue
+        t = k["tokens"]
+        rows.append(
+            [
+                kind,
+                k["sessions_interrupted"],
+                k["sessions_moved"],
+                _s(k["resume_p50_s"]),
+                _s(k["resume_p95_s"]),
+                _s(k["resume_max_s"]),
+                f"{t['fetches']} ({t['failed']} failed)",
+                _ms(t["latency_p50_ms"]),
+                _ms(t["latency_p95_ms"]),
+                t["peak_per_s"],
+                _s(k["reconnect_delay_max_s"]),
+                k["reconnects_peak_per_s"],
+            ]
+        )
+    lines.append(
+        render_table(
+            _FLEET_HEADERS,
+            rows,
+        )
+    )
     r = report["reconnects"]
     b = report["bytes"]
     lines += [
@@ -505,6 +658,16 @@ def render_report(report: dict[str, Any]) -> str:
 
 def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
+
+
+_FLEET_HEADERS: Final = [
+    "fault", "interrupted", "moved", "resume P50", "P95", "max", "token fetches",
+    "token P50", "P95", "tokens/s peak", "first wait max", "WELCOMEs/s peak",
+]  # fmt: skip
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f} ms"
 
 
 def _pct(x: float | None) -> str:
@@ -566,6 +729,27 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    tokens = report.get("token_fetches_per_s", [])
+    welcomes = report.get("reconnects_per_s", [])
+    ax.plot(range(len(tokens)), tokens, color="tab:gray", linewidth=1, label="token fetches/s")
+    ax.plot(range(len(welcomes)), welcomes, color="black", linewidth=1.2, label="reconnect WELCOMEs/s")
+    seen.clear()
+    for f in report["faults"]["records"]:
+        kind = f["kind"]
+        ax.axvline(f["start"], color=colors[kind], linewidth=1.2, label=kind if kind not in seen else None)
+        seen.add(kind)
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("per second")
+    ax.set_title("Chaos: reconnects and token fetches per second (line: fault)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "reconnects.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
     return written
 
 
@@ -582,8 +766,16 @@ async def run_chaos(config: ChaosConfig) -> tuple[dict[str, Any], Path]:
     out_dir = config.out / f"chaos-{stamp}-seed{config.seed}"
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"chaos: output in {out_dir}", flush=True)
-    async with open_fleet(out_dir, nodes=config.nodes, log_level=config.log_level) as fleet:
-        run = _Run(config, fleet, out_dir)
+    limits = httpx.Limits(
+        max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=HTTP_MAX_CONNECTIONS
+    )
+    async with (
+        open_fleet(
+            out_dir, nodes=config.nodes, log_level=config.log_level, relay_args=config.relay_args
+        ) as fleet,
+        httpx.AsyncClient(timeout=TOKEN_TIMEOUT_S, limits=limits) as http,
+    ):
+        run = _Run(config, fleet, out_dir, http)
         run.log(
             f"fleet up: redis, token service {fleet.api_url}, {len(fleet.relays)} relay(s); "
             f"relay tuning {fleet.relay_tuning or 'none'}"

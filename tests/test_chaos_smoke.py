@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 stream: Any = importlib.import_module("chaos._stream")
 report_mod: Any = importlib.import_module("chaos._report")
+traffic: Any = importlib.import_module("chaos._traffic")
 
 # The whole quick run (fleet start, 5 faults with restarts, drain) takes ~30 s on an idle
 # 2-core box; a loaded CI machine gets a generous bound, the test asserts no timing.
@@ -111,6 +112,87 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         report_mod.parse_duration(text)
+
+
+@pytest.mark.parametrize("rate", [16, 64, 512, 4096, 16 * 1024, 10**6])
+def test_traffic_for_a_rate_writes_about_once_a_second_and_never_above_a_frame(rate: int) -> None:
+    config = traffic.TrafficConfig.for_rate(rate)
+    assert 1 <= config.chunk_min <= config.chunk_max <= 8 * 1024
+    writes_per_s = rate / ((config.chunk_min + config.chunk_max) / 2)
+    assert writes_per_s >= 0.5  # a slow session still shows progress every couple of seconds
+    if rate >= 16 * 1024:
+        assert (config.chunk_min, config.chunk_max) == (64, 8 * 1024)  # the default traffic
+    else:
+        assert writes_per_s <= 2  # a thousand slow sessions: ~a thousand writes/s per direction
+
+
+def test_token_log_records_each_fetch_and_summarises_a_storm() -> None:
+    log = traffic.TokenLog(lambda: 0.0, {})
+    log.fetches += [
+        traffic.TokenFetch("s/host", 1.2, 0.010, "relay-1"),
+        traffic.TokenFetch("s/guest", 1.7, 0.030, "relay-1"),
+        traffic.TokenFetch("t/host", 2.1, 0.020, "relay-2"),
+        traffic.TokenFetch("t/guest", 2.2, 5.0, None, "TokenServiceUnavailable"),
+    ]
+    assert [f.peer for f in log.between(1.5, 2.15)] == ["s/guest", "t/host"]
+    summary = traffic.TokenLog.summary(log.fetches)
+    assert summary["fetches"] == 4
+    assert summary["failed"] == 1
+    assert summary["errors"] == {"TokenServiceUnavailable": 1}
+    assert summary["latency_p50_ms"] == 20.0  # failures are not latencies
+    assert summary["latency_max_ms"] == 30.0
+    assert summary["peak_per_s"] == 2
+
+
+def _run_chaos(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_"))}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "chaos" / "run.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    runs = list(tmp_path.glob("chaos-*/report.json"))
+    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, json.loads(runs[0].read_text()), runs[0].parent
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@needs_relay_cli
+def test_fleet_scenario_smoke_keeps_every_session_whole_on_one_node(tmp_path: Path) -> None:
+    result, report, out_dir = _run_chaos(tmp_path, "--scenario", "fleet", "--quick", "--seed", "3")
+    assert report["config"]["scenario"] == "fleet"
+    assert report["config"]["nodes"] == 3
+    by_kind = report["faults"]["by_kind"]
+    assert {kind: k["injected"] for kind, k in by_kind.items() if k["injected"]} == {
+        "relay_sigkill": 1,
+        "relay_sigterm": 1,
+        "token_service_restart": 1,
+    }
+    for kind in ("relay_sigkill", "relay_sigterm"):
+        k = by_kind[kind]
+        assert k["sessions_interrupted"] > 0, k  # the node held sessions: both peers of each reconnected
+        assert k["sessions_not_resumed"] == 0, k
+        assert k["resume_p95_s"] is not None
+        assert k["tokens"]["fetches"] >= 2 * k["sessions_interrupted"]  # a fresh token per peer at least
+        assert k["tokens"]["failed"] == 0, k  # the token service answered the storm
+    placement = report["placement"]
+    assert placement["checks"] == 5  # after warm-up, after each fault, at the end
+    assert placement["split"] == 0, placement["bad_checks"]
+    assert placement["sessions_seen"][0] == 12
+    data = report["bytes"]
+    assert data["delivered"] == data["sent"] > 0
+    assert data["missing"] == data["extra"] == data["mismatched_chunks"] == 0
+    assert report["pass"] is True, report["targets"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (out_dir / "report.md").read_text()
+    assert "sessions with peers on two nodes" in text
+    assert "resume P50" in text
+    assert (out_dir / "reconnects.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow
