@@ -437,6 +437,25 @@ def test_wrong_passphrase_ends_in_integrity_error() -> None:
     assert info.value.code is CloseCode.INTEGRITY_ERROR
 
 
+def test_partner_verified_only_by_a_frame_that_authenticates() -> None:
+    world = World()
+    world.cores[Role.GUEST] = _core(Role.GUEST, psk=bytes(32))
+    world.connect(Role.HOST)
+    world.connect(Role.GUEST)
+    assert not world.cores[Role.HOST].partner_verified
+    world.send(Role.HOST, 0, b"secret")
+    with pytest.raises(ProtocolError):
+        world.settle()  # resumes and their retries fail authentication on both sides
+    assert not world.cores[Role.HOST].partner_verified
+    assert not world.cores[Role.GUEST].partner_verified
+
+    paired = World()  # the right passphrase: the partner's resume authenticates
+    paired.send(Role.HOST, 0, b"secret")
+    paired.settle()
+    assert paired.cores[Role.HOST].partner_verified
+    assert paired.cores[Role.GUEST].partner_verified
+
+
 def test_frames_under_the_partners_previous_key_are_not_failures() -> None:
     world = _paired()
     host, guest = world.cores[Role.HOST], world.cores[Role.GUEST]

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from rescue.client import DataReceived, open_peer
@@ -24,12 +25,14 @@ RESCUE = [sys.executable, "-m", "rescue.cli"]
 STARTUP_TIMEOUT_S = 30
 
 
-async def _start_dev() -> tuple[trio.Process, dict[str, str]]:
+async def _start_dev(
+    rescue: list[str] = RESCUE, env: dict[str, str] | None = None
+) -> tuple[trio.Process, dict[str, str]]:
     proc = await trio.lowlevel.open_process(
-        [*RESCUE, "dev", "--api-port", "0", "--relay-port", "0", "--admin-port", "0"],
+        [*rescue, "dev", "--api-port", "0", "--relay-port", "0", "--admin-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "RESCUE_ENV": "development", "RESCUE_ADMIN_KEY": ""},
+        env={**(env or os.environ), "RESCUE_ENV": "development", "RESCUE_ADMIN_KEY": ""},
     )
     assert proc.stdout is not None
     text = ""
@@ -46,7 +49,64 @@ async def _start_dev() -> tuple[trio.Process, dict[str, str]]:
     }
     missing = [name for name, m in found.items() if m is None]
     assert not missing, f"banner lacks {missing}: {text}"
-    return proc, {name: m.group(1) for name, m in found.items() if m is not None}
+    return proc, {"banner": text} | {name: m.group(1) for name, m in found.items() if m is not None}
+
+
+# A shell without the venv on PATH: what a fresh terminal has after `./run dev`.
+FRESH_SHELL_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def _banner_commands(banner: str) -> list[str]:
+    """The indented lines of the banner that are commands to paste (not URLs or descriptions)."""
+    return [
+        line.strip()
+        for line in banner.splitlines()
+        if line.startswith("  ") and re.match(r"\s+(RESCUE_\w+=|export |/)", line)
+    ]
+
+
+async def test_the_commands_dev_prints_work_when_pasted_into_a_fresh_shell() -> None:
+    script = Path(sys.executable).with_name("rescue")
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable} (not an installed venv)")
+    env = {**os.environ, "PATH": FRESH_SHELL_PATH}
+    proc, urls = await _start_dev([str(script)], env)
+    try:
+        commands = _banner_commands(urls["banner"])
+        assert not [c for c in commands if re.search(r"(^|[\s=])rescue ", c)], commands  # no bare `rescue`
+        share = next(c for c in commands if " share " in c)
+        join = next(c for c in commands if " join " in c)
+        assert share.startswith(f"RESCUE_PASSPHRASE=correct-horse {script} share")
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+                async def paste(name: str, line: str, stdin: bytes) -> None:
+                    results[name] = await trio.run_process(
+                        ["sh", "-c", line], stdin=stdin, capture_stdout=True, capture_stderr=True,
+                        check=False, env=env,
+                    )  # fmt: skip
+
+                nursery.start_soon(paste, "share", share, b"")
+                nursery.start_soon(paste, "join", join, b"echo pasted-ok; exit 3\n")
+            assert results["join"].stdout == b"pasted-ok\n", results["join"].stderr
+            assert (results["share"].returncode, results["join"].returncode) == (3, 3)
+            # the operator's lines: the key export, then status/pause/resume, pasted one after another
+            operator = [c for c in commands if c.startswith("export ") or " admin " in c]
+            assert len(operator) == 4, commands
+            result = await trio.run_process(
+                ["sh", "-ec", "\n".join(operator)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=env,
+            )
+        assert result.returncode == 0, result.stderr
+        assert b'"paused": false' in result.stdout  # resume was the last one and answered
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            await proc.wait()
 
 
 async def test_dev_pairs_two_sdk_peers_and_stops_cleanly_on_sigterm() -> None:
@@ -83,6 +143,65 @@ async def test_dev_pairs_two_sdk_peers_and_stops_cleanly_on_sigterm() -> None:
         with trio.fail_after(20):
             code = await proc.wait()
     assert code == 0
+    assert not key_file.parent.exists(), "the throwaway admin key's folder outlived rescue dev"
+
+
+async def test_ctrl_c_removes_the_throwaway_admin_key_folder() -> None:
+    proc, urls = await _start_dev()
+    folder = Path(urls["key_file"]).parent
+    assert folder.is_dir()
+    proc.send_signal(signal.SIGINT)
+    with trio.fail_after(20):
+        code = await proc.wait()
+    assert code in (0, 130)
+    assert not folder.exists()
+
+
+def _closed_pipe() -> int:
+    """The write end of a pipe whose reader is already gone (``| head`` that has finished)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
+def _run_into_closed_pipe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    stdout = _closed_pipe()
+    try:
+        return subprocess.run(
+            [*RESCUE, *args],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(stdout)
+
+
+async def test_admin_status_into_a_closed_pipe_exits_quietly() -> None:
+    proc, urls = await _start_dev()
+    try:
+        env = {**os.environ, "RESCUE_ADMIN_KEY": Path(urls["key_file"]).read_text().strip()}
+        result = await trio.to_thread.run_sync(
+            _run_into_closed_pipe, ["admin", "status", "--api", urls["api"]], env
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            await proc.wait()
+    assert result.stderr == ""  # no "error: [Errno 32] Broken pipe", no "Exception ignored"
+    assert result.returncode == 128 + signal.SIGPIPE
+
+
+def test_help_and_keygen_into_a_closed_pipe_exit_quietly(tmp_path: Path) -> None:
+    result = _run_into_closed_pipe(["keygen", "--out", str(tmp_path / "k.jwk")], dict(os.environ))
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")
+    for args in (["--help"], ["admin", "--help"]):  # argparse ignores write errors: 0 is quiet too
+        result = _run_into_closed_pipe(args, dict(os.environ))
+        assert result.returncode in (0, 128 + signal.SIGPIPE), args
+        assert result.stderr == "", args
 
 
 def test_dev_refuses_production() -> None:

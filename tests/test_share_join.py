@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import termios
@@ -207,3 +208,127 @@ async def test_share_stops_the_command_when_the_guest_is_gone_for_good() -> None
     result = share_done["r"]
     assert result.returncode == 1
     assert b"PEER_GONE" in result.stderr or b"4013" in result.stderr
+
+
+async def _read_until(stream: trio.abc.ReceiveStream, marker: bytes, seen: bytearray) -> None:
+    while marker not in seen:
+        chunk = await stream.receive_some(4096)
+        assert chunk, f"stream ended before {marker!r}: {bytes(seen)!r}"
+        seen += chunk
+
+
+async def test_the_guest_command_share_prints_works_when_pasted() -> None:
+    """With a cohort other than the default (and any --api), the printed `join` line is complete."""
+    with trio.fail_after(60):
+        async with run_dev_stack(cohort="beta") as stack:
+            share = await trio.lowlevel.open_process(
+                _cli("share", "--no-pty", "--api", stack.api_url, "--session", "cli-paste",
+                     "--cohort", "beta", "--", "sh", "-c", "cat; exit 4"),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(),
+            )  # fmt: skip
+            assert share.stderr is not None
+            seen = bytearray()
+            await _read_until(share.stderr, b"the guest joins with: ", seen)
+            await _read_until(share.stderr, b"\n", seen[seen.index(b"the guest joins with: ") :])
+            await _read_until(share.stderr, b"\n", seen)
+            line = seen.split(b"the guest joins with: ", 1)[1].split(b"\n", 1)[0].decode()
+            assert "--cohort beta" in line
+            pasted = await trio.run_process(
+                ["sh", "-c", line], stdin=b"pasted as printed\n", capture_stdout=True,
+                capture_stderr=True, check=False, env=_env(),
+            )  # fmt: skip
+            assert await share.wait() == 4
+    assert pasted.returncode == 4, pasted.stderr
+    assert pasted.stdout == b"pasted as printed\n"
+
+
+def _staircase_free(output: bytes) -> bool:
+    """Every line ending on the terminal returns the carriage (raw mode needs an explicit \\r)."""
+    return all(output[i - 1 : i] == b"\r" for i in range(len(output)) if output[i : i + 1] == b"\n")
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs pseudo-terminals")
+async def test_wrong_passphrase_one_clear_line_each_side_and_no_command() -> None:
+    host_tty, guest_tty = Terminal(), Terminal()
+    guest_modes = termios.tcgetattr(guest_tty.slave)
+    codes: dict[str, int] = {}
+    guest_env = {**_env(), "RESCUE_PASSPHRASE": "not the passphrase"}
+    with trio.fail_after(60):
+        async with run_dev_stack() as stack, trio.open_nursery() as nursery:
+            nursery.start_soon(host_tty.pump)
+            nursery.start_soon(guest_tty.pump)
+
+            async def run(name: str, command: list[str], term: Terminal, env: dict[str, str]) -> None:
+                process = await trio.lowlevel.open_process(
+                    command, stdin=term.slave, stdout=term.slave, stderr=term.slave, env=env
+                )
+                codes[name] = await process.wait()
+
+            async with trio.open_nursery() as processes:
+                share = _cli("share", "--api", stack.api_url, "--session", "cli-wrong", "--",
+                             "sh", "-c", "echo COMMAND-STARTED; sleep 30")  # fmt: skip
+                processes.start_soon(run, "share", share, host_tty, _env())
+                processes.start_soon(
+                    run, "join", _cli("join", "cli-wrong", "--api", stack.api_url), guest_tty, guest_env
+                )
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    host, guest = bytes(host_tty.output), bytes(guest_tty.output)
+    assert codes == {"share": 1, "join": 1}, (host, guest)
+    assert b"COMMAND-STARTED" not in host + guest  # the command never ran for an unproven guest
+    assert host.count(b"does not match") == 1, host
+    assert b"rescue share: error: the guest's passphrase does not match" in host
+    assert guest.count(b"does not match") == 1, guest
+    assert b"rescue join: error: the passphrase does not match the host's" in guest
+    for output in (host, guest):
+        assert b"client." not in output  # no bare log event names
+        assert _staircase_free(output), output
+    assert termios.tcgetattr(guest_tty.slave) == guest_modes  # join restored the terminal
+    host_tty.close()
+    guest_tty.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs pseudo-terminals")
+async def test_the_smallest_window_is_in_force_and_both_sides_are_told() -> None:
+    """SPEC §12: the guest's smaller window shrinks the shared pty; a larger one gives the host's back."""
+    host_tty, guest_tty = Terminal(), Terminal()
+    set_winsize(host_tty.slave, 30, 100)
+    set_winsize(guest_tty.slave, 20, 60)
+    codes: dict[str, int] = {}
+    script = 'printf "ready\\n"; read a; stty size; read b; stty size; exit 0'
+    with trio.fail_after(60):
+        async with run_dev_stack() as stack, trio.open_nursery() as nursery:
+            nursery.start_soon(host_tty.pump)
+            nursery.start_soon(guest_tty.pump)
+            joined: list[trio.Process] = []
+
+            async def run(name: str, command: list[str], term: Terminal) -> None:
+                process = await trio.lowlevel.open_process(
+                    command, stdin=term.slave, stdout=term.slave, stderr=term.slave, env=_env()
+                )
+                if name == "join":
+                    joined.append(process)
+                codes[name] = await process.wait()
+
+            async with trio.open_nursery() as processes:
+                share = _cli(
+                    "share", "--api", stack.api_url, "--session", "cli-size", "--", "sh", "-c", script
+                )
+                processes.start_soon(run, "share", share, host_tty)
+                processes.start_soon(run, "join", _cli("join", "cli-size", "--api", stack.api_url), guest_tty)
+                await guest_tty.wait_for(b"ready")
+                await host_tty.wait_for(b"window 20x60: the guest's window is smaller")
+                await guest_tty.type(b"one\r")
+                await guest_tty.wait_for(b"20 60")
+                # The guest's window grows past the host's: the host's size is in force again.
+                set_winsize(guest_tty.slave, 40, 120)
+                joined[0].send_signal(signal.SIGWINCH)  # (its terminal is not its controlling tty)
+                await guest_tty.wait_for(b"the shared window is 30x100: the host's window is smaller")
+                await guest_tty.type(b"two\r")
+                await guest_tty.wait_for(b"30 100")
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    assert codes == {"share": 0, "join": 0}, (bytes(host_tty.output), bytes(guest_tty.output))
+    assert b"window 30x100 (yours)" in host_tty.output
+    host_tty.close()
+    guest_tty.close()

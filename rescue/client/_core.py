@@ -346,6 +346,7 @@ class PeerCore:
         self._integrity_run = 0
         self._integrity_total = 0
         self._stale_frames = 0
+        self._partner_verified = False
 
     def __repr__(self) -> str:
         return (
@@ -373,6 +374,16 @@ class PeerCore:
     def partner_present(self) -> bool:
         """The partner is connected (per WELCOME/PEER) while we are."""
         return self._connected and self._partner_present
+
+    @property
+    def partner_verified(self) -> bool:
+        """A frame from the partner has authenticated (ever): it holds the same key.
+
+        Until then nothing the partner sent is known to come from someone with the passphrase; a
+        host that runs a command for its guest waits for this (a wrong passphrase never sees a
+        prompt). With the wrong one, :meth:`receive` ends with ``INTEGRITY_ERROR`` instead.
+        """
+        return self._partner_verified
 
     @property
     def nonce(self) -> bytes | None:
@@ -694,6 +705,7 @@ class PeerCore:
                 )
             return []
         self._integrity_run = 0
+        self._partner_verified = True
         stale = used is not self._key
         if stale:
             self._stale_frames += 1

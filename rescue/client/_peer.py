@@ -242,6 +242,7 @@ class Peer:
         self._link: _Link | None = None
         self._connected = trio.Event()
         self._partner = trio.Event()
+        self._verified = trio.Event()
         self._closed: SessionClosed | None = None
         self._done = trio.Event()
         self._local_close: tuple[int, str] | None = None
@@ -346,6 +347,15 @@ class Peer:
         """Wait until the partner has connected at least once (or the session ended)."""
         await self._partner.wait()
 
+    async def wait_partner_verified(self) -> None:
+        """Wait until a frame from the partner has authenticated (or the session ended).
+
+        That is the proof the partner holds the same passphrase: a host should not start anything
+        for its guest before it. A partner with the wrong passphrase never gets here; the session
+        ends with ``INTEGRITY_ERROR`` instead (check :attr:`closed`).
+        """
+        await self._verified.wait()
+
     async def wait_closed(self) -> SessionClosed:
         """Wait until the session has ended; how it ended."""
         await self._done.wait()
@@ -422,6 +432,7 @@ class Peer:
         self._deliver.close()
         self._connected.set()  # wake wait_connected()/wait_partner(): they check `closed`
         self._partner.set()
+        self._verified.set()
         for lot in (self._space, self._acked_lot, self._timer_lot):
             lot.unpark_all()
         self._done.set()
@@ -578,6 +589,9 @@ class Peer:
                         return
                     else:
                         self._on_event_from_core(link, event)
+            if self.core.partner_verified and not self._verified.is_set():
+                link.span.add_event("partner_verified")
+                self._verified.set()
             self._wake_writer()
             self._timer_lot.unpark_all()
 

@@ -21,6 +21,8 @@ from rescue.errors import ConfigError
 __all__ = ["register"]
 
 DEFAULT_API: Final = "http://127.0.0.1:8080"
+ADMIN_KEY_ENV: Final = "RESCUE_ADMIN_KEY"
+_KEY_NOTE: Final = f"\n\nThe admin key comes from ${ADMIN_KEY_ENV} (see rescue admin --help)."
 # An admin call is one small request; if the service doesn't answer in this long, say so.
 REQUEST_TIMEOUT_S: Final = 10.0
 
@@ -30,41 +32,86 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     admin = subparsers.add_parser(
         "admin",
         help="operate the token service: pause, resume, status, cohort flags",
-        description="Talk to the token service's admin API. The admin key comes from $RESCUE_ADMIN_KEY.",
+        description="Talk to the token service's admin API (SPEC §4).\n\n"
+        f"The admin key comes from ${ADMIN_KEY_ENV} (never a flag: ps shows flags). It is any long "
+        "random string, the same one the token service reads from its $RESCUE_ADMIN_KEY (or the "
+        "variable its --admin-key-env names); make one with\n"
+        "  python3 -c 'import secrets; print(secrets.token_urlsafe(32))'\n"
+        "rescue dev makes a throwaway one and prints where to read it.\n\n"
+        "examples:\n"
+        f"  {ADMIN_KEY_ENV}=... rescue admin status --api http://127.0.0.1:8080\n"
+        "  rescue admin pause --reason 'relay incident' --drain\n"
+        "  rescue admin cohort beta --enable",
     )
     actions = admin.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         add_option(p, "--api", default=DEFAULT_API, metavar="URL", help="token service base URL")
 
-    pause = actions.add_parser("pause", help="pause WebSocket fallback fleet-wide (kill switch)")
+    def action(name: str, summary: str, details: str) -> argparse.ArgumentParser:
+        return actions.add_parser(
+            name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.\n\n{details}{_KEY_NOTE}"
+        )
+
+    pause = action(
+        "pause",
+        "pause WebSocket fallback fleet-wide (kill switch)",
+        "New tokens are refused (fallback_paused) and every relay refuses new handshakes within "
+        "about 2 s; sessions already running go on unless --drain. Prints the new fleet state.",
+    )
     pause.add_argument("--reason", default=None, help="why (shown in status)")
     pause.add_argument("--drain", action="store_true", help="also close existing relay sessions")
     common(pause)
     pause.set_defaults(func=_pause)
 
-    resume = actions.add_parser("resume", help="resume WebSocket fallback")
+    resume = action(
+        "resume",
+        "resume WebSocket fallback",
+        "Undoes pause: tokens are minted and relays accept handshakes again. Prints the new fleet state.",
+    )
     resume.add_argument("--reason", default=None, help="why (shown in status)")
     common(resume)
     resume.set_defaults(func=_resume)
 
-    status = actions.add_parser("status", help="show the kill switch and the live relay nodes")
+    status = action(
+        "status",
+        "show the kill switch and the live relay nodes",
+        "Prints JSON: {'fleet': the paused state and its reason, 'nodes': the registered relay nodes}.",
+    )
     common(status)
     status.set_defaults(func=_status)
 
-    cohort = actions.add_parser("cohort", help="show or set a cohort's fallback_ws_enabled flag")
-    cohort.add_argument("cohort_id", metavar="ID", help="cohort id")
+    cohort = action(
+        "cohort",
+        "show or set a cohort's fallback_ws_enabled flag",
+        "Without --enable/--disable, prints the cohort's flag; with one, sets it and prints the result. "
+        "Peers of a disabled cohort get cohort_disabled when they ask for a token.",
+    )
+    cohort.add_argument("cohort_id", metavar="ID", help="cohort id (what peers send as --cohort)")
     group = cohort.add_mutually_exclusive_group()
-    group.add_argument("--enable", dest="enable", action="store_const", const=True, default=None)
-    group.add_argument("--disable", dest="enable", action="store_const", const=False)
+    group.add_argument(
+        "--enable",
+        dest="enable",
+        action="store_const",
+        const=True,
+        default=None,
+        help="let this cohort's peers fall back to the relay",
+    )
+    group.add_argument(
+        "--disable",
+        dest="enable",
+        action="store_const",
+        const=False,
+        help="refuse this cohort's token requests",
+    )
     common(cohort)
     cohort.set_defaults(func=_cohort)
 
 
 def _admin_key() -> str:
-    key = os.environ.get("RESCUE_ADMIN_KEY", "").strip()
+    key = os.environ.get(ADMIN_KEY_ENV, "").strip()
     if not key:
-        raise ConfigError("set RESCUE_ADMIN_KEY to the token service's admin key")
+        raise ConfigError(f"set {ADMIN_KEY_ENV} to the token service's admin key (see rescue admin --help)")
     return key
 
 

@@ -11,12 +11,14 @@ activations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import secrets
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import IO
@@ -25,7 +27,7 @@ import trio
 
 from rescue._log import configure_logging, get_logger, log_event
 from rescue._tracing import traced_process
-from rescue.cli import add_option
+from rescue.cli import add_option, self_command
 from rescue.commands.token_service import add_cors_option, cors_origins
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
@@ -39,6 +41,7 @@ DEV_COHORT = "dev"
 _LOG = get_logger("rescue.dev")
 # A dev process should stop promptly on Ctrl-C: peers get SERVER_SHUTDOWN and a short window.
 DEV_DRAIN_S = 2.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,36 +77,52 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     origins = cors_origins(args, os.environ)
     admin_key = os.environ.get("RESCUE_ADMIN_KEY", "").strip() or None
-    key_file = None
-    if admin_key is None:
-        # A throwaway key, handed over in a 0600 file: stdout may be captured as logs, and secrets
-        # never go to logs, not even dev ones.
-        admin_key = secrets.token_urlsafe(24)
-        key_file = _write_private(admin_key)
-    with traced_process("beach-rescue-dev"):
-        trio.run(
-            partial(
-                run_dev,
-                host=args.host,
-                api_port=args.api_port,
-                relay_port=args.relay_port,
-                admin_port=args.admin_port,
-                admin_key=admin_key,
-                admin_key_file=key_file,
-                banner=sys.stdout,
-                cors_origins=origins,
+    with contextlib.ExitStack() as cleanup:
+        key_file = None
+        if admin_key is None:
+            # A throwaway key, handed over in a 0600 file: stdout may be captured as logs, and
+            # secrets never go to logs, not even dev ones. Its folder goes when we do.
+            admin_key = secrets.token_urlsafe(24)
+            directory = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="rescue-dev-"))
+            key_file = _write_private(directory, admin_key)
+        # SIGTERM outside trio's signal receiver (starting up, shutting down) would kill us without
+        # running the cleanup above; make it unwind like Ctrl-C instead.
+        cleanup.enter_context(_sigterm_unwinds())
+        with traced_process("beach-rescue-dev"):
+            trio.run(
+                partial(
+                    run_dev,
+                    host=args.host,
+                    api_port=args.api_port,
+                    relay_port=args.relay_port,
+                    admin_port=args.admin_port,
+                    admin_key=admin_key,
+                    admin_key_file=key_file,
+                    banner=sys.stdout,
+                    cors_origins=origins,
+                )
             )
-        )
     return 0
 
 
-def _write_private(secret: str) -> str:
-    directory = tempfile.mkdtemp(prefix="rescue-dev-")  # mode 0700
-    path = os.path.join(directory, "admin-key")
+def _write_private(directory: str, secret: str) -> str:
+    path = os.path.join(directory, "admin-key")  # the directory is 0700 (mkdtemp)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
     return path
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    def unwind(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def run_dev(
@@ -142,6 +161,43 @@ async def run_dev(
     store = MemoryStore()
     await store.set_cohort_enabled(DEV_COHORT, True)
     guardrails = Guardrails(store, GuardrailConfig(environment="development"))
+    # The receiver is open from the start: a Ctrl-C while starting up (even right after the banner)
+    # stops us the same orderly way, never as a KeyboardInterrupt from some task.
+    with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(trio.open_signal_receiver(*STOP_SIGNALS)) if handle_signals else None
+        await _serve_dev(
+            signals,
+            store=store,
+            guardrails=guardrails,
+            signing=signing,
+            host=host,
+            api_port=api_port,
+            relay_port=relay_port,
+            admin_port=admin_port,
+            admin_key=admin_key,
+            admin_key_file=admin_key_file,
+            banner=banner,
+            cors_origins=cors_origins,
+            task_status=task_status,
+        )
+
+
+async def _serve_dev(
+    signals: AsyncIterator[int] | None,
+    *,
+    store: MemoryStore,
+    guardrails: Guardrails,
+    signing: SigningKey,
+    host: str,
+    api_port: int,
+    relay_port: int,
+    admin_port: int | None,
+    admin_key: str | None,
+    admin_key_file: str | None,
+    banner: IO[str] | None,
+    cors_origins: frozenset[str],
+    task_status: trio.TaskStatus[DevAddresses],
+) -> None:
     async with trio.open_nursery() as nursery:
         # The service starts first (the relay polls it); the relay's URL, known once it is bound,
         # then goes into the service's config for every token answer.
@@ -177,11 +233,10 @@ async def run_dev(
         if banner is not None:
             print(_banner(dev, admin_key is not None, admin_key_file), file=banner, flush=True)
         task_status.started(dev)
-        if handle_signals:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log_event(_LOG, "dev.stopping", signal=signal.Signals(signum).name)
-                    break
+        if signals is not None:
+            async for signum in signals:
+                log_event(_LOG, "dev.stopping", signal=signal.Signals(signum).name)
+                break
             await relay.drain()
             nursery.cancel_scope.cancel()
 
@@ -196,11 +251,12 @@ def _banner(dev: DevAddresses, admin_api: bool, admin_key_file: str | None) -> s
     if dev.admin_url:
         lines.append(f"  relay admin     {dev.admin_url}   (/healthz /readyz /metrics /debug/stats)")
     lines.append(f"  cohort          {DEV_COHORT} (enabled)")
+    rescue = self_command()
     lines += [
         "",
         "Try it (two terminals):",
-        f"  RESCUE_PASSPHRASE=correct-horse rescue share --api {dev.api_url} --session demo-1 -- bash",
-        f"  RESCUE_PASSPHRASE=correct-horse rescue join demo-1 --api {dev.api_url}",
+        f"  RESCUE_PASSPHRASE=correct-horse {rescue} share --api {dev.api_url} --session demo-1 -- bash",
+        f"  RESCUE_PASSPHRASE=correct-horse {rescue} join demo-1 --api {dev.api_url}",
         f"  or in a browser: {join_url(dev.api_url, 'demo-1')}",
         "A token by hand:",
         f"  curl -s -X POST {dev.api_url}/v1/fallback/token -H 'content-type: application/json' \\",
@@ -212,8 +268,9 @@ def _banner(dev: DevAddresses, admin_api: bool, admin_key_file: str | None) -> s
         if admin_key_file is not None:
             lines.append(f"  export RESCUE_ADMIN_KEY=$(cat {admin_key_file})   # throwaway key")
         lines += [
-            f"  rescue admin status --api {dev.api_url}",
-            f"  rescue admin pause --api {dev.api_url}",
+            f"  {rescue} admin status --api {dev.api_url}",
+            f"  {rescue} admin pause --api {dev.api_url}",
+            f"  {rescue} admin resume --api {dev.api_url}",
         ]
     lines.append("Stop with Ctrl-C.")
     return "\n".join(lines)

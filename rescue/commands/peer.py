@@ -1,11 +1,15 @@
 """``rescue share`` and ``rescue join`` (SPEC §11): a real peer on each side of a session.
 
 - ``share [--api URL] [--session ID] [--no-pty] [--cohort C] -- COMMAND...`` (the host) waits for
-  the guest, then runs COMMAND. On a terminal (and without ``--no-pty``) COMMAND gets a
-  pseudo-terminal: its output goes to the guest (channel 0) and to the local terminal, keystrokes
-  from both sides go to it, the window size follows the local terminal and is sent to the guest as
-  CONTROL ``{"winsize": [rows, cols]}`` at start and on every SIGWINCH. Otherwise the streams
-  are raw bytes, byte-exact: the guest's stdin
+  the guest to prove the passphrase (its first frame that authenticates), then runs COMMAND; with
+  a wrong passphrase the session ends with INTEGRITY_ERROR and COMMAND never starts. On a terminal
+  (and without ``--no-pty``) COMMAND gets a pseudo-terminal: its output goes to the guest (channel
+  0) and to the local terminal, keystrokes from both sides go to it. Its window size is the
+  smallest of the host's terminal and the guest's (SPEC §12, :class:`SharedWindow`): the guest
+  reports its size as CONTROL ``{"winsize": [rows, cols]}``, the host re-applies the size on its
+  own SIGWINCH and on every guest report, says on its terminal which size is in force, and sends
+  the size in force to the guest (who is told when the host's window is the smaller one).
+  Otherwise the streams are raw bytes, byte-exact: the guest's stdin
   (channel 1) feeds COMMAND's stdin (closed when the guest sends ``{"eof": true}``), COMMAND's stdout
   goes to the guest's stdout (channel 0) and its stderr to the guest's stderr (channel 2). When
   COMMAND exits, ``{"exit": status}`` is sent after the last byte; ``share`` waits for the guest to
@@ -16,7 +20,9 @@
   exits with the shared command's exit status.
 
 Both print on stderr when they (re)connect, when the partner comes and goes, and when and why they
-reconnect. The passphrase comes from ``RESCUE_PASSPHRASE`` or a prompt on the terminal; ``share``
+reconnect; how the session ended is said once, in words (a wrong passphrase: "the guest's passphrase
+does not match" on the host). Log records stay off the terminal unless ``--log-level`` asks for them.
+The passphrase comes from ``RESCUE_PASSPHRASE`` or a prompt on the terminal; ``share``
 generates one (and prints it on stderr) when neither gives one.
 """
 
@@ -28,8 +34,10 @@ import errno
 import fcntl
 import functools
 import getpass
+import logging
 import os
 import secrets
+import shlex
 import signal
 import stat
 import struct
@@ -42,8 +50,10 @@ from typing import Final
 
 import trio
 
+from rescue._codes import CloseCode
+from rescue._log import configure_logging
 from rescue._tracing import traced_process
-from rescue.cli import add_option
+from rescue.cli import add_option, self_command
 from rescue.client import (
     DEFAULT_COHORT,
     Connected,
@@ -87,12 +97,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "share",
         help="share a command's terminal (or stdin/stdout) through the relay",
         description="Run COMMAND and share its terminal with the guest who joins the session, end to "
-        "end encrypted. Prints the session id (and a generated passphrase) on stderr.",
+        "end encrypted, once the guest has joined. Prints the session id and the exact command the "
+        "guest runs on stderr.\n\n"
+        f"The passphrase comes from ${PASSPHRASE_ENV}, else a prompt on the terminal, else a generated "
+        "one (printed on stderr).\n"
+        f"${SERVICE_KEY_ENV} is the bearer key for the token service when it requires one (a service "
+        "key: an opaque string its operator gives you).\n\n"
+        "example:\n"
+        f"  {PASSPHRASE_ENV}=correct-horse rescue share --session demo-1 -- bash",
     )
     add_option(share, "--api", default=DEFAULT_API, metavar="URL", help="token service base URL")
     add_option(share, "--session", default=None, metavar="ID", help="session id (default: a random one)")
     add_option(share, "--no-pty", action="store_true", help="raw byte streams instead of a terminal")
-    add_option(share, "--cohort", default=DEFAULT_COHORT, help="cohort id for the token request")
+    add_option(share, "--cohort", default=DEFAULT_COHORT, metavar="C", help="cohort id for the token request")
+    _add_log_option(share)
     share.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
     share.set_defaults(func=_share_main)
 
@@ -100,28 +118,65 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "join",
         help="join a shared session: its stream on stdout, your keystrokes to it",
         description="Join SESSION as the guest. Writes only the shared stream to stdout (messages go "
-        "to stderr) and exits with the shared command's exit status.",
+        "to stderr) and exits with the shared command's exit status.\n\n"
+        f"The passphrase comes from ${PASSPHRASE_ENV}, else a prompt on the terminal.\n"
+        f"${SERVICE_KEY_ENV} is the bearer key for the token service when it requires one.\n\n"
+        "example (rescue share prints the exact command):\n"
+        f"  {PASSPHRASE_ENV}=correct-horse rescue join demo-1",
     )
     join.add_argument("session", metavar="SESSION", help="the session id printed by rescue share")
     add_option(join, "--api", default=DEFAULT_API, metavar="URL", help="token service base URL")
-    add_option(join, "--cohort", default=DEFAULT_COHORT, help="cohort id for the token request")
+    add_option(join, "--cohort", default=DEFAULT_COHORT, metavar="C", help="cohort id for the token request")
+    _add_log_option(join)
     join.set_defaults(func=_join_main)
+
+
+def _add_log_option(p: argparse.ArgumentParser) -> None:
+    add_option(
+        p,
+        "--log-level",
+        default=None,
+        metavar="LEVEL",
+        help="also write JSON log lines at LEVEL on stderr (default: none, only messages meant for you)",
+    )
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """The terminal gets our own one-line messages, not log records: without --log-level the
+    ``rescue`` loggers write nowhere (Python would otherwise print WARNING records bare on stderr)."""
+    if args.log_level:
+        configure_logging(args.log_level)
+        return
+    logger = logging.getLogger("rescue")
+    logger.handlers[:] = [logging.NullHandler()]
+    logger.propagate = False
 
 
 # ------------------------------------------------------------------------------------ terminal bits
 
 
 class Console:
-    """Messages of our own on stderr; line endings that still work while the terminal is raw."""
+    """Messages of our own on stderr; line endings that still work while the terminal is raw.
+
+    How the session ended is said once (:meth:`report_closed`), however many paths notice it.
+    """
 
     def __init__(self, prog: str) -> None:
         self.prog = prog
         self.raw = False
+        self.close_reported = False
 
     def say(self, text: str) -> None:
         end = "\r\n" if self.raw else "\n"
         sys.stderr.write(f"rescue {self.prog}: {text}{end}")
         sys.stderr.flush()
+
+    def report_closed(self, closed: SessionClosed, peer_word: str) -> None:
+        """One line for a session that did not end normally; nothing the second time."""
+        if self.close_reported:
+            return
+        self.close_reported = True
+        self.say(describe_close(closed, peer_word))
 
     def on_event(self, peer_word: str) -> Callable[[ConnectionEvent], None]:
         """A callback for :func:`open_peer` that reports connection events."""
@@ -143,9 +198,33 @@ class Console:
                 token = ", with a fresh token" if event.fresh_token else ""
                 self.say(f"connection lost: {event.reason}{code}; reconnecting in {event.delay:.1f} s{token}")
             elif isinstance(event, SessionClosed) and event.code not in (None, 1000) and not event.local:
-                self.say(f"session closed: {event.reason} ({event.code})")
+                self.report_closed(event, peer_word)
 
         return report
+
+
+def describe_close(closed: SessionClosed, peer_word: str) -> str:
+    """The line the user reads about how a session ended (``peer_word``: who the partner is)."""
+    if closed.code == CloseCode.INTEGRITY_ERROR:
+        # Either side may be the one that noticed; to the person at the terminal it is the same.
+        if peer_word == "guest":
+            return "error: the guest's passphrase does not match (their frames fail authentication)"
+        return "error: the passphrase does not match the host's (its frames fail authentication)"
+    if isinstance(closed.error, GuardrailError):
+        return f"error: the relay fallback is refused ({closed.error.error}): {closed.error}"
+    if closed.error is not None:
+        return f"error: {closed.error}"
+    name = _close_name(closed.code)
+    return f"session ended: {closed.reason or 'closed'} ({name})"
+
+
+def _close_name(code: int | None) -> str:
+    if code is None:
+        return "no close code"
+    try:
+        return f"{CloseCode(code).name} {code}"
+    except ValueError:
+        return str(code)
 
 
 @contextlib.contextmanager
@@ -173,6 +252,48 @@ def get_winsize(fd: int) -> tuple[int, int] | None:
 def set_winsize(fd: int, rows: int, cols: int) -> None:
     """Set the window size of the pty on ``fd`` (its process group gets SIGWINCH)."""
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+# A window size a partner sends must fit the pty's 16-bit fields; anything else is ignored.
+MAX_WINSIZE: Final = 0xFFFF
+
+
+def parse_winsize(value: object) -> tuple[int, int] | None:
+    """``[rows, cols]`` from a CONTROL ``{"winsize"}`` as a size, or ``None`` if it is not one."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None
+    rows, cols = value
+    for n in (rows, cols):
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_WINSIZE:
+            return None
+    return rows, cols
+
+
+class SharedWindow:
+    """The size in force on the shared pty (SPEC §12): the smallest of the attached terminals, per
+    dimension, as tmux does, so no one's screen is smaller than the program's.
+
+    Pure state; the shell applies :attr:`size` to the pty and tells both sides. The guest's last
+    size is kept while it is away (it comes back within the resume grace and does not resend it).
+    """
+
+    def __init__(self, host: tuple[int, int]) -> None:
+        self.host = host
+        self.guest: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(rows, cols) in force."""
+        if self.guest is None:
+            return self.host
+        return min(self.host[0], self.guest[0]), min(self.host[1], self.guest[1])
+
+    def describe(self) -> str:
+        """Which size is in force and why, for the host's terminal."""
+        rows, cols = self.size
+        if self.size == self.host:
+            return f"window {rows}x{cols} (yours)"
+        return f"window {rows}x{cols}: the guest's window is smaller (yours is {self.host[0]}x{self.host[1]})"
 
 
 class FdIO:
@@ -278,6 +399,7 @@ def _share_main(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise ConfigError("nothing to share: give a command after --, e.g. rescue share -- bash")
+    _setup_logging(args)
     session = args.session or secrets.token_urlsafe(9)
     if len(session) > MAX_SESSION_LEN:
         raise ConfigError(f"session id longer than {MAX_SESSION_LEN} characters")
@@ -287,11 +409,25 @@ def _share_main(args: argparse.Namespace) -> int:
         passphrase = secrets.token_urlsafe(15)
         console.say(f"passphrase: {passphrase}")
     console.say(f"session: {session}")
-    console.say(f"the guest joins with: RESCUE_PASSPHRASE=... rescue join {session} --api {args.api}")
-    console.say(f"or in a browser: {join_url(args.api, session)}")
+    console.say(f"the guest joins with: {guest_command(args, session)}")
+    console.say(f"  (passphrase from ${PASSPHRASE_ENV} or a prompt)")
+    if args.cohort == DEFAULT_COHORT:
+        console.say(f"or in a browser: {join_url(args.api, session)}")
+    else:  # the page asks for tokens in the default cohort only
+        console.say(f"(the browser page joins the {DEFAULT_COHORT!r} cohort only, not {args.cohort!r})")
     use_pty = not args.no_pty and sys.stdin.isatty()
     with traced_process("beach-rescue-client"):
         return trio.run(_share, args, command, session, passphrase, use_pty, console)
+
+
+def guest_command(args: argparse.Namespace, session: str) -> str:
+    """The ``rescue join`` command line for the guest, ready to paste: this same executable, and
+    every option the guest needs to reach the same session (``--api`` always, ``--cohort`` when it
+    is not the default)."""
+    argv = ["join", session, "--api", args.api]
+    if args.cohort != DEFAULT_COHORT:
+        argv += ["--cohort", args.cohort]
+    return f"{self_command()} {shlex.join(argv)}"
 
 
 async def _share(
@@ -348,9 +484,11 @@ async def _share_session(
         on_event=console.on_event("guest"),
         give_up_after=GIVE_UP_AFTER_S,
     ) as peer:
-        await peer.wait_partner()
+        # COMMAND starts only for a guest that has proven the passphrase (its first authenticated
+        # frame); with a wrong one the session ends with INTEGRITY_ERROR before anything runs.
+        await peer.wait_partner_verified()
         if peer.closed is not None:
-            return _report_closed(peer, console)
+            return _report_closed(peer, console, "guest")
         try:
             if use_pty:
                 with raw_terminal(sys.stdin.fileno(), console):
@@ -361,7 +499,7 @@ async def _share_session(
             with trio.move_on_after(FINAL_DRAIN_S):
                 await peer.drain()
         except ConnectionClosedError:
-            return _report_closed(peer, console)
+            return _report_closed(peer, console, "guest")
         except RescueError as exc:
             console.say(f"error: {exc}")
             return 1
@@ -369,14 +507,9 @@ async def _share_session(
     return status
 
 
-def _report_closed(peer: Peer, console: Console) -> int:
-    closed = peer.closed
-    if closed is not None and isinstance(closed.error, GuardrailError):
-        console.say(f"error: the relay fallback is refused ({closed.error.error}): {closed.error}")
-    elif closed is not None and closed.error is not None:
-        console.say(f"error: {closed.error}")
-    elif closed is not None:
-        console.say(f"session ended: {closed.reason or 'closed'} ({closed.code})")
+def _report_closed(peer: Peer, console: Console, peer_word: str) -> int:
+    if peer.closed is not None:
+        console.report_closed(peer.closed, peer_word)
     return 1
 
 
@@ -465,24 +598,39 @@ async def _run_in_pty(peer: Peer, command: list[str], console: Console) -> int:
             await screen.write(data)
         output_done.set()
 
+    window = SharedWindow((rows, cols))
+
+    async def apply_size() -> None:
+        """Put the size in force on the pty (its programs get SIGWINCH) and tell the guest."""
+        size = window.size
+        if size != get_winsize(pty.fileno()):
+            set_winsize(pty.fileno(), *size)
+            console.say(window.describe())
+        await peer.send_control({"winsize": list(size)})
+
     async def guest_input() -> None:
         while True:
             message = await peer.receive()
             if isinstance(message, DataReceived) and message.channel == 1:
                 await pty.write(message.data)
+            elif isinstance(message, ControlReceived) and "winsize" in message.data:
+                size = parse_winsize(message.data["winsize"])
+                if size is not None and size != window.guest:
+                    window.guest = size
+                    await apply_size()
 
     async def local_input() -> None:
         while data := await keyboard.read():
             await pty.write(data)
 
     async def resizes() -> None:
-        await peer.send_control({"winsize": [rows, cols]})
+        await peer.send_control({"winsize": list(window.size)})
         with trio.open_signal_receiver(signal.SIGWINCH) as sigwinch:
             async for _ in sigwinch:
                 size = get_winsize(local_in)
-                if size is not None:
-                    set_winsize(pty.fileno(), *size)
-                    await peer.send_control({"winsize": list(size)})
+                if size is not None and size != window.host:
+                    window.host = size
+                    await apply_size()
 
     guard = _SessionGuard()
     status = 1
@@ -510,6 +658,7 @@ async def _run_in_pty(peer: Peer, command: list[str], console: Console) -> int:
 
 
 def _join_main(args: argparse.Namespace) -> int:
+    _setup_logging(args)
     console = Console("join")
     passphrase = _read_passphrase("Passphrase: ")
     if passphrase is None:
@@ -565,10 +714,25 @@ async def _join_session(
                         if size is not None:
                             await peer.send_control({"winsize": list(size)})
 
+            announced: tuple[int, int] | None = None
+
+            def size_in_force(size: tuple[int, int]) -> None:
+                # Said only when the host's window, not ours, limits the shared one (and once).
+                nonlocal announced
+                own = get_winsize(sys.stdin.fileno()) if interactive else None
+                smaller = own is not None and (size[0] < own[0] or size[1] < own[1])
+                if smaller and size != announced:
+                    assert own is not None
+                    console.say(
+                        f"the shared window is {size[0]}x{size[1]}: the host's window is smaller "
+                        f"than yours ({own[0]}x{own[1]})"
+                    )
+                announced = size if smaller else None
+
             nursery.start_soon(forward_input)
             if interactive:
                 nursery.start_soon(report_size)
-            status = await _play(peer, stdout, stderr)
+            status = await _play(peer, stdout, stderr, size_in_force)
             nursery.cancel_scope.cancel()
         if status is None:
             # The session ended without an exit status: normal end (the host stopped sharing) is
@@ -576,7 +740,7 @@ async def _join_session(
             closed = peer.closed
             if closed is None or (closed.code == 1000 and closed.error is None):
                 return 0
-            return _report_closed(peer, console)
+            return _report_closed(peer, console, "host")
         return status
     finally:
         with trio.CancelScope(shield=True):
@@ -584,8 +748,11 @@ async def _join_session(
                 await io.aclose()
 
 
-async def _play(peer: Peer, stdout: FdIO, stderr: FdIO) -> int | None:
-    """Write the host's stream out until its exit status arrives (``None``: the session ended)."""
+async def _play(
+    peer: Peer, stdout: FdIO, stderr: FdIO, on_winsize: Callable[[tuple[int, int]], None]
+) -> int | None:
+    """Write the host's stream out until its exit status arrives (``None``: the session ended);
+    the window size in force on the host's pty goes to ``on_winsize``."""
     while True:
         try:
             message = await peer.receive()
@@ -597,6 +764,9 @@ async def _play(peer: Peer, stdout: FdIO, stderr: FdIO) -> int | None:
             elif message.channel == 2:
                 await stderr.write(message.data)
         else:
+            size = parse_winsize(message.data.get("winsize"))
+            if size is not None:
+                on_winsize(size)
             exit_status = message.data.get("exit")
             if isinstance(exit_status, int) and not isinstance(exit_status, bool):
                 return exit_status & 0xFF

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import signal
 import sys
@@ -297,7 +298,25 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
             paused=environ.get("FALLBACK_WS_PAUSED", "").strip().lower() in _TRUE,
         )
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(flag_names(str(exc), args.parser)) from None
+
+
+def flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` from :class:`RelayConfig` (which names its fields) in the words of the command line.
+
+    A config field with an option is renamed to that option (``token_service`` → ``--token-service``)
+    wherever it appears as a snake_case word, and as the first word of the message (``keys is
+    required…``); plain English words elsewhere (a "keys" in a sentence) stay as they are.
+    """
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"}
+
+    def rename(match: re.Match[str]) -> str:
+        word = match.group(0)
+        if word in flags and ("_" in word or match.start() == 0):
+            return flags[word]
+        return word
+
+    return re.sub(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)*\b", rename, message)
 
 
 async def run_relay(
@@ -404,10 +423,11 @@ def _run(args: argparse.Namespace) -> int:
         return trio.run(
             partial(run_supervisor, Supervisor(specs, drain_s=config.drain_s), early_signals=early)
         )
+    config = build_config(args, os.environ)  # a bad configuration is one line, before any log
     log_event(_LOG, "relay.starting", node_id=args.node_id)
     # the activation-report key is a secret: environment only, never a flag (`ps` shows flags)
     report_key = os.environ.get("RESCUE_REPORT_KEY", "").strip() or None
-    relay = Relay(build_config(args, os.environ), report_key=report_key)
+    relay = Relay(config, report_key=report_key)
     configure_session_tags(os.environ, component="relay")
     with traced_process("beach-rescue-relay"):
         trio.run(partial(run_relay, relay, early_signals=early))

@@ -59,7 +59,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "variables: the admin key from $RESCUE_ADMIN_KEY (see --admin-key-env), service keys from "
         "$RESCUE_SERVICE_KEYS (comma-separated), relay report keys from $RESCUE_REPORT_KEYS, the "
         "session-tag key (shared with the relays) from $RESCUE_LOG_TAG_KEY. "
-        "BEACH_RESCUE_DISABLE_OIDC=1 (ignored when RESCUE_ENV=production) lets anyone mint.",
+        "BEACH_RESCUE_DISABLE_OIDC=1 (ignored when RESCUE_ENV=production) lets anyone mint.\n\n"
+        "Admin, service and report keys are opaque bearer strings: any long random string, e.g.\n"
+        "  python3 -c 'import secrets; print(secrets.token_urlsafe(32))'\n"
+        "Callers send them as 'Authorization: Bearer KEY' (rescue admin reads $RESCUE_ADMIN_KEY, "
+        "rescue share/join read $RESCUE_SERVICE_KEY, a relay reads $RESCUE_REPORT_KEY). The signing "
+        "key comes from rescue keygen --out KEY_FILE.",
     )
     add_option(
         p, "--signing-key", required=True, metavar="KEY_FILE", help="private Ed25519 JWK that signs tokens"

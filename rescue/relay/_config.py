@@ -121,7 +121,7 @@ class RelayConfig:
     def __post_init__(self) -> None:
         self.session_limits()  # validates the session numbers
         if self.keys is None and self.token_service is None:
-            raise ValueError("keys is required (a JWK set file or URL) unless token_service is set")
+            raise ValueError("keys is required unless token_service is set (keys: a JWK set file or URL)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         positive = (
@@ -138,14 +138,14 @@ class RelayConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        if not (0 <= self.read_coalesce_s <= 1 and 0 <= self.quiet_tick_s <= 1):
-            raise ValueError("read_coalesce_s and quiet_tick_s must be between 0 and 1")
+        for name in ("read_coalesce_s", "quiet_tick_s"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1")
         if not self.quiet_after_s >= 0:  # (NaN too)
             raise ValueError("quiet_after_s must be >= 0")
-        if self.max_sessions < 1 or self.handshakes_per_ip_per_min < 0 or self.rate_limit_sources < 1:
-            raise ValueError(
-                "max_sessions and rate_limit_sources must be >= 1, handshakes_per_ip_per_min >= 0"
-            )
+        for name, low in (("max_sessions", 1), ("rate_limit_sources", 1), ("handshakes_per_ip_per_min", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}")
 
     def session_limits(self) -> SessionLimits:
         """The slice of this config every session runs by."""
