@@ -158,15 +158,19 @@ CLUSTER_MASTERS = 3
 CLUSTER_START_TIMEOUT_S = 60.0
 
 
+def _port_free(port: int) -> bool:
+    """127.0.0.1:``port`` can be bound right now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _port_pair_free(port: int) -> bool:
     """``port`` and its cluster bus port (``port`` + 10000) can both be bound right now."""
-    for candidate in (port, port + 10000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                return False
-    return True
+    return _port_free(port) and _port_free(port + 10000)
 
 
 def tcp_redis_argv(port: int, directory: str, *extra: str) -> list[str]:
@@ -289,6 +293,135 @@ def redis_cluster_url(redis_cluster_session: RedisClusterServers) -> str:
     """``redis+cluster://`` URL of the shared private cluster, flushed (data and scripts) for this test."""
     redis_cluster_session.flush()
     return redis_cluster_session.url
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis Sentinel (decision 0013): a primary, a replica and three sentinels (quorum 2), private, on
+# random 127.0.0.1 ports in one temporary directory, no persistence. Automatic failover is held off
+# (down-after 60 s) so a test decides when the replica is promoted (`SENTINEL FAILOVER`) and can
+# look at the time in between, when no primary answers. Function-scoped: tests kill its servers.
+# ---------------------------------------------------------------------------------------------
+
+SENTINEL_MASTER = "rescue"
+SENTINELS = 3
+
+
+def _free_port(rng: random.Random, taken: list[int]) -> int:
+    while True:
+        port = rng.randrange(40000, 50000)  # apart from the cluster's ports and their bus ports
+        if port not in taken and _port_free(port):
+            return port
+
+
+@dataclass
+class SentinelServers:
+    """A private primary + replica + sentinels. ``primary`` / ``replica``: indexes into ``data_ports``."""
+
+    data: list[subprocess.Popen[bytes]]
+    data_ports: list[int]
+    sentinels: list[subprocess.Popen[bytes]]
+    sentinel_ports: list[int]
+    directory: str
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{SENTINEL_MASTER}"
+
+    def data_client(self, index: int) -> redis.Redis:
+        return redis.Redis(port=self.data_ports[index], decode_responses=True, socket_timeout=5)
+
+    def sentinel_client(self, index: int) -> redis.Redis:
+        return redis.Redis(port=self.sentinel_ports[index], decode_responses=True, socket_timeout=5)
+
+    def master_port(self, index: int) -> int:
+        """The primary's port as sentinel ``index`` names it now."""
+        with self.sentinel_client(index) as client:
+            return int(client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER)[1])
+
+    def stop(self) -> None:
+        for process in [*self.data, *self.sentinels]:
+            if process.poll() is None:
+                process.kill()
+        for process in [*self.data, *self.sentinels]:
+            process.wait(timeout=10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _start(servers: SentinelServers, argv: list[str], deadline: float) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 0
+    if port and wait_for_ping(port, process, deadline):
+        return process
+    process.kill()
+    process.wait(timeout=10)
+    pytest.fail(f"redis-server on port {port} did not start (port taken?)")
+
+
+def _wait_until(condition: Callable[[], bool], deadline: float) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("the sentinel set-up did not become ready in time")
+        time.sleep(0.05)
+
+
+def start_sentinel_servers() -> SentinelServers:
+    """Start a primary, one replica and :data:`SENTINELS` sentinels that all know both servers."""
+    rng = random.Random()
+    servers = SentinelServers([], [], [], [], tempfile.mkdtemp(prefix="rescue-sentinel-"))
+    deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
+    try:
+        for role in ("primary", "replica"):
+            port = _free_port(rng, servers.data_ports)
+            directory = os.path.join(servers.directory, role)
+            os.mkdir(directory)
+            extra = [] if role == "primary" else ["--replicaof", "127.0.0.1", str(servers.data_ports[0])]
+            servers.data.append(_start(servers, tcp_redis_argv(port, directory, *extra), deadline))
+            servers.data_ports.append(port)
+        for i in range(SENTINELS):
+            port = _free_port(rng, [*servers.data_ports, *servers.sentinel_ports])
+            config = os.path.join(servers.directory, f"sentinel-{i}.conf")  # sentinels rewrite it
+            with open(config, "w") as f:
+                f.write(
+                    f"port {port}\nbind 127.0.0.1\ndir {servers.directory}\n"
+                    f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {servers.data_ports[0]} 2\n"
+                    f"sentinel down-after-milliseconds {SENTINEL_MASTER} 60000\n"
+                    f"sentinel failover-timeout {SENTINEL_MASTER} 10000\n"
+                )
+            binary = tcp_redis_argv(port, servers.directory)[0]
+            servers.sentinels.append(
+                _start(servers, [binary, config, "--sentinel", "--port", str(port)], deadline)
+            )
+            servers.sentinel_ports.append(port)
+        # ready: the replica is in sync, and every sentinel knows it and the other sentinels (so
+        # after a failover each hears of the new primary from the others, through the replica)
+        with servers.data_client(1) as replica:
+            _wait_until(lambda: replica.info("replication").get("master_link_status") == "up", deadline)
+        for i in range(SENTINELS):
+            with servers.sentinel_client(i) as sentinel:
+                _wait_until(
+                    lambda: (
+                        int(sentinel.execute_command("SENTINEL", "MASTER", SENTINEL_MASTER)["num-slaves"])
+                        == 1
+                        and len(sentinel.execute_command("SENTINEL", "SENTINELS", SENTINEL_MASTER))
+                        == SENTINELS - 1
+                    ),
+                    deadline,
+                )
+        return servers
+    except BaseException:
+        servers.stop()
+        raise
+
+
+@pytest.fixture
+def redis_sentinel() -> Iterator[SentinelServers]:
+    """A private primary + replica + three sentinels of this test's own (it may kill any of them)."""
+    servers = start_sentinel_servers()
+    try:
+        yield servers
+    finally:
+        servers.stop()
 
 
 # ---------------------------------------------------------------------------------------------
