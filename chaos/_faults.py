@@ -8,9 +8,14 @@ Fault kinds:
 - ``redis_restart``: SIGKILL redis-server, outage, start an empty one (no persistence: the node
   registry and session assignments are gone and must be rebuilt by the relays' refresh).
 - ``token_service_restart``: stop the token service (SIGTERM or SIGKILL at random), outage, start.
+- ``redis_failover`` (a fleet with ``redis_mode="sentinel"``): SIGKILL the Redis primary; the
+  Sentinel promotes the replica (the time that takes is recorded; one peer is dropped at once, so
+  it reconnects while minting fails closed for want of a primary); after the outage the old
+  primary comes back as a replica of the new one, and the injector waits until the Sentinel sees
+  a healthy replica again (so the next failover has somewhere to go).
 
-During Redis and token-service outages one random peer is also dropped half-way, so a reconnect
-happens while the control plane is down (relays verify tokens themselves and keep serving with
+During Redis and token-service outages (and Redis failovers) one random peer is also dropped, so
+a reconnect happens while the control plane is down (relays verify tokens themselves and keep serving with
 the last known kill-switch state, SPEC §6).
 
 After each fault the injector waits until the fleet has *recovered*: every live session has
@@ -46,7 +51,10 @@ FAULT_KINDS: Final = (
     "relay_sigterm",
     "redis_restart",
     "token_service_restart",
+    "redis_failover",
 )
+# A failover is the Sentinel's: it must name a new primary within this.
+_FAILOVER_TIMEOUT_S: Final = 60.0
 # Recovery is checked this often (its resolution).
 _RECOVERY_POLL_S: Final = 0.05
 # Control-plane probes (a token mint, /readyz, the node list) are slower HTTP round trips.
@@ -180,6 +188,8 @@ class FaultInjector:
         kind = self._deck.pop()
         if kind.startswith("relay_") and not self.fleet.relays:
             return "peer_abort"
+        if kind == "redis_failover" and self.fleet.redis_mode != "sentinel":
+            raise ValueError("redis_failover needs a fleet with a Sentinel (redis_mode='sentinel')")
         return kind
 
     async def run(self, until: float) -> None:
@@ -212,6 +222,8 @@ class FaultInjector:
             elif kind == "redis_restart":
                 assert self.fleet.redis is not None
                 await self._restart_control(record, self.fleet.redis, signal.SIGKILL)
+            elif kind == "redis_failover":
+                await self._failover(record)
             elif kind == "token_service_restart":
                 assert self.fleet.token_service is not None
                 sig = self.rng.choice([signal.SIGTERM, signal.SIGKILL])
@@ -279,6 +291,41 @@ class FaultInjector:
         else:
             await trio.sleep(outage)
         record.detail["start_s"] = round(await service.start(), 3)
+        record.restored = self.clock()
+
+    async def _failover(self, record: FaultRecord) -> None:
+        fleet = self.fleet
+        primary = await fleet.redis_primary()
+        if primary is None:
+            raise FleetError("the Sentinel names no primary")
+        record.target = primary.name
+        await primary.stop(signal.SIGKILL)
+        killed = trio.current_time()
+        if self.plan.abort_during_outage:  # a reconnect while minting fails closed (no primary)
+            record.detail["aborted_during_outage"] = self._abort_random_peer()
+        new: Any = None
+        with trio.move_on_after(_FAILOVER_TIMEOUT_S):
+            while new is None or new is primary:
+                await trio.sleep(0.1)
+                new = await fleet.redis_primary()
+        if new is None or new is primary:
+            raise FleetError(f"the Sentinel promoted no replica within {_FAILOVER_TIMEOUT_S:g} s")
+        record.detail.update(
+            signal="SIGKILL", promoted=new.name, failover_s=round(trio.current_time() - killed, 3)
+        )
+        await self._outage(record)
+        # back as a replica of the new primary (as the Sentinel would reconfigure it anyway)
+        base = (
+            primary.argv[: primary.argv.index("--replicaof")]
+            if "--replicaof" in primary.argv
+            else primary.argv
+        )
+        primary.argv = [*base, "--replicaof", "127.0.0.1", str(fleet.redis_ports[new.name])]
+        record.detail["start_s"] = round(await primary.start(), 3)
+        with trio.move_on_after(_FAILOVER_TIMEOUT_S):
+            while not await fleet.sentinel_settled():  # noqa: ASYNC110 -- asks another process
+                await trio.sleep(0.1)
+        record.detail["replica_back"] = await fleet.sentinel_settled()
         record.restored = self.clock()
 
     async def _outage(self, record: FaultRecord) -> None:

@@ -5,7 +5,10 @@ log file, and can be stopped (SIGTERM or SIGKILL) and started again on the same 
 what the chaos harness does to it and what an operator's supervisor would do.
 
 - Redis is private: a unix socket in a fresh temporary directory, TCP off, no persistence (a
-  restart loses every key, as a fresh Redis container would).
+  restart loses every key, as a fresh Redis container would). With ``redis_mode="sentinel"`` it is
+  a primary and a replica on 127.0.0.1 TCP ports watched by one Sentinel (quorum 1, a primary is
+  down after 1 s), and every rescue process gets ``redis+sentinel://`` (decision 0013): a
+  ``redis_failover`` fault kills the primary and the Sentinel promotes the replica.
 - The token service signs with a throwaway key (``rescue keygen``) and mints without
   authentication (``BEACH_RESCUE_DISABLE_OIDC=1``, ``BEACH_DEV_ENABLE_FALLBACK_WS=1``; both are
   ignored under ``RESCUE_ENV=production``, which is removed from the children's environment).
@@ -39,6 +42,7 @@ import trio
 
 __all__ = [
     "RELAY_TUNING",
+    "SENTINEL_MASTER",
     "Fleet",
     "FleetError",
     "Service",
@@ -59,6 +63,10 @@ HTTP_TIMEOUT_S: Final = 2.0
 # /debug/stats of a node holding a thousand sessions is a few hundred KiB of JSON made on a
 # busy event loop: it gets longer than a probe.
 STATS_TIMEOUT_S: Final = 15.0
+# Sentinel mode: the master name, how soon a silent primary counts as down, and the failover bound.
+SENTINEL_MASTER: Final = "chaos"
+SENTINEL_DOWN_AFTER_MS: Final = 1000
+SENTINEL_FAILOVER_TIMEOUT_MS: Final = 5000
 # Environment the children must not inherit: it would change what they do behind our back.
 _SCRUB_PREFIXES: Final = ("RESCUE_", "FALLBACK_WS_", "BEACH_")
 
@@ -242,7 +250,11 @@ class Fleet:
         env: dict[str, str] | None = None,
         token_service_args: Sequence[str] = (),
         relay_args: Sequence[str] = (),
+        redis_mode: str = "single",
     ) -> None:
+        if redis_mode not in ("single", "sentinel"):
+            raise ValueError(f"redis_mode must be single or sentinel, not {redis_mode!r}")
+        self.redis_mode = redis_mode
         self.work_dir = work_dir
         self.extra_env = dict(env or {})  # for every rescue child (OTEL_*, guardrail settings)
         self.token_service_args = list(token_service_args)
@@ -258,6 +270,14 @@ class Fleet:
         self.redis_dir = Path(tempfile.mkdtemp(prefix="chaos-redis-"))  # short: unix socket path limit
         self.redis_socket = self.redis_dir / "redis.sock"
         self.redis_url = f"unix://{self.redis_socket}?db=0"
+        # sentinel mode: the data servers (primary first, at the start) and the Sentinel
+        self.redis_servers: list[Service] = []
+        self.redis_ports: dict[str, int] = {}
+        self.sentinel: Service | None = None
+        self.sentinel_port = 0
+        if redis_mode == "sentinel":
+            self.sentinel_port = free_port()
+            self.redis_url = f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{SENTINEL_MASTER}"
         self.api_port = free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.relay_tuning: dict[str, str] = {}
@@ -300,6 +320,8 @@ class Fleet:
         redis_binary = shutil.which("redis-server")
         if redis_binary is None:
             raise FleetError("redis-server is not installed (apt-get install redis-server)")
+        if self.redis_mode == "sentinel":
+            self._prepare_sentinel(redis_binary)
         self.redis = Service(
             "redis",
             [redis_binary, "--port", "0", "--unixsocket", str(self.redis_socket), "--unixsocketperm", "700",
@@ -351,6 +373,87 @@ class Fleet:
                 )
             )
 
+    def _prepare_sentinel(self, redis_binary: str) -> None:
+        for name in ("redis-a", "redis-b"):
+            port = self.redis_ports[name] = free_port()
+            directory = self.redis_dir / name
+            directory.mkdir()
+            argv = [redis_binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(directory), "--daemonize", "no"]  # fmt: skip
+            if name == "redis-b":
+                argv += ["--replicaof", "127.0.0.1", str(self.redis_ports["redis-a"])]
+            self.redis_servers.append(
+                Service(name, argv, child_env(), self.log_dir / f"{name}.log", self._tcp_ping(port))
+            )
+        conf = self.redis_dir / "sentinel.conf"  # Sentinel rewrites its own config file
+        conf.write_text(
+            f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.redis_dir}\n"
+            f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {self.redis_ports['redis-a']} 1\n"
+            f"sentinel down-after-milliseconds {SENTINEL_MASTER} {SENTINEL_DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {SENTINEL_MASTER} {SENTINEL_FAILOVER_TIMEOUT_MS}\n"
+        )
+        self.sentinel = Service(
+            "sentinel",
+            [redis_binary, str(conf), "--sentinel", "--daemonize", "no"],
+            child_env(),
+            self.log_dir / "sentinel.log",
+            self._tcp_ping(self.sentinel_port),
+        )
+
+    def _tcp_ping(self, port: int) -> Callable[[], Awaitable[bool]]:
+        async def ready() -> bool:
+            return await redis_ping(port=port)
+
+        return ready
+
+    async def sentinel_command(self, *args: str) -> Any:
+        """One command to the Sentinel (``None`` when it does not answer)."""
+        import redis
+
+        def call() -> Any:
+            client = redis.Redis(
+                host="127.0.0.1",
+                port=self.sentinel_port,
+                socket_timeout=HTTP_TIMEOUT_S,
+                decode_responses=True,
+            )
+            try:
+                return client.execute_command(*args)
+            finally:
+                client.close()
+
+        try:
+            return await trio.to_thread.run_sync(call)
+        except (OSError, redis.RedisError):
+            return None
+
+    async def redis_primary(self) -> Service | None:
+        """The data server the Sentinel names as primary right now."""
+        answer = await self.sentinel_command("SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER)
+        if not answer:
+            return None
+        port = int(answer[1])
+        return next((s for s in self.redis_servers if self.redis_ports[s.name] == port), None)
+
+    async def sentinel_settled(self) -> bool:
+        """The primary and one replica are both up and known to the Sentinel (a failover can happen)."""
+        primary = await self.redis_primary()
+        if primary is None or not primary.running:
+            return False
+        replicas = await self.sentinel_command("SENTINEL", "replicas", SENTINEL_MASTER) or []
+        for replica in replicas:
+            fields = (
+                dict(zip(replica[::2], replica[1::2], strict=False)) if isinstance(replica, list) else replica
+            )
+            flags = str(fields.get("flags", ""))
+            if (
+                "down" not in flags
+                and "disconnected" not in flags
+                and fields.get("master-link-status") == "ok"
+            ):
+                return True
+        return False
+
     async def start(self, *, log_level: str = "INFO", start_nodes: int | None = None) -> None:
         """Start everything and wait until every node is registered and ready.
 
@@ -365,7 +468,18 @@ class Fleet:
         await self._prepare(log_level)
         assert self.redis is not None
         assert self.token_service is not None
-        await self.redis.start()
+        if self.redis_mode == "sentinel":
+            assert self.sentinel is not None
+            for server in self.redis_servers:
+                await server.start()
+            await self.sentinel.start()
+            with trio.move_on_after(START_TIMEOUT_S):
+                while not await self.sentinel_settled():  # noqa: ASYNC110 -- asks another process
+                    await trio.sleep(POLL_S * 4)
+            if not await self.sentinel_settled():
+                raise FleetError("the Sentinel did not see a primary and a replica in time")
+        else:
+            await self.redis.start()
         await self.token_service.start()
         starting = self.relays[:start_nodes]
         async with trio.open_nursery() as nursery:
@@ -494,6 +608,9 @@ class Fleet:
 
     def services(self) -> list[Service]:
         """Every service made so far: redis, token service, relays."""
+        if self.redis_mode == "sentinel":
+            return [*self.redis_servers, *([self.sentinel] if self.sentinel else []),
+                    *([self.token_service] if self.token_service else []), *self.relays]  # fmt: skip
         return [s for s in (self.redis, self.token_service, *self.relays) if s is not None]
 
     async def kill_all(self) -> None:
@@ -501,18 +618,22 @@ class Fleet:
         async with trio.open_nursery() as nursery:
             for relay in self.relays:
                 nursery.start_soon(relay.stop)
-        for service in (self.token_service, self.redis):
+        for service in (self.token_service, self.redis, self.sentinel, *self.redis_servers):
             if service is not None:
                 await service.stop()
         for service in self.services():
             service.close_log()
 
 
-async def redis_ping(path: Path) -> bool:
-    """Whether a Redis on unix socket ``path`` answers PING (RESP inline command)."""
+async def redis_ping(path: Path | None = None, *, port: int | None = None) -> bool:
+    """Whether a Redis on unix socket ``path`` (or 127.0.0.1 ``port``) answers PING (RESP inline)."""
     try:
         with trio.move_on_after(HTTP_TIMEOUT_S):
-            stream = await trio.open_unix_socket(str(path))
+            stream: trio.abc.Stream = (
+                await trio.open_unix_socket(str(path))
+                if path is not None
+                else await trio.open_tcp_stream("127.0.0.1", port or 0)
+            )
             async with stream:
                 await stream.send_all(b"PING\r\n")
                 return (await stream.receive_some(64)).startswith(b"+PONG")
@@ -531,13 +652,15 @@ async def open_fleet(
     start_nodes: int | None = None,
     token_service_args: Sequence[str] = (),
     relay_args: Sequence[str] = (),
+    redis_mode: str = "single",
 ) -> AsyncIterator[Fleet]:
     """Start a fleet under ``work_dir`` (logs in ``work_dir/logs``); stop it on the way out.
 
     ``env`` is added to the environment of the token service and every relay (``RESCUE_*``
     guardrail settings, ``OTEL_*`` tracing). ``start_nodes`` relays of ``nodes`` are started (all
     by default); ``token_service_args`` and ``relay_args`` are appended to those command lines
-    (short TTLs in tests).
+    (short TTLs in tests). ``redis_mode="sentinel"``: a primary, a replica and a Sentinel instead
+    of one Redis (see the module docstring).
 
     Raises:
         FleetError: a part did not start (its log tail is in the message).
@@ -553,6 +676,7 @@ async def open_fleet(
             env=env,
             token_service_args=token_service_args,
             relay_args=relay_args,
+            redis_mode=redis_mode,
         )
         try:
             await fleet.start(log_level=log_level, start_nodes=start_nodes)

@@ -22,7 +22,8 @@ connected to different nodes, as every node's ``/debug/stats`` says after each f
 ``--scenario fleet`` is the fleet-scale preset: 1,000 sessions on 3 nodes at 64 B/s per direction
 (what a shared 2-core machine carries next to the fleet itself), started at 50 sessions/s, relays
 registering for 5 s (``--register-ttl-s 5``: a dead node's sessions move within seconds), and a
-mix of node SIGKILLs and SIGTERMs, token-service restarts and a few peer drops. Per fault kind it
+mix of node SIGKILLs and SIGTERMs, token-service restarts, Redis failovers (a primary, a replica
+and a Sentinel: ``--redis sentinel``, the fleet default) and a few peer drops. Per fault kind it
 reports P95 of fault -> resumed stream over every interrupted session, how many moved node, and
 the token service's latency and busiest second during the reconnect storm.
 
@@ -83,6 +84,7 @@ DEFAULT_WEIGHTS: Final = {
     "relay_sigterm": 1,
     "redis_restart": 1,
     "token_service_restart": 1,
+    "redis_failover": 0,
 }
 # --scenario fleet: node loss and drains dominate; a plain Redis restart (no persistence: every
 # assignment gone at once) is not a failover and stays out of the mix (weight it in explicitly).
@@ -92,6 +94,7 @@ FLEET_WEIGHTS: Final = {
     "relay_sigterm": 2,
     "redis_restart": 0,
     "token_service_restart": 1,
+    "redis_failover": 1,
 }
 # --scenario fleet relays: registrations that lapse 5 s after a node dies (default 15 s); the
 # smoke (--quick) lets them lapse in 1.5 s and keeps nodes down 2-3 s, so its SIGKILL moves sessions.
@@ -119,6 +122,7 @@ class ChaosConfig:
     out: Path
     log_level: str
     scenario: str = "basic"
+    redis: str = "single"
     ramp: float | None = None
     relay_args: tuple[str, ...] = ()
 
@@ -147,15 +151,21 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         "--quick",
         action="store_true",
         help="small run: 2 sessions, 1 node, 5 faults (one of each kind), short gaps and outages; "
-        "with --scenario fleet: 12 sessions on 3 nodes, 3 faults (a node SIGKILL, a drain, a "
-        "token-service restart)",
+        "with --scenario fleet: 12 sessions on 3 nodes, 4 faults (a node SIGKILL, a drain, a "
+        "token-service restart, a Redis failover)",
     )
     p.add_argument(
         "--scenario",
         choices=SCENARIOS,
         default="basic",
         help="basic (the defaults shown) or fleet: 1,000 sessions on 3 nodes at 64 B/s, 15 min, "
-        "node faults and token-service restarts, relays with --register-ttl-s 5",
+        "node faults, token-service restarts and Redis failovers, relays with --register-ttl-s 5",
+    )
+    p.add_argument(
+        "--redis",
+        choices=("single", "sentinel"),
+        default=None,
+        help="one Redis (basic) or a primary + replica + Sentinel (fleet; needed by redis_failover)",
     )
     p.add_argument(
         "--ramp", type=float, default=None, help="sessions started per second (all at once; fleet: 50)"
@@ -197,14 +207,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         "relay_sigkill": 1,
         "relay_sigterm": 1,
         "token_service_restart": 1,
+        "redis_failover": 1,
     }
+    one_each = dict.fromkeys(FAULT_KINDS, 1) | {"redis_failover": 0}
     return ChaosConfig(
         duration=pick(ns.duration, 30.0, 180.0, 60.0, 900.0),
         sessions=pick(ns.sessions, 2, 8, 12, 1000),
         nodes=pick(ns.nodes, 1, 2, 3, 3),
         seed=ns.seed,
         quick=quick,
-        faults=pick(ns.faults, 5, None, 3, None),
+        faults=pick(ns.faults, 5, None, 4, None),
         rate=pick(ns.rate, 16 * 1024, 16 * 1024, 512.0, 64.0),
         gap=pick(ns.gap, (0.3, 1.0), (2.0, 6.0), (0.3, 1.0), (5.0, 15.0)),
         # fleet: outages around the 5 s registration TTL, so some dead nodes' sessions move
@@ -212,7 +224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         recovery_timeout=ns.recovery_timeout,
         weights=pick(
             ns.weights,
-            dict.fromkeys(FAULT_KINDS, 1),
+            one_each,
             dict(DEFAULT_WEIGHTS),
             smoke_weights,
             dict(FLEET_WEIGHTS),
@@ -221,6 +233,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         out=ns.out,
         log_level=ns.log_level,
         scenario=ns.scenario,
+        redis=pick(ns.redis, "single", "single", "sentinel", "sentinel"),
         ramp=pick(ns.ramp, None, None, None, 50.0),
         relay_args=(FLEET_SMOKE_RELAY_ARGS if quick else FLEET_RELAY_ARGS) if fleet else (),
     )
@@ -484,6 +497,7 @@ def build_report(run: _Run) -> dict[str, Any]:
             "seed": config.seed,
             "quick": config.quick,
             "scenario": config.scenario,
+            "redis": config.redis,
             "ramp_sessions_per_s": config.ramp,
             "relay_args": list(config.relay_args),
             "max_faults": config.faults,
@@ -682,7 +696,11 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     colors = dict(
-        zip(FAULT_KINDS, ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"], strict=True)
+        zip(
+            FAULT_KINDS,
+            ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green", "tab:brown"],
+            strict=True,
+        )
     )
     written = []
     bins = report["throughput_bytes_per_s"]
@@ -771,7 +789,11 @@ async def run_chaos(config: ChaosConfig) -> tuple[dict[str, Any], Path]:
     )
     async with (
         open_fleet(
-            out_dir, nodes=config.nodes, log_level=config.log_level, relay_args=config.relay_args
+            out_dir,
+            nodes=config.nodes,
+            log_level=config.log_level,
+            relay_args=config.relay_args,
+            redis_mode=config.redis,
         ) as fleet,
         httpx.AsyncClient(timeout=TOKEN_TIMEOUT_S, limits=limits) as http,
     ):
