@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "rescue.commands.admin",  # admin pause/resume/status/cohort
     "rescue.commands.peer",  # share, join
     "rescue.commands.dev",  # dev
+    "rescue.commands.probe",  # probe
 ]
 
 

@@ -46,6 +46,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     expected = {"keygen", "mint", "verify", "relay", "token-service", "dev", "share", "join", "admin"}
+    expected |= {"probe"}
     assert expected <= set(commands)
     for name in sorted(commands):
         with pytest.raises(SystemExit) as exit_info:

@@ -63,7 +63,7 @@ def _flags(command: list[str]) -> dict[str, str]:
 
 def test_compose_services_and_dependencies(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) >= {"redis", "keygen", "token-service", "relay-1", "relay-2"}
+    assert set(services) >= {"redis", "keygen", "token-service", "relay-1", "relay-2", "probe"}
     for name, svc in services.items():
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown {dep}"
@@ -101,6 +101,27 @@ def test_compose_binds_everything_to_localhost(compose: dict[str, Any]) -> None:
     for name, svc in compose["services"].items():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+        if svc.get("network_mode") == "host":  # no port mapping: it must bind localhost itself
+            assert _flags(svc["command"])["host"] == "127.0.0.1", name
+
+
+def test_compose_probe_reaches_every_relay_as_a_user_does(compose: dict[str, Any]) -> None:
+    """The probe (host network) uses the token service's published port, and tokens name each relay
+    by its published port (--public-url), so a session on either node is reachable from the host."""
+    services = compose["services"]
+    probe = services["probe"]
+    assert probe["command"][0] == "probe"
+    flags = _flags(probe["command"])
+    published = {p.rsplit(":", 1)[1]: p.rsplit(":", 1)[0] for p in services["token-service"]["ports"]}
+    assert flags["api"] == f"http://{published['8080']}"
+    assert (
+        probe["environment"]["RESCUE_HEALTHCHECK_URL"] == f"http://127.0.0.1:{flags['metrics-port']}/healthz"
+    )
+    for name in ("relay-1", "relay-2"):
+        relay_flags = _flags(services[name]["command"])
+        host_port = {p.split(":")[2]: p.split(":")[1] for p in services[name]["ports"]}[relay_flags["port"]]
+        assert relay_flags["public-url"] == f"ws://127.0.0.1:{host_port}/v1/connect"
+        assert probe["depends_on"][name]["condition"] == "service_healthy"
 
 
 def test_deployed_commands_parse_with_the_real_cli(
@@ -118,18 +139,22 @@ def test_deployed_commands_parse_with_the_real_cli(
     ]
     for path in sorted(K8S.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc["kind"] in ("StatefulSet", "Deployment"):
-                container = doc["spec"]["template"]["spec"]["containers"][0]
+            if doc and doc["kind"] in ("StatefulSet", "Deployment", "CronJob"):
+                spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+                container = spec["template"]["spec"]["containers"][0]
                 runs.append((container["args"], {e["name"] for e in container.get("env", [])}))
     (ecs_relay,) = _ecs("relay.json")["containerDefinitions"]
     ecs_env = {e["name"] for e in ecs_relay["environment"] + ecs_relay["secrets"]}
     runs.append(
         (ecs_relay["command"], ecs_env | {"RESCUE_NODE_ID", "RESCUE_PUBLIC_URL"})
     )  # ecs_launch sets these
+    (ecs_probe,) = _ecs("probe.json")["containerDefinitions"]
+    runs.append((ecs_probe["command"], {e["name"] for e in ecs_probe["environment"] + ecs_probe["secrets"]}))
     registered = set(cli.build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     missing = set()
+    assert sum(argv[0] == "probe" for argv, _ in runs) == 4  # compose, k8s Deployment and CronJob, ECS
     for argv, env_names in runs:
-        if argv[0] not in ("relay", "token-service"):
+        if argv[0] not in ("relay", "token-service", "probe"):
             continue
         if argv[0] not in registered:
             missing.add(argv[0])
@@ -264,7 +289,8 @@ def test_ecs_task_definitions_validate_against_our_schema() -> None:
     tool = require_tool("check-jsonschema")
     schema = ECS / "task-definition.schema.json"
     assert run(tool, "--check-metaschema", str(schema)).returncode == 0
-    result = run(tool, "--schemafile", str(schema), str(ECS / "relay.json"), str(ECS / "token-service.json"))
+    files = [str(ECS / name) for name in ("relay.json", "token-service.json", "probe.json")]
+    result = run(tool, "--schemafile", str(schema), *files)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -309,7 +335,7 @@ def test_ecs_relay_timing_ports_and_identity() -> None:
 
 
 def test_ecs_secrets_never_inline() -> None:
-    for name in ("relay.json", "token-service.json"):
+    for name in ("relay.json", "token-service.json", "probe.json"):
         (container,) = _ecs(name)["containerDefinitions"]
         for var in container.get("environment", []):
             assert not SECRETISH.search(var["name"]), f"{name}: {var['name']} looks secret but is inline"
@@ -402,8 +428,15 @@ def test_k8s_selectors_match_and_pdbs_cover_workloads(k8s: dict[tuple[str, str],
 def test_k8s_pods_are_locked_down_and_secrets_come_from_secrets(
     k8s: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
-    for kind, name in (("StatefulSet", "relay"), ("Deployment", "token-service")):
+    for kind, name in (
+        ("StatefulSet", "relay"),
+        ("Deployment", "token-service"),
+        ("Deployment", "probe"),
+        ("CronJob", "probe-once"),
+    ):
         workload = k8s[(kind, name)]
+        if kind == "CronJob":
+            workload = workload["spec"]["jobTemplate"]
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == 10001
@@ -430,7 +463,7 @@ def test_k8s_scrape_job_names_match_the_rules(k8s: dict[tuple[str, str], dict[st
     job_relabel = next(r for r in job["relabel_configs"] if r.get("target_label") == "job")
     assert job_relabel["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_component"]
     rules = (ROOT / "deploy" / "prometheus" / "rules" / "beach-rescue.rules.yml").read_text()
-    for kind, name in (("StatefulSet", "relay"), ("Deployment", "token-service")):
+    for kind, name in (("StatefulSet", "relay"), ("Deployment", "token-service"), ("Deployment", "probe")):
         template = k8s[(kind, name)]["spec"]["template"]
         component = template["metadata"]["labels"]["app.kubernetes.io/component"]
         job_name = job_relabel["replacement"].replace("$1", component)
@@ -479,3 +512,45 @@ def test_runbook_rescue_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
             parser.parse_args(argv)
         except SystemExit as exc:  # argparse reports unknown flags this way
             pytest.fail(f"runbook command does not parse: rescue {shlex.join(argv)} ({exc})")
+
+
+# --- the synthetic probe ------------------------------------------------------------------------------
+
+
+def test_probe_deployments_serve_metrics_where_they_are_scraped_and_probed(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    probe = k8s[("Deployment", "probe")]
+    container = _container(probe)
+    flags = _flags(container["args"])
+    assert container["args"][0] == "probe"
+    assert "once" not in flags
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(flags["metrics-port"]) == ports["metrics"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert flags["api"].startswith("https://")  # the public URL, as users reach it
+    assert flags["cohort"] == "probe"  # the cohort the activation-ratio rule leaves out
+    env = {e["name"]: e for e in container["env"]}
+    assert "secretKeyRef" in env["RESCUE_SERVICE_KEY"]["valueFrom"]
+    cron = k8s[("CronJob", "probe-once")]
+    assert cron["spec"]["suspend"] is True  # an alternative to the Deployment, not a second probe
+    job = cron["spec"]["jobTemplate"]["spec"]
+    (once,) = job["template"]["spec"]["containers"]
+    assert "--once" in once["args"]
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["activeDeadlineSeconds"] > float(_flags(once["args"])["timeout"])
+    rules = (ROOT / "deploy" / "prometheus" / "rules" / "beach-rescue.rules.yml").read_text()
+    assert 'cohort!="probe"' in rules
+
+    (ecs,) = _ecs("probe.json")["containerDefinitions"]
+    args = ecs["command"]
+    assert args[0] == "probe"
+    assert int(args[args.index("--metrics-port") + 1]) in {m["containerPort"] for m in ecs["portMappings"]}
+    assert ecs["dockerLabels"]["prometheus.io/job"] == "beach-rescue-probe"
+    assert ecs["dockerLabels"]["prometheus.io/port"] == args[args.index("--metrics-port") + 1]
+    env_ecs = {e["name"]: e["value"] for e in ecs["environment"]}
+    assert (
+        env_ecs["RESCUE_HEALTHCHECK_URL"]
+        == f"http://127.0.0.1:{args[args.index('--metrics-port') + 1]}/healthz"
+    )
+    assert {s["name"] for s in ecs["secrets"]} == {"RESCUE_SERVICE_KEY"}

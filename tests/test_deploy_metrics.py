@@ -1,8 +1,9 @@
 """Every metric the alert rules and the dashboard query is one the code really exports.
 
 Starts a real token service and a real relay (pointed at it) on 127.0.0.1 port 0, scrapes both
-``/metrics`` over HTTP, and checks each metric name used in deploy/prometheus/rules/*.yml and
-deploy/grafana/beach-rescue.json against what they expose — no hard-coded list. Recording rules
+``/metrics`` over HTTP (and the probe's, after one real probe run against them), and checks each
+metric name used in deploy/prometheus/rules/*.yml and deploy/grafana/beach-rescue.json against
+what they expose — no hard-coded list. Recording rules
 (``level:metric:window`` names defined in the rules) are resolved to the metrics they use;
 ``up`` and ``ALERTS`` are Prometheus's own. Label names used in matchers and ``by (...)`` must
 exist on the metric too, where the scrape shows a sample.
@@ -21,6 +22,8 @@ import trio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from rescue._http import serve_http
+from rescue.commands.probe import ProbeConfig, ProbeMetrics, metrics_app, probe_once
 from rescue.guardrails import Guardrails, MemoryStore
 from rescue.protocol import SigningKey
 from rescue.relay import Relay, RelayConfig
@@ -123,8 +126,8 @@ def test_extractor_finds_names_and_ignores_syntax() -> None:
     assert metric_names("sum(rate(x_total[5m])) / clamp_min(y, 1e-9) > 0.5e3") == {"x_total", "y"}
 
 
-async def scrape_both() -> tuple[str, str]:
-    """Run a token service and a relay wired to it; return both /metrics texts."""
+async def scrape_both() -> tuple[str, str, str]:
+    """Run a token service and a relay wired to it, and one probe run against them; the three /metrics."""
     key = SigningKey.generate()
     service = TokenService(
         TokenServiceConfig(
@@ -149,9 +152,14 @@ async def scrape_both() -> tuple[str, str]:
                     await trio.sleep(0.05)
                 relay_text = (await client.get(f"http://127.0.0.1:{addresses.admin_port}/metrics")).text
                 ts_text = (await client.get(f"{base}/metrics")).text
+                # one probe run (it fails: no cohort is enabled here; any outcome will do) and its /metrics
+                probe = ProbeMetrics()
+                probe.record(await probe_once(ProbeConfig(api_url=base, cohort="dev", timeout_s=5)), now=1.0)
+                probe_port = await nursery.start(serve_http, metrics_app(probe, lambda: None), "127.0.0.1", 0)
+                probe_text = (await client.get(f"http://127.0.0.1:{probe_port}/metrics")).text
             await relay.drain()
             nursery.cancel_scope.cancel()
-    return relay_text, ts_text
+    return relay_text, ts_text, probe_text
 
 
 def exposed(texts: Iterable[str]) -> tuple[set[str], dict[str, set[str]]]:
@@ -173,10 +181,11 @@ def exposed(texts: Iterable[str]) -> tuple[set[str], dict[str, set[str]]]:
 
 @pytest.fixture(scope="module")
 def scraped() -> tuple[set[str], dict[str, set[str]]]:
-    relay_text, ts_text = trio.run(scrape_both)
+    relay_text, ts_text, probe_text = trio.run(scrape_both)
     assert "beach_rescue_connections_active" in relay_text
     assert "beach_fallback_token_requests_total" in ts_text
-    return exposed([relay_text, ts_text])
+    assert "beach_rescue_probe_runs_total" in probe_text
+    return exposed([relay_text, ts_text, probe_text])
 
 
 def test_spec_metric_names_are_all_used() -> None:
@@ -198,7 +207,7 @@ def test_spec_metric_names_are_all_used() -> None:
 @pytest.mark.parametrize("name", sorted(used_metrics()))
 def test_metric_is_exported_by_the_code(name: str, scraped: tuple[set[str], dict[str, set[str]]]) -> None:
     names, _ = scraped
-    assert name in names, f"{name} is used in deploy/ but neither the relay nor the token service exports it"
+    assert name in names, f"{name} is used in deploy/ but no relay, token service or probe exports it"
 
 
 def test_label_names_used_exist_on_the_metric(scraped: tuple[set[str], dict[str, set[str]]]) -> None:

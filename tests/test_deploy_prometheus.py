@@ -56,6 +56,7 @@ def test_rule_unit_tests_cover_soft_breach_and_churn() -> None:
         "BeachRescueConnectionChurnHigh",
         "BeachRescueRelayCpuHigh",
         "BeachRescueHandshakeFailureSpike",
+        "BeachRescueProbeFailing",
     } <= tested
 
 
@@ -66,6 +67,11 @@ def test_rule_unit_tests_cover_soft_breach_and_churn() -> None:
         ("beach_rescue:activation_ratio:1h >= 0.005", "beach_rescue:activation_ratio:1h >= 0.05"),
         ('{guardrail="soft_breach"}', '{guardrail="soft-breach"}'),
         ("beach_rescue:sessions_started:1h >= 200", "beach_rescue:sessions_started:1h >= 2"),
+        # the probe: its cohort out of the ratio, quiet while paused, stale after 5 min, scrape-down
+        ('beach_fallback_activations_total{cohort!="probe"}', "beach_fallback_activations_total"),
+        ("unless on () max(beach_rescue_fallback_paused", "or on () max(beach_rescue_fallback_paused"),
+        (") > 300\n", ") > 3000\n"),
+        ('(up{job="beach-rescue-probe"}) == 0', '(up{job="beach-rescue-probe"}) == 2'),
     ],
 )
 def test_rule_unit_tests_catch_threshold_drift(tmp_path: Path, original: str, drifted: str) -> None:

@@ -20,36 +20,17 @@ import pytest
 import trio
 
 from rescue.client import DataReceived, open_peer
+from rescue.testing import RESCUE_CLI, start_dev_process
 
-RESCUE = [sys.executable, "-m", "rescue.cli"]
-STARTUP_TIMEOUT_S = 30
+RESCUE = list(RESCUE_CLI)
 
 
 async def _start_dev(
     rescue: list[str] = RESCUE, env: dict[str, str] | None = None
 ) -> tuple[trio.Process, dict[str, str]]:
-    proc = await trio.lowlevel.open_process(
-        [*rescue, "dev", "--api-port", "0", "--relay-port", "0", "--admin-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**(env or os.environ), "RESCUE_ENV": "development", "RESCUE_ADMIN_KEY": ""},
-    )
-    assert proc.stdout is not None
-    text = ""
-    with trio.fail_after(STARTUP_TIMEOUT_S):
-        while "Stop with Ctrl-C." not in text:
-            chunk = await proc.stdout.receive_some()
-            assert chunk, f"rescue dev exited early: {text!r}"
-            text += chunk.decode()
-    found = {
-        "api": re.search(r"token service\s+(http://\S+)", text),
-        "relay": re.search(r"relay\s+(ws://\S+)", text),
-        "admin": re.search(r"relay admin\s+(http://\S+)", text),
-        "key_file": re.search(r"\$\(cat (\S+)\)", text),
-    }
-    missing = [name for name, m in found.items() if m is None]
-    assert not missing, f"banner lacks {missing}: {text}"
-    return proc, {"banner": text} | {name: m.group(1) for name, m in found.items() if m is not None}
+    dev = await start_dev_process(rescue, env)
+    urls = {"banner": dev.banner, "api": dev.api, "relay": dev.relay, "admin": dev.admin}
+    return dev.proc, urls | {"key_file": dev.key_file}
 
 
 # A shell without the venv on PATH: what a fresh terminal has after `./run dev`.

@@ -2,8 +2,8 @@
 
 A package of its own, on top of every production package (``_relay.py``: keys, a HELLO-speaking
 peer, a test relay; ``_sdk.py``: local tokens, a restartable relay, a dev stack; ``_hostile.py``: a
-raw client that sends malformed bytes and floods): no production
-package imports test helpers, and none imports another sideways to build them.
+raw client that sends malformed bytes and floods; ``_process.py``: a real ``rescue dev`` process): no
+production package imports test helpers, and none imports another sideways to build them.
 
 Nothing here fakes the relay, the token service or the sockets: these start real ones in-process
 (ports 0) and give you peers to drive them with.
@@ -29,6 +29,10 @@ passes the same contract tests as Redis; tests of what Redis promises use a priv
 
 from rescue.testing._hostile import RawClient as RawClient
 from rescue.testing._hostile import RawOutcome as RawOutcome
+from rescue.testing._process import RESCUE_CLI as RESCUE_CLI
+from rescue.testing._process import DevProcess as DevProcess
+from rescue.testing._process import run_dev_process as run_dev_process
+from rescue.testing._process import start_dev_process as start_dev_process
 from rescue.testing._relay import ClosedBy as ClosedBy
 from rescue.testing._relay import TestKeys as TestKeys
 from rescue.testing._relay import TestPeer as TestPeer
