@@ -33,6 +33,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import redis  # noqa: E402
@@ -110,6 +111,27 @@ def redis_url(redis_session_server: RedisServer) -> str:
     with redis_session_server.client() as client:
         client.flushall()
     return redis_session_server.url
+
+
+@pytest.fixture
+def redis_sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every write of a request to a Redis server from now on, as the server's address, in order.
+
+    redis-py sends a command, a pipeline or a script in one ``send_packed_command`` per connection
+    (a cluster pipeline: one per node it touches), so this counts round trips. It wraps the real
+    method (the bytes still go to the real server).
+    """
+    import redis.connection
+
+    sent: list[str] = []
+    real = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(f"{getattr(self, 'host', '')}:{getattr(self, 'port', '')}{getattr(self, 'path', '')}")
+        real(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    return sent
 
 
 @pytest.fixture

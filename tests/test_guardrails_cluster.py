@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from rescue.guardrails import CounterField, NodeInfo, RedisStore, counter_key, hour_bucket
+from rescue.guardrails import CounterField, Guardrails, NodeInfo, RedisStore, counter_key, hour_bucket
 from rescue.guardrails._store import NODES_KEY, assignment_key, node_key
 from rescue.protocol import KeyRing, SigningKey, b64url_decode, verify_token
 
@@ -149,5 +149,44 @@ async def test_token_service_process_mints_through_the_cluster(
             now = time.time()  # both hours: the hour may have turned during the test
             counts = await store.hour_counts("beta", [hour_bucket(now), hour_bucket(now - 3600)])
             assert sum(c.tokens for c in counts) == 21
+    finally:
+        await store.aclose()
+
+
+async def test_what_a_mint_costs_on_a_cluster(redis_cluster_url: str, redis_sends: list[str]) -> None:
+    """Still two waves (decision 0010): the read pipeline, then the scripts; each wave sends at most
+    one request to each master (all written before any answer is read). redis-py 8's cluster
+    pipeline used to add a ``COMMAND GETKEYS`` round trip per script call before the wave."""
+    store = RedisStore(redis_cluster_url)
+    guardrails = Guardrails(store)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await store.set_cohort_enabled("beta", True)
+            await store.register_node(NodeInfo("n-1", "wss://n1/v1/connect"), ttl=60)
+            await guardrails.decide("beta", "warm-up", now=time.time(), ttl=60, require_node=True)
+            now = time.time()
+            redis_sends.clear()
+            await store.mint_snapshot("beta", now=now)
+            reads = list(redis_sends)
+            redis_sends.clear()
+            await store.record_mint("beta", now=now, session_id="s-1", node_id="n-1", ttl=60)
+            writes = list(redis_sends)
+            # fleet, cohorts, two counters, the registry: five keys on at most three masters
+            assert 1 <= len(reads) == len(set(reads)) <= 3
+            # counter, assignment, telemetry gap: three keys on at most three masters
+            assert 1 <= len(writes) == len(set(writes)) <= 3
+            # a lone script is one request too (no key lookup on the side), a pipeline one per master
+            redis_sends.clear()
+            await store.assign_session("s-2", "n-1", ttl=60)
+            assert len(redis_sends) == 1
+            redis_sends.clear()
+            await store.increment("beta", CounterField.TOKENS, now=now)
+            assert len(redis_sends) == 1
+            redis_sends.clear()
+            await store.increment("beta", CounterField.SESSIONS, now=now)  # + its telemetry gap
+            assert len(redis_sends) == len(set(redis_sends)) <= 2
+            redis_sends.clear()
+            await store.keep_assignments("n-1", [f"s-{i}" for i in range(50)], ttl=60)
+            assert len(redis_sends) == len(set(redis_sends)) <= 3
     finally:
         await store.aclose()

@@ -181,3 +181,22 @@ async def test_scripts_lost_by_a_redis_restart_are_reloaded_without_counting_twi
             assert counts[0].tokens == 3
     finally:
         await store.aclose()
+
+
+async def test_a_mint_is_two_round_trips(redis_url: str, redis_sends: list[str]) -> None:
+    """Decision 0010 on one server: one read pipeline, one pipeline of scripts, nothing else."""
+    store = RedisStore(redis_url)
+    guardrails = Guardrails(store)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await store.set_cohort_enabled("beta", True)
+            await store.register_node(NodeInfo("n-1", "wss://n1/v1/connect"), ttl=60)
+            await guardrails.decide(
+                "beta", "warm-up", now=time.time(), ttl=60, require_node=True
+            )  # loads scripts
+            redis_sends.clear()
+            auth, node = await guardrails.decide("beta", "s-1", now=time.time(), ttl=60, require_node=True)
+            assert (auth.hint, node is not None and node.node_id) == ("ok", "n-1")
+            assert len(redis_sends) == 2
+    finally:
+        await store.aclose()

@@ -379,7 +379,7 @@ class RedisStore:
             # one plain pipeline, each step atomic on its own)
             def write() -> None:
                 pipe = self._client.pipeline(transaction=False)
-                _evalsha(pipe, self._count, [key], [name, amount, COUNTER_TTL_S])
+                self._evalsha(pipe, self._count, [key], [name, amount, COUNTER_TTL_S])
                 pipe.hdel(_TELEMETRY_KEY, *_GAP_FIELDS[CounterField(name)])
                 pipe.execute()
 
@@ -420,7 +420,7 @@ class RedisStore:
             pipe.hget(_COHORTS_KEY, cohort_id)
             pipe.hgetall(keys[0])
             pipe.hgetall(keys[1])
-            _evalsha(pipe, self._live_nodes, [NODES_KEY], [_NODE_PREFIX])
+            self._evalsha(pipe, self._live_nodes, [NODES_KEY], [_NODE_PREFIX])
             pipe.hgetall(_TELEMETRY_KEY)
             result: list[Any] = pipe.execute()
             return result
@@ -473,7 +473,7 @@ class RedisStore:
             self._load_scripts()
         pipe = self._client.pipeline(transaction=False)
         for script, keys, args in calls:
-            _evalsha(pipe, script, keys, args)
+            self._evalsha(pipe, script, keys, args)
         result: list[Any] = pipe.execute(raise_on_error=False)
         for i, item in enumerate(result):
             if isinstance(item, redis.exceptions.NoScriptError):
@@ -485,8 +485,23 @@ class RedisStore:
                 raise item
         return result
 
+    def _evalsha(self, pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
+        """Queue ``script`` on ``pipe`` by its SHA alone (loaded by :meth:`_load_scripts`).
+
+        Through ``execute_command``: redis-py's cluster pipeline refuses its ``evalsha`` method.
+        On a cluster the command names its node (from the client's slot map, no I/O): redis-py 8's
+        cluster pipeline otherwise asks a server ``COMMAND GETKEYS`` for every script call, one
+        round trip each before the pipeline is sent. A stale map costs a MOVED, which redis-py
+        follows (and refreshes the map).
+        """
+        if self.kind is RedisKind.CLUSTER:
+            node = self._client.get_node_from_key(keys[0])
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+        else:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
     def _with_scripts(self, fn: Callable[[], _T]) -> _T:
-        """Run ``fn`` (a pipeline using :func:`_evalsha`, in a worker thread) with the scripts loaded.
+        """Run ``fn`` (a pipeline using :meth:`_evalsha`, in a worker thread) with the scripts loaded.
 
         redis-py checks a pipeline's scripts with ``SCRIPT EXISTS`` on every execute: one more
         round trip per pipeline. Instead they are loaded once, and again after a ``NOSCRIPT``
@@ -575,12 +590,3 @@ def _parse_nodes(raw: list[str]) -> list[NodeInfo]:
         except ValueError:  # a corrupt record is a dead node, not an outage
             continue
     return sorted(nodes, key=lambda n: n.node_id)
-
-
-def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
-    """Queue ``script`` on ``pipe`` by its SHA alone (loaded by ``RedisStore._load_scripts``).
-
-    Through ``execute_command``: redis-py's cluster pipeline refuses its ``evalsha`` method, yet
-    routes an ``EVALSHA`` by its declared keys like any keyed command.
-    """
-    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
