@@ -32,6 +32,7 @@ summarises the token fetches the fault caused (count, failures, latency, busiest
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ import trio
 from chaos._fleet import Fleet, FleetError
 from chaos._traffic import SessionRun, TokenLog, percentile
 
-__all__ = ["FAULT_KINDS", "FaultInjector", "FaultPlan", "FaultRecord"]
+__all__ = ["FAULT_KINDS", "FaultInjector", "FaultPlan", "FaultRecord", "bucket_delta", "bucket_quantile"]
 
 FAULT_KINDS: Final = (
     "peer_abort",
@@ -209,6 +210,7 @@ class FaultInjector:
         self.records.append(record)
         self.current = record
         before = {s.session_id: s.nodes() for s in self.sessions() if not s.failed}
+        buckets = await self.fleet.token_latency_buckets() if self.token_log is not None else None
         for session in self.sessions():
             session.watch_resume(record.start)
         try:
@@ -235,7 +237,7 @@ class FaultInjector:
             self.log(f"fault #{record.index} {kind}: could not restore: {str(exc).splitlines()[0]}")
         if record.restored is not None:
             await self._wait_recovered(record)
-        await self._after(record, before)
+        await self._after(record, before, buckets)
         outcome = (
             f"recovered in {record.recovery_s:.2f} s" if record.recovery_s is not None else "NOT RECOVERED"
         )
@@ -363,7 +365,9 @@ class FaultInjector:
         record.detail["unrecovered_sessions"] = [s.session_id for s in sessions if not s.recovered]
         record.detail["control_ok"] = control_ok
 
-    async def _after(self, record: FaultRecord, before: dict[str, set[str]]) -> None:
+    async def _after(
+        self, record: FaultRecord, before: dict[str, set[str]], buckets: dict[float, float] | None
+    ) -> None:
         """Per-session resume times, moves, split sessions and the token storm of one fault."""
         interrupted = [s for s in self.sessions() if s.lost_since_watch]
         record.resume_s = [t for s in interrupted if (t := s.resume_s()) is not None]
@@ -374,6 +378,10 @@ class FaultInjector:
         if self.token_log is not None:
             end = record.recovered if record.recovered is not None else self.clock()
             record.detail["tokens"] = TokenLog.summary(self.token_log.between(record.start, end))
+            after = await self.fleet.token_latency_buckets()
+            if after is not None:
+                delta = bucket_delta(buckets, after)
+                record.detail["token_service_buckets"] = {str(k): v for k, v in delta.items()}
         if self.check_placement:
             record.detail["split_sessions"] = await self.placement_check(f"after fault #{record.index}")
 
@@ -406,3 +414,21 @@ class FaultInjector:
             if not await fleet.relay_ready(relay.name):
                 return False
         return set(await fleet.registered_nodes()) == {r.name for r in fleet.relays}
+
+
+def bucket_delta(before: dict[float, float] | None, after: dict[float, float]) -> dict[float, float]:
+    """Requests per histogram bucket between two scrapes (all of ``after`` if the service restarted)."""
+    if before is None or after.get(math.inf, 0.0) < before.get(math.inf, 0.0):
+        return dict(after)
+    return {le: n - before.get(le, 0.0) for le, n in after.items()}
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """The smallest bucket bound holding at least ``q`` of the requests (``None``: no requests)."""
+    total = buckets.get(math.inf, 0.0)
+    if total <= 0:
+        return None
+    for le in sorted(buckets):
+        if buckets[le] >= q * total:
+            return le
+    return math.inf

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -63,6 +64,12 @@ HTTP_TIMEOUT_S: Final = 2.0
 # /debug/stats of a node holding a thousand sessions is a few hundred KiB of JSON made on a
 # busy event loop: it gets longer than a probe.
 STATS_TIMEOUT_S: Final = 15.0
+# One bucket line of the token service's request histogram for the token route.
+_TOKEN_BUCKET: Final = re.compile(
+    r'^beach_fallback_request_duration_seconds_bucket\{(?=[^}]*route="/v1/fallback/token")[^}]*'
+    r'le="([^"]+)"[^}]*\} (\S+)$',
+    re.M,
+)
 # Sentinel mode: the master name, how soon a silent primary counts as down, and the failover bound.
 SENTINEL_MASTER: Final = "chaos"
 SENTINEL_DOWN_AFTER_MS: Final = 1000
@@ -567,6 +574,21 @@ class Fleet:
             if len(nodes) > 1:
                 split[tag] = sorted(nodes)
         return split, len(placement), silent
+
+    async def token_latency_buckets(self) -> dict[float, float] | None:
+        """The token service's own ``POST /v1/fallback/token`` latency histogram (cumulative).
+
+        ``{upper bound in s: requests at or below it}`` (``inf`` is the total), from its
+        ``/metrics``; ``None`` when it does not answer. Differences between two of these are
+        the requests in between, as the service timed them: the harness's own lag is not in it.
+        """
+        response = await self._get(f"{self.api_url}/metrics")
+        if response is None or response.status_code != 200:
+            return None
+        out: dict[float, float] = {}
+        for match in _TOKEN_BUCKET.finditer(response.text):
+            out[float(match.group(1))] = float(match.group(2))
+        return out
 
     async def registered_nodes(self) -> list[str]:
         """Node ids the token service sees as live and not draining ([] when it cannot tell)."""

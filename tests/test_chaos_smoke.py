@@ -144,6 +144,21 @@ def test_token_log_records_each_fetch_and_summarises_a_storm() -> None:
     assert summary["peak_per_s"] == 2
 
 
+def test_token_service_histogram_between_two_scrapes() -> None:
+    faults: Any = importlib.import_module("chaos._faults")
+    inf = float("inf")
+    before = {0.01: 10.0, 0.1: 20.0, 1.0: 20.0, inf: 20.0}
+    after = {0.01: 12.0, 0.1: 40.0, 1.0: 119.0, inf: 120.0}
+    delta = faults.bucket_delta(before, after)
+    assert delta == {0.01: 2.0, 0.1: 20.0, 1.0: 99.0, inf: 100.0}
+    assert faults.bucket_quantile(delta, 0.5) == 1.0
+    assert faults.bucket_quantile(delta, 0.2) == 0.1
+    assert faults.bucket_quantile(delta, 1.0) == inf
+    # the service restarted in between: its counters began again, all of `after` is new
+    assert faults.bucket_delta({inf: 500.0}, after) == after
+    assert faults.bucket_quantile({inf: 0.0}, 0.95) is None
+
+
 def _run_chaos(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_"))}
     result = subprocess.run(
@@ -185,6 +200,7 @@ def test_fleet_scenario_smoke_keeps_every_session_whole_on_one_node(tmp_path: Pa
         assert k["resume_p95_s"] is not None
         assert k["tokens"]["fetches"] >= 2 * k["sessions_interrupted"]  # a fresh token per peer at least
         assert k["tokens"]["failed"] == 0, k  # the token service answered the storm
+        assert k["token_service"]["requests"] >= k["tokens"]["fetches"]  # its own histogram saw them
     placement = report["placement"]
     assert placement["checks"] == 6  # after warm-up, after each fault, at the end
     assert placement["split"] == 0, placement["bad_checks"]
