@@ -31,6 +31,10 @@ Two shapes of span (the trace model is in ``docs/operations/tracing.md``):
   its parent only if :attr:`RecordedSpan.follow_caller` is still true at the end. The token service
   and the relay handshake clear it for sessions that did not opt in to telemetry, so such a span
   carries nothing that ties it to a session. It also returns the trace id for a histogram exemplar.
+* :func:`new_record` + :meth:`RecordedSpan.end`: the same kind of span for something that is not a
+  ``with`` block, such as a relay session (it lives from its first handshake to its last close). Its
+  parent may be another recorded span (:attr:`RecordedSpan.parent`, e.g. the handshake that created
+  the session) and it may link to more (:meth:`RecordedSpan.link`, the handshakes that joined it).
 
 The tracer provider is kept by this module rather than installed as OpenTelemetry's global one, so a
 process (or a test) can configure, shut down and configure again.
@@ -60,6 +64,7 @@ __all__ = [
     "SpanLike",
     "configure_tracing",
     "current_record",
+    "new_record",
     "record_span",
     "shutdown_tracing",
     "span",
@@ -74,6 +79,8 @@ TRACES_ENDPOINT_ENV: Final = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 # A span recorded by record_span keeps at most this many events (a session span's lifecycle):
 # a peer flapping for hours must not grow one span without bound.
 MAX_EVENTS: Final = 64
+# ...and at most this many links (a session span's handshakes: two peers, a few rejoins each).
+MAX_LINKS: Final = 16
 _OTLP_HTTP_EXPORTER: Final = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 _TRACER_NAME: Final = "rescue"
 # Span attribute values OpenTelemetry accepts as they are; anything else is sent as str().
@@ -134,11 +141,25 @@ class RecordedSpan:
     Attributes:
         follow_caller: whether the caller's ``traceparent`` becomes the parent (cleared for sessions
             that did not opt in to telemetry).
+        parent: another recorded span to be the child of (it must be recorded first); it wins over
+            the caller's ``traceparent``.
         trace_id: the trace id (32 hex digits) once the span is recorded and sampled, else ``None``;
             the exemplar of a latency histogram.
     """
 
-    __slots__ = ("_attributes", "_carrier", "_events", "_name", "_start_ns", "follow_caller", "trace_id")
+    __slots__ = (
+        "_attributes",
+        "_carrier",
+        "_context",
+        "_ended",
+        "_events",
+        "_links",
+        "_name",
+        "_start_ns",
+        "follow_caller",
+        "parent",
+        "trace_id",
+    )
 
     def __init__(self, name: str, carrier: Mapping[str, str] | None, follow_caller: bool) -> None:
         self._name = name
@@ -146,7 +167,11 @@ class RecordedSpan:
         self._start_ns = time.time_ns()  # OpenTelemetry timestamps are wall clock
         self._attributes: dict[str, Any] = {}
         self._events: list[tuple[str, dict[str, Any], int]] = []
+        self._links: list[tuple[RecordedSpan, dict[str, Any]]] = []
+        self._context: Any = None  # its SpanContext once recorded (for children and links)
+        self._ended = False
         self.follow_caller = follow_caller
+        self.parent: RecordedSpan | None = None
         self.trace_id: str | None = None
 
     def set_attribute(self, key: str, value: Any) -> None:
@@ -163,21 +188,54 @@ class RecordedSpan:
         else:
             self._attributes["events_dropped"] = self._attributes.get("events_dropped", 0) + 1
 
+    def link(self, other: RecordedSpan, **attributes: Any) -> None:
+        """Link to ``other`` (recorded by the time this one ends), with attributes; at most ``MAX_LINKS``."""
+        if len(self._links) < MAX_LINKS:
+            self._links.append((other, attributes))
+        else:
+            self._attributes["links_dropped"] = self._attributes.get("links_dropped", 0) + 1
+
+    def end(self) -> None:
+        """Record the span now (once; later calls do nothing); nothing is exported while tracing is off."""
+        if self._ended:
+            return
+        self._ended = True
+        provider = _provider
+        if provider is not None:
+            self._record(provider)
+
     def exemplar(self) -> dict[str, str] | None:
         """``{"trace_id": …}`` for ``Histogram.observe(…, exemplar=…)``, or ``None``."""
         return None if self.trace_id is None else {"trace_id": self.trace_id}
 
     def _record(self, provider: TracerProvider) -> None:
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace import (
+            Link,
+            NonRecordingSpan,
+            SpanKind,
+            Status,
+            StatusCode,
+            set_span_in_context,
+        )
 
-        context = _extract(self._carrier) if self._carrier and self.follow_caller else None
+        context: Any = None
+        if self.parent is not None and self.parent._context is not None:
+            context = set_span_in_context(NonRecordingSpan(self.parent._context))
+        else:
+            context = _extract(self._carrier) if self._carrier and self.follow_caller else None
         attributes = _attributes(self._attributes)
         error = attributes.pop("error", False)
+        links = [
+            Link(other._context, _attributes(fields))
+            for other, fields in self._links
+            if other._context is not None
+        ]
         inner = provider.get_tracer(_TRACER_NAME).start_span(
             self._name,
             context=context,
             kind=SpanKind.SERVER,
             attributes=attributes,
+            links=links,
             start_time=self._start_ns,
         )
         for name, fields, at in self._events:
@@ -186,6 +244,7 @@ class RecordedSpan:
             inner.set_status(Status(StatusCode.ERROR, str(attributes.get("exception.type", "error"))))
         inner.end()
         ctx = inner.get_span_context()
+        self._context = ctx
         if ctx.trace_flags.sampled:
             self.trace_id = format(ctx.trace_id, "032x")
 
@@ -367,9 +426,18 @@ def record_span(
         raise
     finally:
         _current_record.reset(token)
-        provider = _provider
-        if provider is not None:
-            recorded._record(provider)
+        recorded.end()
+
+
+def new_record(name: str, **attributes: Any) -> RecordedSpan | None:
+    """A :class:`RecordedSpan` started now and recorded by :meth:`RecordedSpan.end`; ``None`` while
+    tracing is off (so a caller keeps nothing and pays one check)."""
+    if _provider is None:
+        return None
+    recorded = RecordedSpan(name, None, False)
+    for key, value in attributes.items():
+        recorded.set_attribute(key, value)
+    return recorded
 
 
 def current_record() -> RecordedSpan | None:

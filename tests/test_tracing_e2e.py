@@ -11,7 +11,10 @@ ladder and two peers) get only the standard ``OTEL_*`` variables. Asserted:
 * a session that did not opt in to telemetry leaves spans with no session tag, role or parent;
 * no secret (token, pre-shared key, admin key) and no session id in clear anywhere in the export;
 * the token service and the relay, two processes sharing the fleet's ``RESCUE_LOG_TAG_KEY``, name
-  the session by the same keyed tag (issue #11), and it is not the unkeyed hash.
+  the session by the same keyed tag (issue #11), and it is not the unkeyed hash;
+* the relay's ``relay.session`` span: a child of the handshake that created the session (so in the
+  SDK's trace), linked to the other peer's handshake, with the lifecycle as events (joined, paired,
+  peer_closed, closed with code and reason); none for the session that did not opt in.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class Span:
     parent: str
     attributes: dict[str, Any]
     events: list[str] = field(default_factory=list)
+    event_fields: list[dict[str, Any]] = field(default_factory=list)
+    links: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (trace, span, attributes)
 
 
 def _value(any_value: Any) -> Any:
@@ -105,6 +110,17 @@ class OtlpReceiver:
                                 parent=s.parent_span_id.hex(),
                                 attributes={a.key: _value(a.value) for a in s.attributes},
                                 events=[e.name for e in s.events],
+                                event_fields=[
+                                    {a.key: _value(a.value) for a in e.attributes} for e in s.events
+                                ],
+                                links=[
+                                    (
+                                        link.trace_id.hex(),
+                                        link.span_id.hex(),
+                                        {a.key: _value(a.value) for a in link.attributes},
+                                    )
+                                    for link in s.links
+                                ],
                             )
                         )
 
@@ -242,6 +258,32 @@ async def test_spans_from_real_processes_link_up_and_carry_no_secrets(
         assert h.attributes["outcome"] == "ok"
         assert h.attributes["node"] == "relay-1"
     assert any(h.attributes["paired"] for h in handshakes)
+
+    # --- the relay's session span: child of the creating handshake, linked to the other ----------
+    (session_span,) = receiver.named("relay.session")  # one: private-2 did not opt in
+    assert session_span.service == "beach-rescue-relay"
+    assert session_span.attributes["session"] == session_tag("traced-1")
+    assert session_span.attributes["node"] == "relay-1"
+    assert session_span.attributes["cohort"] == "dev"
+    assert session_span.attributes["paired"] is True
+    assert session_span.attributes["close_code"] == 1000
+    by_id = {h.span_id: h for h in handshakes}
+    creator = by_id[session_span.parent]
+    assert session_span.trace_id == trace
+    (other,) = [h for h in handshakes if h is not creator]
+    assert session_span.links == [(other.trace_id, other.span_id, {"role": other.attributes["role"]})]
+    lifecycle = list(zip(session_span.events, session_span.event_fields, strict=True))
+    assert lifecycle[:3] == [
+        ("joined", {"role": creator.attributes["role"]}),
+        ("joined", {"role": other.attributes["role"]}),
+        ("paired", {"role": other.attributes["role"]}),  # the peer that completed the pair
+    ]
+    (peer_closed,) = [fields for name, fields in lifecycle if name == "peer_closed"]  # CLOSE NORMAL
+    assert peer_closed["code"] == 1000
+    closes = [fields for name, fields in lifecycle if name == "closed"]
+    assert sorted(f["role"] for f in closes) == ["guest", "host"]
+    assert all(f["code"] == 1000 and isinstance(f["reason"], str) for f in closes)
+    assert len(lifecycle) <= 8  # lifecycle only: nothing per frame
 
     # --- telemetry opt-out: spans exist (counts), but nothing per session and no parent ---------
     private_mints = [

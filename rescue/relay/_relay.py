@@ -485,6 +485,16 @@ class Relay:
             )
             assert self._handlers is not None
             self._handlers.start_soon(session.run)
+        # the session span (relay.session): this handshake is its parent, or a link; before attach,
+        # so the attach's own lifecycle events (joined, paired) are on it
+        session.trace_handshake(
+            recorded,
+            hello.role,
+            created=created,
+            analytics_allowed=claims.analytics_allowed,
+            node=self.config.node_id,
+            cohort=claims.cohort,
+        )
         try:
             conn = session.attach(ws, hello.role, hello.nonce, hello.caps, initial=batch[1:] or None)
         except ProtocolError as exc:

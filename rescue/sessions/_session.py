@@ -24,19 +24,26 @@ from collections.abc import Callable, Iterator
 
 import trio
 
-from rescue._log import get_logger, log_event, session_tag
+from rescue._codes import clip_close_reason
+from rescue._log import get_logger, log_event, scrub, session_tag
+from rescue._tracing import RecordedSpan, new_record
 from rescue.protocol import NONCE_SIZE, Caps, Role
 from rescue.sessions._config import SessionLimits
 from rescue.sessions._core import (
     ACTIONS,
     ACTIVE,
     CLOSE,
+    CLOSED,
     ECHO_NOW,
     ENDED,
+    JOINED,
+    LEFT,
     PAIRED,
     PEER_CLOSED,
     QUIET,
     REARM,
+    REJOINED,
+    REPLACED,
     RESUME,
     TIMER,
     WRITE,
@@ -53,6 +60,16 @@ from rescue.sessions._transport import Transport
 __all__ = ["Session", "SessionTable"]
 
 _LOG = get_logger("rescue.sessions")
+# The session span's events, by lifecycle action (docs/operations/tracing.md).
+_SPAN_EVENTS = {
+    JOINED: "joined",
+    REJOINED: "rejoined",
+    REPLACED: "replaced",
+    LEFT: "left",
+    PAIRED: "paired",
+    CLOSED: "closed",
+    PEER_CLOSED: "peer_closed",
+}
 
 
 class SessionTable:
@@ -113,6 +130,7 @@ class Session:
 
     __slots__ = (
         "_nursery",
+        "_opted_out",
         "_pending",
         "_scope",
         "_table",
@@ -122,6 +140,7 @@ class Session:
         "limits",
         "on_paired",
         "session_id",
+        "span",
         "stats",
         "tag",
     )
@@ -148,6 +167,10 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._pending: list[PeerLink] = []
         self._timer: trio.CancelScope | None = None
+        # The session's span (``relay.session``): from the first handshake to the end, with the
+        # lifecycle as events; None while tracing is off or once a peer's token forbids analytics.
+        self.span: RecordedSpan | None = None
+        self._opted_out = False
         table.add(self)
 
     # ------------------------------------------------------------------------------------------
@@ -235,6 +258,67 @@ class Session:
         self._table.discard(self)
         if self._timer is not None:
             self._timer.cancel()
+        recorded, self.span = self.span, None
+        if recorded is not None:
+            recorded.set_attribute("paired", self.core.paired)
+            recorded.end()
+
+    # ------------------------------------------------------------------------------------------
+    # tracing
+
+    def trace_handshake(
+        self,
+        handshake: RecordedSpan,
+        role: Role,
+        *,
+        created: bool,
+        analytics_allowed: bool,
+        **attributes: object,
+    ) -> None:
+        """Tie the session span to a handshake that is about to attach ``role`` (call before :meth:`attach`).
+
+        The first handshake starts the span (when tracing is on) and becomes its parent; later ones
+        are links. A token without the analytics bit (``fb`` bit 0) drops the span for good:
+        nothing per session is exported for a session any of whose peers opted out.
+
+        Args:
+            created: this handshake created the session (it starts the span).
+            attributes: the span's attributes when it starts (node, cohort).
+        """
+        if self._opted_out:
+            return
+        if not analytics_allowed:
+            self._opted_out = True
+            self.span = None
+            return
+        if self.span is None:
+            if not created:
+                return  # tracing was off when the session started: no half span
+            self.span = new_record("relay.session", session=self.tag, **attributes)
+            if self.span is None:
+                return
+            self.span.parent = handshake
+        else:
+            self.span.link(handshake, role=role.value)
+
+    def _span_event(self, kind: int, link: Link[PeerLink] | None) -> None:
+        span = self.span
+        if span is None:
+            return
+        fields: dict[str, object] = {}
+        if link is not None:
+            fields["role"] = link.role.value
+            if kind == CLOSED:
+                if link.close_code is None:
+                    fields["transport_lost"] = True
+                else:
+                    fields["code"] = int(link.close_code)
+                    # a peer's own CLOSE reason is its text: clipped and scrubbed like a log line
+                    fields["reason"] = scrub(clip_close_reason(link.close_reason or ""))
+                span.set_attribute("close_code", fields.get("code"))
+            elif kind == PEER_CLOSED and link.close_code is not None:
+                fields["code"] = int(link.close_code)  # the code of the peer's CLOSE
+        span.add_event(_SPAN_EVENTS[kind], **fields)
 
     # ------------------------------------------------------------------------------------------
     # the core's answers
@@ -288,6 +372,8 @@ class Session:
 
     def _lifecycle(self, kind: int, link: Link[PeerLink] | None) -> None:
         """The session's lifecycle events (the one place for logs, reports and span events)."""
+        if kind in _SPAN_EVENTS:
+            self._span_event(kind, link)
         if kind == PAIRED:
             if self.on_paired is not None:
                 self.on_paired(self)
