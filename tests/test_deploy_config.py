@@ -483,9 +483,17 @@ def runbook_commands() -> list[list[str]]:
     for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL):
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
-            line = line.split("  #", 1)[0].strip()
-            for part in re.split(r"\|\||&&|\||;", line):
-                words = shlex.split(part.strip(), comments=True)
+            # shell words, quotes respected (a `grep -E 'a|b'` is one word), split at | || && ;
+            lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;")
+            lexer.whitespace_split = True
+            lexer.commenters = "#"
+            parts: list[list[str]] = [[]]
+            for word in lexer:
+                if word and set(word) <= set("|&;"):
+                    parts.append([])
+                else:
+                    parts[-1].append(word)
+            for words in parts:
                 if words[:1] != ["rescue"]:
                     continue
                 argv: list[str] = []
