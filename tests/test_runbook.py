@@ -138,6 +138,7 @@ async def test_every_runbook_command_runs(redis_url: str, tmp_path: Path) -> Non
     # Only what a block needs, and a scratch HOME: a block that slipped through unmarked must not
     # reach a real cluster or cloud account through this machine's kubeconfig or credentials.
     env = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ", "TMPDIR")}
+    env.setdefault("LANG", "C.UTF-8")  # an operator's terminal
     env |= variables | {
         "RESCUE_REDIS_URL": redis_url,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
