@@ -68,6 +68,11 @@ bench *ARGS:
 chaos *ARGS:
     python chaos/run.py {{ARGS}}
 
+# Incident drill: a fleet + a real Prometheus (Debian `prometheus`) with the shipped rules; a fallback
+# spike, the runbook's pause/drain/resume, missing telemetry; every step timed (docs/operations/drills.md).
+drill *ARGS:
+    python chaos/drill.py {{ARGS}}
+
 # Soak: 24 h by default (`just soak --duration 2h`); memory, fds and tasks must stay flat (docs/perf/soak.md).
 soak *ARGS:
     python soak/run.py {{ARGS}}
