@@ -488,65 +488,89 @@ class _Drill:
             detail="shipped expr; for: 5m shortened to 2s",
         )
 
-    async def respond(self, live: SessionRun) -> None:
-        """Phase 3: the runbook's pause, check, drain, resume, each timed."""
-        await self.command("rescue admin status")
-        await self.command(
-            'curl -fsS -H "Authorization: Bearer $RESCUE_ADMIN_KEY" '
-            f'"$RESCUE_API/v1/admin/guardrails?cohort={COHORT}"'
-        )
-        probes = await self.token_per_node("handshake")  # fetched before the pause, like a client's
-        live_before = {d: c.delivered for d, c in live.checks.items()}
-        connections_before = {r: t.connections for r, t in live.trackers.items()}
+    async def watched(
+        self, line: str, checks: dict[str, Callable[[], Awaitable[bool]]], *, every: float = 0.1
+    ) -> tuple[float, dict[str, float | None]]:
+        """Run a pause/resume command while polling ``checks`` (every ``every`` s) from before it.
 
-        paused_at = await self.acted('rescue admin pause --reason "drill: fallback spike"')
-        first = await self.mint(self.next_session("paused"))
-        refused_at = None
-        if first.status_code == 403 and first.json().get("error") == "fallback_paused":
-            refused_at = trio.current_time()
-        self.step(
-            "pause: tokens refused (403 fallback_paused)",
-            "the next request (SPEC §5)",
-            limit=2.0,
-            value=None if refused_at is None else refused_at - paused_at,
-            ok=refused_at is not None,
-            detail=f"first answer {first.status_code} {first.json().get('error')}",
-        )
+        Returns the trio time the change was stored (:meth:`acted`) and, per check, the seconds
+        from then until the check first held (None: not within the step timeout). Watching from
+        before the command measures the fleet, not the command's own start-up and exit.
+        """
+        seen: dict[str, float] = {}
 
-        async def refuses(node: str) -> float | None:
-            session, token, url = probes[node]
-            outcomes: list[str] = []
-
-            async def refused() -> bool:
-                outcome = await self.handshake(url, token, session)
-                outcomes.append(outcome)
-                return outcome == "GUARDRAIL_TRIPPED"
-
-            at = await self.wait_for(refused, within=10)
-            return None if at is None else at - paused_at
-
-        per_node: dict[str, float | None] = {}
-
-        async def watch_node(node: str) -> None:
-            per_node[node] = await refuses(node)
+        async def watch(name: str, check: Callable[[], Awaitable[bool]]) -> None:
+            with trio.move_on_after(self.config.step_timeout_s):
+                while not await check():  # noqa: ASYNC110 (other processes change it)
+                    await trio.sleep(every)
+                seen[name] = trio.current_time()
 
         async with trio.open_nursery() as nursery:
-            for node in probes:
-                nursery.start_soon(watch_node, node)
+            for name, check in checks.items():
+                nursery.start_soon(watch, name, check)
+            at = await self.acted(line)
+        return at, {n: None if n not in seen else max(0.0, seen[n] - at) for n in checks}
+
+    def relay_step(self, name: str, bound: str, times: dict[str, float | None], prefix: str) -> None:
+        per_node = {k[len(prefix) :]: v for k, v in times.items() if k.startswith(prefix)}
         worst = (
             None
             if any(v is None for v in per_node.values())
             else max(v for v in per_node.values() if v is not None)
         )
+        detail = ", ".join(
+            f"{n} {'never' if v is None else f'{v:.2f} s'}" for n, v in sorted(per_node.items())
+        )
+        self.step(name, bound, limit=2.0, value=worst, detail=detail)
+
+    def handshake_is(self, probe: tuple[str, bytes, str], wanted: str) -> Callable[[], Awaitable[bool]]:
+        session, token, url = probe
+
+        async def check() -> bool:
+            return await self.handshake(url, token, session) == wanted
+
+        return check
+
+    def alert_firing(self, name: str, *, firing: bool = True) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return ((await self.prometheus.alert_states()).get(name) == "firing") is firing
+
+        return check
+
+    async def respond(self, live: SessionRun) -> None:
+        """Phase 3: the runbook's pause, check, drain, resume, each timed from the stored change."""
+        await self.command("rescue admin status")
+        await self.command(
+            'curl -fsS -H "Authorization: Bearer $RESCUE_ADMIN_KEY" '
+            f'"$RESCUE_API/v1/admin/guardrails?cohort={COHORT}"'
+        )
+        # tokens fetched before the pause, as clients hold them; each names its relay node
+        probes = await self.token_per_node("handshake")
+        live_before = {d: c.delivered for d, c in live.checks.items()}
+        connections_before = {r: t.connections for r, t in live.trackers.items()}
+
+        async def refused() -> bool:
+            answer = await self.mint(self.next_session("paused"))
+            return answer.status_code == 403 and answer.json().get("error") == "fallback_paused"
+
+        checks: dict[str, Callable[[], Awaitable[bool]]] = {"tokens": refused}
+        for node, probe in probes.items():
+            checks[f"relay:{node}"] = self.handshake_is(probe, "GUARDRAIL_TRIPPED")
+        checks["alert"] = self.alert_firing("BeachRescueFallbackPaused")
+        _, times = await self.watched('rescue admin pause --reason "drill: fallback spike"', checks)
         self.step(
+            "pause: tokens refused (403 fallback_paused)",
+            "≤ 1 s (the next request, SPEC §5)",
+            limit=1.0,
+            value=times["tokens"],
+        )
+        self.relay_step(
             "pause: every relay refuses new handshakes (GUARDRAIL_TRIPPED)",
             "≤ 2 s (SPEC §5)",
-            limit=2.0,
-            value=worst,
-            detail=", ".join(
-                f"{n} {'never' if v is None else f'{v:.2f} s'}" for n, v in sorted(per_node.items())
-            ),
+            times,
+            "relay:",
         )
+        self.step("pause: alert BeachRescueFallbackPaused firing", "≤ 30 s", limit=30, value=times["alert"])
 
         _, _, status = await self.command("rescue admin status")
         fleet = (status or {}).get("fleet", {})
@@ -555,17 +579,6 @@ class _Drill:
             "yes",
             ok=fleet.get("paused") is True and fleet.get("cause") == "operator",
             detail=f"paused={fleet.get('paused')} cause={fleet.get('cause')}",
-        )
-
-        async def paused_alert() -> bool:
-            return (await self.prometheus.alert_states()).get("BeachRescueFallbackPaused") == "firing"
-
-        alert_at = await self.wait_for(paused_alert)
-        self.step(
-            "pause: alert BeachRescueFallbackPaused firing",
-            "≤ 30 s",
-            limit=30,
-            value=None if alert_at is None else alert_at - paused_at,
         )
 
         # the live session streams through the pause: more bytes after it, verified, no reconnect
@@ -586,62 +599,34 @@ class _Drill:
         )
 
         # drain: the live session is closed by its relay
-        drained_at = await self.acted('rescue admin pause --drain --reason "drill: drain"')
-
         async def closed() -> bool:
             return all(t.closed is not None or not t.connected for t in live.trackers.values())
 
-        closed_at = await self.wait_for(closed, within=10)
+        _, times = await self.watched(
+            'rescue admin pause --drain --reason "drill: drain"', {"closed": closed}, every=POLL_S
+        )
         codes = sorted({str(t.closed.code) for t in live.trackers.values() if t.closed is not None})
         self.step(
             "drain: the live session is closed",
             "≤ 2 s (relay status poll)",
             limit=2.0,
-            value=None if closed_at is None else closed_at - drained_at,
+            value=times["closed"],
             detail=f"close codes {codes} (4003 = GUARDRAIL_TRIPPED)",
         )
 
-        # resume: back to normal
-        resumed_at = await self.acted('rescue admin resume --reason "drill: over"')
-
+        # resume: back to normal (the tokens held since before the pause are welcome again)
         async def mints() -> bool:
             return (await self.mint(self.next_session("resumed"))).status_code == 200
 
-        minted_at = await self.wait_for(mints, within=10)
+        checks = {"tokens": mints}
+        for node, probe in probes.items():
+            checks[f"relay:{node}"] = self.handshake_is(probe, "welcome")
+        checks["alert"] = self.alert_firing("BeachRescueFallbackPaused", firing=False)
+        resumed_at, times = await self.watched('rescue admin resume --reason "drill: over"', checks)
+        self.step("resume: tokens minted again", "≤ 1 s", limit=1.0, value=times["tokens"])
+        self.relay_step("resume: every relay welcomes new handshakes", "≤ 2 s", times, "relay:")
         self.step(
-            "resume: tokens minted again",
-            "≤ 1 s",
-            limit=1.0,
-            value=None if minted_at is None else minted_at - resumed_at,
-        )
-        fresh = await self.token_per_node("back")
-        welcomes: dict[str, float | None] = {}
-
-        async def welcome(node: str) -> None:
-            session, token, url = fresh[node]
-
-            async def ok() -> bool:
-                return await self.handshake(url, token, session) == "welcome"
-
-            at = await self.wait_for(ok, within=10)
-            welcomes[node] = None if at is None else at - resumed_at
-
-        async with trio.open_nursery() as nursery:
-            for node in fresh:
-                nursery.start_soon(welcome, node)
-        worst = (
-            None
-            if any(v is None for v in welcomes.values())
-            else max(v for v in welcomes.values() if v is not None)
-        )
-        self.step(
-            "resume: every relay welcomes new handshakes",
-            "≤ 2 s",
-            limit=2.0,
-            value=worst,
-            detail=", ".join(
-                f"{n} {'never' if v is None else f'{v:.2f} s'}" for n, v in sorted(welcomes.items())
-            ),
+            "resume: alert BeachRescueFallbackPaused resolved", "≤ 30 s", limit=30, value=times["alert"]
         )
         paired_at = await self.wait_for(lambda: self.pair_once("after-resume"), within=20)
         self.step(
@@ -661,6 +646,7 @@ class _Drill:
         broken_at = trio.current_time()  # reports fail from here on (first: while it restarts)
         await service.stop()
         await service.start()
+        up_at = trio.current_time()
 
         async def auto_paused() -> bool:
             status = await self.fleet_status()
@@ -671,10 +657,11 @@ class _Drill:
         events = self.token_service_events("guardrail_telemetry_missing")
         self.step(
             "telemetry: minting auto-paused, cause telemetry_missing",
-            f"≤ grace ({grace:g} s) + 10 s after the reports broke",
-            limit=grace + 10,
-            value=None if paused_at is None else paused_at - broken_at,
-            detail=f"log event guardrail_telemetry_missing: {len(events)}, "
+            f"≤ grace ({grace:g} s) + 5 s after the restarted service is up",
+            limit=grace + 5,
+            value=None if paused_at is None else max(0.0, paused_at - up_at),
+            detail=f"reports broken {up_at - broken_at:.1f} s before (the restart); "
+            f"log event guardrail_telemetry_missing x{len(events)}, "
             f"{(events or [{}])[-1].get('tokens')} tokens without a report",
         )
 

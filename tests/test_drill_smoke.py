@@ -86,7 +86,7 @@ def test_whole_drill_on_a_real_fleet_and_prometheus(tmp_path: Path) -> None:
     report = json.loads(runs[0].read_text())
     assert result.returncode == (0 if report["pass"] else 1), result.stderr[-3000:]
     steps = {s["name"]: s for s in report["steps"]}
-    assert len(steps) == 20, list(steps)
+    assert len(steps) == 21, list(steps)
     # every timed step happened (within the drill's 60 s step timeout), whatever its bound
     missing = [name for name, s in steps.items() if s["limit_s"] is not None and s["value_s"] is None]
     assert missing == [], missing
