@@ -42,6 +42,7 @@ COMMAND_MODULES = [
     "rescue.commands.peer",  # share, join
     "rescue.commands.dev",  # dev
     "rescue.commands.probe",  # probe
+    "rescue.commands.completion",  # completion bash|zsh
 ]
 
 
