@@ -249,3 +249,13 @@ async def test_telemetry_gap_expires_after_its_ttl_without_tokens(store: Guardra
         await store.record_mint("beta", now=NOW, session_id="f", node_id=None, ttl=60, telemetry_ttl=0.2)
         await trio.sleep(0.3)  # the real clock: Redis expires keys on its own
         assert await store.telemetry_gap() == TelemetryGap()
+
+
+async def test_unreported_cohorts_count_towards_the_activation_gap_only(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.record_mint(
+            "probe", now=NOW, session_id="p1", node_id=None, ttl=60, sessions_reported=False
+        )
+        assert await store.telemetry_gap() == TelemetryGap(1, NOW, 0, None)
+        await store.record_mint("beta", now=NOW + 1, session_id="b1", node_id=None, ttl=60)
+        assert await store.telemetry_gap() == TelemetryGap(2, NOW, 1, NOW + 1)

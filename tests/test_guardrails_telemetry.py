@@ -228,3 +228,40 @@ async def test_operator_and_hard_breach_pauses_say_their_cause() -> None:
     assert (await g.fleet_state()).cause == "hard_breach"
     env = Guardrails(store, GuardrailConfig(env_paused=True))
     assert (await env.fleet_state()).cause == "env"
+
+
+def test_unreported_cohorts_from_env() -> None:
+    assert GuardrailConfig.from_env({}).telemetry_unreported_cohorts == frozenset({"probe"})
+    env = {"RESCUE_TELEMETRY_UNREPORTED_COHORTS": " synthetic, canary "}
+    assert GuardrailConfig.from_env(env).telemetry_unreported_cohorts == frozenset({"synthetic", "canary"})
+    assert (
+        GuardrailConfig.from_env({"RESCUE_TELEMETRY_UNREPORTED_COHORTS": ""}).telemetry_unreported_cohorts
+        == frozenset()
+    )
+    with pytest.raises(ConfigError):
+        GuardrailConfig.from_env({"RESCUE_TELEMETRY_UNREPORTED_COHORTS": "a:b"})
+
+
+async def test_the_probe_alone_overnight_does_not_pause(autojump_clock: trio.testing.MockClock) -> None:
+    # No Beach session at all for hours, only the synthetic probe pairing once a minute: its
+    # sessions are never reported started, and its activations arrive. Not missing telemetry.
+    store = MemoryStore()
+    await store.set_cohort_enabled("probe", True)
+    g = _guardrails(store)
+    for i in range(3 * 60):
+        now = T0 + trio.current_time()
+        for role in ("host", "guest"):
+            await g.decide("probe", f"p{i}-{role}", now=now, ttl=300, require_node=False)
+        await g.record_activation("probe", now=now + 1)
+        await trio.sleep(GRACE / 4)
+    assert not (await g.fleet_state()).paused
+    # ...but when the probe's activation reports stop, that is missing telemetry
+    with pytest.raises(GuardrailError):
+        await _mint_probe(g, 2 * MIN_TOKENS, every=GRACE / MIN_TOKENS)
+    assert (await g.fleet_state()).cause == "telemetry_missing"
+
+
+async def _mint_probe(g: Guardrails, n: int, *, every: float) -> None:
+    for i in range(n):
+        await g.decide("probe", f"q{i}", now=T0 + trio.current_time(), ttl=300, require_node=False)
+        await trio.sleep(every)

@@ -190,6 +190,7 @@ class MemoryStore:
         node_id: str | None,
         ttl: float,
         telemetry_ttl: float = 3600.0,
+        sessions_reported: bool = True,
     ) -> str | None:
         await self.increment(cohort_id, CounterField.TOKENS, now=now)
         gap = await self.telemetry_gap()
@@ -198,8 +199,8 @@ class MemoryStore:
             TelemetryGap(
                 gap.tokens_since_activation + 1,
                 now if gap.since_activation is None else gap.since_activation,
-                gap.tokens_since_sessions + 1,
-                now if gap.since_sessions is None else gap.since_sessions,
+                gap.tokens_since_sessions + (1 if sessions_reported else 0),
+                now if gap.since_sessions is None and sessions_reported else gap.since_sessions,
             ),
         )
         if node_id is None:

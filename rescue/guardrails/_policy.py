@@ -48,6 +48,10 @@ DEFAULT_TELEMETRY_GRACE_S: Final = 600.0
 # partner never came cannot trip it).
 DEFAULT_TELEMETRY_MIN_TOKENS: Final = 50
 
+# The synthetic probe (`rescue probe`) mints for its own cohort and no Beach session is ever
+# reported for it: alone at night it must not look like a control plane that stopped reporting.
+DEFAULT_UNREPORTED_COHORTS: Final = frozenset({"probe"})
+
 MissingInput = Literal["activations", "sessions"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -86,6 +90,8 @@ class GuardrailConfig:
         telemetry_grace_s: pause minting once tokens were minted for this long without a single
             activation or sessions-started report (None: off; decision 0012).
         telemetry_min_tokens: ...and at least this many tokens were minted in that time.
+        telemetry_unreported_cohorts: cohorts whose sessions Beach never reports started (the
+            synthetic probe's): their tokens don't count towards the sessions-started gap.
     """
 
     environment: str = "development"
@@ -96,6 +102,7 @@ class GuardrailConfig:
     hard_ratio: float | None = None
     telemetry_grace_s: float | None = None
     telemetry_min_tokens: int = DEFAULT_TELEMETRY_MIN_TOKENS
+    telemetry_unreported_cohorts: frozenset[str] = DEFAULT_UNREPORTED_COHORTS
 
     def __post_init__(self) -> None:
         if self.is_production and self.dev_enable_all_cohorts:
@@ -119,7 +126,8 @@ class GuardrailConfig:
         """Read ``RESCUE_ENV``, ``FALLBACK_WS_PAUSED``, ``BEACH_DEV_ENABLE_FALLBACK_WS``,
         ``RESCUE_SOFT_BREACH_RATIO``, ``RESCUE_GUARDRAIL_MIN_SAMPLE``, ``RESCUE_HARD_BREACH_RATIO``,
         ``RESCUE_TELEMETRY_GRACE_S`` (unset: 600 in production, off elsewhere; ``0``: off) and
-        ``RESCUE_TELEMETRY_MIN_TOKENS`` (50).
+        ``RESCUE_TELEMETRY_MIN_TOKENS`` (50), ``RESCUE_TELEMETRY_UNREPORTED_COHORTS`` (``probe``;
+        comma-separated, empty for none).
 
         Raises:
             ConfigError: a numeric setting is malformed or out of range.
@@ -159,7 +167,27 @@ class GuardrailConfig:
             hard_ratio=_env_float(env, "RESCUE_HARD_BREACH_RATIO", None),
             telemetry_grace_s=grace,
             telemetry_min_tokens=min_tokens,
+            telemetry_unreported_cohorts=_cohort_set(
+                env.get("RESCUE_TELEMETRY_UNREPORTED_COHORTS"), DEFAULT_UNREPORTED_COHORTS
+            ),
         )
+
+
+def _cohort_set(raw: str | None, default: frozenset[str]) -> frozenset[str]:
+    """A comma-separated cohort list (unset: ``default``; empty: none).
+
+    Raises:
+        ConfigError: an entry is not a valid cohort id.
+    """
+    if raw is None:
+        return default
+    cohorts = frozenset(c.strip() for c in raw.split(",") if c.strip())
+    for cohort in cohorts:
+        try:
+            check_cohort_id(cohort)
+        except ValueError:
+            raise ConfigError(f"not a cohort id in RESCUE_TELEMETRY_UNREPORTED_COHORTS: {cohort!r}") from None
+    return cohorts
 
 
 def missing_telemetry(
@@ -373,7 +401,13 @@ class Guardrails:
             if require_node:
                 raise GuardrailError("no_relay_available", "no relay node is registered")
             await self.store.record_mint(
-                cohort_id, now=now, session_id=session_id, node_id=None, ttl=ttl, telemetry_ttl=self._gap_ttl
+                cohort_id,
+                now=now,
+                session_id=session_id,
+                node_id=None,
+                ttl=ttl,
+                telemetry_ttl=self._gap_ttl,
+                sessions_reported=cohort_id not in self.config.telemetry_unreported_cohorts,
             )
             return auth, None
         eligible, choice = _eligible(session_id, nodes)
@@ -384,6 +418,7 @@ class Guardrails:
             node_id=choice.node_id,
             ttl=ttl,
             telemetry_ttl=self._gap_ttl,
+            sessions_reported=cohort_id not in self.config.telemetry_unreported_cohorts,
         )
         assert current is not None
         return auth, await self._settle(session_id, current, nodes, eligible, choice, ttl=ttl)

@@ -109,8 +109,10 @@ return 1
 _GAP_LUA: Final = """
 redis.call('HINCRBY', KEYS[1], 'act_tokens', 1)
 redis.call('HSETNX', KEYS[1], 'act_first', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'ses_tokens', 1)
-redis.call('HSETNX', KEYS[1], 'ses_first', ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'ses_tokens', 1)
+  redis.call('HSETNX', KEYS[1], 'ses_first', ARGV[1])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -448,6 +450,7 @@ class RedisStore:
         node_id: str | None,
         ttl: float,
         telemetry_ttl: float = 3600.0,
+        sessions_reported: bool = True,
     ) -> str | None:
         key = counter_key(cohort_id, hour_bucket(now))
         calls: list[_Call] = [(self._count, [key], [CounterField.TOKENS.value, 1, COUNTER_TTL_S])]
@@ -455,7 +458,9 @@ class RedisStore:
             check_node_id(node_id)
             calls.append((self._assign, [assignment_key(session_id)], [node_id, _ms(ttl)]))
         # the telemetry gap (decision 0012): its own key, one script
-        calls.append((self._gap, [_TELEMETRY_KEY], [repr(now), _ms(telemetry_ttl)]))
+        calls.append(
+            (self._gap, [_TELEMETRY_KEY], [repr(now), _ms(telemetry_ttl), "1" if sessions_reported else "0"])
+        )
         # Scripts in one plain pipeline: one round trip on one server; on a cluster the counter,
         # the assignment and the gap usually live on different nodes, reached at once (decision 0013)
         result = await self._run(partial(self._run_scripts, calls))

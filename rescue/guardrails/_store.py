@@ -411,10 +411,13 @@ class GuardrailStore(Protocol):
         node_id: str | None,
         ttl: float,
         telemetry_ttl: float = 3600.0,
+        sessions_reported: bool = True,
     ) -> str | None:
         """Count one token for the cohort's hour and in the :class:`TelemetryGap` (which then lives
-        ``telemetry_ttl`` seconds) and, with ``node_id``, assign the session like
-        :meth:`assign_session` (SET NX, an existing one extended and returned), together (one
+        ``telemetry_ttl`` seconds; towards the sessions-started gap only if ``sessions_reported``:
+        Beach reports this cohort's sessions, unlike the synthetic probe's) and, with ``node_id``,
+        assign the session like :meth:`assign_session` (SET NX, an existing one extended and
+        returned), together (one
         round trip on Redis). Returns the assignment in force, or None without ``node_id``."""
 
     async def keep_assignments(
