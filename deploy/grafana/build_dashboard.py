@@ -290,6 +290,15 @@ def build() -> dict[str, Any]:
             unit="ops",
         )
     )
+    panels.append(
+        timeseries(
+            lay,
+            "Kill switch cause (token service)",
+            [(f"max by (cause) (beach_fallback_pause_cause{{{TOKEN}}})", "{{cause}}")],
+            description="1 for why the fleet is paused: operator, env (FALLBACK_WS_PAUSED), hard_breach, "
+            "telemetry_missing (no activation or sessions-started reports while minting, decision 0012).",
+        )
+    )
     panels.append(lay.row("Load"))
     panels.append(
         timeseries(
