@@ -28,7 +28,7 @@ from rescue.client import (
 )
 from rescue.errors import GuardrailError
 from rescue.guardrails import FleetState, GuardrailConfig, Guardrails, MemoryStore
-from rescue.protocol import SigningKey
+from rescue.protocol import SigningKey, b64url_encode
 from rescue.testing import TEST_PSK, run_relay
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
 
@@ -295,3 +295,15 @@ async def test_token_client_maps_answers() -> None:
     # Nothing listens there any more.
     with pytest.raises(TokenServiceUnavailable):
         await TokenClient(plane.api_url, session_id="tc-1", role="guest")()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ws://[bad/v1/connect", "ws://127.0.0.1:99999/v1/connect", "ws:///v1/connect", "wss://h:0/v1/connect"],
+)
+def test_a_malformed_relay_url_is_a_bad_answer(url: str) -> None:
+    """It used to pass (it starts with ws://) and crash the peer's connect with a bare ValueError."""
+    answer = {"token": b64url_encode(b"token"), "relay_url": url, "expires_at": 1}
+    with pytest.raises(TokenServiceUnavailable) as info:
+        TokenGrant.from_json(answer)
+    assert info.value.error == "bad_answer"

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+from functools import partial
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from rescue.commands.probe import OUTCOMES, STEPS, ProbeConfig, ProbeMetrics, probe_once
+from rescue.commands.probe import OUTCOMES, STEPS, ProbeConfig, ProbeMetrics, ProbeResult, probe_once
 from rescue.guardrails import Guardrails, MemoryStore
 from rescue.protocol import SigningKey
 from rescue.testing import RESCUE_CLI, DevProcess, run_dev_process
@@ -188,21 +189,48 @@ async def test_probe_metrics_endpoint_scraped_for_real() -> None:
                     await proc.wait()
 
 
-async def test_connect_step_fails_when_the_named_relay_is_unreachable() -> None:
+async def _probe_against(relay_url: str, timeout_s: float) -> ProbeResult:
+    """One probe run against an in-process token service whose tokens name ``relay_url``."""
     service = TokenService(
-        TokenServiceConfig(
-            keys=PublishedKeys(SigningKey.generate()),
-            relay_url="ws://127.0.0.1:1/v1/connect",  # nothing listens there
-            disable_oidc=True,
-        ),
+        TokenServiceConfig(keys=PublishedKeys(SigningKey.generate()), relay_url=relay_url, disable_oidc=True),
         Guardrails(MemoryStore()),
     )
     await service.guardrails.set_cohort_enabled("probe", True)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+        result = await probe_once(ProbeConfig(api_url=f"http://127.0.0.1:{port}", timeout_s=timeout_s))
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def test_connect_step_times_out_on_a_relay_that_never_answers() -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()  # accepts TCP, never answers the upgrade
+
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
-            result = await probe_once(ProbeConfig(api_url=f"http://127.0.0.1:{port}", timeout_s=5))
+            (listener,) = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+            port = listener.socket.getsockname()[1]
+            started = trio.current_time()
+            result = await _probe_against(f"ws://127.0.0.1:{port}/v1/connect", timeout_s=1)
+            elapsed = trio.current_time() - started
             nursery.cancel_scope.cancel()
+    assert result.outcome == "connect_timeout", result
+    assert set(result.steps) == {"token"}
+    assert result.line().startswith("connect_timeout: no connect within the 1 s deadline")
+    assert elapsed < 10  # the run's deadline, plus the peers' bounded close
+
+
+async def test_a_malformed_relay_url_fails_the_token_step() -> None:
+    with trio.fail_after(TIMEOUT):
+        result = await _probe_against("ws://127.0.0.1:99999/v1/connect", timeout_s=5)
+    assert result.outcome == "token_unavailable", result
+    assert "bad_answer" in result.detail
+
+
+async def test_connect_step_fails_when_the_named_relay_is_unreachable() -> None:
+    with trio.fail_after(TIMEOUT):
+        result = await _probe_against("ws://127.0.0.1:1/v1/connect", timeout_s=5)  # nothing listens there
     assert result.outcome == "connect_failed", result
     assert set(result.steps) == {"token"}
     assert result.line().startswith("connect_failed: host: ")

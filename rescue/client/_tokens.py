@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -112,6 +113,11 @@ class TokenGrant:
             expires_at = answer["expires_at"]
             if not isinstance(relay_url, str) or not relay_url.startswith(("ws://", "wss://")):
                 raise TypeError("relay_url is not a ws:// or wss:// URL")
+            # what connect_websocket will parse: a bad IPv6 host or port is a bad answer here, not a
+            # ValueError escaping the peer's connection task later
+            parts = urlsplit(relay_url)
+            if not parts.hostname or parts.port == 0:
+                raise TypeError("relay_url has no host or port")
             if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
                 raise TypeError("expires_at is not a number")
             return cls(

@@ -92,6 +92,7 @@ OUTCOMES: Final = (
     "not_entitled",
     "token_refused",
     "token_unavailable",
+    "token_timeout",
     "connect_failed",
     "connect_timeout",
     "pair_failed",
