@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                 str(ports.get("rescue", 0)),
                 "--log-level",
                 "WARNING",
+                "--init-store",  # a fresh private Redis: a new deployment
             ],
             "reference": [
                 sys.executable,

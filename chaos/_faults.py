@@ -6,7 +6,10 @@ Fault kinds:
 - ``relay_sigkill`` / ``relay_sigterm``: stop one relay node (crash, or graceful drain with
   CLOSE ``SERVER_SHUTDOWN``), leave it down for a random outage, start it again on the same ports.
 - ``redis_restart``: SIGKILL redis-server, outage, start an empty one (no persistence: the node
-  registry and session assignments are gone and must be rebuilt by the relays' refresh).
+  registry and session assignments are gone and must be rebuilt by the relays' refresh). The
+  empty store is not initialised, so the fleet must read as paused (``failed_closed`` in the
+  record; a report target) until the operator step of the runbook, ``rescue admin
+  init-store``, which the injector then runs.
 - ``token_service_restart``: stop the token service (SIGTERM or SIGKILL at random), outage, start.
 - ``redis_failover`` (a fleet with ``redis_mode="sentinel"``): SIGKILL the Redis primary; the
   Sentinel promotes the replica (the time that takes is recorded; one peer is dropped at once, so
@@ -58,6 +61,8 @@ FAULT_KINDS: Final = (
 _FAILOVER_TIMEOUT_S: Final = 60.0
 # Recovery is checked this often (its resolution).
 _RECOVERY_POLL_S: Final = 0.05
+# The token service notices a restarted Redis within its breaker's probe interval (1 s).
+_FAIL_CLOSED_WAIT_S: Final = 10.0
 # Control-plane probes (a token mint, /readyz, the node list) are slower HTTP round trips.
 _PROBE_EVERY_S: Final = 0.25
 
@@ -224,6 +229,8 @@ class FaultInjector:
             elif kind == "redis_restart":
                 assert self.fleet.redis is not None
                 await self._restart_control(record, self.fleet.redis, signal.SIGKILL)
+                record.detail["failed_closed"] = await self._failed_closed()
+                await self.fleet.init_store("chaos: Redis came back empty")  # the runbook's step
             elif kind == "redis_failover":
                 await self._failover(record)
             elif kind == "token_service_restart":
@@ -329,6 +336,17 @@ class FaultInjector:
                 await trio.sleep(0.1)
         record.detail["replica_back"] = await fleet.sentinel_settled()
         record.restored = self.clock()
+
+    async def _failed_closed(self) -> bool:
+        """After Redis came back empty: the status relays poll says paused, as not initialised
+        (the token service may first answer 503 while its breaker probes the new Redis)."""
+        with trio.move_on_after(_FAIL_CLOSED_WAIT_S):
+            while True:
+                status = await self.fleet.fleet_status()
+                if status is not None:
+                    return status.get("paused") is True and "not initialised" in str(status.get("reason"))
+                await trio.sleep(_RECOVERY_POLL_S)
+        return False
 
     async def _outage(self, record: FaultRecord) -> None:
         outage = self.rng.uniform(*self.plan.outage)

@@ -488,6 +488,7 @@ class Fleet:
         else:
             await self.redis.start()
         await self.token_service.start()
+        await self.init_store("chaos fleet: first start")  # a new deployment's one operator step
         starting = self.relays[:start_nodes]
         async with trio.open_nursery() as nursery:
             for relay in starting:
@@ -602,6 +603,41 @@ class Fleet:
             return sorted(n["id"] for n in nodes if not n.get("draining"))
         except (ValueError, KeyError, TypeError):
             return []
+
+    async def admin(self, *argv: str) -> Any:
+        """Run ``rescue admin ARGV… --api <token service>`` as an operator would (the admin key
+        in ``RESCUE_ADMIN_KEY``); its JSON answer.
+
+        Raises:
+            FleetError: the command failed (its stderr in the message).
+        """
+        result = await trio.run_process(
+            rescue_argv("admin", *argv, "--api", self.api_url),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=child_env({"RESCUE_ADMIN_KEY": self.admin_key}),
+        )
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace")[-500:]
+            raise FleetError(f"rescue admin {argv[0]} failed: {stderr}")
+        return json.loads(result.stdout)
+
+    async def init_store(self, reason: str) -> Any:
+        """``rescue admin init-store``: what an operator runs once for a new deployment and after
+        Redis came back empty (the runbook); the effective kill switch it answers."""
+        return await self.admin("init-store", "--reason", reason)
+
+    async def fleet_status(self) -> dict[str, Any] | None:
+        """``GET /v1/fallback/status`` (what every relay polls), or None when it does not answer."""
+        response = await self._get(f"{self.api_url}/v1/fallback/status")
+        if response is None or response.status_code != 200:
+            return None
+        try:
+            doc = response.json()
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
 
     async def control_plane_ok(self, session_id: str) -> bool:
         """A token can be minted right now (the probe session is never connected to)."""

@@ -495,6 +495,17 @@ def build_report(run: _Run) -> dict[str, Any]:
             bool(checks) and split_total == 0 and silent_total == 0,
         ),
     ]
+    empty_redis = [f for f in faults if f.kind == "redis_restart" and f.restored is not None]
+    if empty_redis:
+        closed = [f for f in empty_redis if f.detail.get("failed_closed") is True]
+        targets.append(
+            _target(
+                "fail closed when Redis comes back empty",
+                "all (status paused until `rescue admin init-store`)",
+                f"{len(closed)}/{len(empty_redis)}",
+                len(closed) == len(empty_redis),
+            )
+        )
     return {
         "kind": "chaos",
         "pass": all(t["pass"] for t in targets),

@@ -25,6 +25,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # listening only on a unix socket in a fresh temporary directory (`--port 0` disables TCP), with
 # persistence off. `redis_url` shares one server per test session and flushes it before each test;
 # `private_redis` gives a test its own server, which it may kill (outage tests).
+# Every server is handed out *initialised* (the guardrail store's mark an operator's
+# `rescue admin init-store` writes; without it the fleet reads as paused). A test about a store
+# that lost its data flushes it or calls `restart_empty()`.
 # ---------------------------------------------------------------------------------------------
 
 import shutil  # noqa: E402
@@ -37,6 +40,8 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import redis  # noqa: E402
+
+from rescue.guardrails import initialise_redis  # noqa: E402
 
 # Starting redis-server takes ~10 ms; a loaded 2-core CI box may take far longer.
 REDIS_START_TIMEOUT_S = 15.0
@@ -62,37 +67,65 @@ class RedisServer:
             self.process.kill()
         self.process.wait(timeout=10)
 
+    def initialise(self) -> None:
+        """Write the guardrail store's initialised mark (what `rescue admin init-store` does)."""
+        with self.client() as client:
+            initialise_redis(client, now=time.time())
 
-def start_redis_server() -> RedisServer:
-    """Start a private redis-server and wait until it answers PING."""
+    def flush(self, *, initialise: bool = True) -> None:
+        """Empty it (and initialise it again, unless told not to)."""
+        with self.client() as client:
+            client.flushall()
+        if initialise:
+            self.initialise()
+
+    def restart_empty(self) -> None:
+        """SIGKILL it and start a new, empty, *uninitialised* one on the same socket: what a
+        Redis without persistence (a new container) looks like after a restart."""
+        self.stop()
+        self.process = _spawn_redis(self.socket_path, self.directory)
+        _wait_ping(self)
+
+
+def _spawn_redis(socket_path: str, directory: str) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed (the CI script installs it: apt-get install redis-server)")
-    directory = tempfile.mkdtemp(prefix="rescue-redis-")  # short: unix socket paths max out at 107 bytes
-    socket_path = os.path.join(directory, "redis.sock")
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [binary, "--port", "0", "--unixsocket", socket_path, "--unixsocketperm", "700",
          "--save", "", "--appendonly", "no", "--dir", directory, "--daemonize", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    server = RedisServer(process, socket_path, directory)
+
+
+def _wait_ping(server: RedisServer) -> None:
     deadline = time.monotonic() + REDIS_START_TIMEOUT_S
     with server.client() as client:
         while True:
-            if process.poll() is not None:
-                shutil.rmtree(directory, ignore_errors=True)
-                pytest.fail(f"redis-server exited with status {process.returncode}")
+            if server.process.poll() is not None:
+                shutil.rmtree(server.directory, ignore_errors=True)
+                pytest.fail(f"redis-server exited with status {server.process.returncode}")
             try:
                 if client.ping():
-                    return server
+                    return
             except redis.RedisError:
                 pass
             if time.monotonic() > deadline:
                 server.stop()
-                shutil.rmtree(directory, ignore_errors=True)
+                shutil.rmtree(server.directory, ignore_errors=True)
                 pytest.fail("redis-server did not answer PING in time")
             time.sleep(0.01)
+
+
+def start_redis_server() -> RedisServer:
+    """Start a private redis-server, wait until it answers PING, initialise the guardrail store."""
+    directory = tempfile.mkdtemp(prefix="rescue-redis-")  # short: unix socket paths max out at 107 bytes
+    socket_path = os.path.join(directory, "redis.sock")
+    server = RedisServer(_spawn_redis(socket_path, directory), socket_path, directory)
+    _wait_ping(server)
+    server.initialise()
+    return server
 
 
 @pytest.fixture(scope="session")
@@ -107,9 +140,8 @@ def redis_session_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def redis_url(redis_session_server: RedisServer) -> str:
-    """URL of the shared private Redis, flushed for this test."""
-    with redis_session_server.client() as client:
-        client.flushall()
+    """URL of the shared private Redis, flushed (and initialised) for this test."""
+    redis_session_server.flush()
     return redis_session_server.url
 
 
@@ -239,11 +271,16 @@ class RedisClusterServers:
             host="127.0.0.1", port=self.ports[0], decode_responses=True, socket_timeout=5
         )
 
-    def flush(self) -> None:
+    def flush(self, *, initialise: bool = True) -> None:
+        """Empty every node (data and scripts), and initialise the guardrail store again unless
+        told not to (like `RedisServer.flush`)."""
         for i in range(len(self.ports)):
             with self.node(i) as node:
                 node.flushall()
                 node.script_flush()
+        if initialise:
+            with self.client() as client:
+                initialise_redis(client, now=time.time())
 
     def stop(self) -> None:
         for process in self.processes:

@@ -246,6 +246,9 @@ def test_quick_chaos_run_injects_every_fault_and_loses_nothing(tmp_path: Path) -
     assert records["relay_sigkill"]["detail"]["exit_status"] == -9
     assert records["relay_sigterm"]["detail"]["signal"] == "SIGTERM"
     assert records["redis_restart"]["detail"]["aborted_during_outage"] is not None
+    # the empty Redis read as paused until the injector ran `rescue admin init-store` (#11)
+    assert records["redis_restart"]["detail"]["failed_closed"] is True
+    assert "fail closed when Redis comes back empty" in {t["name"] for t in report["targets"]}
     assert all(r["recovered"] is not None for r in faults["records"]), faults["records"]
 
     # reconnects happened, and every one of them came back

@@ -91,7 +91,7 @@ def test_every_admin_action_is_described_and_every_option_has_help() -> None:
     parser = cli.build_parser()
     admin = parser._subparsers._group_actions[0].choices["admin"]  # type: ignore[union-attr]
     actions = admin._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(actions) == {"pause", "resume", "status", "cohort"}
+    assert set(actions) == {"pause", "resume", "status", "init-store", "cohort"}
     for name, action_parser in actions.items():
         assert action_parser.description, name
         for option in action_parser._actions:

@@ -514,7 +514,7 @@ def test_runbook_rescue_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(commands) >= 8
     seen = {argv[0] if argv[0] != "admin" else f"admin {argv[1]}" for argv in commands}
     assert {"keygen", "mint", "verify", "token-service"} <= seen
-    assert {"admin pause", "admin resume", "admin status", "admin cohort"} <= seen
+    assert {"admin pause", "admin resume", "admin status", "admin cohort", "admin init-store"} <= seen
     for argv in commands:
         try:
             parser.parse_args(argv)

@@ -81,9 +81,8 @@ class Services:
     healthy_redis: RedisServer
 
     def reset_healthy(self) -> None:
-        """Empty the healthy service's Redis and register its live node again."""
-        with self.healthy_redis.client() as client:
-            client.flushall()
+        """Empty the healthy service's Redis (initialised again) and register its live node again."""
+        self.healthy_redis.flush()
         trio.from_thread.run(self._register_live_node, trio_token=self.trio_token)
 
     async def _register_live_node(self) -> None:
@@ -131,8 +130,7 @@ def _run_services(redis_urls: dict[str, str], started: queue.Queue[Any]) -> None
 @pytest.fixture(scope="module")
 def services(redis_session_server: RedisServer) -> Iterator[Services]:
     """The three token services, stopped through their cancel scope (and the thread joined) after."""
-    with redis_session_server.client() as client:
-        client.flushall()
+    redis_session_server.flush()
     no_relay_redis = start_redis_server()
     doomed_redis = start_redis_server()
     started: queue.Queue[Any] = queue.Queue()

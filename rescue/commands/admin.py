@@ -1,4 +1,4 @@
-"""``rescue admin pause|resume|status|cohort ID --enable/--disable [--api URL]`` (SPEC §11).
+"""``rescue admin pause|resume|status|init-store|cohort ID --enable/--disable [--api URL]`` (SPEC §11).
 
 The admin key comes from ``$RESCUE_ADMIN_KEY`` (never from the command line, which ``ps`` shows).
 Every sub-command prints the service's JSON answer on stdout and exits 0, or prints one line on
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``admin`` sub-command and its actions."""
     admin = subparsers.add_parser(
         "admin",
-        help="operate the token service: pause, resume, status, cohort flags",
+        help="operate the token service: pause, resume, status, store initialisation, cohort flags",
         description="Talk to the token service's admin API (SPEC §4).\n\n"
         f"The admin key comes from ${ADMIN_KEY_ENV} (never a flag: ps shows flags). It is any long "
         "random string, the same one the token service reads from its $RESCUE_ADMIN_KEY (or the "
@@ -72,6 +72,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     resume.add_argument("--reason", default=None, help="why (shown in status)")
     common(resume)
     resume.set_defaults(func=_resume)
+
+    init = action(
+        "init-store",
+        "mark the guardrail store initialised (a new deployment, or after Redis lost its data)",
+        "A guardrail store that is not initialised (new, or Redis came back empty) reads as "
+        "paused. Once its state is what it should be (re-apply a pause that was in force and the "
+        "cohort flags first), confirm it with this; it leaves the kill switch as it is. Prints the "
+        "fleet state after. See docs/operations/runbook.md, 'Redis came back empty'.",
+    )
+    init.add_argument("--reason", default=None, help="why (logged)")
+    common(init)
+    init.set_defaults(func=_init_store)
 
     status = action(
         "status",
@@ -147,6 +159,11 @@ def _pause(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     body = {"reason": args.reason} if args.reason else {}
     return _print(_call(args, "POST", "/v1/admin/resume", body))
+
+
+def _init_store(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason} if args.reason else {}
+    return _print(_call(args, "POST", "/v1/admin/store/init", body))
 
 
 def _status(args: argparse.Namespace) -> int:

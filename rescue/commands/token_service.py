@@ -122,6 +122,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="value of that claim",
     )
     add_cors_option(p)
+    p.add_argument(
+        "--init-store",
+        action="store_true",
+        help="mark the guardrail store initialised at startup if it is not (development, CI and "
+        "first-run scripts; refused with RESCUE_ENV=production, where an operator runs "
+        "`rescue admin init-store` once instead: see docs/guardrails.md)",
+    )
     add_option(p, "--log-level", default="INFO", metavar="LEVEL", help="logging level")
     p.set_defaults(func=_run)
 
@@ -206,13 +213,27 @@ async def run_token_service(
     host: str,
     port: int,
     *,
+    init_store: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGTERM/SIGINT or cancellation; closes ``store`` on the way out."""
+    """Serve until SIGTERM/SIGINT or cancellation; closes ``store`` on the way out.
+
+    With ``init_store``, a store that is not initialised is initialised first (``--init-store``).
+    """
     service = TokenService(config, Guardrails(store, guardrail_config))
     try:
         try:
-            await store.ping()
+            stored = await store.fleet_state()
+            if not stored.initialised and init_store:
+                await service.guardrails.initialise_store(reason="rescue token-service --init-store")
+            elif not stored.initialised:
+                log_event(
+                    _LOG,
+                    "guardrail_store_uninitialised",
+                    level=logging.ERROR,
+                    detail="fallback is paused until an operator runs `rescue admin init-store` "
+                    "(a new deployment, or Redis lost its data: see the runbook)",
+                )
         except Exception as exc:  # keep serving: every request fails closed until Redis is back
             log_event(_LOG, "guardrail_store_unavailable", level=logging.ERROR, error=str(exc)[:200])
         async with trio.open_nursery() as nursery:
@@ -237,7 +258,23 @@ def _run(args: argparse.Namespace) -> int:
     config = build_config(args, os.environ)
     configure_session_tags(os.environ, component="token-service")
     guardrail_config = GuardrailConfig.from_env()
+    if args.init_store and guardrail_config.is_production:
+        # Left in a manifest, the flag would quietly re-initialise a store that lost a pause
+        # whenever a replica restarts: production initialises once, by hand.
+        raise ConfigError(
+            "--init-store is refused with RESCUE_ENV=production: run `rescue admin init-store` "
+            "once after the first deploy (docs/operations/runbook.md)"
+        )
     store = RedisStore(args.redis_url)
+    run = partial(
+        run_token_service,
+        config,
+        store,
+        guardrail_config,
+        args.host,
+        args.port,
+        init_store=args.init_store,
+    )
     with traced_process("beach-rescue-token-service"):
-        trio.run(partial(run_token_service, config, store, guardrail_config, args.host, args.port))
+        trio.run(run)
     return 0

@@ -13,13 +13,16 @@ See docs/guardrails.md for the Redis layout and the rolling-window definition.
 from rescue.guardrails._deadline import Breaker as Breaker
 from rescue.guardrails._deadline import store_deadline as store_deadline
 from rescue.guardrails._memory import MemoryStore as MemoryStore
+from rescue.guardrails._policy import STORE_UNINITIALISED_REASON as STORE_UNINITIALISED_REASON
 from rescue.guardrails._policy import Authorization as Authorization
 from rescue.guardrails._policy import GuardrailConfig as GuardrailConfig
 from rescue.guardrails._policy import Guardrails as Guardrails
 from rescue.guardrails._policy import GuardrailWindow as GuardrailWindow
+from rescue.guardrails._policy import effective_fleet_state as effective_fleet_state
 from rescue.guardrails._policy import missing_telemetry as missing_telemetry
 from rescue.guardrails._redis import REDIS_THREADS as REDIS_THREADS
 from rescue.guardrails._redis import RedisStore as RedisStore
+from rescue.guardrails._redis import initialise_redis as initialise_redis
 from rescue.guardrails._store import COUNTER_TTL_S as COUNTER_TTL_S
 from rescue.guardrails._store import PAUSE_CAUSES as PAUSE_CAUSES
 from rescue.guardrails._store import CounterField as CounterField
@@ -40,6 +43,7 @@ __all__ = [
     "COUNTER_TTL_S",
     "PAUSE_CAUSES",
     "REDIS_THREADS",
+    "STORE_UNINITIALISED_REASON",
     "Authorization",
     "Breaker",
     "CounterField",
@@ -57,7 +61,9 @@ __all__ = [
     "check_cohort_id",
     "check_node_id",
     "counter_key",
+    "effective_fleet_state",
     "hour_bucket",
+    "initialise_redis",
     "missing_telemetry",
     "rendezvous_pick",
     "rolling_window",

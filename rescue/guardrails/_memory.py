@@ -42,15 +42,17 @@ class MemoryStore:
     Args:
         clock: monotonic seconds used for expiry; defaults to ``trio.current_time`` (so
             ``MockClock`` drives it in tests).
+        initialised: a memory store lives and dies with its process (``rescue dev``, tests), so
+            it starts initialised; False makes one that reads like a Redis that lost its data.
 
     Fault injection: set :attr:`available` to False and every call raises
     :class:`~rescue.errors.StoreUnavailable`, like a Redis outage (used to test failing closed).
     """
 
-    def __init__(self, *, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, *, clock: Callable[[], float] = trio.current_time, initialised: bool = True) -> None:
         self._clock = clock
         self.available = True
-        self._fleet = FleetState()
+        self._fleet = FleetState(initialised=initialised)
         self._cohorts: dict[str, bool] = {}
         self._counters: dict[str, tuple[float, dict[str, int]]] = {}  # key -> (expires_at, fields)
         self._nodes: dict[str, tuple[float, NodeInfo]] = {}
@@ -84,7 +86,11 @@ class MemoryStore:
 
     async def set_fleet_state(self, state: FleetState) -> None:
         await self._enter()
-        self._fleet = state
+        self._fleet = replace(state, initialised=self._fleet.initialised)
+
+    async def initialise(self, *, now: float) -> None:
+        await self._enter()
+        self._fleet = replace(self._fleet, initialised=True)
 
     async def cohort_enabled(self, cohort_id: str) -> bool:
         check_cohort_id(cohort_id)

@@ -30,7 +30,15 @@ from rescue.guardrails._store import (
     rolling_window,
 )
 
-__all__ = ["Authorization", "GuardrailConfig", "GuardrailWindow", "Guardrails", "missing_telemetry"]
+__all__ = [
+    "STORE_UNINITIALISED_REASON",
+    "Authorization",
+    "GuardrailConfig",
+    "GuardrailWindow",
+    "Guardrails",
+    "effective_fleet_state",
+    "missing_telemetry",
+]
 
 _LOG = get_logger("rescue.guardrails")
 
@@ -55,6 +63,13 @@ DEFAULT_UNREPORTED_COHORTS: Final = frozenset({"probe"})
 MissingInput = Literal["activations", "sessions"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
+
+# The effective kill switch's reason while the store is not initialised (new, or it lost its
+# data): stable text, so alerts and runbooks can match it.
+STORE_UNINITIALISED_REASON: Final = (
+    "guardrail store not initialised (new, or it lost its data): fallback is paused until an "
+    "operator runs `rescue admin init-store` (docs/operations/runbook.md)"
+)
 
 WindowState = Literal["ok", "insufficient_sample", "soft_breach", "hard_breach"]
 
@@ -285,7 +300,14 @@ class Guardrails:
         """
         if self.config.env_paused:
             return FleetState(paused=True, reason="FALLBACK_WS_PAUSED is set on this process", cause="env")
-        return await self.store.fleet_state()
+        return effective_fleet_state(await self.store.fleet_state())
+
+    async def initialise_store(self, *, reason: str | None = None) -> FleetState:
+        """Mark the store initialised (an operator's confirmation that its state, the kill switch
+        and the cohort flags, is what it should be); returns the effective kill switch after."""
+        await self.store.initialise(now=self._wall_clock())
+        log_event(_LOG, "guardrail_store_initialised", level=logging.WARNING, reason=reason)
+        return await self.fleet_state()
 
     async def pause(
         self, *, reason: str | None = None, drain: bool = False, cause: str = "operator"
@@ -390,9 +412,8 @@ class Guardrails:
         if self.config.env_paused:
             raise GuardrailError("fallback_paused", "WebSocket fallback is paused fleet-wide")
         snap = await self.store.mint_snapshot(cohort_id, now=now)
-        _check_switches(
-            snap.fleet, cohort_id, enabled=snap.cohort_enabled or self.config.dev_enable_all_cohorts
-        )
+        enabled = snap.cohort_enabled or self.config.dev_enable_all_cohorts
+        _check_switches(effective_fleet_state(snap.fleet), cohort_id, enabled=enabled)
         await self._check_telemetry(snap.telemetry, now)
         counts = rolling_window(snap.current, snap.previous, now)
         auth = await self._judge_window(GuardrailWindow(cohort_id, counts, self.judge(counts)), now)
@@ -570,6 +591,17 @@ def _eligible(session_id: str, nodes: list[NodeInfo]) -> tuple[dict[str, NodeInf
     if choice is None:
         raise GuardrailError("no_relay_available", "every relay node is draining")
     return eligible, choice
+
+
+def effective_fleet_state(stored: FleetState) -> FleetState:
+    """The kill switch a stored state means: as stored, except that a store which is not
+    initialised reads as paused (it may have lost a pause), with :data:`STORE_UNINITIALISED_REASON`.
+    Existing sessions are not drained: their relays keep them, as during a store outage."""
+    if stored.initialised:
+        return stored
+    return FleetState(
+        paused=True, reason=STORE_UNINITIALISED_REASON, cause="store_uninitialised", initialised=False
+    )
 
 
 def _check_switches(fleet: FleetState, cohort_id: str, *, enabled: bool | None) -> None:

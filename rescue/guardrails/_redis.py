@@ -34,6 +34,7 @@ from rescue.guardrails._store import (
     COUNTER_TTL_S,
     KEY_PREFIX,
     NODES_KEY,
+    STORE_INITIALISED_FIELD,
     CounterField,
     FleetState,
     HourCounts,
@@ -49,7 +50,7 @@ from rescue.guardrails._store import (
 )
 from rescue.guardrails._url import RedisKind, parse_redis_url
 
-__all__ = ["REDIS_THREADS", "RedisStore"]
+__all__ = ["REDIS_THREADS", "RedisStore", "initialise_redis"]
 
 _T = TypeVar("_T")
 # One script call of a pipeline: the script object, its keys and its arguments.
@@ -86,12 +87,6 @@ _OUTAGE_ERRORS: Final = (
     redis.exceptions.RedisClusterException,
 )
 
-# Replace a whole hash (the kill switch) in one step: a reader never sees it half-written.
-_REPLACE_HASH_LUA: Final = """
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
 # Count into an hourly counter; its TTL is set on the first increment only, in the same step.
 _COUNT_LUA: Final = """
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
@@ -224,7 +219,6 @@ class RedisStore:
         self._live_nodes = self._client.register_script(_LIVE_NODES_LUA)
         self._keep = self._client.register_script(_KEEP_LUA)
         self._count = self._client.register_script(_COUNT_LUA)
-        self._replace_hash = self._client.register_script(_REPLACE_HASH_LUA)
         self._register = self._client.register_script(_REGISTER_LUA)
         self._remove = self._client.register_script(_REMOVE_LUA)
         self._gap = self._client.register_script(_GAP_LUA)
@@ -360,9 +354,12 @@ class RedisStore:
             "since": repr(state.since) if state.since is not None else "",
             "cause": state.cause or "",
         }
+        # One HSET of every kill-switch field: atomic (a reader never sees it half-written), one
+        # key, and the `initialised` mark stays (only data loss removes it).
+        await self._run(partial(self._client.hset, _FLEET_KEY, mapping=mapping))
 
-        args = [x for item in mapping.items() for x in item]
-        await self._run(partial(self._replace_hash, keys=[_FLEET_KEY], args=args))
+    async def initialise(self, *, now: float) -> None:
+        await self._run(partial(initialise_redis, self._client, now=now))
 
     async def cohort_enabled(self, cohort_id: str) -> bool:
         check_cohort_id(cohort_id)
@@ -572,6 +569,12 @@ class RedisStore:
                 pool.disconnect(inuse_connections=False)
 
 
+def initialise_redis(client: Any, *, now: float) -> None:
+    """Write the store's ``initialised`` mark with a sync redis-py ``client`` (what
+    :meth:`RedisStore.initialise` runs in its worker thread; test fixtures call it directly)."""
+    client.hset(_FLEET_KEY, STORE_INITIALISED_FIELD, repr(now))
+
+
 def _parse_fleet(raw: dict[str, str]) -> FleetState:
     since: float | None
     try:
@@ -584,6 +587,7 @@ def _parse_fleet(raw: dict[str, str]) -> FleetState:
         since=since,
         drain=raw.get("drain") == "1",
         cause=raw.get("cause") or None,
+        initialised=bool(raw.get(STORE_INITIALISED_FIELD)),
     )
 
 

@@ -4,7 +4,8 @@ Two implementations share one contract (tests/test_guardrails_contract.py): ``Me
 ``rescue dev`` and tests, ``RedisStore`` for a fleet. Redis layout (see docs/guardrails.md; ``<x>``
 is a value, and the only literal braces are the ``{nodes}`` hash tag of the node registry)::
 
-    fallback:fleet                              hash  paused, reason, since, drain, cause
+    fallback:fleet                              hash  paused, reason, since, drain, cause,
+                                                      initialised (epoch; see below)
     fallback:telemetry                          hash  act_tokens, act_first, ses_tokens, ses_first
                                                       TTL = 2 x the telemetry grace, set per token
     fallback:cohorts                            hash  cohort_id -> "1" / "0" (fallback_ws_enabled)
@@ -16,6 +17,13 @@ is a value, and the only literal braces are the ``{nodes}`` hash tag of the node
 
 Every atomic operation touches keys of one hash slot (Redis Cluster): one key each, except the
 node registry, whose set and records share the ``{nodes}`` hash tag.
+
+A store that lost its data (Redis restarted without persistence, a failover to an empty replica,
+a flush) would otherwise read as "not paused, no cohort enabled, no counts": a kill switch that
+was on would be off. So an operator initialises the store once (``rescue admin init-store``, or
+``rescue token-service --init-store`` outside production), which writes the ``initialised``
+field; a store without it reports ``FleetState.initialised = False`` and the policy treats the
+fleet as paused until someone initialises it again (docs/guardrails.md, "Store initialisation").
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any, Final, Protocol
 __all__ = [
     "COUNTER_TTL_S",
     "NODES_KEY",
+    "STORE_INITIALISED_FIELD",
     "CounterField",
     "FleetState",
     "GuardrailStore",
@@ -54,8 +63,11 @@ COUNTER_TTL_S: Final = 90 * 60
 SECONDS_PER_HOUR: Final = 3600
 KEY_PREFIX: Final = "fallback:"
 # Why the fleet is paused (FleetState.cause): an operator (admin API / CLI), FALLBACK_WS_PAUSED on a
-# process, the hard breach ratio, or missing telemetry (decision 0012). One label value each.
-PAUSE_CAUSES: Final = ("operator", "env", "hard_breach", "telemetry_missing")
+# process, the hard breach ratio, missing telemetry (decision 0012), or a store that is not
+# initialised (it lost its data; never stored, the policy derives it). One label value each.
+PAUSE_CAUSES: Final = ("operator", "env", "hard_breach", "telemetry_missing", "store_uninitialised")
+# The field of the fleet hash that says an operator initialised the store (see the docstring).
+STORE_INITIALISED_FIELD: Final = "initialised"
 
 # Cohort and node ids go into Redis keys and JSON: a small charset and a length bound stop key
 # injection (":" in a cohort id would forge another cohort's counter key) and unbounded keys.
@@ -105,6 +117,9 @@ class FleetState:
         since: wall-clock (epoch seconds) of the last pause/resume, None if never set.
         drain: when paused, relays also close existing sessions.
         cause: who paused, one of :data:`PAUSE_CAUSES` (None when not paused or unknown).
+        initialised: the store holds the mark an operator's initialisation wrote; False means it
+            is new or lost its data, and the policy reads the fleet as paused (not in the JSON:
+            the effective state says so through ``paused`` and ``reason``).
     """
 
     paused: bool = False
@@ -112,6 +127,7 @@ class FleetState:
     since: float | None = None
     drain: bool = False
     cause: str | None = None
+    initialised: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -350,10 +366,14 @@ class GuardrailStore(Protocol):
         """Check the store answers."""
 
     async def fleet_state(self) -> FleetState:
-        """The kill switch as stored (default: not paused)."""
+        """The kill switch as stored (default: not paused), with whether the store is initialised."""
 
     async def set_fleet_state(self, state: FleetState) -> None:
-        """Replace the kill switch state."""
+        """Replace the kill switch state (``state.initialised`` is ignored: only
+        :meth:`initialise` marks the store initialised, and nothing but data loss unmarks it)."""
+
+    async def initialise(self, *, now: float) -> None:
+        """Mark the store initialised at wall-clock ``now``, leaving the kill switch as it is."""
 
     async def cohort_enabled(self, cohort_id: str) -> bool:
         """The cohort's ``fallback_ws_enabled`` flag (default False)."""

@@ -191,12 +191,20 @@ class TokenService:
         self.pause_cause = Gauge(
             "beach_fallback_pause_cause",
             "1 for the cause of the kill switch at the last check (operator, env, hard_breach, "
-            "telemetry_missing); all 0 when not paused",
+            "telemetry_missing, store_uninitialised); all 0 when not paused",
             ["cause"],
             registry=self.registry,
         )
         for cause in PAUSE_CAUSES:
             self.pause_cause.labels(cause).set(0)
+        self.store_initialised = Gauge(
+            "beach_fallback_store_initialised",
+            "0 when the guardrail store was not initialised at the last check (new, or it lost its "
+            "data): the fleet then reads as paused until `rescue admin init-store`",
+            registry=self.registry,
+        )
+        self.store_initialised.set(1)
+        self._initialised_seen = True  # what the last check found (logs once per change)
         self.store_errors = Counter(
             "beach_fallback_store_errors",
             "Requests that failed because the guardrail store was unavailable",
@@ -237,6 +245,7 @@ class TokenService:
             ("GET", "/openapi.json", self.openapi),
             ("POST", "/v1/admin/pause", self.admin_pause),
             ("POST", "/v1/admin/resume", self.admin_resume),
+            ("POST", "/v1/admin/store/init", self.admin_init_store),
             ("PUT", "/v1/admin/cohorts/{cohort_id}", self.admin_put_cohort),
             ("GET", "/v1/admin/cohorts/{cohort_id}", self.admin_get_cohort),
             ("GET", "/v1/admin/guardrails", self.admin_guardrails),
@@ -290,11 +299,22 @@ class TokenService:
         return traced
 
     def _saw_fleet_state(self, state: FleetState) -> None:
-        """Update the kill-switch gauges from a fleet state just read."""
+        """Update the kill-switch gauges from a fleet state just read; log when the store turns
+        out not to be initialised (once per change: relays poll the status every second)."""
         self.paused_gauge.set(1 if state.paused else 0)
         cause = (state.cause or "operator") if state.paused else None
         for name in PAUSE_CAUSES:
             self.pause_cause.labels(name).set(1 if name == cause else 0)
+        self.store_initialised.set(1 if state.initialised else 0)
+        was, self._initialised_seen = self._initialised_seen, state.initialised
+        if was and not state.initialised:
+            log_event(
+                _LOG,
+                "guardrail_store_uninitialised",
+                level=logging.ERROR,
+                detail="fail closed: the store is new or lost its data; see the runbook, "
+                "'Redis came back empty', then run `rescue admin init-store`",
+            )
 
     def _cohort_label(self, cohort: str) -> str:
         if cohort in self._cohort_labels:
@@ -562,11 +582,16 @@ class TokenService:
     # --- admin ----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _pause_body(request: Request) -> tuple[str | None, bool]:
-        body = request.json_object(allow_empty=True)
+    def _reason(body: dict[str, Any]) -> str | None:
         reason = _require(body, "reason", str, optional=True)
         if reason is not None and len(reason) > MAX_REASON:
             raise JsonError(400, "invalid_request", f"reason must be at most {MAX_REASON} characters")
+        return reason  # type: ignore[no-any-return]
+
+    @classmethod
+    def _pause_body(cls, request: Request) -> tuple[str | None, bool]:
+        body = request.json_object(allow_empty=True)
+        reason = cls._reason(body)
         drain = body.get("drain", False)
         if not isinstance(drain, bool):
             raise JsonError(400, "invalid_request", "drain must be a boolean")
@@ -592,6 +617,17 @@ class TokenService:
             raise self._store_down(exc) from None
         self._saw_fleet_state(effective)
         return json_response(effective.to_json() if effective.paused else state.to_json())
+
+    async def admin_init_store(self, request: Request) -> Response:
+        """Mark the store initialised (``rescue admin init-store``); answers the effective state."""
+        self._require_admin(request)
+        reason = self._reason(request.json_object(allow_empty=True))
+        try:
+            state = await self.guardrails.initialise_store(reason=reason)
+        except StoreUnavailable as exc:
+            raise self._store_down(exc) from None
+        self._saw_fleet_state(state)
+        return json_response(state.to_json())
 
     async def _cohort_view(self, cohort: str) -> dict[str, Any]:
         stored = await self.guardrails.store.cohort_enabled(cohort)

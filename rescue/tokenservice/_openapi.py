@@ -50,6 +50,17 @@ def _admin(op: dict[str, Any]) -> dict[str, Any]:
 _ACTIVATION = {"type": "object", "required": ["cohort"], "properties": {"cohort": _COHORT}}
 _COHORT_QUERY = {"name": "cohort", "in": "query", "required": True, "schema": _COHORT}
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
+_REASON_BODY = {
+    "required": False,
+    **_json(
+        {
+            "type": "object",
+            "properties": {
+                "reason": {"type": ["string", "null"], "maxLength": 256, "description": "null: none"}
+            },
+        }
+    ),
+}
 _PAUSE_BODY = {
     "required": False,
     **_json(
@@ -432,6 +443,18 @@ def openapi_document() -> dict[str, Any]:
                         "description": "The answer still says paused if FALLBACK_WS_PAUSED=1 is set on "
                         "this process.",
                         "requestBody": _PAUSE_BODY,
+                        "responses": {"200": {"description": "New state", **_json(fleet)}, "400": _BAD},
+                    }
+                )
+            },
+            "/v1/admin/store/init": {
+                "post": _admin(
+                    {
+                        "summary": "Mark the guardrail store initialised (`rescue admin init-store`)",
+                        "description": "A store that is new or lost its data (Redis restarted empty) "
+                        "reads as paused, with a reason saying so, until this is called. It leaves "
+                        "the kill switch as stored; the answer is the effective state after.",
+                        "requestBody": _REASON_BODY,
                         "responses": {"200": {"description": "New state", **_json(fleet)}, "400": _BAD},
                     }
                 )
