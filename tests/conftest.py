@@ -467,6 +467,10 @@ def start_sentinel_servers() -> SentinelServers:
                     ),
                     deadline,
                 )
+        # handed out initialised, like every Redis here; WAIT: the replica has the mark too
+        with servers.data_client(0) as primary:
+            initialise_redis(primary, now=time.time())
+            primary.execute_command("WAIT", 1, int(CLUSTER_START_TIMEOUT_S * 1000))
         return servers
     except BaseException:
         servers.stop()
