@@ -268,7 +268,11 @@ class FaultInjector:
 
     async def _restart_relay(self, record: FaultRecord, sig: signal.Signals) -> None:
         fleet = self.fleet
-        relay = self.rng.choice(fleet.relays)
+        # a node holding sessions: a restarted node stays empty until new sessions start (they do
+        # not move back, decision 0008), and stopping an empty node tests nothing about sessions
+        held = {node for s in self.sessions() if not s.failed for node in s.nodes()}
+        candidates = [r for r in fleet.relays if r.name in held] or fleet.relays
+        relay = self.rng.choice(candidates)
         record.target = relay.name
         on_node = sum(1 for s in self.sessions() if relay.name in s.nodes())
         stop_started = trio.current_time()
