@@ -178,7 +178,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
     p.add_argument("--gap", type=_pair, default=None, help="calm between faults, MIN,MAX (2s,6s)")
     p.add_argument("--outage", type=_pair, default=None, help="time a stopped process stays down (0.5s,4s)")
     p.add_argument(
-        "--recovery-timeout", type=parse_duration, default=90.0, help="a fault must recover within (90s)"
+        "--recovery-timeout",
+        type=parse_duration,
+        default=None,
+        help="a fault must recover within (90s; fleet: 300s, a thousand sessions on a shared box)",
     )
     p.add_argument(
         "--weights",
@@ -222,7 +225,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         gap=pick(ns.gap, (0.3, 1.0), (2.0, 6.0), (0.3, 1.0), (5.0, 15.0)),
         # fleet: outages around the 5 s registration TTL, so some dead nodes' sessions move
         outage=pick(ns.outage, (0.2, 1.0), (0.5, 4.0), (2.0, 3.0), (1.0, 10.0)),
-        recovery_timeout=ns.recovery_timeout,
+        recovery_timeout=pick(ns.recovery_timeout, 90.0, 90.0, 120.0, 300.0),
         weights=pick(
             ns.weights,
             one_each,
