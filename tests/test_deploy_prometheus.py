@@ -119,6 +119,7 @@ def test_dashboard_is_generated_and_current() -> None:
         assert topic in titles, topic
     assert "handshakes by outcome" in titles
     assert "token service" in titles
+    assert "probe runs by outcome" in titles
     for panel in doc["panels"]:
         for target in panel.get("targets", []):
             assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}

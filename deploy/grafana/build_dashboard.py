@@ -20,6 +20,7 @@ OUT = Path(__file__).with_name("beach-rescue.json")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RELAY = 'job="beach-rescue-relay"'
 TOKEN = 'job="beach-rescue-token-service"'
+PROBE = 'job="beach-rescue-probe"'
 SOFT_BREACH_RATIO = 0.005  # SPEC §5: activations / sessions over the rolling hour
 RUNBOOK = "https://github.com/beach/beach-rescue/blob/main/docs/operations/runbook.md"
 WIDTH = 24
@@ -479,6 +480,46 @@ def build() -> dict[str, Any]:
                 ),
             ],
             description="Quiet sockets are read every quiet_tick_s: a first message may wait that long.",
+        )
+    )
+
+    panels.append(lay.row("Synthetic probe (rescue probe)"))
+    panels.append(
+        stat(
+            lay,
+            "Probe: last run",
+            f"min(beach_rescue_probe_success{{{PROBE}}})",
+            thresholds=[(None, "red"), (1, "green")],
+            mappings=[{"type": "value", "options": {"0": {"text": "FAILED"}, "1": {"text": "ok"}}}],
+            description="Two tokens, both peers connected and paired, an encrypted echo: the last run of "
+            "every probe (docs/operations/probe.md).",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Probe runs by outcome",
+            [(f"sum by (outcome) (increase(beach_rescue_probe_runs_total{{{PROBE}}}[5m]))", "{{outcome}}")],
+            w=8,
+            stack=True,
+            description="ok, or the step that failed: token_*, cohort_disabled, fallback_paused (token "
+            "service), connect_* (relays, edge), pair_*, round_trip_*, echo_mismatch (forwarding).",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Probe step duration (p95)",
+            [
+                (
+                    "histogram_quantile(0.95, sum by (step, le) "
+                    f"(rate(beach_rescue_probe_step_seconds_bucket{{{PROBE}}}[$__rate_interval])))",
+                    "{{step}}",
+                )
+            ],
+            unit="s",
+            description="Token (both), connect (both WELCOMEs), pair (both see the other), round trip "
+            "(32 bytes there and back, end-to-end encrypted).",
         )
     )
 
