@@ -60,7 +60,13 @@ def _json_lines(stderr: bytes) -> list[dict[str, Any]]:
 async def test_probe_once_succeeds_through_a_real_fleet() -> None:
     with trio.fail_after(TIMEOUT):
         async with run_dev_process() as dev:
-            result = await _probe_once(dev, "--cohort", "dev", "--session-prefix", "probe-test-")
+            quiet = await _probe_once(dev, "--cohort", "dev")
+            assert quiet.returncode == 0
+            assert quiet.stderr == b""  # --once logs only warnings by default: one line on stdout
+            assert quiet.stdout.count(b"\n") == 1
+            result = await _probe_once(
+                dev, "--cohort", "dev", "--session-prefix", "probe-test-", "--log-level", "INFO"
+            )
             out, err = result.stdout.decode(), result.stderr.decode()
             assert result.returncode == 0, err
             line = re.fullmatch(
@@ -89,9 +95,10 @@ async def test_probe_once_fails_with_one_line_reason() -> None:
     with trio.fail_after(TIMEOUT):
         async with run_dev_process() as dev:
             # the default cohort ("probe") is not enabled on rescue dev
-            disabled = await _probe_once(dev)
+            disabled = await _probe_once(dev, "--log-level", "INFO")
             await _admin(dev, "pause")
-            paused = await _probe_once(dev, "--cohort", "dev")
+            paused = await _probe_once(dev, "--cohort", "dev", "--log-level", "INFO")
+            quiet = await _probe_once(dev, "--cohort", "dev")
     for result, reason in ((disabled, "cohort_disabled"), (paused, "fallback_paused")):
         assert result.returncode == 1
         assert result.stdout == b""
@@ -101,6 +108,10 @@ async def test_probe_once_fails_with_one_line_reason() -> None:
         (run,) = [doc for doc in _json_lines(result.stderr) if doc["event"] == "probe.run"]
         assert run["outcome"] == reason
         assert run["steps_s"] == {}
+    # what a CronJob's log shows by default: exactly the one line
+    assert quiet.returncode == 1
+    assert quiet.stderr.decode().count("\n") == 1
+    assert quiet.stderr.startswith(b"rescue probe: failed: fallback_paused: ")
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -463,7 +463,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="M",
         help="port of /metrics and /healthz (0: any)",
     )
-    add_option(p, "--log-level", default="INFO", metavar="LEVEL", help="logging level (JSON on stderr)")
+    add_option(
+        p,
+        "--log-level",
+        default=None,
+        metavar="LEVEL",
+        help="logging level, JSON on stderr (default INFO; WARNING with --once: just the one line)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -480,7 +486,7 @@ def _config(args: argparse.Namespace) -> ProbeConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level or ("WARNING" if args.once else "INFO"))
     config = _config(args)
     with traced_process("beach-rescue-probe"):
         if args.once:
