@@ -609,3 +609,30 @@ def oracle() -> Callable[[str], ModuleType]:
         return importlib.import_module(name)
 
     return load
+
+
+# Log events
+# ---------------------------------------------------------------------------------------------
+
+import logging  # noqa: E402
+
+
+@pytest.fixture
+def events() -> Iterator[list[logging.LogRecord]]:
+    """The log records of the token service and the guardrails (DEBUG and up) during the test."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect()
+    loggers = [logging.getLogger("rescue.tokenservice"), logging.getLogger("rescue.guardrails")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.addHandler(handler)
+    yield records
+    for lg, level in zip(loggers, old, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -28,24 +27,6 @@ from rescue.guardrails import (
 HOUR = 3600.0
 T0 = 1_699_999_200.0  # 2023-11-14 22:00:00 UTC, an hour boundary
 assert T0 % HOUR == 0
-
-
-@pytest.fixture
-def events() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Collect()
-    logger = logging.getLogger("rescue.guardrails")
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
 
 
 def names(records: list[logging.LogRecord]) -> list[str]:

@@ -8,7 +8,6 @@ of either kind, the guardrail is blind, and minting pauses with cause ``telemetr
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -29,24 +28,6 @@ from rescue.guardrails import (
 T0 = 1_700_000_000.0
 GRACE = 60.0
 MIN_TOKENS = 10
-
-
-@pytest.fixture
-def events() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Collect()
-    logger = logging.getLogger("rescue.guardrails")
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
 
 
 # --- the pure rule ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,26 +166,6 @@ async def h(harness_factory: Callable[..., Any]) -> Harness:
     harness: Harness = await harness_factory()
     await harness.store.set_cohort_enabled("beta", True)
     return harness
-
-
-@pytest.fixture
-def events() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Collect()
-    loggers = [logging.getLogger("rescue.tokenservice"), logging.getLogger("rescue.guardrails")]
-    old = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.DEBUG)
-        lg.addHandler(handler)
-    yield records
-    for lg, level in zip(loggers, old, strict=True):
-        lg.removeHandler(handler)
-        lg.setLevel(level)
 
 
 # --- minting -------------------------------------------------------------------------------------
