@@ -43,8 +43,11 @@ TOKEN_SERVICE_JOB: Final = "beach-rescue-token-service"
 
 
 def find_prometheus(binary: str | None = None) -> str | None:
-    """The Prometheus server binary: ``binary``, else /usr/bin/prometheus, else ``prometheus`` on PATH."""
-    for candidate in (binary, DEFAULT_BINARY, shutil.which("prometheus")):
+    """The Prometheus server binary: ``binary`` if given (None when it is not a file), else
+    /usr/bin/prometheus, else ``prometheus`` on PATH."""
+    if binary is not None:
+        return binary if Path(binary).is_file() else None
+    for candidate in (DEFAULT_BINARY, shutil.which("prometheus")):
         if candidate and Path(candidate).is_file():
             return candidate
     return None

@@ -841,7 +841,8 @@ async def run_drill(config: DrillConfig) -> tuple[dict[str, Any], Path]:
     """
     binary = find_prometheus(config.prometheus)
     if binary is None:
-        raise FleetError("no Prometheus server (apt-get install prometheus: /usr/bin/prometheus)")
+        where = config.prometheus or "/usr/bin/prometheus or on PATH"
+        raise FleetError(f"no Prometheus server ({where}; Debian: apt-get install prometheus)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = config.out / f"drill-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
