@@ -332,3 +332,26 @@ async def test_the_smallest_window_is_in_force_and_both_sides_are_told() -> None
     assert b"window 30x100 (yours)" in host_tty.output
     host_tty.close()
     guest_tty.close()
+
+
+async def test_join_that_never_connected_does_not_say_connection_lost() -> None:
+    """Before the first connection nothing was lost: the line says it cannot connect yet."""
+    with trio.fail_after(30):
+        join = await trio.lowlevel.open_process(
+            _cli("join", "cli-nowhere", "--api", "http://127.0.0.1:9"),  # nothing listens on port 9
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=_env(),
+        )
+        assert join.stderr is not None
+        seen = bytearray()
+        try:
+            await _read_until(join.stderr, b"trying again in", seen)
+            await _read_until(join.stderr, b"\n", seen)
+        finally:
+            join.kill()
+            await join.wait()
+    first = bytes(seen).splitlines()[0]
+    assert first.startswith(b"rescue join: cannot connect yet: token service unavailable"), first
+    assert b"connection lost" not in seen

@@ -195,8 +195,13 @@ class Console:
                 self.say(f"{peer_word} {event.event}")
             elif isinstance(event, Reconnecting):
                 code = f" ({event.code})" if event.code is not None else ""
-                token = ", with a fresh token" if event.fresh_token else ""
-                self.say(f"connection lost: {event.reason}{code}; reconnecting in {event.delay:.1f} s{token}")
+                if connections == 0:  # nothing was lost: it never got that far
+                    self.say(f"cannot connect yet: {event.reason}{code}; trying again in {event.delay:.1f} s")
+                else:
+                    token = ", with a fresh token" if event.fresh_token else ""
+                    self.say(
+                        f"connection lost: {event.reason}{code}; reconnecting in {event.delay:.1f} s{token}"
+                    )
             elif isinstance(event, SessionClosed) and event.code not in (None, 1000) and not event.local:
                 self.report_closed(event, peer_word)
 
