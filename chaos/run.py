@@ -55,6 +55,7 @@ import trio
 from chaos._faults import FAULT_KINDS, FaultInjector, FaultPlan, FaultRecord, bucket_quantile
 from chaos._fleet import Fleet, FleetError, open_fleet
 from chaos._harness import run_and_report
+from chaos._procstat import sample
 from chaos._report import (
     fmt_duration,
     machine_info,
@@ -279,6 +280,9 @@ class _Run:
             check_placement=True,
         )
         self.phase = "starting"
+        self.cpu_samples: list[dict[str, float]] = []  # per progress line of the fault phase
+        self._cpu: dict[str, float] = {}
+        self._cpu_at = trio.current_time()
 
     def clock(self) -> float:
         return trio.current_time() - self.origin
@@ -286,9 +290,33 @@ class _Run:
     def log(self, line: str) -> None:
         print(f"[{self.clock():7.1f}s] {line}", flush=True)
 
+    def cpu_shares(self) -> dict[str, float]:
+        """Each process's share of one core since the last call (the harness is ``harness``)."""
+        now = trio.current_time()
+        seen: dict[str, float] = {"harness": sum(os.times()[:2])}
+        for service in self.fleet.services():
+            if service.pid is not None:
+                seen[service.name] = sample(service.pid).cpu_s
+        shares: dict[str, float] = {}
+        elapsed = now - self._cpu_at
+        for name, cpu in seen.items():
+            before = self._cpu.get(name)
+            if before is not None and cpu >= before and elapsed > 0:
+                shares[name] = (cpu - before) / elapsed
+        self._cpu, self._cpu_at = seen, now
+        return shares
+
     async def progress(self) -> None:
         while True:
             await trio.sleep(self.config.progress)
+            shares = self.cpu_shares()
+            if self.phase == "faults":
+                self.cpu_samples.append(shares)
+            cpu = " ".join(
+                f"{name.replace('relay-', 'r').replace('token-service', 'ts')}={100 * share:.0f}%"
+                for name, share in shares.items()
+                if name == "harness" or name.startswith(("relay-", "token-service"))
+            )
             kinds = Counter(r.kind for r in self.injector.records)
             ok = sum(1 for e in self.episodes if e.ok)
             open_now = sum(1 for s in self.sessions for t in s.trackers.values() if t.episode is not None)
@@ -305,7 +333,8 @@ class _Run:
                 f"sessions connected={live}/{len(self.sessions)} failed={failed} [{per_node}] "
                 f"split={splits} tokens={len(self.group.token_log.fetches)} "
                 f"delivered={delivered / 2**20:.1f}MiB bad_chunks={bad} "
-                f"tput={self.throughput.recent(self.clock()) / 1024:.0f}KiB/s load={os.getloadavg()[0]:.1f}"
+                f"tput={self.throughput.recent(self.clock()) / 1024:.0f}KiB/s load={os.getloadavg()[0]:.1f} "
+                f"cpu {cpu}"
             )
 
     async def watch_crashes(self) -> None:
@@ -534,6 +563,7 @@ def build_report(run: _Run) -> dict[str, Any]:
         },
         "machine": machine_info(),
         "elapsed_s": round(run.clock(), 3),
+        "cpu_share_mean": _mean_shares(run.cpu_samples),
         "faults": {"total": len(faults), "by_kind": by_kind, "records": [f.to_json() for f in faults]},
         "reconnects": {
             "episodes": len(episodes),
@@ -577,6 +607,15 @@ def build_report(run: _Run) -> dict[str, Any]:
     }
 
 
+def _mean_shares(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Each process's mean share of one core over the fault phase's progress intervals."""
+    names = {name for s in samples for name in s}
+    return {
+        name: round(sum(s[name] for s in samples if name in s) / sum(1 for s in samples if name in s), 3)
+        for name in sorted(names)
+    }
+
+
 def _bins(times: Iterable[float]) -> list[int]:
     """How many of ``times`` fall in each whole second of the run clock."""
     counts = Counter(max(0, int(t)) for t in times)
@@ -601,7 +640,14 @@ def render_report(report: dict[str, Any]) -> str:
         f"{c['sessions']} sessions x 2 directions at {c['rate_bytes_per_s'] / 1024:g} KiB/s, "
         f"{c['nodes']} relay node(s), fault phase {fmt_duration(c['duration_s'])}, seed {c['seed']}; "
         f"run took {fmt_duration(report['elapsed_s'])}. Machine: {m['cpus']} CPUs, "
-        f"loadavg at the end {m['loadavg']}.",
+        f"loadavg at the end {m['loadavg']}."
+        + (
+            " Mean CPU over the fault phase, share of one core: "
+            + ", ".join(f"{k} {100 * v:.0f} %" for k, v in report["cpu_share_mean"].items())
+            + "."
+            if report.get("cpu_share_mean")
+            else ""
+        ),
         "",
         "## Faults and recovery",
         "",
