@@ -239,7 +239,8 @@ async def test_token_endpoint_with_entitlement_proof(jwks_file: str) -> None:
             "telemetry_opt_in": False,
             "entitlement_proof": proof,
         }
-        return Request("POST", "/v1/fallback/token", {}, {}, headers or {}, json.dumps(body).encode())
+        headers = {"content-type": "application/json", **(headers or {})}
+        return Request("POST", "/v1/fallback/token", {}, {}, headers, json.dumps(body).encode())
 
     assert (await service.router.handle(request(jwt()))).status == 200
     assert (await service.router.handle(request(jwt({"entitlements": []})))).status == 403
