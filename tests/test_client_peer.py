@@ -172,6 +172,34 @@ async def test_graceful_close_reaches_partner_as_end_of_stream() -> None:
                 await guest.send(0, b"too late")
 
 
+async def test_a_connection_lost_while_the_application_is_not_reading_loses_no_message() -> None:
+    """The reader waits for room in a full receive queue when the connection dies: the message it
+    held was accepted (and resumed from) already, so it must reach the application afterwards."""
+    keys = SigningKey.generate()
+    messages = [bytes([n]) * 100 for n in range(1, 5)]
+    with trio.fail_after(20):
+        async with (
+            run_relay(keys) as relay,
+            open_peer(_tokens(keys, relay, "full", "host"), "full", "host", psk=TEST_PSK) as host,
+            open_peer(
+                _tokens(keys, relay, "full", "guest"), "full", "guest", psk=TEST_PSK, receive_queue=1
+            ) as guest,
+        ):
+            await guest.wait_partner()
+            for message in messages:
+                await host.send(0, message)
+            # the queue holds the first; the reader is parked handing over the second
+            while not guest._deliver.statistics().tasks_waiting_send:
+                await trio.sleep(0.01)
+            old_link = guest._link
+            assert abort_connection(guest)
+            await guest.send(1, b"poke")  # the writer finds the socket gone and ends the connection
+            while guest._link is old_link or guest._link is None:
+                await trio.sleep(0.01)
+            received = [(await guest.receive()).data for _ in messages]  # type: ignore[union-attr]
+            assert received == messages
+
+
 async def test_wrong_passphrase_ends_with_integrity_error() -> None:
     keys = SigningKey.generate()
     with trio.fail_after(20):

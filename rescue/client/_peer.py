@@ -9,6 +9,7 @@ meanwhile waits in the replay buffer and is resumed losslessly on the next conne
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import ssl
@@ -235,6 +236,12 @@ class Peer:
         self._give_up_after = give_up_after
         self._ssl = ssl_context
         self._deliver, self._received = trio.open_memory_channel[Received](receive_queue)
+        # What the core accepted (and may already have acked) but the application was not handed
+        # yet: a connection that ends while its reader waits for room in the receive queue leaves
+        # its event here, and the next connection's reader hands it over first. (Holding it in the
+        # reader alone lost it: the partner had its ack and never sent it again.) At most one
+        # message's events: the reader hands each over before taking the next message.
+        self._undelivered: collections.deque[Received] = collections.deque()
         self._send_lock = trio.Lock()
         self._space = trio.lowlevel.ParkingLot()  # senders waiting for room in the replay buffer
         self._timer_lot = trio.lowlevel.ParkingLot()
@@ -559,7 +566,18 @@ class Peer:
 
     # -------------------------------------------------------------------- per-connection tasks
 
+    async def _hand_over(self, link: _Link) -> None:
+        """Give the application every accepted event, in order; cancellable without loss."""
+        undelivered = self._undelivered
+        while undelivered:
+            link.delivering = True
+            await self._deliver.send(undelivered[0])
+            undelivered.popleft()
+            link.delivering = False
+            link.last_inbound = trio.current_time()
+
     async def _reader(self, link: _Link) -> None:
+        await self._hand_over(link)  # what an earlier connection could not hand over
         while True:
             try:
                 messages = await link.ws.receive_messages()
@@ -580,10 +598,8 @@ class Peer:
                     return
                 for event in events:
                     if isinstance(event, DataReceived | ControlReceived):
-                        link.delivering = True
-                        await self._deliver.send(event)
-                        link.delivering = False
-                        link.last_inbound = trio.current_time()
+                        self._undelivered.append(event)
+                        await self._hand_over(link)
                     elif isinstance(event, CloseReceived):
                         link.finish(_Outcome(event.code, event.reason, event.reconnect_in_ms))
                         return
