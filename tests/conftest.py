@@ -460,10 +460,8 @@ def start_sentinel_servers() -> SentinelServers:
             with servers.sentinel_client(i) as sentinel:
                 _wait_until(
                     lambda: (
-                        int(sentinel.execute_command("SENTINEL", "MASTER", SENTINEL_MASTER)["num-slaves"])
-                        == 1
-                        and len(sentinel.execute_command("SENTINEL", "SENTINELS", SENTINEL_MASTER))
-                        == SENTINELS - 1
+                        int(sentinel.sentinel_master(SENTINEL_MASTER)["num-slaves"]) == 1
+                        and len(sentinel.sentinel_sentinels(SENTINEL_MASTER)) == SENTINELS - 1
                     ),
                     deadline,
                 )
@@ -528,10 +526,11 @@ async def token_service_process(
                     port = json.loads(line)["port"]
         yield process, port
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        await process.stderr.aclose()
+        with trio.CancelScope(shield=True):  # also when a fail_after fired: never leave it running
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.stderr.aclose()
 
 
 # ---------------------------------------------------------------------------------------------

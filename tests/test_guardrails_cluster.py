@@ -14,12 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from redis.exceptions import ClusterDownError
 
+from rescue.errors import StoreUnavailable
 from rescue.guardrails import CounterField, Guardrails, NodeInfo, RedisStore, counter_key, hour_bucket
 from rescue.guardrails._store import NODES_KEY, assignment_key, node_key
 from rescue.protocol import KeyRing, SigningKey, b64url_decode, verify_token
 
-from .conftest import RedisClusterServers, token_service_process
+from .conftest import RedisClusterServers, start_redis_cluster, token_service_process
 
 pytestmark = pytest.mark.redis
 
@@ -190,3 +192,39 @@ async def test_what_a_mint_costs_on_a_cluster(redis_cluster_url: str, redis_send
             assert len(redis_sends) == len(set(redis_sends)) <= 3
     finally:
         await store.aclose()
+
+
+async def test_a_lost_master_fails_closed() -> None:
+    """A master dies (no replica to promote): calls for its keys fail, and once the cluster says
+    CLUSTERDOWN, calls for keys on the surviving masters fail too, as StoreUnavailable (an outage:
+    503 and the breaker), never as a Redis "response error" that would look like a bug."""
+    cluster = await trio.to_thread.run_sync(start_redis_cluster)  # its own: this test kills a master
+    store = RedisStore(cluster.url)
+    fresh = None
+    try:
+        with trio.fail_after(TIMEOUT):
+            guardrails = Guardrails(store)
+            await store.set_cohort_enabled("beta", True)
+            await store.register_node(NodeInfo("n-1", "wss://n1/v1/connect"), ttl=60)
+            await guardrails.decide("beta", "s", now=time.time(), ttl=60, require_node=True)
+            dead = _master_of(cluster, "fallback:fleet")
+            cluster.processes[dead].kill()
+            cluster.processes[dead].wait()
+            with pytest.raises(StoreUnavailable):  # fail closed: the kill switch can't be read
+                await guardrails.decide("beta", "s", now=time.time(), ttl=60, require_node=True)
+            alive = next(i for i in range(len(cluster.ports)) if i != dead)
+            with cluster.node(alive) as node:
+                while node.execute_command("CLUSTER INFO").get("cluster_state") != "fail":
+                    await trio.sleep(0.1)
+            # a key on a master that is still up: CLUSTERDOWN, an outage too (a fresh store, so
+            # the answer comes from the cluster, not from the first store's open breaker)
+            key = next(f"c{i}" for i in range(100) if _master_of(cluster, counter_key(f"c{i}", "x")) == alive)
+            fresh = RedisStore(cluster.url)
+            with pytest.raises(StoreUnavailable) as info:
+                await fresh.hour_counts(key, ["x"])
+            assert isinstance(info.value.__cause__, ClusterDownError)
+    finally:
+        await store.aclose()
+        if fresh is not None:
+            await fresh.aclose()
+        cluster.stop()
