@@ -199,6 +199,7 @@ async def test_a_lost_master_fails_closed() -> None:
     CLUSTERDOWN, calls for keys on the surviving masters fail too, as StoreUnavailable (an outage:
     503 and the breaker), never as a Redis "response error" that would look like a bug."""
     cluster = await trio.to_thread.run_sync(start_redis_cluster)  # its own: this test kills a master
+    cluster.flush()  # and initialised, like every Redis the fixtures hand out
     store = RedisStore(cluster.url)
     fresh = None
     try:
