@@ -211,4 +211,5 @@ async def test_join_page_is_served_same_origin(client_for: Callable[..., Any]) -
 
 def test_join_url() -> None:
     assert join_url("http://127.0.0.1:8080/", "demo-1") == "http://127.0.0.1:8080/join/#demo-1"
+    assert join_url("http://h:1", "s", "beta team") == "http://h:1/join/?cohort=beta+team#s"
     assert join_url("https://api.example", "a:b") == "https://api.example/join/#a%3Ab"

@@ -373,3 +373,37 @@ def test_window_size_goes_to_the_host(api: str, page: Page, tmp_path: Path) -> N
         host.stdout.wait_for(re.escape(json.dumps(smaller)))
     finally:
         host.stop()
+
+
+def test_the_url_share_prints_for_another_cohort_joins_it(page: Page, tmp_path: Path) -> None:
+    """``share --cohort beta`` prints the page URL with ``?cohort=beta``; opened as printed, the page
+    asks for its token in that cohort and reaches the host (the 'dev' cohort would be refused)."""
+    dev = start("dev", "--api-port", "0", "--relay-port", "0", "--admin-port", "0")
+    try:
+        api = dev.stdout.wait_for(r"token service\s+(http://\S+)").group(1)
+        key_file = dev.stdout.wait_for(r"\$\(cat (\S+)\)").group(1)
+        admin_env = dict(os.environ, RESCUE_ADMIN_KEY=Path(key_file).read_text().strip())
+        subprocess.run(
+            _cli("admin", "cohort", "beta", "--enable", "--api", api),
+            env=admin_env, capture_output=True, check=True, timeout=START_TIMEOUT_S,
+        )  # fmt: skip
+        subprocess.run(
+            _cli("admin", "cohort", "dev", "--disable", "--api", api),
+            env=admin_env, capture_output=True, check=True, timeout=START_TIMEOUT_S,
+        )  # fmt: skip
+        script = tmp_path / "host.py"
+        script.write_text(HOST_SCRIPT)
+        env = dict(os.environ, RESCUE_PASSPHRASE="pass 5")
+        host = start("share", "--api", api, "--session", "web-e2e-5", "--cohort", "beta", "--no-pty", "--",
+                     sys.executable, str(script), env=env)  # fmt: skip
+        try:
+            url = host.stderr.wait_for(r"or in a browser: (http://\S+)").group(1)
+            assert url == f"{api}/join/?cohort=beta#web-e2e-5"
+            base, _, fragment = url.partition("#")
+            page.goto(f"{base}&test-hook#{fragment}:pass%205")
+            wait_state(page, "connected")
+            wait_stream(page, b"ready>\n")
+        finally:
+            host.stop()
+    finally:
+        dev.stop()

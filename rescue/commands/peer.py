@@ -416,10 +416,8 @@ def _share_main(args: argparse.Namespace) -> int:
     console.say(f"session: {session}")
     console.say(f"the guest joins with: {guest_command(args, session)}")
     console.say(f"  (passphrase from ${PASSPHRASE_ENV} or a prompt)")
-    if args.cohort == DEFAULT_COHORT:
-        console.say(f"or in a browser: {join_url(args.api, session)}")
-    else:  # the page asks for tokens in the default cohort only
-        console.say(f"(the browser page joins the {DEFAULT_COHORT!r} cohort only, not {args.cohort!r})")
+    cohort = None if args.cohort == DEFAULT_COHORT else args.cohort
+    console.say(f"or in a browser: {join_url(args.api, session, cohort)}")
     use_pty = not args.no_pty and sys.stdin.isatty()
     with traced_process("beach-rescue-client"):
         return trio.run(_share, args, command, session, passphrase, use_pty, console)

@@ -38,11 +38,13 @@ _SECURITY_HEADERS: Final = {
 }
 
 
-def join_url(api: str, session: str) -> str:
-    """The page URL for ``session`` (without the passphrase), as ``rescue share`` prints it."""
-    from urllib.parse import quote
+def join_url(api: str, session: str, cohort: str | None = None) -> str:
+    """The page URL for ``session`` (without the passphrase), as ``rescue share`` prints it;
+    ``cohort`` (when the host's is not the page's default) goes in the query, ``?cohort=C``."""
+    from urllib.parse import quote, urlencode
 
-    return f"{api.rstrip('/')}{JOIN_PATH}#{quote(session, safe='')}"
+    query = f"?{urlencode({'cohort': cohort})}" if cohort else ""
+    return f"{api.rstrip('/')}{JOIN_PATH}{query}#{quote(session, safe='')}"
 
 
 @functools.cache

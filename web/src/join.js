@@ -49,7 +49,9 @@ function join (sessionId, passphrase) {
   term.open($('terminal'))
   fit.fit()
   const heartbeatS = hook && params.has('heartbeat') ? Number(params.get('heartbeat')) : null
-  const peer = new BrowserPeer({ api: location.origin, sessionId, passphrase, role: 'guest', client: 'rescue-web/0.1 (join)', heartbeatS })
+  // ?cohort=C: the host's cohort when it is not the default (rescue share puts it in the URL).
+  const cohort = params.get('cohort') || undefined
+  const peer = new BrowserPeer({ api: location.origin, sessionId, passphrase, role: 'guest', client: 'rescue-web/0.1 (join)', heartbeatS, cohort })
   if (hook) { hook.peer = peer; hook.term = term }
   let exitStatus = null
   // A host on a pty sends {"winsize"}; until then its output is a plain byte stream, whose bare
