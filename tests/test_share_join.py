@@ -295,19 +295,18 @@ async def test_the_smallest_window_is_in_force_and_both_sides_are_told() -> None
     set_winsize(host_tty.slave, 30, 100)
     set_winsize(guest_tty.slave, 20, 60)
     codes: dict[str, int] = {}
-    script = 'printf "ready\\n"; read a; stty size; read b; stty size; exit 0'
+    script = 'printf "ready\\n"; read a; stty size; read b; stty size; read c; stty size; exit 0'
     with trio.fail_after(60):
         async with run_dev_stack() as stack, trio.open_nursery() as nursery:
             nursery.start_soon(host_tty.pump)
             nursery.start_soon(guest_tty.pump)
-            joined: list[trio.Process] = []
+            started: dict[str, trio.Process] = {}
 
             async def run(name: str, command: list[str], term: Terminal) -> None:
                 process = await trio.lowlevel.open_process(
                     command, stdin=term.slave, stdout=term.slave, stderr=term.slave, env=_env()
                 )
-                if name == "join":
-                    joined.append(process)
+                started[name] = process
                 codes[name] = await process.wait()
 
             async with trio.open_nursery() as processes:
@@ -322,10 +321,16 @@ async def test_the_smallest_window_is_in_force_and_both_sides_are_told() -> None
                 await guest_tty.wait_for(b"20 60")
                 # The guest's window grows past the host's: the host's size is in force again.
                 set_winsize(guest_tty.slave, 40, 120)
-                joined[0].send_signal(signal.SIGWINCH)  # (its terminal is not its controlling tty)
+                started["join"].send_signal(signal.SIGWINCH)  # (its terminal is not its controlling tty)
                 await guest_tty.wait_for(b"the shared window is 30x100: the host's window is smaller")
                 await guest_tty.type(b"two\r")
                 await guest_tty.wait_for(b"30 100")
+                # The host's own window shrinks: re-applied on its SIGWINCH.
+                set_winsize(host_tty.slave, 25, 90)
+                started["share"].send_signal(signal.SIGWINCH)
+                await host_tty.wait_for(b"window 25x90 (yours)")
+                await guest_tty.type(b"three\r")
+                await guest_tty.wait_for(b"25 90")
             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
     assert codes == {"share": 0, "join": 0}, (bytes(host_tty.output), bytes(guest_tty.output))
