@@ -616,3 +616,29 @@ def test_openapi_hook_catches_drift() -> None:
     token = httpx.Request("POST", "http://127.0.0.1/v1/fallback/token")
     with pytest.raises(jsonschema.ValidationError):  # an error code the operation doesn't document
         check_against_openapi(httpx.Response(403, json={"error": "forbidden", "detail": ""}, request=token))
+
+
+# --- a store that lost its data (issue #11; end to end on real Redis: tests/test_store_init.py) ---
+
+
+async def test_uninitialised_store_answers_are_documented(harness_factory: Callable[..., Any]) -> None:
+    h: Harness = await harness_factory(MemoryStore(initialised=False))
+    await h.store.set_cohort_enabled("beta", True)
+    with trio.fail_after(TIMEOUT):
+        status = (await h.client.get("/v1/fallback/status")).json()  # checked against the document
+        assert (status["paused"], status["cause"]) == (True, "store_uninitialised")
+        r = await h.client.post("/v1/fallback/token", json=token_body(), headers=SVC)
+        assert (r.status_code, r.json()["error"]) == (403, "fallback_paused")
+        assert (await h.client.get("/healthz")).json() == {"status": "ok", "fallback_paused": True}
+        metrics = (await h.client.get("/metrics")).text
+        assert "beach_fallback_store_initialised 0.0" in metrics
+        assert 'beach_fallback_pause_cause{cause="store_uninitialised"} 1.0' in metrics
+        r = await h.client.post("/v1/admin/store/init", json={"reason": "x"})
+        assert r.status_code == 401
+        r = await h.client.post("/v1/admin/store/init", json={"reason": 5}, headers=ADMIN)
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+        r = await h.client.post("/v1/admin/store/init", headers=ADMIN)  # no body: fine
+        assert r.json() == {"paused": False, "reason": None, "since": None, "drain": False, "cause": None}
+        r = await h.client.post("/v1/fallback/token", json=token_body(), headers=SVC)
+        assert r.status_code == 200
+        assert "beach_fallback_store_initialised 1.0" in (await h.client.get("/metrics")).text

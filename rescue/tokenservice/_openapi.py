@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from rescue import __version__
+from rescue.guardrails import PAUSE_CAUSES
 
 __all__ = ["openapi_document"]
 
@@ -171,7 +172,7 @@ def openapi_document() -> dict[str, Any]:
                         "drain": {"type": "boolean"},
                         "cause": {
                             "type": ["string", "null"],
-                            "enum": ["operator", "env", "hard_breach", "telemetry_missing", None],
+                            "enum": [*PAUSE_CAUSES, None],
                             "description": "who paused (null when not paused)",
                         },
                     },
