@@ -84,12 +84,13 @@ class TrafficConfig:
 
     @classmethod
     def for_rate(cls, rate: float, *, drain_timeout_s: float = 60.0) -> TrafficConfig:
-        """Chunk sizes that fit ``rate``: about one write per second per direction at low rates.
+        """Chunk sizes that fit ``rate``: one or two writes a second per direction at low rates.
 
-        At 16 KiB/s and above this is the default (64 B - 8 KiB chunks). Below, a chunk averages
-        ``rate`` bytes (``rate / 2`` to ``1.5 * rate``), so a fleet of a thousand slow sessions
-        makes a thousand writes a second per direction rather than a write per 4 KiB of a
-        schedule that is seconds long (and a stream that looks stalled between writes).
+        At 16 KiB/s and above this is the default (64 B - 8 KiB chunks). Below, chunks run from
+        ``min(64, max / 3)`` to ``max = 1.5 * rate`` bytes (a mean of about ``rate``: one write a
+        second at 64 B/s), so a fleet of a thousand slow sessions makes about a thousand writes a
+        second per direction rather than one per 4 KiB of a schedule that is a minute long (and a
+        stream that looks stalled between writes).
         """
         chunk_max = max(2, min(_CHUNK_CAP, int(rate * 1.5)))
         chunk_min = max(1, min(64, chunk_max // 3))
