@@ -168,7 +168,10 @@ async def test_a_peer_with_a_stale_token_gets_wrong_node_and_the_sdk_follows_to_
         async with short_ttl_fleet(tmp_path) as fleet:
             sid = sessions_moving_to("relay-3", ["relay-1", "relay-2"], 1, "stale")[0]
             stale = await grant(fleet, sid, "guest")  # names relay-1 or relay-2; never used at once
+            # a second one for the SDK: a relay admits each token once (issue 11)
+            stale_too = await grant(fleet, sid, "guest")
             old_node = node_of(fleet, stale.relay_url)
+            assert node_of(fleet, stale_too.relay_url) == old_node
             await fleet.relay("relay-3").start()
             await wait_registered(fleet, {"relay-1", "relay-2", "relay-3"})
             await trio.sleep(1.5 * TTL_S)  # the unused assignment expired: the host gets relay-3
@@ -183,9 +186,9 @@ async def test_a_peer_with_a_stale_token_gets_wrong_node_and_the_sdk_follows_to_
                 assert closed.close is not None
                 assert closed.close.code == CloseCode.WRONG_NODE
                 refused.abort()
-                # the SDK, handed the same stale token first, follows WRONG_NODE to the host's node
+                # the SDK, handed a stale token first, follows WRONG_NODE to the host's node
                 tokens = prefetched(
-                    stale, TokenClient(fleet.api_url, session_id=sid, role="guest", cohort="dev")
+                    stale_too, TokenClient(fleet.api_url, session_id=sid, role="guest", cohort="dev")
                 )
                 async with open_peer(
                     tokens, sid, "guest", psk=b"k" * 32, on_event=guest_events.append

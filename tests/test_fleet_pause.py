@@ -52,7 +52,8 @@ async def test_pause_refuses_new_handshakes_quickly_and_spares_live_sessions() -
                     session="live",
                     role="guest",
                 )
-                early = await _token(http, dev.api_url, "late", "host")  # fetched before the pause
+                # fetched before the pause; one per attempt below (a relay admits each token once)
+                early = [await _token(http, dev.api_url, "late", "host") for _ in range(30)]
 
                 paused = await http.post(
                     f"{dev.api_url}/v1/admin/pause", headers=admin, json={"reason": "test"}
@@ -68,7 +69,7 @@ async def test_pause_refuses_new_handshakes_quickly_and_spares_live_sessions() -
                 with trio.fail_after(5):
                     while True:
                         peer = await TestPeer.connect(
-                            dev.relay_url, token=early, session="late", expect_welcome=False
+                            dev.relay_url, token=early.pop(), session="late", expect_welcome=False
                         )
                         first = await peer.receive()
                         if first[1] == Kind.WELCOME:  # the relay has not seen the pause yet

@@ -3,6 +3,7 @@ a private three-master Redis Cluster (``redis+cluster://``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -148,6 +149,17 @@ async def test_session_assignment_is_set_nx(store: GuardrailStore) -> None:
             "node-d",
             True,
         )
+
+
+async def test_a_token_use_is_claimed_once_until_it_expires(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        first, second = os.urandom(16), os.urandom(16)
+        assert await store.claim_token_use(first, ttl=60) is True
+        assert await store.claim_token_use(first, ttl=60) is False  # a replay, on any node
+        assert await store.claim_token_use(second, ttl=0.05) is True
+        while not await store.claim_token_use(second, ttl=60):  # the record expires with the token
+            await trio.sleep(0.02)
+        assert await store.claim_token_use(second, ttl=60) is False
 
 
 async def test_keep_assignments_holds_free_and_own_sessions_and_reports_others(store: GuardrailStore) -> None:

@@ -1,8 +1,9 @@
 """The trio peer: ``open_peer()`` drives a :class:`~rescue.client._core.PeerCore` over real sockets.
 
 One :class:`Peer` per (session, role). Its nursery holds one connection manager task, which loops:
-get a token (fresh when needed), connect, HELLO/WELCOME, then run four tasks for that connection
-(reader, writer, heartbeat/liveness, ack/resume timer) until it ends, then decide from the close
+get a fresh token (one per connection attempt: a relay admits each token once), connect,
+HELLO/WELCOME, then run four tasks for that connection (reader, writer, heartbeat/liveness,
+ack/resume timer) until it ends, then decide from the close
 code (:func:`rescue.protocol.policy_for`) whether and when to reconnect. Application data written
 meanwhile waits in the replay buffer and is resumed losslessly on the next connection.
 """
@@ -52,7 +53,6 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "LIVENESS_FACTOR",
     "RECEIVE_QUEUE_SIZE",
-    "TOKEN_REFRESH_MARGIN_S",
     "Connected",
     "ConnectionEvent",
     "PartnerEvent",
@@ -76,15 +76,9 @@ WRITE_BATCH_BYTES: Final = 256 * 1024
 CONNECT_TIMEOUT_S: Final = 15.0
 # SPEC §2: no inbound message for 3 x heartbeat_s means the connection is dead.
 LIVENESS_FACTOR: Final = 3
-# Fetch a fresh token before reconnecting when the current one expires within this margin (the
-# relay allows 30 s of clock skew; reconnecting with a token about to expire wastes an attempt).
-TOKEN_REFRESH_MARGIN_S: Final = 30.0
 # The default close_timeout_s of open_peer(): sending CLOSE and the WebSocket close handshake (or
 # answering the relay's close frame) get at most this long.
 CLOSE_TIMEOUT_S: Final = 3.0
-# After this many consecutive attempts that could not even get a WELCOME, fetch a fresh token
-# before the next one: the node named by the token may be gone for good (its sessions moved).
-FRESH_TOKEN_AFTER_FAILURES: Final = 2
 # The largest message we accept from the relay; WELCOME's max_frame is at most 16 MiB.
 MAX_INBOUND_MESSAGE: Final = 16 * 1024 * 1024
 
@@ -121,7 +115,8 @@ class Reconnecting:
         reason: why, in words (for a status line on stderr).
         code: the close code, if there was one.
         delay: seconds until the next attempt.
-        fresh_token: whether a new token is fetched first.
+        fresh_token: whether a new token is fetched first (always, since every connection attempt
+            takes a fresh token; kept for callers that print it).
     """
 
     reason: str
@@ -458,13 +453,12 @@ class Peer:
             self._finish(SessionClosed(local[0], local[1], local=True))
 
     async def _manage(self) -> None:
-        grant: TokenGrant | None = None
-        fresh = True
         attempt = 0
         failing_since: float | None = None
         while self._local_close is None:
-            if grant is None or fresh or grant.expires_within(TOKEN_REFRESH_MARGIN_S):
-                grant = await self._fetch_token()
+            # A fresh token for every attempt: a relay admits each token (its cti) on one connection
+            # only, so a copy of a live token cannot displace this peer (docs/protocol.md).
+            grant = await self._fetch_token()
             outcome, welcomed = await self._connect_once(grant)
             if outcome.local:
                 self._finish(SessionClosed(outcome.code, outcome.reason, local=True))
@@ -487,7 +481,6 @@ class Peer:
                 error = ConnectionClosedError(_close_code(outcome.code), f"gave up: {outcome.reason}")
                 self._finish(SessionClosed(outcome.code, outcome.reason, local=False, error=error))
                 return
-            fresh = policy.new_token or (not welcomed and attempt + 1 >= FRESH_TOKEN_AFTER_FAILURES)
             delay = self._backoff.delay(policy.backoff, attempt, reconnect_in_ms=outcome.reconnect_in_ms)
             attempt += 1
             log_event(
@@ -498,9 +491,8 @@ class Peer:
                 code=outcome.code,
                 reason=outcome.reason,
                 delay_s=round(delay, 3),
-                fresh_token=fresh,
             )
-            self._emit(Reconnecting(outcome.reason, outcome.code, delay, fresh))
+            self._emit(Reconnecting(outcome.reason, outcome.code, delay, True))
             await trio.sleep(delay)
 
     async def _fetch_token(self) -> TokenGrant:

@@ -22,6 +22,7 @@ from rescue.guardrails._store import (
     check_node_id,
     counter_key,
     hour_bucket,
+    token_use_key,
 )
 
 __all__ = ["MemoryStore"]
@@ -34,6 +35,7 @@ MAX_COHORTS: Final = 10_000  # cohort flags: an operator sets these by hand
 MAX_COUNTERS: Final = 100_000  # live counter hashes: ~2 per active cohort
 MAX_NODES: Final = 1_000  # relay nodes in one dev process: a handful at most
 MAX_ASSIGNMENTS: Final = 200_000  # live session assignments (each lives ≤ token lifetime)
+MAX_TOKEN_USES: Final = 200_000  # tokens that opened a connection (each ≤ token lifetime + skew)
 
 
 class MemoryStore:
@@ -57,6 +59,7 @@ class MemoryStore:
         self._counters: dict[str, tuple[float, dict[str, int]]] = {}  # key -> (expires_at, fields)
         self._nodes: dict[str, tuple[float, NodeInfo]] = {}
         self._assignments: dict[str, tuple[float, str]] = {}
+        self._token_uses: dict[str, tuple[float, bool]] = {}
         self._gap: tuple[float, TelemetryGap] = (0.0, TelemetryGap())  # (expires_at, gap)
         self._closed = False
 
@@ -157,6 +160,16 @@ class MemoryStore:
         self._sweep(self._assignments, t, MAX_ASSIGNMENTS, "assignments")
         self._assignments[key] = (t + ttl, node_id)
         return node_id
+
+    async def claim_token_use(self, cti: bytes, *, ttl: float) -> bool:
+        key = token_use_key(cti)
+        t = await self._enter()
+        entry = self._token_uses.get(key)
+        if entry is not None and entry[0] > t:
+            return False
+        self._sweep(self._token_uses, t, MAX_TOKEN_USES, "token uses")
+        self._token_uses[key] = (t + ttl, True)
+        return True
 
     async def reassign_session(
         self, session_id: str, *, expected: str, node_id: str, ttl: float

@@ -47,6 +47,7 @@ from rescue.guardrails._store import (
     counter_key,
     hour_bucket,
     node_key,
+    token_use_key,
 )
 from rescue.guardrails._url import RedisKind, parse_redis_url
 
@@ -528,6 +529,11 @@ class RedisStore:
         key = assignment_key(session_id)
         result: str = await self._run(partial(self._assign, keys=[key], args=[node_id, _ms(ttl)]))
         return result
+
+    async def claim_token_use(self, cti: bytes, *, ttl: float) -> bool:
+        key = token_use_key(cti)
+        wrote = await self._run(partial(self._client.set, key, "1", nx=True, px=_ms(ttl)))
+        return bool(wrote)
 
     async def reassign_session(
         self, session_id: str, *, expected: str, node_id: str, ttl: float

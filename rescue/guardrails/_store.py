@@ -312,6 +312,12 @@ def assignment_key(session_id: str) -> str:
     return f"{KEY_PREFIX}assign:{digest}"
 
 
+def token_use_key(cti: bytes) -> str:
+    """The Redis key recording that the token ``cti`` opened a connection (a hash of it)."""
+    digest = hashlib.blake2b(cti, digest_size=16, person=b"rescue-cti").hexdigest()
+    return f"{KEY_PREFIX}cti:{digest}"
+
+
 def rolling_window(current: HourCounts, previous: HourCounts, now: float) -> WindowCounts:
     """Weighted counts over the "rolling hour" ending at ``now``.
 
@@ -451,6 +457,13 @@ class GuardrailStore(Protocol):
 
         Returns:
             Every session id mapped to the node assigned afterwards (``node_id`` or the other one).
+        """
+
+    async def claim_token_use(self, cti: bytes, *, ttl: float) -> bool:
+        """Record that the token named ``cti`` opened a connection (SET NX PX); False if it already had.
+
+        The record lives ``ttl`` seconds (the token's remaining lifetime plus clock skew), so a
+        relay fleet sharing the store lets each token open one connection, once.
         """
 
     async def aclose(self) -> None:

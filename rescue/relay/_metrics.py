@@ -61,8 +61,10 @@ class _StatsCollector(Collector):
         registrar: Callable[[], NodeRegistrar | None],
         poller: Callable[[], ReadPoller | None],
         keeper: Callable[[], AssignmentKeeper | None],
+        token_uses: Callable[[], dict[str, int]],
     ) -> None:
         self.stats = stats
+        self.token_uses = token_uses
         self.table = table
         self.control = control
         self.keys = keys
@@ -146,6 +148,13 @@ class _StatsCollector(Collector):
             "A role came back on a new connection (replaced a live one, or returned after leaving)",
             "kind",
             s.rejoins,
+        )
+        yield _labelled(
+            "beach_rescue_token_uses",
+            "Tokens presented in HELLO: first use, replayed (refused AUTH_FAILED, seen here or by the"
+            " fleet), or admitted because the fleet store could not be asked",
+            "outcome",
+            self.token_uses(),
         )
         yield _labelled(
             "beach_rescue_protocol_errors",
@@ -279,6 +288,7 @@ class RelayMetrics:
         registrar: Callable[[], NodeRegistrar | None],
         poller: Callable[[], ReadPoller | None] = lambda: None,
         keeper: Callable[[], AssignmentKeeper | None] = lambda: None,
+        token_uses: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         # process_cpu_seconds_total, RSS, open fds: the CPU > 70 % alert and the soak reports read them.
@@ -296,7 +306,7 @@ class RelayMetrics:
             registry=self.registry,
         )
         self.registry.register(
-            _StatsCollector(stats, table, control, keys, draining, registrar, poller, keeper)
+            _StatsCollector(stats, table, control, keys, draining, registrar, poller, keeper, token_uses)
         )
 
     def render(self, accept: str = "") -> tuple[bytes, str]:

@@ -54,6 +54,7 @@ from rescue.relay._admin import admin_app
 from rescue.relay._config import RelayConfig
 from rescue.relay._control import REGISTER_DEADLINE_S, AssignmentKeeper, ControlLink, KeySource, NodeRegistrar
 from rescue.relay._metrics import RelayMetrics
+from rescue.relay._replay import TokenReplayGuard
 from rescue.sessions import (
     TRANSPORT_ERRORS,
     HandshakeLimiter,
@@ -134,6 +135,8 @@ class Relay:
         )
         self._store = store
         self._owned_store: GuardrailStore | None = None
+        # one connection per token (cti), on this node and, with a store, fleet-wide
+        self.replay = TokenReplayGuard()
         self.registrar: NodeRegistrar | None = None
         self.keeper: AssignmentKeeper | None = None
         self._http_transport = http_transport
@@ -147,6 +150,7 @@ class Relay:
             registrar=lambda: self.registrar,
             poller=lambda: self.poller,
             keeper=lambda: self.keeper,
+            token_uses=lambda: self.replay.outcomes,
         )
         self.addresses: RelayAddresses | None = None
         self._draining = False
@@ -205,6 +209,7 @@ class Relay:
             "rate_limiter_sources": len(self.limiter),
             "closes": {str(k): v for k, v in sorted(s.closes.items())},
             "protocol_errors": dict(sorted(s.protocol_errors.items())),
+            "token_uses": dict(self.replay.outcomes),
             "control": self.control.detail(),
             "read_poller": self.poller.statistics() if self.poller is not None else None,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
@@ -338,6 +343,7 @@ class Relay:
             store = self._owned_store = RedisStore(config.redis_url)  # closed by _end_registration
         if store is None:
             return
+        self.replay.store = store
         assert self.addresses is not None
         public = config.public_url or self.addresses.url
         self.registrar = NodeRegistrar(
@@ -455,6 +461,12 @@ class Relay:
             if isinstance(exc, ProtocolError):
                 self.stats.count_protocol_error(exc.kind)
             return await self._refuse(ws, exc.code, str(exc))
+        if not await self.replay.first_use(claims, time.time()):
+            return await self._refuse(
+                ws,
+                CloseCode.AUTH_FAILED,
+                "token already used: fetch a fresh token for every connection",
+            )
         recorded.set_attribute("cohort", claims.cohort)
         if claims.analytics_allowed:
             recorded.follow_caller = True
