@@ -531,13 +531,7 @@ class Fleet:
         response = await self._get(
             f"http://127.0.0.1:{self.relay_admin_ports[node_id]}/debug/stats", wait_s=STATS_TIMEOUT_S
         )
-        if response is None or response.status_code != 200:
-            return None
-        try:
-            doc = response.json()
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
+        return _json_object(response)
 
     async def session_placement(self) -> tuple[dict[str, dict[str, set[str]]], list[str]]:
         """Where every session's peers are connected, as the running nodes' ``/debug/stats`` say.
@@ -630,14 +624,7 @@ class Fleet:
 
     async def fleet_status(self) -> dict[str, Any] | None:
         """``GET /v1/fallback/status`` (what every relay polls), or None when it does not answer."""
-        response = await self._get(f"{self.api_url}/v1/fallback/status")
-        if response is None or response.status_code != 200:
-            return None
-        try:
-            doc = response.json()
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
+        return _json_object(await self._get(f"{self.api_url}/v1/fallback/status"))
 
     async def control_plane_ok(self, session_id: str) -> bool:
         """A token can be minted right now (the probe session is never connected to)."""
@@ -681,6 +668,17 @@ class Fleet:
                 await service.stop()
         for service in self.services():
             service.close_log()
+
+
+def _json_object(response: httpx.Response | None) -> dict[str, Any] | None:
+    """A 200 answer's JSON object, or None (no answer, another status, not a JSON object)."""
+    if response is None or response.status_code != 200:
+        return None
+    try:
+        doc = response.json()
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 async def redis_ping(path: Path | None = None, *, port: int | None = None) -> bool:
