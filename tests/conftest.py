@@ -236,9 +236,11 @@ def tcp_redis_argv(port: int, directory: str, *extra: str) -> list[str]:
             "--dir", directory, "--daemonize", "no", *extra]  # fmt: skip
 
 
-def wait_for_ping(port: int, process: subprocess.Popen[bytes], deadline: float) -> bool:
+def wait_for_ping(
+    port: int, process: subprocess.Popen[bytes], deadline: float, password: str | None = None
+) -> bool:
     """Wait until 127.0.0.1:``port`` answers PING; False if ``process`` exited or time ran out."""
-    with redis.Redis(port=port, socket_timeout=5, socket_connect_timeout=1) as client:
+    with redis.Redis(port=port, password=password, socket_timeout=5, socket_connect_timeout=1) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 return False
@@ -363,6 +365,9 @@ def redis_cluster_url(redis_cluster_session: RedisClusterServers) -> str:
 
 SENTINEL_MASTER = "rescue"
 SENTINELS = 3
+# the sentinels ask for a password (they use it among themselves too): the URL's
+# sentinel_password option is exercised by every test on this set-up
+SENTINEL_PASSWORD = "sentinel-secret"
 
 
 def _free_port(rng: random.Random, taken: list[int]) -> int:
@@ -385,13 +390,18 @@ class SentinelServers:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{SENTINEL_MASTER}"
+        return f"redis+sentinel://{hosts}/{SENTINEL_MASTER}?sentinel_password={SENTINEL_PASSWORD}"
 
     def data_client(self, index: int) -> redis.Redis:
         return redis.Redis(port=self.data_ports[index], decode_responses=True, socket_timeout=5)
 
     def sentinel_client(self, index: int) -> redis.Redis:
-        return redis.Redis(port=self.sentinel_ports[index], decode_responses=True, socket_timeout=5)
+        return redis.Redis(
+            port=self.sentinel_ports[index],
+            password=SENTINEL_PASSWORD,
+            decode_responses=True,
+            socket_timeout=5,
+        )
 
     def master_port(self, index: int) -> int:
         """The primary's port as sentinel ``index`` names it now."""
@@ -407,10 +417,10 @@ class SentinelServers:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _start(servers: SentinelServers, argv: list[str], deadline: float) -> subprocess.Popen[bytes]:
+def _start(argv: list[str], deadline: float, password: str | None = None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 0
-    if port and wait_for_ping(port, process, deadline):
+    if port and wait_for_ping(port, process, deadline, password):
         return process
     process.kill()
     process.wait(timeout=10)
@@ -435,7 +445,7 @@ def start_sentinel_servers() -> SentinelServers:
             directory = os.path.join(servers.directory, role)
             os.mkdir(directory)
             extra = [] if role == "primary" else ["--replicaof", "127.0.0.1", str(servers.data_ports[0])]
-            servers.data.append(_start(servers, tcp_redis_argv(port, directory, *extra), deadline))
+            servers.data.append(_start(tcp_redis_argv(port, directory, *extra), deadline))
             servers.data_ports.append(port)
         for i in range(SENTINELS):
             port = _free_port(rng, [*servers.data_ports, *servers.sentinel_ports])
@@ -446,10 +456,11 @@ def start_sentinel_servers() -> SentinelServers:
                     f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {servers.data_ports[0]} 2\n"
                     f"sentinel down-after-milliseconds {SENTINEL_MASTER} 60000\n"
                     f"sentinel failover-timeout {SENTINEL_MASTER} 10000\n"
+                    f"requirepass {SENTINEL_PASSWORD}\n"
                 )
             binary = tcp_redis_argv(port, servers.directory)[0]
             servers.sentinels.append(
-                _start(servers, [binary, config, "--sentinel", "--port", str(port)], deadline)
+                _start([binary, config, "--sentinel", "--port", str(port)], deadline, SENTINEL_PASSWORD)
             )
             servers.sentinel_ports.append(port)
         # ready: the replica is in sync, and every sentinel knows it and the other sentinels (so

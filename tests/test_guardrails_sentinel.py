@@ -160,6 +160,11 @@ async def test_a_graceful_failover_moves_writes_to_the_new_primary(redis_sentine
     now = time.time()
     try:
         with trio.fail_after(TIMEOUT):
+            # the sentinels want their password: the URL's sentinel_password option is what gets in
+            unauthenticated = RedisStore(servers.url.partition("?")[0])
+            with pytest.raises(StoreUnavailable):
+                await unauthenticated.ping()
+            await unauthenticated.aclose()
             await store.set_cohort_enabled("beta", True)
             assert await store.record_mint("beta", now=now, session_id="s", node_id="n-1", ttl=60) == "n-1"
             with servers.sentinel_client(0) as sentinel:

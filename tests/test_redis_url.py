@@ -45,7 +45,7 @@ def test_sentinel_url_names_sentinels_master_and_db() -> None:
         ("redis+cluster://h:0", "bad port"),
         ("redis+cluster://h:x", "bad port"),
         ("redis+cluster://h,", "bad host"),
-        ("redis+cluster://h?x=1", "query"),
+        ("redis+cluster://h?x=1", "query options"),
         ("redis+sentinel://s1", "master-name"),
         ("redis+sentinel://s1/m/x", "database"),
         ("redis+sentinel://s1/m/0/extra", "master-name"),
@@ -75,3 +75,18 @@ def test_any_text_parses_or_is_a_value_error(text: str) -> None:
         except ValueError:
             continue
         assert target.kind in RedisKind
+
+
+def test_sentinel_credentials_ride_in_the_query_and_never_in_the_repr() -> None:
+    target = parse_redis_url("redis+sentinel://u:data-pw@s1/m?sentinel_username=su&sentinel_password=s%26pw")
+    assert (target.password, target.sentinel_username, target.sentinel_password) == ("data-pw", "su", "s&pw")
+    assert "pw" not in repr(target)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+sentinel://s1/m?db=2", "redis+cluster://h:1?sentinel_password=x", "redis+sentinel://s1/m#frag"],
+)
+def test_other_query_options_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        parse_redis_url(url)

@@ -263,8 +263,16 @@ class RedisStore:
         # Sentinel: every new connection asks the sentinels where the primary is, and a connection
         # to a primary that was demoted is dropped (redis-py turns its READONLY into a connection
         # error), so the one retry below lands on the new primary once the sentinels promoted it
+        # every sentinel is asked in turn: one quick retry each, not redis-py's default backoff
+        # (three retries with sleeps per sentinel made a wrong sentinel password cost 11 s)
+        sentinel_kwargs: dict[str, Any] = {**timeouts, "retry": Retry(NoBackoff(), 1)}
+        if target.tls:
+            sentinel_kwargs["ssl"] = True
+        if target.sentinel_password is not None:
+            sentinel_kwargs["username"] = target.sentinel_username
+            sentinel_kwargs["password"] = target.sentinel_password
         self._sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.hosts), sentinel_kwargs={**timeouts, **({"ssl": True} if target.tls else {})}
+            list(target.hosts), sentinel_kwargs=sentinel_kwargs
         )
         return self._sentinel.master_for(
             target.service,

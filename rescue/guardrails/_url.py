@@ -8,19 +8,22 @@ the one thing every process already passes through, so no process needs a second
     redis://[user:pass@]host[:port][/db]                      one server (redis-py's from_url)
     rediss://…, unix:///path/redis.sock?db=0                  one server, TLS / unix socket
     redis+cluster://[user:pass@]host:port[,host:port…]         Redis Cluster: seed nodes
-    redis+sentinel://[user:pass@]host:port[,host:port…]/name[/db]   Sentinel: sentinels + master name
+    redis+sentinel://[user:pass@]host:port[,host:port…]/name[/db][?sentinel_username=U&sentinel_password=P]
+                                                               Sentinel: sentinels + master name
 
 ``rediss+cluster`` / ``rediss+sentinel`` use TLS (to the data nodes and the sentinels). The user
-and password authenticate to the data nodes (the sentinels are asked without a password). Valkey
-speaks the same protocol and takes the same URLs.
+and password authenticate to the data nodes; ``sentinel_username`` / ``sentinel_password`` (the
+only query options) to the sentinels, as in the ``redis+sentinel://`` grammar of the
+Redis-Sentinel-Url package, Prefect's docket and RedisVL. Valkey speaks the same protocol and
+takes the same URLs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = ["RedisKind", "RedisTarget", "parse_redis_url"]
 
@@ -48,6 +51,7 @@ class RedisTarget:
         db: the database number (always 0 on a cluster).
         username, password: for the data nodes, percent-decoded; None when absent.
         tls: ``rediss+…``.
+        sentinel_username, sentinel_password: for the sentinels (``SENTINEL`` only).
     """
 
     kind: RedisKind
@@ -56,8 +60,10 @@ class RedisTarget:
     service: str | None = None
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
+    sentinel_username: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
 
 
 def _hosts(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
@@ -113,8 +119,14 @@ def parse_redis_url(url: str) -> RedisTarget:
             "redis+cluster:// or redis+sentinel:// (rediss+… for TLS)"
         )
     parts = urlsplit("x://" + url.partition("://")[2])
-    if parts.query or parts.fragment:
-        raise ValueError("query and fragment are not supported in redis+cluster/redis+sentinel URLs")
+    if parts.fragment:
+        raise ValueError("a fragment is not supported in redis+cluster/redis+sentinel URLs")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(query) - {"sentinel_username", "sentinel_password"})
+    if unknown or (query and variant != "sentinel"):
+        raise ValueError(
+            "the only query options are sentinel_username and sentinel_password (redis+sentinel)"
+        )
     username, password = _credentials(parts.netloc)
     path = [p for p in parts.path.split("/") if p]
     tls = base == "rediss"
@@ -139,4 +151,6 @@ def parse_redis_url(url: str) -> RedisTarget:
         username=username,
         password=password,
         tls=tls,
+        sentinel_username=query.get("sentinel_username") or None,
+        sentinel_password=query.get("sentinel_password") or None,
     )
