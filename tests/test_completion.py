@@ -67,7 +67,6 @@ def test_bash_registers_the_completion(bash_script: str) -> None:
     [
         ("rescue re", ["relay"]),
         ("rescue admin st", ["status"]),
-        ("rescue admin ", ["pause", "resume", "status", "cohort"]),
         ("rescue mint --ro", ["--role"]),
         ("rescue mint --role ", ["host", "guest"]),
         ("rescue completion ", ["bash", "zsh"]),
@@ -80,11 +79,14 @@ def test_bash_completes(bash_script: str, line: str, expected: list[str]) -> Non
     assert _bash_offers(bash_script, line) == expected
 
 
-def test_every_command_completes(bash_script: str) -> None:
+def test_every_command_and_admin_action_completes(bash_script: str) -> None:
     from rescue.cli import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert sorted(_bash_offers(bash_script, "rescue ")) == sorted(commands)
+    actions = commands["admin"]._subparsers._group_actions[0].choices
+    assert {"pause", "resume", "status", "cohort"} <= set(actions)
+    assert sorted(_bash_offers(bash_script, "rescue admin ")) == sorted(actions)
 
 
 def test_zsh_loads_the_script() -> None:
