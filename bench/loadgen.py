@@ -6,7 +6,10 @@ One worker process opens ``sessions`` sessions (a host and a guest connection ea
   of them have arrived (as fast as the relay forwards);
 * ``rate`` -- every flow sends one message every ``size / rate`` seconds, on a schedule with a random
   phase per flow (a relay that falls behind shows up as latency, not as a slower sender);
-* ``idle`` -- no data, only heartbeats.
+* ``idle`` -- no data, only heartbeats; with ``probe_rate`` > 0, once the window begins, that many
+  sessions a second (each at most once, in random order) send one DATA message from one peer (host
+  or guest at random): its latency is the delay of the *first message after a quiet spell* (a
+  relay that parks heartbeat-only connections pays it here, not in the heartbeat echo).
 
 Every connection also sends a heartbeat every ``heartbeat_s`` seconds, in every mode (the real relay
 closes silent connections after 3 heartbeats). A *flow* is one direction of one session; ``direction``
@@ -136,6 +139,8 @@ class Scenario:
     direction: str = "both"  # both | host
     heartbeat_s: float = 15.0
     connect_concurrency: int = 64
+    # idle mode: first-message probes per second during the window (0: heartbeats only)
+    probe_rate: float = 0.0
     # Compare the whole body of every n-th message (a power of two) with what was sent; every
     # message's length and seq are always checked. 1 in tests; the matrix uses 16 to keep the
     # generator cheap (a systematic corruption still shows within a few messages).
@@ -604,13 +609,13 @@ class LoadGen:
             heapq.heappush(self._hb_heap, (self._hb_due(), len(self.conns)))
             self.conns.append(conn)
             self.nursery.start_soon(conn.reader)
-        if self.scenario.mode != "idle":
-            flows = [(host, guest)] if self.scenario.direction == "host" else [(host, guest), (guest, host)]
-            for src, dst in flows:
-                flow = Flow(src, dst)
-                src.tx_flow = flow
-                dst.rx_flow = flow
-                self.flows.append(flow)
+        # (idle mode too: its first-message probes are DATA, checked like any other)
+        flows = [(host, guest)] if self.scenario.direction == "host" else [(host, guest), (guest, host)]
+        for src, dst in flows:
+            flow = Flow(src, dst)
+            src.tx_flow = flow
+            dst.rx_flow = flow
+            self.flows.append(flow)
 
     async def connect_all(self) -> None:
         t0 = time.monotonic()
@@ -665,6 +670,32 @@ class LoadGen:
                 now = time.monotonic_ns()
             await trio.sleep(max(MIN_TICK_S, (heap[0][0] - time.monotonic_ns()) / 1e9))
 
+    async def _probe_ticker(self) -> None:
+        """Idle mode: ``probe_rate`` sessions a second send one DATA message each (once per session).
+
+        Sessions are taken in random order, one flow (direction) each at random, so every probe
+        lands on a session that has sent no DATA since it connected: the first message after a
+        quiet spell as long as the warm-up outlasted the relay's quiet threshold.
+        """
+        per_session = 1 if self.scenario.direction == "host" else 2
+        sessions = list(range(len(self.flows) // per_session))
+        random.shuffle(sessions)
+        interval = 1.0 / self.scenario.probe_rate
+        stats = self.stats
+        next_at = trio.current_time()
+        for s in sessions:
+            if not self.sending:
+                return
+            flow = self.flows[s * per_session + random.randrange(per_session)]
+            src = flow.src
+            if not src.closed and not flow.dst.closed:
+                seq = flow.tx_seq + 1
+                flow.tx_seq = seq
+                stats.sent_total += 1
+                src.send_nowait(b"".join(src.builder.data(seq, time.monotonic_ns())))
+            next_at += interval
+            await trio.sleep_until(next_at)
+
     def _hb_due(self) -> int:
         # A random phase per connection spreads heartbeats evenly over the period.
         return time.monotonic_ns() + random.randrange(self._hb_interval)
@@ -705,6 +736,8 @@ class LoadGen:
         s.recording = True
         self._mark_t = time.monotonic()
         self._mark_cpu = _self_cpu()
+        if self.scenario.mode == "idle" and self.scenario.probe_rate > 0 and self.sending:
+            self.nursery.start_soon(self._probe_ticker)
 
     def stop(self) -> None:
         """End the measured window and stop sending data (heartbeats go on until the end)."""

@@ -44,6 +44,12 @@ TARGET_ACTIVE_SESSIONS: Final = 1250
 TARGET_ACTIVE_P95_MS: Final = 40.0
 TARGET_IDLE_CPU_PCT: Final = 3.0
 TARGET_IDLE_KB_PER_CONN: Final = 24.0
+# Issue 15: idle CPU at 10,000 connections and the first message after a quiet spell, one row.
+TARGET_IDLE_CPU_PCT_15: Final = 2.5
+TARGET_FIRST_MSG_ADDED_P99_MS: Final = 10.0
+# Idle first-message probes: a one-byte keystroke as the SDK sends it (12-byte header, 1 byte of
+# plaintext, 16-byte AEAD tag): 29 bytes, a 35-byte masked frame, the smallest DATA that carries input.
+PROBE_SIZE: Final = 29
 # An active level passes when at least this share of the offered messages arrived in the window.
 ACTIVE_DELIVERED_MIN: Final = 0.97
 # An active level delivering less than this share of the offered load ends that target's sweep.
@@ -279,7 +285,14 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
             steps.append(Step("active", sc, args.warmup, args.duration, workers=w))
     if "idle" in modes:
         n = max(1, args.idle_connections // 2)
-        sc = Scenario(mode="idle", sessions=n, heartbeat_s=args.heartbeat, connect_concurrency=128)
+        sc = Scenario(
+            mode="idle",
+            sessions=n,
+            size=PROBE_SIZE,
+            heartbeat_s=args.heartbeat,
+            connect_concurrency=128,
+            probe_rate=args.probe_rate,
+        )
         steps.append(
             Step("idle", sc, args.idle_warmup, args.idle_window, workers=1, settle_s=args.idle_settle)
         )
@@ -312,6 +325,7 @@ def progress_line(i: int, n: int, row: dict[str, Any]) -> str:
         core = (
             f"{row['connections']:,} conns  relay cpu {row['relay_cpu_pct']:.2f}%  "
             f"{_fmt(row['kb_per_conn'], 2)} KB/conn  hb p95 {_fmt(row['hb_p95_ms'], 2)} ms  "
+            f"first msg p50 {_fmt(row['p50_ms'], 2)} p99 {_fmt(row['p99_ms'], 2)} ms (n={row['msgs']})  "
             f"connect {row['connect_s']:.1f}s"
         )
     else:
@@ -458,6 +472,24 @@ def verdicts(rows: list[dict[str, Any]], target: str = "rescue") -> list[dict[st
                     "ok": r["relay_cpu_pct"] < TARGET_IDLE_CPU_PCT,
                 }
             )
+            first = r.get("p99_ms")
+            if first is not None:
+                base = ref.get("p99_ms") if ref is not None and "error" not in ref else None
+                added = first - base if base is not None else None
+                out.append(
+                    {
+                        "check": "idle (issue 15): CPU and added P99 delay of the first message after quiet, "
+                        f"{r['connections']:,} connections, one row",
+                        "need": f"<= {TARGET_IDLE_CPU_PCT_15:g}% and <= {TARGET_FIRST_MSG_ADDED_P99_MS:g} ms "
+                        "over raw TCP",
+                        "got": f"{r['relay_cpu_pct']:.2f}%, P99 {first:.2f} ms"
+                        + (f" (raw TCP {base:.2f} ms: +{added:.2f} ms)" if added is not None else ""),
+                        "ok": None
+                        if added is None
+                        else r["relay_cpu_pct"] <= TARGET_IDLE_CPU_PCT_15
+                        and added <= TARGET_FIRST_MSG_ADDED_P99_MS,
+                    }
+                )
             out.append(
                 {
                     "check": f"idle memory, {r['connections']:,} connections",
@@ -538,9 +570,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"## Idle (heartbeat every {meta['heartbeat_s']:g} s per connection, "
             f"window {meta['idle_window_s']:g} s)",
             "",
+            "First message after quiet: one DATA message (a keystroke, "
+            f"{PROBE_SIZE} bytes) from one peer of a session that sent only heartbeats since it "
+            "connected, timed to its arrival at the partner; *n* samples (each session once).",
+            "",
             "| connections | target | relay CPU % of one core | KB/conn | RSS empty MB | RSS loaded MB "
-            "| heartbeat P95 ms | heartbeat max ms | connect s | pass |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| heartbeat P95 ms | heartbeat max ms | first msg P50 ms | first msg P99 ms | n "
+            "| connect s | pass |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in idle:
             if "error" in r:
@@ -549,7 +586,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['connections']:,} | {r['target']} | {r['relay_cpu_pct']:.2f} | "
                 f"{_fmt(r['kb_per_conn'], 2)} | {r['rss_empty_mb']:.0f} | {r['relay_rss_mb']:.0f} | "
-                f"{_fmt(r['hb_p95_ms'], 2)} | {_fmt(r.get('hb_max_ms'), 0)} | {r['connect_s']:.1f} | "
+                f"{_fmt(r['hb_p95_ms'], 2)} | {_fmt(r.get('hb_max_ms'), 0)} | {_fmt(r.get('p50_ms'), 2)} | "
+                f"{_fmt(r.get('p99_ms'), 2)} | {_fmt(r.get('msgs'))} | {r['connect_s']:.1f} | "
                 f"{_fmt(r['passed'])} |"
             )
         lines.append("")
@@ -765,6 +803,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--idle-settle", type=float, default=2.0, help="seconds after connecting, before start")
     p.add_argument("--heartbeat", type=float, default=15.0)
+    p.add_argument(
+        "--probe-rate",
+        type=float,
+        default=20.0,
+        help="idle: sessions a second that send their first DATA message in the window (0: none)",
+    )
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=1, help="load generator processes (throughput, active)")
@@ -789,7 +833,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, name, value)
     args.active_sessions = [int(x) for x in str(args.active_sessions).split(",") if x]
     if args.targets is None:
-        names = ["tcp", "websockets"] + ([] if args.quick else ["trio-websocket"])
+        names = ["tcp", "websockets", "picows"] + ([] if args.quick else ["trio-websocket"])
         if rescue_available():
             names.append("rescue")
         args.targets = ",".join(names)

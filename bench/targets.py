@@ -55,6 +55,8 @@ TARGETS: Final[dict[str, TargetDef]] = {
     "tcp": TargetDef("tcp", "tcp", "ceiling", _script("tcp_relay.py")),
     "websockets": TargetDef("websockets", "ws", "reference", _script("ws_websockets_relay.py")),
     "trio-websocket": TargetDef("trio-websocket", "ws", "reference", _script("ws_trio_websocket_relay.py")),
+    # the fastest Python WebSocket server (Cython, callbacks, zero-copy): the peer to beat
+    "picows": TargetDef("picows", "ws", "reference", _script("ws_picows_relay.py")),
     "rescue": _rescue("rescue", "target"),
     # the real relay without the shared read poller (decision 0007's A/B): trio's own waits
     "rescue-trio-waits": _rescue("rescue-trio-waits", "context", "--read-coalesce", "off"),

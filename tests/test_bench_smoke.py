@@ -42,7 +42,7 @@ def _assert_delivered(result: dict[str, Any], connections: int) -> None:
     assert result["wire_errors"] == 0
 
 
-@pytest.mark.parametrize("name", ["tcp", "websockets", "trio-websocket", "epoll"])
+@pytest.mark.parametrize("name", ["tcp", "websockets", "trio-websocket", "picows", "epoll"])
 async def test_throughput_and_rate_deliver_everything(name: str, tmp_path: Path) -> None:
     with trio.fail_after(30):
         relay = await targets.start_target(targets.TARGETS[name], log_dir=tmp_path)
@@ -81,6 +81,22 @@ async def test_idle_heartbeats_go_round(tmp_path: Path) -> None:
     assert result["sent_total"] == result["recv_total"] == 0
     assert 0 < result["heartbeats_rx"] <= result["heartbeats_tx"]
     assert loadgen.Hist.merge([result["hb_lat"]]).total > 0
+
+
+@pytest.mark.parametrize("name", ["tcp", "picows"])
+async def test_idle_first_message_probes_arrive_once_each(name: str, tmp_path: Path) -> None:
+    """Idle mode's first-message figure: each session sends one DATA, timed at the partner."""
+    with trio.fail_after(30):
+        relay = await targets.start_target(targets.TARGETS[name], log_dir=tmp_path)
+        try:
+            target = loadgen.Target(name=name, transport=relay.defn.transport, port=relay.port)
+            idle = loadgen.Scenario(mode="idle", sessions=4, size=29, heartbeat_s=0.2, probe_rate=1000.0)
+            result = await loadgen.run_local(target, idle, warmup_s=0.1, duration_s=1.0)
+        finally:
+            await relay.stop()
+    _assert_delivered(result, connections=8)
+    assert result["sent_total"] == 4  # one probe per session, no more
+    assert result["msgs"] == loadgen.Hist.merge([result["lat"]]).total == 4
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ws"])
@@ -146,24 +162,25 @@ def test_ws_framing_masks_and_parses() -> None:
 def test_run_cli_writes_results(tmp_path: Path) -> None:
     """``python -m bench.run`` end to end at tiny scale: JSON, markdown and plots, delivery ok."""
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    argv = [sys.executable, "-m", "bench.run", "--targets", "tcp,websockets", "--modes", "active,idle"]
+    argv = [sys.executable, "-m", "bench.run", "--targets", "tcp,websockets,picows", "--modes", "active,idle"]
     argv += ["--active-sessions", "3", "--idle-connections", "8", "--heartbeat", "0.2"]
     argv += ["--warmup", "0.2", "--duration", "0.4", "--idle-warmup", "0.1", "--idle-window", "0.4"]
-    argv += ["--idle-settle", "0"]
+    argv += ["--idle-settle", "0", "--probe-rate", "1000"]
     argv += ["--out", str(tmp_path)]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     report = json.loads((tmp_path / "results-latest.json").read_text())
     rows = report["rows"]
     assert {(r["kind"], r["target"]) for r in rows} == {
-        ("active", "tcp"),
-        ("active", "websockets"),
-        ("idle", "tcp"),
-        ("idle", "websockets"),
+        (kind, name) for kind in ("active", "idle") for name in ("tcp", "websockets", "picows")
     }
     for row in rows:
         assert "error" not in row, row
         assert row["delivery_ok"], row
+        if row["kind"] == "idle":  # the first-message figure: every one of the 4 sessions probed once
+            assert row["sent_total"] == row["msgs"] == 4, row
+            assert row["p99_ms"] is not None
     assert (tmp_path / "results-latest.md").read_text().startswith("# Benchmark results")
     assert (tmp_path / "active-latest.png").stat().st_size > 0
-    assert b" 4/4]" in done.stdout  # one progress line per step
+    assert "first msg P99 ms" in (tmp_path / "results-latest.md").read_text()
+    assert b" 6/6]" in done.stdout  # one progress line per step
