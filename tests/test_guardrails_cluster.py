@@ -229,3 +229,34 @@ async def test_a_lost_master_fails_closed() -> None:
         if fresh is not None:
             await fresh.aclose()
         cluster.stop()
+
+
+async def test_concurrent_mints_through_one_cluster_store(redis_cluster_url: str) -> None:
+    """The store's worker threads share one RedisCluster client: 200 concurrent token decisions (100
+    sessions, both peers each) all succeed, both peers of a session get one node, and every token
+    is counted exactly once."""
+    store = RedisStore(redis_cluster_url)
+    guardrails = Guardrails(store)
+    now = time.time()
+    try:
+        with trio.fail_after(TIMEOUT):
+            await store.set_cohort_enabled("beta", True)
+            for node_id in ("n-a", "n-b", "n-c"):
+                await store.register_node(NodeInfo(node_id, f"wss://{node_id}/v1/connect"), ttl=60)
+            nodes: dict[str, set[str]] = {}
+
+            async def mint(session: str) -> None:
+                _, node = await guardrails.decide("beta", session, now=now, ttl=60, require_node=True)
+                assert node is not None
+                nodes.setdefault(session, set()).add(node.node_id)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    for _ in ("host", "guest"):
+                        nursery.start_soon(mint, f"c-{i}")
+            assert len(nodes) == 100
+            assert all(len(n) == 1 for n in nodes.values())
+            assert len(set().union(*nodes.values())) == 3  # rendezvous spread them over the nodes
+            assert (await store.hour_counts("beta", [hour_bucket(now)]))[0].tokens == 200
+    finally:
+        await store.aclose()
