@@ -39,10 +39,11 @@ FRESH_SHELL_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 def _banner_commands(banner: str) -> list[str]:
     """The indented lines of the banner that are commands to paste (not URLs or descriptions)."""
+    joined = banner.replace("\\\n", " ")  # a command continued on the next line is one command
     return [
         line.strip()
-        for line in banner.splitlines()
-        if line.startswith("  ") and re.match(r"\s+(RESCUE_\w+=|export |/)", line)
+        for line in joined.splitlines()
+        if line.startswith("  ") and re.match(r"\s+(RESCUE_\w+=|export |/|curl )", line)
     ]
 
 
@@ -72,6 +73,11 @@ async def test_the_commands_dev_prints_work_when_pasted_into_a_fresh_shell() -> 
                 nursery.start_soon(paste, "join", join, b"echo pasted-ok; exit 3\n")
             assert results["join"].stdout == b"pasted-ok\n", results["join"].stderr
             assert (results["share"].returncode, results["join"].returncode) == (3, 3)
+            (curl,) = [c for c in commands if c.startswith("curl ")]
+            assert curl.startswith("curl -fsS ")  # fails loudly, unlike curl -s
+            token = await trio.run_process(["sh", "-c", curl], capture_stdout=True, check=False, env=env)
+            assert token.returncode == 0
+            assert b'"token"' in token.stdout
             # the operator's lines: the key export, then status/pause/resume, pasted one after another
             operator = [c for c in commands if c.startswith("export ") or " admin " in c]
             assert len(operator) == 4, commands

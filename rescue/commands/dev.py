@@ -259,7 +259,7 @@ def _banner(dev: DevAddresses, admin_api: bool, admin_key_file: str | None) -> s
         f"  RESCUE_PASSPHRASE=correct-horse {rescue} join demo-1 --api {dev.api_url}",
         f"  or in a browser: {join_url(dev.api_url, 'demo-1')}",
         "A token by hand:",
-        f"  curl -s -X POST {dev.api_url}/v1/fallback/token -H 'content-type: application/json' \\",
+        f"  curl -fsS -X POST {dev.api_url}/v1/fallback/token -H 'content-type: application/json' \\",
         '    -d \'{"session_id": "demo-1", "role": "host", "cohort_id": "dev", "client_version": "curl", '
         '"telemetry_opt_in": false}\'',
     ]
