@@ -13,8 +13,10 @@ import termios
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
-from rescue.commands.peer import set_winsize
+from rescue.commands.peer import MAX_WINSIZE, SharedWindow, parse_winsize, set_winsize
 from rescue.testing import run_dev_stack
 
 PASSPHRASE = "correct horse battery staple"
@@ -360,3 +362,38 @@ async def test_join_that_never_connected_does_not_say_connection_lost() -> None:
     first = bytes(seen).splitlines()[0]
     assert first.startswith(b"rescue join: cannot connect yet: token service unavailable"), first
     assert b"connection lost" not in seen
+
+
+SIZES = st.tuples(st.integers(1, MAX_WINSIZE), st.integers(1, MAX_WINSIZE))
+ANYTHING = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner),
+    max_leaves=8,
+)
+
+
+@given(host=SIZES, guest=st.none() | SIZES)
+def test_the_shared_window_is_the_smallest_per_dimension(
+    host: tuple[int, int], guest: tuple[int, int] | None
+) -> None:
+    window = SharedWindow(host)
+    window.guest = guest
+    rows, cols = window.size
+    attached = [host] if guest is None else [host, guest]
+    assert rows == min(r for r, _ in attached)
+    assert cols == min(c for _, c in attached)
+    assert window.describe().startswith(f"window {rows}x{cols}")
+
+
+@given(value=ANYTHING)
+def test_parse_winsize_takes_only_two_sizes_in_range(value: object) -> None:
+    size = parse_winsize(value)  # never raises: a partner's bad CONTROL is ignored
+    if size is not None:
+        assert all(type(n) is int and 1 <= n <= MAX_WINSIZE for n in size)
+        assert list(size) == list(value)  # type: ignore[call-overload]
+
+
+def test_parse_winsize_examples() -> None:
+    assert parse_winsize([24, 80]) == (24, 80)
+    for bad in ([0, 80], [24], [24, 80, 1], [True, 80], ["24", "80"], [24, 70000], None, {"r": 1}):
+        assert parse_winsize(bad) is None
