@@ -149,6 +149,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_option(
         p,
+        "--upgrade-timeout-s",
+        type=float,
+        default=_DEFAULTS.upgrade_timeout_s,
+        metavar="S",
+        help="time for TCP + TLS + HTTP upgrade (a slow-loris upgrade is dropped after it)",
+    )
+    add_option(
+        p,
         "--hello-timeout-s",
         type=float,
         default=_DEFAULTS.hello_timeout_s,
@@ -283,6 +291,7 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
             max_bytes_per_s=args.max_bytes_per_s,
             drain_s=args.drain_s,
             status_stale_s=args.status_stale_s,
+            upgrade_timeout_s=args.upgrade_timeout_s,
             hello_timeout_s=args.hello_timeout_s,
             close_timeout_s=args.close_timeout_s,
             queue_max_frames=args.queue_max_frames,
@@ -341,6 +350,9 @@ async def run_relay(
             nursery.start_soon(_shutdown_on_signal, relay, signals)
             await nursery.start(relay.run)
             tune_gc()
+            # tune_gc's one full collection walks the start-up heap on purpose (before any
+            # session): the pause figures are about serving, so they start after it
+            relay.gc_pauses.reset()
             task_status.started()
             await relay.wait_stopped()
             nursery.cancel_scope.cancel()

@@ -16,6 +16,7 @@ from rescue.relay._control import ControlLink as ControlLink
 from rescue.relay._control import KeySource as KeySource
 from rescue.relay._control import NodeRegistrar as NodeRegistrar
 from rescue.relay._gc import GC_THRESHOLDS as GC_THRESHOLDS
+from rescue.relay._gc import GcPauses as GcPauses
 from rescue.relay._gc import tune_gc as tune_gc
 from rescue.relay._metrics import RelayMetrics as RelayMetrics
 from rescue.relay._relay import Relay as Relay

@@ -21,6 +21,8 @@ def admin_app(relay: Relay) -> Router:
     - ``GET /metrics``: Prometheus text (this node's registry only); OpenMetrics, with exemplars,
       when ``Accept`` asks for ``application/openmetrics-text``.
     - ``GET /debug/stats``: sessions (as tags), connections and queue depths; no secrets.
+    - ``POST /debug/gc``: one full garbage collection now, timed (pauses the node that long: a
+      measuring tool for benchmarks and the hostile-input battery, never for monitoring).
     """
     router = Router()
 
@@ -41,5 +43,9 @@ def admin_app(relay: Relay) -> Router:
     @router.get("/debug/stats")
     async def debug_stats(request: Request) -> Response:
         return json_response(relay.statistics(detail=True))
+
+    @router.post("/debug/gc")
+    async def debug_gc(request: Request) -> Response:
+        return json_response(relay.gc_pauses.full_collection())
 
     return router

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from rescue._codes import CloseCode
 from rescue.protocol import Role
+from rescue.relay._gc import GcPauses
 from rescue.sessions import FastHistogram, RelayStats, SessionTable
 
 if TYPE_CHECKING:
@@ -62,9 +63,11 @@ class _StatsCollector(Collector):
         poller: Callable[[], ReadPoller | None],
         keeper: Callable[[], AssignmentKeeper | None],
         token_uses: Callable[[], dict[str, int]],
+        gc_pauses: GcPauses | None,
     ) -> None:
         self.stats = stats
         self.token_uses = token_uses
+        self.gc_pauses = gc_pauses
         self.table = table
         self.control = control
         self.keys = keys
@@ -149,6 +152,21 @@ class _StatsCollector(Collector):
             "kind",
             s.rejoins,
         )
+        gc_pauses = self.gc_pauses
+        if gc_pauses is not None:
+            pauses = HistogramMetricFamily(
+                "beach_rescue_gc_pause_seconds",
+                "Garbage-collector pauses of the relay process (no socket is served meanwhile)",
+                labels=["generation"],
+            )
+            for generation, hist in enumerate(gc_pauses.by_generation):
+                pauses.add_metric([str(generation)], hist.cumulative(), hist.total)
+            yield pauses
+            yield GaugeMetricFamily(
+                "beach_rescue_gc_pause_max_seconds",
+                "The longest garbage-collector pause since the node started",
+                value=gc_pauses.max_pause,
+            )
         yield _labelled(
             "beach_rescue_token_uses",
             "Tokens presented in HELLO: first use, replayed (refused AUTH_FAILED, seen here or by the"
@@ -289,6 +307,7 @@ class RelayMetrics:
         poller: Callable[[], ReadPoller | None] = lambda: None,
         keeper: Callable[[], AssignmentKeeper | None] = lambda: None,
         token_uses: Callable[[], dict[str, int]] = dict,
+        gc_pauses: GcPauses | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         # process_cpu_seconds_total, RSS, open fds: the CPU > 70 % alert and the soak reports read them.
@@ -306,7 +325,9 @@ class RelayMetrics:
             registry=self.registry,
         )
         self.registry.register(
-            _StatsCollector(stats, table, control, keys, draining, registrar, poller, keeper, token_uses)
+            _StatsCollector(
+                stats, table, control, keys, draining, registrar, poller, keeper, token_uses, gc_pauses
+            )
         )
 
     def render(self, accept: str = "") -> tuple[bytes, str]:

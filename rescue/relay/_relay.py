@@ -53,6 +53,7 @@ from rescue.protocol import (
 from rescue.relay._admin import admin_app
 from rescue.relay._config import RelayConfig
 from rescue.relay._control import REGISTER_DEADLINE_S, AssignmentKeeper, ControlLink, KeySource, NodeRegistrar
+from rescue.relay._gc import GcPauses
 from rescue.relay._metrics import RelayMetrics
 from rescue.relay._replay import TokenReplayGuard
 from rescue.sessions import (
@@ -137,6 +138,8 @@ class Relay:
         self._owned_store: GuardrailStore | None = None
         # one connection per token (cti), on this node and, with a store, fleet-wide
         self.replay = TokenReplayGuard()
+        # every collector pause of this process while the node runs (docs/perf/README.md)
+        self.gc_pauses = GcPauses()
         self.registrar: NodeRegistrar | None = None
         self.keeper: AssignmentKeeper | None = None
         self._http_transport = http_transport
@@ -151,6 +154,7 @@ class Relay:
             poller=lambda: self.poller,
             keeper=lambda: self.keeper,
             token_uses=lambda: self.replay.outcomes,
+            gc_pauses=self.gc_pauses,
         )
         self.addresses: RelayAddresses | None = None
         self._draining = False
@@ -210,6 +214,7 @@ class Relay:
             "closes": {str(k): v for k, v in sorted(s.closes.items())},
             "protocol_errors": dict(sorted(s.protocol_errors.items())),
             "token_uses": dict(self.replay.outcomes),
+            "gc": self.gc_pauses.snapshot(),
             "control": self.control.detail(),
             "read_poller": self.poller.statistics() if self.poller is not None else None,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
@@ -239,6 +244,7 @@ class Relay:
         # httpx only when something is fetched over HTTP: creating a client loads the CA bundle
         # (~50 ms), which a standalone node with a key file never needs.
         needs_http = not self.control.standalone or (self.keys.is_url and not self._keys_given)
+        self.gc_pauses.install()
         try:
             async with (
                 httpx.AsyncClient(timeout=config.http_timeout_s, transport=self._http_transport)
@@ -267,6 +273,7 @@ class Relay:
                     services.cancel_scope.cancel()
         finally:
             self._client = None
+            self.gc_pauses.remove()
             try:
                 await self._end_registration()
             finally:
