@@ -273,3 +273,39 @@ def test_quick_chaos_run_injects_every_fault_and_loses_nothing(tmp_path: Path) -
     for png in ("throughput.png", "recovery.png"):
         assert (out_dir / png).read_bytes().startswith(b"\x89PNG")
     assert (out_dir / "logs" / "relay-1.log").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@needs_relay_cli
+def test_quick_hostile_battery_answers_every_attack_and_spares_the_session(tmp_path: Path) -> None:
+    """chaos/hostile.py --quick: each attack once against a real `rescue relay` beside a session."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_"))}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "chaos" / "hostile.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    runs = list(tmp_path.glob("hostile-*/report.json"))
+    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(runs[0].read_text())
+    attacks = {a["attack"]: a for a in report["attacks"]}
+    assert len(attacks) == 16
+    assert all(a["pass"] for a in attacks.values()), [a for a in attacks.values() if not a["pass"]]
+    assert attacks["fragment_flood"]["observed"] == {"4010": 1}
+    assert attacks["replayed_token"]["observed"] == {"4001": 1}
+    assert attacks["many_connections"]["observed"] == {"4008": 20}
+    assert report["relay"]["protocol_errors"]["fragments"] == 1
+    assert report["relay"]["protocol_errors"]["small_frames"] == 3
+    session = report["session"]
+    assert session["error"] is None
+    assert session["reconnects"] == 0
+    assert all(d["intact"] and d["delivered"] == d["sent"] > 0 for d in session["bytes"].values())
+    assert report["relay"]["unexpected_exits"] == []
+    assert result.returncode == (0 if report["pass"] else 1)
+    assert "[" in result.stdout  # progress lines
+    assert "# Hostile-input run:" in result.stdout
