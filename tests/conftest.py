@@ -508,6 +508,15 @@ from contextlib import asynccontextmanager  # noqa: E402
 import trio  # noqa: E402
 
 SERVICE_PROCESS_ENV = {"RESCUE_SERVICE_KEYS": "svc", "RESCUE_ADMIN_KEY": "adm", "RESCUE_ENV": "test"}
+# the headers that go with SERVICE_PROCESS_ENV's keys
+SERVICE_AUTH = {"authorization": "Bearer svc"}
+ADMIN_AUTH = {"authorization": "Bearer adm"}
+
+
+def token_request(session: str, role: str = "host", cohort: str = "beta") -> dict[str, object]:
+    """A ``POST /v1/fallback/token`` body (telemetry opted out)."""
+    return {"session_id": session, "role": role, "cohort_id": cohort, "client_version": "t/1",
+            "telemetry_opt_in": False}  # fmt: skip
 
 
 @asynccontextmanager

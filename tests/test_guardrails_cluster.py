@@ -21,7 +21,14 @@ from rescue.guardrails import CounterField, Guardrails, NodeInfo, RedisStore, co
 from rescue.guardrails._store import NODES_KEY, assignment_key, node_key
 from rescue.protocol import KeyRing, SigningKey, b64url_decode, verify_token
 
-from .conftest import RedisClusterServers, start_redis_cluster, token_service_process
+from .conftest import (
+    ADMIN_AUTH,
+    SERVICE_AUTH,
+    RedisClusterServers,
+    start_redis_cluster,
+    token_request,
+    token_service_process,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -107,18 +114,7 @@ async def test_token_service_process_mints_through_the_cluster(
     key_file = tmp_path / "signing.jwk"
     key_file.write_text(json.dumps(key.to_jwk(private=True)))
     store = RedisStore(redis_cluster_url)  # plays the relay nodes' registrations
-    svc = {"authorization": "Bearer svc"}
-    adm = {"authorization": "Bearer adm"}
-
-    def body(session: str, role: str) -> dict[str, object]:
-        return {
-            "session_id": session,
-            "role": role,
-            "cohort_id": "beta",
-            "client_version": "t/1",
-            "telemetry_opt_in": False,
-        }
-
+    svc, adm = SERVICE_AUTH, ADMIN_AUTH
     try:
         with trio.fail_after(TIMEOUT):
             for node_id in ("n-a", "n-b", "n-c"):
@@ -136,17 +132,19 @@ async def test_token_service_process_mints_through_the_cluster(
                 auds = {}
                 for i in range(10):
                     for role in ("host", "guest"):
-                        r = await client.post("/v1/fallback/token", json=body(f"sess-{i}", role), headers=svc)
+                        r = await client.post(
+                            "/v1/fallback/token", json=token_request(f"sess-{i}", role), headers=svc
+                        )
                         assert r.status_code == 200, r.text
                         claims = verify_token(b64url_decode(r.json()["token"]), ring, now=time.time())
                         auds.setdefault(i, set()).add(claims.aud)
                 assert all(len(a) == 1 for a in auds.values())  # both peers on one node
                 assert set().union(*auds.values()) <= {"n-a", "n-b", "n-c"}
                 assert (await client.post("/v1/admin/pause", headers=adm)).json()["paused"] is True
-                r = await client.post("/v1/fallback/token", json=body("sess-x", "host"), headers=svc)
+                r = await client.post("/v1/fallback/token", json=token_request("sess-x"), headers=svc)
                 assert (r.status_code, r.json()["error"]) == (403, "fallback_paused")
                 await client.post("/v1/admin/resume", headers=adm)
-                r = await client.post("/v1/fallback/token", json=body("sess-y", "host"), headers=svc)
+                r = await client.post("/v1/fallback/token", json=token_request("sess-y"), headers=svc)
                 assert r.status_code == 200
             now = time.time()  # both hours: the hour may have turned during the test
             counts = await store.hour_counts("beta", [hour_bucket(now), hour_bucket(now - 3600)])

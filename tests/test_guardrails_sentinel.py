@@ -26,24 +26,20 @@ from rescue.guardrails import FleetState, RedisStore, counter_key, hour_bucket
 from rescue.protocol import b64url_decode, verify_token
 from rescue.testing import TestKeys
 
-from .conftest import SENTINEL_MASTER, SentinelServers, token_service_process
+from .conftest import (
+    ADMIN_AUTH,
+    SENTINEL_MASTER,
+    SERVICE_AUTH,
+    SentinelServers,
+    token_request,
+    token_service_process,
+)
 
 pytestmark = pytest.mark.redis
 
 TIMEOUT = 90  # three processes, a failover and gossip between sentinels on a loaded 2-core box
 NODE_ID = "sentinel-node"
-SVC = {"authorization": "Bearer svc"}
-ADMIN = {"authorization": "Bearer adm"}
-
-
-def _body(session: str) -> dict[str, object]:
-    return {
-        "session_id": session,
-        "role": "host",
-        "cohort_id": "beta",
-        "client_version": "t/1",
-        "telemetry_opt_in": False,
-    }
+SVC, ADMIN = SERVICE_AUTH, ADMIN_AUTH
 
 
 def _counted(servers: SentinelServers, index: int, field: str) -> int:
@@ -75,7 +71,7 @@ async def test_failover_keeps_minting_the_kill_switch_and_counters_and_fails_clo
 
     async def mint(client: httpx.AsyncClient, session: str) -> httpx.Response:
         nonlocal issued
-        r = await client.post("/v1/fallback/token", json=_body(session), headers=SVC)
+        r = await client.post("/v1/fallback/token", json=token_request(session), headers=SVC)
         if r.status_code == 200:
             issued += 1
         return r
