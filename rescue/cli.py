@@ -33,17 +33,21 @@ from rescue.errors import RescueError
 
 __all__ = ["HelpFormatter", "RescueParser", "add_option", "build_parser", "main", "self_command"]
 
-# Modules that register sub-commands, in the order `rescue --help` lists them.
-COMMAND_MODULES = [
-    "rescue.commands.keys",  # keygen, mint, verify
-    "rescue.commands.relay",  # relay
-    "rescue.commands.token_service",  # token-service
-    "rescue.commands.admin",  # admin pause/resume/status/cohort
-    "rescue.commands.peer",  # share, join
-    "rescue.commands.dev",  # dev
-    "rescue.commands.probe",  # probe
-    "rescue.commands.completion",  # completion bash|zsh
-]
+# Modules that register sub-commands, in the order `rescue --help` lists them, with the commands
+# each one registers. A command line that names its command imports only that command's module:
+# the others pull in trio, redis-py, hypercorn and prometheus-client, about a second of start-up
+# that every `rescue admin …` at 3 a.m. (and every drill step) would otherwise pay
+# (tests/test_cli.py checks the table against what each module registers).
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "rescue.commands.keys": ("keygen", "mint", "verify"),
+    "rescue.commands.relay": ("relay",),
+    "rescue.commands.token_service": ("token-service",),
+    "rescue.commands.admin": ("admin",),
+    "rescue.commands.peer": ("share", "join"),
+    "rescue.commands.dev": ("dev",),
+    "rescue.commands.probe": ("probe",),
+    "rescue.commands.completion": ("completion",),
+}
 
 
 def env_name(option: str) -> str:
@@ -126,16 +130,29 @@ def self_command() -> str:
     return shlex.join([os.path.abspath(sys.executable), "-m", "rescue"])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``rescue`` parser with every sub-command, or, given the command line about to be parsed,
+    with only the sub-command it names (when it names a known one: anything else, ``--help`` and
+    ``--version`` included, gets the whole parser, so usage errors list every command)."""
     parser = RescueParser(
         prog="rescue",
         description="beach-rescue: WebSocket fallback relay and token service for Beach sessions.",
     )
     parser.add_argument("--version", action="version", version=f"rescue {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    named = _named_command(argv)
+    for module, commands in COMMAND_MODULES.items():
+        if named is None or named in commands:
+            importlib.import_module(module).register(subparsers)
     return parser
+
+
+def _named_command(argv: Sequence[str] | None) -> str | None:
+    """The sub-command a command line names: its first word, when that is a known command."""
+    if not argv or argv[0].startswith("-"):
+        return None
+    known = {command for commands in COMMAND_MODULES.values() for command in commands}
+    return argv[0] if argv[0] in known else None
 
 
 # Exit status when stdout's reader went away: what a shell reports for a process killed by SIGPIPE.
@@ -159,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(words).parse_args(words)
     try:
         status: int = args.func(args)
     except BaseException as exc:

@@ -152,3 +152,40 @@ def test_relay_config_errors_use_flag_names(flags: list[str], expected: str) -> 
     message = str(info.value)
     assert expected in message
     assert not re.search(r"\b[a-z]+_[a-z_]+\b", message.replace(expected, "")), message
+
+
+def _choices(parser: argparse.ArgumentParser) -> set[str]:
+    return set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+
+def test_the_command_table_is_what_each_module_registers() -> None:
+    import importlib
+
+    every: set[str] = set()
+    for module, commands in cli.COMMAND_MODULES.items():
+        parser = argparse.ArgumentParser()
+        importlib.import_module(module).register(parser.add_subparsers())
+        assert _choices(parser) == set(commands), module
+        every |= set(commands)
+    assert _choices(cli.build_parser()) == every
+    for command in every:
+        assert _choices(cli.build_parser([command, "--help"])) == set(
+            next(commands for commands in cli.COMMAND_MODULES.values() if command in commands)
+        )
+    # anything but a known command first gets the whole parser, so its usage error lists them all
+    for argv in ([], ["--version"], ["nonsense"], ["--help", "relay"]):
+        assert _choices(cli.build_parser(argv)) == every
+
+
+def test_an_admin_command_does_not_load_the_servers() -> None:
+    # `rescue admin …` is what an operator types during an incident: it imports only its own module
+    code = (
+        "import sys\n"
+        "from rescue import cli\n"
+        "cli.build_parser(['admin', 'status']).parse_args(['admin', 'status'])\n"
+        "print(sorted(m for m in ('trio', 'redis', 'hypercorn', 'prometheus_client') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=_clean_env()
+    )
+    assert result.stdout.strip() == "[]"
