@@ -278,6 +278,8 @@ class RedisClusterServers:
         told not to (like `RedisServer.flush`)."""
         for i in range(len(self.ports)):
             with self.node(i) as node:
+                if node.info("replication")["role"] != "master":
+                    continue  # a replica follows its master (and refuses writes)
                 node.flushall()
                 node.script_flush()
         if initialise:
@@ -293,8 +295,9 @@ class RedisClusterServers:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_redis_cluster(masters: int = CLUSTER_MASTERS) -> RedisClusterServers:
-    """Start ``masters`` cluster-enabled redis-servers, join them into one cluster, wait for "ok"."""
+def start_redis_cluster(masters: int = CLUSTER_MASTERS, replicas: int = 0) -> RedisClusterServers:
+    """Start ``masters`` cluster-enabled redis-servers (and ``replicas`` replicas of each), join them
+    into one cluster, wait for "ok" (and every replica in sync)."""
     cli = shutil.which("redis-cli")
     if cli is None:
         pytest.fail("redis-cli is not installed (it comes with redis-server)")
@@ -302,7 +305,7 @@ def start_redis_cluster(masters: int = CLUSTER_MASTERS) -> RedisClusterServers:
     servers = RedisClusterServers([], [], tempfile.mkdtemp(prefix="rescue-cluster-"))
     deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
     try:
-        while len(servers.ports) < masters:
+        while len(servers.ports) < masters * (1 + replicas):
             port = rng.randrange(20000, 30000)  # the bus port (+10000) stays below 40000
             if port in servers.ports or not _port_pair_free(port):
                 continue
@@ -325,12 +328,15 @@ def start_redis_cluster(masters: int = CLUSTER_MASTERS) -> RedisClusterServers:
             # another process took the port between the check and the bind: try another
         subprocess.run(
             [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in servers.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=CLUSTER_START_TIMEOUT_S,
         )  # fmt: skip
-        for i in range(masters):
+        for i in range(len(servers.ports)):
             with servers.node(i) as node:
-                while node.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                while node.execute_command("CLUSTER INFO").get("cluster_state") != "ok" or (
+                    node.info("replication")["role"] != "master"
+                    and node.info("replication").get("master_link_status") != "up"
+                ):
                     if time.monotonic() > deadline:
                         pytest.fail("the cluster did not reach cluster_state:ok in time")
                     time.sleep(0.05)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 import trio
 from redis.exceptions import ClusterDownError
 
-from rescue.errors import StoreUnavailable
+from rescue.errors import GuardrailError, StoreUnavailable
 from rescue.guardrails import CounterField, Guardrails, NodeInfo, RedisStore, counter_key, hour_bucket
 from rescue.guardrails._store import NODES_KEY, assignment_key, node_key
 from rescue.protocol import KeyRing, SigningKey, b64url_decode, verify_token
@@ -258,3 +259,58 @@ async def test_concurrent_mints_through_one_cluster_store(redis_cluster_url: str
             assert (await store.hour_counts("beta", [hour_bucket(now)]))[0].tokens == 200
     finally:
         await store.aclose()
+
+
+async def test_a_cluster_failover_keeps_the_kill_switch_and_minting() -> None:
+    """Three masters with a replica each. The master holding the kill switch is SIGKILLed: while
+    its slots have no master, token decisions fail closed (StoreUnavailable); once the cluster
+    promoted its replica, the pause set before the crash still holds, and after a resume the
+    mints go on and are counted."""
+    cluster = await trio.to_thread.run_sync(partial(start_redis_cluster, replicas=1))
+    cluster.flush()  # and initialised
+    store = RedisStore(cluster.url, probe_interval=0.1)
+    guardrails = Guardrails(store)
+    now = time.time()
+    try:
+        with trio.fail_after(TIMEOUT * 3):  # failure detection (node timeout 2 s) and an election
+            await store.set_cohort_enabled("beta", True)
+            await store.register_node(NodeInfo("n-1", "wss://n1/v1/connect"), ttl=600)
+            await guardrails.decide("beta", "before", now=now, ttl=60, require_node=True)
+            await guardrails.pause(reason="before the crash")
+            dead = _master_of(cluster, "fallback:fleet")
+            with cluster.node(dead) as master:  # its replica has the pause before the crash
+                assert master.execute_command("WAIT", 1, 5000) == 1
+            cluster.processes[dead].kill()
+            cluster.processes[dead].wait()
+            with pytest.raises(StoreUnavailable):
+                await guardrails.decide("beta", "during", now=now, ttl=60, require_node=True)
+            # the replica takes over; until then (and until every master has heard, CLUSTERDOWN)
+            # every decision fails closed
+            refusal = None
+            while refusal is None:
+                try:
+                    await guardrails.decide("beta", "after", now=now, ttl=60, require_node=True)
+                except StoreUnavailable:
+                    await trio.sleep(0.2)
+                except GuardrailError as exc:
+                    refusal = exc
+                else:
+                    raise AssertionError("minted while paused")
+            assert refusal.error == "fallback_paused"  # the kill switch survived the failover
+            assert _master_of(cluster, "fallback:fleet") != dead
+            await guardrails.resume()
+            minted = failed = 0
+            while minted < 3:
+                try:
+                    await guardrails.decide("beta", f"after-{minted}", now=now, ttl=60, require_node=True)
+                    minted += 1
+                except StoreUnavailable:  # a master still gossiping CLUSTERDOWN: fail closed, retry
+                    failed += 1
+                    await trio.sleep(0.2)
+            # every token issued is counted; a refused attempt may have counted before it failed
+            # (its counter's master answered, its assignment's did not): over, never under
+            tokens = (await store.hour_counts("beta", [hour_bucket(now)]))[0].tokens
+            assert 4 <= tokens <= 4 + failed
+    finally:
+        await store.aclose()
+        cluster.stop()
