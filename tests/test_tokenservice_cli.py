@@ -133,3 +133,14 @@ def test_admin_cli_unreachable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     monkeypatch.setenv("RESCUE_ADMIN_KEY", "adm")
     assert main(["admin", "status", "--api", "http://127.0.0.1:9"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_bad_redis_url_is_one_line_error(
+    key_file: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RESCUE_SERVICE_KEYS", "svc")
+    for url in ("redis+cluster://h:x", "redis+sentinel://s1", "redis+sentinel://u:hunter2@s1"):
+        assert main(["token-service", "--signing-key", key_file, "--redis-url", url]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("rescue token-service: error: bad Redis URL:")
+        assert "hunter2" not in err[-1]
