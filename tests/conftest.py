@@ -559,6 +559,27 @@ async def token_service_process(
             await process.stderr.aclose()
 
 
+@asynccontextmanager
+async def relay_process(jwks: Path, redis_url: str, node_id: str, log: Path) -> AsyncIterator[trio.Process]:
+    """``rescue relay --redis-url URL`` (standalone: local token checks, node registration every
+    second), stderr into ``log``; killed on the way out if still running."""
+    with log.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "rescue.cli", "relay", "--keys", str(jwks), "--port", "0",
+             "--admin-port", "0", "--node-id", node_id, "--redis-url", redis_url,
+             "--register-ttl-s", "3", "--drain-s", "0.5"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
+        )  # fmt: skip
+        try:
+            yield process
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
 # ---------------------------------------------------------------------------------------------
 # Browser peer (web/, the /join/ page): node and Chromium
 #

@@ -20,12 +20,14 @@ from redis.exceptions import ClusterDownError
 from rescue.errors import GuardrailError, StoreUnavailable
 from rescue.guardrails import CounterField, Guardrails, NodeInfo, RedisStore, counter_key, hour_bucket
 from rescue.guardrails._store import NODES_KEY, assignment_key, node_key
-from rescue.protocol import KeyRing, SigningKey, b64url_decode, verify_token
+from rescue.protocol import KeyRing, b64url_decode, verify_token
+from rescue.testing import TestKeys
 
 from .conftest import (
     ADMIN_AUTH,
     SERVICE_AUTH,
     RedisClusterServers,
+    relay_process,
     start_redis_cluster,
     token_request,
     token_service_process,
@@ -111,16 +113,19 @@ async def test_a_master_that_lost_its_scripts_never_counts_a_token_twice(
 async def test_token_service_process_mints_through_the_cluster(
     tmp_path: Path, redis_cluster_url: str, redis_cluster_session: RedisClusterServers
 ) -> None:
-    key = SigningKey.generate()
+    keys = TestKeys()
     key_file = tmp_path / "signing.jwk"
-    key_file.write_text(json.dumps(key.to_jwk(private=True)))
-    store = RedisStore(redis_cluster_url)  # plays the relay nodes' registrations
+    key_file.write_text(json.dumps(keys.signing.to_jwk(private=True)))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(keys.jwks()))
+    store = RedisStore(redis_cluster_url)  # plays two more relay nodes' registrations
     svc, adm = SERVICE_AUTH, ADMIN_AUTH
     try:
         with trio.fail_after(TIMEOUT):
-            for node_id in ("n-a", "n-b", "n-c"):
+            for node_id in ("n-a", "n-b"):
                 await store.register_node(NodeInfo(node_id, f"wss://{node_id}/v1/connect"), ttl=60)
             async with (
+                relay_process(jwks, redis_cluster_url, "n-c", tmp_path / "relay.log") as relay,
                 token_service_process(str(key_file), redis_cluster_url) as (_, port),
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
             ):
@@ -129,6 +134,11 @@ async def test_token_service_process_mints_through_the_cluster(
                     "/v1/admin/cohorts/beta", json={"fallback_ws_enabled": True}, headers=adm
                 )
                 assert r.status_code == 200
+                # a real `rescue relay --redis-url redis+cluster://…` registers itself through it
+                while "n-c" not in [
+                    n["id"] for n in (await client.get("/v1/admin/nodes", headers=adm)).json()["nodes"]
+                ]:
+                    await trio.sleep(0.1)
                 ring = KeyRing.from_jwks((await client.get("/v1/fallback/keys")).json())
                 auds = {}
                 for i in range(10):
@@ -147,6 +157,7 @@ async def test_token_service_process_mints_through_the_cluster(
                 await client.post("/v1/admin/resume", headers=adm)
                 r = await client.post("/v1/fallback/token", json=token_request("sess-y"), headers=svc)
                 assert r.status_code == 200
+                assert relay.returncode is None
             now = time.time()  # both hours: the hour may have turned during the test
             counts = await store.hour_counts("beta", [hour_bucket(now), hour_bucket(now - 3600)])
             assert sum(c.tokens for c in counts) == 21

@@ -11,9 +11,6 @@ hold) and the counters carry on, with the relay's registration back on the new p
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from .conftest import (
     SENTINEL_MASTER,
     SERVICE_AUTH,
     SentinelServers,
+    relay_process,
     token_request,
     token_service_process,
 )
@@ -60,13 +58,6 @@ async def test_failover_keeps_minting_the_kill_switch_and_counters_and_fails_clo
     key_file.write_text(json.dumps(keys.signing.to_jwk(private=True)))
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(keys.jwks()))
-    relay_log = (tmp_path / "relay.log").open("wb")
-    relay = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "rescue.cli", "relay", "--keys", str(jwks), "--port", "0", "--admin-port", "0",
-         "--node-id", NODE_ID, "--redis-url", servers.url, "--register-ttl-s", "3", "--drain-s", "0.5"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=relay_log,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
-    )  # fmt: skip
     issued = 0
 
     async def mint(client: httpx.AsyncClient, session: str) -> httpx.Response:
@@ -82,70 +73,59 @@ async def test_failover_keeps_minting_the_kill_switch_and_counters_and_fails_clo
             return None
         return verify_token(b64url_decode(r.json()["token"]), keys.ring, now=time.time()).aud
 
-    try:
-        with trio.fail_after(TIMEOUT):
-            async with (
-                token_service_process(str(key_file), servers.url) as (_, port),
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
-            ):
-                r = await client.put(
-                    "/v1/admin/cohorts/beta", json={"fallback_ws_enabled": True}, headers=ADMIN
-                )
-                assert r.status_code == 200
-                # the relay registered through the sentinels: the token service assigns sessions to it
-                while await aud(client, "s-before") != NODE_ID:
-                    await trio.sleep(0.1)
-                r = await client.post(
-                    "/v1/sessions/started", json={"cohort": "beta", "count": 5}, headers=SVC
-                )
-                assert r.status_code == 200
-                for i in range(3):
-                    assert (await mint(client, f"s{i}")).status_code == 200
-                r = await client.post("/v1/admin/pause", json={"reason": "drill"}, headers=ADMIN)
-                assert r.json()["paused"] is True
-                with servers.data_client(0) as primary:  # the replica has the pause before the crash
-                    assert primary.execute_command("WAIT", 1, 5000) == 1
+    with trio.fail_after(TIMEOUT):
+        async with (
+            relay_process(jwks, servers.url, NODE_ID, tmp_path / "relay.log") as relay,
+            token_service_process(str(key_file), servers.url) as (_, port),
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+        ):
+            r = await client.put("/v1/admin/cohorts/beta", json={"fallback_ws_enabled": True}, headers=ADMIN)
+            assert r.status_code == 200
+            # the relay registered through the sentinels: the token service assigns sessions to it
+            while await aud(client, "s-before") != NODE_ID:
+                await trio.sleep(0.1)
+            r = await client.post("/v1/sessions/started", json={"cohort": "beta", "count": 5}, headers=SVC)
+            assert r.status_code == 200
+            for i in range(3):
+                assert (await mint(client, f"s{i}")).status_code == 200
+            r = await client.post("/v1/admin/pause", json={"reason": "drill"}, headers=ADMIN)
+            assert r.json()["paused"] is True
+            with servers.data_client(0) as primary:  # the replica has the pause before the crash
+                assert primary.execute_command("WAIT", 1, 5000) == 1
 
-                servers.data[0].kill()
-                servers.data[0].wait()
-                # no primary: fail closed, whatever is asked, for as long as it lasts
-                for i in range(5):
-                    r = await mint(client, f"gap-{i}")
-                    assert (r.status_code, r.json()["error"]) == (503, "guardrail_store_unavailable")
-                    await trio.sleep(0.2)
-                r = await client.post("/v1/admin/resume", headers=ADMIN)
-                assert r.status_code == 503
-                r = await client.get("/healthz")
-                assert (r.status_code, r.json()["fallback_paused"]) == (503, True)
+            servers.data[0].kill()
+            servers.data[0].wait()
+            # no primary: fail closed, whatever is asked, for as long as it lasts
+            for i in range(5):
+                r = await mint(client, f"gap-{i}")
+                assert (r.status_code, r.json()["error"]) == (503, "guardrail_store_unavailable")
+                await trio.sleep(0.2)
+            r = await client.post("/v1/admin/resume", headers=ADMIN)
+            assert r.status_code == 503
+            r = await client.get("/healthz")
+            assert (r.status_code, r.json()["fallback_paused"]) == (503, True)
 
-                with servers.sentinel_client(0) as sentinel:
-                    assert sentinel.execute_command("SENTINEL", "FAILOVER", SENTINEL_MASTER)
-                new_primary = servers.data_ports[1]
-                for i in range(len(servers.sentinel_ports)):  # every sentinel names the new primary
-                    while servers.master_port(i) != new_primary:
-                        await trio.sleep(0.1)
-                # the kill switch set before the failover still holds on the promoted replica
-                while (r := await mint(client, "after")).status_code == 503:
+            with servers.sentinel_client(0) as sentinel:
+                assert sentinel.execute_command("SENTINEL", "FAILOVER", SENTINEL_MASTER)
+            new_primary = servers.data_ports[1]
+            for i in range(len(servers.sentinel_ports)):  # every sentinel names the new primary
+                while servers.master_port(i) != new_primary:
                     await trio.sleep(0.1)
-                assert (r.status_code, r.json()["error"]) == (403, "fallback_paused")
-                r = await client.post("/v1/admin/resume", headers=ADMIN)
-                assert (r.status_code, r.json()["paused"]) == (200, False)
-                # minting again, on the relay, whose registration is back on the new primary
-                while await aud(client, "s-after") != NODE_ID:
-                    await trio.sleep(0.1)
-                r = await client.post(
-                    "/v1/sessions/started", json={"cohort": "beta", "count": 5}, headers=SVC
-                )
-                assert r.status_code == 200
-                # counters: every token issued and every session reported, before and after
-                assert _counted(servers, 1, "tokens") == issued
-                assert _counted(servers, 1, "sessions") == 10
-                assert relay.returncode is None  # the relay rode the outage out
-    finally:
-        if relay.returncode is None:
-            relay.kill()
-            await relay.wait()
-        relay_log.close()
+            # the kill switch set before the failover still holds on the promoted replica
+            while (r := await mint(client, "after")).status_code == 503:
+                await trio.sleep(0.1)
+            assert (r.status_code, r.json()["error"]) == (403, "fallback_paused")
+            r = await client.post("/v1/admin/resume", headers=ADMIN)
+            assert (r.status_code, r.json()["paused"]) == (200, False)
+            # minting again, on the relay, whose registration is back on the new primary
+            while await aud(client, "s-after") != NODE_ID:
+                await trio.sleep(0.1)
+            r = await client.post("/v1/sessions/started", json={"cohort": "beta", "count": 5}, headers=SVC)
+            assert r.status_code == 200
+            # counters: every token issued and every session reported, before and after
+            assert _counted(servers, 1, "tokens") == issued
+            assert _counted(servers, 1, "sessions") == 10
+            assert relay.returncode is None  # the relay rode the outage out
 
 
 async def test_a_graceful_failover_moves_writes_to_the_new_primary(redis_sentinel: SentinelServers) -> None:
