@@ -303,7 +303,12 @@ ATTACKS: Final = (
     Attack(
         "other_audience_token", _codes(CloseCode.WRONG_NODE), other_audience_token, "aud names another node"
     ),
-    Attack("replayed_token", _codes(CloseCode.AUTH_FAILED), replayed_token, "a live token, used again"),
+    Attack(
+        "replayed_token",
+        _codes(CloseCode.TOKEN_EXPIRED),
+        replayed_token,
+        "a live connection's token, used again",
+    ),
     Attack("text_message", _codes(CloseCode.PROTOCOL_ERROR), text_message, "a text frame"),
     Attack("oversize_message", _codes(CloseCode.PROTOCOL_ERROR), oversize_message, "a 1 MiB message header"),
 )

@@ -297,7 +297,7 @@ def test_quick_hostile_battery_answers_every_attack_and_spares_the_session(tmp_p
     assert len(attacks) == 16
     assert all(a["pass"] for a in attacks.values()), [a for a in attacks.values() if not a["pass"]]
     assert attacks["fragment_flood"]["observed"] == {"4010": 1}
-    assert attacks["replayed_token"]["observed"] == {"4001": 1}
+    assert attacks["replayed_token"]["observed"] == {"4002": 1}
     assert attacks["many_connections"]["observed"] == {"4008": 20}
     assert report["relay"]["protocol_errors"]["fragments"] == 1
     assert report["relay"]["protocol_errors"]["small_frames"] == 3

@@ -21,6 +21,8 @@ from rescue.client import (
     Peer,
     Reconnecting,
     SessionClosed,
+    TokenGrant,
+    TokenServiceUnavailable,
     open_peer,
 )
 from rescue.errors import ConnectionClosedError
@@ -198,6 +200,55 @@ async def test_a_connection_lost_while_the_application_is_not_reading_loses_no_m
                 await trio.sleep(0.01)
             received = [(await guest.receive()).data for _ in messages]  # type: ignore[union-attr]
             assert received == messages
+
+
+async def _drop_and_wait_welcomed(peer: Peer) -> None:
+    """Drop the peer's socket and wait until a new connection of it is welcomed."""
+    old = peer._link
+    assert abort_connection(peer)
+    while peer._link is old or peer._link is None or not peer._link.welcomed.is_set():
+        await trio.sleep(0.01)
+
+
+async def test_every_reconnect_takes_a_fresh_token_and_the_last_one_while_the_service_is_down() -> None:
+    """Issue 11: a relay admits a used token only into an empty role slot, so the SDK asks for a
+    fresh token per attempt; while the token service is down the last token stands in."""
+    keys = SigningKey.generate()
+    with trio.fail_after(30):
+        async with run_relay(keys) as relay:
+            minted = _tokens(keys, relay, "fresh", "host")
+            service_up = True
+            handed: list[bytes] = []
+
+            async def tokens() -> TokenGrant:
+                if not service_up:
+                    await trio.lowlevel.checkpoint()
+                    raise TokenServiceUnavailable("unreachable", "token service down (test)")
+                grant = await minted()
+                handed.append(grant.token)
+                return grant
+
+            async with (
+                open_peer(
+                    tokens, "fresh", "host", psk=TEST_PSK, backoff=BackoffPolicy(base=0.02, cap=0.1)
+                ) as host,
+                open_peer(_tokens(keys, relay, "fresh", "guest"), "fresh", "guest", psk=TEST_PSK) as guest,
+            ):
+                await host.wait_partner()
+                for round_no in range(2):
+                    await _drop_and_wait_welcomed(host)
+                    await host.send(0, b"round %d" % round_no)
+                    assert (await guest.receive()).data == b"round %d" % round_no  # type: ignore[union-attr]
+                assert len(handed) == 3  # one fresh token per connection
+                assert len(set(handed)) == 3
+                service_up = False
+                await _drop_and_wait_welcomed(host)
+                await host.send(0, b"while the service is down")
+                assert (await guest.receive()).data == b"while the service is down"  # type: ignore[union-attr]
+            node = relay.relay
+            assert node is not None
+            assert node.replay.outcomes["reused"] == 1
+            assert node.replay.outcomes["refused_live"] == 0
 
 
 async def test_wrong_passphrase_ends_with_integrity_error() -> None:

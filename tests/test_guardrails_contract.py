@@ -151,15 +151,16 @@ async def test_session_assignment_is_set_nx(store: GuardrailStore) -> None:
         )
 
 
-async def test_a_token_use_is_claimed_once_until_it_expires(store: GuardrailStore) -> None:
+async def test_a_token_use_belongs_to_the_first_node_until_it_expires(store: GuardrailStore) -> None:
     with trio.fail_after(TIMEOUT):
         first, second = os.urandom(16), os.urandom(16)
-        assert await store.claim_token_use(first, ttl=60) is True
-        assert await store.claim_token_use(first, ttl=60) is False  # a replay, on any node
-        assert await store.claim_token_use(second, ttl=0.05) is True
-        while not await store.claim_token_use(second, ttl=60):  # the record expires with the token
+        assert await store.claim_token_use(first, "node-a", ttl=60) == "node-a"
+        assert await store.claim_token_use(first, "node-b", ttl=60) == "node-a"  # a copy elsewhere
+        assert await store.claim_token_use(first, "node-a", ttl=60) == "node-a"  # its node again
+        assert await store.claim_token_use(second, "node-b", ttl=0.05) == "node-b"
+        while await store.claim_token_use(second, "node-c", ttl=60) != "node-c":  # expires with the token
             await trio.sleep(0.02)
-        assert await store.claim_token_use(second, ttl=60) is False
+        assert await store.claim_token_use(second, "node-b", ttl=60) == "node-c"
 
 
 async def test_keep_assignments_holds_free_and_own_sessions_and_reports_others(store: GuardrailStore) -> None:

@@ -1,8 +1,9 @@
-"""One connection per token (issue 11): a copy of a live token must not displace its peer.
+"""A copy of a live token must not displace its peer (issue 11).
 
 The relay remembers every admitted token's ``cti`` for the token's remaining lifetime plus clock
-skew: in memory on one node, and in the fleet's Redis (SET NX PX) when it has one. A fresh token
-for the same role still takes over (``REPLACED``): that is how a real peer reconnects.
+skew: in memory on one node, and in the fleet's Redis (SET NX PX, naming the node) when it has one.
+A used token is admitted again only into an empty role slot of the same node; a fresh token for the
+same role still takes over (``REPLACED``): that is how a real peer reconnects.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import trio
 
 from rescue._codes import CloseCode
 from rescue.guardrails import MemoryStore, RedisStore
-from rescue.protocol import CLOCK_SKEW, SigningKey, verify_token
+from rescue.protocol import CLOCK_SKEW, verify_token
 from rescue.relay import Relay
 from rescue.relay._replay import TokenReplayGuard, UsedTokens
 from rescue.testing import TestKeys, TestPeer, relay_test_config, start_test_relay
@@ -50,25 +51,26 @@ def test_the_table_is_bounded_and_forgets_expired_entries() -> None:
     assert quiet.evicted == 0
 
 
-async def test_a_store_outage_admits_the_token_and_is_counted() -> None:
-    keys = SigningKey.generate()
-    guard = TokenReplayGuard()
+async def test_a_store_outage_leaves_the_verdict_to_this_node_and_is_counted() -> None:
+    keys = TestKeys()
+    guard = TokenReplayGuard("node-a")
     store = MemoryStore()
     guard.store = store
-    token = TestKeys(keys).mint("s", "host")
-    claims = verify_token(token, TestKeys(keys).ring, now=time.time())
+    claims = verify_token(keys.mint("s", "host"), keys.ring, now=time.time())
     store.available = False
-    assert await guard.first_use(claims, claims.iat)
+    assert await guard.check(claims, claims.iat) == "first"
     assert guard.outcomes["store_error"] == 1
     store.available = True
-    assert not await guard.first_use(claims, claims.iat)  # this node still remembers it
-    assert guard.outcomes["replayed"] == 1
+    assert await guard.check(claims, claims.iat) == "reused"  # this node still remembers it
+    other = TokenReplayGuard("node-b")
+    other.store = store
+    assert await other.check(claims, claims.iat) == "elsewhere"
 
 
 # ------------------------------------------------------------------------------- real relays
 
 
-async def test_a_copied_token_is_refused_and_the_live_peer_stays(nursery: trio.Nursery) -> None:
+async def test_a_copied_token_cannot_displace_the_live_peer(nursery: trio.Nursery) -> None:
     with trio.fail_after(TIMEOUT):
         relay, url, keys = await start_test_relay(nursery)
         token = keys.mint("copy", "host")
@@ -78,22 +80,30 @@ async def test_a_copied_token_is_refused_and_the_live_peer_stays(nursery: trio.N
 
         thief = await TestPeer.connect(url, token=token, session="copy", role="host", expect_welcome=False)
         closed = await thief.wait_closed()
-        assert closed.wire_code == CloseCode.AUTH_FAILED
+        assert closed.wire_code == CloseCode.TOKEN_EXPIRED  # "fetch a fresh token": a thief cannot
         assert closed.close is not None
-        assert closed.close.code == CloseCode.AUTH_FAILED
+        assert closed.close.code == CloseCode.TOKEN_EXPIRED
         assert "token already used" in closed.close.reason
-        assert relay.replay.outcomes["replayed"] == 1
+        assert relay.replay.outcomes["refused_live"] == 1
 
-        # the live host was not displaced: data still flows both ways
-        await guest.send(b"\x01\x01\x00\x00" + bytes(8) + b"still here")
-        assert await host.receive() == b"\x01\x01\x00\x00" + bytes(8) + b"still here"
+        # the live host was not displaced: data still flows
+        frame = b"\x01\x01\x00\x00" + bytes(8) + b"still here"
+        await guest.send(frame)
+        assert await host.receive() == frame
         text, _ = relay.metrics.render()
-        assert b'beach_rescue_token_uses_total{outcome="replayed"} 1.0' in text
+        assert b'beach_rescue_token_uses_total{outcome="refused_live"} 1.0' in text
 
         # a fresh token for the same role still takes over (the reconnect rule)
         again = await TestPeer.connect(url, keys, session="copy", role="host")
         assert (await host.wait_closed()).wire_code == CloseCode.REPLACED
-        for peer in (again, guest):
+        # ...and once the role's slot is empty, the old token may fill it (a peer reconnecting
+        # while its token service is down)
+        assert (await guest.receive_peer_event()).event == "rejoined"
+        await again.aclose()
+        assert (await guest.receive_peer_event()).event == "left"
+        back = await TestPeer.connect(url, token=token, session="copy", role="host")
+        assert relay.replay.outcomes["reused"] == 1
+        for peer in (back, guest):
             await peer.aclose()
 
 
@@ -113,8 +123,8 @@ async def test_a_token_used_on_one_node_is_refused_by_another(nursery: trio.Nurs
             urls[1], token=token, session="fleet", role="host", expect_welcome=False
         )
         closed = await copy.wait_closed()
-        assert closed.wire_code == CloseCode.AUTH_FAILED
-        assert relays[1].replay.outcomes["replayed_fleet"] == 1
+        assert closed.wire_code == CloseCode.TOKEN_EXPIRED
+        assert relays[1].replay.outcomes["refused_elsewhere"] == 1
         assert relays[0].replay.outcomes["first"] == 1
         await host.aclose()
         for relay in relays:

@@ -1,7 +1,7 @@
 """The trio peer: ``open_peer()`` drives a :class:`~rescue.client._core.PeerCore` over real sockets.
 
 One :class:`Peer` per (session, role). Its nursery holds one connection manager task, which loops:
-get a fresh token (one per connection attempt: a relay admits each token once), connect,
+get a fresh token (one per connection attempt; the last one while the token service is down), connect,
 HELLO/WELCOME, then run four tasks for that connection (reader, writer, heartbeat/liveness,
 ack/resume timer) until it ends, then decide from the close
 code (:func:`rescue.protocol.policy_for`) whether and when to reconnect. Application data written
@@ -76,6 +76,10 @@ WRITE_BATCH_BYTES: Final = 256 * 1024
 CONNECT_TIMEOUT_S: Final = 15.0
 # SPEC §2: no inbound message for 3 x heartbeat_s means the connection is dead.
 LIVENESS_FACTOR: Final = 3
+# A token kept from the previous connection may stand in for a fresh one while the token service
+# is unreachable only if it stays valid this long (the relay allows 30 s of clock skew; a token
+# about to expire would waste the attempt).
+TOKEN_REFRESH_MARGIN_S: Final = 30.0
 # The default close_timeout_s of open_peer(): sending CLOSE and the WebSocket close handshake (or
 # answering the relay's close frame) get at most this long.
 CLOSE_TIMEOUT_S: Final = 3.0
@@ -115,8 +119,8 @@ class Reconnecting:
         reason: why, in words (for a status line on stderr).
         code: the close code, if there was one.
         delay: seconds until the next attempt.
-        fresh_token: whether a new token is fetched first (always, since every connection attempt
-            takes a fresh token; kept for callers that print it).
+        fresh_token: whether a new token is fetched first (always asked for: every connection
+            attempt takes a fresh token, or the last one while the token service is unreachable).
     """
 
     reason: str
@@ -455,10 +459,13 @@ class Peer:
     async def _manage(self) -> None:
         attempt = 0
         failing_since: float | None = None
+        grant: TokenGrant | None = None
         while self._local_close is None:
-            # A fresh token for every attempt: a relay admits each token (its cti) on one connection
-            # only, so a copy of a live token cannot displace this peer (docs/protocol.md).
-            grant = await self._fetch_token()
+            # A fresh token for every attempt: a relay admits a used token only into an empty role
+            # slot, so a copy of a live token cannot displace this peer (docs/protocol.md). While
+            # the token service is unreachable the last token stands in (reconnects survive a
+            # control-plane outage, SPEC §6).
+            grant = await self._fetch_token(grant)
             outcome, welcomed = await self._connect_once(grant)
             if outcome.local:
                 self._finish(SessionClosed(outcome.code, outcome.reason, local=True))
@@ -495,12 +502,21 @@ class Peer:
             self._emit(Reconnecting(outcome.reason, outcome.code, delay, True))
             await trio.sleep(delay)
 
-    async def _fetch_token(self) -> TokenGrant:
+    async def _fetch_token(self, previous: TokenGrant | None = None) -> TokenGrant:
         attempt = 0
         while True:
             try:
                 return await self._tokens()
             except TokenServiceUnavailable as exc:
+                if previous is not None and not previous.expires_within(TOKEN_REFRESH_MARGIN_S):
+                    log_event(
+                        _LOG,
+                        "client.token_reused",
+                        session=self._tag,
+                        role=self.role.value,
+                        error=str(exc)[:200],
+                    )
+                    return previous
                 delay = self._backoff.full_jitter(attempt)
                 attempt += 1
                 self._emit(Reconnecting(str(exc), None, delay, True))

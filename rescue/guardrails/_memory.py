@@ -59,7 +59,7 @@ class MemoryStore:
         self._counters: dict[str, tuple[float, dict[str, int]]] = {}  # key -> (expires_at, fields)
         self._nodes: dict[str, tuple[float, NodeInfo]] = {}
         self._assignments: dict[str, tuple[float, str]] = {}
-        self._token_uses: dict[str, tuple[float, bool]] = {}
+        self._token_uses: dict[str, tuple[float, str]] = {}
         self._gap: tuple[float, TelemetryGap] = (0.0, TelemetryGap())  # (expires_at, gap)
         self._closed = False
 
@@ -161,15 +161,16 @@ class MemoryStore:
         self._assignments[key] = (t + ttl, node_id)
         return node_id
 
-    async def claim_token_use(self, cti: bytes, *, ttl: float) -> bool:
+    async def claim_token_use(self, cti: bytes, node_id: str, *, ttl: float) -> str:
+        check_node_id(node_id)
         key = token_use_key(cti)
         t = await self._enter()
         entry = self._token_uses.get(key)
         if entry is not None and entry[0] > t:
-            return False
+            return entry[1]
         self._sweep(self._token_uses, t, MAX_TOKEN_USES, "token uses")
-        self._token_uses[key] = (t + ttl, True)
-        return True
+        self._token_uses[key] = (t + ttl, node_id)
+        return node_id
 
     async def reassign_session(
         self, session_id: str, *, expected: str, node_id: str, ttl: float

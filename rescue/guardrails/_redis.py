@@ -538,10 +538,19 @@ class RedisStore:
         result: str = await self._run(partial(self._assign, keys=[key], args=[node_id, _ms(ttl)]))
         return result
 
-    async def claim_token_use(self, cti: bytes, *, ttl: float) -> bool:
+    async def claim_token_use(self, cti: bytes, node_id: str, *, ttl: float) -> str:
+        check_node_id(node_id)
         key = token_use_key(cti)
-        wrote = await self._run(partial(self._client.set, key, "1", nx=True, px=_ms(ttl)))
-        return bool(wrote)
+
+        def claim() -> str:
+            # one round trip, one key: SET NX, then GET reads whichever node holds it now
+            pipe = self._client.pipeline(transaction=False)
+            pipe.set(key, node_id, nx=True, px=_ms(ttl))
+            pipe.get(key)
+            _, holder = pipe.execute()
+            return holder.decode() if isinstance(holder, bytes) else str(holder or node_id)
+
+        return await self._run(claim)
 
     async def reassign_session(
         self, session_id: str, *, expected: str, node_id: str, ttl: float

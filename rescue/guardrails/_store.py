@@ -459,11 +459,12 @@ class GuardrailStore(Protocol):
             Every session id mapped to the node assigned afterwards (``node_id`` or the other one).
         """
 
-    async def claim_token_use(self, cti: bytes, *, ttl: float) -> bool:
-        """Record that the token named ``cti`` opened a connection (SET NX PX); False if it already had.
+    async def claim_token_use(self, cti: bytes, node_id: str, *, ttl: float) -> str:
+        """Record that node ``node_id`` admitted the token named ``cti`` (SET NX PX); the node that did first.
 
         The record lives ``ttl`` seconds (the token's remaining lifetime plus clock skew), so a
-        relay fleet sharing the store lets each token open one connection, once.
+        relay fleet sharing the store knows which node a token was used on: a copy presented to
+        any other node is refused.
         """
 
     async def aclose(self) -> None:

@@ -137,7 +137,7 @@ class Relay:
         self._store = store
         self._owned_store: GuardrailStore | None = None
         # one connection per token (cti), on this node and, with a store, fleet-wide
-        self.replay = TokenReplayGuard()
+        self.replay = TokenReplayGuard(config.node_id)
         # every collector pause of this process while the node runs (docs/perf/README.md)
         self.gc_pauses = GcPauses()
         self.registrar: NodeRegistrar | None = None
@@ -468,11 +468,10 @@ class Relay:
             if isinstance(exc, ProtocolError):
                 self.stats.count_protocol_error(exc.kind)
             return await self._refuse(ws, exc.code, str(exc))
-        if not await self.replay.first_use(claims, time.time()):
+        token_use = await self.replay.check(claims, time.time())
+        if token_use == "elsewhere":
             return await self._refuse(
-                ws,
-                CloseCode.AUTH_FAILED,
-                "token already used: fetch a fresh token for every connection",
+                ws, CloseCode.TOKEN_EXPIRED, "token already used on another node: fetch a fresh token"
             )
         recorded.set_attribute("cohort", claims.cohort)
         if claims.analytics_allowed:
@@ -490,6 +489,19 @@ class Relay:
             return await self._refuse(ws, refusal.code, refusal.reason)
         # From here to attach() there is no checkpoint: the table cannot change under us.
         session = self.table.get(hello.session)
+        if token_use == "reused":
+            # A token used before may only fill an empty role slot (its peer reconnecting while
+            # no fresh token can be had); a copy must never displace a live connection.
+            if session is not None and session.peer(hello.role) is not None:
+                self.replay.count("refused_live")
+                return await self._refuse(
+                    ws,
+                    CloseCode.TOKEN_EXPIRED,
+                    "token already used and the role is connected: fetch a fresh token",
+                )
+            self.replay.count("reused")
+        else:
+            self.replay.count("first")
         created = session is None
         if session is None:
             if self.table.full():

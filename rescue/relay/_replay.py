@@ -1,10 +1,19 @@
-"""One connection per token: a replay cache keyed by the token's ``cti`` (issue 11).
+"""A copy of a live token must not displace its peer: token use remembered by ``cti`` (issue 11).
 
 A fallback token is a bearer credential for one role of one session. The takeover rule (SPEC §2: a
 new connection of a role replaces the live one with ``REPLACED``) is right for a peer that
-reconnects, but it let a *copy* of a live token displace its rightful peer. So a token opens one
-connection, once: the relay remembers every ``cti`` it admitted for the token's remaining lifetime
-plus the clock skew it allows, and refuses a second HELLO with the same ``cti`` (``AUTH_FAILED``).
+reconnects, but it let a *copy* of a live token displace its rightful peer. So the relay remembers
+every ``cti`` it admitted for the token's remaining lifetime plus the clock skew it allows:
+
+- a token's **first** use may take over a role like before (a peer reconnecting with a fresh token
+  never waits for the relay to notice its old socket died);
+- a token used **again** is admitted only into an **empty** role slot (the peer reconnecting with
+  the same token after its connection ended: what the SDK does while the token service is
+  unreachable, so reconnects survive a control-plane outage, SPEC §6); while any live connection
+  holds the role it is refused ``TOKEN_EXPIRED`` (4002: "fetch a fresh token", which a real peer
+  can do and a thief cannot);
+- a token another node of the fleet admitted is refused the same way.
+
 Clients fetch a fresh token for every connection attempt (docs/protocol.md).
 
 Two layers:
@@ -12,9 +21,9 @@ Two layers:
 - **This node** (:class:`UsedTokens`): a bounded in-memory table, always on; a standalone relay
   needs nothing else.
 - **The fleet**: with a guardrail store (``--redis-url``) the ``cti`` is also claimed there with
-  ``SET NX PX`` (:meth:`~rescue.guardrails.GuardrailStore.claim_token_use`), so a copy presented to
-  another node is refused too. A store error admits the peer (counted), like the assignment claim:
-  the token is valid and was not seen here, and refusing would turn a Redis blip into an outage.
+  ``SET NX PX`` naming this node (:meth:`~rescue.guardrails.GuardrailStore.claim_token_use`). A
+  store error leaves the decision to this node's table (counted), like the assignment claim: a
+  Redis blip must not become an outage.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from rescue.errors import RescueError
 from rescue.guardrails import GuardrailStore, store_deadline
 from rescue.protocol import CLOCK_SKEW, Claims
 
-__all__ = ["MAX_USED_TOKENS", "TokenReplayGuard", "UsedTokens"]
+__all__ = ["CLAIM_DEADLINE_S", "MAX_USED_TOKENS", "TokenReplayGuard", "UsedTokens"]
 
 _LOG = get_logger("rescue.relay")
 
@@ -97,37 +106,54 @@ class UsedTokens:
 class TokenReplayGuard:
     """This node's :class:`UsedTokens`, plus the fleet's store when the relay has one.
 
+    :meth:`check` says what a HELLO's token is: ``"first"`` (never used: admit; it may take over a
+    role like any fresh token), ``"reused"`` (used on this node before: admit only into an empty
+    role slot, see :meth:`Relay._handshake <rescue.relay.Relay>`), or ``"elsewhere"`` (another node
+    of the fleet admitted it: refuse).
+
     Attributes:
         store: the guardrail store (set by the relay once its Redis store exists), or None.
-        outcomes: ``{"first": n, "replayed": n, "replayed_fleet": n, "store_error": n}``.
+        outcomes: counts of ``first``, ``reused`` (admitted into an empty slot), ``refused_live``
+            (a live connection held the role), ``refused_elsewhere`` and ``store_error``.
     """
 
-    def __init__(self, used: UsedTokens | None = None) -> None:
+    def __init__(self, node_id: str, used: UsedTokens | None = None) -> None:
+        self.node_id = node_id
         self.used = used if used is not None else UsedTokens()
         self.store: GuardrailStore | None = None
-        self.outcomes: dict[str, int] = {"first": 0, "replayed": 0, "replayed_fleet": 0, "store_error": 0}
+        self.outcomes: dict[str, int] = {
+            "first": 0,
+            "reused": 0,
+            "refused_live": 0,
+            "refused_elsewhere": 0,
+            "store_error": 0,
+        }
         self._failing = False
 
-    async def first_use(self, claims: Claims, now: float) -> bool:
-        """Whether the token of ``claims`` may open a connection (its first use); records it."""
+    async def check(self, claims: Claims, now: float) -> str:
+        """``"first"``, ``"reused"`` or ``"elsewhere"`` for the token of ``claims``; records it."""
         exp = float(claims.exp)
-        if not self.used.first_use(claims.cti, exp, now):
-            self.outcomes["replayed"] += 1
-            return False
+        verdict = "first" if self.used.first_use(claims.cti, exp, now) else "reused"
         store = self.store
-        if store is not None:
-            try:
-                with store_deadline(CLAIM_DEADLINE_S):
-                    first = await store.claim_token_use(claims.cti, ttl=max(1.0, self.used.ttl(exp, now)))
-            except RescueError as exc:
-                self.outcomes["store_error"] += 1
-                if not self._failing:
-                    self._failing = True
-                    log_event(_LOG, "relay.token_claim_failed", level=logging.WARNING, error=str(exc))
-                return True
-            self._failing = False
-            if not first:
-                self.outcomes["replayed_fleet"] += 1
-                return False
-        self.outcomes["first"] += 1
-        return True
+        if store is None:
+            return verdict
+        try:
+            with store_deadline(CLAIM_DEADLINE_S):
+                holder = await store.claim_token_use(
+                    claims.cti, self.node_id, ttl=max(1.0, self.used.ttl(exp, now))
+                )
+        except RescueError as exc:
+            self.outcomes["store_error"] += 1
+            if not self._failing:
+                self._failing = True
+                log_event(_LOG, "relay.token_claim_failed", level=logging.WARNING, error=str(exc))
+            return verdict  # this node's own knowledge decides (fail open for the fleet part)
+        self._failing = False
+        if holder != self.node_id:
+            self.outcomes["refused_elsewhere"] += 1
+            return "elsewhere"
+        return verdict
+
+    def count(self, outcome: str) -> None:
+        """Count the relay's decision for a checked token."""
+        self.outcomes[outcome] += 1
