@@ -361,8 +361,10 @@ class FrameParser:
         ProtocolError (code 4010): a text message, an oversize message, RSV bits set, an unknown
         opcode, wrong masking, a fragmented or >125-byte control frame, a continuation frame with
         no message to continue, a new message inside a fragmented one, a non-minimal length, or a
-        bad close payload (1 byte, invalid code, invalid UTF-8). After it raises, the parser is
-        unusable and the connection must be closed.
+        bad close payload (1 byte, invalid code, invalid UTF-8); :class:`FrameFloodError` (a
+        ProtocolError, ``kind="fragments"``) for a message of more than :data:`MAX_FRAGMENTS`
+        frames. After it raises, the parser is unusable and the connection must be closed. (Frames
+        per second are the owner's to bound: :class:`FrameBudget` with :attr:`frames`.)
     """
 
     __slots__ = (
