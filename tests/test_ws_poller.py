@@ -7,7 +7,9 @@ deterministic); WebSocket tests use TCP connections on 127.0.0.1 (port 0). Every
 
 from __future__ import annotations
 
+import math
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -23,6 +25,7 @@ from rescue.errors import ProtocolError
 from rescue.websocket import (
     CLOSE_TIMEOUT,
     POLLER_AVAILABLE,
+    QUIET_RCVLOWAT,
     READ_SIZE,
     CloseFrameReceived,
     Event,
@@ -839,13 +842,15 @@ async def test_coalescing_dispatches_several_ready_sockets_in_one_wakeup(nursery
 
 # --------------------------------------------------------------------------------- quiet set
 
-QUIET_TICK = 0.05  # short: a message on a quiet socket waits at most this long (after a pass)
+QUIET_TICK = 0.05  # short: the grid quiet sockets' looks are batched on
+# Short too: a message below SO_RCVLOWAT on a quiet TCP socket is read by the next look.
+QUIET_HEARTBEAT = 0.2
 
 
 @pytest.fixture
 async def quiet_poller(nursery: trio.Nursery) -> ReadPoller:
-    """A running poller whose quiet set is looked at again ``QUIET_TICK`` after each pass."""
-    p = ReadPoller(coalesce_s=0, quiet_tick_s=QUIET_TICK)
+    """A running poller that looks at quiet sockets every ``QUIET_HEARTBEAT`` (``QUIET_TICK`` grid)."""
+    p = ReadPoller(coalesce_s=0, quiet_tick_s=QUIET_TICK, heartbeat_s=QUIET_HEARTBEAT)
     await nursery.start(p.run)
     return p
 
@@ -1022,60 +1027,179 @@ async def test_data_pending_when_a_socket_moves_is_not_lost(
         assert waiting(poller) == 0
 
 
-async def test_after_a_quiet_pass_the_next_quiet_socket_waits_for_the_tick(nursery: trio.Nursery) -> None:
-    tick = 0.3
-    poller = ReadPoller(coalesce_s=0, quiet_tick_s=tick)
+async def test_quiet_sockets_are_looked_at_once_per_heartbeat_period_in_one_batch(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Decision 0014: a quiet socket is looked at (dispatched as if ready) one heartbeat period
+    after its last heartbeat, phase-locked, on the ``quiet_tick_s`` grid, all due sockets in one
+    pass; a real readiness event re-anchors its looks; an active socket is never looked at."""
+    heartbeat, tick = 10.0, 0.5
+    poller = ReadPoller(coalesce_s=0, quiet_tick_s=tick, heartbeat_s=heartbeat)
     await nursery.start(poller.run)
     a, b = trio.socket.socketpair()
     c, d = trio.socket.socketpair()
-    # (trio time, poller pass) at which each socket's readiness was dispatched
-    dispatched: dict[str, tuple[float, int]] = {}
+    looked: dict[str, list[float]] = {"a": [], "c": []}
 
-    def note(name: str) -> Callable[[], bool]:
+    def note(name: str, sock: trio.socket.SocketType) -> Callable[[], bool]:
         def callback() -> bool:
-            dispatched[name] = (trio.current_time(), poller.wakeups)
-            return False  # wake the waiter
+            looked[name].append(trio.current_time())
+            drain(sock)
+            return True  # handled: the waiter stays parked
 
         return callback
 
-    with (
-        trio.fail_after(TIMEOUT),
-        a,
-        b,
-        c,
-        d,
-        registered(poller, a, note("a")) as fd_a,
-        registered(poller, c, note("c")) as fd_c,
-    ):
-        poller.set_quiet(fd_a, True)
-        poller.set_quiet(fd_c, True)
-        woke: dict[str, float] = {}
+    with a, b, c, d, registered(poller, a, note("a", a)) as fd_a, registered(poller, c, note("c", c)) as fd_c:
 
-        async def waiter(name: str, fd: int) -> None:
-            await poller.wait_readable(fd)
-            woke[name] = trio.current_time()
+        async def waiter(fd: int) -> None:
+            while True:
+                await poller.wait_readable(fd)
 
         async with trio.open_nursery() as tasks:
-            tasks.start_soon(waiter, "a", fd_a)
-            tasks.start_soon(waiter, "c", fd_c)
+            tasks.start_soon(waiter, fd_a)
+            tasks.start_soon(waiter, fd_c)
             await wait_until(lambda: waiting(poller) == 2)
+            t0 = trio.current_time()
+            poller.set_quiet(fd_a, True)
+            poller.set_quiet(fd_c, True)
             wakeups = poller.wakeups
-            events = poller.events
-            await b.send(b"x")  # the quiet set was idle: looked at as soon as this arrives
-            await wait_until(lambda: "a" in woke)
-            await d.send(b"y")  # right after the first quiet pass: waits for the next one
-            await wait_until(lambda: "c" in woke)
-        assert poller.events - events == 2
-        assert poller.wakeups - wakeups <= 2
-        (a_time, a_pass), (c_time, c_pass) = dispatched["a"], dispatched["c"]
-        assert c_pass > a_pass  # the next quiet pass, not the same one
-        # the quiet set sleeps a full tick after a pass, measured from that pass (not from when
-        # a's task ran, which a loaded machine may delay); 0.5: loose, for float and clock noise
-        assert c_time - a_time >= 0.5 * tick
-        assert woke["c"] - a_time >= 0.5 * tick
-        assert woke["c"] >= c_time
-        assert drain(a) == b"x"
-        assert drain(c) == b"y"
+            await trio.sleep(heartbeat - 0.1)
+            assert looked == {"a": [], "c": []}  # nothing before the period is up
+            await trio.sleep(1.0)
+            first = looked["a"][0]
+            assert looked == {"a": [first], "c": [first]}  # both, in one pass
+            assert poller.wakeups == wakeups + 1
+            assert poller.looks == 2
+            assert first >= t0 + heartbeat
+            assert first == math.ceil(first / tick) * tick  # on the grid
+            # phase-locked: the next look one period after the first one's heartbeat, not later
+            await trio.sleep(heartbeat)
+            assert looked["a"] == looked["c"] == [first, first + heartbeat]
+            # active again: no more looks for c
+            poller.set_quiet(fd_c, False)
+            await trio.sleep(heartbeat)
+            assert looked["a"] == [first, first + heartbeat, first + 2 * heartbeat]
+            assert looked["c"] == [first, first + heartbeat]
+            # a readiness event of quiet a (data past its low-water mark) re-anchors its looks
+            await trio.sleep(heartbeat / 2)
+            t1 = trio.current_time()
+            await b.send(b"data")
+            await wait_until(lambda: len(looked["a"]) == 4)  # the event itself, at once
+            assert looked["a"][3] == t1
+            await trio.sleep(heartbeat / 2 + 1)  # the old phase's look is gone
+            assert len(looked["a"]) == 4
+            await trio.sleep(heartbeat / 2)
+            assert len(looked["a"]) == 5
+            assert looked["a"][4] >= t1 + heartbeat
+            assert poller.looks == 2 + 2 + 1 + 1
+            tasks.cancel_scope.cancel()
+
+
+def heartbeat_frame() -> bytes:
+    """A client HEARTBEAT as the SDK sends it: 12-byte header, empty body, masked (18 bytes)."""
+    frame = frame_binary(bytes((1, 0x02, 0, 0)) + (7).to_bytes(8, "big"), mask=True)
+    assert len(frame) == 18 < QUIET_RCVLOWAT
+    return frame
+
+
+def keystroke_frame() -> bytes:
+    """The smallest DATA a client sends: header + 1 byte + 16-byte AEAD tag, masked (35 bytes)."""
+    frame = frame_binary(bytes((1, 0x01, 0, 1)) + (8).to_bytes(8, "big") + b"k" + b"t" * 16, mask=True)
+    assert len(frame) == 35 >= QUIET_RCVLOWAT
+    return frame
+
+
+def rcvlowat(server: WebSocketConnection) -> int:
+    sock = server._sock
+    assert sock is not None
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
+
+
+async def test_a_quiet_tcp_connection_wakes_for_data_at_once_but_not_for_a_lone_heartbeat(
+    nursery: trio.Nursery,
+) -> None:
+    """The first message after a quiet spell pays no tick (issue 15): quiet raises SO_RCVLOWAT
+    above a heartbeat frame, so a lone heartbeat stays in the kernel and the first keystroke
+    wakes the poller at once, heartbeat and keystroke in one batch. (The heartbeat period is
+    60 s here: no look can have delivered anything.)"""
+    poller = ReadPoller(coalesce_s=0, quiet_tick_s=0.05, heartbeat_s=60)
+    await nursery.start(poller.run)
+    taken: list[list[bytes]] = []
+
+    def taker(batch: list[bytes]) -> bool:
+        taken.append(list(batch))
+        return True
+
+    async with ws_and_raw() as (server, raw):
+        with trio.fail_after(TIMEOUT):
+            assert server.use_poller(poller, taker)
+            assert rcvlowat(server) == 1
+
+            async def server_reader() -> None:
+                while True:
+                    await server.receive_messages()
+
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(server_reader)
+                await wait_until(lambda: waiting(poller) == 1)
+                server.set_quiet(True)
+                assert rcvlowat(server) == QUIET_RCVLOWAT
+                events = poller.events
+                await raw.send_all(heartbeat_frame())
+                await trio.testing.wait_all_tasks_blocked()
+                assert taken == []  # no wake-up for a lone heartbeat
+                assert poller.events == events
+                await raw.send_all(keystroke_frame())
+                await wait_until(lambda: len(taken) == 1)
+                assert [len(m) for m in taken[0]] == [12, 29]  # both, in one batch
+                assert poller.looks == 0  # the data woke it, not a look
+                # made active again, a lone heartbeat left pending is reported by the kernel
+                await raw.send_all(heartbeat_frame())
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(taken) == 1
+                server.set_quiet(False)
+                assert rcvlowat(server) == 1
+                await wait_until(lambda: len(taken) == 2)
+                assert [len(m) for m in taken[1]] == [12]
+                # and active, every heartbeat wakes it at once
+                await raw.send_all(heartbeat_frame())
+                await wait_until(lambda: len(taken) == 3)
+                assert poller.looks == 0
+                tasks.cancel_scope.cancel()
+
+
+async def test_a_lone_heartbeat_on_a_quiet_tcp_connection_is_collected_by_a_look(
+    nursery: trio.Nursery,
+) -> None:
+    heartbeat = 0.3
+    poller = ReadPoller(coalesce_s=0, quiet_tick_s=0.05, heartbeat_s=heartbeat)
+    await nursery.start(poller.run)
+    taken: list[bytes] = []
+
+    def taker(batch: list[bytes]) -> bool:
+        taken.extend(batch)
+        return True
+
+    async with ws_and_raw() as (server, raw):
+        with trio.fail_after(TIMEOUT):
+            assert server.use_poller(poller, taker)
+
+            async def server_reader() -> None:
+                while True:
+                    await server.receive_messages()
+
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(server_reader)
+                await wait_until(lambda: waiting(poller) == 1)
+                t0 = trio.current_time()
+                server.set_quiet(True)
+                events = poller.events
+                for n in (1, 2, 3):  # one heartbeat per look, each read by its look
+                    await raw.send_all(heartbeat_frame())
+                    await wait_until(lambda n=n: len(taken) == n)
+                    assert poller.looks >= n
+                    assert trio.current_time() - t0 >= n * heartbeat
+                assert poller.events == events  # never made ready by a lone heartbeat
+                tasks.cancel_scope.cancel()
 
 
 async def test_unregistering_a_quiet_socket_wakes_its_waiter_with_closed_resource_error(

@@ -240,7 +240,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=float,
         default=_DEFAULTS.quiet_after_s,
         metavar="S",
-        help="a connection with only heartbeats for this long is polled every --quiet-tick-s (0: never)",
+        help="a connection with only heartbeats for this long is marked quiet: lone heartbeats stop "
+        "waking the relay, data still does at once (0: never)",
     )
     add_option(
         p,
@@ -248,7 +249,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=float,
         default=_DEFAULTS.quiet_tick_s,
         metavar="S",
-        help="how often quiet connections are looked at (the most a message after a quiet spell waits)",
+        help="grid on which quiet connections' heartbeats are collected (their echo waits ~0.5-1.5 ticks)",
     )
     add_option(
         p,

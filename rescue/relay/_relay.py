@@ -164,7 +164,11 @@ class Relay:
         self._client: httpx.AsyncClient | None = None
         # batched read readiness for attached connections (decision 0007)
         self.poller = (
-            ReadPoller(coalesce_s=config.read_coalesce_s, quiet_tick_s=config.quiet_tick_s)
+            ReadPoller(
+                coalesce_s=config.read_coalesce_s,
+                quiet_tick_s=config.quiet_tick_s,
+                heartbeat_s=config.heartbeat_s,
+            )
             if config.read_poller and POLLER_AVAILABLE
             else None
         )

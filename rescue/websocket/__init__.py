@@ -83,6 +83,7 @@ from rescue.websocket._connection import ConnectionStatistics as ConnectionStati
 from rescue.websocket._connection import WebSocketClosedError as WebSocketClosedError
 from rescue.websocket._connection import WebSocketConnection as WebSocketConnection
 from rescue.websocket._poller import POLLER_AVAILABLE as POLLER_AVAILABLE
+from rescue.websocket._poller import QUIET_RCVLOWAT as QUIET_RCVLOWAT
 from rescue.websocket._poller import ReadPoller as ReadPoller
 from rescue.websocket._server import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
 from rescue.websocket._server import AcceptCheck as AcceptCheck

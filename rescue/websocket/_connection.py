@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from rescue.websocket._codec import (
     frame_close,
     frame_messages,
 )
-from rescue.websocket._poller import ReadPoller
+from rescue.websocket._poller import QUIET_RCVLOWAT, ReadPoller
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -337,16 +338,25 @@ class WebSocketConnection:
         return True
 
     def set_quiet(self, quiet: bool) -> None:
-        """Hint for the poller: only heartbeats arrive lately (look less often), or data flows again.
+        """Hint for the poller: only heartbeats arrive lately, or data flows again (decision 0014).
 
-        A no-op without a poller (:meth:`use_poller`).
+        Quiet raises the socket's ``SO_RCVLOWAT`` to :data:`QUIET_RCVLOWAT`, so a lone heartbeat
+        does not wake the poller (its looks collect heartbeats) while any real message still
+        does, at once; active puts it back to 1 (the kernel then reports what is pending). Call
+        it right after a heartbeat was read. A no-op without a running poller (:meth:`use_poller`).
         """
         poller = self._poller
         sock = self._sock
-        if poller is not None and sock is not None:
-            fd = sock.fileno()
-            if fd >= 0:
-                poller.set_quiet(fd, quiet)
+        if poller is None or sock is None or not poller.running:
+            return
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, QUIET_RCVLOWAT if quiet else 1)
+        except OSError:
+            return  # closing under us: nothing to tune
+        poller.set_quiet(fd, quiet)
 
     def _read_ahead_now(self) -> bool:
         """The poller's callback while a task waits on this socket: read, parse, offer the batch.

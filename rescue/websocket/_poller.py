@@ -1,4 +1,4 @@
-"""Shared read readiness for many sockets: edge-triggered epoll sets, read-ahead, a quiet set.
+"""Shared read readiness for many sockets: one edge-triggered epoll set, read-ahead, quiet sockets.
 
 Why (``docs/decisions/0007-shared-read-poller.md``): a relay holding thousands of mostly idle
 connections paid, for every inbound message, a wake-up of that connection's reader task, a pass
@@ -11,11 +11,18 @@ This poller keeps every registered socket in a private edge-triggered epoll set 
 once, never re-armed) and waits for that one descriptor through trio. When sockets are ready it
 runs, for each whose reader is parked, that socket's callback -- the connection's read-ahead,
 which reads, parses and lets the relay handle the common cases synchronously -- and wakes the
-reader task only when the callback cannot finish the job. Sockets whose owner marked them quiet
-(:meth:`ReadPoller.set_quiet`: only heartbeats lately) live in a second set that is looked at
-as soon as one of them is ready and then not again for ``quiet_tick_s``: thousands of
-heartbeat-only connections cost a few wake-ups a second instead of one per heartbeat, and the
-first message after a quiet spell waits at most ``quiet_tick_s``.
+reader task only when the callback cannot finish the job.
+
+Quiet sockets (decision 0014; :meth:`ReadPoller.set_quiet`: only heartbeats lately) stay in the
+same set, so anything their owner lets make them readable is dispatched at once. The owner raises
+the socket's ``SO_RCVLOWAT`` above one heartbeat frame (:data:`QUIET_RCVLOWAT`): a lone heartbeat
+then makes no wake-up at all, while the first real message (a larger frame) does, immediately.
+The heartbeats themselves are collected by *looks*: each quiet socket is looked at (as if it were
+ready) once per ``heartbeat_s``, phase-locked to its last heartbeat, and the looks of all quiet
+sockets are batched on a grid of ``quiet_tick_s``. Thousands of heartbeat-only connections thus
+cost a few wake-ups a second, and the first message after a quiet spell pays no tick at all. A
+heartbeat a look missed (the peer's clock drifted) is read with the next one: two heartbeats
+pass the low-water mark.
 
 Edge-triggered contract: a reader must read until the socket is drained (a short read) before it
 waits again; :class:`~rescue.websocket.WebSocketConnection` does (a full read retries without
@@ -31,6 +38,8 @@ connections simply use trio.
 
 from __future__ import annotations
 
+import heapq
+import math
 import select
 from collections.abc import Callable
 from typing import Final
@@ -38,13 +47,18 @@ from typing import Final
 import outcome
 import trio
 
-__all__ = ["AVAILABLE", "POLLER_AVAILABLE", "ReadPoller"]
+__all__ = ["AVAILABLE", "POLLER_AVAILABLE", "QUIET_RCVLOWAT", "ReadPoller"]
 
 AVAILABLE: Final = hasattr(select, "epoll")
 # The same, under the name rescue.websocket exports it by (AVAILABLE alone says too little).
 POLLER_AVAILABLE: Final = AVAILABLE
 # Events taken per epoll_wait: bounds one dispatch pass; more ready sockets take another pass.
 MAX_EVENTS: Final = 4096
+# SO_RCVLOWAT for a quiet socket (decision 0014): the smallest CONTROL/DATA/CLOSE frame a peer can
+# send is 34 bytes (2-byte WebSocket header + 4-byte mask + 12-byte rescue header + 16-byte AEAD
+# tag or a CBOR close body of at least 17), a HEARTBEAT is 18 (empty body). So a lone heartbeat
+# stays in the kernel without waking anything, and every real message wakes the poller at once.
+QUIET_RCVLOWAT: Final = 34
 if AVAILABLE:
     _MASK: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
     # The peer shut down or the socket failed: the end is readable for good.
@@ -54,36 +68,48 @@ if AVAILABLE:
 class ReadPoller:
     """Read readiness for registered file descriptors, dispatched in batches by :meth:`run`.
 
-    Sockets live in one of two epoll sets. The *active* set is watched all the time (a wake-up
-    as soon as anything is ready). The *quiet* set holds sockets their owner marked quiet
-    (:meth:`set_quiet`: only heartbeats lately): it is looked at as soon as one of them is
-    ready, then not again for ``quiet_tick_s``, so thousands of heartbeat-only connections cost
-    a few wake-ups a second instead of one per heartbeat.
+    Every socket lives in one epoll set, watched all the time (a wake-up as soon as anything is
+    ready). Sockets their owner marked quiet (:meth:`set_quiet`: only heartbeats lately) are in
+    addition *looked at* -- dispatched as if ready -- once per ``heartbeat_s``, one look per
+    expected heartbeat, the looks of all quiet sockets batched on a ``quiet_tick_s`` grid; so the
+    owner may raise the socket's ``SO_RCVLOWAT`` (:data:`QUIET_RCVLOWAT`) and lone heartbeats cost
+    no wake-up of their own. A real readiness event of a quiet socket re-anchors its looks.
 
     Args:
-        coalesce_s: after handling a batch of ready *active* sockets, how long to let readiness
+        coalesce_s: after handling a batch of ready sockets, how long to let readiness
             accumulate before looking again (0: look again as soon as the batch's tasks ran).
-        quiet_tick_s: the same for the quiet set: the most a message on a quiet socket waits.
+        quiet_tick_s: the grid quiet sockets' looks are batched on: with ``heartbeat_s``, what a
+            heartbeat echo of a quiet peer waits (about 0.5-1.5 ticks). Not a data delay.
+        heartbeat_s: the peers' heartbeat period (what the relay announces): a quiet socket is
+            looked at this long after its last heartbeat, plus half a tick of slack.
 
     Usage::
 
-        poller = ReadPoller(quiet_tick_s=0.1)
+        poller = ReadPoller(quiet_tick_s=0.1, heartbeat_s=15)
         await nursery.start(poller.run)       # outlives every connection that uses it
         poller.register(fd)                   # once per socket (active)
         await poller.wait_readable(fd)        # instead of trio.lowlevel.wait_readable(sock)
-        poller.set_quiet(fd, True)            # the owner saw only heartbeats for a while
+        poller.set_quiet(fd, True)            # only heartbeats lately (and SO_RCVLOWAT raised)
         poller.unregister(fd)                 # before closing the socket (wakes a waiter)
     """
 
-    def __init__(self, *, coalesce_s: float = 0.0, quiet_tick_s: float = 0.1) -> None:
+    def __init__(
+        self, *, coalesce_s: float = 0.0, quiet_tick_s: float = 0.1, heartbeat_s: float = 15.0
+    ) -> None:
         if not (0 <= coalesce_s <= 3600 and 0 <= quiet_tick_s <= 3600):  # (NaN fails too)
             raise ValueError("coalesce_s and quiet_tick_s must be between 0 and 3600")
+        if not 0 < heartbeat_s <= 3600:
+            raise ValueError("heartbeat_s must be above 0 and at most 3600")
         self.coalesce_s = coalesce_s
         self.quiet_tick_s = quiet_tick_s
+        self.heartbeat_s = heartbeat_s
         self._active: select.epoll | None = None
-        self._quiet_set: select.epoll | None = None
         self._registered: set[int] = set()
-        self._quiet: set[int] = set()  # registered fds that live in the quiet set
+        self._quiet: set[int] = set()  # registered fds marked quiet (looked at on a schedule)
+        # quiet fds' next look: fd -> its time, and a heap of (time, fd) (stale entries skipped)
+        self._look_at: dict[int, float] = {}
+        self._looks: list[tuple[float, int]] = []
+        self._look_scope: trio.CancelScope | None = None
         self._ready: set[int] = set()  # readiness seen while nobody waited on the fd
         # hung up (EOF or error seen): always ready, so a short read that left the EOF behind
         # (data and FIN in one edge) cannot leave its reader waiting for an edge that never comes
@@ -93,7 +119,8 @@ class ReadPoller:
         self.wakeups = 0  # dispatch passes (both sets)
         self.events = 0  # readiness events dispatched
         self.handled = 0  # events a callback handled without waking the waiting task
-        self.moves = 0  # sockets moved between the active and the quiet set
+        self.moves = 0  # sockets marked quiet or active again
+        self.looks = 0  # scheduled looks at quiet sockets
 
     @property
     def running(self) -> bool:
@@ -110,8 +137,10 @@ class ReadPoller:
             "events": self.events,
             "handled": self.handled,
             "moves": self.moves,
+            "looks": self.looks,
             "coalesce_s": self.coalesce_s,
             "quiet_tick_s": self.quiet_tick_s,
+            "heartbeat_s": self.heartbeat_s,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -125,14 +154,16 @@ class ReadPoller:
         if self._active is not None:
             raise RuntimeError("ReadPoller is already running")
         active = self._active = select.epoll()
-        quiet = self._quiet_set = select.epoll()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, quiet, self.quiet_tick_s)
+                nursery.start_soon(self._look_loop)
                 task_status.started()
                 await self._watch(active, self.coalesce_s)
         finally:
-            self._active = self._quiet_set = None
+            self._active = None
+            self._look_scope = None
+            self._look_at.clear()
+            self._looks.clear()
             waiters = list(self._waiters.values())
             self._waiters.clear()
             self._callbacks.clear()
@@ -142,9 +173,8 @@ class ReadPoller:
             self._hangup.clear()
             for task in waiters:
                 trio.lowlevel.reschedule(task)  # a spurious wake: the reader re-checks and uses trio
-            for epoll in (active, quiet):
-                trio.lowlevel.notify_closing(epoll.fileno())
-                epoll.close()
+            trio.lowlevel.notify_closing(active.fileno())
+            active.close()
 
     async def _watch(self, epoll: select.epoll, pause_s: float) -> None:
         fd = epoll.fileno()
@@ -157,6 +187,7 @@ class ReadPoller:
     def _dispatch(self, epoll: select.epoll) -> None:
         waiters = self._waiters
         callbacks = self._callbacks
+        quiet = self._quiet
         reschedule = trio.lowlevel.reschedule
         self.wakeups += 1
         while True:
@@ -165,6 +196,8 @@ class ReadPoller:
             for fd, mask in events:
                 if mask & _HANGUP and fd in self._registered:
                     self._hangup.add(fd)
+                if fd in quiet:  # past its low-water mark: data, or heartbeats a look missed
+                    self._schedule_look(fd, trio.current_time())
                 task = waiters.get(fd)
                 if task is None:
                     if fd in self._registered:
@@ -179,6 +212,54 @@ class ReadPoller:
             if len(events) < MAX_EVENTS:
                 return
 
+    # -- looks at quiet sockets -------------------------------------------------------------
+    def _schedule_look(self, fd: int, heartbeat_at: float) -> None:
+        """Look at quiet ``fd`` once its next heartbeat (one period after ``heartbeat_at``) is in."""
+        at = heartbeat_at + self.heartbeat_s + self.quiet_tick_s / 2
+        self._look_at[fd] = at
+        heapq.heappush(self._looks, (at, fd))
+        scope = self._look_scope
+        if scope is not None:
+            due = self._on_grid(at)
+            if due < scope.deadline:
+                scope.deadline = due
+
+    def _on_grid(self, t: float) -> float:
+        tick = self.quiet_tick_s
+        return math.ceil(t / tick) * tick if tick else t
+
+    async def _look_loop(self) -> None:
+        """Sleep until the next grid point with a look due; then look at every quiet fd due."""
+        looks = self._looks
+        while True:
+            with trio.CancelScope(deadline=self._on_grid(looks[0][0]) if looks else math.inf) as scope:
+                self._look_scope = scope
+                await trio.sleep_forever()
+            self._look_scope = None
+            now = trio.current_time()
+            self.wakeups += 1
+            while looks and looks[0][0] <= now:
+                at, fd = heapq.heappop(looks)
+                if self._look_at.get(fd) != at:
+                    continue  # stale: moved, made active again, or unregistered
+                # phase-locked to the peer's heartbeats (not to this look, which came late)
+                self._schedule_look(fd, at - self.quiet_tick_s / 2)
+                self.looks += 1
+                self._fire(fd)
+
+    def _fire(self, fd: int) -> None:
+        """Dispatch ``fd`` as if it were ready (a look at a quiet socket)."""
+        task = self._waiters.get(fd)
+        if task is None:
+            self._ready.add(fd)
+            return
+        callback = self._callbacks.get(fd)
+        if callback is not None and fd not in self._hangup and callback():
+            self.handled += 1
+            return
+        del self._waiters[fd]
+        trio.lowlevel.reschedule(task)
+
     def register(self, fd: int, callback: Callable[[], bool] | None = None) -> bool:
         """Watch ``fd`` for readability (once per socket; pending data counts as ready).
 
@@ -192,8 +273,8 @@ class ReadPoller:
         active = self._active
         if active is None:
             return False
-        if fd in self._quiet:  # a reused number still filed as quiet: start over
-            self._forget(fd)
+        self._quiet.discard(fd)  # a reused number still filed as quiet: start over
+        self._look_at.pop(fd, None)
         self._ready.discard(fd)
         self._hangup.discard(fd)
         try:
@@ -223,34 +304,31 @@ class ReadPoller:
             trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
 
     def _forget(self, fd: int) -> None:
-        epoll = self._quiet_set if fd in self._quiet else self._active
         self._quiet.discard(fd)
-        if epoll is not None:
+        self._look_at.pop(fd, None)
+        if self._active is not None:
             try:
-                epoll.unregister(fd)
+                self._active.unregister(fd)
             except (OSError, ValueError):
                 pass  # already gone (closed elsewhere) or the epoll is closing
 
     def set_quiet(self, fd: int, quiet: bool) -> None:
-        """Move a registered ``fd`` to the quiet set (polled every ``quiet_tick_s``) or back.
+        """Mark a registered ``fd`` quiet (looked at once per heartbeat period) or active again.
 
-        Nothing is lost in the move: data already waiting counts as ready in the new set.
-        A no-op for an fd that is not registered or already where asked.
+        Call it right after a heartbeat was read from ``fd`` (its looks are phase-locked to that
+        moment). Readiness is dispatched at once either way; marking quiet is what lets the owner
+        raise ``SO_RCVLOWAT`` to :data:`QUIET_RCVLOWAT` (and lower it again before marking the
+        socket active) without losing heartbeats. A no-op for an fd that is not registered, or
+        already as asked, or when the poller is not running.
         """
-        if fd not in self._registered or quiet == (fd in self._quiet):
+        if fd not in self._registered or quiet == (fd in self._quiet) or self._active is None:
             return
-        source, target = (self._active, self._quiet_set) if quiet else (self._quiet_set, self._active)
-        if source is None or target is None:
-            return
-        try:
-            source.unregister(fd)
-        except (OSError, ValueError):
-            pass
-        target.register(fd, _MASK)
         if quiet:
             self._quiet.add(fd)
+            self._schedule_look(fd, trio.current_time())
         else:
             self._quiet.discard(fd)
+            self._look_at.pop(fd, None)
         self.moves += 1
 
     async def wait_readable(self, fd: int) -> None:
