@@ -83,15 +83,31 @@ async def test_idle_heartbeats_go_round(tmp_path: Path) -> None:
     assert loadgen.Hist.merge([result["hb_lat"]]).total > 0
 
 
-@pytest.mark.parametrize("name", ["tcp", "picows"])
+@pytest.mark.parametrize("name", ["tcp", "picows", "rescue"])
 async def test_idle_first_message_probes_arrive_once_each(name: str, tmp_path: Path) -> None:
-    """Idle mode's first-message figure: each session sends one DATA, timed at the partner."""
+    """Idle mode's first-message figure: each session sends one DATA, timed at the partner.
+
+    The real relay runs with ``--quiet-after 0.3``: by the time the window starts its
+    connections are quiet (SO_RCVLOWAT raised), so the probes take the quiet path."""
+    keys = mint = key_file = None
+    defn = targets.TARGETS.get(name)
+    if name == "rescue":
+        keys = targets.KeyMaterial.create(tmp_path)
+        key_file = str(keys.key_file)
+        mint = targets.make_minter(key_file)
+        defn = targets._rescue("rescue", "target", "--quiet-after", "0.3")
     with trio.fail_after(30):
-        relay = await targets.start_target(targets.TARGETS[name], log_dir=tmp_path)
+        relay = await targets.start_target(defn, log_dir=tmp_path, keys=keys)
         try:
-            target = loadgen.Target(name=name, transport=relay.defn.transport, port=relay.port)
+            target = loadgen.Target(
+                name=name,
+                transport=relay.defn.transport,
+                port=relay.port,
+                path=relay.defn.path,
+                key_file=key_file,
+            )
             idle = loadgen.Scenario(mode="idle", sessions=4, size=29, heartbeat_s=0.2, probe_rate=1000.0)
-            result = await loadgen.run_local(target, idle, warmup_s=0.1, duration_s=1.0)
+            result = await loadgen.run_local(target, idle, warmup_s=1.0, duration_s=1.0, mint=mint)
         finally:
             await relay.stop()
     _assert_delivered(result, connections=8)

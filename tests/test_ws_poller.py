@@ -1030,7 +1030,7 @@ async def test_data_pending_when_a_socket_moves_is_not_lost(
 async def test_quiet_sockets_are_looked_at_once_per_heartbeat_period_in_one_batch(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    """Decision 0014: a quiet socket is looked at (dispatched as if ready) one heartbeat period
+    """Decision 0015: a quiet socket is looked at (dispatched as if ready) one heartbeat period
     after its last heartbeat, phase-locked, on the ``quiet_tick_s`` grid, all due sockets in one
     pass; a real readiness event re-anchors its looks; an active socket is never looked at."""
     heartbeat, tick = 10.0, 0.5

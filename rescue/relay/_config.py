@@ -74,7 +74,7 @@ class RelayConfig:
             accumulates after a batch is handled (the most a message can wait extra); 0 = none.
         quiet_after_s: with ``read_poller``, a connection that sent only heartbeats for this
             long is marked quiet: its lone heartbeats no longer wake the relay (they are
-            collected once per ``heartbeat_s``, decision 0014) while its next CONTROL/DATA
+            collected once per ``heartbeat_s``, decision 0015) while its next CONTROL/DATA
             still does, at once, and makes it active again. 0 = never.
         quiet_tick_s: the grid quiet connections' heartbeat looks are batched on (their echo
             waits about 0.5-1.5 ticks); not a delay for data.

@@ -264,16 +264,14 @@ def _poller_metrics(poller: ReadPoller) -> Iterator[Metric]:
         "Readiness events that woke the connection's reader task",
         poller.events - poller.handled,
     )
-    yield _counter(
-        "beach_rescue_read_poller_moves", "Sockets moved between the active and the quiet set", poller.moves
-    )
+    yield _counter("beach_rescue_read_poller_moves", "Sockets marked quiet or active again", poller.moves)
     stats = poller.statistics()
     yield GaugeMetricFamily(
         "beach_rescue_read_poller_registered", "Sockets registered with the poller", value=stats["registered"]
     )
     yield GaugeMetricFamily(
         "beach_rescue_read_poller_quiet",
-        "Sockets in the quiet set (only heartbeats lately; looked at every quiet_tick_s)",
+        "Quiet sockets (only heartbeats lately; their heartbeats collected once per heartbeat_s)",
         value=stats["quiet"],
     )
 

@@ -518,8 +518,8 @@ class SessionCore(Generic[H]):
         stats = self.stats
         link._last_data = now
         if link.quiet or (partner is not None and partner.quiet):
-            # The first message after a quiet spell (it waited up to quiet_tick_s): the partner's
-            # answer is likely next, so the partner is looked at at once again too.
+            # The first message after a quiet spell (it woke the poller at once: decision 0015):
+            # the partner's answer is likely next, so the partner is made active again too.
             for each in (link, partner):
                 if each is not None and each.quiet:
                     each.quiet = False

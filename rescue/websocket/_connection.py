@@ -338,7 +338,7 @@ class WebSocketConnection:
         return True
 
     def set_quiet(self, quiet: bool) -> None:
-        """Hint for the poller: only heartbeats arrive lately, or data flows again (decision 0014).
+        """Hint for the poller: only heartbeats arrive lately, or data flows again (decision 0015).
 
         Quiet raises the socket's ``SO_RCVLOWAT`` to :data:`QUIET_RCVLOWAT`, so a lone heartbeat
         does not wake the poller (its looks collect heartbeats) while any real message still

@@ -13,7 +13,7 @@ runs, for each whose reader is parked, that socket's callback -- the connection'
 which reads, parses and lets the relay handle the common cases synchronously -- and wakes the
 reader task only when the callback cannot finish the job.
 
-Quiet sockets (decision 0014; :meth:`ReadPoller.set_quiet`: only heartbeats lately) stay in the
+Quiet sockets (decision 0015; :meth:`ReadPoller.set_quiet`: only heartbeats lately) stay in the
 same set, so anything their owner lets make them readable is dispatched at once. The owner raises
 the socket's ``SO_RCVLOWAT`` above one heartbeat frame (:data:`QUIET_RCVLOWAT`): a lone heartbeat
 then makes no wake-up at all, while the first real message (a larger frame) does, immediately.
@@ -54,7 +54,7 @@ AVAILABLE: Final = hasattr(select, "epoll")
 POLLER_AVAILABLE: Final = AVAILABLE
 # Events taken per epoll_wait: bounds one dispatch pass; more ready sockets take another pass.
 MAX_EVENTS: Final = 4096
-# SO_RCVLOWAT for a quiet socket (decision 0014): the smallest CONTROL/DATA/CLOSE frame a peer can
+# SO_RCVLOWAT for a quiet socket (decision 0015): the smallest CONTROL/DATA/CLOSE frame a peer can
 # send is 34 bytes (2-byte WebSocket header + 4-byte mask + 12-byte rescue header + 16-byte AEAD
 # tag or a CBOR close body of at least 17), a HEARTBEAT is 18 (empty body). So a lone heartbeat
 # stays in the kernel without waking anything, and every real message wakes the poller at once.
