@@ -83,16 +83,16 @@ class TrafficConfig:
     drain_timeout_s: float = 60.0
 
     @classmethod
-    def for_rate(cls, rate: float, *, drain_timeout_s: float = 60.0) -> TrafficConfig:
-        """Chunk sizes that fit ``rate``: one or two writes a second per direction at low rates.
+    def for_rate(cls, rate: float, *, every_s: float = 1.0, drain_timeout_s: float = 60.0) -> TrafficConfig:
+        """Chunk sizes that fit ``rate``: about one write per ``every_s`` per direction at low rates.
 
         At 16 KiB/s and above this is the default (64 B - 8 KiB chunks). Below, chunks run from
-        ``min(64, max / 3)`` to ``max = 1.5 * rate`` bytes (a mean of about ``rate``: one write a
-        second at 64 B/s), so a fleet of a thousand slow sessions makes about a thousand writes a
-        second per direction rather than one per 4 KiB of a schedule that is a minute long (and a
-        stream that looks stalled between writes).
+        ``min(64, max / 3)`` to ``max = 1.5 * rate * every_s`` bytes (a mean of about
+        ``rate * every_s``: one write a second at 64 B/s), so a fleet of a thousand slow sessions
+        makes a known number of writes a second rather than one per 4 KiB of a schedule that is a
+        minute long (and a stream that looks stalled between writes).
         """
-        chunk_max = max(2, min(_CHUNK_CAP, int(rate * 1.5)))
+        chunk_max = max(2, min(_CHUNK_CAP, int(rate * every_s * 1.5)))
         chunk_min = max(1, min(64, chunk_max // 3))
         return cls(rate=rate, chunk_min=chunk_min, chunk_max=chunk_max, drain_timeout_s=drain_timeout_s)
 
@@ -664,7 +664,9 @@ class SessionGroup:
         interval = 0.0 if per_second is None else 1.0 / per_second
         due = trio.current_time()
         for session in self.sessions:
-            await nursery.start(session.run, api_url)
+            # start_soon, not start: waiting for each session's first steps would tie the ramp to
+            # the event loop's round time, which grows with every session already running
+            nursery.start_soon(session.run, api_url)
             due += interval
             await trio.sleep_until(due)
 

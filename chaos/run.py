@@ -19,7 +19,7 @@ duplicated or reordered (verified by content); plus every fault recovered and no
 unasked; and (every run, the point of ``--scenario fleet``) the two peers of a session are never
 connected to different nodes, as every node's ``/debug/stats`` says after each fault.
 
-``--scenario fleet`` is the fleet-scale preset: 1,000 sessions on 3 nodes at 64 B/s per direction
+``--scenario fleet`` is the fleet-scale preset: 1,000 sessions on 3 nodes at 16 B/s per direction
 (what a shared 2-core machine carries next to the fleet itself), started at 50 sessions/s, relays
 registering for 5 s (``--register-ttl-s 5``: a dead node's sessions move within seconds), and a
 mix of node SIGKILLs and SIGTERMs, token-service restarts, Redis failovers (a primary, a replica
@@ -124,6 +124,7 @@ class ChaosConfig:
     out: Path
     log_level: str
     scenario: str = "basic"
+    write_every: float = 1.0
     redis: str = "single"
     ramp: float | None = None
     relay_args: tuple[str, ...] = ()
@@ -160,8 +161,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         "--scenario",
         choices=SCENARIOS,
         default="basic",
-        help="basic (the defaults shown) or fleet: 1,000 sessions on 3 nodes at 64 B/s, 15 min, "
-        "node faults, token-service restarts and Redis failovers, relays with --register-ttl-s 5",
+        help="basic (the defaults shown) or fleet: 1,000 sessions on 3 nodes at 16 B/s (a write every "
+        "4 s), 15 min, node faults, token-service restarts and Redis failovers, relays with "
+        "--register-ttl-s 5",
     )
     p.add_argument(
         "--redis",
@@ -170,11 +172,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         help="one Redis (basic) or a primary + replica + Sentinel (fleet; needed by redis_failover)",
     )
     p.add_argument(
+        "--write-every",
+        type=parse_duration,
+        default=None,
+        help="at low rates, one write per direction about this often (1s; fleet: 4s)",
+    )
+    p.add_argument(
         "--ramp", type=float, default=None, help="sessions started per second (all at once; fleet: 50)"
     )
     p.add_argument("--faults", type=int, default=None, help="stop after this many faults (no limit)")
     p.add_argument(
-        "--rate", type=float, default=None, help="bytes/s per direction per session (16384; fleet: 64)"
+        "--rate", type=float, default=None, help="bytes/s per direction per session (16384; fleet: 16)"
     )
     p.add_argument("--gap", type=_pair, default=None, help="calm between faults, MIN,MAX (2s,6s)")
     p.add_argument("--outage", type=_pair, default=None, help="time a stopped process stays down (0.5s,4s)")
@@ -222,7 +230,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         seed=ns.seed,
         quick=quick,
         faults=pick(ns.faults, 5, None, 4, None),
-        rate=pick(ns.rate, 16 * 1024, 16 * 1024, 512.0, 64.0),
+        rate=pick(ns.rate, 16 * 1024, 16 * 1024, 512.0, 16.0),
+        write_every=pick(ns.write_every, 1.0, 1.0, 1.0, 4.0),
         gap=pick(ns.gap, (0.3, 1.0), (2.0, 6.0), (0.3, 1.0), (5.0, 15.0)),
         # fleet: outages around the 5 s registration TTL, so some dead nodes' sessions move
         outage=pick(ns.outage, (0.2, 1.0), (0.5, 4.0), (2.0, 3.0), (1.0, 10.0)),
@@ -261,7 +270,7 @@ class _Run:
             f"chaos-{config.seed}-{os.getpid()}",
             config.sessions,
             seed=config.seed,
-            config=TrafficConfig.for_rate(config.rate),
+            config=TrafficConfig.for_rate(config.rate, every_s=config.write_every),
             clock=self.clock,
             url_to_node=url_to_node,
             http=http,
@@ -554,6 +563,7 @@ def build_report(run: _Run) -> dict[str, Any]:
             "relay_args": list(config.relay_args),
             "max_faults": config.faults,
             "rate_bytes_per_s": config.rate,
+            "write_every_s": config.write_every,
             "gap_s": list(config.gap),
             "outage_s": list(config.outage),
             "recovery_timeout_s": config.recovery_timeout,
