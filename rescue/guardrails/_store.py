@@ -14,6 +14,7 @@ is a value, and the only literal braces are the ``{nodes}`` hash tag of the node
     fallback:{nodes}:<node_id>                  str   JSON {"id", "url", "draining"} / short TTL
     fallback:assign:<blake2b(session_id)>       str   node id       TTL = token lifetime, kept alive
                                                               by the node holding the session live
+    fallback:cti:<blake2b(cti)>                 str   "1": the token's one connection  TTL = its life
 
 Every atomic operation touches keys of one hash slot (Redis Cluster): one key each, except the
 node registry, whose set and records share the ``{nodes}`` hash tag.
