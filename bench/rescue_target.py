@@ -10,6 +10,11 @@ Like ``rescue relay``, it tunes the garbage collector once the node is up
 (:func:`rescue.relay.tune_gc`), and at exit it writes one ``gc: ...`` line to stderr (the log
 file): collections per generation, the time they took, and the last full collections.
 
+With ``--census DIR`` (``bench/memory_census.py``) it traces allocations from the start
+(:mod:`tracemalloc`) and, on each ``SIGUSR1``, collects garbage and writes ``DIR/census-<n>.pickle``
+(the tracemalloc snapshot) and ``DIR/census-<n>.json`` (live GC-tracked objects by type, RSS), then
+``DIR/census-<n>.done``.
+
 Usage: ``python bench/rescue_target.py --keys JWKS --port 0`` prints ``READY port=<n>``.
 """
 
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import signal
 import sys
 import time
@@ -75,8 +82,59 @@ def gc_probe() -> Callable[[], str]:
     return summary
 
 
+# Frames kept per traced allocation: enough to see which relay line made a trio task or a dict.
+CENSUS_FRAMES = 12
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def write_census(directory: Path, n: int) -> None:
+    """One census: the tracemalloc snapshot and live GC-tracked objects by type (``--census``)."""
+    import tracemalloc
+
+    gc.collect()
+    rss = _rss_kb()
+    by_type: dict[str, list[int]] = {}
+    for obj in gc.get_objects():
+        t = type(obj)
+        name = f"{t.__module__}.{t.__qualname__}"
+        entry = by_type.setdefault(name, [0, 0])
+        entry[0] += 1
+        entry[1] += sys.getsizeof(obj)
+    snapshot = tracemalloc.take_snapshot()
+    snapshot.dump(str(directory / f"census-{n}.pickle"))
+    traced, _peak = tracemalloc.get_traced_memory()
+    (directory / f"census-{n}.json").write_text(
+        json.dumps({"rss_kb": rss, "traced": traced, "types": by_type})
+    )
+    (directory / f"census-{n}.done").touch()
+
+
+async def _census_on_signal(
+    directory: Path, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with scope, trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        task_status.started()  # before READY: a SIGUSR1 before this would kill the process
+        n = 0
+        async for _ in signals:
+            write_census(directory, n)
+            n += 1
+
+
 async def main(
-    keys: str, port: int, log_level: str, read_coalesce: str, quiet_after: float, quiet_tick: float
+    keys: str,
+    port: int,
+    log_level: str,
+    read_coalesce: str,
+    quiet_after: float,
+    quiet_tick: float,
+    census: Path | None = None,
 ) -> None:
     from rescue._log import configure_logging
     from rescue.relay import Relay, RelayConfig, tune_gc
@@ -97,19 +155,24 @@ async def main(
     )
     relay = Relay(config)
     report = gc_probe()
+    census_scope = trio.CancelScope()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(relay.run)
             tune_gc()  # what `rescue relay` does once the node is up
+            if census is not None:
+                await nursery.start(_census_on_signal, census, census_scope)
             print(f"READY port={addresses.port}", flush=True)
             async for _ in signals:
                 relay.shutdown()
+                census_scope.cancel()
                 break
     print(report(), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # RESCUE_TARGET_TREE: run another checkout's relay (before/after runs, bench/memory_census.py)
+    sys.path.insert(0, os.environ.get("RESCUE_TARGET_TREE") or str(Path(__file__).resolve().parent.parent))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", required=True, help="JWK set file")
     parser.add_argument("--port", type=int, default=0)
@@ -123,7 +186,21 @@ if __name__ == "__main__":
     parser.add_argument(
         "--quiet-tick", type=float, default=0.1, help="seconds between looks at quiet sockets"
     )
+    parser.add_argument(
+        "--census", type=Path, help="trace allocations; write a census to this directory on SIGUSR1"
+    )
     args = parser.parse_args()
+    if args.census is not None:
+        import tracemalloc
+
+        tracemalloc.start(CENSUS_FRAMES)
     trio.run(
-        main, args.keys, args.port, args.log_level, args.read_coalesce, args.quiet_after, args.quiet_tick
+        main,
+        args.keys,
+        args.port,
+        args.log_level,
+        args.read_coalesce,
+        args.quiet_after,
+        args.quiet_tick,
+        args.census,
     )
