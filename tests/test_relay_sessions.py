@@ -10,6 +10,8 @@ port 0 and bounds itself with ``trio.fail_after``; time-based behaviour runs on 
 
 from __future__ import annotations
 
+import collections
+import gc
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,13 +23,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rescue._codes import CloseCode
+from rescue._tracing import RecordedSpan
 from rescue.protocol import Close, Flags, Hello, Kind, Role, SigningKey, encode_frame, encode_header
 from rescue.relay import Relay, RelayAddresses
-from rescue.testing import TestKeys, TestPeer, relay_test_config
+from rescue.testing import TestKeys, TestPeer, peer_conn, relay_test_config
 from rescue.websocket import (
     CloseFrameReceived,
     FrameParser,
     Opcode,
+    WebSocketConnection,
     build_frame,
     build_request,
     connect_websocket,
@@ -229,6 +233,66 @@ async def test_peer_close_ends_the_session_for_both(start_relay: StartRelay) -> 
         with trio.fail_after(5):
             while len(env.relay.table):
                 await trio.sleep(0.01)
+
+
+# ------------------------------------------------------------------------------------------------
+# what an idle connection keeps (docs/perf/memory.md): structure, not bytes
+
+
+def session_tasks() -> collections.Counter[str]:
+    """The relay's session and connection tasks running in this trio run, by coroutine name."""
+    names: collections.Counter[str] = collections.Counter()
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        name = task.coro.__qualname__
+        if name.startswith(("Session.", "PeerLink.")):
+            names[name] += 1
+        todo.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return names
+
+
+async def test_an_idle_connection_is_one_task_and_a_writer_exists_only_while_output_waits(
+    start_relay: StartRelay,
+) -> None:
+    env = await start_relay()
+    with trio.fail_after(TEST_TIMEOUT):
+        host, guest = await env.pair()
+        beat = encode_frame(Kind.HEARTBEAT, seq=5)
+        await guest.send(beat)
+        assert await guest.receive() == beat  # echoed
+        # a session: its own task (the timer) and one parked reader per connection; no writers
+        assert session_tasks() == {"Session.run": 1, "PeerLink.run": 2}
+        link = peer_conn(env.relay, "s1", Role.GUEST)
+        assert not link.writing
+        # the guest stops reading: once its socket is full, a writer task takes the rest
+        body = bytes(60_000)
+        sent = 0
+        while not link.writing:  # (the host is held only after the guest's queue is full)
+            sent += 1
+            await host.send(data(sent, body))
+        assert session_tasks()["PeerLink._writer_task"] == 1
+        # the guest reads everything: the writer finishes and ends; back to one task per connection
+        for seq in range(1, sent + 1):
+            assert await guest.receive() == data(seq, body)
+        while link.writing:
+            await trio.sleep(0.005)
+        assert session_tasks() == {"Session.run": 1, "PeerLink.run": 2}
+
+
+async def test_a_connection_keeps_neither_its_handshake_span_nor_its_upgrade_headers(
+    start_relay: StartRelay,
+) -> None:
+    env = await start_relay()
+    with trio.fail_after(TEST_TIMEOUT):
+        await env.pair()
+        gc.collect()
+        # a task started inside the handshake's record_span would keep that record in its context
+        assert not [o for o in gc.get_objects() if isinstance(o, RecordedSpan)]
+        for role in Role:
+            transport = peer_conn(env.relay, "s1", role).transport
+            assert isinstance(transport, WebSocketConnection)
+            assert transport.request_headers == ()
 
 
 # ------------------------------------------------------------------------------------------------

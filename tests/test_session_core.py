@@ -33,6 +33,7 @@ from rescue.protocol import (
     encode_header,
 )
 from rescue.sessions import RELAY_HEARTBEAT, Link, RelayStats, SessionCore, SessionLimits
+from rescue.sessions._config import MAX_RECENT_NONCES
 from rescue.sessions._core import (
     ACTIONS,
     ACTIVE,
@@ -296,6 +297,17 @@ def test_a_replayed_nonce_is_refused_before_anything_changes() -> None:
         shell.attach(Role.HOST, nonce=host.link.nonce)
     assert shell.core.peer(Role.HOST) is host.link
     assert not host.link.closing
+
+
+def test_the_last_max_recent_nonces_are_refused_and_older_ones_forgotten() -> None:
+    shell = Shell()
+    nonces = [os.urandom(16) for _ in range(MAX_RECENT_NONCES + 1)]
+    for nonce in nonces:
+        shell.attach(Role.HOST, nonce=nonce)  # each takes over the one before
+    for nonce in nonces[1:]:  # the newest MAX_RECENT_NONCES: replays
+        with pytest.raises(ProtocolError, match="replay"):
+            shell.attach(Role.HOST, nonce=nonce)
+    shell.attach(Role.HOST, nonce=nonces[0])  # the oldest has been forgotten (the bound)
 
 
 def test_the_last_link_leaving_ends_the_session() -> None:

@@ -34,7 +34,7 @@ import trio
 from rescue._codes import CloseCode, clip_close_reason
 from rescue._http import serve_http
 from rescue._log import get_logger, log_event, session_tag
-from rescue._tracing import RecordedSpan, record_span
+from rescue._tracing import RecordedSpan, outside_record, record_span
 from rescue.errors import ConfigError, ProtocolError, TokenError
 from rescue.guardrails import GuardrailStore
 from rescue.protocol import (
@@ -519,7 +519,8 @@ class Relay:
                 on_paired=self._on_paired,
             )
             assert self._handlers is not None
-            self._handlers.start_soon(session.run)
+            with outside_record():  # the session outlives this handshake's span
+                self._handlers.start_soon(session.run)
         # the session span (relay.session): this handshake is its parent, or a link; before attach,
         # so the attach's own lifecycle events (joined, paired) are on it
         session.trace_handshake(
@@ -531,7 +532,8 @@ class Relay:
             cohort=claims.cohort,
         )
         try:
-            conn = session.attach(ws, hello.role, hello.nonce, hello.caps, initial=batch[1:] or None)
+            with outside_record():  # the connection's task outlives this handshake's span
+                conn = session.attach(ws, hello.role, hello.nonce, hello.caps, initial=batch[1:] or None)
         except ProtocolError as exc:
             if created:
                 session.cancel()
@@ -540,6 +542,7 @@ class Relay:
         # every path, cancellation included), so this handler task can end instead of waiting:
         # one task less per connection (~2.5 KB each at 10,000 idle connections).
         ws.detach()
+        ws.request_headers = ()  # read by the handshake only; ~1 KB per connection kept otherwise
         if self.poller is not None:
             ws.use_poller(self.poller, conn.offer)
         recorded.set_attribute("created", created)

@@ -34,7 +34,6 @@ without waiting for the old socket's closing handshake.
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Final, Generic, TypeVar
 
 from rescue._codes import CloseCode, clip_close_reason
@@ -229,7 +228,9 @@ class Link(Generic[H]):
         # outbound: priority list (heartbeat echoes) and the bounded FIFO of batches; q_* count
         # what is queued plus what the shell took and has not finished writing
         self._prio: list[bytes] = []
-        self._fifo: deque[list[bytes]] = deque()
+        # a list, not a deque: batches only go in at the end and all come out at once
+        # (take_output), and an empty deque holds a 64-slot block (~600 B per connection)
+        self._fifo: list[list[bytes]] = []
         self._fifo_t0 = 0.0
         self.q_frames = self.q_bytes = 0
         self.peak_frames = self.peak_bytes = 0
@@ -307,7 +308,7 @@ class SessionCore(Generic[H]):
         # the role slots, by Link.index (host, guest); read-only for the shell
         self.slots: list[Link[H] | None] = [None, None]
         self._seen = [False, False]
-        self._nonces: deque[bytes] = deque(maxlen=MAX_RECENT_NONCES)
+        self._nonces: list[bytes] = []  # the last MAX_RECENT_NONCES (a list: a deque is ~600 B)
         self.paired = False
         self._ending = False  # a peer sent CLOSE (or close_all): no PEER left, no grace
         self.ended = False  # the last link left: no new connections
@@ -373,6 +374,8 @@ class SessionCore(Generic[H]):
             raise RuntimeError("session has ended")
         if nonce in self._nonces:
             raise ProtocolError("HELLO replay: this nonce was already used in this session")
+        if len(self._nonces) >= MAX_RECENT_NONCES:
+            del self._nonces[0]
         self._nonces.append(nonce)
         link: Link[H] = Link(role, nonce, caps, handle, now, self.limits)
         index = link.index

@@ -46,8 +46,12 @@ _LOG = get_logger("rescue.sessions")
 class PeerLink:
     """One peer connection of a session: its transport and its two pumps (run in the session's nursery).
 
-    Made by :meth:`Session.attach`, which starts :meth:`run` in the session's nursery. Everything
-    it owns (both pumps, its socket) ends with that task.
+    Made by :meth:`Session.attach`, which starts :meth:`run` in the session's nursery. That task
+    is the reader; a writer exists only while there is output that one ``send_nowait`` could not
+    take (a full socket, the tail of a partial write): it is started in the session's nursery then
+    and ends when the output is written. An idle connection is one parked task (~2-3 KB less per
+    connection than a standing writer and a nursery of its own: ``docs/perf/memory.md``).
+    Everything it owns (its tasks, its socket) ends with :meth:`run`.
 
     Args:
         transport: the connection (a WebSocket after the upgrade).
@@ -62,13 +66,13 @@ class PeerLink:
         "_clean",
         "_dead",
         "_done",
+        "_finished",
         "_in_hand",
         "_initial",
         "_reader_scope",
         "_resume",
-        "_wake",
+        "_writer",
         "_writer_scope",
-        "_writing",
         "link",
         "session",
         "transport",
@@ -79,42 +83,52 @@ class PeerLink:
         self.session = session
         self.link: Link[PeerLink]
         self._initial = initial
-        self._wake = trio.lowlevel.ParkingLot()  # the writer waits here for work
-        self._resume = trio.lowlevel.ParkingLot()  # the reader waits here while its input is held
+        # Made when first needed: most connections never hold input or wait to be written.
+        self._resume: trio.lowlevel.ParkingLot | None = None  # the reader waits here while its input is held
         self._reader_scope = trio.CancelScope()
-        self._writer_scope = trio.CancelScope()
-        self._writing = False  # the writer task is in a send
+        # Set while a task runs the write loop (the writer task, or run() flushing at the close):
+        # set when that loop ends. None: nobody is writing, output goes out with send_nowait.
+        self._writer: trio.Event | None = None
+        self._writer_scope: trio.CancelScope | None = None  # the writer task's (close deadline)
         self._in_hand: list[bytes] | None = None  # a taken batch the writer must write next
         self._dead = False
         self._clean = False
-        self._done = trio.Event()
+        self._finished = False
+        self._done: trio.Event | None = None  # made by wait_done()
 
     def statistics(self) -> dict[str, int | bool]:
         """A snapshot of the outbound queue (for ``/debug/stats``)."""
         return self.link.statistics()
 
+    @property
+    def writing(self) -> bool:
+        """Whether a writer is running (output that ``send_nowait`` could not take is being written)."""
+        return self._writer is not None
+
     async def wait_done(self) -> None:
         """Wait until the connection's task has finished and its socket is closed or aborted."""
+        if self._finished:
+            return
+        if self._done is None:
+            self._done = trio.Event()
         await self._done.wait()
 
     # ------------------------------------------------------------------------------------------
     # what the session asks for (sync; from any task)
 
     def pump(self, now: float) -> None:
-        """The core queued output for this link: write it now if the writer is idle, else wake it."""
-        if self._writing or self._in_hand is not None:
-            if self._wake:
-                self._wake.unpark_all()
-            return
+        """The core queued output for this link: write it now unless a writer runs (it takes it next)."""
+        if self._writer is not None:
+            return  # the running writer takes it after its current write
         messages = self.session.core.take_output(self.link)
         if messages is not None:
             self.write_now(messages, now)
 
     def write_now(self, messages: list[bytes], now: float) -> None:
-        """Write a batch the core gave this link (taken) with one ``send_nowait``, else hand it to the writer.
+        """Write a batch the core gave this link (taken) with one ``send_nowait``, else hand it to a writer.
 
-        Only called while the writer task is not writing and has nothing in hand (the core gives
-        a link one batch at a time, until :meth:`SessionCore.sent`), so the socket has one sender.
+        Only called while no writer is in a write (the core gives a link one batch at a time,
+        until :meth:`SessionCore.sent`), so the socket has one sender.
         """
         transport = self.transport
         if not self.link.closing and transport.send_nowait(messages):
@@ -126,8 +140,16 @@ class PeerLink:
                 return
             messages = []  # the transport keeps the tail: the writer's next send writes it first
         self._in_hand = messages
-        if self._wake:
-            self._wake.unpark_all()
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        """Start the writer task in the session's nursery, unless a writer runs already."""
+        if self._writer is not None:
+            return  # it takes what is in hand next
+        done = trio.Event()
+        if self.session.start_task(self._writer_task, done):
+            self._writer = done
+        # else the session has not started yet: run() starts the writer when it begins
 
     def resume(self) -> None:
         """The core let this link's held input go: the reader hands its batch in again."""
@@ -137,8 +159,8 @@ class PeerLink:
     def begin_close(self) -> None:
         """The core decided to close this link: stop reading, bound the writer by the close deadline."""
         self._reader_scope.cancel()
-        self._writer_scope.deadline = self.link.close_deadline
-        self._wake.unpark_all()
+        if self._writer_scope is not None:
+            self._writer_scope.deadline = self.link.close_deadline
 
     # ------------------------------------------------------------------------------------------
     # input: the fast path (the poller's read-ahead) and the slow path (the reader task)
@@ -176,6 +198,8 @@ class PeerLink:
             session.apply(self, flags, batch, now)
             if not flags & HOLD:
                 return
+            if self._resume is None:
+                self._resume = trio.lowlevel.ParkingLot()
             await self._resume.park()  # until RESUME (room, the rate wait is over) or the close
             if link.closing:
                 return
@@ -202,70 +226,102 @@ class PeerLink:
     # ------------------------------------------------------------------------------------------
     # output
 
-    async def _writer(self) -> None:
+    async def _write_out(self) -> None:
+        """Write what is in hand and what the core gives, until there is nothing (or the link closes)."""
         transport = self.transport
         session = self.session
         core = session.core
         link = self.link
-        with self._writer_scope:
-            try:
-                while True:
-                    if link.closing and not link.flush:
-                        return
-                    messages = self._in_hand
-                    if messages is None:
-                        messages = core.take_output(link)
-                        if messages is None:
-                            if link.closing:
-                                return
-                            await self._wake.park()
-                            continue
-                    self._in_hand = None
-                    self._writing = True
-                    try:
-                        await transport.send_messages(messages)  # an unsent tail goes out first
-                    finally:
-                        self._writing = False
-                    now = trio.current_time()
-                    session.apply(self, core.sent(link, now), messages, now)
-            except ProtocolError:
-                return  # the reader hit a framing error and is closing the connection with its code
-            except TRANSPORT_ERRORS:
-                session.lost(self)
+        while True:
+            if link.closing and not link.flush:
                 return
-        if self._writer_scope.cancelled_caught:
-            # the close deadline passed mid-write: the stream is in an unknown state
-            self._dead = True
+            messages = self._in_hand
+            if messages is None:
+                messages = core.take_output(link)
+                if messages is None:
+                    return
+            self._in_hand = None
+            await transport.send_messages(messages)  # an unsent tail goes out first
+            now = trio.current_time()
+            session.apply(self, core.sent(link, now), messages, now)
+
+    async def _writer_task(self, done: trio.Event) -> None:
+        """The writer, in the session's nursery: while output is left that ``send_nowait`` could not take."""
+        scope = self._writer_scope = trio.CancelScope(deadline=self.link.close_deadline)
+        try:
+            with scope:
+                await self._write_out()
+        except ProtocolError:
+            pass  # the reader hit a framing error and is closing the connection with its code
+        except TRANSPORT_ERRORS:
+            self.session.lost(self)
+        except Exception:
+            # A bug in one connection must not take the node down: log it and drop the socket.
+            self._internal_error()
+            self.session.lost(self)
+        finally:
+            if scope.cancelled_caught:
+                self._dead = True  # the close deadline passed mid-write: the stream's state is unknown
+            self._writer_scope = None
+            self._writer = None
+            done.set()
+
+    async def _flush(self) -> None:
+        """After the reader: write what a flushing close still owes (run's own task, close deadline)."""
+        link = self.link
+        if self._dead or (link.closing and not link.flush):
+            return
+        done = self._writer = trio.Event()  # nobody starts a writer task meanwhile
+        try:
+            with trio.move_on_at(link.close_deadline) as scope:
+                await self._write_out()
+            if scope.cancelled_caught:
+                self._dead = True
+        except ProtocolError:
+            pass
+        except TRANSPORT_ERRORS:
+            self.session.lost(self)
+        finally:
+            self._writer = None
+            done.set()
+
+    def _internal_error(self) -> None:
+        self.session.core.stats.internal_errors += 1
+        _LOG.error("relay.connection_error", exc_info=True, extra={"event": "relay.connection_error"})
 
     # ------------------------------------------------------------------------------------------
     # the connection task
 
     async def run(self) -> None:
-        """Run both pumps, then close the socket; started by the session in its nursery.
+        """Read until the link closes, then flush, close the socket; started by the session in its nursery.
 
         Resource handling:
             The transport is closed (bounded by the close deadline) or aborted before this
-            returns, whatever happens.
+            returns, whatever happens; a writer task it started has ended.
 
         Cancellation:
             Cancelling (the session or the node tearing down) skips the closing handshake and aborts
             the socket.
         """
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reader)
-                await self._writer()
-                nursery.cancel_scope.cancel()
+            if self._in_hand is not None:
+                self._start_writer()  # output from before this task ran
+            await self._reader()
+            writer = self._writer
+            if writer is not None:
+                await writer.wait()  # bounded by the close deadline (begin_close)
+            await self._flush()
             await self._finish_close()
-        except* Exception as group:
+        except Exception:
             # A bug in one connection must not take the node down: log it and drop the socket.
-            self.session.core.stats.internal_errors += 1
-            _LOG.error("relay.connection_error", exc_info=group, extra={"event": "relay.connection_error"})
+            self._internal_error()
         finally:
             self.session.lost(self)
             if not self._clean:
                 self.transport.abort()
-            self._done.set()
+            self._finished = True
+            if self._done is not None:
+                self._done.set()
 
     async def _finish_close(self) -> None:
         link = self.link

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
@@ -247,6 +247,13 @@ class Session:
             if now >= timer.deadline:
                 core.tick(now)
                 self._run_actions()
+
+    def start_task(self, fn: Callable[[trio.Event], Awaitable[object]], arg: trio.Event) -> bool:
+        """Start ``fn(arg)`` in the session's nursery (a link's writer); False before :meth:`run` began."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, arg)
+        return True
 
     def cancel(self) -> None:
         """Tear the session down now: every connection is aborted, no closing handshake."""
