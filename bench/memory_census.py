@@ -39,50 +39,22 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
 from bench import _proc
-from bench.loadgen import Scenario, Target, raise_nofile
-from bench.run import CONNECT_WAIT_S, _Lines, _Worker
-from bench.targets import ROOT, TARGETS, KeyMaterial, Running, TargetDef, start_target
+from bench.loadgen import Scenario, raise_nofile
+from bench.run import CONNECT_WAIT_S, _Worker, start_worker
+from bench.targets import ROOT, TARGETS, KeyMaterial, Running, start_target
 
 # Longest wait for the relay to write one census (gc + snapshot of ~a million traces).
 CENSUS_WAIT_S: Final = 300.0
 # Rows per table in the report.
 TOP: Final = 25
 PACKAGE_MARK: Final = f"{os.sep}rescue{os.sep}"
-
-
-async def _start_worker(
-    defn: TargetDef, port: int, keys: KeyMaterial, scenario: Scenario, log_dir: Path, tag: str
-) -> _Worker:
-    config = {
-        "target": asdict(
-            Target(
-                name=defn.name,
-                transport=defn.transport,
-                port=port,
-                path=defn.path,
-                key_file=str(keys.key_file),
-            )
-        ),
-        "scenario": asdict(scenario),
-        "tag": tag,
-    }
-    with (log_dir / f"loadgen-census-{tag}.log").open("ab") as err:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "bench.loadgen", "--worker", json.dumps(config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            cwd=str(ROOT),
-        )
-    assert proc.stdout is not None
-    return _Worker(proc, _Lines(proc.stdout))
 
 
 async def _census(relay: Running, directory: Path, n: int) -> dict[str, Any]:
@@ -117,7 +89,8 @@ async def one_pass(
             mode="idle", sessions=args.connections // 2, heartbeat_s=args.heartbeat, connect_concurrency=128
         )
         tag = "traced" if census_dir is not None else "rss"
-        worker = await _start_worker(defn, relay.port, keys, scenario, log_dir, tag)
+        log = log_dir / f"loadgen-census-{tag}.log"
+        worker = await start_worker(defn, relay.port, keys, scenario, log, tag)
         with trio.fail_after(CONNECT_WAIT_S * (3 if census_dir is not None else 1)):
             connected = await worker.lines.next()
         out["connections"] = connected["connections"]
@@ -135,11 +108,7 @@ async def one_pass(
         out["conn_errors"] = result.get("conn_errors", 0)
     finally:
         if worker is not None:
-            with trio.move_on_after(10):
-                await worker.process.wait()
-            if worker.process.returncode is None:
-                worker.process.kill()
-                await worker.process.wait()
+            await worker.reap()
         await relay.stop()
     return out
 

@@ -113,6 +113,43 @@ class _Worker:
         assert self.process.stdin is not None
         await self.process.stdin.send_all(cmd.encode() + b"\n")
 
+    async def reap(self) -> None:
+        """Wait up to 10 s for the worker to exit, then kill it."""
+        with trio.move_on_after(10):
+            await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def start_worker(
+    defn: TargetDef, port: int, keys: KeyMaterial | None, scenario: Scenario, log: Path, tag: str
+) -> _Worker:
+    """Start one load-generator worker process against ``defn`` on ``port`` (stderr to ``log``)."""
+    config = {
+        "target": asdict(
+            Target(
+                name=defn.name,
+                transport=defn.transport,
+                port=port,
+                path=defn.path,
+                key_file=str(keys.key_file) if keys and defn.needs_keys else None,
+            )
+        ),
+        "scenario": asdict(scenario),
+        "tag": tag,
+    }
+    with log.open("ab") as err:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "bench.loadgen", "--worker", json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=str(ROOT),
+        )
+    assert proc.stdout is not None
+    return _Worker(proc, _Lines(proc.stdout))
+
 
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
@@ -137,29 +174,9 @@ async def run_step(
         rss_empty = _proc.rss_kb(relay.pid)
         counts = [n for n in _split(step.scenario.sessions, step.workers) if n]
         for i, n in enumerate(counts):
-            config = {
-                "target": asdict(
-                    Target(
-                        name=defn.name,
-                        transport=defn.transport,
-                        port=relay.port,
-                        path=defn.path,
-                        key_file=str(keys.key_file) if keys and defn.needs_keys else None,
-                    )
-                ),
-                "scenario": asdict(replace(step.scenario, sessions=n)),
-                "tag": f"{stamp}-{i}",
-            }
-            with (log_dir / f"loadgen-{defn.name}-{i}.log").open("ab") as err:
-                proc = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "bench.loadgen", "--worker", json.dumps(config)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=err,
-                    cwd=str(ROOT),
-                )
-            assert proc.stdout is not None
-            workers.append(_Worker(proc, _Lines(proc.stdout)))
+            scenario = replace(step.scenario, sessions=n)
+            log = log_dir / f"loadgen-{defn.name}-{i}.log"
+            workers.append(await start_worker(defn, relay.port, keys, scenario, log, f"{stamp}-{i}"))
         with trio.fail_after(CONNECT_WAIT_S):
             connected = [await wk.lines.next() for wk in workers]
         row["connect_s"] = max(c["connect_s"] for c in connected)
@@ -226,11 +243,7 @@ async def run_step(
         row["passed"] = _passed(row)
     finally:
         for wk in workers:
-            with trio.move_on_after(10):
-                await wk.process.wait()
-            if wk.process.returncode is None:
-                wk.process.kill()
-                await wk.process.wait()
+            await wk.reap()
         await relay.stop()
     return row
 
