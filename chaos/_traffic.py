@@ -207,10 +207,19 @@ class TokenLog:
         url_to_node: relay URL -> node id.
     """
 
-    def __init__(self, clock: Callable[[], float], url_to_node: dict[str, str]) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        url_to_node: dict[str, str],
+        *,
+        concurrency: int | None = None,
+    ) -> None:
         self.clock = clock
         self.url_to_node = url_to_node
         self.fetches: list[TokenFetch] = []
+        # At most this many requests in flight from this process (the rest wait here, which is
+        # cheap, instead of in the HTTP client's pool, whose bookkeeping grows with its queue).
+        self.limiter = trio.CapacityLimiter(concurrency) if concurrency else None
 
     def provider(self, inner: TokenProvider, peer: str) -> TokenProvider:
         """``inner``, recording each call (a fresh token per connect is the SDK's business)."""
@@ -218,7 +227,11 @@ class TokenLog:
         async def fetch() -> TokenGrant:
             at, started = self.clock(), trio.current_time()
             try:
-                grant = await inner()
+                if self.limiter is not None:
+                    async with self.limiter:
+                        grant = await inner()
+                else:
+                    grant = await inner()
             except RescueError as exc:
                 self.fetches.append(
                     TokenFetch(peer, at, trio.current_time() - started, None, type(exc).__name__)
@@ -622,6 +635,8 @@ class SessionGroup:
         url_to_node: relay URL -> node id.
         http: the shared HTTP client for token fetches (it stays the caller's).
         throughput: the meter (a per-second one by default).
+        token_concurrency: token requests in flight at once from all the sessions (no bound by
+            default); give the shared client's pool size.
     """
 
     def __init__(
@@ -635,11 +650,12 @@ class SessionGroup:
         url_to_node: dict[str, str],
         http: httpx.AsyncClient | None = None,
         throughput: Throughput | None = None,
+        token_concurrency: int | None = None,
     ) -> None:
         self.clock = clock
         self.throughput = throughput or Throughput()
         self.episodes: list[Episode] = []
-        self.token_log = TokenLog(clock, url_to_node)
+        self.token_log = TokenLog(clock, url_to_node, concurrency=token_concurrency)
         self.sessions = [
             SessionRun(
                 f"{prefix}-{i}",

@@ -20,7 +20,7 @@ unasked; and (every run, the point of ``--scenario fleet``) the two peers of a s
 connected to different nodes, as every node's ``/debug/stats`` says after each fault.
 
 ``--scenario fleet`` is the fleet-scale preset: 1,000 sessions on 3 nodes at 16 B/s per direction
-(what a shared 2-core machine carries next to the fleet itself), started at 50 sessions/s, relays
+(what a shared 2-core machine carries next to the fleet itself), started at 25 sessions/s, relays
 registering for 5 s (``--register-ttl-s 5``: a dead node's sessions move within seconds), and a
 mix of node SIGKILLs and SIGTERMs, token-service restarts, Redis failovers (a primary, a replica
 and a Sentinel: ``--redis sentinel``, the fleet default) and a few peer drops. Per fault kind it
@@ -75,7 +75,10 @@ TARGET_RECONNECT_PCT: Final = 99.5
 WARMUP_TIMEOUT_S: Final = 60.0
 # Token fetches of many sessions share one HTTP client (see SessionRun.http): its pool bound and
 # the SDK's own request timeout.
-HTTP_MAX_CONNECTIONS: Final = 200
+HTTP_MAX_CONNECTIONS: Final = 32
+# Warm-up allowance per session on top of WARMUP_TIMEOUT_S (a thousand sessions connect in
+# minutes on a loaded, niced 2-core box).
+WARMUP_PER_SESSION_S: Final = 0.25
 TOKEN_TIMEOUT_S: Final = 10.0
 # How often the unexpected-exit watcher looks at the processes.
 CRASH_POLL_S: Final = 0.5
@@ -178,7 +181,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         help="at low rates, one write per direction about this often (1s; fleet: 4s)",
     )
     p.add_argument(
-        "--ramp", type=float, default=None, help="sessions started per second (all at once; fleet: 50)"
+        "--ramp", type=float, default=None, help="sessions started per second (all at once; fleet: 25)"
     )
     p.add_argument("--faults", type=int, default=None, help="stop after this many faults (no limit)")
     p.add_argument(
@@ -248,7 +251,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         log_level=ns.log_level,
         scenario=ns.scenario,
         redis=pick(ns.redis, "single", "single", "sentinel", "sentinel"),
-        ramp=pick(ns.ramp, None, None, None, 50.0),
+        ramp=pick(ns.ramp, None, None, None, 25.0),
         relay_args=(FLEET_SMOKE_RELAY_ARGS if quick else FLEET_RELAY_ARGS) if fleet else (),
     )
 
@@ -274,6 +277,7 @@ class _Run:
             clock=self.clock,
             url_to_node=url_to_node,
             http=http,
+            token_concurrency=HTTP_MAX_CONNECTIONS,
         )
         self.sessions = self.group.sessions
         self.episodes: list[Episode] = self.group.episodes
@@ -361,7 +365,9 @@ class _Run:
                         await service.start()
 
     async def warm_up(self) -> None:
-        if not await wait_flowing(self.sessions, WARMUP_TIMEOUT_S):
+        if not await wait_flowing(
+            self.sessions, WARMUP_TIMEOUT_S + WARMUP_PER_SESSION_S * len(self.sessions)
+        ):
             raise FleetError("sessions did not all connect and start flowing within the warm-up")
 
     async def run(self) -> None:
