@@ -112,6 +112,14 @@ async def _mint(http: httpx.AsyncClient, api: str, session: str) -> httpx.Respon
     return await http.post(f"{api}/v1/fallback/token", json={"session_id": session, **TOKEN_BODY})
 
 
+async def _mint_once_registered(fleet: Any, http: httpx.AsyncClient, session: str) -> httpx.Response:
+    """Mint once the relays registered again: the lost data took their registrations with it, and
+    a node renews its own every third of its TTL (until then a mint is 503 no_relay_available)."""
+    while sorted(await fleet.registered_nodes()) != sorted(fleet.relay_admin_ports):
+        await trio.sleep(0.05)
+    return await _mint(http, fleet.api_url, session)
+
+
 async def _status_once_answered(fleet: Any) -> dict[str, Any]:
     # a restarted Redis is noticed within the store breaker's probe interval: 503 until then
     while (status := await fleet.fleet_status()) is None:
@@ -119,17 +127,18 @@ async def _status_once_answered(fleet: Any) -> dict[str, Any]:
     return status
 
 
-async def _handshake_refused(relay_url: str, token: bytes, session: str) -> int | None:
-    """Connect until the relay has seen the pause (its status poll, ≤ 1 s); the close code."""
-    while True:
-        peer = await TestPeer.connect(relay_url, token=token, session=session, expect_welcome=False)
-        first = await peer.receive()
-        if first[1] != Kind.WELCOME:  # the relay refused
-            closed = await peer.wait_closed(first_message=first)
-            peer.abort()
-            return closed.wire_code
-        peer.abort()
-        await trio.sleep(0.1)
+async def _handshake_refused(fleet: Any, relay_url: str, token: bytes, session: str) -> int | None:
+    """Once every relay says it is not ready (it has seen the pause: its status poll, ≤ 1 s), one
+    handshake with ``token``; the close code it gets."""
+    for node_id in fleet.relay_admin_ports:
+        while await fleet.relay_ready(node_id):
+            await trio.sleep(0.05)
+    peer = await TestPeer.connect(relay_url, token=token, session=session, expect_welcome=False)
+    first = await peer.receive()
+    assert first[1] != Kind.WELCOME, "a paused relay welcomed a handshake"
+    closed = await peer.wait_closed(first_message=first)
+    peer.abort()
+    return closed.wire_code
 
 
 async def _lose_data_and_check_fail_closed(
@@ -145,7 +154,7 @@ async def _lose_data_and_check_fail_closed(
     metrics = (await http.get(f"{fleet.api_url}/metrics")).text
     assert "beach_fallback_store_initialised 0.0" in metrics
     # the relay's view: a token minted before the loss no longer gets a handshake
-    assert await _handshake_refused(relay_url, early_token, session) == CloseCode.GUARDRAIL_TRIPPED
+    assert await _handshake_refused(fleet, relay_url, early_token, session) == CloseCode.GUARDRAIL_TRIPPED
     # resume is not the confirmation: the answer still says paused, and why
     resumed = await fleet.admin("resume", "--reason", "trying")
     assert (resumed["paused"], resumed["reason"]) == (True, STORE_UNINITIALISED_REASON)
@@ -174,7 +183,7 @@ async def test_redis_restarted_empty_or_flushed_fails_closed_until_init_store(tm
             state = await fleet.init_store("redis came back empty")
             assert (state["paused"], state["reason"]) == (True, "incident 11 (re-applied)")
             await fleet.admin("resume")
-            assert (await _mint(http, fleet.api_url, "s2")).status_code == 200
+            assert (await _mint_once_registered(fleet, http, "s2")).status_code == 200
 
             # 2. FLUSHALL (a failover to an empty replica looks the same)
             client = redis.Redis(unix_socket_path=str(fleet.redis_socket), socket_timeout=5)
@@ -183,7 +192,7 @@ async def test_redis_restarted_empty_or_flushed_fails_closed_until_init_store(tm
             await _lose_data_and_check_fail_closed(fleet, http, relay_url, early, "early")
             state = await fleet.init_store("flushed by a test")
             assert state["paused"] is False  # no pause was in force: minting resumes
-            assert (await _mint(http, fleet.api_url, "s4")).status_code == 200
+            assert (await _mint_once_registered(fleet, http, "s4")).status_code == 200
             log = (tmp_path / "logs" / "token-service.log").read_text()
             events = [json.loads(line)["event"] for line in log.splitlines() if line.startswith("{")]
             assert events.count("guardrail_store_uninitialised") >= 2
