@@ -1094,6 +1094,70 @@ async def test_quiet_sockets_are_looked_at_once_per_heartbeat_period_in_one_batc
             tasks.cancel_scope.cancel()
 
 
+async def test_looks_follow_when_the_heartbeat_arrived_not_when_it_was_handled(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A relay that handled the heartbeat late must not make every later look late (0015)."""
+    heartbeat, tick = 10.0, 0.5
+    poller = ReadPoller(coalesce_s=0, quiet_tick_s=tick, heartbeat_s=heartbeat)
+    await nursery.start(poller.run)
+    a, b = trio.socket.socketpair()
+    c, d = trio.socket.socketpair()
+    looked: dict[int, float] = {}
+
+    def note(fd: int) -> Callable[[], bool]:
+        def callback() -> bool:
+            looked.setdefault(fd, trio.current_time())
+            return True
+
+        return callback
+
+    with (
+        a,
+        b,
+        c,
+        d,
+        registered(poller, a, note(a.fileno())) as fd_a,
+        registered(poller, c, note(c.fileno())) as fd_c,
+    ):
+
+        async def waiter(fd: int) -> None:
+            while True:
+                await poller.wait_readable(fd)
+
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(waiter, fd_a)
+            tasks.start_soon(waiter, fd_c)
+            await wait_until(lambda: waiting(poller) == 2)
+            t0 = trio.current_time()
+            poller.set_quiet(fd_a, True, heard_s_ago=4.0)
+            poller.set_quiet(fd_c, True, heard_s_ago=1e9)  # clamped to one period
+            await trio.sleep(heartbeat + 1)
+            assert t0 - 4.0 + heartbeat <= looked[fd_a] <= t0 - 4.0 + heartbeat + tick / 2 + tick
+            assert t0 <= looked[fd_c] <= t0 + tick / 2 + tick
+            tasks.cancel_scope.cancel()
+
+
+async def test_a_tcp_connection_made_quiet_anchors_its_looks_at_the_heartbeats_arrival(
+    nursery: trio.Nursery,
+) -> None:
+    """WebSocketConnection.set_quiet asks the kernel (TCP_INFO) how long ago the data arrived."""
+    poller = ReadPoller(coalesce_s=0, quiet_tick_s=0.05, heartbeat_s=60)
+    await nursery.start(poller.run)
+    async with ws_and_raw() as (server, raw):
+        with trio.fail_after(TIMEOUT):
+            assert server.use_poller(poller)
+            await raw.send_all(heartbeat_frame())
+            await trio.sleep(0.3)
+            t = trio.current_time()
+            server.set_quiet(True)
+            sock = server._sock
+            assert sock is not None
+            look_at = poller._look_at[sock.fileno()]
+            # at least ~0.3 s before now (4 ms jiffies), one period and half a tick later
+            assert look_at <= t - 0.28 + 60 + 0.025
+
+
 def heartbeat_frame() -> bytes:
     """A client HEARTBEAT as the SDK sends it: 12-byte header, empty body, masked (18 bytes)."""
     frame = frame_binary(bytes((1, 0x02, 0, 0)) + (7).to_bytes(8, "big"), mask=True)

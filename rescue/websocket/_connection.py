@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ READ_SIZE: Final = 65536
 # (``close_timeout``): the relay its ``close_timeout_s``, the SDK its ``close_timeout_s``, so each
 # side has one configurable value.
 CLOSE_TIMEOUT: Final = 2.0
+# struct tcp_info (linux/tcp.h): bytes asked for, and where the u32 tcpi_last_data_recv (ms) sits
+_TCP_INFO_SIZE: Final = 104
+_LAST_DATA_RECV: Final = 52
 
 _buffers = threading.local()
 
@@ -111,6 +115,17 @@ class ConnectionStatistics:
     reads: int
     writes: int
     buffered: int
+
+
+def _ms_since_data_received(sock: trio.socket.SocketType) -> int:
+    """``tcpi_last_data_recv`` of Linux's ``struct tcp_info``: ms since data last arrived (0 if unknown)."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None:
+        return 0
+    info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_SIZE)
+    if len(info) < _LAST_DATA_RECV + 4:
+        return 0
+    return int.from_bytes(info[_LAST_DATA_RECV : _LAST_DATA_RECV + 4], sys.byteorder)
 
 
 def _only_messages(events: list[Event]) -> TypeGuard[list[bytes]]:
@@ -352,11 +367,14 @@ class WebSocketConnection:
         fd = sock.fileno()
         if fd < 0:
             return
+        heard_s_ago = 0.0
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, QUIET_RCVLOWAT if quiet else 1)
+            if quiet:  # when the heartbeat just read arrived (the poller's looks follow its phase)
+                heard_s_ago = _ms_since_data_received(sock) / 1000
         except OSError:
             return  # closing under us: nothing to tune
-        poller.set_quiet(fd, quiet)
+        poller.set_quiet(fd, quiet, heard_s_ago=heard_s_ago)
 
     def _read_ahead_now(self) -> bool:
         """The poller's callback while a task waits on this socket: read, parse, offer the batch.

@@ -312,20 +312,22 @@ class ReadPoller:
             except (OSError, ValueError):
                 pass  # already gone (closed elsewhere) or the epoll is closing
 
-    def set_quiet(self, fd: int, quiet: bool) -> None:
+    def set_quiet(self, fd: int, quiet: bool, *, heard_s_ago: float = 0.0) -> None:
         """Mark a registered ``fd`` quiet (looked at once per heartbeat period) or active again.
 
-        Call it right after a heartbeat was read from ``fd`` (its looks are phase-locked to that
-        moment). Readiness is dispatched at once either way; marking quiet is what lets the owner
-        raise ``SO_RCVLOWAT`` to :data:`QUIET_RCVLOWAT` (and lower it again before marking the
-        socket active) without losing heartbeats. A no-op for an fd that is not registered, or
+        Call it right after a heartbeat was read from ``fd``: its looks are phase-locked to when
+        that heartbeat *arrived*, ``heard_s_ago`` seconds ago (the kernel knows: ``TCP_INFO``;
+        a relay that ran late would otherwise make every later look late too). Readiness is
+        dispatched at once either way; marking quiet is what lets the owner raise
+        ``SO_RCVLOWAT`` to :data:`QUIET_RCVLOWAT` (and lower it again before marking the socket
+        active) without losing heartbeats. A no-op for an fd that is not registered, or
         already as asked, or when the poller is not running.
         """
         if fd not in self._registered or quiet == (fd in self._quiet) or self._active is None:
             return
         if quiet:
             self._quiet.add(fd)
-            self._schedule_look(fd, trio.current_time())
+            self._schedule_look(fd, trio.current_time() - min(max(heard_s_ago, 0.0), self.heartbeat_s))
         else:
             self._quiet.discard(fd)
             self._look_at.pop(fd, None)
