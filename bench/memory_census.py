@@ -14,7 +14,7 @@ reach the quiet set):
    connected, paired and has settled; ``(loaded - empty) / connections`` is the figure
    ``bench.run --modes idle`` reports as KB/conn. It includes what tracing cannot see: allocator
    overhead and fragmentation, and pages freed by Python but not returned to the system.
-2. **Census** (``--census``: the relay runs under :mod:`tracemalloc` from its first line): a
+2. **Census** (``--census``: the relay runs under :mod:`tracemalloc` once it is up): a
    snapshot before the first connection and one after the settle, each after a ``gc.collect()``.
    The difference, divided by the connections, is what Python allocated and still holds per
    connection, attributed three ways: by **allocation site** (file:line), by the **relay line**

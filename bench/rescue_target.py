@@ -10,7 +10,7 @@ Like ``rescue relay``, it tunes the garbage collector once the node is up
 (:func:`rescue.relay.tune_gc`), and at exit it writes one ``gc: ...`` line to stderr (the log
 file): collections per generation, the time they took, and the last full collections.
 
-With ``--census DIR`` (``bench/memory_census.py``) it traces allocations from the start
+With ``--census DIR`` (``bench/memory_census.py``) it traces allocations once the node is up
 (:mod:`tracemalloc`) and, on each ``SIGUSR1``, collects garbage and writes ``DIR/census-<n>.pickle``
 (the tracemalloc snapshot) and ``DIR/census-<n>.json`` (live GC-tracked objects by type, RSS), then
 ``DIR/census-<n>.done``.
@@ -161,6 +161,11 @@ async def main(
             addresses = await nursery.start(relay.run)
             tune_gc()  # what `rescue relay` does once the node is up
             if census is not None:
+                import tracemalloc
+
+                # from here on: what the node allocates for connections (start-up is not traced:
+                # tracing every import made the start take minutes on a loaded machine)
+                tracemalloc.start(CENSUS_FRAMES)
                 await nursery.start(_census_on_signal, census, census_scope)
             print(f"READY port={addresses.port}", flush=True)
             async for _ in signals:
@@ -190,10 +195,6 @@ if __name__ == "__main__":
         "--census", type=Path, help="trace allocations; write a census to this directory on SIGUSR1"
     )
     args = parser.parse_args()
-    if args.census is not None:
-        import tracemalloc
-
-        tracemalloc.start(CENSUS_FRAMES)
     trio.run(
         main,
         args.keys,

@@ -200,3 +200,19 @@ def test_run_cli_writes_results(tmp_path: Path) -> None:
     assert (tmp_path / "active-latest.png").stat().st_size > 0
     assert "first msg P99 ms" in (tmp_path / "results-latest.md").read_text()
     assert b" 6/6]" in done.stdout  # one progress line per step
+
+
+def test_memory_census_end_to_end(tmp_path: Path) -> None:
+    """``python -m bench.memory_census`` at tiny scale: both passes, every connection, relay lines named."""
+    argv = [sys.executable, "-m", "bench.memory_census", "--connections", "8", "--settle", "0.2"]
+    argv += ["--out", str(tmp_path)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    (report_file,) = tmp_path.glob("memory-*.json")
+    (variant,) = json.loads(report_file.read_text())["variants"]
+    assert variant["rss"]["connections"] == variant["traced"]["connections"] == 8
+    assert variant["rss"]["relay_closed"] == variant["rss"]["conn_errors"] == 0
+    analysis = variant["traced"]["analysis"]
+    assert analysis["traced_bytes_per_conn"] > 0
+    assert any(r["relay_line"].startswith("rescue/") for r in analysis["relay_lines"])
+    assert any(r["type"].endswith("WebSocketConnection") for r in variant["traced"]["types"])
