@@ -9,18 +9,21 @@ finds Redis back. The breaker itself is pure and checked with Hypothesis.
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from rescue.errors import StoreUnavailable
 from rescue.guardrails import Breaker, GuardrailConfig, Guardrails, RedisStore, store_deadline
-from rescue.guardrails._deadline import Admission
+from rescue.guardrails._deadline import Admission, current_store_budget, current_store_deadline
+from rescue.guardrails._redis import REDIS_THREADS
 from rescue.protocol import SigningKey
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
 
@@ -179,5 +182,96 @@ async def test_token_requests_against_a_stalled_redis_get_fast_503s(
                 while (await http.post(url, json=BODY)).status_code != 200:
                     await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
+    with trio.fail_after(10):
+        await store.aclose()
+
+
+# --- a saturated process is not a store outage (issue #13) ----------------------------------------
+#
+# Under a CPU-bound token storm requests waited for one of the store's worker threads longer than
+# their store budget, and the breaker then refused everyone although Redis was healthy. The budget
+# now counts store time only: waiting for a thread is given back (StoreBudget.pause).
+
+
+async def test_store_budget_gives_back_the_time_spent_waiting(mock_clock: trio.testing.MockClock) -> None:
+    start = trio.current_time()
+    assert current_store_budget() is None
+    with store_deadline(0.5):
+        outer = current_store_budget()
+        assert outer is not None
+        with store_deadline(0.2):  # a shorter inner block: its own budget
+            inner = current_store_budget()
+            assert inner is not None
+            assert inner is not outer
+            mock_clock.jump(3.0)
+            inner.pause(3.0)  # three seconds queued for a thread: not the store's
+            assert current_store_deadline() == start + 3.2
+        assert current_store_deadline() == start + 3.5  # the outer block was paused too
+        with store_deadline(9.0):  # a longer inner block keeps the earlier deadline
+            assert current_store_budget() is outer
+        outer.pause(-1.0)  # nothing to give back
+        assert current_store_deadline() == start + 3.5
+    assert current_store_deadline() == math.inf
+
+
+async def test_a_saturated_thread_pool_with_a_healthy_redis_queues_and_keeps_the_breaker_closed(
+    private_redis: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    mock_clock.rate = 1.0  # real time passes (the calls are real), plus the jump below
+    store = RedisStore(private_redis.url)
+    with trio.fail_after(10):
+        await store.set_cohort_enabled("beta", True)
+    # every worker thread busy (as at 100 % CPU under a storm): the call waits for one
+    holders = [object() for _ in range(REDIS_THREADS)]
+    for holder in holders:
+        await store._limiter.acquire_on_behalf_of(holder)
+    answers: list[bool] = []
+
+    async def request() -> None:
+        with store_deadline(2.0):
+            answers.append(await store.cohort_enabled("beta"))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(10.0)  # five budgets spent waiting for a thread
+            for holder in holders:
+                store._limiter.release_on_behalf_of(holder)
+    assert answers == [True]
+    assert not store.breaker.open
+    assert store.breaker.opened == 0
+    with trio.fail_after(10):
+        await store.aclose()
+
+
+async def test_a_stalled_redis_refuses_the_calls_queued_for_a_thread_at_once(
+    private_redis: RedisServer, stalled: list[RedisServer]
+) -> None:
+    """Waiting for a thread is not store time, so the calls queued behind calls stuck on a stalled
+    Redis must not wait for those threads (2 s socket timeouts): the first overrun opens the
+    breaker and refuses them."""
+    store = RedisStore(private_redis.url, probe_interval=5.0)
+    with trio.fail_after(10):
+        await store.ping()
+    private_redis.process.send_signal(signal.SIGSTOP)
+    stalled.append(private_redis)
+    errors: list[str] = []
+
+    async def request() -> None:
+        with store_deadline(0.3), pytest.raises(StoreUnavailable) as caught:
+            await store.cohort_enabled("beta")
+        errors.append(str(caught.value))
+
+    with trio.fail_after(LONE_BOUND_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3 * REDIS_THREADS):
+                nursery.start_soon(request)
+    assert store.breaker.open
+    assert store.breaker.opened == 1
+    assert len(errors) == 3 * REDIS_THREADS
+    assert sum("deadline" in e for e in errors) == REDIS_THREADS  # the calls that reached Redis
+    assert sum("known down" in e for e in errors) == 2 * REDIS_THREADS  # the queued ones
+    private_redis.process.send_signal(signal.SIGCONT)
     with trio.fail_after(10):
         await store.aclose()

@@ -14,11 +14,12 @@ of them at once. No MULTI (redis-py 5's cluster pipeline has none), no KEYS/SCAN
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import redis
 import redis.cluster
@@ -29,7 +30,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from rescue.errors import StoreUnavailable
-from rescue.guardrails._deadline import PROBE_INTERVAL_S, Admission, Breaker, current_store_deadline
+from rescue.guardrails._deadline import (
+    PROBE_INTERVAL_S,
+    Admission,
+    Breaker,
+    current_store_budget,
+    current_store_deadline,
+)
 from rescue.guardrails._store import (
     COUNTER_TTL_S,
     KEY_PREFIX,
@@ -163,6 +170,39 @@ return out
 """
 
 
+_KNOWN_DOWN: Final = "guardrail store unavailable (known down; retrying in the background)"
+
+
+class _ThreadCall(Generic[_T]):
+    """One store call run in a worker thread: its outcome, set by the thread itself.
+
+    ``finished`` is written by the thread as soon as ``fn`` returns, before trio hears of it, so a
+    deadline that fires while a busy event loop has not yet seen the answer does not turn a
+    store that did answer into an outage.
+    """
+
+    __slots__ = ("_error", "_fn", "_result", "done", "finished")
+
+    def __init__(self, fn: Callable[[], _T]) -> None:
+        self._fn = fn
+        self._result: _T | None = None
+        self._error: BaseException | None = None
+        self.finished = False
+        self.done = trio.Event()  # set in trio once the thread returned (and its slot is free)
+
+    def run(self) -> None:  # in the worker thread
+        try:
+            self._result = self._fn()
+        except BaseException as exc:  # handed to the caller by unwrap()
+            self._error = exc
+        self.finished = True
+
+    def unwrap(self) -> _T:
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -184,8 +224,10 @@ class RedisStore:
         Any Redis or socket error becomes :class:`~rescue.errors.StoreUnavailable` (with the
         original as ``__cause__``). One immediate retry covers a pooled connection that went stale
         when Redis restarted. Every call honours the caller's :func:`store_deadline` (one budget
-        for a whole request). After a failure the store is known down (:attr:`breaker`): calls
-        fail at once, except one probe per ``probe_interval`` that notices when Redis is back.
+        for a whole request, counting store time only: waiting for a worker thread is given back).
+        After a failure the store is known down (:attr:`breaker`): calls fail at once, those
+        queued for a thread too, except one probe per ``probe_interval`` that notices when Redis
+        is back. A saturated process (every thread busy, Redis healthy) queues; it is no outage.
 
     Cancellation:
         Immediate. A call already running in a worker thread is abandoned: the thread finishes its
@@ -215,6 +257,8 @@ class RedisStore:
         self._in_flight = 0
         self._idle = threading.Event()
         self._idle.set()
+        # cancel scopes of calls waiting for a worker thread (admitted while the store was up)
+        self._waiting: set[trio.CancelScope] = set()
         self._assign = self._client.register_script(_ASSIGN_LUA)
         self._reassign = self._client.register_script(_REASSIGN_LUA)
         self._live_nodes = self._client.register_script(_LIVE_NODES_LUA)
@@ -299,43 +343,77 @@ class RedisStore:
         """Worker threads still running a call (including calls their caller gave up on)."""
         return self._in_flight
 
-    def _tracked(self, fn: Callable[[], _T]) -> Callable[[], _T]:
+    def _start(self, call: _ThreadCall[Any]) -> None:
+        """Run ``call`` in a worker thread (its limiter slot already held on behalf of ``call``).
+
+        The slot is given back, and ``call.done`` set, in trio once the thread returns, also when
+        the caller stopped waiting for it (an abandoned call keeps its slot and connection until
+        its round trip ends, within the socket timeouts).
+        """
+        token = trio.lowlevel.current_trio_token()
+        limiter = self._limiter
         with self._lock:
             self._in_flight += 1
             self._idle.clear()
 
-        def call() -> _T:
-            try:
-                return fn()
-            finally:
-                with self._lock:
-                    self._in_flight -= 1
-                    if self._in_flight == 0:
-                        self._idle.set()
+        def finish() -> None:  # in trio
+            limiter.release_on_behalf_of(call)
+            call.done.set()
 
-        return call
+        def deliver(_: object) -> None:  # in the worker thread, after call.run
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finish)
+
+        trio.lowlevel.start_thread_soon(call.run, deliver, name="rescue-redis")
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         if self._closed:
             raise StoreUnavailable("guardrail store is closed")
-        now = trio.current_time()
-        admission = self.breaker.admit(now)
+        admission = self.breaker.admit(trio.current_time())
         if admission is Admission.REFUSE:
             await trio.lowlevel.checkpoint()
-            raise StoreUnavailable("guardrail store unavailable (known down; retrying in the background)")
-        ok: bool | None = None
+            raise StoreUnavailable(_KNOWN_DOWN)
+        ok: bool | None = None  # the store's verdict: None when the store was never asked
+        call = _ThreadCall(fn)
         try:
-            # The thread is abandoned when the deadline (or the caller) cancels: it finishes its
-            # one round trip on a connection it checked out of the pool alone, within the socket
-            # timeouts, and aclose() never closes a connection in use.
-            with trio.CancelScope(deadline=current_store_deadline()):
-                result = await trio.to_thread.run_sync(
-                    self._tracked(fn), limiter=self._limiter, abandon_on_cancel=True
-                )
-                ok = True
-                return result
-            ok = False
-            raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
+            # 1. Wait for a worker thread. All busy means the process is saturated (or a stalled
+            # Redis holds them, which the running calls find out): not the store's time, so the
+            # request's budget is paused meanwhile. If the breaker opens while we wait, we are
+            # refused (see the finally clause below).
+            queued_at = trio.current_time()
+            acquired = False
+            with trio.CancelScope() as wait:
+                if admission is Admission.GO:
+                    self._waiting.add(wait)
+                try:
+                    await self._limiter.acquire_on_behalf_of(call)
+                    acquired = True
+                finally:
+                    self._waiting.discard(wait)
+            if wait.cancel_called:  # the store was found down while we waited
+                if acquired:
+                    self._limiter.release_on_behalf_of(call)
+                raise StoreUnavailable(_KNOWN_DOWN)
+            budget = current_store_budget()
+            if budget is not None:
+                budget.pause(trio.current_time() - queued_at)
+            # 2. The call itself, under the request's budget. Past the deadline the thread is
+            # abandoned (it finishes its one round trip alone, on the connection it checked out,
+            # and aclose() never closes a connection in use) -- unless it had already returned
+            # and only this busy event loop had not seen it yet.
+            self._start(call)
+            with trio.move_on_at(current_store_deadline()):
+                await call.done.wait()
+            if not call.finished:
+                ok = False
+                raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
+            result = call.unwrap()
+            ok = True
+            return result
         except _OUTAGE_ERRORS as exc:  # before ResponseError: some of these are ResponseErrors
             ok = False
             raise StoreUnavailable(f"guardrail store unavailable: {type(exc).__name__}: {exc}") from exc
@@ -346,7 +424,11 @@ class RedisStore:
             ok = False
             raise StoreUnavailable(f"guardrail store unavailable: {type(exc).__name__}: {exc}") from exc
         finally:
-            self.breaker.done(admission, ok=ok, now=trio.current_time())
+            if self.breaker.done(admission, ok=ok, now=trio.current_time()):
+                # the store is down: the calls queued for a thread would only queue behind the
+                # stalled ones; they are refused now, like the calls that come after
+                for scope in self._waiting:
+                    scope.cancel()
 
     async def ping(self) -> None:
         await self._run(self._client.ping)
