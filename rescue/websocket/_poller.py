@@ -238,27 +238,37 @@ class ReadPoller:
             self._look_scope = None
             now = trio.current_time()
             self.wakeups += 1
+            # (the per-heartbeat path of an idle node: locals, no method calls but the callback)
+            look_at = self._look_at
+            waiters = self._waiters
+            callbacks = self._callbacks
+            hangup = self._hangup
+            period = self.heartbeat_s
+            pop = heapq.heappop
+            push = heapq.heappush
+            count = handled = 0
             while looks and looks[0][0] <= now:
-                at, fd = heapq.heappop(looks)
-                if self._look_at.get(fd) != at:
+                at, fd = pop(looks)
+                if look_at.get(fd) != at:
                     continue  # stale: moved, made active again, or unregistered
-                # phase-locked to the peer's heartbeats (not to this look, which came late)
-                self._schedule_look(fd, at - self.quiet_tick_s / 2)
-                self.looks += 1
-                self._fire(fd)
-
-    def _fire(self, fd: int) -> None:
-        """Dispatch ``fd`` as if it were ready (a look at a quiet socket)."""
-        task = self._waiters.get(fd)
-        if task is None:
-            self._ready.add(fd)
-            return
-        callback = self._callbacks.get(fd)
-        if callback is not None and fd not in self._hangup and callback():
-            self.handled += 1
-            return
-        del self._waiters[fd]
-        trio.lowlevel.reschedule(task)
+                # phase-locked to the peer's heartbeats (not to this look, which came late);
+                # later than every look already scheduled, so the sleep's deadline stands
+                at += period
+                look_at[fd] = at
+                push(looks, (at, fd))
+                count += 1
+                task = waiters.get(fd)
+                if task is None:
+                    self._ready.add(fd)
+                    continue
+                callback = callbacks.get(fd)
+                if callback is not None and fd not in hangup and callback():
+                    handled += 1
+                    continue
+                del waiters[fd]
+                trio.lowlevel.reschedule(task)
+            self.looks += count
+            self.handled += handled
 
     def register(self, fd: int, callback: Callable[[], bool] | None = None) -> bool:
         """Watch ``fd`` for readability (once per socket; pending data counts as ready).
