@@ -19,8 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from rescue._keyfiles import load_signing_key
 from rescue.guardrails._redis import _ASSIGN_LUA, _LIVE_NODES_LUA
-from rescue.protocol._tokens import b64url_encode, load_signing_key, mint_token
+from rescue.protocol._tokens import b64url_encode, mint_token
 
 
 def build(redis_url: str, key_path: str) -> Starlette:
