@@ -38,6 +38,7 @@ from rescue.websocket._codec import (
     frame_close,
     frame_messages,
 )
+from rescue.websocket._lazy import LazyEvent, LazyParkingLot
 from rescue.websocket._poller import QUIET_RCVLOWAT, ReadPoller
 
 __all__ = [
@@ -278,13 +279,14 @@ class WebSocketConnection:
         self._pending_control = b""  # pong/close frames for the active sender to write next
         self._control_writing = False  # the receiving task holds the send side for a pong/close reply
         self._unsent = b""  # the tail of a partial send_nowait: written before anything else
-        self._idle = trio.lowlevel.ParkingLot()  # tasks waiting for the active sender to finish
+        # trio objects made on first wait (rescue.websocket._lazy): ~0.7 KB per idle connection otherwise
+        self._idle = LazyParkingLot()  # tasks waiting for the active sender to finish
         self._close_started = False
         self._close_sent = False
         self._error: WebSocketClosedError | None = None  # why the connection ended; raised by later calls
         self._protocol_error: ProtocolError | None = None  # the peer broke framing: receiving is over
-        self._peer_done = trio.Event()  # peer's close frame or EOF seen
-        self._transport_closed = trio.Event()
+        self._peer_done = LazyEvent()  # peer's close frame or EOF seen
+        self._transport_closed = LazyEvent()
         self._bytes_in = self._bytes_out = 0
         self._messages_in = self._messages_out = 0
         self._reads = self._writes = 0
