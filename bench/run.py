@@ -34,7 +34,7 @@ import trio
 
 from bench import _proc
 from bench.loadgen import DRAIN_TIMEOUT_S, Scenario, Target, raise_nofile, summarize
-from bench.targets import BASELINE, CEILING, ROOT, TARGETS, KeyMaterial, TargetDef, start_target
+from bench.targets import BASELINE, BEST_PEER, CEILING, ROOT, TARGETS, KeyMaterial, TargetDef, start_target
 
 # SPEC §10 targets.
 TARGET_X_WS_1K: Final = 3.0
@@ -367,6 +367,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         same = {x["target"]: x for x in rows if x["label"] == r["label"] and "error" not in x}
         base = same.get(BASELINE)
         ceil = same.get(CEILING)
+        peer = same.get(BEST_PEER)
         out.append(
             {
                 "label": r["label"],
@@ -378,6 +379,8 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "frac_tcp": _ratio(r, ceil, "msgs_per_s"),
                 "x_websockets_cpu": _ratio(r, base, "msgs_per_cpu_s"),
                 "frac_tcp_cpu": _ratio(r, ceil, "msgs_per_cpu_s"),
+                "x_picows": _ratio(r, peer, "msgs_per_s"),
+                "x_picows_cpu": _ratio(r, peer, "msgs_per_cpu_s"),
             }
         )
     return out
@@ -544,15 +547,15 @@ def markdown(report: dict[str, Any]) -> str:
             "Ratios to the references of this run. *Per CPU-s* divides each relay's msgs/s by the CPU it "
             "used (msgs it forwards per second of one core): robust to other load on a shared machine.",
             "",
-            "| cell | target | msgs/s | x websockets | % of raw TCP | msgs per relay CPU-s "
-            "| x websockets (per CPU-s) | % of raw TCP (per CPU-s) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| cell | target | msgs/s | x websockets | x picows | % of raw TCP | msgs per relay CPU-s "
+            "| x websockets (per CPU-s) | x picows (per CPU-s) | % of raw TCP (per CPU-s) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for q in ratios(rows):
             lines.append(
                 f"| {q['label']} | {q['target']} | {q['msgs_per_s']:,.0f} | {_x(q['x_websockets'])} | "
-                f"{_pct(q['frac_tcp'])} | {_fmt(q['msgs_per_cpu_s'], 0)} | {_x(q['x_websockets_cpu'])} | "
-                f"{_pct(q['frac_tcp_cpu'])} |"
+                f"{_x(q.get('x_picows'))} | {_pct(q['frac_tcp'])} | {_fmt(q['msgs_per_cpu_s'], 0)} | "
+                f"{_x(q['x_websockets_cpu'])} | {_x(q.get('x_picows_cpu'))} | {_pct(q['frac_tcp_cpu'])} |"
             )
         lines.append("")
     active = [r for r in rows if r["kind"] == "active"]

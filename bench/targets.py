@@ -82,6 +82,8 @@ if _BASELINE_TREE:
 # The reference every ratio is relative to (SPEC §10), and the ceiling.
 BASELINE: Final = "websockets"
 CEILING: Final = "tcp"
+# The fastest Python peer (issue 15): every throughput cell also says how rescue compares to it.
+BEST_PEER: Final = "picows"
 
 
 @dataclass

@@ -216,3 +216,27 @@ def test_memory_census_end_to_end(tmp_path: Path) -> None:
     assert analysis["traced_bytes_per_conn"] > 0
     assert any(r["relay_line"].startswith("rescue/") for r in analysis["relay_lines"])
     assert any(r["type"].endswith("WebSocketConnection") for r in variant["traced"]["types"])
+
+
+def test_throughput_ratios_name_the_best_python_peer() -> None:
+    """Each throughput cell compares every target with picows too (issue 15), in the report."""
+    run: Any = importlib.import_module("bench.run")
+
+    def row(target: str, msgs: float, cpu_s: float) -> dict[str, Any]:
+        return {
+            "kind": "throughput",
+            "label": "throughput 1 KiB x100",
+            "size": 1024,
+            "target": target,
+            "msgs_per_s": msgs,
+            "msgs_per_cpu_s": cpu_s,
+        }
+
+    rows = [row("tcp", 400.0, 500.0), row("websockets", 50.0, 60.0), row("picows", 300.0, 400.0)]
+    rows.append(row("rescue", 360.0, 480.0))
+    by_target = {q["target"]: q for q in run.ratios(rows)}
+    assert by_target["rescue"]["x_picows"] == pytest.approx(1.2)
+    assert by_target["rescue"]["x_picows_cpu"] == pytest.approx(1.2)
+    assert by_target["picows"]["x_picows"] == pytest.approx(1.0)
+    without = {q["target"]: q for q in run.ratios([r for r in rows if r["target"] != "picows"])}
+    assert without["rescue"]["x_picows"] is None  # not in the run: no ratio, not a guess
