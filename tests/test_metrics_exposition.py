@@ -80,6 +80,7 @@ async def test_poller_counters_and_text_by_default() -> None:
         == samples["beach_rescue_read_poller_events_total"]
     )
     assert "beach_rescue_read_poller_quiet" in samples
+    assert "beach_rescue_read_poller_looks_total" in samples
     assert "beach_rescue_read_poller_registered" in samples
 
 

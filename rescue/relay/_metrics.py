@@ -265,6 +265,11 @@ def _poller_metrics(poller: ReadPoller) -> Iterator[Metric]:
         poller.events - poller.handled,
     )
     yield _counter("beach_rescue_read_poller_moves", "Sockets marked quiet or active again", poller.moves)
+    yield _counter(
+        "beach_rescue_read_poller_looks",
+        "Scheduled looks at quiet sockets (one per expected heartbeat; not readiness events)",
+        poller.looks,
+    )
     stats = poller.statistics()
     yield GaugeMetricFamily(
         "beach_rescue_read_poller_registered", "Sockets registered with the poller", value=stats["registered"]

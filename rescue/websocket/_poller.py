@@ -120,7 +120,7 @@ class ReadPoller:
         self.events = 0  # readiness events dispatched
         self.handled = 0  # events a callback handled without waking the waiting task
         self.moves = 0  # sockets marked quiet or active again
-        self.looks = 0  # scheduled looks at quiet sockets
+        self.looks = 0  # scheduled looks at quiet sockets (not readiness events)
 
     @property
     def running(self) -> bool:
@@ -246,7 +246,7 @@ class ReadPoller:
             period = self.heartbeat_s
             pop = heapq.heappop
             push = heapq.heappush
-            count = handled = 0
+            count = 0
             while looks and looks[0][0] <= now:
                 at, fd = pop(looks)
                 if look_at.get(fd) != at:
@@ -263,12 +263,10 @@ class ReadPoller:
                     continue
                 callback = callbacks.get(fd)
                 if callback is not None and fd not in hangup and callback():
-                    handled += 1
-                    continue
+                    continue  # (not counted in handled: that is readiness events only)
                 del waiters[fd]
                 trio.lowlevel.reschedule(task)
             self.looks += count
-            self.handled += handled
 
     def register(self, fd: int, callback: Callable[[], bool] | None = None) -> bool:
         """Watch ``fd`` for readability (once per socket; pending data counts as ready).
