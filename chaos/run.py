@@ -49,7 +49,6 @@ from typing import Any, Final
 if __package__ in (None, ""):  # run as a script: make `chaos` (and `rescue`) importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx
 import trio
 
 from chaos._faults import FAULT_KINDS, FaultInjector, FaultPlan, FaultRecord, bucket_quantile
@@ -73,13 +72,9 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 TARGET_RECONNECT_PCT: Final = 99.5
 # Every session must be connected and flowing both ways before the first fault (plus the ramp).
 WARMUP_TIMEOUT_S: Final = 60.0
-# Token fetches of many sessions share one HTTP client (see SessionRun.http): its pool bound and
-# the SDK's own request timeout.
-HTTP_MAX_CONNECTIONS: Final = 32
 # Warm-up allowance per session on top of WARMUP_TIMEOUT_S (a thousand sessions connect in
 # minutes on a loaded, niced 2-core box).
 WARMUP_PER_SESSION_S: Final = 0.25
-TOKEN_TIMEOUT_S: Final = 10.0
 # How often the unexpected-exit watcher looks at the processes.
 CRASH_POLL_S: Final = 0.5
 
@@ -262,7 +257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
 class _Run:
     """State of one chaos run, shared by its tasks."""
 
-    def __init__(self, config: ChaosConfig, fleet: Fleet, out_dir: Path, http: httpx.AsyncClient) -> None:
+    def __init__(self, config: ChaosConfig, fleet: Fleet, out_dir: Path) -> None:
         self.config = config
         self.fleet = fleet
         self.out_dir = out_dir
@@ -276,8 +271,6 @@ class _Run:
             config=TrafficConfig.for_rate(config.rate, every_s=config.write_every),
             clock=self.clock,
             url_to_node=url_to_node,
-            http=http,
-            token_concurrency=HTTP_MAX_CONNECTIONS,
         )
         self.sessions = self.group.sessions
         self.episodes: list[Episode] = self.group.episodes
@@ -877,20 +870,14 @@ async def run_chaos(config: ChaosConfig) -> tuple[dict[str, Any], Path]:
     out_dir = config.out / f"chaos-{stamp}-seed{config.seed}"
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"chaos: output in {out_dir}", flush=True)
-    limits = httpx.Limits(
-        max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=HTTP_MAX_CONNECTIONS
-    )
-    async with (
-        open_fleet(
-            out_dir,
-            nodes=config.nodes,
-            log_level=config.log_level,
-            relay_args=config.relay_args,
-            redis_mode=config.redis,
-        ) as fleet,
-        httpx.AsyncClient(timeout=TOKEN_TIMEOUT_S, limits=limits) as http,
-    ):
-        run = _Run(config, fleet, out_dir, http)
+    async with open_fleet(
+        out_dir,
+        nodes=config.nodes,
+        log_level=config.log_level,
+        relay_args=config.relay_args,
+        redis_mode=config.redis,
+    ) as fleet:
+        run = _Run(config, fleet, out_dir)
         run.log(
             f"fleet up: redis, token service {fleet.api_url}, {len(fleet.relays)} relay(s); "
             f"relay tuning {fleet.relay_tuning or 'none'}"
