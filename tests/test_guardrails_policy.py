@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
 import trio
@@ -280,6 +281,12 @@ def test_hour_bucket_and_key() -> None:
     assert counter_key("beta", "2023-11-14-22") == "fallback:cohort:beta:2023-11-14-22"
     with pytest.raises(ValueError):
         counter_key("beta:2023-11-14-22", "x")
+
+
+@given(st.floats(0, 4_000_000_000))
+def test_hour_bucket_is_the_utc_hour_of_the_time(now: float) -> None:
+    # hour_bucket caches the name per hour: the cache must never name a neighbouring hour
+    assert hour_bucket(now) == datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d-%H")
 
 
 counts = st.builds(HourCounts, st.integers(0, 10**9), st.integers(0, 10**9), st.integers(0, 10**9))

@@ -368,7 +368,9 @@ class RedisStore:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(finish)
 
-        trio.lowlevel.start_thread_soon(call.run, deliver, name="rescue-redis")
+        # no thread name: trio would set (and reset) the OS thread name around every call, two
+        # prctl calls per store call that showed in the storm profile
+        trio.lowlevel.start_thread_soon(call.run, deliver)
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         if self._closed:

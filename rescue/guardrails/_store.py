@@ -29,6 +29,7 @@ fleet as paused until someone initialises it again (docs/guardrails.md, "Store i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
@@ -284,7 +285,13 @@ class WindowCounts:
 
 def hour_bucket(now: float) -> str:
     """The UTC hour bucket name ``yyyy-mm-dd-hh`` containing wall-clock time ``now``."""
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d-%H")
+    return _hour_name(int(now // SECONDS_PER_HOUR))
+
+
+@functools.lru_cache(maxsize=8)
+def _hour_name(hour: int) -> str:
+    # every mint names two buckets; formatting a datetime each time was ~2 % of a mint's CPU
+    return datetime.fromtimestamp(hour * SECONDS_PER_HOUR, UTC).strftime("%Y-%m-%d-%H")
 
 
 def counter_key(cohort_id: str, bucket: str) -> str:
