@@ -44,6 +44,22 @@ def test_rule_needs_enough_tokens_and_the_whole_grace_period() -> None:
     assert rule(TelemetryGap(0, None, MIN_TOKENS, T0), T0 + GRACE) == "sessions"
     assert rule(TelemetryGap(MIN_TOKENS, T0, 0, None), T0 + GRACE) == "activations"
     assert missing_telemetry(both, now=T0 + 1e9, grace_s=None, min_tokens=1) is None  # off
+    # a resume starts a fresh grace period for both inputs
+    resumed = T0 + 5 * GRACE
+    assert (
+        missing_telemetry(
+            both, now=resumed + GRACE - 1, grace_s=GRACE, min_tokens=MIN_TOKENS, resumed_at=resumed
+        )
+        is None
+    )
+    assert (
+        missing_telemetry(both, now=resumed + GRACE, grace_s=GRACE, min_tokens=MIN_TOKENS, resumed_at=resumed)
+        == "activations"
+    )
+    assert (
+        missing_telemetry(both, now=T0 + GRACE, grace_s=GRACE, min_tokens=MIN_TOKENS, resumed_at=T0 - 1)
+        == "activations"
+    )
 
 
 @given(
@@ -139,11 +155,25 @@ async def test_tokens_without_activation_reports_pause_minting(
     assert len(missing) == 1
     assert missing[0].levelno == logging.ERROR
     assert getattr(missing[0], "missing", None) == "activations"
-    # the operator resumes after looking: the gap closes only with a report, so without one the
-    # next token past the grace trips it again; a report lets minting go on
+    # the operator resumes after looking: a fresh grace period starts there (reports follow
+    # pairings, which need tokens: the first token after the resume must not trip it again) ...
     await g.resume(reason="relays fixed")
-    await g.record_activation("beta", now=T0 + trio.current_time())
     await g.decide("beta", "after", now=T0 + trio.current_time(), ttl=300, require_node=False)
+    await trio.sleep(GRACE - 1)
+    await g.decide("beta", "still", now=T0 + trio.current_time(), ttl=300, require_node=False)
+    assert not (await g.fleet_state()).paused
+    # ... but the gap itself closes only with a report: a whole grace period past the resume
+    # without one trips it again
+    await trio.sleep(1)
+    with pytest.raises(GuardrailError):
+        await g.decide("beta", "again", now=T0 + trio.current_time(), ttl=300, require_node=False)
+    assert (await g.fleet_state()).cause == "telemetry_missing"
+    # a report lets minting go on after the next resume, past any grace period
+    await g.resume(reason="relays really fixed")
+    await g.record_activation("beta", now=T0 + trio.current_time())
+    await trio.sleep(2 * GRACE)
+    await g.record_sessions_started("beta", now=T0 + trio.current_time())
+    await g.decide("beta", "after-report", now=T0 + trio.current_time(), ttl=300, require_node=False)
     assert not (await g.fleet_state()).paused
 
 

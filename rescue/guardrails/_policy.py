@@ -206,7 +206,12 @@ def _cohort_set(raw: str | None, default: frozenset[str]) -> frozenset[str]:
 
 
 def missing_telemetry(
-    gap: TelemetryGap, *, now: float, grace_s: float | None, min_tokens: int
+    gap: TelemetryGap,
+    *,
+    now: float,
+    grace_s: float | None,
+    min_tokens: int,
+    resumed_at: float | None = None,
 ) -> MissingInput | None:
     """Which guardrail input has gone missing, if any (decision 0012; pure).
 
@@ -214,19 +219,32 @@ def missing_telemetry(
     reported, the first of them ``grace_s`` or more seconds ago. Activation reports (the ratio's
     numerator, from relays) are checked before sessions-started reports (its denominator, from
     Beach's control plane): without either, the ratio cannot breach, so the guardrail is blind.
+
+    ``resumed_at`` (wall clock of the kill switch's last change while it is off) starts a fresh
+    grace period: an activation report only follows a pairing, which needs tokens, so after an
+    operator's resume the silence must be counted from the resume, or the first token after it
+    would trip the pause again before any report could arrive.
     """
     if grace_s is None:
         return None
+
+    def silent_for(first: float | None) -> float | None:
+        if first is None:
+            return None
+        return now - (first if resumed_at is None else max(first, resumed_at))
+
+    activation_silence = silent_for(gap.since_activation)
     if (
-        gap.since_activation is not None
+        activation_silence is not None
         and gap.tokens_since_activation >= min_tokens
-        and now - gap.since_activation >= grace_s
+        and activation_silence >= grace_s
     ):
         return "activations"
+    sessions_silence = silent_for(gap.since_sessions)
     if (
-        gap.since_sessions is not None
+        sessions_silence is not None
         and gap.tokens_since_sessions >= min_tokens
-        and now - gap.since_sessions >= grace_s
+        and sessions_silence >= grace_s
     ):
         return "sessions"
     return None
@@ -414,7 +432,7 @@ class Guardrails:
         snap = await self.store.mint_snapshot(cohort_id, now=now)
         enabled = snap.cohort_enabled or self.config.dev_enable_all_cohorts
         _check_switches(effective_fleet_state(snap.fleet), cohort_id, enabled=enabled)
-        await self._check_telemetry(snap.telemetry, now)
+        await self._check_telemetry(snap.telemetry, now, resumed_at=snap.fleet.since)
         counts = rolling_window(snap.current, snap.previous, now)
         auth = await self._judge_window(GuardrailWindow(cohort_id, counts, self.judge(counts)), now)
         nodes = list(snap.nodes)
@@ -451,14 +469,19 @@ class Guardrails:
         grace = self.config.telemetry_grace_s
         return 2 * grace if grace is not None else float(SECONDS_PER_HOUR)
 
-    async def _check_telemetry(self, gap: TelemetryGap, now: float) -> None:
-        """Pause the fleet when a guardrail input went missing (decision 0012).
+    async def _check_telemetry(self, gap: TelemetryGap, now: float, *, resumed_at: float | None) -> None:
+        """Pause the fleet when a guardrail input went missing (decision 0012); ``resumed_at`` is
+        the kill switch's last change (it is off here), from which a fresh grace period runs.
 
         Raises:
             GuardrailError: ``fallback_paused`` after pausing.
         """
         missing = missing_telemetry(
-            gap, now=now, grace_s=self.config.telemetry_grace_s, min_tokens=self.config.telemetry_min_tokens
+            gap,
+            now=now,
+            grace_s=self.config.telemetry_grace_s,
+            min_tokens=self.config.telemetry_min_tokens,
+            resumed_at=resumed_at,
         )
         if missing is None:
             return
