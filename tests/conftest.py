@@ -682,3 +682,24 @@ def events() -> Iterator[list[logging.LogRecord]]:
     for lg, level in zip(loggers, old, strict=True):
         lg.removeHandler(handler)
         lg.setLevel(level)
+
+
+# --- long-running harnesses (chaos/, soak/) run as an operator would ------------------------------
+
+
+def run_harness(
+    script: str, *args: str, out: Path, runs: str, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]:
+    """Run ``python <repo>/<script> *args --out OUT`` with no ``RESCUE_*``/``BEACH_*``/
+    ``FALLBACK_WS_*`` settings leaking in from the test's environment; (the finished process, its
+    one ``OUT/<runs>-*/report.json``, that run's folder). Fails with the harness's output when
+    there is not exactly one report."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_", "FALLBACK_WS_"))}
+    result = subprocess.run(
+        [sys.executable, str(root / script), *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=timeout, cwd=root, env=env, check=False,
+    )  # fmt: skip
+    reports = list(out.glob(f"{runs}-*/report.json"))
+    assert len(reports) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, json.loads(reports[0].read_text()), reports[0].parent

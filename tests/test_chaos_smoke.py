@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .conftest import run_harness
 
 # chaos/ is a directory of scripts next to the package, not part of the installed wheel.
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,19 +160,7 @@ def test_token_service_histogram_between_two_scrapes() -> None:
 
 
 def _run_chaos(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_"))}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "chaos" / "run.py"), *args, "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )
-    runs = list(tmp_path.glob("chaos-*/report.json"))
-    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    return result, json.loads(runs[0].read_text()), runs[0].parent
+    return run_harness("chaos/run.py", *args, out=tmp_path, runs="chaos", timeout=RUN_TIMEOUT_S)
 
 
 @pytest.mark.slow
@@ -220,21 +208,7 @@ def test_fleet_scenario_smoke_keeps_every_session_whole_on_one_node(tmp_path: Pa
 @pytest.mark.redis
 @needs_relay_cli
 def test_quick_chaos_run_injects_every_fault_and_loses_nothing(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_"))}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "chaos" / "run.py"), "--quick", "--seed", "1", "--out", str(tmp_path),
-         "--recovery-timeout", "120s"],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )  # fmt: skip
-    runs = list(tmp_path.glob("chaos-*/report.json"))
-    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(runs[0].read_text())
-    out_dir = runs[0].parent
+    result, report, out_dir = _run_chaos(tmp_path, "--quick", "--seed", "1", "--recovery-timeout", "120s")
 
     # every kind of fault was really injected (weights 1 each: one deck of five)
     faults = report["faults"]
@@ -280,19 +254,9 @@ def test_quick_chaos_run_injects_every_fault_and_loses_nothing(tmp_path: Path) -
 @needs_relay_cli
 def test_quick_hostile_battery_answers_every_attack_and_spares_the_session(tmp_path: Path) -> None:
     """chaos/hostile.py --quick: each attack once against a real `rescue relay` beside a session."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_"))}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "chaos" / "hostile.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        cwd=ROOT,
-        env=env,
-        check=False,
+    result, report, _ = run_harness(
+        "chaos/hostile.py", "--quick", out=tmp_path, runs="hostile", timeout=RUN_TIMEOUT_S
     )
-    runs = list(tmp_path.glob("hostile-*/report.json"))
-    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(runs[0].read_text())
     attacks = {a["attack"]: a for a in report["attacks"]}
     assert len(attacks) == 16
     assert all(a["pass"] for a in attacks.values()), [a for a in attacks.values() if not a["pass"]]

@@ -11,15 +11,14 @@ which a loaded CI machine may miss. Skipped when the Prometheus server is not in
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from .conftest import run_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -76,14 +75,9 @@ def test_drill_runs_the_runbooks_own_commands() -> None:
     prom.find_prometheus() is None, reason="no Prometheus server (apt-get install prometheus)"
 )
 def test_whole_drill_on_a_real_fleet_and_prometheus(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_", "FALLBACK_WS_"))}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "chaos" / "drill.py"), "--out", str(tmp_path), "--seed", "1"],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=ROOT, env=env, check=False,
-    )  # fmt: skip
-    runs = list(tmp_path.glob("drill-*/report.json"))
-    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(runs[0].read_text())
+    result, report, out_dir = run_harness(
+        "chaos/drill.py", "--seed", "1", out=tmp_path, runs="drill", timeout=RUN_TIMEOUT_S
+    )
     assert result.returncode == (0 if report["pass"] else 1), result.stderr[-3000:]
     steps = {s["name"]: s for s in report["steps"]}
     assert len(steps) == 21, list(steps)
@@ -107,6 +101,6 @@ def test_whole_drill_on_a_real_fleet_and_prometheus(tmp_path: Path) -> None:
     ]
     assert all(c["exit_status"] == 0 for c in report["commands"])
     assert report["sessions"]["paired"] > 0
-    text = (runs[0].parent / "report.md").read_text()
+    text = (out_dir / "report.md").read_text()
     assert text.startswith("# Incident drill: ")
     assert "| step" in text

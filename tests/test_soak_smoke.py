@@ -14,15 +14,14 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.util
-import json
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .conftest import run_harness
 
 # soak/ is a directory of scripts next to the package, not part of the installed wheel.
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,22 +123,11 @@ def test_the_flatness_target_fails_on_any_growth_and_names_a_run_too_short() -> 
 @pytest.mark.redis
 @needs_relay_cli
 def test_quick_soak_samples_churns_and_verifies(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_"))}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "soak" / "run.py"), "--quick", "--seed", "1", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        cwd=ROOT,
-        env=env,
-        check=False,
+    result, report, out_dir = run_harness(
+        "soak/run.py", "--quick", "--seed", "1", out=tmp_path, runs="soak", timeout=RUN_TIMEOUT_S
     )
-    runs = list(tmp_path.glob("soak-*/report.json"))
-    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(runs[0].read_text())
     failed = [t for t in report["targets"] if not t["pass"]]
     assert result.returncode == 0, (failed, result.stderr[-3000:])
-    out_dir = runs[0].parent
 
     # samples were taken, every interval, of every process
     assert report["samples"] >= 5
