@@ -205,6 +205,14 @@ def _cohort_set(raw: str | None, default: frozenset[str]) -> frozenset[str]:
     return cohorts
 
 
+def _telemetry_silence(first: float | None, *, now: float, resumed_at: float | None) -> float | None:
+    """Seconds an input has been silent: since its first unreported token, or since the last
+    resume when that is later (see :func:`missing_telemetry`); None when nothing is unreported."""
+    if first is None:
+        return None
+    return now - (first if resumed_at is None else max(first, resumed_at))
+
+
 def missing_telemetry(
     gap: TelemetryGap,
     *,
@@ -227,20 +235,14 @@ def missing_telemetry(
     """
     if grace_s is None:
         return None
-
-    def silent_for(first: float | None) -> float | None:
-        if first is None:
-            return None
-        return now - (first if resumed_at is None else max(first, resumed_at))
-
-    activation_silence = silent_for(gap.since_activation)
+    activation_silence = _telemetry_silence(gap.since_activation, now=now, resumed_at=resumed_at)
     if (
         activation_silence is not None
         and gap.tokens_since_activation >= min_tokens
         and activation_silence >= grace_s
     ):
         return "activations"
-    sessions_silence = silent_for(gap.since_sessions)
+    sessions_silence = _telemetry_silence(gap.since_sessions, now=now, resumed_at=resumed_at)
     if (
         sessions_silence is not None
         and gap.tokens_since_sessions >= min_tokens
@@ -490,7 +492,7 @@ class Guardrails:
             if missing == "activations"
             else (gap.tokens_since_sessions, gap.since_sessions)
         )
-        silent_s = now - (first if first is not None else now)
+        silent_s = _telemetry_silence(first, now=now, resumed_at=resumed_at) or 0.0
         report = "activation" if missing == "activations" else "sessions-started"
         reason = (
             f"auto-pause: telemetry missing: {tokens} tokens minted over {silent_s:.0f} s"
