@@ -17,6 +17,7 @@ relay's tests need (the SDK in ``rescue.client`` is the real peer).
 from __future__ import annotations
 
 import os
+import ssl
 import struct
 import time
 from collections import deque
@@ -143,8 +144,9 @@ class TestPeer:
         caps: Caps | None = None,
         expect_welcome: bool = True,
         max_message: int = 1 << 20,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> TestPeer:
-        """Connect, send HELLO and (by default) wait for WELCOME.
+        """Connect, send HELLO and (by default) wait for WELCOME (``wss://``: with ``ssl_context``).
 
         Raises:
             ConnectionClosedError: the relay closed the connection instead of welcoming it.
@@ -153,7 +155,7 @@ class TestPeer:
             assert keys is not None, "pass keys or a token"
             token = keys.mint(session, role, audience=audience)
         nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        ws = await connect_websocket(url, max_message=max_message)
+        ws = await connect_websocket(url, max_message=max_message, ssl_context=ssl_context)
         peer = cls(ws, nonce)
         caps = Caps(("zlib",)) if caps is None else caps
         hello = Hello(token=token, session=session, role=Role(role), nonce=nonce, caps=caps)

@@ -2,12 +2,15 @@
 
 Two I/O paths share one state machine:
 
-* **plain TCP** (a :class:`trio.SocketStream`): wait for readability first, then one non-blocking
-  ``readv`` into a per-thread reused buffer, parse every complete frame in it, and return the whole
-  batch. Writes try the socket at once and only wait when it is full. This saves the failed read,
-  the epoll re-registration and the per-call buffer allocation that ``receive_some`` costs.
-* **any other** :class:`trio.abc.Stream` (TLS via :class:`trio.SSLStream`, memory streams in
-  tests): ``receive_some`` / ``send_all``.
+* **a socket** (a :class:`trio.SocketStream`, or TLS over one: a
+  :class:`~rescue.websocket._tls.TLSSocketStream`): wait for readability first, then one
+  non-blocking ``readv`` into a per-thread reused buffer (under TLS: into the ``MemoryBIO``, then
+  decrypt every whole record into a second reused buffer), parse every complete frame in it, and
+  return the whole batch. Writes (encrypted first under TLS) try the socket at once and only wait
+  when it is full. This saves the failed read, the epoll re-registration and the per-call buffer
+  allocation that ``receive_some`` costs, and lets the shared read poller serve the connection.
+* **any other** :class:`trio.abc.Stream` (TLS via :class:`trio.SSLStream` on the client side,
+  memory streams in tests): ``receive_some`` / ``send_all``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, TypeGuard
+from typing import Final, TypeGuard, cast
 
 import trio
 
@@ -40,6 +44,7 @@ from rescue.websocket._codec import (
 )
 from rescue.websocket._lazy import LazyEvent, LazyParkingLot
 from rescue.websocket._poller import QUIET_RCVLOWAT, ReadPoller
+from rescue.websocket._tls import TLSSocketStream, quiet_rcvlowat
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -71,6 +76,14 @@ def _read_buffer() -> bytearray:
     buf: bytearray | None = getattr(_buffers, "buf", None)
     if buf is None:
         buf = _buffers.buf = bytearray(READ_SIZE)
+    return buf
+
+
+def _plain_buffer() -> bytearray:
+    """The per-thread buffer TLS connections decrypt into (the ciphertext went to the BIO)."""
+    buf: bytearray | None = getattr(_buffers, "plain", None)
+    if buf is None:
+        buf = _buffers.plain = bytearray(READ_SIZE)
     return buf
 
 
@@ -140,6 +153,8 @@ def _only_messages(events: list[Event]) -> TypeGuard[list[bytes]]:
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     if isinstance(stream, trio.SocketStream):
         return stream.socket
+    if isinstance(stream, TLSSocketStream):
+        return stream.socket
     if isinstance(stream, trio.SSLStream) and isinstance(stream.transport_stream, trio.SocketStream):
         return stream.transport_stream.socket
     return None
@@ -154,7 +169,7 @@ def _close_now(stream: trio.abc.AsyncResource) -> bool:
     if isinstance(stream, trio.SocketStream):
         stream.socket.close()
         return True
-    if isinstance(stream, trio.SSLStream):
+    if isinstance(stream, trio.SSLStream | TLSSocketStream):
         return _close_now(stream.transport_stream)
     if isinstance(stream, trio.StapledStream):
         return _close_now(stream.send_stream) & _close_now(stream.receive_stream)
@@ -225,6 +240,7 @@ class WebSocketConnection:
         "_sock",
         "_stash",
         "_stream",
+        "_tls",
         "_transport_closed",
         "_unsent",
         "_writes",
@@ -255,8 +271,12 @@ class WebSocketConnection:
         self._frames_seen = 0
         self.path = path
         self.request_headers = request_headers
+        # TLS whose state we drive ourselves: the socket path, with decrypt/encrypt (decision 0018)
+        self._tls = stream if isinstance(stream, TLSSocketStream) else None
         plain = stream if isinstance(stream, trio.SocketStream) else None
         self._sock = plain.socket if plain is not None else None
+        if self._tls is not None:
+            self._sock = self._tls.socket
         sock = _socket_of(stream)
         self.remote_addr: tuple[str, int] | None = None
         if sock is not None:
@@ -274,6 +294,9 @@ class WebSocketConnection:
         self._stash: list[Event] = []  # events the read-ahead parsed but did not hand off
         self._handler_error: Exception | None = None  # on_messages raised during a read-ahead
         self._more = False  # the last read filled the buffer: try reading before waiting
+        tls = self._tls
+        if tls is not None and (tls.ssl_object.pending() or tls.incoming.pending):
+            self._more = True  # the upgrade's reads left input in the TLS state: no edge will say so
         self._receiving = False
         self._sending = False
         self._pending_control = b""  # pong/close frames for the active sender to write next
@@ -370,8 +393,11 @@ class WebSocketConnection:
         if fd < 0:
             return
         heard_s_ago = 0.0
+        mark: int | None = QUIET_RCVLOWAT
+        if self._tls is not None:  # each frame is a record: the mark moves up by its overhead
+            mark = quiet_rcvlowat(self._tls.ssl_object, QUIET_RCVLOWAT)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, QUIET_RCVLOWAT if quiet else 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark if quiet and mark else 1)
             if quiet:  # when the heartbeat just read arrived (the poller's looks follow its phase)
                 heard_s_ago = _ms_since_data_received(sock) / 1000
         except OSError:
@@ -391,19 +417,30 @@ class WebSocketConnection:
         fd = sock.fileno()
         if fd < 0:
             return False
-        buf = _read_buffer()
-        try:
-            n = os.readv(fd, [buf])
-        except BlockingIOError:
-            return True  # nothing there after all
-        except OSError:
-            return False  # the waiting task reads again and reports it
-        if not n:
-            return False  # EOF stays: the waiting task reads it again
-        self._reads += 1
-        self._bytes_in += n
-        self._more = n == READ_SIZE
-        view = memoryview(buf)[:n]
+        if self._tls is not None:
+            try:
+                view = self._read_tls(fd)
+            except BlockingIOError:
+                return True  # nothing (or no whole record) there after all
+            except OSError:
+                return False  # the waiting task reads again and reports it
+            if not view:
+                view.release()
+                return False  # EOF stays: the waiting task reads it again
+        else:
+            buf = _read_buffer()
+            try:
+                n = os.readv(fd, [buf])
+            except BlockingIOError:
+                return True  # nothing there after all
+            except OSError:
+                return False  # the waiting task reads again and reports it
+            if not n:
+                return False  # EOF stays: the waiting task reads it again
+            self._reads += 1
+            self._bytes_in += n
+            self._more = n == READ_SIZE
+            view = memoryview(buf)[:n]
         try:
             events = self._feed(view)
         except ProtocolError as exc:
@@ -570,9 +607,12 @@ class WebSocketConnection:
                 fd = sock.fileno()
                 if fd < 0:
                     raise trio.ClosedResourceError
+                if self._tls is not None:
+                    return self._read_tls(fd)
                 n = os.readv(fd, [buf])
             except BlockingIOError:
-                self._more = False
+                if self._tls is None:
+                    self._more = False  # (a TLS read set it: plaintext may be left in the TLS state)
                 continue
             except trio.ClosedResourceError:
                 raise self._closed_error() from None
@@ -584,6 +624,70 @@ class WebSocketConnection:
                 self._reads += 1
                 self._bytes_in += n
             return memoryview(buf)[:n]
+
+    def _read_tls(self, fd: int) -> memoryview:
+        """Read ciphertext into the TLS state and decrypt every whole record: the plaintext (empty: EOF).
+
+        A partial record, or records without application data (TLS 1.3 session tickets, key
+        updates), give no plaintext: :class:`BlockingIOError`, as if nothing had arrived. The
+        peer's close_notify and a TCP EOF without one are both EOF (the WebSocket sees a close
+        without a close frame, as on plain TCP). The end is sticky: once reported, later reads
+        report it again.
+
+        Raises:
+            BlockingIOError: no plaintext yet (wait for readability).
+            OSError: the socket failed, or the TLS records are bad (:class:`ssl.SSLError`).
+        """
+        tls = self._tls
+        assert tls is not None
+        if tls.end is not None:
+            if isinstance(tls.end, OSError):
+                raise tls.end
+            return memoryview(b"")
+        incoming = tls.incoming
+        read = tls.ssl_object.read
+        buf = _read_buffer()
+        try:
+            n = os.readv(fd, [buf])
+        except BlockingIOError:
+            n = -1  # (input the upgrade or a full read left in the BIO may still decrypt)
+        if n > 0:
+            self._reads += 1
+            self._bytes_in += n
+            with memoryview(buf) as raw:
+                incoming.write(raw[:n])
+        elif n == 0:
+            incoming.write_eof()
+        more = n == READ_SIZE
+        plain = _plain_buffer()
+        got = 0
+        with memoryview(plain) as out:
+            try:
+                while got < READ_SIZE:
+                    # (with a buffer it returns the count; typeshed says bytes)
+                    k = cast("int", read(READ_SIZE - got, out[got:]))
+                    if not k:
+                        break
+                    got += k
+                else:
+                    more = True  # plaintext left in the TLS state
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                tls.end = EOFError()  # close_notify, or EOF without one
+            except ssl.SSLError as exc:
+                tls.end = exc  # garbage or a bad record: the connection is over
+        if tls.end is not None:
+            more = True  # report the end on the next read, after this plaintext
+            if not got:
+                self._more = False
+                if isinstance(tls.end, OSError):
+                    raise tls.end
+                return memoryview(b"")
+        self._more = more
+        if not got:
+            raise BlockingIOError
+        return memoryview(plain)[:got]
 
     async def _read_stream(self) -> bytes | bytearray:
         try:
@@ -615,6 +719,7 @@ class WebSocketConnection:
                         await self._idle.park()  # the sender writes our reply after its batch
                 except ConnectionClosedError:
                     pass
+            self._send_close_notify()
             self._close_transport_now()
 
     # ------------------------------------------------------------------------------------ send
@@ -674,16 +779,39 @@ class WebSocketConnection:
         if fd < 0:
             return False
         data = frame_messages(payloads, mask=self._client)
-        try:
-            n = os.write(fd, data)
-        except OSError:
-            return False  # full (EAGAIN) or broken: the usual send path waits or reports it
-        self._writes += 1
+        if self._tls is not None:
+            # Encrypted, the records are part of the TLS stream: they are ours now, whatever the
+            # socket takes (a full socket keeps them all; a broken one fails the next send).
+            try:
+                data = self._seal(data)
+            except ssl.SSLError:
+                return False
+            try:
+                n = os.write(fd, data)
+            except OSError:
+                n = 0
+        else:
+            try:
+                n = os.write(fd, data)
+            except OSError:
+                return False  # full (EAGAIN) or broken: the usual send path waits or reports it
+        if n:
+            self._writes += 1
         self._bytes_out += n
         self._messages_out += len(payloads)
         if n < len(data):
             self._unsent = data[n:]
         return True
+
+    def _seal(self, data: bytes) -> bytes:
+        """What goes on the wire for ``data``: itself, or under TLS its records (and any record the
+        TLS state made meanwhile, e.g. a key update's answer). Raises :class:`ssl.SSLError`."""
+        tls = self._tls
+        if tls is None:
+            return data
+        if data:
+            tls.ssl_object.write(data)
+        return tls.outgoing.read()
 
     async def flush(self) -> None:
         """Write what a partial :meth:`send_nowait` left (a no-op checkpoint when nothing is left).
@@ -733,16 +861,26 @@ class WebSocketConnection:
     async def _write(self, data: bytes) -> None:
         self._sending = True
         try:
-            if self._unsent:
+            data = self._seal_or_fail(data)
+            if self._unsent:  # (already on the wire's terms: ciphertext under TLS)
                 data, self._unsent = self._unsent + data, b""
             await self._write_all(data)
             while self._pending_control:
                 control, self._pending_control = self._pending_control, b""
-                await self._write_all(control)
+                await self._write_all(self._seal_or_fail(control))
         finally:
             self._sending = False
             if self._idle:
                 self._idle.unpark_all()
+
+    def _seal_or_fail(self, data: bytes) -> bytes:
+        if self._tls is None:
+            return data
+        try:
+            return self._seal(data)
+        except ssl.SSLError as exc:
+            self._peer_done.set()
+            raise self._fail(WebSocketClosedError(None, f"transport error: {exc}")) from exc
 
     async def _write_all(self, data: bytes) -> None:
         sock = self._sock
@@ -812,6 +950,7 @@ class WebSocketConnection:
                     except (ConnectionClosedError, ProtocolError):
                         pass
         finally:
+            self._send_close_notify()
             if not self._close_transport_now():
                 await trio.aclose_forcefully(self._stream)
 
@@ -854,6 +993,30 @@ class WebSocketConnection:
         if self._error is None:
             self._error = WebSocketClosedError(None, "aborted locally")
         self._close_transport_now()
+
+    def _send_close_notify(self) -> None:
+        """Under TLS, end the TLS stream cleanly before the socket closes: best effort, no wait.
+
+        After both close frames, or when the close handshake timed out; not from :meth:`abort`
+        (the peer then sees a TCP end without close_notify, as for any dropped connection), and
+        not while a write is under way (its records would be cut).
+        """
+        tls = self._tls
+        sock = self._sock
+        if tls is None or sock is None or self._sending or self._transport_closed.is_set():
+            return
+        try:
+            tls.ssl_object.unwrap()
+        except ssl.SSLError:
+            pass  # (SSLWantReadError: it would wait for the peer's close_notify; we do not)
+        data = self._unsent + tls.outgoing.read()
+        self._unsent = b""
+        fd = sock.fileno()
+        if data and fd >= 0:
+            try:
+                os.write(fd, data)
+            except OSError:
+                pass
 
     def _close_transport_now(self) -> bool:
         """Close the transport synchronously if possible; ``False`` if it needs an await."""

@@ -28,6 +28,7 @@ from rescue.websocket._codec import (
     switching_protocols,
 )
 from rescue.websocket._connection import CLOSE_TIMEOUT, WebSocketConnection, _socket_of
+from rescue.websocket._tls import TLSSocketStream
 
 __all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "AcceptCheck", "Handler", "WebSocketServer", "serve_websocket"]
 
@@ -45,7 +46,7 @@ ACCEPT_RETRY_S: Final = 0.1
 
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
 AcceptCheck = Callable[[Request, "tuple[str, int] | None"], Awaitable[Rejection | None]]
-Listener = trio.SocketListener | trio.SSLListener[trio.SocketStream]
+Listener = trio.SocketListener
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,8 @@ class WebSocketServer:
     """What :func:`serve_websocket` reports once it is listening.
 
     Attributes:
-        listeners: the bound listeners (TCP, or TLS over TCP).
+        listeners: the bound TCP listeners (TLS, if served, runs per connection over MemoryBIO:
+            :class:`~rescue.websocket._tls.TLSSocketStream`, decision 0018).
         addresses: each listener's bound ``(host, port)``.
     """
 
@@ -67,9 +69,7 @@ class WebSocketServer:
 
 
 def _address(listener: Listener) -> tuple[str, int]:
-    sock_listener = listener.transport_listener if isinstance(listener, trio.SSLListener) else listener
-    assert isinstance(sock_listener, trio.SocketListener)
-    name = sock_listener.socket.getsockname()
+    name = listener.socket.getsockname()
     return (str(name[0]), int(name[1]))
 
 
@@ -123,16 +123,12 @@ async def serve_websocket(
         (logged at debug), anything else is logged with its traceback. ``BaseException``\\ s
         (``Cancelled``, ``KeyboardInterrupt``) propagate.
     """
-    tcp_listeners = await trio.open_tcp_listeners(port, host=host)
-    listeners: list[Listener]
-    if ssl_context is not None:
-        listeners = [trio.SSLListener(lst, ssl_context) for lst in tcp_listeners]
-    else:
-        listeners = list(tcp_listeners)
+    listeners = await trio.open_tcp_listeners(port, host=host)
     server = WebSocketServer(tuple(listeners), tuple(_address(lst) for lst in listeners))
     serve_one = functools.partial(
         _serve_connection,
         handler=handler,
+        ssl_context=ssl_context,
         path=path,
         max_message=max_message,
         handshake_timeout=handshake_timeout,
@@ -172,6 +168,7 @@ async def _serve_connection(
     stream: trio.abc.Stream,
     *,
     handler: Handler,
+    ssl_context: ssl.SSLContext | None,
     path: str | None,
     max_message: int,
     handshake_timeout: float,
@@ -191,6 +188,21 @@ async def _serve_connection(
                 pass
         upgraded: tuple[Request, bytes] | None = None
         with trio.move_on_after(handshake_timeout) as scope:
+            if ssl_context is not None and isinstance(stream, trio.SocketStream):
+                # TLS over MemoryBIO, so the connection keeps the socket path (decision 0018)
+                tls = TLSSocketStream(stream, ssl_context)
+                stream = tls
+                try:
+                    await tls.do_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    log_event(
+                        _logger,
+                        "websocket.tls_failed",
+                        level=logging.DEBUG,
+                        remote=_fmt(remote),
+                        error=str(exc),
+                    )
+                    return
             upgraded = await _handshake(stream, path, accept_check, remote)
         if scope.cancelled_caught:
             log_event(_logger, "websocket.handshake_timeout", level=logging.DEBUG, remote=_fmt(remote))
