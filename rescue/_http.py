@@ -1,4 +1,4 @@
-"""A tiny JSON-over-HTTP toolkit: an ASGI router and a trio server on hypercorn.
+"""A tiny JSON-over-HTTP toolkit: a router and a lean HTTP/1.1 server on trio streams.
 
 The token service and the relay's admin port are small JSON APIs; a framework would cost more
 dependencies and startup time than it saves. This module gives them:
@@ -10,8 +10,10 @@ dependencies and startup time than it saves. This module gives them:
   traceback to the client);
 - :class:`JsonError`: raise it from a handler to answer with that status and error code;
 - :func:`json_response` / :func:`text_response` (``/metrics`` is plain text);
-- :func:`serve_http`: serve an ASGI app with hypercorn's trio worker, report the bound port with
-  ``task_status.started(port)`` (port 0 works) and shut down gracefully when cancelled.
+- :func:`serve_http`: serve a router over HTTP/1.1 (keep-alive, pipelining, HTTP/1.0, chunked
+  bodies; the parser is :mod:`rescue._http1`), report the bound port with
+  ``task_status.started(port)`` (port 0 works) and shut down gracefully when cancelled. Why not
+  hypercorn any more: decision 0017.
 
 Example::
 
@@ -27,40 +29,41 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Final, cast
-from urllib.parse import parse_qsl
+from email.utils import formatdate
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qsl, unquote
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
+from rescue._http1 import MAX_HEAD, MAX_HEADERS, REASONS, HttpError, ParsedRequest, RequestParser
 from rescue._log import get_logger, log_event
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "DEFAULT_MAX_BODY",
     "Handler",
+    "HttpApp",
+    "HttpLimits",
     "JsonError",
     "Request",
     "Response",
     "Router",
+    "error_response",
     "is_json_media_type",
     "json_response",
+    "render_response",
     "serve_http",
     "text_response",
 ]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Handler = Callable[["Request"], Awaitable["Response"]]
 
 # Request bodies of these APIs are small JSON objects (a token request is < 4 KiB even with an
@@ -69,38 +72,44 @@ DEFAULT_MAX_BODY: Final = 64 * 1024
 # How long in-flight requests get to finish after the server is asked to stop; idle keep-alive
 # connections close at once. Short, because every request these APIs serve takes milliseconds.
 DEFAULT_GRACEFUL_TIMEOUT: Final = 2.0
-# Hypercorn keeps idle keep-alive connections this long; relays poll status every second, so a
+# Idle keep-alive connections are kept this long; relays poll status every second, so a
 # connection is reused while polling, and an idle one is closed well before load balancers give up.
 KEEP_ALIVE_TIMEOUT: Final = 15.0
+# A whole request (head and body, at most ~80 KiB) must arrive within this time of its first byte:
+# any link that can use these APIs sends it in well under a second; a slow-loris trickling bytes
+# gets 408 and the connection closed instead of holding it forever.
+REQUEST_TIMEOUT: Final = 10.0
+# A response (a few KiB) must be taken by the client within this time, or the connection is
+# dropped: a client that stops reading cannot hold a connection (and a shutdown) up.
+SEND_TIMEOUT: Final = 10.0
+# After an error answer the server half-closes and reads (and drops) what the client still sends
+# for this long, at most LINGER_BYTES, before closing: closing with unread bytes makes the kernel
+# send RST, which can destroy the error answer before the client reads it (nginx's lingering close).
+LINGER_TIMEOUT: Final = 2.0
+LINGER_BYTES: Final = 256 * 1024
+# One receive_some per request is the aim: a request of these APIs is < 1 KiB, a pipelined burst
+# or a 64 KiB body takes a few.
+RECEIVE_SIZE: Final = 64 * 1024
+# The listen backlog: a storm opens hundreds of connections at once (the kernel caps it at somaxconn).
+BACKLOG: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """The per-connection limits of :func:`serve_http` (seconds and bytes; see the constants)."""
+
+    keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT
+    request_timeout: float = REQUEST_TIMEOUT
+    send_timeout: float = SEND_TIMEOUT
+    linger_timeout: float = LINGER_TIMEOUT
+    max_head: int = MAX_HEAD
+    max_headers: int = MAX_HEADERS
+
+
+DEFAULT_LIMITS: Final = HttpLimits()
 
 _LOG = get_logger("rescue.http")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# hypercorn's own lines (its "error log") go through this logger; _name_server_event gives each one
-# an ``event`` like ours instead of hypercorn's free text.
-_SERVER_LOG = get_logger("rescue.http.server")
-_SERVER_EVENTS: Final = (
-    # (what hypercorn's message starts with, our event name)
-    ("Running on ", "http.server.bound"),
-    ("Error in ASGI Framework", "http.server.app_error"),
-    ("ASGI Framework Lifespan", "http.server.lifespan_error"),
-)
-
-
-def _name_server_event(record: logging.LogRecord) -> bool:
-    """A logging filter: name one of hypercorn's records (``event``), its text goes to ``detail``."""
-    if "event" not in record.__dict__:
-        text = record.getMessage()
-        event = next(
-            (event for prefix, event in _SERVER_EVENTS if text.startswith(prefix)), "http.server.log"
-        )
-        fields = {"event": event, "detail": text}
-        if event == "http.server.bound":
-            fields["url"] = text.removeprefix("Running on ").split(" ", 1)[0]
-        record.__dict__.update(fields)  # what log_event's extra= does
-    return True
-
-
-_SERVER_LOG.addFilter(_name_server_event)
 
 
 class JsonError(Exception):
@@ -272,7 +281,7 @@ class Router:
         max_body: the largest request body accepted; a larger one gets 413 ``payload_too_large``.
 
     Resource handling:
-        The router holds no I/O resources; hypercorn owns the connections.
+        The router holds no I/O resources; :func:`serve_http` owns the connections.
 
     Error handling:
         A :class:`JsonError` from a handler becomes its JSON error response. Any other exception is
@@ -338,7 +347,7 @@ class Router:
         return error_response(404, "not_found", "no such endpoint")
 
     async def handle(self, request: Request) -> Response:
-        """Dispatch one already-read request (the ASGI entry point calls this)."""
+        """Dispatch one already-read request (:func:`serve_http` calls this)."""
         matched = self.match(request.method, request.path)
         if isinstance(matched, Response):
             return matched
@@ -359,168 +368,337 @@ class Router:
             )
             return error_response(500, "internal_error", "internal server error")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":  # websocket: these APIs have none
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        body_or_response = await _read_body(receive, headers, self.max_body)
-        if body_or_response is None:  # the client went away
-            return
-        if isinstance(body_or_response, Response):
-            response = body_or_response
-        else:
-            query = dict(reversed(parse_qsl(scope.get("query_string", b"").decode("latin-1"))))
-            client = scope.get("client")
-            request = Request(
-                method=scope["method"].upper(),
-                path=scope["path"],
-                path_params={},
-                query=query,
-                headers=headers,
-                body=body_or_response,
-                client=(str(client[0]), int(client[1])) if client else None,
-            )
-            response = await self.handle(request)
-        await _send_response(send, response, head_only=scope["method"].upper() == "HEAD")
+
+class HttpApp(Protocol):
+    """What :func:`serve_http` serves: a :class:`Router`, or a wrapper around one (CORS).
+
+    The server reads a request completely (at most ``max_body`` bytes of body) and awaits
+    ``handle`` for its answer; ``handle`` should answer every failure itself (as :class:`Router`
+    does). If it raises anyway, the server logs ``http.server.app_error`` and answers 500.
+    """
+
+    @property
+    def max_body(self) -> int: ...
+
+    async def handle(self, request: Request) -> Response: ...
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+# ------------------------------------------------------------------------------------- the server
+
+_SERVER_LOG = get_logger("rescue.http.server")
+_STATUS_LINES: dict[int, bytes] = {}
+_date_cache: list[Any] = [0, b""]  # [second, the Date header line of that second]
+# accept() errors that mean "out of resources for now": wait and retry (what trio.serve_listeners does)
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY_SLEEP: Final = 0.1  # seconds; trio.serve_listeners' value
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes | Response | None:
-    too_large = error_response(413, "payload_too_large", f"request body over {limit} bytes")
-    declared = headers.get("content-length")
-    if declared is not None:
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode()
+    return line
+
+
+def _date_line() -> bytes:
+    # RFC 9110 §6.6.1: an origin server with a clock sends Date; formatted once per second.
+    now = int(time.time())  # wall-clock time for a header, not a deadline
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = f"date: {formatdate(now, usegmt=True)}\r\n".encode()
+    line: bytes = _date_cache[1]
+    return line
+
+
+def render_response(response: Response, *, head_only: bool, keep_alive: bool, http10: bool) -> bytes:
+    """The bytes of ``response`` on the wire: status line, headers, body (none for HEAD).
+
+    Every answer has ``Content-Type`` (unless empty), ``Content-Length`` (not on 204/304),
+    ``Cache-Control: no-store`` and ``Date``; ``Connection: close`` when the connection ends after
+    it, ``Connection: keep-alive`` to an HTTP/1.0 client whose connection stays open.
+
+    Raises:
+        ValueError: a header name or value holds CR or LF (response splitting).
+    """
+    status = response.status
+    lines = [_status_line(status), _date_line(), b"cache-control: no-store\r\n"]
+    extra = [f"{name.lower()}: {value}\r\n" for name, value in response.headers.items()]
+    if response.content_type:
+        extra.append(f"content-type: {response.content_type}\r\n")
+    if status not in (204, 304):
+        extra.append(f"content-length: {len(response.body)}\r\n")
+    if not keep_alive:
+        extra.append("connection: close\r\n")
+    elif http10:
+        extra.append("connection: keep-alive\r\n")
+    text = "".join(extra)
+    if "\r" in text[:-2].replace("\r\n", "") or "\n" in text.replace("\r\n", ""):
+        raise ValueError("CR or LF in a response header")
+    lines.append(text.encode("latin-1"))
+    lines.append(b"\r\n")
+    if not head_only and status not in (204, 304):
+        lines.append(response.body)
+    return b"".join(lines)
+
+
+def _to_request(parsed: ParsedRequest, client: tuple[str, int] | None) -> Request:
+    target = parsed.target
+    query = dict(reversed(parse_qsl(parsed.query))) if parsed.query else {}
+    return Request(
+        method=parsed.method,
+        path=unquote(target) if "%" in target else target,
+        path_params={},
+        query=query,
+        headers=parsed.headers,
+        body=parsed.body,
+        client=client,
+    )
+
+
+class _Server:
+    """The connections of one :func:`serve_http` call and their shutdown state."""
+
+    def __init__(self, app: HttpApp, limits: HttpLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()  # connections waiting for a next request
+
+    def drain(self) -> None:
+        """Stop taking requests: idle connections close now, busy ones after their answer."""
+        self.draining = True
+        for scope in self._idle:
+            scope.cancel()
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        """Answer the requests of one connection in order until it closes.
+
+        Never raises but ``Cancelled`` (a server bug is logged as ``http.server.connection_error``
+        and closes this connection only).
+        """
         try:
-            if int(declared) > limit:
-                return too_large
-        except ValueError:
-            return error_response(400, "invalid_request", "bad Content-Length")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return too_large
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+            try:
+                peer = stream.socket.getpeername()
+                client: tuple[str, int] | None = (str(peer[0]), int(peer[1]))
+            except (OSError, IndexError):
+                client = None
+            await self._exchange(stream, client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception as exc:
+            _SERVER_LOG.error(
+                "http.server.connection_error",
+                exc_info=exc,
+                extra={"event": "http.server.connection_error"},
+            )
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _exchange(self, stream: trio.SocketStream, client: tuple[str, int] | None) -> None:
+        limits = self.limits
+        parser = RequestParser(
+            max_body=self.app.max_body, max_head=limits.max_head, max_headers=limits.max_headers
+        )
+        while True:
+            try:
+                parsed = await self._receive_request(stream, parser)
+            except HttpError as exc:
+                response = error_response(exc.status, exc.error, exc.detail)
+                await self._send(
+                    stream, render_response(response, head_only=False, keep_alive=False, http10=False)
+                )
+                await self._linger(stream)
+                return
+            if parsed is None:
+                return
+            response = await self._answer(_to_request(parsed, client))
+            keep_alive = parsed.keep_alive and not self.draining
+            try:
+                data = render_response(
+                    response, head_only=parsed.method == "HEAD", keep_alive=keep_alive, http10=parsed.http10
+                )
+            except ValueError as exc:
+                self._log_app_error(exc, parsed)
+                data = render_response(
+                    error_response(500, "internal_error", "internal server error"),
+                    head_only=parsed.method == "HEAD",
+                    keep_alive=keep_alive,
+                    http10=parsed.http10,
+                )
+            if not await self._send(stream, data):
+                return
+            if not keep_alive:
+                if parser.buffered:
+                    await self._linger(stream)
+                return
+
+    async def _receive_request(
+        self, stream: trio.SocketStream, parser: RequestParser
+    ) -> ParsedRequest | None:
+        """The next request of the connection, or None when it ends cleanly (EOF, keep-alive timeout,
+        drain). Raises HttpError for a bad or too slow request."""
+        limits = self.limits
+        started = -1.0  # when the first byte of this request arrived
+        while True:
+            parsed = parser.next_request()
+            if parsed is not None:
+                return parsed
+            idle = parser.idle
+            if idle:
+                if self.draining:
+                    return None
+                scope = trio.CancelScope(deadline=trio.current_time() + limits.keep_alive_timeout)
+                self._idle.add(scope)
+            else:
+                if started < 0:
+                    started = trio.current_time()
+                if parser.expects_continue:
+                    parser.continue_sent()
+                    if not await self._send(stream, _CONTINUE):
+                        return None
+                scope = trio.CancelScope(deadline=started + limits.request_timeout)
+            data = None
+            try:
+                with scope:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+            finally:
+                if idle:
+                    self._idle.discard(scope)
+            if data is None:  # the scope expired or the server is draining
+                if idle:
+                    return None
+                raise HttpError(408, "request_timeout", "the request did not arrive in time")
+            if not data:
+                return None  # EOF (a half-sent request is dropped: nobody is left to answer)
+            parser.feed(data)
+
+    async def _answer(self, request: Request) -> Response:
+        try:
+            return await self.app.handle(request)
+        except Exception as exc:
+            self._log_app_error(exc, request)
+            return error_response(500, "internal_error", "internal server error")
+
+    @staticmethod
+    def _log_app_error(exc: Exception, request: Request | ParsedRequest) -> None:
+        path = request.path if isinstance(request, Request) else request.target
+        _SERVER_LOG.error(
+            "http.server.app_error",
+            exc_info=exc,
+            extra={"event": "http.server.app_error", "method": request.method, "path": path},
+        )
+
+    async def _send(self, stream: trio.SocketStream, data: bytes) -> bool:
+        """Send ``data``; False if the client did not take it within the send timeout."""
+        with trio.move_on_after(self.limits.send_timeout):
+            await stream.send_all(data)
+            return True
+        return False
+
+    async def _linger(self, stream: trio.SocketStream) -> None:
+        """Half-close, then drop what the client still sends (bounded), so the answer is read."""
+        await stream.send_eof()
+        received = 0
+        with trio.move_on_after(self.limits.linger_timeout):
+            while received < LINGER_BYTES:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return
+                received += len(data)
 
 
-async def _send_response(send: Send, response: Response, *, head_only: bool = False) -> None:
-    headers = [
-        (b"content-type", response.content_type.encode("latin-1")),
-        (b"content-length", str(len(response.body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head_only else response.body})
-
-
-def _bind_socket(host: str, port: int) -> int:
-    """Bind a listening-ready TCP socket and return its detached file descriptor."""
+async def _bind(host: str, port: int) -> trio.SocketListener:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" serves IPv4 too
+        await sock.bind((host, port))
+        sock.listen(BACKLOG)
     except BaseException:
         sock.close()
         raise
-    return sock.detach()
-
-
-def _port_of(bind: str) -> int:
-    # hypercorn reports binds as "http://127.0.0.1:43817" or "http://[::1]:43817"
-    return int(bind.rsplit(":", 1)[1])
+    return trio.SocketListener(sock)
 
 
 async def serve_http(
-    app: ASGIApp,
+    app: HttpApp,
     host: str,
     port: int,
     *,
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
+    limits: HttpLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` over HTTP/1.1 on ``host:port`` until cancelled.
+    """Serve ``app`` over HTTP/1.1 on ``host:port`` until cancelled (decision 0017).
+
+    Each connection is one task answering its requests in order (keep-alive and pipelining);
+    requests are parsed by :class:`rescue._http1.RequestParser` and handed to ``app.handle``.
 
     Args:
-        app: an ASGI application (usually a :class:`Router`).
+        app: a :class:`Router` (or anything with its ``max_body`` and ``handle``).
         host: the address to bind (``127.0.0.1``, ``0.0.0.0``, ``::``).
         port: the TCP port; 0 picks a free one.
         graceful_timeout: seconds that in-flight requests get to finish once cancelled.
+        limits: the per-connection timeouts and head limits (:class:`HttpLimits`).
         task_status: receives the bound port once the socket listens.
 
     Resource handling:
-        The listening socket and every connection live in hypercorn's nurseries inside this call;
-        nothing outlives it.
+        The listening socket and every connection live in nurseries inside this call; nothing
+        outlives it. A malformed request is answered 400 (431 for an oversized head, 413 for an
+        oversized body, 408 for one that arrives too slowly) and its connection closed.
 
     Cancellation:
-        Cancelling this task triggers hypercorn's graceful shutdown: the listener closes at once,
-        idle connections close, in-flight requests get up to ``graceful_timeout`` seconds, then
-        everything is cancelled and the call returns (re-raising the cancellation).
+        The listener closes at once, idle keep-alive connections close, in-flight requests get up to
+        ``graceful_timeout`` seconds (their answers say ``Connection: close``), then whatever is
+        left is cancelled and the call returns (re-raising the cancellation).
 
     Raises:
         OSError: the address could not be bound.
     """
-    config = HypercornConfig()
-    # We bind the socket ourselves and hand hypercorn its file descriptor: hypercorn leaks the
-    # socket when its own bind() fails (address in use), and this way a bind error is a clean
-    # OSError from here.
-    config.bind = [f"fd://{_bind_socket(host, port)}"]
-    config.graceful_timeout = graceful_timeout
-    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
-    config.accesslog = None
-    config.errorlog = _SERVER_LOG  # its lines get an event name from _name_server_event
-    config.include_server_header = False
-    shutdown = trio.Event()
+    listener = await _bind(host, port)
+    bound = listener.socket.getsockname()
+    url = f"http://{bound[0]}:{bound[1]}" if ":" not in bound[0] else f"http://[{bound[0]}]:{bound[1]}"
+    server = _Server(app, limits)
+    # Two nurseries (STYLE 5): the connections run in a shielded scope that our cancellation does
+    # not reach; it turns into drain() and a deadline on that scope instead.
+    handlers_scope = trio.CancelScope(shield=True)
+    stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        # hypercorn runs in a shielded scope so our cancellation turns into its graceful shutdown
-        # (shutdown_trigger) instead of tearing connections down mid-response; the scope's
-        # deadline bounds that shutdown.
-        scope = trio.CancelScope(shield=True)
-        binds: list[str] = await nursery.start(partial(_shielded_serve, scope, app, config, shutdown.wait))
+        handlers: trio.Nursery = await nursery.start(_run_handlers, handlers_scope, stop)
         try:
-            task_status.started(_port_of(binds[0]))
-            await trio.sleep_forever()
+            log_event(_SERVER_LOG, "http.server.bound", url=url, detail=f"listening on {url}")
+            task_status.started(int(bound[1]))
+            await _accept(listener, handlers, server)
         finally:
-            shutdown.set()
-            scope.deadline = trio.current_time() + graceful_timeout + 1.0
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            server.drain()
+            stop.set()
+            handlers_scope.deadline = trio.current_time() + graceful_timeout
 
 
-async def _shielded_serve(
-    scope: trio.CancelScope,
-    app: ASGIApp,
-    config: HypercornConfig,
-    shutdown_trigger: Callable[[], Awaitable[None]],
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+async def _run_handlers(
+    scope: trio.CancelScope, stop: trio.Event, *, task_status: trio.TaskStatus[trio.Nursery]
 ) -> None:
     with scope:
-        # cast: our ASGI aliases are looser than hypercorn's TypedDicts
-        await hypercorn_serve(
-            cast("Any", app),
-            config,
-            shutdown_trigger=shutdown_trigger,
-            task_status=task_status,
-            mode="asgi",
-        )
+        async with trio.open_nursery() as handlers:
+            task_status.started(handlers)
+            await stop.wait()
     if scope.cancelled_caught:
         log_event(_LOG, "http.shutdown_forced", level=logging.WARNING)
+
+
+async def _accept(listener: trio.SocketListener, handlers: trio.Nursery, server: _Server) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log_event(_SERVER_LOG, "http.server.accept_error", level=logging.WARNING, detail=str(exc))
+            await trio.sleep(_ACCEPT_RETRY_SLEEP)
+        else:
+            handlers.start_soon(server.serve_connection, stream)

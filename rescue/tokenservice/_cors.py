@@ -2,7 +2,7 @@
 
 Beach's web app (or any integrator's page) runs on its own origin and calls the token service from
 the browser; the ``/join/`` page is same-origin and needs none of this. The policy, kept apart from
-the routes as an ASGI middleware around the router:
+the routes as a wrapper around the router:
 
 * **Nothing is allowed by default.** Origins come from ``--cors-origin`` (repeatable) and
   ``RESCUE_CORS_ORIGINS`` (comma-separated) and must be exact ``scheme://host[:port]`` strings;
@@ -24,13 +24,13 @@ the routes as an ASGI middleware around the router:
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Final
 from urllib.parse import urlsplit
 
-from rescue._http import ASGIApp, Message, Receive, Scope, Send
+from rescue._http import HttpApp, Request, Response, error_response
 from rescue.errors import ConfigError
 
 __all__ = ["CORS_ROUTES", "CorsMiddleware", "parse_origins"]
@@ -83,7 +83,7 @@ def parse_origins(values: Iterable[str]) -> frozenset[str]:
 
 
 class CorsMiddleware:
-    """ASGI middleware applying the policy above around ``app``.
+    """The policy above around ``app`` (served by :func:`rescue._http.serve_http` like the router).
 
     Args:
         app: the router.
@@ -94,85 +94,57 @@ class CorsMiddleware:
         Holds nothing; requests it does not answer itself go to ``app`` unchanged.
     """
 
-    def __init__(self, app: ASGIApp, origins: Callable[[], frozenset[str]]) -> None:
+    def __init__(self, app: HttpApp, origins: Callable[[], frozenset[str]]) -> None:
         self.app = app
         self.origins = origins
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        origin = headers.get("origin")
-        methods = CORS_ROUTES.get(scope["path"])
-        method = scope["method"].upper()
+    @property
+    def max_body(self) -> int:
+        """The wrapped app's body limit (the server enforces it)."""
+        return self.app.max_body
+
+    async def handle(self, request: Request) -> Response:
+        """Answer a preflight here; add the CORS headers to an allowed origin's answer."""
+        origin = request.headers.get("origin")
+        methods = CORS_ROUTES.get(request.path)
         if origin is None or methods is None:
-            await self.app(scope, receive, send)
-            return
+            return await self.app.handle(request)
         allowed = origin in self.origins()
-        if method == "OPTIONS" and "access-control-request-method" in headers:
-            await self._preflight(send, origin, allowed, methods, headers)
-            return
-        if not allowed or method not in methods:
-            await self.app(scope, receive, send)
-            return
+        if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+            return self._preflight(origin, allowed, methods, request.headers)
+        if not allowed or request.method not in methods:
+            return await self.app.handle(request)
+        response = await self.app.handle(request)
+        headers = {**response.headers, "access-control-allow-origin": origin, "vary": "Origin"}
+        return replace(response, headers=headers)
 
-        async def send_with_cors(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = dict(message)
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"access-control-allow-origin", origin.encode("latin-1")),
-                    (b"vary", b"Origin"),
-                ]
-            await send(message)
-
-        await self.app(scope, receive, send_with_cors)
-
-    async def _preflight(
-        self, send: Send, origin: str, allowed: bool, methods: tuple[str, ...], headers: dict[str, str]
-    ) -> None:
+    @staticmethod
+    def _preflight(
+        origin: str, allowed: bool, methods: tuple[str, ...], headers: Mapping[str, str]
+    ) -> Response:
         requested_method = headers["access-control-request-method"].strip().upper()
         listed = headers.get("access-control-request-headers", "").split(",")
         requested_headers = {h.strip().lower() for h in listed if h.strip()}
         if not allowed:
-            await _answer(send, 403, "cors_forbidden", "this origin is not allowed to call the token API")
-        elif requested_method not in methods:
-            await _answer(send, 403, "cors_forbidden", f"{requested_method} is not allowed cross-origin here")
-        elif not requested_headers <= ALLOWED_HEADERS:
+            return _forbidden("this origin is not allowed to call the token API")
+        if requested_method not in methods:
+            return _forbidden(f"{requested_method} is not allowed cross-origin here")
+        if not requested_headers <= ALLOWED_HEADERS:
             extra = ", ".join(sorted(requested_headers - ALLOWED_HEADERS))[:100]
-            await _answer(send, 403, "cors_forbidden", f"request headers not allowed cross-origin: {extra}")
-        else:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 204,
-                    "headers": [
-                        (b"access-control-allow-origin", origin.encode("latin-1")),
-                        (b"access-control-allow-methods", ", ".join(methods).encode()),
-                        (b"access-control-allow-headers", b"authorization, content-type"),
-                        (b"access-control-max-age", str(PREFLIGHT_MAX_AGE_S).encode()),
-                        (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
-                        (b"cache-control", b"no-store"),
-                        (b"content-length", b"0"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": b""})
+            return _forbidden(f"request headers not allowed cross-origin: {extra}")
+        return Response(
+            204,
+            b"",
+            "",  # no body, no type
+            {
+                "access-control-allow-origin": origin,
+                "access-control-allow-methods": ", ".join(methods),
+                "access-control-allow-headers": "authorization, content-type",
+                "access-control-max-age": str(PREFLIGHT_MAX_AGE_S),
+                "vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+            },
+        )
 
 
-async def _answer(send: Send, status: int, error: str, detail: str) -> None:
-    body = json.dumps({"error": error, "detail": detail}, separators=(",", ":")).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                (b"vary", b"Origin"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+def _forbidden(detail: str) -> Response:
+    return error_response(403, "cors_forbidden", detail, headers={"vary": "Origin"})

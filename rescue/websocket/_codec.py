@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple, cast
 
 from rescue._codes import CloseCode, clip_close_reason
+from rescue._http1 import HEAD_END as _HEAD_END
+from rescue._http1 import REASONS, HttpError, parse_head
 from rescue.errors import ProtocolError
 
 __all__ = [
@@ -97,7 +99,6 @@ _MASK_POOL_SIZE: Final = 4096
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _U16: Final = struct.Struct(">H")
 _U64: Final = struct.Struct(">Q")
-_HEAD_END: Final = b"\r\n\r\n"
 
 
 class Opcode(enum.IntEnum):
@@ -604,24 +605,6 @@ def _parse_close(payload: bytes) -> CloseFrameReceived:
 
 # ------------------------------------------------------------------------------------ handshake
 
-_REASONS: Final = {
-    101: "Switching Protocols",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    426: "Upgrade Required",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-# RFC 9110 "tchar": the bytes allowed in a header name.
-_TOKEN_CHARS: Final = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
-
 
 class HandshakeError(ProtocolError):
     """The HTTP upgrade failed (either side).
@@ -725,25 +708,11 @@ def find_head_end(buf: bytes | bytearray) -> int:
 
 def _parse_head(head: bytes, status_on_error: int) -> tuple[str, list[tuple[str, str]]]:
     """The start line and the headers of an HTTP head (``head`` ends with CRLF CRLF)."""
-    if len(head) > MAX_HANDSHAKE_SIZE:
-        raise HandshakeError(431, "headers_too_large", f"head exceeds {MAX_HANDSHAKE_SIZE} bytes")
-    if not head.endswith(_HEAD_END):
-        raise HandshakeError(status_on_error, "bad_request", "incomplete HTTP head")
-    lines = head[:-4].split(b"\r\n")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or not all(c in _TOKEN_CHARS for c in name):
-            raise HandshakeError(status_on_error, "bad_request", "malformed header line")
-        text = value.strip(b" \t")
-        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in text):
-            raise HandshakeError(status_on_error, "bad_request", "control character in header value")
-        headers.append((name.decode("ascii").lower(), text.decode("latin-1")))
     try:
-        start = lines[0].decode("ascii")
-    except UnicodeDecodeError:
-        raise HandshakeError(status_on_error, "bad_request", "non-ASCII start line") from None
-    return start, headers
+        return parse_head(head, max_size=MAX_HANDSHAKE_SIZE)
+    except HttpError as exc:
+        status = exc.status if exc.status == 431 else status_on_error
+        raise HandshakeError(status, exc.error, exc.detail) from None
 
 
 def parse_request(head: bytes, *, path: str | None = None) -> Request:
@@ -823,7 +792,7 @@ def error_response(status: int, error: str, detail: str, *, headers: Sequence[tu
     """
     body = json.dumps({"error": error, "detail": detail}, separators=(",", ":")).encode("utf-8")
     lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         "Connection: close",
