@@ -1,4 +1,4 @@
-"""rescue._http: routing, JSON errors, body limits and the hypercorn trio server, over real sockets."""
+"""rescue._http: routing, JSON errors, body limits and the server (serve_http), over real sockets."""
 
 from __future__ import annotations
 

@@ -1,0 +1,309 @@
+"""rescue._http.serve_http over raw TCP on 127.0.0.1: the bytes a client library would never send.
+
+Keep-alive, pipelining, HTTP/1.0, framing errors, limits, slow clients and shutdown. Timeouts are
+exercised with trio's autojump clock (virtual time), never by waiting.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import trio.testing
+
+from rescue._http import HttpLimits, Request, Response, Router, json_response, serve_http
+from rescue._http1 import HEAD_END, parse_head
+
+TIMEOUT = 10  # real seconds on a loaded 2-core box; virtual seconds in autojump tests
+LIMITS = HttpLimits(keep_alive_timeout=15.0, request_timeout=10.0, max_head=1024, max_headers=20)
+
+
+def make_router() -> Router:
+    router = Router(max_body=100)
+
+    @router.get("/n/{n}")
+    async def number(request: Request) -> Response:
+        return json_response({"n": request.path_params["n"]})
+
+    @router.post("/echo")
+    async def echo(request: Request) -> Response:
+        return json_response({"len": len(request.body), "body": request.body.decode("latin-1")})
+
+    return router
+
+
+@asynccontextmanager
+async def server(router: Router | None = None) -> AsyncIterator[int]:
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(
+            lambda task_status: serve_http(
+                router or make_router(), "127.0.0.1", 0, limits=LIMITS, task_status=task_status
+            )
+        )
+        yield port
+        nursery.cancel_scope.cancel()
+
+
+class Reader:
+    """Reads HTTP responses off a raw stream."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def _more(self) -> bool:
+        data = await self.stream.receive_some(65536)
+        self.buf += data
+        return bool(data)
+
+    async def response(self, *, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        while HEAD_END not in self.buf:
+            assert await self._more(), f"connection closed mid-response: {self.buf!r}"
+        end = self.buf.index(HEAD_END) + 4
+        start, fields = parse_head(self.buf[:end])
+        self.buf = self.buf[end:]
+        headers = dict(fields)
+        length = 0 if head_only else int(headers.get("content-length", "0"))
+        while len(self.buf) < length:
+            assert await self._more()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return int(start.split(" ")[1]), headers, body
+
+    async def closed(self) -> bool:
+        """Whether the server closes the connection (EOF or reset) with nothing more to say."""
+        try:
+            while await self._more():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        await self.stream.aclose()
+        return self.buf == b""
+
+
+async def connect(port: int) -> tuple[trio.SocketStream, Reader]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    return stream, Reader(stream)
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
+
+
+async def test_keep_alive_and_pipelined_requests_answered_in_order() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with server() as port:
+            stream, reader = await connect(port)
+            await stream.send_all(get("/n/1") + get("/n/2") + get("/n/3"))
+            for n in ("1", "2", "3"):
+                status, headers, body = await reader.response()
+                assert (status, json.loads(body)) == (200, {"n": n})
+                assert "connection" not in headers
+            await stream.send_all(get("/n/4"))  # the same connection again
+            assert json.loads((await reader.response())[2]) == {"n": "4"}
+            await stream.aclose()
+
+
+async def test_connection_close_and_http10() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with server() as port:
+            stream, reader = await connect(port)
+            await stream.send_all(get("/n/1", "Connection: close\r\n") + get("/n/2"))
+            status, headers, _ = await reader.response()
+            assert (status, headers["connection"]) == (200, "close")
+            assert await reader.closed()  # the pipelined second request is not answered
+
+            stream, reader = await connect(port)
+            await stream.send_all(b"GET /n/1 HTTP/1.0\r\n\r\n")
+            status, headers, _ = await reader.response()
+            assert (status, headers["connection"]) == (200, "close")
+            assert await reader.closed()
+
+            stream, reader = await connect(port)
+            await stream.send_all(b"GET /n/1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            assert (await reader.response())[1]["connection"] == "keep-alive"
+            await stream.send_all(b"GET /n/2 HTTP/1.0\r\n\r\n")
+            assert json.loads((await reader.response())[2]) == {"n": "2"}
+            assert await reader.closed()
+
+
+async def test_bodies_by_length_and_chunked_and_head() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with server() as port:
+            stream, reader = await connect(port)
+            await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+            assert json.loads((await reader.response())[2]) == {"len": 5, "body": "hello"}
+            await stream.send_all(
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n"
+            )
+            assert json.loads((await reader.response())[2]) == {"len": 5, "body": "hello"}
+            await stream.send_all(b"HEAD /n/7 HTTP/1.1\r\nHost: t\r\n\r\n" + get("/n/8"))
+            status, headers, body = await reader.response(head_only=True)
+            assert (status, body) == (200, b"")
+            assert headers["content-length"] == str(len(b'{"n":"7"}'))
+            assert json.loads((await reader.response())[2]) == {"n": "8"}  # no stray HEAD body
+            await stream.aclose()
+
+
+async def test_expect_100_continue() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with server() as port:
+            stream, reader = await connect(port)
+            await stream.send_all(
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+            )
+            assert (await reader.response(head_only=True))[0] == 100
+            await stream.send_all(b"ok")
+            assert json.loads((await reader.response())[2]) == {"len": 2, "body": "ok"}
+            await stream.aclose()
+
+
+async def assert_refused(port: int, wire: bytes, status: int, error: str) -> None:
+    stream, reader = await connect(port)
+    await stream.send_all(wire)
+    got, headers, body = await reader.response()
+    assert (got, json.loads(body)["error"]) == (status, error)
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert await reader.closed()
+
+
+async def test_malformed_requests_get_400_json_and_the_connection_closes() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with server() as port:
+            for wire in (
+                b"GARBAGE\r\n\r\n",
+                b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+                b"GET / HTTP/1.1\r\n\r\n",  # no Host
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\n",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS to a plain port
+            ):
+                await assert_refused(port, wire, 400, "bad_request")
+            await assert_refused(port, get("/", "X: " + "v" * 2000 + "\r\n"), 431, "headers_too_large")
+            many = "".join(f"X-{i}: v\r\n" for i in range(30))
+            await assert_refused(port, get("/", many), 431, "headers_too_large")
+            await assert_refused(
+                port, b"GET / HTTP/3.0\r\nHost: t\r\n\r\n", 505, "http_version_not_supported"
+            )
+
+
+async def test_bodies_over_the_limit_get_413_and_the_connection_closes() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with server() as port:
+            # declared: refused before a byte of the body is read (the server lingers to drain it)
+            head = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 500\r\n\r\n"
+            await assert_refused(port, head + b"x" * 500, 413, "payload_too_large")
+            chunk = b"20\r\n" + b"x" * 32 + b"\r\n"
+            chunked = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 4
+            await assert_refused(port, chunked, 413, "payload_too_large")
+            # exactly at the limit is fine
+            stream, reader = await connect(port)
+            await stream.send_all(
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + b"y" * 100
+            )
+            assert (await reader.response())[0] == 200
+            await stream.aclose()
+
+
+async def test_slow_head_and_trickled_body_get_408(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(120):
+        async with server() as port:
+            stream, reader = await connect(port)
+            await stream.send_all(b"GET /n/1 HTTP/1.1\r\nHost: t\r\n")  # and never the blank line
+            status, headers, body = await reader.response()
+            assert (status, json.loads(body)["error"], headers["connection"]) == (
+                408,
+                "request_timeout",
+                "close",
+            )
+            assert await reader.closed()
+            assert trio.current_time() >= LIMITS.request_timeout
+
+            # a body trickled one byte a second: each byte is in time, the request is not
+            stream, reader = await connect(port)
+            await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n")
+            sent = 0
+            while sent < 50 and not reader.buf:
+                await stream.send_all(b"x")
+                sent += 1
+                with trio.move_on_after(1):
+                    await reader._more()  # the server's answer, if it has one by now
+            assert sent < 50  # the server hung up before the body was complete
+            assert (await reader.response())[0] == 408
+            assert await reader.closed()
+
+
+async def test_idle_keep_alive_connection_is_closed(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(120):
+        async with server() as port:
+            stream, reader = await connect(port)
+            await stream.send_all(get("/n/1"))
+            assert (await reader.response())[0] == 200
+            answered = trio.current_time()
+            assert await reader.closed()
+            assert trio.current_time() - answered >= LIMITS.keep_alive_timeout
+
+
+async def test_shutdown_closes_idle_connections_and_finishes_in_flight_ones() -> None:
+    release = trio.Event()
+    started = trio.Event()
+    router = make_router()
+
+    @router.get("/wait")
+    async def wait(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        return json_response({"done": True})
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as outer:
+            scope = trio.CancelScope()
+            ports: list[int] = []
+            up = trio.Event()
+
+            async def run() -> None:
+                with scope:
+                    async with trio.open_nursery() as nursery:
+                        ports.append(await nursery.start(serve_http, router, "127.0.0.1", 0))
+                        up.set()
+
+            outer.start_soon(run)
+            await up.wait()
+            idle, idle_reader = await connect(ports[0])
+            await idle.send_all(get("/n/1"))
+            assert (await idle_reader.response())[0] == 200
+            busy, busy_reader = await connect(ports[0])
+            await busy.send_all(get("/wait"))
+            await started.wait()
+            scope.cancel()
+            assert await idle_reader.closed()  # at once, while /wait is still in flight
+            assert not release.is_set()
+            release.set()
+            status, headers, body = await busy_reader.response()
+            assert (status, json.loads(body), headers["connection"]) == (200, {"done": True}, "close")
+            assert await busy_reader.closed()
+
+
+async def test_a_handler_that_never_answers_is_cut_off_after_the_grace_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    router = make_router()
+
+    @router.get("/forever")
+    async def forever(request: Request) -> Response:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_http, router, "127.0.0.1", 0)
+            stream, reader = await connect(port)
+            await stream.send_all(get("/forever"))
+            await trio.sleep(1)
+            stopped = trio.current_time()
+            nursery.cancel_scope.cancel()
+        assert 2.0 <= trio.current_time() - stopped < 5.0  # the 2 s grace period, then cut
+        assert await reader.closed()
