@@ -39,6 +39,7 @@ import os
 import random
 import resource
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +69,8 @@ DRAIN_TIMEOUT_S: Final = 15.0
 # checkpoint): a loopback burst of many frames, without a large allocation per read.
 _RBUF: Final = bytearray(RECV_CHUNK)
 _RVIEW: Final = memoryview(_RBUF)
+# (a TLS connection's BIO slots before its handshake)
+_NO_BIO: Final = ssl.MemoryBIO()
 # Histogram resolution: buckets of 1 % (log scale) over 1 us .. ~100 s.
 HIST_SCALE: Final = 100
 HIST_SIZE: Final = 1900
@@ -125,6 +128,9 @@ class Target:
     path: str = "/"
     key_file: str | None = None  # rescue: private JWK used to mint one token per connection
     audience: str = "*"
+    # TLS (bench.run --tls): the certificate to trust; every connection then runs TLS over
+    # MemoryBIO in this process (encrypt before the non-blocking send, decrypt after recv_into)
+    tls_ca: str | None = None
 
 
 @dataclass
@@ -199,6 +205,10 @@ class Conn:
         "role",
         "rx_flow",
         "sock",
+        "tls",
+        "tls_in",
+        "tls_more",
+        "tls_out",
         "transport",
         "tx_flow",
     )
@@ -219,12 +229,75 @@ class Conn:
         self.peer_ready = trio.Event()
         self.rx_flow: Flow | None = None
         self.tx_flow: Flow | None = None
+        self.tls: ssl.SSLObject | None = None  # set once the TLS handshake is done
+        self.tls_in = self.tls_out = _NO_BIO
+        self.tls_more = False  # plaintext may be left in the TLS state: decrypt before waiting
+
+    # -- TLS (cold paths and the two hooks the hot paths call) --------------------------------
+    async def tls_handshake(self, context: ssl.SSLContext, host: str) -> None:
+        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(self.tls_in, self.tls_out, server_hostname=host)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._send_raw(self.tls_out.read())
+                data = await self.sock.recv(RECV_CHUNK)
+                if not data:
+                    raise w.WireError("closed during the TLS handshake") from None
+                self.tls_in.write(data)
+        await self._send_raw(self.tls_out.read())
+        self.tls = tls
+
+    def _seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        assert self.tls is not None
+        self.tls.write(data)
+        return self.tls_out.read()
+
+    def _decrypt(self, n: int) -> int:
+        """``_RBUF[:n]`` (n may be 0) into the TLS state, plaintext into ``_RBUF``: its size, -1 at EOF."""
+        assert self.tls is not None
+        if n:
+            self.tls_in.write(_RVIEW[:n])
+        got = 0
+        self.tls_more = False
+        try:
+            while got < RECV_CHUNK:
+                got += self.tls.read(RECV_CHUNK - got, _RVIEW[got:])  # type: ignore[operator]
+            self.tls_more = True
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return got or -1
+        return got
+
+    async def recv_plain(self) -> bytes:
+        """Cold path (the upgrade response): the next plaintext bytes, ``b""`` at EOF."""
+        if self.tls is None:
+            return bytes(await self.sock.recv(4096))
+        while True:
+            try:
+                data = self.tls.read(RECV_CHUNK)
+            except ssl.SSLWantReadError:
+                chunk = await self.sock.recv(RECV_CHUNK)
+                if not chunk:
+                    return b""
+                self.tls_in.write(chunk)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            # records read together with this one wait in the BIO: no socket edge will say so
+            self.tls_more = bool(self.tls_in.pending or self.tls.pending())
+            return data
 
     # -- sending -------------------------------------------------------------------------------
     def send_nowait(self, data: bytes) -> None:
         """Hand ``data`` to the kernel now; what it does not take waits in ``pending``."""
         if self.closed:
             return
+        if self.tls is not None:
+            data = self._seal(data)  # (in order: what is pending is ciphertext too)
         if self.pending:
             self.pending += data
             return
@@ -270,14 +343,24 @@ class Conn:
         """
         raw = self.raw
         try:
-            await trio.lowlevel.wait_readable(raw)
-            n = raw.recv_into(_RBUF)
+            if self.tls_more:
+                await trio.lowlevel.checkpoint()
+                n = 0
+            else:
+                await trio.lowlevel.wait_readable(raw)
+                n = raw.recv_into(_RBUF)
+                if not n:
+                    return False
+            if self.tls is not None:
+                n = self._decrypt(n)
+                if n < 0:
+                    return False
+                if not n:
+                    return not self.closed
         except BlockingIOError:
             return not self.closed
-        except (OSError, ValueError, trio.ClosedResourceError):
+        except (OSError, ValueError, trio.ClosedResourceError):  # (ssl.SSLError is an OSError)
             self._fail()
-            return False
-        if not n:
             return False
         now = time.monotonic_ns()
         if self.buf:
@@ -482,6 +565,9 @@ class Conn:
 
     async def send_all(self, data: bytes) -> None:
         """Cold path: send everything (handshakes)."""
+        await self._send_raw(self._seal(data) if self.tls is not None else data)
+
+    async def _send_raw(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             sent = await self.sock.send(view)
@@ -490,6 +576,11 @@ class Conn:
     def close(self) -> None:
         if not self.closed and not self.pending:  # never cut into a half-sent frame
             bye = w.close_message(self.transport)
+            if bye and self.tls is not None:
+                try:
+                    bye = self._seal(bye)
+                except ssl.SSLError:
+                    bye = b""
             if bye:
                 try:
                     self.raw.send(bye)
@@ -519,6 +610,7 @@ class LoadGen:
     ) -> None:
         self.target = target
         self.scenario = scenario
+        self.tls_context = ssl.create_default_context(cafile=target.tls_ca) if target.tls_ca else None
         self.mint = mint
         self.tag = tag or os.urandom(4).hex()
         self.size = scenario.size
@@ -549,6 +641,8 @@ class LoadGen:
         conn = Conn(self, role, raw)
         try:
             await conn.sock.connect((t.host, t.port))
+            if self.tls_context is not None:
+                await conn.tls_handshake(self.tls_context, t.host)
             if t.transport == "tcp":
                 await conn.send_all(w.encode_preamble(session, role))
                 return conn
@@ -558,7 +652,7 @@ class LoadGen:
             while b"\r\n\r\n" not in head:
                 if len(head) > w.MAX_HANDSHAKE_RESPONSE:
                     raise w.WireError("upgrade response too long")
-                data = await conn.sock.recv(4096)
+                data = await conn.recv_plain()
                 if not data:
                     raise w.WireError("closed during the upgrade")
                 head += data

@@ -135,6 +135,7 @@ async def main(
     quiet_after: float,
     quiet_tick: float,
     census: Path | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> None:
     from rescue._log import configure_logging
     from rescue.relay import Relay, RelayConfig, tune_gc
@@ -152,6 +153,8 @@ async def main(
         read_coalesce_s=0.0 if read_coalesce == "off" else float(read_coalesce),
         quiet_after_s=quiet_after,
         quiet_tick_s=quiet_tick,
+        tls_cert=tls[0] if tls else None,
+        tls_key=tls[1] if tls else None,
     )
     relay = Relay(config)
     report = gc_probe()
@@ -181,6 +184,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", required=True, help="JWK set file")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls-cert", help="serve wss:// with this certificate (bench.run --tls)")
+    parser.add_argument("--tls-key", help="the certificate's private key")
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument(
         "--read-coalesce",
@@ -204,4 +209,5 @@ if __name__ == "__main__":
         args.quiet_after,
         args.quiet_tick,
         args.census,
+        (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None,
     )

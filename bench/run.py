@@ -5,6 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.run --quick                 # 1-2 minutes, references + rescue if present
     .venv/bin/python -m bench.run                         # the full matrix (~15-20 minutes)
     .venv/bin/python -m bench.run --targets rescue,websockets,tcp --modes throughput
+    .venv/bin/python -m bench.run --tls                   # the same matrix over TLS (wss://)
 
 Each step starts a fresh target process, starts the load generator worker(s) as separate processes,
 waits until every session is connected and paired, then: ``start`` (offer load), warm-up, ``mark``
@@ -34,7 +35,17 @@ import trio
 
 from bench import _proc
 from bench.loadgen import DRAIN_TIMEOUT_S, Scenario, Target, raise_nofile, summarize
-from bench.targets import BASELINE, BEST_PEER, CEILING, ROOT, TARGETS, KeyMaterial, TargetDef, start_target
+from bench.targets import (
+    BASELINE,
+    BEST_PEER,
+    CEILING,
+    ROOT,
+    TARGETS,
+    KeyMaterial,
+    TargetDef,
+    TLSMaterial,
+    start_target,
+)
 
 # SPEC §10 targets.
 TARGET_X_WS_1K: Final = 3.0
@@ -123,7 +134,13 @@ class _Worker:
 
 
 async def start_worker(
-    defn: TargetDef, port: int, keys: KeyMaterial | None, scenario: Scenario, log: Path, tag: str
+    defn: TargetDef,
+    port: int,
+    keys: KeyMaterial | None,
+    scenario: Scenario,
+    log: Path,
+    tag: str,
+    tls: TLSMaterial | None = None,
 ) -> _Worker:
     """Start one load-generator worker process against ``defn`` on ``port`` (stderr to ``log``)."""
     config = {
@@ -134,6 +151,7 @@ async def start_worker(
                 port=port,
                 path=defn.path,
                 key_file=str(keys.key_file) if keys and defn.needs_keys else None,
+                tls_ca=str(tls.cert_file) if tls else None,
             )
         ),
         "scenario": asdict(scenario),
@@ -156,19 +174,26 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 async def run_step(
-    defn: TargetDef, step: Step, *, keys: KeyMaterial | None, log_dir: Path, stamp: str
+    defn: TargetDef,
+    step: Step,
+    *,
+    keys: KeyMaterial | None,
+    log_dir: Path,
+    stamp: str,
+    tls: TLSMaterial | None = None,
 ) -> dict[str, Any]:
-    """Run one step against one target; returns the result row."""
+    """Run one step against one target (over TLS with ``tls``); returns the result row."""
     row: dict[str, Any] = {
         "target": defn.name,
         "role": defn.role,
         "kind": step.kind,
-        "label": step.label,
+        "label": step.label + (" TLS" if tls else ""),
+        "tls": tls is not None,
         "size": step.scenario.size,
         "sessions": step.scenario.sessions,
         "loadavg_start": _proc.loadavg(),
     }
-    relay = await start_target(defn, log_dir=log_dir, keys=keys)
+    relay = await start_target(defn, log_dir=log_dir, keys=keys, tls=tls)
     workers: list[_Worker] = []
     try:
         rss_empty = _proc.rss_kb(relay.pid)
@@ -176,7 +201,7 @@ async def run_step(
         for i, n in enumerate(counts):
             scenario = replace(step.scenario, sessions=n)
             log = log_dir / f"loadgen-{defn.name}-{i}.log"
-            workers.append(await start_worker(defn, relay.port, keys, scenario, log, f"{stamp}-{i}"))
+            workers.append(await start_worker(defn, relay.port, keys, scenario, log, f"{stamp}-{i}", tls))
         with trio.fail_after(CONNECT_WAIT_S):
             connected = [await wk.lines.next() for wk in workers]
         row["connect_s"] = max(c["connect_s"] for c in connected)
@@ -529,6 +554,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"Targets: {', '.join(meta['targets'])}.",
         "",
     ]
+    if meta.get("tls"):
+        lines[-1:-1] = [
+            "Transport: **TLS** (`--tls`): every target serves TLS 1.3 with a self-signed ECDSA P-256 "
+            "certificate (raw TCP: the same copy loop over trio's SSLStream); the load generator "
+            "runs TLS over MemoryBIO.",
+        ]
     tput = [r for r in rows if r["kind"] == "throughput"]
     if tput:
         lines += [
@@ -737,6 +768,11 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown target(s) {unknown}; known: {sorted(TARGETS)}")
     keys = KeyMaterial.create(log_dir) if any(TARGETS[n].needs_keys for n in names) else None
+    tls = TLSMaterial.create(log_dir) if args.tls else None
+    if tls is not None:
+        plain_only = [n for n in names if TARGETS[n].tls_argv is None]
+        if plain_only:
+            raise SystemExit(f"--tls: {plain_only} cannot serve TLS; leave them out of --targets")
     steps = build_steps(args)
     total = len(steps) * len(names)
     meta = {
@@ -748,6 +784,7 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
         "targets": names,
         "window": args.window,
         "heartbeat_s": args.heartbeat,
+        "tls": args.tls,
         "idle_window_s": args.idle_window,
     }
     print(
@@ -766,7 +803,7 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 continue
             try:
-                row = await run_step(defn, step, keys=keys, log_dir=log_dir, stamp=f"{stamp}-{i}")
+                row = await run_step(defn, step, keys=keys, log_dir=log_dir, stamp=f"{stamp}-{i}", tls=tls)
             except (RuntimeError, OSError, trio.TooSlowError, KeyError, ValueError) as exc:
                 row = {
                     "target": name,
@@ -831,6 +868,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-early-stop", action="store_true", help="run every active level even after a collapse"
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="every target serves TLS (wss://; raw TCP over TLS) and the generator connects with TLS",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--render", type=Path, help="only re-render the markdown and plots of a results JSON")
     args = p.parse_args(argv)
@@ -849,7 +891,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, name, value)
     args.active_sessions = [int(x) for x in str(args.active_sessions).split(",") if x]
     if args.targets is None:
-        names = ["tcp", "websockets", "picows"] + ([] if args.quick else ["trio-websocket"])
+        names = ["tcp", "websockets", "picows"] + ([] if args.quick or args.tls else ["trio-websocket"])
         if rescue_available():
             names.append("rescue")
         args.targets = ",".join(names)

@@ -1,11 +1,15 @@
 """The relays a run can measure, how to start each one, and token minting for the real relay.
 
 Every target is a separate process (so its CPU and memory can be read from ``/proc/<pid>``) that
-listens on 127.0.0.1 and prints ``READY port=<n>`` on stdout when it accepts connections.
+listens on 127.0.0.1 and prints ``READY port=<n>`` on stdout when it accepts connections. With
+``bench.run --tls`` every target that can serves TLS (``--tls-cert/--tls-key``, a self-signed
+certificate made for the run: :class:`TLSMaterial`); the others are left out of that run.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -39,6 +43,8 @@ class TargetDef:
     argv: tuple[str, ...]
     path: str = "/"
     needs_keys: bool = False
+    # how to start it serving TLS (``--tls-cert/--tls-key`` are appended); None: it cannot
+    tls_argv: tuple[str, ...] | None = None
 
 
 def _script(name: str) -> tuple[str, ...]:
@@ -48,15 +54,23 @@ def _script(name: str) -> tuple[str, ...]:
 def _rescue(name: str, role: str, *flags: str) -> TargetDef:
     """The real relay (``rescue_target.py``) run with ``flags``."""
     argv = (sys.executable, str(HERE / "rescue_target.py"), *flags)
-    return TargetDef(name, "rescue", role, argv, path="/v1/connect", needs_keys=True)
+    return TargetDef(name, "rescue", role, argv, path="/v1/connect", needs_keys=True, tls_argv=argv)
 
 
 TARGETS: Final[dict[str, TargetDef]] = {
-    "tcp": TargetDef("tcp", "tcp", "ceiling", _script("tcp_relay.py")),
-    "websockets": TargetDef("websockets", "ws", "reference", _script("ws_websockets_relay.py")),
+    "tcp": TargetDef("tcp", "tcp", "ceiling", _script("tcp_relay.py"), tls_argv=_script("tcp_relay.py")),
+    "websockets": TargetDef(
+        "websockets",
+        "ws",
+        "reference",
+        _script("ws_websockets_relay.py"),
+        tls_argv=_script("ws_websockets_relay.py"),
+    ),
     "trio-websocket": TargetDef("trio-websocket", "ws", "reference", _script("ws_trio_websocket_relay.py")),
     # the fastest Python WebSocket server (Cython, callbacks, zero-copy): the peer to beat
-    "picows": TargetDef("picows", "ws", "reference", _script("ws_picows_relay.py")),
+    "picows": TargetDef(
+        "picows", "ws", "reference", _script("ws_picows_relay.py"), tls_argv=_script("ws_picows_relay.py")
+    ),
     "rescue": _rescue("rescue", "target"),
     # the real relay without the shared read poller (decision 0007's A/B): trio's own waits
     "rescue-trio-waits": _rescue("rescue-trio-waits", "context", "--read-coalesce", "off"),
@@ -78,6 +92,14 @@ if _BASELINE_TREE:
         ("env", f"PYTHONPATH={_tree}", sys.executable, str(_tree / "bench" / "rescue_target.py")),
         path="/v1/connect",
         needs_keys=True,
+        # over TLS: this tree's target script (it has --tls-cert) importing that tree's relay
+        tls_argv=(
+            "env",
+            f"PYTHONPATH={_tree}",
+            f"RESCUE_TARGET_TREE={_tree}",
+            sys.executable,
+            str(HERE / "rescue_target.py"),
+        ),
     )
 # The reference every ratio is relative to (SPEC §10), and the ceiling.
 BASELINE: Final = "websockets"
@@ -123,6 +145,48 @@ def make_minter(key_file: str, *, audience: str = "*") -> Callable[[str, str], b
 
 
 @dataclass
+class TLSMaterial:
+    """A throwaway self-signed certificate for 127.0.0.1 (the targets serve it, the workers trust it)."""
+
+    cert_file: Path
+    key_file: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> TLSMaterial:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        directory.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        cert_file, key_file = directory / "bench-cert.pem", directory / "bench-key.pem"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return cls(cert_file, key_file)
+
+
+@dataclass
 class Running:
     """A started target process."""
 
@@ -147,13 +211,29 @@ class Running:
                 await self.process.wait()
 
 
-async def start_target(defn: TargetDef, *, log_dir: Path, keys: KeyMaterial | None = None) -> Running:
-    """Start ``defn`` on an ephemeral 127.0.0.1 port and wait for its READY line.
+async def start_target(
+    defn: TargetDef, *, log_dir: Path, keys: KeyMaterial | None = None, tls: TLSMaterial | None = None
+) -> Running:
+    """Start ``defn`` on an ephemeral 127.0.0.1 port and wait for its READY line (serving TLS with ``tls``).
 
     Raises:
-        RuntimeError: it exited, printed no READY line within ``START_TIMEOUT_S``, or needs keys.
+        RuntimeError: it exited, printed no READY line within ``START_TIMEOUT_S``, needs keys, or
+            cannot serve TLS.
     """
-    argv = [*defn.argv, "--port", "0"]
+    if tls is None:
+        argv = [*defn.argv, "--port", "0"]
+    elif defn.tls_argv is None:
+        raise RuntimeError(f"{defn.name} cannot serve TLS")
+    else:
+        argv = [
+            *defn.tls_argv,
+            "--port",
+            "0",
+            "--tls-cert",
+            str(tls.cert_file),
+            "--tls-key",
+            str(tls.key_file),
+        ]
     if defn.needs_keys:
         if keys is None:
             raise RuntimeError(f"{defn.name} needs key material")

@@ -240,3 +240,85 @@ def test_throughput_ratios_name_the_best_python_peer() -> None:
     assert by_target["picows"]["x_picows"] == pytest.approx(1.0)
     without = {q["target"]: q for q in run.ratios([r for r in rows if r["target"] != "picows"])}
     assert without["rescue"]["x_picows"] is None  # not in the run: no ratio, not a guess
+
+
+# ------------------------------------------------------------------------------------------- TLS
+
+
+@pytest.mark.parametrize("name", ["tcp", "websockets", "picows", "rescue"])
+async def test_tls_throughput_rate_and_idle_deliver_everything(name: str, tmp_path: Path) -> None:
+    """``bench.run --tls``: each target serves TLS and the generator speaks it (MemoryBIO).
+
+    The real relay's idle run goes quiet (``--quiet-after 0.3``) before its probes: the first
+    messages after quiet take the TLS quiet path (SO_RCVLOWAT raised by the record overhead)."""
+    tls = targets.TLSMaterial.create(tmp_path / "tls")
+    keys = mint = key_file = None
+    defn = targets.TARGETS[name]
+    if name == "rescue":
+        keys = targets.KeyMaterial.create(tmp_path)
+        key_file = str(keys.key_file)
+        mint = targets.make_minter(key_file)
+        defn = targets._rescue("rescue", "target", "--quiet-after", "0.3")
+    with trio.fail_after(60):
+        relay = await targets.start_target(defn, log_dir=tmp_path, keys=keys, tls=tls)
+        try:
+            target = loadgen.Target(
+                name=name,
+                transport=relay.defn.transport,
+                port=relay.port,
+                path=relay.defn.path,
+                key_file=key_file,
+                tls_ca=str(tls.cert_file),
+            )
+            for size, sessions in ((1024, 3), (16384, 2)):  # 16 KiB: more than one TLS record
+                tput = loadgen.Scenario(mode="throughput", sessions=sessions, size=size, window=4)
+                result = await loadgen.run_local(target, tput, warmup_s=0.1, duration_s=0.3, mint=mint)
+                _assert_delivered(result, connections=2 * sessions)
+                assert result["msgs"] > 0
+            rate = loadgen.Scenario(mode="rate", sessions=2, size=4096, rate=65536.0, direction="host")
+            result = await loadgen.run_local(target, rate, warmup_s=0.1, duration_s=0.3, mint=mint)
+            _assert_delivered(result, connections=4)
+            idle = loadgen.Scenario(mode="idle", sessions=4, size=29, heartbeat_s=0.2, probe_rate=1000.0)
+            result = await loadgen.run_local(target, idle, warmup_s=1.0, duration_s=1.0, mint=mint)
+            _assert_delivered(result, connections=8)
+            assert result["sent_total"] == result["msgs"] == 4
+            assert result["heartbeats_rx"] > 0
+        finally:
+            await relay.stop()
+
+
+def test_run_cli_tls_covers_every_mode(tmp_path: Path) -> None:
+    """``python -m bench.run --tls`` at tiny scale: a TLS row per mode and target, delivery ok."""
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    argv = [sys.executable, "-m", "bench.run", "--tls", "--targets", "picows,rescue"]
+    argv += ["--modes", "throughput,active,idle", "--sessions", "2", "--window", "2"]
+    argv += ["--active-sessions", "2", "--idle-connections", "8", "--heartbeat", "0.2"]
+    argv += ["--warmup", "0.2", "--duration", "0.3", "--idle-warmup", "0.1", "--idle-window", "0.4"]
+    argv += ["--idle-settle", "0", "--probe-rate", "1000", "--out", str(tmp_path)]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    report = json.loads((tmp_path / "results-latest.json").read_text())
+    assert report["meta"]["tls"] is True
+    rows = report["rows"]
+    kinds = ("throughput", "active", "idle")
+    assert sorted((r["kind"], r["target"]) for r in rows) == sorted(
+        [(k, t) for k in kinds for t in ("picows", "rescue")]
+        + [("throughput", t) for t in ("picows", "rescue")]
+    )
+    for row in rows:
+        assert "error" not in row, row
+        assert row["tls"] is True, row
+        assert row["label"].endswith(" TLS"), row
+        assert row["delivery_ok"], row
+    assert "Transport: **TLS**" in (tmp_path / "results-latest.md").read_text()
+    # a target that cannot serve TLS is refused up front, not measured in the clear
+    refused = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--tls", "--targets", "epoll", "--out", str(tmp_path / "x")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert b"cannot serve TLS" in refused.stderr

@@ -10,6 +10,7 @@ Usage: ``python bench/references/tcp_relay.py --port 0`` prints ``READY port=<n>
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -89,17 +90,27 @@ async def handle(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-async def main(port: int) -> None:
+async def main(port: int, cert: str | None = None, key: str | None = None) -> None:
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handle, port, host="127.0.0.1"))
-        print(f"READY port={listeners[0].socket.getsockname()[1]}", flush=True)
+        if cert and key:  # bench.run --tls: the same copy loop over trio's SSLStream
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(cert, key)
+            serve = partial(trio.serve_ssl_over_tcp, handle, port, context, host="127.0.0.1")
+            listeners = await nursery.start(serve)
+            sock = listeners[0].transport_listener.socket
+        else:
+            listeners = await nursery.start(partial(trio.serve_tcp, handle, port, host="127.0.0.1"))
+            sock = listeners[0].socket
+        print(f"READY port={sock.getsockname()[1]}", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls-cert", help="serve TLS with this certificate (bench.run --tls)")
+    parser.add_argument("--tls-key", help="the certificate's private key")
     args = parser.parse_args()
     try:
-        trio.run(main, args.port)
+        trio.run(main, args.port, args.tls_cert, args.tls_key)
     except KeyboardInterrupt:
         sys.exit(0)

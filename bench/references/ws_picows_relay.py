@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ssl
 import sys
 
 from picows import (
@@ -111,8 +112,17 @@ def _listener(_request: WSUpgradeRequest) -> _Peer:
     return _Peer()
 
 
-async def main(port: int) -> None:
-    server = await ws_create_server(_listener, "127.0.0.1", port, max_frame_size=MAX_FRAME)
+def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server context for ``--tls-cert/--tls-key`` (``bench.run --tls``), or None for plain."""
+    if not cert or not key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def main(port: int, tls: ssl.SSLContext | None = None) -> None:
+    server = await ws_create_server(_listener, "127.0.0.1", port, max_frame_size=MAX_FRAME, ssl=tls)
     bound = server.sockets[0].getsockname()[1]
     print(f"READY port={bound}", flush=True)
     async with server:
@@ -122,7 +132,9 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls-cert", help="serve TLS with this certificate (bench.run --tls)")
+    parser.add_argument("--tls-key", help="the certificate's private key")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(args.port))
+        asyncio.run(main(args.port, _tls_context(args.tls_cert, args.tls_key)))
     sys.exit(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ssl
 import sys
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -65,9 +66,18 @@ async def handler(ws: ServerConnection) -> None:
         _sessions.pop(sid, None)
 
 
-async def main(port: int) -> None:
+def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server context for ``--tls-cert/--tls-key`` (``bench.run --tls``), or None for plain."""
+    if not cert or not key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def main(port: int, tls: ssl.SSLContext | None = None) -> None:
     async with serve(
-        handler, "127.0.0.1", port, compression=None, ping_interval=None, max_size=MAX_MESSAGE
+        handler, "127.0.0.1", port, compression=None, ping_interval=None, max_size=MAX_MESSAGE, ssl=tls
     ) as server:
         bound = next(iter(server.sockets)).getsockname()[1]
         print(f"READY port={bound}", flush=True)
@@ -77,7 +87,9 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls-cert", help="serve TLS with this certificate (bench.run --tls)")
+    parser.add_argument("--tls-key", help="the certificate's private key")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(args.port))
+        asyncio.run(main(args.port, _tls_context(args.tls_cert, args.tls_key)))
     sys.exit(0)
