@@ -35,7 +35,7 @@ __all__ = ["HelpFormatter", "RescueParser", "add_option", "build_parser", "main"
 
 # Modules that register sub-commands, in the order `rescue --help` lists them, with the commands
 # each one registers. A command line that names its command imports only that command's module:
-# the others pull in trio, redis-py, hypercorn and prometheus-client, about a second of start-up
+# the others pull in trio, redis-py and prometheus-client, about a second of start-up
 # that every `rescue admin …` at 3 a.m. (and every drill step) would otherwise pay
 # (tests/test_cli.py checks the table against what each module registers).
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {

@@ -7,11 +7,12 @@ tolerance spread over more hours), which is why the SPEC asks for 24 h.
 
 The window is the later of the run's second half and the end of a fixed warm-up. Warm-up is
 growth that stops by itself once the load is steady, and it is not short: a process's connection
-pool and worker threads grow to the concurrency it sees, and the token service holds every
-client connection the client closed for hypercorn's keep-alive timeout (15 s) before its socket
-is released, so its fd count climbs for ~25 s and then stays at about (new connections per
-second x 15 s). Judged over the second half of a 10 s run, that climb reads as +5,000 fds/h: a
-leak verdict for a plateau. A run that ends inside the warm-up is therefore *not judged*
+pool and worker threads grow to the concurrency it sees, and until decision 0017 the token
+service (then on hypercorn) held every connection the client closed for its keep-alive timeout
+(15 s) before the socket was released, so its fd count climbed for ~25 s and then stayed at about
+(new connections per second x 15 s); rescue's own server closes at the client's EOF. Judged
+over the second half of a 10 s run, such a climb reads as +5,000 fds/h: a leak verdict for a
+plateau. A run that ends inside the warm-up is therefore *not judged*
 (``flat is None``) rather than judged on its warm-up; :func:`flatness_verdict` says so.
 """
 

@@ -65,11 +65,12 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 TASK_FIELDS: Final = ("tasks", "task_count", "trio_tasks")
 # Growth before this (or before the run's midpoint, whichever is later) is warm-up, not judged
 # (soak._analysis). Measured (docs/perf/soak.md): the token service's fds climb from ~13 to a
-# plateau of ~42 +- 5 within ~25 s of load and stay there for minutes: hypercorn keeps each
-# connection a client closed in CLOSE-WAIT until its keep-alive timer (15 s, rescue._http)
-# ends, so the plateau is new connections per second x 15 s, plus the Redis pool and the worker
-# threads growing to the concurrency seen. 60 s is four keep-alive periods: past every warm-up
-# measured here, and nothing against a 24 h run.
+# plateau of ~42 +- 5 within ~25 s of load and stay there for minutes: hypercorn (the server
+# until decision 0017) kept each connection a client closed in CLOSE-WAIT until its keep-alive
+# timer (15 s) ended, so the plateau was new connections per second x 15 s, plus the Redis pool
+# and the worker threads growing to the concurrency seen. rescue._http's own server closes at the
+# client's EOF; the pool and threads still grow. 60 s is four keep-alive periods: past every
+# warm-up measured here, and nothing against a 24 h run.
 WARMUP_S: Final = 60.0
 # Tolerances for "flat" (see soak._analysis): fitted growth over the judged window must stay below
 # max(absolute, relative x mean). RSS: allocator arenas and caches settle in steps of a few MiB.

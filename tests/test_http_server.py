@@ -307,3 +307,18 @@ async def test_a_handler_that_never_answers_is_cut_off_after_the_grace_period(
             nursery.cancel_scope.cancel()
         assert 2.0 <= trio.current_time() - stopped < 5.0  # the 2 s grace period, then cut
         assert await reader.closed()
+
+
+async def test_a_connection_the_client_closed_is_closed_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # no socket left in CLOSE-WAIT for a keep-alive period (hypercorn kept it 15 s: docs/perf/soak.md)
+    with trio.fail_after(120):
+        async with server() as port:
+            stream, reader = await connect(port)
+            await stream.send_all(get("/n/1"))
+            assert (await reader.response())[0] == 200
+            await stream.send_eof()
+            eof_sent = trio.current_time()
+            assert await reader.closed()
+            assert trio.current_time() - eof_sent < LIMITS.keep_alive_timeout
