@@ -351,3 +351,41 @@ async def test_with_quiet_after_zero_nothing_ever_goes_quiet(
         assert poller_stat(relay, "quiet") == 0
         assert poller_stat(relay, "moves") == 0
         assert relay.stats.heartbeats_echoed == 2 * (seq - 1)
+
+
+@pytest.mark.parametrize("read_poller", [True, False], ids=["poller", "no-poller"])
+async def test_bulk_16k_frames_both_ways_with_a_stalled_reader_arrive_byte_exact(
+    nursery: trio.Nursery, peers: list[TestPeer], read_poller: bool
+) -> None:
+    """Large frames in bursts (reads that fill the buffer, frames split across reads, gathering
+    writes that stop part-way while a receiver does not read): every byte arrives, in order (0019)."""
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start_test_relay(nursery, read_poller=read_poller)
+        host, guest = await pair(url, keys, peers)
+        count = 160
+        flows = {
+            peer: [seq_frame(side * 100_000 + i + 1, 16_384 + (i * 997) % 8_000) for i in range(count)]
+            for side, peer in enumerate((host, guest))
+        }
+        stalled = trio.Event()
+
+        async def send_all(sender: TestPeer) -> None:
+            burst = flows[sender]
+            for i in range(0, count, 20):
+                await sender.send(*burst[i : i + 20])
+
+        async def receive_all(receiver: TestPeer, sender: TestPeer, stall: bool) -> None:
+            if stall:  # the relay's writes to this peer fill its socket and stop part-way
+                await wait_until(lambda: relay.stats.messages_forwarded >= 40)
+                stalled.set()
+            for message in flows[sender]:
+                assert await receiver.receive() == message
+
+        async with trio.open_nursery() as io:
+            io.start_soon(send_all, host)
+            io.start_soon(send_all, guest)
+            io.start_soon(receive_all, guest, host, True)
+            io.start_soon(receive_all, host, guest, False)
+        assert stalled.is_set()
+        assert relay.stats.messages_forwarded == 2 * count
+        assert relay.stats.internal_errors == 0

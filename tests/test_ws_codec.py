@@ -39,6 +39,7 @@ from rescue.websocket import (
     frame_binary,
     frame_close,
     frame_messages,
+    frame_parts,
     frame_ping,
     frame_pong,
     new_key,
@@ -122,6 +123,64 @@ def test_any_fragmentation_and_chunking_yields_exactly_the_messages(
         assert reply == [Pong(pings[-1].payload)]
     else:
         assert pong == b""
+
+
+def test_a_16k_batch_split_in_two_at_every_byte_offset_parses_the_same() -> None:
+    # three large frames (16-bit lengths) around small ones: every cut lands once in every part
+    # of a frame (header, masking key, payload) and on every boundary (decision 0019's tail path)
+    batch = [bytes([i]) * size for i, size in enumerate((16_384, 5, 20_000, 0, 16_400))]
+    for mask in (True, False):
+        wire = frame_messages(batch, mask=mask)
+        for cut in range(len(wire) + 1):
+            parser = FrameParser(client=not mask)
+            events = parser.feed(wire[:cut])
+            assert parser.buffered < 20_000 + 8  # at most one frame is held
+            events += parser.feed(memoryview(wire)[cut:])
+            assert events == batch, cut
+            assert parser.buffered == 0
+
+
+@given(
+    batch=st.lists(st.binary(max_size=300) | st.integers(126, 20_000).map(bytes), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(min_value=0, max_value=400_000), max_size=6),
+    close_at=st.integers(min_value=0, max_value=5),
+)
+def test_a_split_stream_with_a_close_keeps_nothing_after_it(
+    batch: list[bytes], cuts: list[int], close_at: int
+) -> None:
+    close_at = min(close_at, len(batch))
+    wire = (
+        frame_messages(batch[:close_at], mask=True)
+        + frame_close(1000, "bye", mask=True)
+        + frame_messages(batch[close_at:], mask=True)
+    )
+    parser = FrameParser(client=False)
+    events = feed_chunks(parser, wire, [c % (len(wire) + 1) for c in cuts])
+    assert events == [*batch[:close_at], CloseFrameReceived(1000, "bye")]
+    assert parser.closed
+    assert parser.buffered == 0
+
+
+def test_a_tail_takes_only_what_its_frame_lacks() -> None:
+    # a frame split across reads is completed from the next read, whose other frames are parsed
+    # where they lie: only the last incomplete frame is kept
+    first, second, third = b"a" * 16_384, b"b" * 1000, b"c" * 16_384
+    wire = frame_messages([first, second, third], mask=True)
+    parser = FrameParser(client=False)
+    assert parser.feed(wire[:100]) == []
+    cut = len(wire) - 10
+    assert parser.feed(wire[100:cut]) == [first, second]
+    assert parser.buffered == len(third) + 8 - 10
+    assert parser.feed(wire[cut:]) == [third]
+
+
+@given(batch=st.lists(payloads, max_size=6), mask=st.booleans())
+def test_frame_parts_joined_are_frame_messages(batch: list[bytes], mask: bool) -> None:
+    parts = frame_parts(batch, mask=mask)
+    if not mask:
+        assert b"".join(parts) == frame_messages(batch, mask=False)
+        assert all(parts[i + 1] is p for i, p in zip(range(0, len(parts), 2), batch, strict=True))
+    assert FrameParser(client=not mask).feed(b"".join(parts)) == batch
 
 
 @given(batch=st.lists(payloads, max_size=6))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
+import socket
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,8 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+from hypothesis import given
+from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosedError as WsConnectionClosedError
 from websockets.sync.client import connect as ws_sync_connect
 
@@ -46,6 +49,7 @@ from rescue.websocket import (
     new_key,
     serve_websocket,
 )
+from rescue.websocket._connection import _rest
 
 TIMEOUT = 10  # seconds for any one network test on a loaded 2-core machine
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
@@ -697,5 +701,74 @@ async def test_send_nowait_writes_at_once_when_idle_and_keeps_a_partial_tail_in_
         assert not server.send_nowait([b"x"])
         server._sending = False
         await server.flush()  # nothing left: a checkpoint
+    server.abort()
+    client.abort()
+
+
+@given(
+    parts=st.lists(st.binary(max_size=40), max_size=8),
+    cut=st.integers(min_value=0, max_value=400),
+)
+def test_rest_of_a_partial_gathering_write_is_the_unsent_suffix(parts: list[bytes], cut: int) -> None:
+    whole = b"".join(parts)
+    n = cut % (len(whole) + 1)
+    assert b"".join(_rest(list(parts), n)) == whole[n:]
+
+
+async def test_partial_gathering_writes_of_large_frames_under_backpressure_stay_byte_exact() -> None:
+    """send_nowait and send_messages write header and payload as separate buffers (writev, 0019).
+
+    A small send buffer makes writes stop in the middle of headers and payloads; whatever the
+    socket took, the peer gets every frame byte for byte and in order, the kept tail first.
+    """
+    with trio.fail_after(TIMEOUT):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        client = WebSocketConnection(await trio.open_tcp_stream("127.0.0.1", port), client=True)
+        stream = await listeners[0].accept()
+        await listeners[0].aclose()
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        server = WebSocketConnection(stream, client=False)
+        sizes = [16_384, 17_000, 125, 126, 65_535, 65_536, 0, 20_001]
+        batches = [
+            [bytes([i % 251]) * size, bytes([(i + 1) % 251]) * (i * 37 % 300)] for i, size in enumerate(sizes)
+        ]
+        expected = [m for batch in batches for m in batch]
+        got: list[bytes] = []
+
+        async def read_all() -> None:
+            while len(got) < len(expected):
+                got.extend(await client.receive_messages())
+                await trio.sleep(0)  # a slow reader: the server's socket fills
+
+        partial = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            for batch in batches:
+                if server.send_nowait(batch):
+                    partial += server.has_unsent
+                    if server.has_unsent:
+                        await server.flush()
+                else:
+                    await server.send_messages(batch)
+        assert got == expected
+        assert partial  # at least one write stopped part-way and its tail went first
+        assert not server.has_unsent
+    server.abort()
+    client.abort()
+
+
+async def test_a_batch_of_more_buffers_than_one_writev_takes_arrives_whole() -> None:
+    with trio.fail_after(TIMEOUT):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        client = WebSocketConnection(await trio.open_tcp_stream("127.0.0.1", port), client=True)
+        server = WebSocketConnection(await listeners[0].accept(), client=False)
+        await listeners[0].aclose()
+        batch = [i.to_bytes(2, "big") for i in range(1500)]  # 3,000 buffers: over IOV_MAX
+        assert server.send_nowait(batch)
+        await server.flush()
+        await server.send_messages(batch)
+        assert await receive_n(client, 3000) == batch + batch
     server.abort()
     client.abort()

@@ -38,8 +38,8 @@ Public API:
 * Sans-I/O codec (no trio): :class:`FrameParser`, :class:`FrameBudget` (frames a connection may
   send, :class:`FrameFloodError` past it), events :class:`Ping` / :class:`Pong` /
   :class:`CloseFrameReceived` (binary messages are plain ``bytes``), serializers ``frame_binary``,
-  ``frame_messages``, ``frame_close``, ``frame_ping``, ``frame_pong``, ``build_frame``, and the
-  handshake helpers ``parse_request``, ``switching_protocols``, ``error_response``,
+  ``frame_messages``, ``frame_parts``, ``frame_close``, ``frame_ping``, ``frame_pong``,
+  ``build_frame``, and the handshake helpers ``parse_request``, ``switching_protocols``, ``error_response``,
   ``build_request``, ``parse_response``, ``find_head_end``, ``accept_key``, ``new_key``.
 """
 
@@ -71,6 +71,7 @@ from rescue.websocket._codec import find_head_end as find_head_end
 from rescue.websocket._codec import frame_binary as frame_binary
 from rescue.websocket._codec import frame_close as frame_close
 from rescue.websocket._codec import frame_messages as frame_messages
+from rescue.websocket._codec import frame_parts as frame_parts
 from rescue.websocket._codec import frame_ping as frame_ping
 from rescue.websocket._codec import frame_pong as frame_pong
 from rescue.websocket._codec import new_key as new_key

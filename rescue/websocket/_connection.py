@@ -40,7 +40,7 @@ from rescue.websocket._codec import (
     FrameParser,
     Ping,
     frame_close,
-    frame_messages,
+    frame_parts,
 )
 from rescue.websocket._lazy import LazyEvent, LazyParkingLot
 from rescue.websocket._poller import QUIET_RCVLOWAT, ReadPoller
@@ -69,7 +69,37 @@ CLOSE_TIMEOUT: Final = 2.0
 _TCP_INFO_SIZE: Final = 104
 _LAST_DATA_RECV: Final = 52
 
+# Reads the poller's read-ahead makes of one ready socket in one pass while each fills the buffer
+# (a bulk flow): the batches are handled inline instead of waking the reader task for the rest
+# (0019); past it the reader task reads on, so one socket cannot hold up the others for long.
+READ_AHEAD_READS: Final = 4
+# Buffers one writev takes (Linux's IOV_MAX); a batch with more parts is joined first.
+_IOV_MAX: Final = 1024
+
 _buffers = threading.local()
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _write_parts(fd: int, parts: list[Buffer]) -> int:
+    """One non-blocking gathering write of ``parts`` (joined first past :data:`_IOV_MAX`)."""
+    if len(parts) == 1:
+        return os.write(fd, parts[0])
+    if len(parts) > _IOV_MAX:
+        return os.write(fd, b"".join(parts))
+    return os.writev(fd, parts)
+
+
+def _rest(parts: list[Buffer], n: int) -> list[Buffer]:
+    """What is left of ``parts`` after a write took its first ``n`` bytes."""
+    for i, part in enumerate(parts):
+        size = len(part)
+        if n < size:
+            if n:
+                return [memoryview(part)[n:], *parts[i + 1 :]]
+            return parts[i:]
+        n -= size
+    return []
 
 
 def _read_buffer() -> bytearray:
@@ -211,6 +241,7 @@ class WebSocketConnection:
 
     __slots__ = (
         "_budget",
+        "_buf",
         "_bytes_in",
         "_bytes_out",
         "_client",
@@ -220,6 +251,7 @@ class WebSocketConnection:
         "_detached",
         "_error",
         "_fast_wait",
+        "_fd",
         "_frames_seen",
         "_handler_error",
         "_idle",
@@ -277,6 +309,10 @@ class WebSocketConnection:
         self._sock = plain.socket if plain is not None else None
         if self._tls is not None:
             self._sock = self._tls.socket
+        # the socket's descriptor, -1 once closed (_close_transport_now is its only closer):
+        # trio's fileno() is a Python call, on every read-ahead and write (0019)
+        self._fd = self._sock.fileno() if self._sock is not None else -1
+        self._buf = _read_buffer()  # this thread's read buffer (a thread-local lookup per read otherwise)
         sock = _socket_of(stream)
         self.remote_addr: tuple[str, int] | None = None
         if sock is not None:
@@ -301,7 +337,7 @@ class WebSocketConnection:
         self._sending = False
         self._pending_control = b""  # pong/close frames for the active sender to write next
         self._control_writing = False  # the receiving task holds the send side for a pong/close reply
-        self._unsent = b""  # the tail of a partial send_nowait: written before anything else
+        self._unsent: list[Buffer] = []  # the tail of a partial send_nowait: written before anything else
         # trio objects made on first wait (rescue.websocket._lazy): ~0.7 KB per idle connection otherwise
         self._idle = LazyParkingLot()  # tasks waiting for the active sender to finish
         self._close_started = False
@@ -407,61 +443,74 @@ class WebSocketConnection:
     def _read_ahead_now(self) -> bool:
         """The poller's callback while a task waits on this socket: read, parse, offer the batch.
 
+        A read that fills the buffer (a bulk flow: more is likely queued) is handled like any
+        other and followed by another read, up to :data:`READ_AHEAD_READS`; then the waiting task
+        is woken to read on (edge-triggered: the socket must be drained).
+
         Returns:
             True to keep the waiting task parked (nothing for it yet), False to wake it.
         """
         on_messages = self._on_messages
-        sock = self._sock
-        if not self._fast_wait or on_messages is None or sock is None or self._more:
+        fd = self._fd
+        if not self._fast_wait or on_messages is None or fd < 0 or self._more:
             return False
-        fd = sock.fileno()
-        if fd < 0:
-            return False
-        if self._tls is not None:
+        tls = self._tls
+        buf = self._buf
+        for _ in range(READ_AHEAD_READS):
+            if tls is not None:
+                try:
+                    view = self._read_tls(fd)
+                except BlockingIOError:
+                    return True  # nothing (or no whole record) there after all
+                except OSError:
+                    return False  # the waiting task reads again and reports it
+                if not view:
+                    view.release()
+                    return False  # EOF stays: the waiting task reads it again
+                more = cast("bool", self._more)  # (_read_tls set it; mypy kept the guard's False)
+            else:
+                try:
+                    n = os.readv(fd, [buf])
+                except BlockingIOError:
+                    return True  # nothing (more) there
+                except OSError:
+                    return False  # the waiting task reads again and reports it
+                if not n:
+                    return False  # EOF stays: the waiting task reads it again
+                self._reads += 1
+                self._bytes_in += n
+                more = self._more = n == READ_SIZE
+                view = memoryview(buf)[:n]
             try:
-                view = self._read_tls(fd)
-            except BlockingIOError:
-                return True  # nothing (or no whole record) there after all
-            except OSError:
-                return False  # the waiting task reads again and reports it
-            if not view:
+                events = self._feed(view)
+            except ProtocolError as exc:
+                self._protocol_error = exc
+                self._read_ahead = True
+                return False
+            finally:
                 view.release()
-                return False  # EOF stays: the waiting task reads it again
-        else:
-            buf = _read_buffer()
-            try:
-                n = os.readv(fd, [buf])
-            except BlockingIOError:
-                return True  # nothing there after all
-            except OSError:
-                return False  # the waiting task reads again and reports it
-            if not n:
-                return False  # EOF stays: the waiting task reads it again
-            self._reads += 1
-            self._bytes_in += n
-            self._more = n == READ_SIZE
-            view = memoryview(buf)[:n]
-        try:
-            events = self._feed(view)
-        except ProtocolError as exc:
-            self._protocol_error = exc
-            self._read_ahead = True
-            return False
-        finally:
-            view.release()
-        if not events and not self._more:
-            return True  # part of a frame: wait for the rest
-        if not self._more and _only_messages(events):
+            if not events:
+                if more:
+                    continue  # part of a large frame: read on
+                return True  # part of a frame: wait for the rest
+            if not _only_messages(events):
+                break
             try:
                 handled = on_messages(events)
             except Exception as exc:  # handed to the waiting task, which raises it
                 self._handler_error = exc
                 self._read_ahead = True
                 return False
-            if handled:
-                self._messages_in += len(events)
+            if not handled:
+                break
+            self._messages_in += len(events)
+            if not more:
                 return True
-        self._stash = events
+        else:
+            self._read_ahead = True  # every read handled and the bound reached: the task reads on
+            return False
+        # a batch the taker held back, or control frames: the waiting task goes on with it
+        self._stash = list(events)
         self._read_ahead = True
         return False
 
@@ -585,7 +634,7 @@ class WebSocketConnection:
         """Wait for input and read it; ``None`` when the poller's read-ahead already took it."""
         sock = self._sock
         assert sock is not None
-        buf = _read_buffer()
+        buf = self._buf
         while True:
             try:
                 poller = self._poller
@@ -646,7 +695,7 @@ class WebSocketConnection:
             return memoryview(b"")
         incoming = tls.incoming
         read = tls.ssl_object.read
-        buf = _read_buffer()
+        buf = self._buf
         try:
             n = os.readv(fd, [buf])
         except BlockingIOError:
@@ -742,8 +791,7 @@ class WebSocketConnection:
             corrupt: close the connection (the relay does, since a cancelled send ends the session).
         """
         await self._take_send_side()
-        data = frame_messages(payloads, mask=self._client)
-        await self._write(data)
+        await self._write(frame_parts(payloads, mask=self._client))
         self._messages_out += len(payloads)
 
     @property
@@ -765,9 +813,9 @@ class WebSocketConnection:
             True if the messages now belong to the connection (written, or their tail kept);
             False if nothing was written: send them the usual way.
         """
-        sock = self._sock
+        fd = self._fd
         if (
-            sock is None
+            fd < 0
             or self._sending
             or self._pending_control
             or self._unsent
@@ -775,32 +823,30 @@ class WebSocketConnection:
             or self._error is not None
         ):
             return False
-        fd = sock.fileno()
-        if fd < 0:
-            return False
-        data = frame_messages(payloads, mask=self._client)
+        parts = frame_parts(payloads, mask=self._client)
         if self._tls is not None:
             # Encrypted, the records are part of the TLS stream: they are ours now, whatever the
             # socket takes (a full socket keeps them all; a broken one fails the next send).
             try:
-                data = self._seal(data)
+                data = self._seal(b"".join(parts))
             except ssl.SSLError:
                 return False
+            parts = [data]
             try:
                 n = os.write(fd, data)
             except OSError:
                 n = 0
         else:
             try:
-                n = os.write(fd, data)
+                n = _write_parts(fd, parts)
             except OSError:
                 return False  # full (EAGAIN) or broken: the usual send path waits or reports it
         if n:
             self._writes += 1
         self._bytes_out += n
         self._messages_out += len(payloads)
-        if n < len(data):
-            self._unsent = data[n:]
+        if n < sum(map(len, parts)):
+            self._unsent = _rest(parts, n)
         return True
 
     def _seal(self, data: bytes) -> bytes:
@@ -827,7 +873,7 @@ class WebSocketConnection:
         if not self._unsent:
             await trio.lowlevel.checkpoint()
             return
-        await self._write(b"")
+        await self._write([])
 
     async def _take_send_side(self) -> None:
         """Before a send: wait out the receiving task's pong or close reply, refuse a second sender.
@@ -854,20 +900,21 @@ class WebSocketConnection:
         else:
             self._control_writing = True
             try:
-                await self._write(frame)
+                await self._write([frame])
             finally:
                 self._control_writing = False
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, parts: list[Buffer]) -> None:
         self._sending = True
         try:
-            data = self._seal_or_fail(data)
+            if self._tls is not None:
+                parts = [self._seal_or_fail(b"".join(parts))]
             if self._unsent:  # (already on the wire's terms: ciphertext under TLS)
-                data, self._unsent = self._unsent + data, b""
-            await self._write_all(data)
+                parts, self._unsent = self._unsent + parts, []
+            await self._write_all(parts)
             while self._pending_control:
                 control, self._pending_control = self._pending_control, b""
-                await self._write_all(self._seal_or_fail(control))
+                await self._write_all([self._seal_or_fail(control)])
         finally:
             self._sending = False
             if self._idle:
@@ -882,30 +929,40 @@ class WebSocketConnection:
             self._peer_done.set()
             raise self._fail(WebSocketClosedError(None, f"transport error: {exc}")) from exc
 
-    async def _write_all(self, data: bytes) -> None:
+    async def _write_all(self, parts: list[Buffer]) -> None:
+        """Write ``parts`` in order, waiting while the socket is full (the one write seam).
+
+        On a socket the parts go out with ``writev`` (:func:`_write_parts`: no joined copy of
+        header and payload; under TLS they are one sealed buffer already); any other stream gets
+        them joined, with one ``send_all``.
+        """
         sock = self._sock
         try:
             if sock is None:
+                data = b"".join(parts)
                 await self._stream.send_all(data)
                 self._writes += 1
                 self._bytes_out += len(data)
                 return
             await trio.lowlevel.checkpoint_if_cancelled()
-            total = len(data)
-            sent = 0
-            with memoryview(data) as view:
-                while True:
-                    fd = sock.fileno()
-                    if fd < 0:
-                        raise trio.ClosedResourceError
+            total = sum(map(len, parts))
+            left = total
+            while True:
+                fd = self._fd
+                if fd < 0:
+                    raise trio.ClosedResourceError
+                if left:  # (an empty write still checks the socket is open)
                     try:
-                        sent += os.write(fd, view[sent:])
+                        n = _write_parts(fd, parts)
                         self._writes += 1
+                        left -= n
+                        if left:
+                            parts = _rest(parts, n)
                     except BlockingIOError:
                         pass
-                    if sent >= total:
-                        break
-                    await trio.lowlevel.wait_writable(sock)
+                if left <= 0:
+                    break
+                await trio.lowlevel.wait_writable(sock)
             self._bytes_out += total
         except trio.ClosedResourceError:
             raise self._closed_error() from None
@@ -1009,8 +1066,8 @@ class WebSocketConnection:
             tls.ssl_object.unwrap()
         except ssl.SSLError:
             pass  # (SSLWantReadError: it would wait for the peer's close_notify; we do not)
-        data = self._unsent + tls.outgoing.read()
-        self._unsent = b""
+        data = b"".join(self._unsent) + tls.outgoing.read()
+        self._unsent = []
         fd = sock.fileno()
         if data and fd >= 0:
             try:
@@ -1031,6 +1088,7 @@ class WebSocketConnection:
             fd = self._sock.fileno()
             if fd >= 0:
                 poller.unregister(fd)  # while the number is still ours; wakes a parked reader
+        self._fd = -1  # (before the close: the number may be reused at once)
         try:
             return _close_now(self._stream)
         except OSError as exc:  # pragma: no cover - close(2) failing is not actionable
