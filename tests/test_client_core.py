@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from rescue.client._core import (
     INTEGRITY_FAILURE_LIMIT,
+    RESUME_RETRY_S,
     Acked,
     CloseReceived,
     ControlReceived,
@@ -435,6 +436,29 @@ def test_wrong_passphrase_ends_in_integrity_error() -> None:
     with pytest.raises(ProtocolError) as info:
         world.settle()
     assert info.value.code is CloseCode.INTEGRITY_ERROR
+
+
+@pytest.mark.parametrize("retry", [RESUME_RETRY_S, 0.25])
+def test_resume_is_resent_every_resume_retry_until_the_partners_arrives(retry: float) -> None:
+    host = _core(Role.HOST, resume_retry=retry)
+    hello = Hello.decode(decode_frame(host.connect(b"t")).body)
+    partner = PeerInfo(role=Role.GUEST, nonce=b"\x07" * 16)
+    host.receive(Welcome(ack_nonce=hello.nonce, server_nonce=bytes(16), peer=partner).to_message(), 0)
+    assert len(host.data_to_send()) == 1  # the first resume
+    host.poll(10.0)  # a resend (or the timer's start): from here on, one every `retry`
+    host.data_to_send()
+    assert host.next_deadline() == 10.0 + retry
+    host.poll(10.0 + retry * 0.99)
+    assert host.data_to_send() == []
+    host.poll(10.0 + retry)
+    (again,) = host.data_to_send()
+    assert decode_header(again).kind is Kind.CONTROL
+    assert host.next_deadline() == 10.0 + 2 * retry
+
+
+def test_resume_retry_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="resume_retry"):
+        _core(Role.HOST, resume_retry=0.0)
 
 
 def test_partner_verified_only_by_a_frame_that_authenticates() -> None:

@@ -251,13 +251,21 @@ async def test_every_reconnect_takes_a_fresh_token_and_the_last_one_while_the_se
             assert node.replay.outcomes["refused_live"] == 0
 
 
+# A wrong passphrase ends the session on the third unreadable frame: the partner's resume and two
+# resends of it, RESUME_RETRY_S (2 s) apart by default. The tests resend every 0.25 s: the same
+# frames, failures and closes, ~4 s sooner each.
+FAST_RESUME: dict[str, float] = {"resume_retry_s": 0.25}
+
+
 async def test_wrong_passphrase_ends_with_integrity_error() -> None:
     keys = SigningKey.generate()
     with trio.fail_after(20):
         async with (
             run_relay(keys) as relay,
-            open_peer(_tokens(keys, relay, "pw", "host"), "pw", "host", psk=TEST_PSK) as host,
-            open_peer(_tokens(keys, relay, "pw", "guest"), "pw", "guest", psk=bytes(32)) as guest,
+            open_peer(_tokens(keys, relay, "pw", "host"), "pw", "host", psk=TEST_PSK, **FAST_RESUME) as host,
+            open_peer(
+                _tokens(keys, relay, "pw", "guest"), "pw", "guest", psk=bytes(32), **FAST_RESUME
+            ) as guest,
         ):
             await host.send(0, b"secret")
             with pytest.raises(ConnectionClosedError) as info:
@@ -277,7 +285,7 @@ async def test_wrong_passphrase_ends_with_integrity_error() -> None:
 WRONG_PASSPHRASE_RUNS = 5
 
 
-@pytest.mark.slow  # ~4 s a run: the guest gives up on its third bad frame, heartbeats included
+@pytest.mark.slow  # the guest gives up on its third bad frame (resends FAST_RESUME apart)
 async def test_wrong_passphrase_sessions_log_no_internal_error(caplog: pytest.LogCaptureFixture) -> None:
     """Issue 11: each wrong-passphrase session ends in INTEGRITY_ERROR with nothing logged as a bug."""
     keys = SigningKey.generate()
@@ -295,6 +303,7 @@ async def test_wrong_passphrase_sessions_log_no_internal_error(caplog: pytest.Lo
                         "host",
                         psk=TEST_PSK,
                         close_timeout_s=0.5,
+                        **FAST_RESUME,
                     ) as host,
                     open_peer(
                         _tokens(keys, relay, session, "guest"),
@@ -302,6 +311,7 @@ async def test_wrong_passphrase_sessions_log_no_internal_error(caplog: pytest.Lo
                         "guest",
                         psk=bytes(32),
                         close_timeout_s=0.5,
+                        **FAST_RESUME,
                     ) as guest,
                 ):
                     for n in range(3):  # the guest gives up after 3 frames in a row fail

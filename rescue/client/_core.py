@@ -292,6 +292,8 @@ class PeerCore:
         max_buffer_bytes: bound of the replay buffer (SPEC default 4 MiB).
         ack_every: frames delivered before an ack is due.
         ack_interval: seconds after the first unacknowledged delivery before an ack is due.
+        resume_retry: seconds between resends of our resume while the partner's is awaited
+            (:data:`RESUME_RETRY_S`); it also paces how soon a wrong passphrase ends the session.
         random_bytes: source of HELLO nonces (``os.urandom``; tests may inject a seeded one).
 
     Raises:
@@ -309,8 +311,11 @@ class PeerCore:
         max_buffer_bytes: int = DEFAULT_REPLAY_BUFFER_BYTES,
         ack_every: int = ACK_EVERY_FRAMES,
         ack_interval: float = ACK_INTERVAL_S,
+        resume_retry: float = RESUME_RETRY_S,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        if not resume_retry > 0:
+            raise ValueError("resume_retry must be > 0")
         self.session_id: Final = session_id
         self.role: Final = Role(role)
         self.partner_role: Final = Role.GUEST if self.role is Role.HOST else Role.HOST
@@ -339,6 +344,7 @@ class PeerCore:
         # Bounded: every entry of _outbox is a distinct frame still in the replay buffer.
         self._pending_resume: int | None = None
         self._resume_sent_at: float | None = None  # when we last asked for a resume (retry timer)
+        self._resume_retry = resume_retry
         self._pending_ack: int | None = None
         self._outbox: collections.deque[bytes] = collections.deque()
         self._heartbeat_seq = 0
@@ -534,7 +540,7 @@ class PeerCore:
             return
         if self._resume_sent_at is None:
             self._resume_sent_at = now
-        elif self.sender.paused and now >= self._resume_sent_at + RESUME_RETRY_S:
+        elif self.sender.paused and now >= self._resume_sent_at + self._resume_retry:
             self._pending_resume = self.receiver.begin_resume()
             self._resume_sent_at = now
         seq = self.receiver.ack_due(now)
@@ -548,7 +554,7 @@ class PeerCore:
         ack = self.receiver.next_ack_deadline()
         if not self.sender.paused:
             return ack
-        retry = 0.0 if self._resume_sent_at is None else self._resume_sent_at + RESUME_RETRY_S
+        retry = 0.0 if self._resume_sent_at is None else self._resume_sent_at + self._resume_retry
         return retry if ack is None else min(ack, retry)
 
     def data_to_send(self, max_bytes: int | None = None) -> list[bytes]:

@@ -26,6 +26,7 @@ from rescue._log import get_logger, log_event, session_tag
 from rescue._tracing import NOOP_SPAN, SpanLike, span, trace_headers
 from rescue.client._backoff import BackoffPolicy
 from rescue.client._core import (
+    RESUME_RETRY_S,
     Acked,
     CloseReceived,
     ControlReceived,
@@ -741,6 +742,7 @@ async def open_peer(
     give_up_after: float | None = None,
     ssl_context: ssl.SSLContext | None = None,
     close_timeout_s: float = CLOSE_TIMEOUT_S,
+    resume_retry_s: float = RESUME_RETRY_S,
 ) -> AsyncIterator[Peer]:
     """Join a session as ``role`` through the relay; the peer reconnects and resumes by itself.
 
@@ -770,6 +772,9 @@ async def open_peer(
         ssl_context: TLS settings for ``wss://`` relays.
         close_timeout_s: the one bound on a close (our CLOSE and the close handshake, or the
             answer to the relay's close frame) before the socket is dropped.
+        resume_retry_s: how often our resume is sent again while the partner's has not arrived
+            (2 s); with a wrong passphrase the session ends after the third unreadable frame, so
+            about twice this.
 
     Yields:
         The :class:`Peer`. Leaving the block closes the session for both peers (CLOSE ``NORMAL``)
@@ -793,7 +798,13 @@ async def open_peer(
         assert passphrase is not None
         secret = passphrase
         psk = await trio.to_thread.run_sync(lambda: derive_psk(secret, session_id))
-    core = PeerCore(psk=psk, session_id=session_id, role=role, max_buffer_bytes=max_buffer_bytes)
+    core = PeerCore(
+        psk=psk,
+        session_id=session_id,
+        role=role,
+        max_buffer_bytes=max_buffer_bytes,
+        resume_retry=resume_retry_s,
+    )
     provider: TokenProvider
     if isinstance(tokens, str):
         provider = TokenClient(
