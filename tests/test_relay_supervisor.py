@@ -188,7 +188,8 @@ async def test_two_supervised_nodes_restart_after_a_crash_and_drain_on_sigterm(
                 not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
             )
         with redis_session_server.client() as r:
-            assert r.smembers("fallback:{nodes}") == set()  # both removed their registrations
+            # both removed their registrations
+            assert r.smembers("fallback:{nodes}") == set(), log.read_text()
     finally:
         for peer in peers:
             peer.abort()

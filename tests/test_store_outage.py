@@ -25,6 +25,7 @@ from rescue.guardrails import Breaker, GuardrailConfig, Guardrails, RedisStore, 
 from rescue.guardrails._deadline import Admission, current_store_budget, current_store_deadline
 from rescue.guardrails._redis import REDIS_THREADS
 from rescue.protocol import SigningKey
+from rescue.relay._control import NodeRegistrar
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
 
 from .conftest import RedisServer
@@ -275,3 +276,36 @@ async def test_a_stalled_redis_refuses_the_calls_queued_for_a_thread_at_once(
     private_redis.process.send_signal(signal.SIGCONT)
     with trio.fail_after(10):
         await store.aclose()
+
+
+async def test_a_registration_write_in_flight_at_shutdown_lands_before_the_removal(
+    private_redis: RedisServer, stalled: list[RedisServer]
+) -> None:
+    """SIGTERM makes the registrar write a draining record; on a node with nothing to drain its
+    services are cancelled a moment later. That write used to be abandoned to its worker thread
+    and could land after the removal, leaving a dead node listed until its TTL (seen in CI: the
+    supervisor test found ``edge-1`` still registered after both nodes exited 0)."""
+    store = RedisStore(private_redis.url)
+    registrar = NodeRegistrar(store, node_id="edge-1", public_url="ws://127.0.0.1:1/v1/connect", ttl=30)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as services:
+                await services.start(registrar.run)
+                private_redis.process.send_signal(signal.SIGSTOP)
+                stalled.append(private_redis)
+                registrar.set_draining()
+                while store.in_flight == 0:  # the draining write has reached its worker thread
+                    await trio.sleep(0.001)
+
+                async def resume() -> None:
+                    await trio.sleep(0.05)
+                    private_redis.process.send_signal(signal.SIGCONT)
+
+                outer.start_soon(resume)
+                services.cancel_scope.cancel()
+            # cancelling waited for the write instead of abandoning it mid-round-trip
+            assert store.in_flight == 0
+            assert [n.draining for n in await store.live_nodes()] == [True]
+            assert await registrar.remove()
+    assert await store.live_nodes() == []
+    await store.aclose()

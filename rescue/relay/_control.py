@@ -341,9 +341,16 @@ class NodeRegistrar:
         self._wake.set()
 
     async def register_once(self) -> bool:
-        """Write the record once (within :data:`REGISTER_DEADLINE_S`); True on success."""
+        """Write the record once (within :data:`REGISTER_DEADLINE_S`); True on success.
+
+        Cancellation:
+            Shielded, within the same deadline: a write abandoned to its worker thread could land
+            after :meth:`remove` and bring the record back. (SIGTERM triggers a draining write; on
+            a node with nothing to drain the services are cancelled a moment later, and the
+            abandoned write raced the removal -- and sometimes won, leaving a dead node listed.)
+        """
         try:
-            with store_deadline(REGISTER_DEADLINE_S):
+            with trio.CancelScope(shield=True), store_deadline(REGISTER_DEADLINE_S):
                 await self.store.register_node(
                     NodeInfo(self.node_id, self.public_url, self.draining), ttl=self.ttl
                 )
