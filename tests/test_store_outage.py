@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from rescue.errors import StoreUnavailable
 from rescue.guardrails import Breaker, GuardrailConfig, Guardrails, RedisStore, store_deadline
 from rescue.guardrails._deadline import Admission, current_store_budget, current_store_deadline
-from rescue.guardrails._redis import REDIS_THREADS
+from rescue.guardrails._redis import REDIS_THREADS, TOKEN_SERVICE_REDIS_THREADS
 from rescue.protocol import SigningKey
 from rescue.relay._control import NodeRegistrar
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
@@ -246,13 +246,15 @@ async def test_a_saturated_thread_pool_with_a_healthy_redis_queues_and_keeps_the
         await store.aclose()
 
 
+@pytest.mark.parametrize("threads", [REDIS_THREADS, TOKEN_SERVICE_REDIS_THREADS])
 async def test_a_stalled_redis_refuses_the_calls_queued_for_a_thread_at_once(
-    private_redis: RedisServer, stalled: list[RedisServer]
+    private_redis: RedisServer, stalled: list[RedisServer], threads: int
 ) -> None:
     """Waiting for a thread is not store time, so the calls queued behind calls stuck on a stalled
     Redis must not wait for those threads (2 s socket timeouts): the first overrun opens the
-    breaker and refuses them."""
-    store = RedisStore(private_redis.url, probe_interval=5.0)
+    breaker and refuses them. Exactly ``threads`` calls reach Redis (the relay's 16, the token
+    service's 4)."""
+    store = RedisStore(private_redis.url, probe_interval=5.0, threads=threads)
     with trio.fail_after(10):
         await store.ping()
     private_redis.process.send_signal(signal.SIGSTOP)
@@ -266,13 +268,13 @@ async def test_a_stalled_redis_refuses_the_calls_queued_for_a_thread_at_once(
 
     with trio.fail_after(LONE_BOUND_S):
         async with trio.open_nursery() as nursery:
-            for _ in range(3 * REDIS_THREADS):
+            for _ in range(3 * threads):
                 nursery.start_soon(request)
     assert store.breaker.open
     assert store.breaker.opened == 1
-    assert len(errors) == 3 * REDIS_THREADS
-    assert sum("deadline" in e for e in errors) == REDIS_THREADS  # the calls that reached Redis
-    assert sum("known down" in e for e in errors) == 2 * REDIS_THREADS  # the queued ones
+    assert len(errors) == 3 * threads
+    assert sum("deadline" in e for e in errors) == threads  # the calls that reached Redis
+    assert sum("known down" in e for e in errors) == 2 * threads  # the queued ones
     private_redis.process.send_signal(signal.SIGCONT)
     with trio.fail_after(10):
         await store.aclose()

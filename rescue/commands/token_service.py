@@ -28,7 +28,13 @@ from rescue._log import configure_logging, configure_session_tags, get_logger, l
 from rescue._tracing import traced_process
 from rescue.cli import add_option
 from rescue.errors import ConfigError
-from rescue.guardrails import GuardrailConfig, Guardrails, GuardrailStore, RedisStore
+from rescue.guardrails import (
+    TOKEN_SERVICE_REDIS_THREADS,
+    GuardrailConfig,
+    Guardrails,
+    GuardrailStore,
+    RedisStore,
+)
 from rescue.protocol import MAX_TTL
 from rescue.tokenservice import (
     JwksSource,
@@ -265,7 +271,7 @@ def _run(args: argparse.Namespace) -> int:
             "--init-store is refused with RESCUE_ENV=production: run `rescue admin init-store` "
             "once after the first deploy (docs/operations/runbook.md)"
         )
-    store = RedisStore(args.redis_url)
+    store = RedisStore(args.redis_url, threads=TOKEN_SERVICE_REDIS_THREADS)  # see the constant
     run = partial(
         run_token_service,
         config,

@@ -21,6 +21,7 @@ from rescue.guardrails._policy import GuardrailWindow as GuardrailWindow
 from rescue.guardrails._policy import effective_fleet_state as effective_fleet_state
 from rescue.guardrails._policy import missing_telemetry as missing_telemetry
 from rescue.guardrails._redis import REDIS_THREADS as REDIS_THREADS
+from rescue.guardrails._redis import TOKEN_SERVICE_REDIS_THREADS as TOKEN_SERVICE_REDIS_THREADS
 from rescue.guardrails._redis import RedisStore as RedisStore
 from rescue.guardrails._redis import initialise_redis as initialise_redis
 from rescue.guardrails._store import COUNTER_TTL_S as COUNTER_TTL_S
@@ -44,6 +45,7 @@ __all__ = [
     "PAUSE_CAUSES",
     "REDIS_THREADS",
     "STORE_UNINITIALISED_REASON",
+    "TOKEN_SERVICE_REDIS_THREADS",
     "Authorization",
     "Breaker",
     "CounterField",

@@ -58,7 +58,7 @@ from rescue.guardrails._store import (
 )
 from rescue.guardrails._url import RedisKind, parse_redis_url
 
-__all__ = ["REDIS_THREADS", "RedisStore", "initialise_redis"]
+__all__ = ["REDIS_THREADS", "TOKEN_SERVICE_REDIS_THREADS", "RedisStore", "initialise_redis"]
 
 _T = TypeVar("_T")
 # One script call of a pipeline: the script object, its keys and its arguments.
@@ -68,6 +68,13 @@ _Call = tuple[Any, list[str], list[Any]]
 # ~0.1 ms each; 16 concurrent calls saturate a Redis far beyond what one token-service process can
 # send, while trio's global default of 40 threads stays free for other blocking work.
 REDIS_THREADS: Final = 16
+# What the token service passes instead (``threads=``): its mints are CPU-bound in one process,
+# and every worker thread contends for the GIL with the event loop. Under a storm (concurrency
+# 64-256, docs/perf/tokenservice.md) 16 threads left a thread that had its Redis answer waiting
+# an unbounded time for the GIL: P99 at 2-4x the reference's; 4 threads cut the tail to the
+# reference's and raised req/s (1.34-1.85x the reference vs 0.78-1.06x, same runs). The relay
+# keeps 16 (its store calls are replay claims during a reconnect storm, not measured here).
+TOKEN_SERVICE_REDIS_THREADS: Final = 4
 # Every call is bounded by these socket timeouts, which is also how long a cancellation can take to
 # land (a worker thread can't be interrupted). Short: the store is on the request path, and an
 # unreachable Redis must turn into a fast 503, not a hung client.
@@ -215,9 +222,10 @@ class RedisStore:
             ``redis+cluster://host:port[,host:port…]`` (Redis Cluster seed nodes) or
             ``redis+sentinel://host:port[,host:port…]/master-name[/db]`` (sentinels).
         socket_timeout: seconds before a Redis call is abandoned with :class:`StoreUnavailable`.
+        threads: worker threads (and pooled connections per server) for Redis calls.
 
     Resource handling:
-        Holds a connection pool of at most :data:`REDIS_THREADS` connections (per cluster node);
+        Holds a connection pool of at most ``threads`` connections (per cluster node);
         call :meth:`aclose`.
 
     Error handling:
@@ -241,14 +249,16 @@ class RedisStore:
         *,
         socket_timeout: float = SOCKET_TIMEOUT_S,
         probe_interval: float = PROBE_INTERVAL_S,
+        threads: int = REDIS_THREADS,
     ) -> None:
         self._sentinel: Any = None
+        self.threads = threads
         try:
             self._client: Any = self._connect(url, socket_timeout)
         except ValueError as exc:
             raise StoreUnavailable(f"bad Redis URL: {exc}") from exc
         self.kind = parse_redis_url(url).kind
-        self._limiter = trio.CapacityLimiter(REDIS_THREADS)
+        self._limiter = trio.CapacityLimiter(threads)
         self.breaker = Breaker(probe_interval=probe_interval)
         self._closed = False
         # calls whose worker thread is still running, abandoned ones included; guarded by a thread
@@ -284,7 +294,7 @@ class RedisStore:
             return redis.Redis.from_url(
                 url,
                 decode_responses=True,
-                max_connections=REDIS_THREADS,
+                max_connections=self.threads,
                 retry=Retry(NoBackoff(), 1),
                 **timeouts,
             )
@@ -300,7 +310,7 @@ class RedisStore:
                     for host, port in target.hosts
                 ],
                 decode_responses=True,
-                max_connections=REDIS_THREADS,
+                max_connections=self.threads,
                 **timeouts,
                 **auth,
             )
@@ -322,7 +332,7 @@ class RedisStore:
             target.service,
             decode_responses=True,
             db=target.db,
-            max_connections=REDIS_THREADS,
+            max_connections=self.threads,
             retry=Retry(NoBackoff(), 1),
             **timeouts,
             **auth,
