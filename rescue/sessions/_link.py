@@ -176,7 +176,7 @@ class PeerLink:
         if link.closing:
             return False
         session = self.session
-        now = trio.current_time()
+        now = session.clock.current_time()
         flags = session.core.receive(link, batch, now)
         if flags == WRITE_NOW:  # the usual cases, inline: the partner's writer is idle
             partner = session.core.slots[link.other]
