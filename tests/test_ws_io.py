@@ -772,3 +772,33 @@ async def test_a_batch_of_more_buffers_than_one_writev_takes_arrives_whole() -> 
         assert await receive_n(client, 3000) == batch + batch
     server.abort()
     client.abort()
+
+
+async def test_send_nowait_of_one_message_frames_every_length_encoding() -> None:
+    # the one-message path builds its header inline: 7-bit, 16-bit and 64-bit lengths
+    with trio.fail_after(TIMEOUT):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        client = WebSocketConnection(
+            await trio.open_tcp_stream("127.0.0.1", port), client=True, max_message=100_000
+        )
+        server = WebSocketConnection(await listeners[0].accept(), client=False)
+        await listeners[0].aclose()
+        sizes = [0, 125, 126, 65_535, 65_536, 70_000]
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read_all() -> None:
+                while len(got) < len(sizes):
+                    got.extend(await client.receive_messages())
+
+            nursery.start_soon(read_all)
+            for size in sizes:
+                message = bytes([size % 256]) * size
+                if not server.send_nowait([message]):
+                    await server.send_messages([message])
+                elif server.has_unsent:
+                    await server.flush()
+        assert got == [bytes([size % 256]) * size for size in sizes]
+    server.abort()
+    client.abort()

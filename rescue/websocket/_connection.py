@@ -73,6 +73,8 @@ _LAST_DATA_RECV: Final = 52
 # (a bulk flow): the batches are handled inline instead of waking the reader task for the rest
 # (0019); past it the reader task reads on, so one socket cannot hold up the others for long.
 READ_AHEAD_READS: Final = 4
+# The first two bytes of an unmasked binary frame with a 16-bit length.
+_HEAD16: Final = b"\x82\x7e"
 # Buffers one writev takes (Linux's IOV_MAX); a batch with more parts is joined first.
 _IOV_MAX: Final = 1024
 
@@ -827,7 +829,18 @@ class WebSocketConnection:
             or self._error is not None
         ):
             return False
-        parts = frame_parts(payloads, mask=self._client)
+        if len(payloads) == 1 and not self._client:
+            # one message, the relay's usual write: its header and the payload object (no call)
+            payload = payloads[0]
+            size = len(payload)
+            if size < 126:
+                parts: list[Buffer] = [bytes((0x82, size)), payload]
+            elif size < 65536:
+                parts = [_HEAD16 + size.to_bytes(2, "big"), payload]
+            else:
+                parts = frame_parts(payloads, mask=False)
+        else:
+            parts = frame_parts(payloads, mask=self._client)
         if self._tls is not None:
             # Encrypted, the records are part of the TLS stream: they are ours now, whatever the
             # socket takes (a full socket keeps them all; a broken one fails the next send).
