@@ -264,7 +264,10 @@ class Conn:
         self.tls_more = False
         try:
             while got < RECV_CHUNK:
-                got += self.tls.read(RECV_CHUNK - got, _RVIEW[got:])  # type: ignore[operator]
+                k = self.tls.read(RECV_CHUNK - got, _RVIEW[got:])
+                if not k:  # close_notify (CPython returns 0 for it)
+                    return got or -1
+                got += k  # type: ignore[operator]
             self.tls_more = True
         except ssl.SSLWantReadError:
             pass

@@ -391,7 +391,8 @@ class WebSocketConnection:
         """Wait for readability through ``poller`` from now on instead of trio's own wait.
 
         For a server holding many mostly quiet connections (decision 0007): the poller batches
-        their wake-ups. Only plain TCP connections can; the registration ends when the transport
+        their wake-ups. Only socket connections can (plain TCP, or TLS over MemoryBIO: a
+        :class:`~rescue.websocket._tls.TLSSocketStream`); the registration ends when the transport
         closes.
 
         Args:
@@ -405,7 +406,7 @@ class WebSocketConnection:
                 the same exception.
 
         Returns:
-            Whether the connection now uses the poller (False: not plain TCP, closed, or the
+            Whether the connection now uses the poller (False: not a socket, closed, or the
             poller is not running).
         """
         sock = self._sock
@@ -721,7 +722,8 @@ class WebSocketConnection:
                 while got < READ_SIZE:
                     # (with a buffer it returns the count; typeshed says bytes)
                     k = cast("int", read(READ_SIZE - got, out[got:]))
-                    if not k:
+                    if not k:  # the peer's close_notify (CPython returns 0 for it, no exception)
+                        tls.end = EOFError()
                         break
                     got += k
                 else:
