@@ -7,6 +7,7 @@ exercised with trio's autojump clock (virtual time), never by waiting.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -322,3 +323,24 @@ async def test_a_connection_the_client_closed_is_closed_at_once(
             eof_sent = trio.current_time()
             assert await reader.closed()
             assert trio.current_time() - eof_sent < LIMITS.keep_alive_timeout
+
+
+async def test_a_client_that_stops_reading_is_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    big = b"x" * (8 * 1024 * 1024)  # far more than the socket buffers between the two ends hold
+    router = make_router()
+
+    @router.get("/big")
+    async def big_answer(request: Request) -> Response:
+        return Response(200, big, "application/octet-stream")
+
+    with trio.fail_after(120):
+        async with server(router) as port:
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            await sock.connect(("127.0.0.1", port))
+            stream = trio.SocketStream(sock)
+            await stream.send_all(get("/big"))
+            await trio.sleep(LIMITS.send_timeout + 1)  # not reading; the server's send times out
+            reader = Reader(stream)
+            assert not await reader.closed()  # EOF after what the buffers held ...
+            assert len(reader.buf) < len(big)  # ... not the whole answer
