@@ -392,6 +392,7 @@ _date_cache: list[Any] = [0, b""]  # [second, the Date header line of that secon
 _ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_SLEEP: Final = 0.1  # seconds; trio.serve_listeners' value
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CR_OR_LF: Final = re.compile(r"[\r\n]")  # in a response header: response splitting
 
 
 def _status_line(status: int) -> bytes:
@@ -432,10 +433,11 @@ def render_response(response: Response, *, head_only: bool, keep_alive: bool, ht
         extra.append("connection: close\r\n")
     elif http10:
         extra.append("connection: keep-alive\r\n")
-    text = "".join(extra)
-    if "\r" in text[:-2].replace("\r\n", "") or "\n" in text.replace("\r\n", ""):
+    if response.headers and _CR_OR_LF.search("".join([*response.headers, *response.headers.values()])):
         raise ValueError("CR or LF in a response header")
-    lines.append(text.encode("latin-1"))
+    if _CR_OR_LF.search(response.content_type):
+        raise ValueError("CR or LF in the content type")
+    lines.append("".join(extra).encode("latin-1"))
     lines.append(b"\r\n")
     if not head_only and status not in (204, 304):
         lines.append(response.body)

@@ -344,3 +344,21 @@ async def test_a_client_that_stops_reading_is_dropped(autojump_clock: trio.testi
             reader = Reader(stream)
             assert not await reader.closed()  # EOF after what the buffers held ...
             assert len(reader.buf) < len(big)  # ... not the whole answer
+
+
+async def test_a_header_with_a_line_break_is_never_sent() -> None:
+    router = make_router()
+
+    @router.get("/split")
+    async def split(request: Request) -> Response:
+        return json_response({}, headers={"x-echo": "a\r\nset-cookie: evil=1"})
+
+    with trio.fail_after(TIMEOUT):
+        async with server(router) as port:
+            stream, reader = await connect(port)
+            await stream.send_all(get("/split") + get("/n/1"))
+            status, headers, body = await reader.response()
+            assert (status, json.loads(body)["error"]) == (500, "internal_error")
+            assert "set-cookie" not in headers
+            assert (await reader.response())[0] == 200  # the connection stays usable
+            await stream.aclose()
