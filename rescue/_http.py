@@ -275,7 +275,7 @@ class _Route:
 
 
 class Router:
-    """An ASGI application dispatching on method and path.
+    """Requests dispatched on method and path (what :func:`serve_http` serves).
 
     Args:
         max_body: the largest request body accepted; a larger one gets 413 ``payload_too_large``.

@@ -13,7 +13,7 @@ __all__ = ["admin_app"]
 
 
 def admin_app(relay: Relay) -> Router:
-    """The admin API of ``relay`` as an ASGI app (serve it with :func:`rescue._http.serve_http`).
+    """The admin API of ``relay`` as a router (serve it with :func:`rescue._http.serve_http`).
 
     - ``GET /healthz``: 200 ``{"status": "ok"}`` while the process runs.
     - ``GET /readyz``: 200 when the node takes new sessions; 503 while draining, paused, or when
