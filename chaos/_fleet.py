@@ -33,8 +33,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -85,6 +86,21 @@ RELAY_TUNING: Final = {
     "--drain-s": "5",
     "--handshakes-per-ip-per-min": "100000",
 }
+
+
+def _take_flags(args: Sequence[str], flags: Collection[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``--flag value`` pairs for ``flags`` out of ``args``: (their values, the rest)."""
+    taken: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in flags and i + 1 < len(args):
+            taken[args[i]] = args[i + 1]
+            i += 2
+        else:
+            rest.append(args[i])
+            i += 1
+    return taken, rest
 
 
 def rescue_argv(*args: str) -> list[str]:
@@ -300,26 +316,30 @@ class Fleet:
     async def _prepare(self, log_level: str) -> None:
         key = self.work_dir / "signing-key.jwk"
         jwks = self.work_dir / "jwks.json"
-        result = await trio.run_process(
-            rescue_argv("keygen", "--out", str(key), "--force"), capture_stdout=True, env=child_env()
-        )
+        done: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+        async def run(name: str, *argv: str, check: bool) -> None:
+            done[name] = await trio.run_process(
+                rescue_argv(*argv), capture_stdout=True, capture_stderr=True, check=check, env=child_env()
+            )
+
+        # two independent process start-ups: side by side
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(run, "keygen", "keygen", "--out", str(key), "--force", check=True))
+            nursery.start_soon(partial(run, "help", "relay", "--help", check=False))
+        result, relay_help = done["keygen"], done["help"]
+        sys.stderr.buffer.write(result.stderr)  # keygen's note on where the key went, as before
         json.loads(result.stdout)  # a JWK set, or the run stops here
         jwks.write_bytes(result.stdout)
-        relay_help = await trio.run_process(
-            rescue_argv("relay", "--help"),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=child_env(),
-        )
         if relay_help.returncode != 0:
             raise FleetError(
                 "`rescue relay --help` failed: " + relay_help.stderr.decode(errors="replace")[-500:]
             )
         offered = relay_help.stdout.decode()
+        given, self.relay_args = _take_flags(self.relay_args, RELAY_TUNING)
         for flag, value in RELAY_TUNING.items():
             if flag in offered:
-                self.relay_tuning[flag] = value
+                self.relay_tuning[flag] = given.get(flag, value)  # relay_args win
             else:
                 self.relay_flags_missing.append(flag)
         relay_log_level = ["--log-level", log_level] if "--log-level" in offered else []

@@ -36,6 +36,7 @@ from rescue.client import (
     TokenProvider,
     open_peer,
 )
+from rescue.client._backoff import MAX_DELAY_S
 from rescue.errors import RescueError
 from rescue.protocol import CloseCode
 from rescue.testing import abort_connection
@@ -78,15 +79,26 @@ class TrafficConfig:
         chunk_min: smallest ``Peer.send`` call, bytes.
         chunk_max: largest (kept below one frame's payload so a send is one frame).
         drain_timeout_s: at the end, how long a session waits for its last bytes to arrive.
+        backoff_cap: the peers' largest reconnect window (the SDK's 30 s by default; the smoke
+            runs use a couple of seconds so a peer whose node was down a while retries soon after
+            it is back rather than up to a whole doubled window later).
     """
 
     rate: float = 16 * 1024
     chunk_min: int = 64
     chunk_max: int = _CHUNK_CAP
     drain_timeout_s: float = 60.0
+    backoff_cap: float = MAX_DELAY_S
 
     @classmethod
-    def for_rate(cls, rate: float, *, every_s: float = 1.0, drain_timeout_s: float = 60.0) -> TrafficConfig:
+    def for_rate(
+        cls,
+        rate: float,
+        *,
+        every_s: float = 1.0,
+        drain_timeout_s: float = 60.0,
+        backoff_cap: float = MAX_DELAY_S,
+    ) -> TrafficConfig:
         """Chunk sizes that fit ``rate``: about one write per ``every_s`` per direction at low rates.
 
         At 16 KiB/s and above this is the default (64 B - 8 KiB chunks). Below, chunks run from
@@ -97,7 +109,13 @@ class TrafficConfig:
         """
         chunk_max = max(2, min(_CHUNK_CAP, int(rate * every_s * 1.5)))
         chunk_min = max(1, min(64, chunk_max // 3))
-        return cls(rate=rate, chunk_min=chunk_min, chunk_max=chunk_max, drain_timeout_s=drain_timeout_s)
+        return cls(
+            rate=rate,
+            chunk_min=chunk_min,
+            chunk_max=chunk_max,
+            drain_timeout_s=drain_timeout_s,
+            backoff_cap=backoff_cap,
+        )
 
 
 class Throughput:
@@ -520,7 +538,7 @@ class SessionRun:
                     "host",
                     psk=psk,
                     on_event=self._on_event("host"),
-                    backoff=BackoffPolicy(rng=random.Random(rng.random())),
+                    backoff=BackoffPolicy(cap=self.config.backoff_cap, rng=random.Random(rng.random())),
                 ) as host,
                 open_peer(
                     self._provider(api_url, "guest"),
@@ -528,7 +546,7 @@ class SessionRun:
                     "guest",
                     psk=psk,
                     on_event=self._on_event("guest"),
-                    backoff=BackoffPolicy(rng=random.Random(rng.random())),
+                    backoff=BackoffPolicy(cap=self.config.backoff_cap, rng=random.Random(rng.random())),
                 ) as guest,
             ):
                 self.peers = {"host": host, "guest": guest}

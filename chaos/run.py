@@ -99,7 +99,10 @@ FLEET_WEIGHTS: Final = {
 # --scenario fleet relays: registrations that lapse 5 s after a node dies (default 15 s); the
 # smoke (--quick) lets them lapse in 1.5 s and keeps nodes down 2-3 s, so its SIGKILL moves sessions.
 FLEET_RELAY_ARGS: Final = ("--register-ttl-s", "5")
-FLEET_SMOKE_RELAY_ARGS: Final = ("--register-ttl-s", "1.5")
+FLEET_SMOKE_RELAY_ARGS: Final = ("--register-ttl-s", "1.5", "--drain-s", "1.5")
+# --quick relays drain in 1.5 s (the harness's default is 5 s): a SIGTERM still spreads every
+# peer's reconnect_in_ms over the window, the smoke just does not wait as long for it.
+QUICK_RELAY_ARGS: Final = ("--drain-s", "1.5")
 SCENARIOS: Final = ("basic", "fleet")
 
 
@@ -126,6 +129,7 @@ class ChaosConfig:
     redis: str = "single"
     ramp: float | None = None
     relay_args: tuple[str, ...] = ()
+    backoff_cap: float = 30.0
 
 
 def _weights(text: str) -> dict[str, int]:
@@ -197,6 +201,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         help="fault mix, e.g. peer_abort=3,relay_sigkill=2,relay_sigterm=1,redis_restart=1,"
         "token_service_restart=1 (that is the default; --quick uses 1 each)",
     )
+    p.add_argument(
+        "--backoff-cap",
+        type=parse_duration,
+        default=None,
+        help="the peers' largest reconnect window (30s, the SDK's; --quick: 2s, so a peer retries "
+        "soon after its node is back instead of up to a doubled window later)",
+    )
     p.add_argument("--progress", type=parse_duration, default=None, help="progress line interval (5s)")
     p.add_argument("--out", type=Path, default=ROOT / "chaos" / "out", help="output directory")
     p.add_argument("--log-level", default="INFO", help="log level of the fleet processes (INFO)")
@@ -247,7 +258,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ChaosConfig:
         scenario=ns.scenario,
         redis=pick(ns.redis, "single", "single", "sentinel", "sentinel"),
         ramp=pick(ns.ramp, None, None, None, 25.0),
-        relay_args=(FLEET_SMOKE_RELAY_ARGS if quick else FLEET_RELAY_ARGS) if fleet else (),
+        relay_args=(FLEET_SMOKE_RELAY_ARGS if quick else FLEET_RELAY_ARGS)
+        if fleet
+        else QUICK_RELAY_ARGS
+        if quick
+        else (),
+        backoff_cap=pick(ns.backoff_cap, 2.0, 30.0, 2.0, 30.0),
     )
 
 
@@ -268,7 +284,9 @@ class _Run:
             f"chaos-{config.seed}-{os.getpid()}",
             config.sessions,
             seed=config.seed,
-            config=TrafficConfig.for_rate(config.rate, every_s=config.write_every),
+            config=TrafficConfig.for_rate(
+                config.rate, every_s=config.write_every, backoff_cap=config.backoff_cap
+            ),
             clock=self.clock,
             url_to_node=url_to_node,
         )
