@@ -200,7 +200,7 @@ async def test_probe_metrics_endpoint_scraped_for_real() -> None:
                     await proc.wait()
 
 
-async def _probe_against(relay_url: str, timeout_s: float) -> ProbeResult:
+async def _probe_against(relay_url: str, timeout_s: float, close_timeout_s: float = 2.0) -> ProbeResult:
     """One probe run against an in-process token service whose tokens name ``relay_url``."""
     service = TokenService(
         TokenServiceConfig(keys=PublishedKeys(SigningKey.generate()), relay_url=relay_url, disable_oidc=True),
@@ -209,7 +209,10 @@ async def _probe_against(relay_url: str, timeout_s: float) -> ProbeResult:
     await service.guardrails.set_cohort_enabled("probe", True)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
-        result = await probe_once(ProbeConfig(api_url=f"http://127.0.0.1:{port}", timeout_s=timeout_s))
+        config = ProbeConfig(
+            api_url=f"http://127.0.0.1:{port}", timeout_s=timeout_s, close_timeout_s=close_timeout_s
+        )
+        result = await probe_once(config)
         nursery.cancel_scope.cancel()
     return result
 
@@ -223,7 +226,10 @@ async def test_connect_step_times_out_on_a_relay_that_never_answers() -> None:
             (listener,) = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
             port = listener.socket.getsockname()[1]
             started = trio.current_time()
-            result = await _probe_against(f"ws://127.0.0.1:{port}/v1/connect", timeout_s=1)
+            # the silent relay never answers our close either: bound it at 0.5 s (2 s by default)
+            result = await _probe_against(
+                f"ws://127.0.0.1:{port}/v1/connect", timeout_s=1, close_timeout_s=0.5
+            )
             elapsed = trio.current_time() - started
             nursery.cancel_scope.cancel()
     assert result.outcome == "connect_timeout", result

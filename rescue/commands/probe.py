@@ -115,6 +115,8 @@ class ProbeConfig:
         service_key: the bearer key of a trusted caller, when the token service wants one.
         session_prefix: the start of every probe session id (recognisable in logs and traces).
         timeout_s: the deadline of one whole run (all four steps).
+        close_timeout_s: the bound on closing the probe session (each peer), apart from the
+            deadline (:data:`CLOSE_TIMEOUT_S`).
     """
 
     api_url: str = DEFAULT_API
@@ -122,6 +124,7 @@ class ProbeConfig:
     service_key: str | None = field(default=None, repr=False)
     session_prefix: str = DEFAULT_PREFIX
     timeout_s: float = DEFAULT_TIMEOUT_S
+    close_timeout_s: float = CLOSE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not self.api_url.startswith(("http://", "https://")):
@@ -256,7 +259,7 @@ async def _run_steps(
             role,
             psk=psk,
             give_up_after=0.0,
-            close_timeout_s=CLOSE_TIMEOUT_S,
+            close_timeout_s=config.close_timeout_s,
         )
         for role in tokens
     }
