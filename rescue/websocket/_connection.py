@@ -702,6 +702,7 @@ class WebSocketConnection:
             return memoryview(b"")
         incoming = tls.incoming
         read = tls.ssl_object.read
+        pending = tls.ssl_object.pending
         buf = self._buf
         try:
             n = os.readv(fd, [buf])
@@ -726,6 +727,8 @@ class WebSocketConnection:
                         tls.end = EOFError()
                         break
                     got += k
+                    if not incoming.pending and not pending() and not incoming.eof:
+                        break  # all decrypted (saves the SSLWantReadError a further read raises)
                 else:
                     more = True  # plaintext left in the TLS state
             except ssl.SSLWantReadError:
