@@ -386,3 +386,28 @@ async def test_a_tls_relay_process_drains_on_sigterm(tmp_path: Path) -> None:
         with trio.fail_after(20):
             code = await proc.wait()
     assert code == 0
+
+
+async def test_without_the_poller_tls_still_takes_the_socket_path(
+    nursery: trio.Nursery, tmp_path: Path, peers: list[TestPeer]
+) -> None:
+    """``--no-read-poller``: trio's waits per connection, the same MemoryBIO data path."""
+    with trio.fail_after(TEST_TIMEOUT):
+        node = await start_tls_relay(nursery, tmp_path, read_poller=False)
+        relay = node.relay
+        assert relay.poller is None
+        host, guest = await node.pair(peers)
+        assert isinstance(server_side(relay, "t", Role.HOST)._stream, TLSSocketStream)
+        seq = 0
+        for size in (0, 100, 20_000, 60_000):
+            for sender, receiver in ((host, guest), (guest, host)):
+                seq += 1
+                await sender.send(seq_frame(seq, size))
+                assert await receiver.receive() == seq_frame(seq, size)
+        beat = encode_frame(Kind.HEARTBEAT, seq=99)
+        await host.send(beat)
+        assert await host.receive() == beat
+        await host.aclose()
+        assert (await guest.receive_peer_event()).event == "left"
+        assert relay.stats.messages_forwarded == 8
+        assert relay.stats.internal_errors == 0
