@@ -405,8 +405,10 @@ class Fleet:
             port = self.redis_ports[name] = free_port()
             directory = self.redis_dir / name
             directory.mkdir()
+            # a replica's full sync starts at once (by default the primary waits 5 s for others)
             argv = [redis_binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "no", "--dir", str(directory), "--daemonize", "no"]  # fmt: skip
+                    "--appendonly", "no", "--repl-diskless-sync-delay", "0",
+                    "--dir", str(directory), "--daemonize", "no"]  # fmt: skip
             if name == "redis-b":
                 argv += ["--replicaof", "127.0.0.1", str(self.redis_ports["redis-a"])]
             self.redis_servers.append(

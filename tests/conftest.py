@@ -228,12 +228,13 @@ def _port_pair_free(port: int) -> bool:
 
 
 def tcp_redis_argv(port: int, directory: str, *extra: str) -> list[str]:
-    """A private redis-server on 127.0.0.1:``port`` in ``directory``, persistence off."""
+    """A private redis-server on 127.0.0.1:``port`` in ``directory``, persistence off; a replica's
+    full sync starts at once (the default waits 5 s for more replicas to share one transfer)."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed (the CI script installs it: apt-get install redis-server)")
     return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", directory, "--daemonize", "no", *extra]  # fmt: skip
+            "--repl-diskless-sync-delay", "0", "--dir", directory, "--daemonize", "no", *extra]  # fmt: skip
 
 
 def wait_for_ping(
@@ -453,16 +454,29 @@ def start_sentinel_servers() -> SentinelServers:
             extra = [] if role == "primary" else ["--replicaof", "127.0.0.1", str(servers.data_ports[0])]
             servers.data.append(_start(tcp_redis_argv(port, directory, *extra), deadline))
             servers.data_ports.append(port)
-        for i in range(SENTINELS):
-            port = _free_port(rng, [*servers.data_ports, *servers.sentinel_ports])
+        # Each sentinel's config already names the replica and the other sentinels (their ids
+        # fixed here), as a restarted Sentinel's rewritten config would: otherwise each learns of
+        # them by gossip (hello messages every 2 s), ~5 s before the first test could start.
+        ports = [_free_port(rng, [*servers.data_ports, *servers.sentinel_ports])]
+        while len(ports) < SENTINELS:
+            ports.append(_free_port(rng, [*servers.data_ports, *ports]))
+        ids = [f"{rng.getrandbits(160):040x}" for _ in range(SENTINELS)]
+        for i, port in enumerate(ports):
             config = os.path.join(servers.directory, f"sentinel-{i}.conf")  # sentinels rewrite it
             with open(config, "w") as f:
                 f.write(
                     f"port {port}\nbind 127.0.0.1\ndir {servers.directory}\n"
+                    f"sentinel myid {ids[i]}\n"
                     f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {servers.data_ports[0]} 2\n"
                     f"sentinel down-after-milliseconds {SENTINEL_MASTER} 60000\n"
                     f"sentinel failover-timeout {SENTINEL_MASTER} 10000\n"
-                    f"requirepass {SENTINEL_PASSWORD}\n"
+                    f"sentinel known-replica {SENTINEL_MASTER} 127.0.0.1 {servers.data_ports[1]}\n"
+                    + "".join(
+                        f"sentinel known-sentinel {SENTINEL_MASTER} 127.0.0.1 {ports[j]} {ids[j]}\n"
+                        for j in range(SENTINELS)
+                        if j != i
+                    )
+                    + f"requirepass {SENTINEL_PASSWORD}\n"
                 )
             binary = tcp_redis_argv(port, servers.directory)[0]
             servers.sentinels.append(
