@@ -411,3 +411,13 @@ async def test_without_the_poller_tls_still_takes_the_socket_path(
         assert (await guest.receive_peer_event()).event == "left"
         assert relay.stats.messages_forwarded == 8
         assert relay.stats.internal_errors == 0
+
+
+def test_the_relays_tls_context_refuses_renegotiation(tmp_path: Path) -> None:
+    from rescue.relay._relay import _load_tls
+
+    cert, key = make_cert(tmp_path)
+    context = _load_tls(relay_test_config(tls_cert=str(cert), tls_key=str(key)))
+    assert context is not None
+    assert context.options & ssl.OP_NO_RENEGOTIATION
+    assert _load_tls(relay_test_config()) is None

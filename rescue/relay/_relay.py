@@ -637,6 +637,9 @@ def _load_tls(config: RelayConfig) -> ssl.SSLContext | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # No TLS 1.2 renegotiation: a client could make the node redo handshakes at will (CPU), and
+    # the MemoryBIO data path (decision 0018) sends handshake records only with the next write.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
     except (OSError, ssl.SSLError) as exc:
