@@ -12,12 +12,13 @@ import ipaddress
 import os
 import ssl
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -115,7 +116,9 @@ class RawClient:
 
 @asynccontextmanager
 async def tls_connection(
-    poller: ReadPoller | None = None, client_ctx: ssl.SSLContext = CLIENT_CTX
+    poller: ReadPoller | None = None,
+    client_ctx: ssl.SSLContext = CLIENT_CTX,
+    on_messages: Callable[[list[bytes]], bool] | None = None,
 ) -> AsyncIterator[tuple[WebSocketConnection, RawClient]]:
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
@@ -134,7 +137,7 @@ async def tls_connection(
         nursery.start_soon(client.handshake)
     conn = WebSocketConnection(stream, client=False)
     if poller is not None:
-        assert conn.use_poller(poller)
+        assert conn.use_poller(poller, on_messages)
     try:
         yield conn, client
     finally:
@@ -152,39 +155,61 @@ async def collect(conn: WebSocketConnection, n: int) -> list[bytes]:
 # -------------------------------------------------------------------------------------- reads
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sizes=st.lists(st.integers(0, 40_000), min_size=1, max_size=8),
     cuts=st.lists(st.integers(1, 70_000), max_size=12),
-    use_poller=st.booleans() if AVAILABLE else st.just(False),
+    path=st.sampled_from(["trio", "poller", "read-ahead"] if AVAILABLE else ["trio"]),
 )
-def test_records_cut_anywhere_give_the_same_messages(
-    sizes: list[int], cuts: list[int], use_poller: bool
-) -> None:
+def test_records_cut_anywhere_give_the_same_messages(sizes: list[int], cuts: list[int], path: str) -> None:
     """Ciphertext arriving in arbitrary pieces (partial records, many records per read) decrypts to
-    the same messages in order, through trio's waits and through the poller alike."""
+    the same messages in order: through trio's waits, the poller's waits, and the poller's
+    read-ahead (which decrypts in the poller's task and may take a batch without waking anyone)."""
     payloads = [os.urandom(size) for size in sizes]
+    stream: list[bytes] = []  # every message as it reached someone, read-ahead and reader alike
+    offers = 0
+
+    def take_all_but_the_first(batch: list[bytes]) -> bool:
+        nonlocal offers
+        offers += 1
+        if offers == 1:
+            return False  # the first left to the waiting reader (it is woken with this batch)
+        stream.extend(batch)  # handled in the poller's task: the reader stays parked
+        if len(stream) >= len(payloads):
+            done.set()
+        return True
+
+    done = trio.Event()
+
+    async def read_all(conn: WebSocketConnection) -> None:
+        while len(stream) < len(payloads):
+            stream.extend(await conn.receive_messages())
+        done.set()
 
     async def main() -> None:
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
                 poller = None
-                if use_poller:
+                if path != "trio":
                     poller = ReadPoller()
                     await nursery.start(poller.run)
-                async with tls_connection(poller) as (conn, client):
+                read_ahead = take_all_but_the_first if path == "read-ahead" else None
+                async with tls_connection(poller, on_messages=read_ahead) as (conn, client):
                     wire = client.seal(*(frame_messages([p], mask=True) for p in payloads))
                     points = sorted({c % len(wire) for c in cuts} - {0})
                     pieces = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
 
                     async def send() -> None:
                         for piece in pieces:
+                            # the reader parked again (in the poller: read-ahead is offered this piece)
+                            await trio.testing.wait_all_tasks_blocked()
                             await client.send_raw(piece)
-                            await trio.sleep(0)  # let the server read what is there so far
 
                     nursery.start_soon(send)
-                    assert await collect(conn, len(payloads)) == payloads
-                nursery.cancel_scope.cancel()
+                    nursery.start_soon(read_all, conn)
+                    await done.wait()
+                    assert stream == payloads
+                    nursery.cancel_scope.cancel()  # (the reader may still wait: read-ahead took the end)
 
     trio.run(main)
 
