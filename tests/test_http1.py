@@ -207,3 +207,62 @@ def test_parse_head_keeps_arrival_order_and_strips_values() -> None:
     start, headers = parse_head(b"HTTP/1.1 101 Switching\r\nA:  1 \r\nb:\t2\r\nA: 3\r\n\r\n")
     assert start == "HTTP/1.1 101 Switching"
     assert headers == [("a", "1"), ("b", "2"), ("a", "3")]
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the plain port
+        b"\x00" * 16,
+        b"GET /x HTTP/1.1\nHost: a\n",  # bare LF line ends: the head would never end
+        b"GET /x\r\n",  # HTTP/0.9: no version, no head end to wait for
+        b"GET /x HTTP/1.1 extra\r\nHost: a\r\n",
+    ],
+)
+def test_a_head_that_cannot_become_a_request_is_refused_before_it_ends(opening: bytes) -> None:
+    # whole, or byte by byte (a trickle must not get the request timeout's worth of waiting)
+    assert refused(opening).status == 400
+    parser = RequestParser(max_body=0)
+    status = 0
+    try:
+        for i in range(len(opening)):
+            parser.feed(opening[i : i + 1])
+            assert parser.next_request() is None
+    except HttpError as exc:
+        status = exc.status
+    assert status == 400
+
+
+def test_a_plausible_head_trickled_byte_by_byte_waits() -> None:
+    parser = RequestParser(max_body=0)
+    wire = b"\r\nGET /x?a=b HTTP/1.1\r\nHost: a\r\nX: \x80\x81\r\n\r\n"
+    for i in range(len(wire) - 1):
+        parser.feed(wire[i : i + 1])
+        assert parser.next_request() is None
+    parser.feed(wire[-1:])
+    request = parser.next_request()
+    assert request is not None
+    assert (request.target, request.query) == ("/x", "a=b")
+
+
+def test_a_chunked_body_of_one_byte_chunks_holds_about_its_size() -> None:
+    # 64 KiB of body sent as 1-byte chunks (6 wire bytes each) must not hold 40 bytes per chunk
+    import tracemalloc
+
+    parser = RequestParser(max_body=64 * 1024)
+    parser.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert parser.next_request() is None
+    piece = b"1\r\nx\r\n" * 1024
+    tracemalloc.start()
+    try:
+        for _ in range(64):
+            parser.feed(piece)
+            assert parser.next_request() is None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * 64 * 1024, held
+    parser.feed(b"0\r\n\r\n")
+    request = parser.next_request()
+    assert request is not None
+    assert request.body == b"x" * 64 * 1024
