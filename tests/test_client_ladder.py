@@ -64,12 +64,13 @@ class Flaky:
     failures: int
     calls: int = 0
     hang: bool = False
+    takes: float = 0.5  # an attempt takes time (the real-clock tests below: 0.1 s)
 
     async def __call__(self) -> str:
         self.calls += 1
         if self.hang:
             await trio.sleep_forever()
-        await trio.sleep(0.5)  # an attempt takes time
+        await trio.sleep(self.takes)
         if self.calls <= self.failures:
             raise ConnectionError(f"{self.name} attempt {self.calls} failed")
         return self.name
@@ -231,7 +232,7 @@ async def _climb_and_talk(
 async def test_relay_engaged_only_after_forced_failures(capture: Capture) -> None:
     with trio.fail_after(30):
         async with control_plane() as (plane, _):
-            host_rtc, guest_rtc = Flaky("webrtc", 99), Flaky("webrtc", 99)
+            host_rtc, guest_rtc = Flaky("webrtc", 99, takes=0.1), Flaky("webrtc", 99, takes=0.1)
             results: dict[str, tuple[LadderResult, bytes]] = {}
 
             async def side(role: str, failing: Flaky) -> None:
@@ -265,12 +266,12 @@ async def test_never_touches_the_relay_when_paused(capture: Capture) -> None:
             async with control_plane(relay_url=decoy) as (plane, _):
                 await plane.store.set_fleet_state(FleetState(paused=True, reason="test"))
                 with pytest.raises(GuardrailError) as info:
-                    await _climb_and_talk(plane.api_url, "ladder-2", "host", Flaky("webrtc", 99))
+                    await _climb_and_talk(plane.api_url, "ladder-2", "host", Flaky("webrtc", 99, takes=0.1))
                 assert info.value.error == "fallback_paused"
                 await plane.store.set_fleet_state(FleetState(paused=False))
                 await plane.store.set_cohort_enabled("dev", False)
                 with pytest.raises(GuardrailError) as info:
-                    await _climb_and_talk(plane.api_url, "ladder-2", "host", Flaky("webrtc", 99))
+                    await _climb_and_talk(plane.api_url, "ladder-2", "host", Flaky("webrtc", 99, takes=0.1))
                 assert info.value.error == "cohort_disabled"
             outer.cancel_scope.cancel()
     assert accepted == []  # the relay URL was never even dialled
