@@ -33,6 +33,7 @@ import errno
 import json
 import logging
 import re
+import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -92,6 +93,18 @@ LINGER_BYTES: Final = 256 * 1024
 RECEIVE_SIZE: Final = 64 * 1024
 # The listen backlog: a storm opens hundreds of connections at once (the kernel caps it at somaxconn).
 BACKLOG: Final = 4096
+# At most this many connections at once (half the process's file descriptors, so a flood of idle
+# sockets leaves fds for the store, the relay and the log): past it, a new connection first takes
+# the place of the longest-idle one (closed: it sent nothing yet or waits between requests); with
+# none idle it is answered 503 and closed. Without a cap, thousands of idle sockets ran the process
+# out of fds: accept() failed with EMFILE and /healthz went unanswered until they timed out.
+MAX_CONNECTIONS: Final = max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
+# The over-capacity warnings (connection cap, accept() out of fds) are logged at most this often,
+# with the counts since the last line: a flood must not turn into a log flood.
+CAPACITY_LOG_INTERVAL: Final = 10.0
+# A 503 to a connection over the cap is a few hundred bytes into an empty socket buffer: it is
+# given this long, then the connection is closed regardless.
+REFUSE_SEND_TIMEOUT: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,7 @@ class HttpLimits:
     linger_timeout: float = LINGER_TIMEOUT
     max_head: int = MAX_HEAD
     max_headers: int = MAX_HEADERS
+    max_connections: int = MAX_CONNECTIONS
 
 
 DEFAULT_LIMITS: Final = HttpLimits()
@@ -465,13 +479,74 @@ class _Server:
         self.app = app
         self.limits = limits
         self.draining = False
-        self._idle: set[trio.CancelScope] = set()  # connections waiting for a next request
+        self.open = 0  # connections being served (refused ones not counted)
+        # connections waiting for a (next) request, longest-waiting first (dicts keep order)
+        self._idle: dict[trio.CancelScope, None] = {}
+        self._shed = 0  # closed to make room, since the last capacity log line
+        self._refused = 0  # answered 503, since the last capacity log line
+        self._accept_errors = 0  # accept() out of fds, since the last capacity log line
+        self._capacity_logged = -CAPACITY_LOG_INTERVAL
 
     def drain(self) -> None:
         """Stop taking requests: idle connections close now, busy ones after their answer."""
         self.draining = True
         for scope in self._idle:
             scope.cancel()
+
+    def admit(self) -> bool:
+        """Whether a just-accepted connection may be served (then it is counted as open): under
+        the cap, or once the longest-idle connection has been told to close in its favour."""
+        if self.open >= self.limits.max_connections:
+            if not self._idle:
+                self._refused += 1
+                self._log_capacity()
+                return False
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            oldest.cancel()
+            self._shed += 1
+            self._log_capacity()
+        self.open += 1
+        return True
+
+    def accept_failed(self, exc: OSError) -> None:
+        """accept() ran out of fds (or memory); counted and logged at most every interval."""
+        self._accept_errors += 1
+        self._log_capacity(str(exc))
+
+    def _log_capacity(self, detail: str = "") -> None:
+        now = trio.current_time()
+        if now - self._capacity_logged < CAPACITY_LOG_INTERVAL:
+            return
+        self._capacity_logged = now
+        log_event(
+            _SERVER_LOG,
+            "http.server.over_capacity",
+            level=logging.WARNING,
+            open=self.open,
+            max_connections=self.limits.max_connections,
+            shed_idle=self._shed,
+            refused=self._refused,
+            accept_errors=self._accept_errors,
+            detail=detail
+            or f"{self.open} connections open (the cap is {self.limits.max_connections}): idle ones are "
+            "closed to make room, new ones get 503 while none is idle",
+        )
+        self._shed = self._refused = self._accept_errors = 0
+
+    async def refuse(self, stream: trio.SocketStream) -> None:
+        """Answer 503 to a connection over the cap (no request read) and close it."""
+        try:
+            response = error_response(
+                503, "server_busy", "too many connections; retry shortly", headers={"retry-after": "1"}
+            )
+            data = render_response(response, head_only=False, keep_alive=False, http10=False)
+            with trio.move_on_after(REFUSE_SEND_TIMEOUT):
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Answer the requests of one connection in order until it closes.
@@ -495,6 +570,7 @@ class _Server:
                 extra={"event": "http.server.connection_error"},
             )
         finally:
+            self.open -= 1
             await trio.aclose_forcefully(stream)
 
     async def _exchange(self, stream: trio.SocketStream, client: tuple[str, int] | None) -> None:
@@ -551,7 +627,7 @@ class _Server:
                 if self.draining:
                     return None
                 scope = trio.CancelScope(deadline=trio.current_time() + limits.keep_alive_timeout)
-                self._idle.add(scope)
+                self._idle[scope] = None
             else:
                 if started < 0:
                     started = trio.current_time()
@@ -566,7 +642,7 @@ class _Server:
                     data = await stream.receive_some(RECEIVE_SIZE)
             finally:
                 if idle:
-                    self._idle.discard(scope)
+                    self._idle.pop(scope, None)
             if data is None:  # the scope expired or the server is draining
                 if idle:
                     return None
@@ -700,7 +776,10 @@ async def _accept(listener: trio.SocketListener, handlers: trio.Nursery, server:
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
-            log_event(_SERVER_LOG, "http.server.accept_error", level=logging.WARNING, detail=str(exc))
+            server.accept_failed(exc)
             await trio.sleep(_ACCEPT_RETRY_SLEEP)
         else:
-            handlers.start_soon(server.serve_connection, stream)
+            if server.admit():
+                handlers.start_soon(server.serve_connection, stream)
+            else:
+                handlers.start_soon(server.refuse, stream)

@@ -6,11 +6,14 @@ exercised with trio's autojump clock (virtual time), never by waiting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 import trio.testing
 
@@ -36,11 +39,11 @@ def make_router() -> Router:
 
 
 @asynccontextmanager
-async def server(router: Router | None = None) -> AsyncIterator[int]:
+async def server(router: Router | None = None, limits: HttpLimits = LIMITS) -> AsyncIterator[int]:
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(
             lambda task_status: serve_http(
-                router or make_router(), "127.0.0.1", 0, limits=LIMITS, task_status=task_status
+                router or make_router(), "127.0.0.1", 0, limits=limits, task_status=task_status
             )
         )
         yield port
@@ -362,3 +365,39 @@ async def test_a_header_with_a_line_break_is_never_sent() -> None:
             assert "set-cookie" not in headers
             assert (await reader.response())[0] == 200  # the connection stays usable
             await stream.aclose()
+
+
+async def test_over_the_connection_cap_the_longest_idle_makes_room_else_503(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a flood of idle sockets ran the process out of fds (accept: EMFILE, /healthz unanswered)
+    caplog.set_level(logging.WARNING, logger="rescue.http")
+    with trio.fail_after(TIMEOUT):
+        async with server(limits=dataclasses.replace(LIMITS, max_connections=3)) as port:
+            conns = [await connect(port) for _ in range(3)]
+            for stream, reader in conns:  # answered: each is now idle, waiting for a next request
+                await stream.send_all(get("/n/1"))
+                assert (await reader.response())[0] == 200
+            # a fourth is served: the longest-idle one is closed in its favour
+            stream, reader = await connect(port)
+            await stream.send_all(get("/n/4"))
+            assert (await reader.response())[0] == 200
+            assert await conns[0][1].closed()
+            # three connections mid-request (the 100 Continue says the server read their heads)
+            busy = [*conns[1:], (stream, reader)]
+            for stream, reader in busy:
+                await stream.send_all(
+                    b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+                )
+                assert (await reader.response(head_only=True))[0] == 100
+            # none idle: a new connection is answered 503 and closed; the busy ones are untouched
+            stream, reader = await connect(port)
+            status, headers, body = await reader.response()
+            assert (status, json.loads(body)["error"], headers["connection"]) == (503, "server_busy", "close")
+            assert await reader.closed()
+            for stream, reader in busy:
+                await stream.send_all(b"ok")
+                assert json.loads((await reader.response())[2]) == {"len": 2, "body": "ok"}
+                await stream.aclose()
+    lines = [r for r in caplog.records if getattr(r, "event", "") == "http.server.over_capacity"]
+    assert len(lines) == 1  # one line per interval, however many were shed or refused
