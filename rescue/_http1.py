@@ -38,6 +38,7 @@ __all__ = [
     "HttpError",
     "ParsedRequest",
     "RequestParser",
+    "check_request_line",
     "parse_head",
 ]
 
@@ -156,6 +157,36 @@ def _parse_fields(lines: list[bytes], first: int) -> list[tuple[str, str]]:
             raise HttpError(400, "bad_request", "control character in header value")
         headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
     return headers
+
+
+def check_request_line(buf: bytes | bytearray, checked: int = 0, limit: int = MAX_HEAD) -> int:
+    """Refuse an incomplete head at once when its request line cannot become one, rather than wait
+    out a timeout for a head that will never end (a TLS ClientHello on a plain port, NUL bytes, a
+    bare LF, HTTP/0.9's versionless line).
+
+    Args:
+        buf: the head so far (leading empty lines already dropped).
+        checked: what the previous call returned (0 at first): only the bytes after it are looked
+            at, so a head trickled byte by byte costs linear time.
+        limit: the largest head; the request line is looked for within it.
+
+    Returns:
+        What to pass as ``checked`` next time; -1 once the whole request line arrived and is
+        plausible (nothing more to check).
+
+    Raises:
+        HttpError: 400 ``bad_request`` for a line that can never be a request line.
+    """
+    line_end = buf.find(b"\r\n", max(0, checked - 1), limit)
+    stop = len(buf) if line_end < 0 else line_end
+    if _LINE_SO_FAR.fullmatch(buf, checked, stop) is None:
+        raise HttpError(400, "bad_request", "malformed request line")
+    if line_end < 0:
+        return stop - 1 if buf[stop - 1 : stop] == b"\r" else stop
+    parts = bytes(buf[:line_end]).split(b" ")
+    if len(parts) != 3 or parts[2][:5] != b"HTTP/":
+        raise HttpError(400, "bad_request", "malformed request line")
+    return -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,21 +405,7 @@ class RequestParser:
         )
 
     def _check_request_line(self, buf: bytes) -> None:
-        """Refuse an incomplete head at once when its request line cannot become one (rather than
-        wait out the request timeout for a head that will never end): only the bytes not yet
-        checked are looked at, so a head trickled byte by byte costs linear time."""
-        start = self._line_checked
-        line_end = buf.find(b"\r\n", max(0, start - 1), self.max_head)
-        stop = len(buf) if line_end < 0 else line_end
-        if _LINE_SO_FAR.fullmatch(buf, start, stop) is None:
-            raise HttpError(400, "bad_request", "malformed request line")
-        if line_end < 0:
-            self._line_checked = stop - 1 if buf[stop - 1 : stop] == b"\r" else stop
-            return
-        parts = buf[:line_end].split(b" ")
-        if len(parts) != 3 or parts[2][:5] != b"HTTP/":  # e.g. HTTP/0.9's "GET /path"
-            raise HttpError(400, "bad_request", "malformed request line")
-        self._line_checked = -1
+        self._line_checked = check_request_line(buf, self._line_checked, self.max_head)
 
     @staticmethod
     def _check_repeats(fields: list[tuple[str, str]]) -> None:

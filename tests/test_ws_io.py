@@ -532,6 +532,31 @@ async def test_handshake_timeout(autojump_clock: trio.testing.MockClock) -> None
     assert started == []
 
 
+@pytest.mark.parametrize(
+    "opening",
+    [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\x00" * 8, b"GET /v1/connect HTTP/1.1\nHost: x\n"],
+    ids=["tls-client-hello", "nul", "bare-lf"],
+)
+async def test_a_head_that_cannot_become_an_upgrade_is_refused_at_once(
+    autojump_clock: trio.testing.MockClock, opening: bytes
+) -> None:
+    # before: no answer, the connection held to the handshake timeout (a TLS client on ws://)
+    async def handler(conn: WebSocketConnection) -> None:
+        raise AssertionError("not an upgrade")
+
+    with trio.fail_after(60):
+        async with (
+            running(handler, handshake_timeout=3.0) as server,
+            await trio.open_tcp_stream("127.0.0.1", server.port) as stream,
+        ):
+            await stream.send_all(opening)
+            t0 = trio.current_time()
+            answer = await read_until_eof(stream)
+            assert trio.current_time() - t0 < 1.0
+            assert answer.startswith(b"HTTP/1.1 400 ")
+            assert b'"error":"bad_request"' in answer
+
+
 @pytest.mark.parametrize("close_timeout", [None, 7.5], ids=["default", "configured"])
 async def test_close_does_not_hang_when_the_peer_stops_reading(
     autojump_clock: trio.testing.MockClock, close_timeout: float | None

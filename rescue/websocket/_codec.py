@@ -26,7 +26,7 @@ from typing import Final, NamedTuple, cast
 
 from rescue._codes import CloseCode, clip_close_reason
 from rescue._http1 import HEAD_END as _HEAD_END
-from rescue._http1 import REASONS, HttpError, parse_head
+from rescue._http1 import REASONS, HttpError, check_request_line, parse_head
 from rescue.errors import ProtocolError
 
 __all__ = [
@@ -769,6 +769,19 @@ def find_head_end(buf: bytes | bytearray) -> int:
     if len(buf) >= MAX_HANDSHAKE_SIZE:
         raise HandshakeError(431, "headers_too_large", f"request head exceeds {MAX_HANDSHAKE_SIZE} bytes")
     return -1
+
+
+def check_request_start(buf: bytes | bytearray, checked: int = 0) -> int:
+    """:func:`rescue._http1.check_request_line` for an upgrade request still arriving: a head that
+    can never become a request is refused at once, not at the upgrade timeout.
+
+    Raises:
+        HandshakeError: 400 ``bad_request``.
+    """
+    try:
+        return check_request_line(buf, checked, MAX_HANDSHAKE_SIZE)
+    except HttpError as exc:
+        raise HandshakeError(exc.status, exc.error, exc.detail) from None
 
 
 def _parse_head(head: bytes, status_on_error: int) -> tuple[str, list[tuple[str, str]]]:

@@ -22,6 +22,7 @@ from rescue.websocket._codec import (
     HandshakeError,
     Rejection,
     Request,
+    check_request_start,
     error_response,
     find_head_end,
     parse_request,
@@ -257,11 +258,14 @@ async def _handshake(
 ) -> tuple[Request, bytes] | None:
     """Read and answer the upgrade; the request and bytes read past it, or ``None`` if refused."""
     buf = bytearray()
+    checked = 0  # how much of the request line is known plausible (-1: all of it)
     try:
         while True:
             end = find_head_end(buf)
             if end >= 0:
                 break
+            if checked >= 0 and buf:
+                checked = check_request_start(buf, checked)
             chunk = await stream.receive_some(MAX_HANDSHAKE_SIZE)
             if not chunk:
                 return None
