@@ -12,10 +12,17 @@ both ways, checked by content. Meanwhile raw clients (:class:`rescue.testing.Raw
 attack in :data:`ATTACKS`: garbage before and after the upgrade, a slow-loris upgrade, a 2^63
 length header, fragment and tiny-frame floods (pings, empty messages, HEARTBEATs in a session), CBOR
 bombs in HELLO, forged / expired / other-audience / replayed tokens, a text message, an oversize
-message, and many idle connections from one address.
+message, and many idle connections from one address. The HTTP attacks (:data:`HTTP_ATTACKS`,
+:data:`SLOW_HTTP_ATTACKS`) go at the token service's own HTTP server and the relay's upgrade head:
+request smuggling (CL+TE, odd TE, doubled CL), obs-fold, bare LF, NUL/CR in values, HTTP/0.9, a TLS
+ClientHello, ``..`` under ``/join/``, huge URLs and chunk sizes, Expect abuse, a hostile CORS
+preflight, a pipelined burst, pipelining without reading and slow-loris heads and bodies, beside a
+legitimate client minting a token every 50 ms.
 
 Targets: the session lost nothing and never reconnected; every attack ended with its expected
-answer (close code or HTTP status); the relay never exited, logged no internal error, and its RSS
+answer (close code or HTTP status; an HTTP error must be the JSON shape); every legitimate token
+request succeeded; the token service never exited, logged no error or traceback while attacked and
+its RSS grew at most ``--rss-bound-mb``; the relay never exited, logged no internal error, and its RSS
 grew by at most ``--rss-bound-mb`` over the streaming baseline; its worst garbage-collector pause
 while attacked (``/debug/stats`` ``gc``) and one full collection forced right after the attacks
 (``POST /debug/gc``: what a later collection would pay for what the input left) stayed under
@@ -65,7 +72,7 @@ from rescue.protocol import (
 from rescue.testing import RawClient
 from rescue.websocket import Opcode, build_frame, build_request
 
-__all__ = ["ATTACKS", "HostileConfig", "main", "run_hostile"]
+__all__ = ["ATTACKS", "HTTP_ATTACKS", "SLOW_HTTP_ATTACKS", "HostileConfig", "main", "run_hostile"]
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 # The session must be flowing both ways before the first attack.
@@ -106,6 +113,7 @@ class Target:
     key: SigningKey
     node_id: str
     rng: random.Random
+    api_port: int = 0  # the token service (the HTTP attacks)
     serial: int = 0
 
     def session(self) -> str:
@@ -258,6 +266,327 @@ async def oversize_message(t: Target) -> str:
     return await _upgraded(t, b"\x82\xff" + struct.pack(">Q", 1 << 20) + os.urandom(4) + b"\0" * 1024)
 
 
+# ------------------------------------------------------------------ HTTP attacks (decision 0017)
+
+_UPGRADE: Final = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+_TLS_CLIENT_HELLO: Final = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
+# (name, on the relay's WebSocket port rather than the token service's, bytes, expected, what)
+HTTP_CASES: Final = (
+    (
+        "cl_and_te",
+        False,
+        b"POST /v1/fallback/token HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "http 400",
+        "Content-Length and chunked (smuggling)",
+    ),
+    (
+        "te_chunked_twice",
+        False,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+        "http 501",
+        "Transfer-Encoding: chunked, chunked",
+    ),
+    (
+        "te_space_before_colon",
+        False,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+        "http 400",
+        "'Transfer-Encoding :' (a space before the colon)",
+    ),
+    (
+        "te_repeated",
+        False,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: identity\r\n\r\n",
+        "http 400",
+        "two Transfer-Encoding fields",
+    ),
+    (
+        "cl_conflicting",
+        False,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+        "http 400",
+        "two different Content-Lengths",
+    ),
+    (
+        "cl_list",
+        False,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 0, 0\r\n\r\n",
+        "http 400",
+        "Content-Length: 0, 0",
+    ),
+    (
+        "obs_fold",
+        False,
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n",
+        "http 400",
+        "an obs-fold continuation line",
+    ),
+    ("bare_lf", False, b"GET /healthz HTTP/1.1\nHost: a\n\n", "http 400", "LF line ends"),
+    (
+        "nul_in_value",
+        False,
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+        "http 400",
+        "NUL in a value",
+    ),
+    (
+        "cr_in_value",
+        False,
+        b"GET /healthz HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+        "http 400",
+        "a lone CR in Host",
+    ),
+    (
+        "host_crlf",
+        False,
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nevil\r\n\r\n",
+        "http 400",
+        "Host split by CRLF",
+    ),
+    (
+        "non_ascii_line",
+        False,
+        b"GET /h\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "http 400",
+        "UTF-8 in the target",
+    ),
+    ("http09", False, b"GET /healthz\r\n", "http 400", "an HTTP/0.9 request line"),
+    ("tls_on_plain_port", False, _TLS_CLIENT_HELLO, "http 400", "a TLS ClientHello"),
+    ("http2_preface", False, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "http 505", "the HTTP/2 preface"),
+    (
+        "absolute_form",
+        False,
+        b"GET http://evil.example/healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "http 200",
+        "absolute-form target (served)",
+    ),
+    (
+        "asterisk_form",
+        False,
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "http 404",
+        "OPTIONS *",
+    ),
+    (
+        "join_traversal",
+        False,
+        b"GET /join/..%2f..%2f__init__.py HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "http 404",
+        "%2f-encoded .. under /join/",
+    ),
+    (
+        "join_traversal_raw",
+        False,
+        b"GET /join/../../../etc/passwd HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "http 404",
+        "raw .. under /join/",
+    ),
+    (
+        "long_url",
+        False,
+        b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+        "http 431",
+        "a 20 KB target",
+    ),
+    (
+        "many_headers",
+        False,
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 101 + b"\r\n",
+        "http 431",
+        "101 header fields",
+    ),
+    (
+        "chunk_size_overflow",
+        False,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 40 + b"\r\n",
+        "http 400",
+        "a 40-digit chunk size",
+    ),
+    (
+        "chunk_over_max_body",
+        False,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffff\r\n",
+        "http 413",
+        "a 2^60-byte chunk",
+    ),
+    (
+        "chunk_ext_trailers",
+        False,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        b'Connection: close\r\n\r\n1;a="b"\r\nx\r\n0\r\nContent-Length: 9\r\n\r\n',
+        "http 405",
+        "extensions and a Content-Length trailer (read, ignored)",
+    ),
+    (
+        "expect_oversize",
+        False,
+        b"POST /v1/fallback/token HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 70000\r\n\r\n",
+        "http 413",
+        "Expect: 100-continue for 70 KB (no 100 sent)",
+    ),
+    (
+        "expect_unknown",
+        False,
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\n\r\n",
+        "http 417",
+        "Expect: 200-ok",
+    ),
+    (
+        "unknown_method",
+        False,
+        b"BREW /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "http 405",
+        "BREW",
+    ),
+    (
+        "cors_hostile_origin",
+        False,
+        b"OPTIONS /v1/fallback/token HTTP/1.1\r\nHost: a\r\nOrigin: https://evil\xe9.x\r\n"
+        b"Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+        "http 403",
+        "a preflight from a foreign origin",
+    ),
+    (
+        "get_with_body",
+        False,
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        "http 200",
+        "a GET with a body (read, ignored)",
+    ),
+    ("ws_tls", True, _TLS_CLIENT_HELLO, "http 400", "a TLS ClientHello on ws://"),
+    ("ws_bare_lf", True, b"GET /v1/connect HTTP/1.1\nHost: a\n\n", "http 400", "upgrade with LF line ends"),
+    (
+        "ws_obs_fold",
+        True,
+        b"GET /v1/connect HTTP/1.1\r\nHost: a\r\n" + _UPGRADE + b" folded\r\n\r\n",
+        "http 400",
+        "upgrade with an obs-fold line",
+    ),
+    (
+        "ws_nul",
+        True,
+        b"GET /v1/connect HTTP/1.1\r\nHost: a\x00\r\n" + _UPGRADE + b"\r\n",
+        "http 400",
+        "upgrade with NUL in Host",
+    ),
+    (
+        "ws_huge_head",
+        True,
+        b"GET /v1/connect HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 20_000 + b"\r\n" + _UPGRADE + b"\r\n",
+        "http 431",
+        "a 20 KB upgrade head",
+    ),
+)
+
+
+async def _http_answer(port: int, payload: bytes, *, drip: bytes = b"", pause: float = 0.25) -> str:
+    """Send ``payload`` (then ``drip`` a byte per ``pause``) and read one answer: ``http 400``
+    (``http 400 not-json`` when an error body is not the JSON shape, ``+traceback`` when the
+    answer holds one), ``eof`` or ``reset``."""
+    received = bytearray()
+    reset = False
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream, trio.open_nursery() as nursery:
+
+        async def trickle() -> None:
+            for i in range(len(drip)):
+                await trio.sleep(pause)
+                await stream.send_all(drip[i : i + 1])
+
+        try:
+            await stream.send_all(payload)
+            if drip:
+                nursery.start_soon(trickle)
+            while not _complete(received):
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                received += data
+        except trio.BrokenResourceError:
+            reset = True
+        nursery.cancel_scope.cancel()
+    if not received:
+        return "reset" if reset else "eof"
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1].decode(errors="replace") if b" " in head else "?"
+    answer = f"http {status}"
+    if status >= "400" and b'"error":' not in body:
+        answer += " not-json"
+    if b"Traceback" in received:
+        answer += " +traceback"
+    return answer
+
+
+def _complete(data: bytearray) -> bool:
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    for line in bytes(data[:end]).split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(data) >= end + 4 + int(value)
+    return True
+
+
+def _http_case(name: str, on_ws: bool, payload: bytes) -> Callable[[Target], Awaitable[str]]:
+    async def run(t: Target) -> str:
+        return await _http_answer(t.port if on_ws else t.api_port, payload)
+
+    run.__name__ = name
+    return run
+
+
+async def slowloris_head(t: Target) -> str:
+    return await _http_answer(t.api_port, b"GET /healthz HTTP/1.1\r\n", drip=b"X-Slow: " + b"z" * 200)
+
+
+async def slowloris_body(t: Target) -> str:
+    head = (
+        b"POST /v1/fallback/token HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 200\r\n\r\n"
+    )
+    return await _http_answer(t.api_port, head, drip=b"{" * 200)
+
+
+async def pipeline_no_read(t: Target) -> str:
+    """Pipelined requests, never reading an answer: the server must stop reading (its answers wait
+    in the socket) and drop the connection after its send timeout, holding no growing buffer."""
+    burst = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" * 2000
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", t.api_port))
+    stream = trio.SocketStream(sock)
+    sent = 0
+    try:
+        while sent < FLOOD_LIMIT:
+            await stream.send_all(burst)
+            sent += len(burst)
+    except trio.BrokenResourceError:
+        return "dropped"
+    finally:
+        await trio.aclose_forcefully(stream)
+    return f"took {sent >> 20} MiB"
+
+
+async def pipelined_burst(t: Target) -> str:
+    """2,000 tiny pipelined requests in one write, every answer read: all answered, in order."""
+    count = 2000
+    async with await trio.open_tcp_stream("127.0.0.1", t.api_port) as stream:
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" * count)
+        received = bytearray()
+        while received.count(b"HTTP/1.1 200 ") < count:
+            data = await stream.receive_some(1 << 20)
+            if not data:
+                break
+            received += data
+    return "all answered" if received.count(b"HTTP/1.1 200 ") == count else "short"
+
+
 @dataclass(frozen=True)
 class Attack:
     """One kind of hostile input and the answers it must get."""
@@ -311,6 +640,23 @@ ATTACKS: Final = (
     ),
     Attack("text_message", _codes(CloseCode.PROTOCOL_ERROR), text_message, "a text frame"),
     Attack("oversize_message", _codes(CloseCode.PROTOCOL_ERROR), oversize_message, "a 1 MiB message header"),
+)
+HTTP_ATTACKS: Final = (
+    *(
+        Attack(name, frozenset({expected}), _http_case(name, on_ws, payload), what)
+        for name, on_ws, payload, expected, what in HTTP_CASES
+    ),
+    Attack(
+        "pipelined_burst", frozenset({"all answered"}), pipelined_burst, "2,000 tiny requests in one write"
+    ),
+)
+# The HTTP attacks that last the server's timeouts (10 s): fired once, beside the rest.
+SLOW_HTTP_ATTACKS: Final = (
+    Attack("slowloris_head", frozenset({"http 408"}), slowloris_head, "a head trickled a byte per 0.25 s"),
+    Attack("slowloris_body", frozenset({"http 408"}), slowloris_body, "a body trickled a byte per 0.25 s"),
+    Attack(
+        "pipeline_no_read", frozenset({"dropped"}), pipeline_no_read, "pipelined requests, answers never read"
+    ),
 )
 IDLE_CONNECTIONS: Final = Attack(
     "many_connections",
@@ -413,8 +759,14 @@ async def run_hostile(config: HostileConfig) -> tuple[dict[str, Any], Path]:
             load_signing_key(out_dir / "signing-key.jwk"),
             node,
             random.Random(config.seed),
+            api_port=fleet.api_port,
         )
-        tallies = {a.name: Tally(a) for a in (*ATTACKS, IDLE_CONNECTIONS)}
+        tallies = {a.name: Tally(a) for a in (*ATTACKS, *HTTP_ATTACKS, *SLOW_HTTP_ATTACKS, IDLE_CONNECTIONS)}
+        api = fleet.token_service
+        assert api is not None
+        api_rss_kb = [sample(api.pid or 0).rss_kb]
+        api_log_start = api.log_path.stat().st_size  # startup lines (store not yet initialised) aside
+        tokens = {"ok": 0, "failed": 0}
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run, fleet.api_url)
             if not await wait_flowing([session], WARMUP_TIMEOUT_S):
@@ -435,20 +787,34 @@ async def run_hostile(config: HostileConfig) -> tuple[dict[str, Any], Path]:
             async def sample_rss() -> None:
                 with sampling:
                     while True:
-                        if relay.check_crash():
-                            progress(f"RELAY EXITED: {relay.unexpected_exits}")
+                        if relay.check_crash() or api.check_crash():
+                            progress(f"EXITED: relay {relay.unexpected_exits}, tokens {api.unexpected_exits}")
                             return
                         rss_kb.append(sample(relay.pid or 0).rss_kb)
+                        api_rss_kb.append(sample(api.pid or 0).rss_kb)
                         await trio.sleep(RSS_POLL_S)
 
             nursery.start_soon(sample_rss)
             attacked = clock()
+            token_loop = trio.CancelScope()
+
+            async def legitimate_tokens() -> None:
+                # a well-behaved client beside the HTTP attacks: every token request must succeed
+                with token_loop:
+                    while True:
+                        ok = await fleet.control_plane_ok(f"hostile-legit-{tokens['ok'] + tokens['failed']}")
+                        tokens["ok" if ok else "failed"] += 1
+                        await trio.sleep(0.05)
+
+            nursery.start_soon(legitimate_tokens)
             async with trio.open_nursery() as background:
                 idle = tallies[IDLE_CONNECTIONS.name]
                 for _ in range(config.connections):
                     background.start_soon(_attack_once, IDLE_CONNECTIONS, target, idle)
+                for attack in SLOW_HTTP_ATTACKS:
+                    background.start_soon(_attack_once, attack, target, tallies[attack.name])
                 for round_no in range(1, config.rounds + 1):
-                    for attack in ATTACKS:
+                    for attack in (*ATTACKS, *HTTP_ATTACKS):
                         await _attack_once(attack, target, tallies[attack.name])
                     bad = [name for name, tally in tallies.items() if tally.observed and not tally.ok]
                     progress(
@@ -459,6 +825,7 @@ async def run_hostile(config: HostileConfig) -> tuple[dict[str, Any], Path]:
             progress(f"{config.connections} idle connections closed: {idle.observed}")
             attack_s = clock() - attacked
             sampling.cancel()
+            token_loop.cancel()
             stats = await fleet.relay_stats(node) or {}  # serving pauses, before the forced one
             full_after = await _full_collection(fleet, node)
             progress(
@@ -469,6 +836,12 @@ async def run_hostile(config: HostileConfig) -> tuple[dict[str, Any], Path]:
             session.stop.set()
         progress("session drained")
     crashed = relay.unexpected_exits
+    api_crashed = api.unexpected_exits
+    api_growth_mb = (max(api_rss_kb) - api_rss_kb[0]) / 1024
+    with api.log_path.open("rb") as log:
+        log.seek(api_log_start)
+        api_log = log.read().decode(errors="replace")
+    api_errors = sum('"level":"error"' in line or "Traceback" in line for line in api_log.splitlines())
     growth_mb = (max(rss_kb) - baseline_kb) / 1024
     gc = stats.get("gc") or {}
     max_gc_ms = float(gc.get("max_pause_s", 0.0)) * 1000 if gc else None
@@ -494,6 +867,30 @@ async def run_hostile(config: HostileConfig) -> tuple[dict[str, Any], Path]:
             "pass": all(t.ok for t in tallies.values()),
         },
         {"name": "relay exits", "target": "none", "value": str(crashed or "none"), "pass": not crashed},
+        {
+            "name": "token service exits",
+            "target": "none",
+            "value": str(api_crashed or "none"),
+            "pass": not api_crashed,
+        },
+        {
+            "name": "legitimate token requests beside the attacks",
+            "target": "all succeed",
+            "value": f"{tokens['ok']:,} ok, {tokens['failed']:,} failed",
+            "pass": tokens["ok"] > 0 and tokens["failed"] == 0,
+        },
+        {
+            "name": "token service errors / tracebacks logged while attacked",
+            "target": "0",
+            "value": str(api_errors),
+            "pass": api_errors == 0,
+        },
+        {
+            "name": "token service RSS growth",
+            "target": f"<= {config.rss_bound_mb:g} MB",
+            "value": f"{api_growth_mb:.1f} MB (peak {max(api_rss_kb) / 1024:.1f} MB)",
+            "pass": api_growth_mb <= config.rss_bound_mb,
+        },
         {
             "name": "relay internal errors",
             "target": "0",

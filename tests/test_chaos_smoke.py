@@ -258,7 +258,7 @@ def test_quick_hostile_battery_answers_every_attack_and_spares_the_session(tmp_p
         "chaos/hostile.py", "--quick", out=tmp_path, runs="hostile", timeout=RUN_TIMEOUT_S
     )
     attacks = {a["attack"]: a for a in report["attacks"]}
-    assert len(attacks) == 16
+    assert len(attacks) == 16 + 38  # the relay's, then the HTTP ones (token service and upgrade head)
     assert all(a["pass"] for a in attacks.values()), [a for a in attacks.values() if not a["pass"]]
     assert attacks["fragment_flood"]["observed"] == {"4010": 1}
     assert attacks["replayed_token"]["observed"] == {"4002": 1}
@@ -270,6 +270,12 @@ def test_quick_hostile_battery_answers_every_attack_and_spares_the_session(tmp_p
     assert session["reconnects"] == 0
     assert all(d["intact"] and d["delivered"] == d["sent"] > 0 for d in session["bytes"].values())
     assert report["relay"]["unexpected_exits"] == []
+    assert attacks["tls_on_plain_port"]["observed"] == {"http 400": 1}
+    assert attacks["slowloris_head"]["observed"] == {"http 408": 1}
+    assert attacks["pipeline_no_read"]["observed"] == {"dropped": 1}
+    targets = {t["name"]: t for t in report["targets"]}
+    assert targets["legitimate token requests beside the attacks"]["pass"], targets
+    assert targets["token service errors / tracebacks logged while attacked"]["pass"], targets
     assert result.returncode == (0 if report["pass"] else 1)
     assert "[" in result.stdout  # progress lines
     assert "# Hostile-input run:" in result.stdout
