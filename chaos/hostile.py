@@ -573,6 +573,29 @@ async def pipeline_no_read(t: Target) -> str:
     return f"took {sent >> 20} MiB"
 
 
+async def unread_large_answers(t: Target) -> str:
+    """100 connections ask for the 944 KB join.js and never read it: the server must not hold a
+    copy per connection (the token service's RSS target judges; it held +274 MB for 300 before)."""
+    streams: list[trio.SocketStream] = []
+    answers: set[str] = set()
+    try:
+        for _ in range(100):
+            sock = trio.socket.socket()
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+            await sock.connect(("127.0.0.1", t.api_port))
+            stream = trio.SocketStream(sock)
+            streams.append(stream)
+            await stream.send_all(b"GET /join/join.js HTTP/1.1\r\nHost: a\r\n\r\n")
+        for stream in streams:
+            first = await stream.receive_some(12)
+            answers.add(first.decode(errors="replace")[9:12] if first[:9] == b"HTTP/1.1 " else "?")
+        await trio.sleep(1.0)  # held unread while the RSS sampler looks
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+    return " ".join(f"http {a}" for a in sorted(answers))
+
+
 async def pipelined_burst(t: Target) -> str:
     """2,000 tiny pipelined requests in one write, every answer read: all answered, in order."""
     count = 2000
@@ -648,6 +671,12 @@ HTTP_ATTACKS: Final = (
     ),
     Attack(
         "pipelined_burst", frozenset({"all answered"}), pipelined_burst, "2,000 tiny requests in one write"
+    ),
+    Attack(
+        "unread_large_answers",
+        frozenset({"http 200"}),
+        unread_large_answers,
+        "100 connections ask for join.js (944 KB), never read",
     ),
 )
 # The HTTP attacks that last the server's timeouts (10 s): fired once, beside the rest.

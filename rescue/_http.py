@@ -60,6 +60,7 @@ __all__ = [
     "error_response",
     "is_json_media_type",
     "json_response",
+    "render_parts",
     "render_response",
     "serve_http",
     "text_response",
@@ -91,6 +92,8 @@ LINGER_BYTES: Final = 256 * 1024
 # One receive_some per request is the aim: a request of these APIs is < 1 KiB, a pipelined burst
 # or a 64 KiB body takes a few.
 RECEIVE_SIZE: Final = 64 * 1024
+# A body up to this size is joined to its head (one write); a larger one is sent as it is.
+JOIN_LIMIT: Final = 16 * 1024
 # The listen backlog: a storm opens hundreds of connections at once (the kernel caps it at somaxconn).
 BACKLOG: Final = 4096
 # At most this many connections at once (half the process's file descriptors, so a flood of idle
@@ -427,7 +430,16 @@ def _date_line() -> bytes:
 
 
 def render_response(response: Response, *, head_only: bool, keep_alive: bool, http10: bool) -> bytes:
-    """The bytes of ``response`` on the wire: status line, headers, body (none for HEAD).
+    """The bytes of ``response`` on the wire (see :func:`render_parts`)."""
+    head, body = render_parts(response, head_only=head_only, keep_alive=keep_alive, http10=http10)
+    return head + body if body else head
+
+
+def render_parts(
+    response: Response, *, head_only: bool, keep_alive: bool, http10: bool
+) -> tuple[bytes, bytes]:
+    """The head of ``response`` on the wire (status line, headers, blank line) and its body (empty
+    for HEAD, 204 and 304), apart: the body is the response's own bytes object, not a copy.
 
     Every answer has ``Content-Type`` (unless empty), ``Content-Length`` (not on 204/304),
     ``Cache-Control: no-store`` and ``Date``; ``Connection: close`` when the connection ends after
@@ -453,9 +465,8 @@ def render_response(response: Response, *, head_only: bool, keep_alive: bool, ht
         raise ValueError("CR or LF in the content type")
     lines.append("".join(extra).encode("latin-1"))
     lines.append(b"\r\n")
-    if not head_only and status not in (204, 304):
-        lines.append(response.body)
-    return b"".join(lines)
+    body = b"" if head_only or status in (204, 304) else response.body
+    return b"".join(lines), body
 
 
 def _to_request(parsed: ParsedRequest, client: tuple[str, int] | None) -> Request:
@@ -593,18 +604,18 @@ class _Server:
             response = await self._answer(_to_request(parsed, client))
             keep_alive = parsed.keep_alive and not self.draining
             try:
-                data = render_response(
+                head, body = render_parts(
                     response, head_only=parsed.method == "HEAD", keep_alive=keep_alive, http10=parsed.http10
                 )
             except ValueError as exc:
                 self._log_app_error(exc, parsed)
-                data = render_response(
+                head, body = render_parts(
                     error_response(500, "internal_error", "internal server error"),
                     head_only=parsed.method == "HEAD",
                     keep_alive=keep_alive,
                     http10=parsed.http10,
                 )
-            if not await self._send(stream, data):
+            if not await self._send(stream, head, body):
                 return
             if not keep_alive:
                 if parser.buffered:
@@ -667,10 +678,19 @@ class _Server:
             extra={"event": "http.server.app_error", "method": request.method, "path": path},
         )
 
-    async def _send(self, stream: trio.SocketStream, data: bytes) -> bool:
-        """Send ``data``; False if the client did not take it within the send timeout."""
+    async def _send(self, stream: trio.SocketStream, data: bytes, body: bytes = b"") -> bool:
+        """Send ``data`` then ``body``; False if the client did not take them within the send timeout.
+
+        A small body goes in the same write as the head; a large one is sent as it is, uncopied: a
+        client that asks for the 944 KB join.js and never reads held a joined copy for the send
+        timeout (300 such connections: +274 MB of RSS for 12 KB of requests).
+        """
         with trio.move_on_after(self.limits.send_timeout):
-            await stream.send_all(data)
+            if len(body) <= JOIN_LIMIT:
+                await stream.send_all(data + body if body else data)
+            else:
+                await stream.send_all(data)
+                await stream.send_all(body)
             return True
         return False
 

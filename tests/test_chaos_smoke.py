@@ -258,7 +258,7 @@ def test_quick_hostile_battery_answers_every_attack_and_spares_the_session(tmp_p
         "chaos/hostile.py", "--quick", out=tmp_path, runs="hostile", timeout=RUN_TIMEOUT_S
     )
     attacks = {a["attack"]: a for a in report["attacks"]}
-    assert len(attacks) == 16 + 38  # the relay's, then the HTTP ones (token service and upgrade head)
+    assert len(attacks) == 16 + 39  # the relay's, then the HTTP ones (token service and upgrade head)
     assert all(a["pass"] for a in attacks.values()), [a for a in attacks.values() if not a["pass"]]
     assert attacks["fragment_flood"]["observed"] == {"4010": 1}
     assert attacks["replayed_token"]["observed"] == {"4002": 1}

@@ -401,3 +401,36 @@ async def test_over_the_connection_cap_the_longest_idle_makes_room_else_503(
                 await stream.aclose()
     lines = [r for r in caplog.records if getattr(r, "event", "") == "http.server.over_capacity"]
     assert len(lines) == 1  # one line per interval, however many were shed or refused
+
+
+async def test_a_large_answer_the_client_does_not_read_is_not_copied_per_connection() -> None:
+    # GET /join/join.js (944 KB) on connections that never read: each held a joined head+body copy
+    # for the send timeout (300 connections: +274 MB)
+    import tracemalloc
+
+    big = b"x" * (16 * 1024 * 1024)  # more than the socket buffers between the two ends hold
+    router = make_router()
+
+    @router.get("/big")
+    async def big_answer(request: Request) -> Response:
+        return Response(200, big, "application/octet-stream")
+
+    streams: list[trio.SocketStream] = []
+    with trio.fail_after(TIMEOUT):
+        async with server(router) as port:
+            tracemalloc.start()
+            try:
+                for _ in range(3):
+                    sock = trio.socket.socket()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    await sock.connect(("127.0.0.1", port))
+                    stream = trio.SocketStream(sock)
+                    streams.append(stream)
+                    await stream.send_all(get("/big"))
+                    assert (await stream.receive_some(12)).startswith(b"HTTP/1.1 200")  # rendered
+                held, _ = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            for stream in streams:
+                await stream.aclose()
+    assert held < len(big), held  # not one copy of the answer, let alone one per connection
