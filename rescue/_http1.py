@@ -178,7 +178,7 @@ def check_request_line(buf: bytes | bytearray, checked: int = 0, limit: int = MA
         HttpError: 400 ``bad_request`` for a line that can never be a request line.
     """
     line_end = buf.find(b"\r\n", max(0, checked - 1), limit)
-    stop = len(buf) if line_end < 0 else line_end
+    stop = min(len(buf), limit) if line_end < 0 else line_end  # past the limit: 431, not 400
     if _LINE_SO_FAR.fullmatch(buf, checked, stop) is None:
         raise HttpError(400, "bad_request", "malformed request line")
     if line_end < 0:

@@ -186,6 +186,8 @@ def test_head_limits_are_431() -> None:
     # an unfinished head over the limit is refused before its end arrives
     assert refused(b"GET / HTTP/1.1\r\nX: " + b"v" * 300, max_head=256).status == 431
     assert refused(b"GET / HTTP/1.1\r\nX: " + b"v" * 300 + b"\r\n\r\n", max_head=256).status == 431
+    # a request line longer than the whole head may be is 431 too, however its bytes arrive
+    assert refused(b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: a\r\n", max_head=256).status == 431
 
 
 def test_expect_continue_is_reported_until_answered() -> None:
