@@ -434,3 +434,35 @@ async def test_a_large_answer_the_client_does_not_read_is_not_copied_per_connect
             for stream in streams:
                 await stream.aclose()
     assert held < len(big), held  # not one copy of the answer, let alone one per connection
+
+
+async def test_out_of_fds_accept_is_retried_and_logged_once_per_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # accept() failing with EMFILE was logged every 0.1 s retry: 10 lines a second for a flood
+    import os
+    import resource
+
+    caplog.set_level(logging.WARNING, logger="rescue.http")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with trio.fail_after(120):
+        async with server() as port:
+            socks = [trio.socket.socket() for _ in range(3)]  # their fds exist before the limit drops
+            lowest_free = os.dup(0)  # a new fd takes the lowest free number: below it none is free
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new fd from here
+            try:
+                for sock in socks:
+                    await sock.connect(("127.0.0.1", port))  # queued; the server cannot accept it
+                await trio.sleep(25)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            stream = trio.SocketStream(socks[0])  # served once fds are back
+            await stream.send_all(get("/n/1"))
+            assert (await Reader(stream).response())[0] == 200
+            for sock in socks:
+                sock.close()
+    lines = [r for r in caplog.records if getattr(r, "event", "") == "http.server.over_capacity"]
+    assert 2 <= len(lines) <= 4, len(lines)  # 25 s of EMFILE: one line per 10 s, with the count
+    assert "Too many open files" in lines[0].__dict__["detail"]
+    assert lines[1].__dict__["accept_errors"] >= 90

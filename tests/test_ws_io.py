@@ -557,6 +557,36 @@ async def test_a_head_that_cannot_become_an_upgrade_is_refused_at_once(
             assert b'"error":"bad_request"' in answer
 
 
+async def test_out_of_fds_accept_is_retried_and_logged_once_per_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a connection flood that holds every fd: accept() fails with EMFILE at each 0.1 s retry, which
+    # was one ERROR line each (10 a second); now one per 10 s with the count
+    import logging
+    import os
+    import resource
+
+    caplog.set_level(logging.ERROR, logger="rescue")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with trio.fail_after(120):
+        async with running(echo) as server:
+            socks = [trio.socket.socket() for _ in range(2)]  # their fds exist before the limit drops
+            lowest_free = os.dup(0)  # a new fd takes the lowest free number: below it none is free
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                for sock in socks:
+                    await sock.connect(("127.0.0.1", server.port))  # queued, not accepted
+                await trio.sleep(25)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for sock in socks:
+                sock.close()
+    lines = [r for r in caplog.records if getattr(r, "event", "") == "websocket.accept_failed"]
+    assert 2 <= len(lines) <= 4, len(lines)
+    assert lines[1].__dict__["failures"] >= 90
+
+
 @pytest.mark.parametrize("close_timeout", [None, 7.5], ids=["default", "configured"])
 async def test_close_does_not_hang_when_the_peer_stops_reading(
     autojump_clock: trio.testing.MockClock, close_timeout: float | None

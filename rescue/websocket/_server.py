@@ -44,6 +44,9 @@ _INTERNAL_ERROR: Final = 1011
 # listener logs, waits ACCEPT_RETRY_S and tries again instead of dying.
 _ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_S: Final = 0.1
+# ... and logs it at most this often, with the count of failures since the last line (it logged
+# every retry: 10 ERROR lines a second while a connection flood held every fd).
+ACCEPT_LOG_INTERVAL_S: Final = 10.0
 
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
 AcceptCheck = Callable[[Request, "tuple[str, int] | None"], Awaitable[Rejection | None]]
@@ -152,6 +155,8 @@ async def _accept_loop(
     handlers: trio.Nursery,
     serve_one: Callable[[trio.abc.Stream], Awaitable[None]],
 ) -> None:
+    failures = 0
+    logged = -ACCEPT_LOG_INTERVAL_S
     async with listener:
         while True:
             try:
@@ -159,7 +164,17 @@ async def _accept_loop(
             except OSError as exc:
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
-                log_event(_logger, "websocket.accept_failed", level=logging.ERROR, error=str(exc))
+                failures += 1
+                if trio.current_time() - logged >= ACCEPT_LOG_INTERVAL_S:
+                    logged = trio.current_time()
+                    log_event(
+                        _logger,
+                        "websocket.accept_failed",
+                        level=logging.ERROR,
+                        error=str(exc),
+                        failures=failures,
+                    )
+                    failures = 0
                 await trio.sleep(ACCEPT_RETRY_S)
             else:
                 handlers.start_soon(serve_one, stream)
