@@ -53,6 +53,7 @@ __all__ = [
     "Handler",
     "HttpApp",
     "HttpLimits",
+    "HttpStats",
     "JsonError",
     "Request",
     "Response",
@@ -124,6 +125,24 @@ class HttpLimits:
 
 
 DEFAULT_LIMITS: Final = HttpLimits()
+
+
+@dataclass(slots=True)
+class HttpStats:
+    """What :func:`serve_http` counts, for a service's ``/metrics`` (cumulative but ``open``).
+
+    Attributes:
+        open: connections being served now.
+        shed_idle: idle connections closed to make room for a new one over ``max_connections``.
+        refused: connections answered 503 ``server_busy`` (over the cap, none idle).
+        accept_errors: ``accept()`` failures for lack of fds or memory (each retry counts).
+    """
+
+    open: int = 0
+    shed_idle: int = 0
+    refused: int = 0
+    accept_errors: int = 0
+
 
 _LOG = get_logger("rescue.http")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -486,11 +505,11 @@ def _to_request(parsed: ParsedRequest, client: tuple[str, int] | None) -> Reques
 class _Server:
     """The connections of one :func:`serve_http` call and their shutdown state."""
 
-    def __init__(self, app: HttpApp, limits: HttpLimits) -> None:
+    def __init__(self, app: HttpApp, limits: HttpLimits, stats: HttpStats) -> None:
         self.app = app
         self.limits = limits
+        self.stats = stats
         self.draining = False
-        self.open = 0  # connections being served (refused ones not counted)
         # connections waiting for a (next) request, longest-waiting first (dicts keep order)
         self._idle: dict[trio.CancelScope, None] = {}
         self._shed = 0  # closed to make room, since the last capacity log line
@@ -507,21 +526,25 @@ class _Server:
     def admit(self) -> bool:
         """Whether a just-accepted connection may be served (then it is counted as open): under
         the cap, or once the longest-idle connection has been told to close in its favour."""
-        if self.open >= self.limits.max_connections:
+        stats = self.stats
+        if stats.open >= self.limits.max_connections:
             if not self._idle:
+                stats.refused += 1
                 self._refused += 1
                 self._log_capacity()
                 return False
             oldest = next(iter(self._idle))
             del self._idle[oldest]
             oldest.cancel()
+            stats.shed_idle += 1
             self._shed += 1
             self._log_capacity()
-        self.open += 1
+        stats.open += 1
         return True
 
     def accept_failed(self, exc: OSError) -> None:
         """accept() ran out of fds (or memory); counted and logged at most every interval."""
+        self.stats.accept_errors += 1
         self._accept_errors += 1
         self._log_capacity(str(exc))
 
@@ -534,14 +557,14 @@ class _Server:
             _SERVER_LOG,
             "http.server.over_capacity",
             level=logging.WARNING,
-            open=self.open,
+            open=self.stats.open,
             max_connections=self.limits.max_connections,
             shed_idle=self._shed,
             refused=self._refused,
             accept_errors=self._accept_errors,
             detail=detail
-            or f"{self.open} connections open (the cap is {self.limits.max_connections}): idle ones are "
-            "closed to make room, new ones get 503 while none is idle",
+            or f"{self.stats.open} connections open (the cap is {self.limits.max_connections}): idle "
+            "ones are closed to make room, new ones get 503 while none is idle",
         )
         self._shed = self._refused = self._accept_errors = 0
 
@@ -581,7 +604,7 @@ class _Server:
                 extra={"event": "http.server.connection_error"},
             )
         finally:
-            self.open -= 1
+            self.stats.open -= 1
             await trio.aclose_forcefully(stream)
 
     async def _exchange(self, stream: trio.SocketStream, client: tuple[str, int] | None) -> None:
@@ -728,6 +751,7 @@ async def serve_http(
     *,
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
     limits: HttpLimits = DEFAULT_LIMITS,
+    stats: HttpStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` over HTTP/1.1 on ``host:port`` until cancelled (decision 0017).
@@ -741,6 +765,7 @@ async def serve_http(
         port: the TCP port; 0 picks a free one.
         graceful_timeout: seconds that in-flight requests get to finish once cancelled.
         limits: the per-connection timeouts and head limits (:class:`HttpLimits`).
+        stats: counters this server keeps up to date (:class:`HttpStats`), for ``/metrics``.
         task_status: receives the bound port once the socket listens.
 
     Resource handling:
@@ -759,7 +784,7 @@ async def serve_http(
     listener = await _bind(host, port)
     bound = listener.socket.getsockname()
     url = f"http://{bound[0]}:{bound[1]}" if ":" not in bound[0] else f"http://[{bound[0]}]:{bound[1]}"
-    server = _Server(app, limits)
+    server = _Server(app, limits, stats if stats is not None else HttpStats())
     # Two nurseries (STYLE 5): the connections run in a shielded scope that our cancellation does
     # not reach; it turns into drain() and a deadline on that scope instead.
     handlers_scope = trio.CancelScope(shield=True)

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from rescue._http import HttpLimits, Request, Response, Router, json_response, serve_http
+from rescue._http import HttpLimits, HttpStats, Request, Response, Router, json_response, serve_http
 from rescue._http1 import HEAD_END, parse_head
 
 TIMEOUT = 10  # real seconds on a loaded 2-core box; virtual seconds in autojump tests
@@ -39,11 +39,13 @@ def make_router() -> Router:
 
 
 @asynccontextmanager
-async def server(router: Router | None = None, limits: HttpLimits = LIMITS) -> AsyncIterator[int]:
+async def server(
+    router: Router | None = None, limits: HttpLimits = LIMITS, stats: HttpStats | None = None
+) -> AsyncIterator[int]:
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(
             lambda task_status: serve_http(
-                router or make_router(), "127.0.0.1", 0, limits=limits, task_status=task_status
+                router or make_router(), "127.0.0.1", 0, limits=limits, stats=stats, task_status=task_status
             )
         )
         yield port
@@ -372,8 +374,9 @@ async def test_over_the_connection_cap_the_longest_idle_makes_room_else_503(
 ) -> None:
     # a flood of idle sockets ran the process out of fds (accept: EMFILE, /healthz unanswered)
     caplog.set_level(logging.WARNING, logger="rescue.http")
+    stats = HttpStats()
     with trio.fail_after(TIMEOUT):
-        async with server(limits=dataclasses.replace(LIMITS, max_connections=3)) as port:
+        async with server(limits=dataclasses.replace(LIMITS, max_connections=3), stats=stats) as port:
             conns = [await connect(port) for _ in range(3)]
             for stream, reader in conns:  # answered: each is now idle, waiting for a next request
                 await stream.send_all(get("/n/1"))
@@ -395,6 +398,7 @@ async def test_over_the_connection_cap_the_longest_idle_makes_room_else_503(
             status, headers, body = await reader.response()
             assert (status, json.loads(body)["error"], headers["connection"]) == (503, "server_busy", "close")
             assert await reader.closed()
+            assert (stats.open, stats.shed_idle, stats.refused) == (3, 1, 1)
             for stream, reader in busy:
                 await stream.send_all(b"ok")
                 assert json.loads((await reader.response())[2]) == {"len": 2, "body": "ok"}

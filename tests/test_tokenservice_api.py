@@ -338,6 +338,19 @@ async def test_second_service_key_and_disabled_oidc(harness_factory: Callable[..
         assert r.status_code == 200
 
 
+async def test_metrics_show_the_http_servers_connection_counts(h: Harness) -> None:
+    # what serve_token_service's server counts (decision 0017's connection cap) is on /metrics
+    h.service.http_stats.open = 7
+    h.service.http_stats.shed_idle = 3
+    h.service.http_stats.refused = 2
+    with trio.fail_after(TIMEOUT):
+        metrics = (await h.client.get("/metrics")).text
+    assert "beach_rescue_http_open_connections 7.0" in metrics
+    assert 'beach_rescue_http_connections_turned_away_total{reason="shed_idle"} 3.0' in metrics
+    assert 'beach_rescue_http_connections_turned_away_total{reason="refused"} 2.0' in metrics
+    assert 'beach_rescue_http_connections_turned_away_total{reason="accept_error"} 0.0' in metrics
+
+
 async def test_mint_refused_by_guardrails(h: Harness) -> None:
     with trio.fail_after(TIMEOUT):
         r = await h.client.post("/v1/fallback/token", json=token_body(cohort_id="gamma"), headers=SVC)

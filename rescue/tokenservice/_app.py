@@ -18,16 +18,19 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from rescue._http import (
     Handler,
+    HttpStats,
     JsonError,
     Request,
     Response,
@@ -165,6 +168,8 @@ class TokenService:
         self._now = wall_clock
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total etc. for the CPU alert
+        self.http_stats = HttpStats()  # kept by serve_token_service's server
+        self.registry.register(_HttpCollector(self.http_stats))
         self.token_requests = Counter(
             "beach_fallback_token_requests",
             "Token requests by outcome and guardrail state",
@@ -687,4 +692,27 @@ async def serve_token_service(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``service`` until cancelled; reports the bound port (see :func:`rescue._http.serve_http`)."""
-    await serve_http(service.app, host, port, task_status=task_status)
+    await serve_http(service.app, host, port, stats=service.http_stats, task_status=task_status)
+
+
+class _HttpCollector(Collector):
+    """The HTTP server's connection counts (decision 0017's connection cap) on ``/metrics``."""
+
+    def __init__(self, stats: HttpStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        yield GaugeMetricFamily(
+            "beach_rescue_http_open_connections", "HTTP connections being served", value=stats.open
+        )
+        away = CounterMetricFamily(
+            "beach_rescue_http_connections_turned_away",
+            "HTTP connections over the connection cap (shed_idle: an idle one closed for a newcomer; "
+            "refused: answered 503) and accept() failures for lack of fds (accept_error)",
+            labels=["reason"],
+        )
+        away.add_metric(["shed_idle"], stats.shed_idle)
+        away.add_metric(["refused"], stats.refused)
+        away.add_metric(["accept_error"], stats.accept_errors)
+        yield away
