@@ -652,6 +652,7 @@ class _Server:
         drain). Raises HttpError for a bad or too slow request."""
         limits = self.limits
         started = -1.0  # when the first byte of this request arrived
+        idle_since = -1.0  # when the connection went idle (blank lines between requests do not renew it)
         while True:
             parsed = parser.next_request()
             if parsed is not None:
@@ -660,7 +661,9 @@ class _Server:
             if idle:
                 if self.draining:
                     return None
-                scope = trio.CancelScope(deadline=trio.current_time() + limits.keep_alive_timeout)
+                if idle_since < 0:
+                    idle_since = trio.current_time()
+                scope = trio.CancelScope(deadline=idle_since + limits.keep_alive_timeout)
                 self._idle[scope] = None
             else:
                 if started < 0:

@@ -253,6 +253,24 @@ async def test_idle_keep_alive_connection_is_closed(autojump_clock: trio.testing
             assert trio.current_time() - answered >= LIMITS.keep_alive_timeout
 
 
+async def test_blank_lines_do_not_keep_an_idle_connection_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # a CRLF every 4 s renewed the keep-alive timeout: one idle connection held for ever
+    with trio.fail_after(120):
+        async with server() as port:
+            stream, reader = await connect(port)
+            with trio.move_on_after(60):
+                while True:
+                    await stream.send_all(b"\r\n")
+                    with trio.move_on_after(4):  # never at the server's deadline (15 s)
+                        if not await reader._more():
+                            break
+            assert reader.buf == b""
+            assert trio.current_time() < LIMITS.keep_alive_timeout + 5
+            await stream.aclose()
+
+
 async def test_shutdown_closes_idle_connections_and_finishes_in_flight_ones() -> None:
     release = trio.Event()
     started = trio.Event()
