@@ -369,6 +369,35 @@ async def test_a_client_that_stops_reading_is_dropped(autojump_clock: trio.testi
             assert len(reader.buf) < len(big)  # ... not the whole answer
 
 
+async def test_a_slow_reader_of_a_large_answer_gets_all_of_it(autojump_clock: trio.testing.MockClock) -> None:
+    # the send timeout bounded the whole answer: the 944 KB join.js was cut off after 10 s for any
+    # client slower than ~95 KB/s; it bounds progress now (a client that stops reading is still dropped)
+    big = bytes(range(256)) * (4 * 1024)  # 1 MiB
+    router = make_router()
+
+    @router.get("/big")
+    async def big_answer(request: Request) -> Response:
+        return Response(200, big, "application/octet-stream")
+
+    with trio.fail_after(300):
+        async with server(router) as port:
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect(("127.0.0.1", port))
+            stream = trio.SocketStream(sock)
+            await stream.send_all(get("/big"))
+            received = b""
+            while len(received) < len(big) + 100:
+                data = await stream.receive_some(16 * 1024)
+                if not data:
+                    break
+                received += data
+                await trio.sleep(0.25)  # a few KB a read: 1 MiB takes over a minute
+            assert trio.current_time() > 3 * LIMITS.send_timeout
+            assert received.endswith(big)
+            await stream.aclose()
+
+
 async def test_a_header_with_a_line_break_is_never_sent() -> None:
     router = make_router()
 
