@@ -174,6 +174,34 @@ async def test_graceful_close_reaches_partner_as_end_of_stream() -> None:
                 await guest.send(0, b"too late")
 
 
+async def test_cancelling_the_block_still_sends_close_to_the_partner() -> None:
+    """open_peer's contract: cancelling the block closes the session politely (a shielded,
+    bounded CLOSE). The outer cancel used to stop the peer's writer before it could send the
+    CLOSE, so the partner never learnt the session ended and the block took its whole close
+    bound (~4 s) to exit; a race also raised "Nursery is closed to new arrivals" from aclose()."""
+    keys = SigningKey.generate()
+    with trio.fail_after(15):
+        async with (
+            run_relay(keys) as relay,
+            open_peer(_tokens(keys, relay, "cxl", "host"), "cxl", "host", psk=TEST_PSK) as host,
+        ):
+            with trio.CancelScope() as scope:
+                async with open_peer(
+                    _tokens(keys, relay, "cxl", "guest"), "cxl", "guest", psk=TEST_PSK
+                ) as guest:
+                    await guest.wait_partner()
+                    await host.send(0, b"hello")
+                    assert await guest.receive() == DataReceived(0, b"hello")
+                    scope.cancel()
+                    await guest.receive()  # nothing comes: the cancel ends the block here
+            assert scope.cancelled_caught
+            closed = await host.wait_closed()
+            assert closed.code == CloseCode.NORMAL
+            assert not closed.local
+            guest_closed = await guest.wait_closed()
+            assert guest_closed.local
+
+
 async def test_a_connection_lost_while_the_application_is_not_reading_loses_no_message() -> None:
     """The reader waits for room in a full receive queue when the connection dies: the message it
     held was accepted (and resumed from) already, so it must reach the application afterwards."""

@@ -180,7 +180,6 @@ class _Link:
         self.delivering = False
         self.heartbeat_due = False
         self.close_request: _Outcome | None = None
-        self.nursery: trio.Nursery | None = None
         self.writer_lot = trio.lowlevel.ParkingLot()
         self.span: SpanLike = NOOP_SPAN  # the connection's span: lifecycle events only, never per frame
 
@@ -194,19 +193,18 @@ class _Link:
     def request_close(self, outcome: _Outcome) -> None:
         """End it politely: the writer sends what is queued, then CLOSE and a close frame.
 
-        The writer owns the socket's send side, so this never interleaves with a data write; a
-        guard task drops the socket if that takes longer than the peer's ``close_timeout_s``.
+        The writer owns the socket's send side, so this never interleaves with a data write; the
+        connection is dropped if that takes longer than the peer's ``close_timeout_s``.
         """
         if self.close_request is not None or self.outcome is not None:
             return
         self.close_request = outcome
         self.writer_lot.unpark_all()
-        if self.nursery is not None:
-            self.nursery.start_soon(self._close_guard, outcome)
-
-    async def _close_guard(self, outcome: _Outcome) -> None:
-        await trio.sleep(self.close_timeout_s)
-        self.finish(outcome)
+        if self.scope is not None:
+            # the bound, as a deadline on the connection's scope (ending it like finish(): the
+            # outcome is the close request) rather than a guard task: the connection's nursery
+            # may already be closed to new tasks while its owner has not resumed yet
+            self.scope.deadline = min(self.scope.deadline, trio.current_time() + self.close_timeout_s)
 
 
 class Peer:
@@ -445,8 +443,15 @@ class Peer:
         self._done.set()
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The connection manager: connect, run, decide, back off, repeat."""
-        with trio.CancelScope() as scope:
+        """The connection manager: connect, run, decide, back off, repeat.
+
+        Cancellation:
+            Shielded: only its own scope (``_manager_scope``) ends it, which :meth:`aclose` and
+            :func:`open_peer` always cancel. A block cancelled from outside must still be able
+            to send its CLOSE through this task's writer; unshielded, the outer cancel stopped the
+            writer first, so the CLOSE never left and the close waited out its whole bound.
+        """
+        with trio.CancelScope(shield=True) as scope:
             self._manager_scope = scope
             task_status.started()
             try:
@@ -561,7 +566,6 @@ class Peer:
         try:
             async with trio.open_nursery() as nursery:
                 link.scope = nursery.cancel_scope
-                link.nursery = nursery
                 nursery.start_soon(self._reader, link)
                 nursery.start_soon(self._writer, link, hello)
                 nursery.start_soon(self._keepalive, link)
@@ -570,7 +574,9 @@ class Peer:
             self._link = None
             self.core.connection_lost()
             link.ws.abort()  # no-op after a close handshake; otherwise the socket just goes
-        outcome = link.outcome or _Outcome(None, "connection ended")
+        outcome = link.outcome or link.close_request or _Outcome(None, "connection ended")
+        if self._local_close is not None and not outcome.local:  # the relay answered our CLOSE first
+            outcome = _Outcome(*self._local_close, local=True)
         return outcome, link.welcomed.is_set()
 
     # -------------------------------------------------------------------- per-connection tasks
@@ -832,6 +838,8 @@ async def open_peer(
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(close_timeout_s + 1):
                 await peer.aclose()
+            if peer._manager_scope is not None:  # shielded from the nursery's cancel (Peer._run)
+                peer._manager_scope.cancel()
             nursery.cancel_scope.cancel()
     if error is not None:
         raise error
