@@ -150,10 +150,13 @@ def redis_sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every write of a request to a Redis server from now on, as the server's address, in order.
 
     redis-py sends a command, a pipeline or a script in one ``send_packed_command`` per connection
-    (a cluster pipeline: one per node it touches), so this counts round trips. It wraps the real
-    method (the bytes still go to the real server).
+    (a cluster pipeline: one per node it touches), the trio-native client (decision 0020) in one
+    ``_round_trip``, so this counts round trips. It wraps the real methods (the bytes still go to
+    the real server).
     """
     import redis.connection
+
+    from rescue.guardrails._native import NativeRedis
 
     sent: list[str] = []
     real = redis.connection.AbstractConnection.send_packed_command
@@ -163,6 +166,13 @@ def redis_sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         real(self, command, check_health)
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    real_trip = NativeRedis._round_trip
+
+    async def counting_trip(self: NativeRedis, conn: Any, payload: bytes, count: int) -> Any:
+        sent.append(self.target.path or f"{self.target.host}:{self.target.port}")
+        return await real_trip(self, conn, payload, count)
+
+    monkeypatch.setattr(NativeRedis, "_round_trip", counting_trip)
     return sent
 
 

@@ -1,9 +1,11 @@
-"""The Redis guardrail store: redis-py's sync client, called from trio through worker threads.
+"""The Redis guardrail store: a trio-native client for one server, redis-py in worker threads else.
 
-redis-py's asyncio client does not run on trio, so each operation runs in a worker thread via
-``trio.to_thread.run_sync(..., limiter=...)``; docs/decisions/0003-redis-from-trio.md records the
-measurements behind that choice. Each operation is one round trip (a command, a Lua script or a
-plain pipeline of them), so its atomicity never depends on two threads cooperating.
+Each operation builds its round trip as a list of steps (a command, or a Lua script by SHA) and
+hands it to one of two transports: for a plain ``redis://`` or ``unix://`` server the trio-native
+RESP client (``_native``, decision 0020: no thread hop per call); for TLS, a Cluster or a Sentinel
+redis-py's sync client in a worker thread (``redis-py``'s asyncio client does not run on trio,
+decision 0003). Each operation is one round trip (a command, a Lua script or a plain pipeline of
+them), so its atomicity never depends on two calls cooperating.
 
 One server, a Redis Cluster or a Sentinel-managed primary (``_url.parse_redis_url``; decision 0013).
 Cluster-safe by construction: every atomic step is one command or one Lua script whose declared
@@ -15,11 +17,12 @@ of them at once. No MULTI (redis-py 5's cluster pipeline has none), no KEYS/SCAN
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import redis
 import redis.cluster
@@ -37,6 +40,8 @@ from rescue.guardrails._deadline import (
     current_store_budget,
     current_store_deadline,
 )
+from rescue.guardrails._native import NativeRedis, native_target, response_error
+from rescue.guardrails._resp import RespError
 from rescue.guardrails._store import (
     COUNTER_TTL_S,
     KEY_PREFIX,
@@ -61,8 +66,28 @@ from rescue.guardrails._url import RedisKind, parse_redis_url
 __all__ = ["REDIS_THREADS", "TOKEN_SERVICE_REDIS_THREADS", "RedisStore", "initialise_redis"]
 
 _T = TypeVar("_T")
-# One script call of a pipeline: the script object, its keys and its arguments.
-_Call = tuple[Any, list[str], list[Any]]
+
+
+class _Script:
+    """A Lua script, called by its SHA (either transport loads it on ``NOSCRIPT``)."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # Redis's script id
+
+
+class _ScriptCall(NamedTuple):
+    """One script call of a round trip: the script, its keys and its arguments."""
+
+    script: _Script
+    keys: list[str]
+    args: list[Any]
+
+
+# One step of a round trip: a plain command (its words) or a script call.
+_Step = tuple[Any, ...] | _ScriptCall
 
 # Worker threads (and pooled connections) per store. A token request makes ~5 Redis calls of
 # ~0.1 ms each; 16 concurrent calls saturate a Redis far beyond what one token-service process can
@@ -103,20 +128,20 @@ _OUTAGE_ERRORS: Final = (
 )
 
 # Count into an hourly counter; its TTL is set on the first increment only, in the same step.
-_COUNT_LUA: Final = """
+_COUNT_LUA: Final = _Script("""
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX')
 return n
-"""
+""")
 # Register (or refresh) a node: its record with the TTL and its id in the registry set, together.
 # KEYS[1] the set, KEYS[2] the record: one hash slot (the {nodes} tag).
-_REGISTER_LUA: Final = """
+_REGISTER_LUA: Final = _Script("""
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[1], ARGV[1])
 return 1
-"""
+""")
 # Tokens since each telemetry input was last heard (decision 0012): one key, one step.
-_GAP_LUA: Final = """
+_GAP_LUA: Final = _Script("""
 redis.call('HINCRBY', KEYS[1], 'act_tokens', 1)
 redis.call('HSETNX', KEYS[1], 'act_first', ARGV[1])
 if ARGV[3] == '1' then
@@ -125,41 +150,41 @@ if ARGV[3] == '1' then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
-"""
-_REMOVE_LUA: Final = """
+""")
+_REMOVE_LUA: Final = _Script("""
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[1], ARGV[1])
 return 1
-"""
+""")
 
 # SET NX, and if a value was there already extend it and return it. One script = one atomic step.
-_ASSIGN_LUA: Final = """
+_ASSIGN_LUA: Final = _Script("""
 local old = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
 if old then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return old
 end
 return ARGV[1]
-"""
+""")
 # Compare-and-set: replace the assignment only if it still names the node we judged dead/draining.
-_REASSIGN_LUA: Final = """
+_REASSIGN_LUA: Final = _Script("""
 local cur = redis.call('GET', KEYS[1])
 if (not cur) or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return {ARGV[2], 1}
 end
 return {cur, 0}
-"""
+""")
 # A node holding a session live keeps its assignment: set it to this node unless another node has
 # it. One key per call, so a batch is a pipeline of these and works on a cluster too.
-_KEEP_LUA: Final = """
+_KEEP_LUA: Final = _Script("""
 local cur = redis.call('GET', KEYS[1])
 if (not cur) or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return ARGV[1]
 end
 return cur
-"""
+""")
 # Sessions per keep-alive pipeline: bounds one round trip's size (a 1,000-key pipeline is ~60 KB
 # and well under a millisecond of Redis time) while a node with 10,000 sessions needs only ten.
 KEEP_BATCH: Final = 1000
@@ -167,14 +192,14 @@ KEEP_BATCH: Final = 1000
 # is alive; ids whose key expired are pruned here, atomically, so a concurrent refresh can't be lost.
 # The records are not declared (their ids are only known inside): they share the set's hash slot
 # (the {nodes} tag), which is all Redis Cluster requires of a script's keys.
-_LIVE_NODES_LUA: Final = """
+_LIVE_NODES_LUA: Final = _Script("""
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local v = redis.call('GET', ARGV[1] .. id)
   if v then table.insert(out, v) else redis.call('SREM', KEYS[1], id) end
 end
 return out
-"""
+""")
 
 
 _KNOWN_DOWN: Final = "guardrail store unavailable (known down; retrying in the background)"
@@ -214,6 +239,31 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+_SCRIPTS: Final = (
+    _LIVE_NODES_LUA,
+    _ASSIGN_LUA,
+    _KEEP_LUA,
+    _COUNT_LUA,
+    _GAP_LUA,
+    _REGISTER_LUA,
+    _REMOVE_LUA,
+    _REASSIGN_LUA,
+)
+
+
+def _command(step: _Step, *, load: bool = False) -> tuple[Any, ...]:
+    """A step's command words: a script call is an ``EVALSHA`` (``EVAL`` with ``load``: it also
+    puts the script in the server's cache)."""
+    if isinstance(step, _ScriptCall):
+        name, script = ("EVAL", step.script.source) if load else ("EVALSHA", step.script.sha)
+        return (name, script, len(step.keys), *step.keys, *step.args)
+    return step
+
+
+def _initialise_command(now: float) -> tuple[Any, ...]:
+    return ("HSET", _FLEET_KEY, STORE_INITIALISED_FIELD, repr(now))
+
+
 class RedisStore:
     """A :class:`~rescue.guardrails.GuardrailStore` on Redis (SPEC §5, §7 layout in ``_store``).
 
@@ -222,7 +272,8 @@ class RedisStore:
             ``redis+cluster://host:port[,host:port…]`` (Redis Cluster seed nodes) or
             ``redis+sentinel://host:port[,host:port…]/master-name[/db]`` (sentinels).
         socket_timeout: seconds before a Redis call is abandoned with :class:`StoreUnavailable`.
-        threads: worker threads (and pooled connections per server) for Redis calls.
+        threads: concurrent Redis calls (and pooled connections per server): trio-native
+            connections for a plain ``redis://``/``unix://`` server, worker threads otherwise.
 
     Resource handling:
         Holds a connection pool of at most ``threads`` connections (per cluster node);
@@ -232,13 +283,14 @@ class RedisStore:
         Any Redis or socket error becomes :class:`~rescue.errors.StoreUnavailable` (with the
         original as ``__cause__``). One immediate retry covers a pooled connection that went stale
         when Redis restarted. Every call honours the caller's :func:`store_deadline` (one budget
-        for a whole request, counting store time only: waiting for a worker thread is given back).
+        for a whole request, counting store time only: waiting for a free slot is given back).
         After a failure the store is known down (:attr:`breaker`): calls fail at once, those
-        queued for a thread too, except one probe per ``probe_interval`` that notices when Redis
-        is back. A saturated process (every thread busy, Redis healthy) queues; it is no outage.
+        queued for a slot too, except one probe per ``probe_interval`` that notices when Redis
+        is back. A saturated process (every slot busy, Redis healthy) queues; it is no outage.
 
     Cancellation:
-        Immediate. A call already running in a worker thread is abandoned: the thread finishes its
+        Immediate. A trio-native call cancelled mid-round-trip closes its connection (never
+        reused). A call already running in a worker thread is abandoned: the thread finishes its
         round trip alone on the connection it checked out (bounded by the socket timeouts), and
         :meth:`aclose` never closes a connection that a thread still uses.
     """
@@ -252,32 +304,39 @@ class RedisStore:
         threads: int = REDIS_THREADS,
     ) -> None:
         self._sentinel: Any = None
+        self._client: Any = None
+        self._native: NativeRedis | None = None
         self.threads = threads
         try:
-            self._client: Any = self._connect(url, socket_timeout)
+            self.kind = parse_redis_url(url).kind
+            target = native_target(url)
+            if target is not None:
+                self._native = NativeRedis(
+                    target,
+                    max_idle=threads,
+                    socket_timeout=socket_timeout,
+                    connect_timeout=min(CONNECT_TIMEOUT_S, socket_timeout),
+                )
+            else:
+                self._client = self._connect(url, socket_timeout)
         except ValueError as exc:
             raise StoreUnavailable(f"bad Redis URL: {exc}") from exc
-        self.kind = parse_redis_url(url).kind
         self._limiter = trio.CapacityLimiter(threads)
         self.breaker = Breaker(probe_interval=probe_interval)
         self._closed = False
-        # calls whose worker thread is still running, abandoned ones included; guarded by a thread
-        # lock because the threads themselves count down
+        # calls under way, abandoned worker threads included; guarded by a thread lock because
+        # the threads themselves count down
         self._lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Event()
         self._idle.set()
-        # cancel scopes of calls waiting for a worker thread (admitted while the store was up)
+        self._native_idle = trio.lowlevel.ParkingLot()  # woken as a native call ends
+        # cancel scopes of calls waiting for a slot (admitted while the store was up)
         self._waiting: set[trio.CancelScope] = set()
-        self._assign = self._client.register_script(_ASSIGN_LUA)
-        self._reassign = self._client.register_script(_REASSIGN_LUA)
-        self._live_nodes = self._client.register_script(_LIVE_NODES_LUA)
-        self._keep = self._client.register_script(_KEEP_LUA)
-        self._count = self._client.register_script(_COUNT_LUA)
-        self._register = self._client.register_script(_REGISTER_LUA)
-        self._remove = self._client.register_script(_REMOVE_LUA)
-        self._gap = self._client.register_script(_GAP_LUA)
-        self._scripts_loaded = False  # see _with_scripts
+        self._py_scripts: dict[_Script, Any] = {}
+        if self._client is not None:
+            self._py_scripts = {s: self._client.register_script(s.source) for s in _SCRIPTS}
+        self._scripts_loaded = False  # see _execute_sync
 
     def _connect(self, url: str, socket_timeout: float) -> Any:
         """The redis-py client for ``url``: ``Redis``, ``RedisCluster`` or a Sentinel's master.
@@ -339,7 +398,10 @@ class RedisStore:
         )
 
     def _pools(self) -> list[Any]:
-        """Every connection pool this store opened (one, one per cluster node, plus the sentinels')."""
+        """Every redis-py connection pool this store opened (one, one per cluster node, plus the
+        sentinels'); none for the trio-native client."""
+        if self._client is None:
+            return []
         if self.kind is RedisKind.CLUSTER:
             nodes = self._client.get_nodes()
             return [n.redis_connection.connection_pool for n in nodes if n.redis_connection is not None]
@@ -350,7 +412,8 @@ class RedisStore:
 
     @property
     def in_flight(self) -> int:
-        """Worker threads still running a call (including calls their caller gave up on)."""
+        """Calls under way: trio-native round trips, worker threads (including calls their caller
+        gave up on)."""
         return self._in_flight
 
     def _start(self, call: _ThreadCall[Any]) -> None:
@@ -382,7 +445,8 @@ class RedisStore:
         # prctl calls per store call that showed in the storm profile
         trio.lowlevel.start_thread_soon(call.run, deliver)
 
-    async def _run(self, fn: Callable[[], _T]) -> _T:
+    async def _run(self, steps: list[_Step]) -> list[Any]:
+        """Run ``steps`` as one round trip on whichever transport this store uses; their results."""
         if self._closed:
             raise StoreUnavailable("guardrail store is closed")
         admission = self.breaker.admit(trio.current_time())
@@ -390,12 +454,12 @@ class RedisStore:
             await trio.lowlevel.checkpoint()
             raise StoreUnavailable(_KNOWN_DOWN)
         ok: bool | None = None  # the store's verdict: None when the store was never asked
-        call = _ThreadCall(fn)
+        call: _ThreadCall[list[Any]] = _ThreadCall(partial(self._execute_sync, steps))
         try:
-            # 1. Wait for a worker thread. All busy means the process is saturated (or a stalled
-            # Redis holds them, which the running calls find out): not the store's time, so the
-            # request's budget is paused meanwhile. If the breaker opens while we wait, we are
-            # refused (see the finally clause below).
+            # 1. Wait for a slot (a connection, or a worker thread). All busy means the process is
+            # saturated (or a stalled Redis holds them, which the running calls find out): not the
+            # store's time, so the request's budget is paused meanwhile. If the breaker opens while
+            # we wait, we are refused (see the finally clause below).
             queued_at = trio.current_time()
             acquired = False
             with trio.CancelScope() as wait:
@@ -413,19 +477,16 @@ class RedisStore:
             budget = current_store_budget()
             if budget is not None:
                 budget.pause(trio.current_time() - queued_at)
-            # 2. The call itself, under the request's budget. Past the deadline the thread is
-            # abandoned (it finishes its one round trip alone, on the connection it checked out,
-            # and aclose() never closes a connection in use) -- unless it had already returned
-            # and only this busy event loop had not seen it yet.
-            self._start(call)
-            with trio.move_on_at(current_store_deadline()):
-                await call.done.wait()
-            if not call.finished:
-                ok = False
-                raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
-            result = call.unwrap()
+            # 2. The call itself, under the request's budget.
+            if self._native is not None:
+                result = await self._run_native(call, steps)
+            else:
+                result = await self._run_thread(call)
             ok = True
             return result
+        except StoreUnavailable:
+            ok = False
+            raise
         except _OUTAGE_ERRORS as exc:  # before ResponseError: some of these are ResponseErrors
             ok = False
             raise StoreUnavailable(f"guardrail store unavailable: {type(exc).__name__}: {exc}") from exc
@@ -437,16 +498,112 @@ class RedisStore:
             raise StoreUnavailable(f"guardrail store unavailable: {type(exc).__name__}: {exc}") from exc
         finally:
             if self.breaker.done(admission, ok=ok, now=trio.current_time()):
-                # the store is down: the calls queued for a thread would only queue behind the
+                # the store is down: the calls queued for a slot would only queue behind the
                 # stalled ones; they are refused now, like the calls that come after
                 for scope in self._waiting:
                     scope.cancel()
 
+    async def _run_native(self, slot: object, steps: list[_Step]) -> list[Any]:
+        """The round trip on a trio-native connection; past the deadline it is cancelled and its
+        connection closed (never reused: its answer could still arrive)."""
+        self._in_flight += 1
+        try:
+            with trio.move_on_at(current_store_deadline()):
+                return await self._execute_native(steps)
+            raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
+        finally:
+            self._in_flight -= 1
+            self._limiter.release_on_behalf_of(slot)
+            self._native_idle.unpark_all()
+
+    async def _run_thread(self, call: _ThreadCall[list[Any]]) -> list[Any]:
+        """The round trip in a worker thread. Past the deadline the thread is abandoned (it
+        finishes its one round trip alone, on the connection it checked out, and aclose() never
+        closes a connection in use) -- unless it had already returned and only this busy event
+        loop had not seen it yet."""
+        self._start(call)
+        with trio.move_on_at(current_store_deadline()):
+            await call.done.wait()
+        if not call.finished:
+            raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
+        return call.unwrap()
+
+    async def _execute_native(self, steps: list[_Step]) -> list[Any]:
+        """``steps`` as one pipelined write on a native connection; a script the server does not
+        know (``NOSCRIPT``: Redis restarted) did nothing, so it alone is sent again as ``EVAL``
+        (which also caches it), the others already took effect and are not repeated."""
+        assert self._native is not None
+        commands = [_command(step) for step in steps]
+        replies: list[Any] = await self._native.execute(commands)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, RespError) and r.startswith("NOSCRIPT")]
+        if missing:
+            again = await self._native.execute([_command(steps[i], load=True) for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for i, reply in enumerate(replies):
+            if isinstance(reply, RespError):
+                raise response_error(reply)
+            if commands[i][0] == "HGETALL":  # a flat list of pairs; redis-py makes it a dict
+                pairs = iter(reply)
+                replies[i] = dict(zip(pairs, pairs, strict=False))
+        return replies
+
+    def _execute_sync(self, steps: list[_Step]) -> list[Any]:
+        """``steps`` with redis-py (in a worker thread): one command alone, else one plain pipeline
+        with scripts by SHA. A script answered ``NOSCRIPT`` (its Redis restarted, or on a cluster:
+        a node failed over to a replica without the script cache) did nothing, so it alone is run
+        again by its script object, which loads it; the others already took effect and are not
+        repeated (a counter is never counted twice)."""
+        if len(steps) == 1 and not isinstance(steps[0], _ScriptCall):
+            return [self._client.execute_command(*steps[0])]
+        if not self._scripts_loaded:
+            self._load_scripts()
+        pipe = self._client.pipeline(transaction=False)
+        for step in steps:
+            if isinstance(step, _ScriptCall):
+                self._evalsha(pipe, step)
+            else:
+                pipe.execute_command(*step)
+        result: list[Any] = pipe.execute(raise_on_error=False)
+        for i, item in enumerate(result):
+            step = steps[i]
+            if isinstance(item, redis.exceptions.NoScriptError) and isinstance(step, _ScriptCall):
+                self._scripts_loaded = False
+                result[i] = self._py_scripts[step.script](keys=step.keys, args=step.args)
+        for item in result:
+            if isinstance(item, Exception):
+                raise item
+        return result
+
+    def _evalsha(self, pipe: Any, call: _ScriptCall) -> None:
+        """Queue a script ``call`` on a redis-py ``pipe`` by its SHA alone (loaded by
+        :meth:`_load_scripts`).
+
+        Through ``execute_command``: redis-py's cluster pipeline refuses its ``evalsha`` method.
+        On a cluster the command names its node (from the client's slot map, no I/O): redis-py 8's
+        cluster pipeline otherwise asks a server ``COMMAND GETKEYS`` for every script call, one
+        round trip each before the pipeline is sent. A stale map costs a MOVED, which redis-py
+        follows (and refreshes the map).
+        """
+        if self.kind is RedisKind.CLUSTER:
+            node = self._client.get_node_from_key(call.keys[0])
+            pipe.execute_command(*_command(call), target_nodes=node)
+        else:
+            pipe.execute_command(*_command(call))
+
+    def _load_scripts(self) -> None:
+        # redis-py checks a pipeline's scripts with SCRIPT EXISTS on every execute: one more round
+        # trip per pipeline; instead they are loaded once, and again after a NOSCRIPT. On a
+        # cluster SCRIPT LOAD goes to every primary.
+        for script in _SCRIPTS:
+            self._client.script_load(script.source)
+        self._scripts_loaded = True
+
     async def ping(self) -> None:
-        await self._run(self._client.ping)
+        await self._run([("PING",)])
 
     async def fleet_state(self) -> FleetState:
-        raw: dict[str, str] = await self._run(partial(self._client.hgetall, _FLEET_KEY))
+        (raw,) = await self._run([("HGETALL", _FLEET_KEY)])
         return _parse_fleet(raw)
 
     async def set_fleet_state(self, state: FleetState) -> None:
@@ -459,75 +616,59 @@ class RedisStore:
         }
         # One HSET of every kill-switch field: atomic (a reader never sees it half-written), one
         # key, and the `initialised` mark stays (only data loss removes it).
-        await self._run(partial(self._client.hset, _FLEET_KEY, mapping=mapping))
+        await self._run([("HSET", _FLEET_KEY, *(x for pair in mapping.items() for x in pair))])
 
     async def initialise(self, *, now: float) -> None:
-        await self._run(partial(initialise_redis, self._client, now=now))
+        await self._run([_initialise_command(now)])
 
     async def cohort_enabled(self, cohort_id: str) -> bool:
         check_cohort_id(cohort_id)
-        value: str | None = await self._run(partial(self._client.hget, _COHORTS_KEY, cohort_id))
-        return value == "1"
+        (value,) = await self._run([("HGET", _COHORTS_KEY, cohort_id)])
+        return bool(value == "1")
 
     async def set_cohort_enabled(self, cohort_id: str, enabled: bool) -> None:
         check_cohort_id(cohort_id)
-        await self._run(partial(self._client.hset, _COHORTS_KEY, cohort_id, "1" if enabled else "0"))
+        await self._run([("HSET", _COHORTS_KEY, cohort_id, "1" if enabled else "0")])
 
     async def increment(self, cohort_id: str, field: CounterField, *, now: float, amount: int = 1) -> None:
         key = counter_key(cohort_id, hour_bucket(now))
         name = CounterField(field).value
+        steps: list[_Step] = [_ScriptCall(_COUNT_LUA, [key], [name, amount, COUNTER_TTL_S])]
         if name in _GAP_FIELDS:
             # the input arrived: its telemetry gap closes (another key, maybe another cluster node:
             # one plain pipeline, each step atomic on its own)
-            def write() -> None:
-                pipe = self._client.pipeline(transaction=False)
-                self._evalsha(pipe, self._count, [key], [name, amount, COUNTER_TTL_S])
-                pipe.hdel(_TELEMETRY_KEY, *_GAP_FIELDS[CounterField(name)])
-                pipe.execute()
-
-            await self._run(partial(self._with_scripts, write))
-            return
-        await self._run(partial(self._count, keys=[key], args=[name, amount, COUNTER_TTL_S]))
+            steps.append(("HDEL", _TELEMETRY_KEY, *_GAP_FIELDS[CounterField(name)]))
+        await self._run(steps)
 
     async def hour_counts(self, cohort_id: str, buckets: list[str]) -> list[HourCounts]:
-        keys = [counter_key(cohort_id, b) for b in buckets]
-
-        def read() -> list[dict[str, str]]:
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hgetall(key)
-            result: list[dict[str, str]] = pipe.execute()
-            return result
-
-        return [HourCounts.from_mapping(raw) for raw in await self._run(read)]
+        if not buckets:
+            return []
+        raw = await self._run([("HGETALL", counter_key(cohort_id, b)) for b in buckets])
+        return [HourCounts.from_mapping(r) for r in raw]
 
     async def register_node(self, node: NodeInfo, *, ttl: float) -> None:
         value = json.dumps(node.to_json(), separators=(",", ":"))
         keys = [NODES_KEY, node_key(node.node_id)]
-        await self._run(partial(self._register, keys=keys, args=[node.node_id, value, _ms(ttl)]))
+        await self._run([_ScriptCall(_REGISTER_LUA, keys, [node.node_id, value, _ms(ttl)])])
 
     async def remove_node(self, node_id: str) -> None:
-        await self._run(partial(self._remove, keys=[NODES_KEY, node_key(node_id)], args=[node_id]))
+        await self._run([_ScriptCall(_REMOVE_LUA, [NODES_KEY, node_key(node_id)], [node_id])])
 
     async def live_nodes(self) -> list[NodeInfo]:
-        raw: list[str] = await self._run(partial(self._live_nodes, keys=[NODES_KEY], args=[_NODE_PREFIX]))
+        (raw,) = await self._run([_ScriptCall(_LIVE_NODES_LUA, [NODES_KEY], [_NODE_PREFIX])])
         return _parse_nodes(raw)
 
     async def mint_snapshot(self, cohort_id: str, *, now: float) -> MintSnapshot:
-        keys = [counter_key(cohort_id, hour_bucket(now)), counter_key(cohort_id, hour_bucket(now - 3600))]
-
-        def read() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.hgetall(_FLEET_KEY)
-            pipe.hget(_COHORTS_KEY, cohort_id)
-            pipe.hgetall(keys[0])
-            pipe.hgetall(keys[1])
-            self._evalsha(pipe, self._live_nodes, [NODES_KEY], [_NODE_PREFIX])
-            pipe.hgetall(_TELEMETRY_KEY)
-            result: list[Any] = pipe.execute()
-            return result
-
-        fleet, cohort, current, previous, nodes, gap = await self._run(partial(self._with_scripts, read))
+        fleet, cohort, current, previous, nodes, gap = await self._run(
+            [
+                ("HGETALL", _FLEET_KEY),
+                ("HGET", _COHORTS_KEY, cohort_id),
+                ("HGETALL", counter_key(cohort_id, hour_bucket(now))),
+                ("HGETALL", counter_key(cohort_id, hour_bucket(now - 3600))),
+                _ScriptCall(_LIVE_NODES_LUA, [NODES_KEY], [_NODE_PREFIX]),
+                ("HGETALL", _TELEMETRY_KEY),
+            ]
+        )
         return MintSnapshot(
             fleet=_parse_fleet(fleet),
             cohort_enabled=cohort == "1",
@@ -538,7 +679,7 @@ class RedisStore:
         )
 
     async def telemetry_gap(self) -> TelemetryGap:
-        raw: dict[str, str] = await self._run(partial(self._client.hgetall, _TELEMETRY_KEY))
+        (raw,) = await self._run([("HGETALL", _TELEMETRY_KEY)])
         return TelemetryGap.from_mapping(raw)
 
     async def record_mint(
@@ -553,107 +694,41 @@ class RedisStore:
         sessions_reported: bool = True,
     ) -> str | None:
         key = counter_key(cohort_id, hour_bucket(now))
-        calls: list[_Call] = [(self._count, [key], [CounterField.TOKENS.value, 1, COUNTER_TTL_S])]
+        steps: list[_Step] = [_ScriptCall(_COUNT_LUA, [key], [CounterField.TOKENS.value, 1, COUNTER_TTL_S])]
         if node_id is not None:
             check_node_id(node_id)
-            calls.append((self._assign, [assignment_key(session_id)], [node_id, _ms(ttl)]))
+            steps.append(_ScriptCall(_ASSIGN_LUA, [assignment_key(session_id)], [node_id, _ms(ttl)]))
         # the telemetry gap (decision 0012): its own key, one script
-        calls.append(
-            (self._gap, [_TELEMETRY_KEY], [repr(now), _ms(telemetry_ttl), "1" if sessions_reported else "0"])
+        steps.append(
+            _ScriptCall(
+                _GAP_LUA, [_TELEMETRY_KEY], [repr(now), _ms(telemetry_ttl), "1" if sessions_reported else "0"]
+            )
         )
         # Scripts in one plain pipeline: one round trip on one server; on a cluster the counter,
         # the assignment and the gap usually live on different nodes, reached at once (decision 0013)
-        result = await self._run(partial(self._run_scripts, calls))
+        result = await self._run(steps)
         return str(result[1]) if node_id is not None else None
-
-    def _run_scripts(self, calls: list[_Call]) -> list[Any]:
-        """Run script ``calls`` as one plain pipeline by SHA (in a worker thread); their results.
-
-        A call answered ``NOSCRIPT`` (its Redis restarted, or on a cluster: a node failed over to
-        a replica without the script cache) did nothing, so it alone is run again by its script
-        object, which loads it; the others already took effect and are not repeated (a counter
-        is never counted twice).
-        """
-        if not self._scripts_loaded:
-            self._load_scripts()
-        pipe = self._client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            self._evalsha(pipe, script, keys, args)
-        result: list[Any] = pipe.execute(raise_on_error=False)
-        for i, item in enumerate(result):
-            if isinstance(item, redis.exceptions.NoScriptError):
-                self._scripts_loaded = False
-                script, keys, args = calls[i]
-                result[i] = script(keys=keys, args=args)
-        for item in result:
-            if isinstance(item, Exception):
-                raise item
-        return result
-
-    def _evalsha(self, pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
-        """Queue ``script`` on ``pipe`` by its SHA alone (loaded by :meth:`_load_scripts`).
-
-        Through ``execute_command``: redis-py's cluster pipeline refuses its ``evalsha`` method.
-        On a cluster the command names its node (from the client's slot map, no I/O): redis-py 8's
-        cluster pipeline otherwise asks a server ``COMMAND GETKEYS`` for every script call, one
-        round trip each before the pipeline is sent. A stale map costs a MOVED, which redis-py
-        follows (and refreshes the map).
-        """
-        if self.kind is RedisKind.CLUSTER:
-            node = self._client.get_node_from_key(keys[0])
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
-        else:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-
-    def _with_scripts(self, fn: Callable[[], _T]) -> _T:
-        """Run ``fn`` (a pipeline using :meth:`_evalsha`, in a worker thread) with the scripts loaded.
-
-        redis-py checks a pipeline's scripts with ``SCRIPT EXISTS`` on every execute: one more
-        round trip per pipeline. Instead they are loaded once, and again after a ``NOSCRIPT``
-        (Redis restarted), when ``fn`` is retried once; ``fn`` must be safe to repeat then.
-        """
-        if not self._scripts_loaded:
-            self._load_scripts()
-        try:
-            return fn()
-        except redis.exceptions.NoScriptError:
-            self._load_scripts()
-            return fn()
-
-    def _load_scripts(self) -> None:
-        # on a cluster SCRIPT LOAD goes to every primary
-        for script in (self._live_nodes, self._assign, self._keep, self._count, self._gap):
-            self._client.script_load(script.script)
-        self._scripts_loaded = True
 
     async def assign_session(self, session_id: str, node_id: str, *, ttl: float) -> str:
         check_node_id(node_id)
         key = assignment_key(session_id)
-        result: str = await self._run(partial(self._assign, keys=[key], args=[node_id, _ms(ttl)]))
-        return result
+        (result,) = await self._run([_ScriptCall(_ASSIGN_LUA, [key], [node_id, _ms(ttl)])])
+        return str(result)
 
     async def claim_token_use(self, cti: bytes, node_id: str, *, ttl: float) -> str:
         check_node_id(node_id)
         key = token_use_key(cti)
-
-        def claim() -> str:
-            # one round trip, one key: SET NX, then GET reads whichever node holds it now
-            pipe = self._client.pipeline(transaction=False)
-            pipe.set(key, node_id, nx=True, px=_ms(ttl))
-            pipe.get(key)
-            _, holder = pipe.execute()
-            return holder.decode() if isinstance(holder, bytes) else str(holder or node_id)
-
-        return await self._run(claim)
+        # one round trip, one key: SET NX, then GET reads whichever node holds it now
+        _, holder = await self._run([("SET", key, node_id, "NX", "PX", _ms(ttl)), ("GET", key)])
+        return holder.decode() if isinstance(holder, bytes) else str(holder or node_id)
 
     async def reassign_session(
         self, session_id: str, *, expected: str, node_id: str, ttl: float
     ) -> tuple[str, bool]:
         check_node_id(node_id)
         key = assignment_key(session_id)
-        holder, wrote = await self._run(
-            partial(self._reassign, keys=[key], args=[expected, node_id, _ms(ttl)])
-        )
+        step = _ScriptCall(_REASSIGN_LUA, [key], [expected, node_id, _ms(ttl)])
+        ((holder, wrote),) = await self._run([step])
         return str(holder), bool(wrote)
 
     async def keep_assignments(
@@ -665,31 +740,37 @@ class RedisStore:
         out: dict[str, str] = {}
         for start in range(0, len(ids), KEEP_BATCH):
             chunk = ids[start : start + KEEP_BATCH]
-            calls: list[_Call] = [(self._keep, [assignment_key(sid)], args) for sid in chunk]
-            held = await self._run(partial(self._run_scripts, calls))
+            held = await self._run([_ScriptCall(_KEEP_LUA, [assignment_key(sid)], args) for sid in chunk])
             out.update(zip(chunk, map(str, held), strict=True))
         return out
 
     async def aclose(self) -> None:
-        """Refuse new calls, wait for running ones to finish, then close the idle connections.
+        """Refuse new calls, wait for running ones to finish, then close the connections.
 
         Cancellation:
-            Bounded by the caller: if cancelled while a worker thread still runs, only the idle
-            connections are closed (a thread's connection is never closed under it; the process
-            exits or the thread returns it to a pool nobody uses).
+            Bounded by the caller: if cancelled while calls still run, the trio-native
+            connections are closed under them (they fail), but only the idle redis-py connections
+            (a thread's connection is never closed under it; the process exits or the thread
+            returns it to a pool nobody uses).
         """
         self._closed = True
         try:
-            await trio.to_thread.run_sync(self._idle.wait, abandon_on_cancel=True)
+            if self._native is not None:
+                while self._in_flight:
+                    await self._native_idle.park()
+            else:
+                await trio.to_thread.run_sync(self._idle.wait, abandon_on_cancel=True)
         finally:
+            if self._native is not None:
+                self._native.close()
             for pool in self._pools():
                 pool.disconnect(inuse_connections=False)
 
 
 def initialise_redis(client: Any, *, now: float) -> None:
-    """Write the store's ``initialised`` mark with a sync redis-py ``client`` (what
-    :meth:`RedisStore.initialise` runs in its worker thread; test fixtures call it directly)."""
-    client.hset(_FLEET_KEY, STORE_INITIALISED_FIELD, repr(now))
+    """Write the store's ``initialised`` mark with a sync redis-py ``client`` (the same command
+    :meth:`RedisStore.initialise` sends; test fixtures call this directly)."""
+    client.execute_command(*_initialise_command(now))
 
 
 def _parse_fleet(raw: dict[str, str]) -> FleetState:

@@ -1,0 +1,256 @@
+"""The trio-native Redis transport (decision 0020): the sans-I/O RESP2 parser, then the client
+against real redis-servers (and a fake one that speaks garbage)."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import socket
+from typing import Any
+
+import pytest
+import redis
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rescue.errors import StoreUnavailable
+from rescue.guardrails import CounterField, RedisStore, hour_bucket, store_deadline
+from rescue.guardrails._native import NativeRedis, native_target
+from rescue.guardrails._resp import (
+    MAX_LINE,
+    NEED_DATA,
+    RespError,
+    RespParser,
+    RespProtocolError,
+    encode_command,
+)
+from rescue.guardrails._store import counter_key
+
+from .conftest import RedisServer
+
+TIMEOUT = 10
+NOW = 1_700_000_000.0
+
+# --- the parser, sans I/O --------------------------------------------------------------------------
+
+line_text = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=20)
+replies = st.recursive(
+    st.one_of(
+        st.none(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.text(max_size=30),  # bulk
+        line_text.map(lambda t: ("+", t)),  # status
+        line_text.map(lambda t: ("-", t)),  # error
+    ),
+    lambda children: st.lists(children, max_size=5),
+    max_leaves=20,
+)
+
+
+def encode_reply(reply: Any) -> bytes:
+    if reply is None:
+        return b"$-1\r\n"
+    if isinstance(reply, int):
+        return b":%d\r\n" % reply
+    if isinstance(reply, str):
+        data = reply.encode()
+        return b"$%d\r\n%s\r\n" % (len(data), data)
+    if isinstance(reply, tuple):
+        return reply[0].encode() + reply[1].encode() + b"\r\n"
+    return b"*%d\r\n" % len(reply) + b"".join(encode_reply(r) for r in reply)
+
+
+def expected(reply: Any) -> Any:
+    if isinstance(reply, tuple):
+        return RespError(reply[1]) if reply[0] == "-" else reply[1]
+    if isinstance(reply, list):
+        return [expected(r) for r in reply]
+    return reply
+
+
+def drain(parser: RespParser) -> list[Any]:
+    out = []
+    while (reply := parser.next_reply()) is not NEED_DATA:
+        out.append(reply)
+    return out
+
+
+@given(st.lists(replies, max_size=8), st.data())
+def test_any_split_of_a_reply_stream_parses_the_same(stream: list[Any], data: st.DataObject) -> None:
+    wire = b"".join(encode_reply(r) for r in stream)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=10)))
+    parser = RespParser()
+    got: list[Any] = []
+    start = 0
+    for cut in [*cuts, len(wire)]:
+        parser.feed(wire[start:cut])
+        got += drain(parser)
+        start = cut
+    assert got == [expected(r) for r in stream]
+    # an error reply stays an error (a RespError), a status stays a plain str
+    assert [type(g) for g in got] == [type(expected(r)) for r in stream]
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200), st.binary(max_size=40))
+def test_garbage_raises_a_protocol_error_or_gives_at_most_a_reply_a_byte(prefix: bytes, tail: bytes) -> None:
+    parser = RespParser()
+    parser.feed(prefix + tail)
+    count = 0
+    try:
+        while parser.next_reply() is not NEED_DATA:
+            count += 1
+            assert count <= len(prefix + tail)
+    except RespProtocolError:
+        pass
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"?what\r\n",
+        b":12a\r\n",
+        b"$-2\r\n",
+        b"*-5\r\n",
+        b"$3\r\nabcXY",
+        b":\r\n",
+        b"+" + b"a" * MAX_LINE * 2,
+    ],
+)
+def test_malformed_replies_raise(wire: bytes) -> None:
+    parser = RespParser()
+    parser.feed(wire)
+    with pytest.raises(RespProtocolError):
+        parser.next_reply()
+
+
+@given(st.lists(st.one_of(st.text(max_size=20), st.integers(-(10**12), 10**12)), min_size=1, max_size=8))
+def test_an_encoded_command_is_an_array_of_bulk_strings(args: list[str | int]) -> None:
+    parser = RespParser()
+    parser.feed(encode_command(args))
+    assert parser.next_reply() == [str(a) for a in args]
+
+
+# --- the client, on real servers --------------------------------------------------------------------
+
+
+def test_only_plain_single_server_urls_go_native() -> None:
+    assert native_target("redis://u:p%40ss@h:7000/3") is not None
+    assert native_target("unix:///tmp/r.sock?db=2") is not None
+    for url in ("rediss://h", "redis+cluster://h:1", "redis+sentinel://h:1/m", "redis://h?socket_timeout=9"):
+        assert native_target(url) is None
+    assert RedisStore("redis://127.0.0.1:1/0")._native is not None
+    assert RedisStore("rediss://127.0.0.1:1/0")._native is None
+
+
+@pytest.fixture
+def tcp_redis(private_redis: RedisServer) -> tuple[RedisServer, int]:
+    """The private Redis, also listening on a TCP port of 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with private_redis.client() as client:
+        client.config_set("bind", "127.0.0.1")
+        client.config_set("port", port)
+    return private_redis, port
+
+
+async def test_auth_and_select_come_from_the_url(tcp_redis: tuple[RedisServer, int]) -> None:
+    server, port = tcp_redis
+    with server.client() as client:
+        client.acl_setuser("ops", enabled=True, passwords=["+s3cr@t"], commands=["+@all"], keys=["*"])
+        client.config_set("requirepass", "main-pass")
+    for url in (f"redis://ops:s3cr%40t@127.0.0.1:{port}/3", f"unix://:main-pass@{server.socket_path}?db=3"):
+        store = RedisStore(url)
+        try:
+            with trio.fail_after(TIMEOUT):
+                await store.set_cohort_enabled("beta", True)
+                assert await store.cohort_enabled("beta") is True
+        finally:
+            await store.aclose()
+    with redis.Redis(unix_socket_path=server.socket_path, password="main-pass", db=3) as client:
+        assert client.hget("fallback:cohorts", "beta") == b"1"
+        assert client.hget("fallback:cohorts", "beta") is not None
+    with redis.Redis(unix_socket_path=server.socket_path, password="main-pass", db=0) as client:
+        assert client.hget("fallback:cohorts", "beta") is None
+    wrong = RedisStore(f"redis://ops:nope@127.0.0.1:{port}/3")
+    with trio.fail_after(TIMEOUT), pytest.raises(StoreUnavailable, match=r"Authentication|WRONGPASS|invalid"):
+        await wrong.ping()
+    await wrong.aclose()
+
+
+async def test_a_call_cancelled_mid_round_trip_never_lends_its_connection(private_redis: RedisServer) -> None:
+    client = NativeRedis(native_target(private_redis.url), max_idle=1, socket_timeout=5, connect_timeout=1)  # type: ignore[arg-type]
+    with trio.fail_after(TIMEOUT):
+        assert await client.execute([("HSET", "h", "f", "v"), ("SET", "s", "plain")]) == [1, "OK"]
+        private_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            with trio.move_on_after(0.2) as late:
+                await client.execute([("HGETALL", "h")])
+            assert late.cancelled_caught
+            assert client._open == set()  # closed, not pooled
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        # the HGETALL's answer went to the closed socket: the next call reads its own
+        assert await client.execute([("GET", "s")]) == ["plain"]
+    client.close()
+
+
+async def test_a_restarted_redis_costs_one_immediate_retry(private_redis: RedisServer) -> None:
+    store = RedisStore(private_redis.url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await store.set_cohort_enabled("beta", True)
+            await store.record_mint("beta", now=NOW, session_id="s-1", node_id="n-1", ttl=60)
+            private_redis.restart_empty()  # the pooled connection is dead, the script cache empty
+            with store_deadline(2.0):
+                assert (
+                    await store.record_mint("beta", now=NOW, session_id="s-2", node_id="n-2", ttl=60) == "n-2"
+                )
+            assert not store.breaker.open
+            await store.increment("beta", CounterField.TOKENS, now=NOW)
+            with private_redis.client() as client:  # counted once each, NOSCRIPT or not
+                key = counter_key("beta", hour_bucket(NOW))
+                assert client.hget(key, "tokens") == "2"
+    finally:
+        await store.aclose()
+
+
+async def test_error_replies_keep_their_meaning(private_redis: RedisServer) -> None:
+    store = RedisStore(private_redis.url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            with private_redis.client() as client:
+                client.set("fallback:fleet", "not a hash")
+            with pytest.raises(redis.ResponseError, match="WRONGTYPE"):  # an answer, not an outage
+                await store.fleet_state()
+            assert not store.breaker.open
+            with private_redis.client() as client:
+                client.delete("fallback:fleet")
+                client.replicaof("127.0.0.1", "1")  # a demoted primary answers writes READONLY
+            try:
+                with pytest.raises(StoreUnavailable, match="ReadOnlyError"):
+                    await store.set_cohort_enabled("beta", True)
+                assert store.breaker.open
+            finally:
+                with private_redis.client() as client:
+                    client.replicaof("NO", "ONE")
+    finally:
+        await store.aclose()
+
+
+async def test_garbage_from_the_server_is_an_outage_not_a_hang() -> None:
+    async def liar(stream: trio.SocketStream) -> None:
+        await stream.receive_some(1024)
+        await stream.send_all(b"%3\r\nnot resp2\r\n")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, liar, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        store = RedisStore(f"redis://127.0.0.1:{port}/0")
+        with trio.fail_after(TIMEOUT), pytest.raises(StoreUnavailable, match="InvalidResponse"):
+            await store.ping()
+        await store.aclose()
+        nursery.cancel_scope.cancel()
