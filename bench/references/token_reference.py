@@ -27,7 +27,7 @@ from rescue.protocol._tokens import b64url_encode, mint_token
 def build(redis_url: str, key_path: str) -> Starlette:
     r = aioredis.Redis.from_url(redis_url, decode_responses=True, max_connections=1024)
     key = load_signing_key(key_path)
-    live_nodes, assign = r.register_script(_LIVE_NODES_LUA), r.register_script(_ASSIGN_LUA)
+    live_nodes, assign = r.register_script(_LIVE_NODES_LUA.source), r.register_script(_ASSIGN_LUA.source)
 
     async def token(request: Request) -> JSONResponse:
         body = await request.json()
