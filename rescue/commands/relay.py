@@ -117,6 +117,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_option(
         p,
+        "--max-connections",
+        type=int,
+        default=_DEFAULTS.max_connections,
+        metavar="N",
+        help="open WebSocket connections at most (0: the fd limit less --fd-reserve); past it one "
+        "still in its upgrade or before HELLO is closed for the newcomer, or the newcomer gets 503 "
+        "server_busy; sessions are never shed",
+    )
+    add_option(
+        p,
+        "--fd-reserve",
+        type=int,
+        default=_DEFAULTS.fd_reserve,
+        metavar="N",
+        help="file descriptors the WebSocket listener leaves to the admin port (a quarter of them), "
+        "Redis, the token service, TLS files and logs",
+    )
+    add_option(
+        p,
         "--handshakes-per-ip-per-min",
         type=int,
         default=_DEFAULTS.handshakes_per_ip_per_min,
@@ -288,6 +307,8 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
             pair_timeout_s=args.pair_timeout_s,
             max_frame=args.max_frame,
             max_sessions=args.max_sessions,
+            max_connections=args.max_connections,
+            fd_reserve=args.fd_reserve,
             handshakes_per_ip_per_min=args.handshakes_per_ip_per_min,
             max_bytes_per_s=args.max_bytes_per_s,
             drain_s=args.drain_s,

@@ -14,10 +14,17 @@ from rescue.sessions import (
     SessionLimits,
 )
 
-__all__ = ["DEFAULT_ADMIN_PORT", "DEFAULT_PORT", "RelayConfig"]
+__all__ = ["DEFAULT_ADMIN_PORT", "DEFAULT_FD_RESERVE", "DEFAULT_PORT", "RelayConfig"]
 
 DEFAULT_PORT: Final = 8081  # SPEC §11 (`rescue dev` uses the same relay port)
 DEFAULT_ADMIN_PORT: Final = 9090
+# fds the WebSocket listener leaves to the rest of the process (RelayConfig.fd_reserve): a relay
+# at rest holds ~25 (listeners, epolls, trio's wakeup pair, Redis and token-service connections,
+# stdio), the admin port up to a quarter of the reserve; the rest is headroom (a TLS file read, a
+# keys reload, connections being shed but not closed yet).
+DEFAULT_FD_RESERVE: Final = 128
+# A derived cap below this is a misconfiguration (the fd limit barely covers the reserve).
+MIN_CONNECTIONS: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,13 @@ class RelayConfig:
         pair_timeout_s: how long a peer waits alone for its first partner (PAIR_TIMEOUT).
         max_frame: largest message, header included (WebSocket messages above it: PROTOCOL_ERROR).
         max_sessions: sessions per node; a HELLO that would create one more gets OVERLOADED.
+        max_connections: open WebSocket connections (any state) at most; 0 = the process's fd
+            limit (``RLIMIT_NOFILE``, soft) less ``fd_reserve``. Past it a connection still in its
+            upgrade or before its HELLO is closed for the newcomer, or with none the newcomer gets
+            503 ``server_busy`` at once; sessions are never shed.
+        fd_reserve: descriptors kept out of the WebSocket listener's reach for everything else the
+            process opens: the admin port (capped at a quarter of it) for ``/healthz`` and
+            ``/metrics``, Redis, the token-service link, TLS and key files, logs.
         handshakes_per_ip_per_min: handshakes per source address per minute (RATE_LIMITED); 0 = off.
         rate_limit_sources: how many source addresses the rate limiter remembers.
         max_bytes_per_s: forwarding rate per connection and direction, throttled by not reading;
@@ -99,6 +113,8 @@ class RelayConfig:
     pair_timeout_s: float = 120.0
     max_frame: int = DEFAULT_MAX_FRAME
     max_sessions: int = 10_000
+    max_connections: int = 0
+    fd_reserve: int = DEFAULT_FD_RESERVE
     handshakes_per_ip_per_min: int = 120
     rate_limit_sources: int = DEFAULT_MAX_SOURCES
     max_bytes_per_s: int = 0
@@ -144,7 +160,13 @@ class RelayConfig:
                 raise ValueError(f"{name} must be between 0 and 1")
         if not self.quiet_after_s >= 0:  # (NaN too)
             raise ValueError("quiet_after_s must be >= 0")
-        for name, low in (("max_sessions", 1), ("rate_limit_sources", 1), ("handshakes_per_ip_per_min", 0)):
+        for name, low in (
+            ("max_sessions", 1),
+            ("rate_limit_sources", 1),
+            ("handshakes_per_ip_per_min", 0),
+            ("max_connections", 0),
+            ("fd_reserve", 0),
+        ):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}")
 
@@ -162,6 +184,33 @@ class RelayConfig:
             close_timeout_s=self.close_timeout_s,
             quiet_after_s=self.quiet_after_s if self.read_poller else 0.0,
         )
+
+    def connection_cap(self, fd_limit: int) -> int:
+        """The WebSocket listener's connection cap under a soft ``RLIMIT_NOFILE`` of ``fd_limit``.
+
+        Raises:
+            ValueError: the fd limit leaves fewer than 16 connections past ``fd_reserve`` (or
+                ``max_connections`` asks for more than the limit allows).
+        """
+        room = fd_limit - self.fd_reserve
+        if self.max_connections:
+            if self.max_connections > room:
+                raise ValueError(
+                    f"max_connections {self.max_connections} needs an fd limit of at least "
+                    f"{self.max_connections + self.fd_reserve} (with fd_reserve {self.fd_reserve}); "
+                    f"it is {fd_limit}: raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
+                )
+            return self.max_connections
+        if room < MIN_CONNECTIONS:
+            raise ValueError(
+                f"the fd limit {fd_limit} leaves {room} connections past fd_reserve {self.fd_reserve}: "
+                "raise it (ulimit -n, LimitNOFILE=) or lower fd_reserve"
+            )
+        return room
+
+    def admin_connections(self) -> int:
+        """The admin port's connection cap: a quarter of ``fd_reserve``, at least 8."""
+        return max(8, self.fd_reserve // 4)
 
     @property
     def keys_source(self) -> str:

@@ -22,8 +22,10 @@ from rescue._codes import CloseCode
 from rescue.protocol import Role
 from rescue.relay._gc import GcPauses
 from rescue.sessions import FastHistogram, RelayStats, SessionTable
+from rescue.websocket import ConnectionStats
 
 if TYPE_CHECKING:
+    from rescue._http import HttpStats
     from rescue.relay._control import AssignmentKeeper, ControlLink, KeySource, NodeRegistrar
     from rescue.websocket import ReadPoller
 
@@ -64,7 +66,13 @@ class _StatsCollector(Collector):
         keeper: Callable[[], AssignmentKeeper | None],
         token_uses: Callable[[], dict[str, int]],
         gc_pauses: GcPauses | None,
+        connections: ConnectionStats | None,
+        max_connections: Callable[[], int],
+        admin_http: HttpStats | None,
     ) -> None:
+        self.connections = connections
+        self.max_connections = max_connections
+        self.admin_http = admin_http
         self.stats = stats
         self.token_uses = token_uses
         self.gc_pauses = gc_pauses
@@ -242,6 +250,47 @@ class _StatsCollector(Collector):
         poller = self.poller()
         if poller is not None:
             yield from _poller_metrics(poller)
+        if self.connections is not None:
+            yield from _connection_metrics(self.connections, self.max_connections(), self.admin_http)
+
+
+def _connection_metrics(ws: ConnectionStats, cap: int, admin: HttpStats | None) -> Iterator[Metric]:
+    """The WebSocket listener's connection cap (and the admin port's), read at scrape time."""
+    yield GaugeMetricFamily(
+        "beach_rescue_ws_open_connections",
+        "Open WebSocket sockets: in their upgrade, waiting for HELLO, or in a session",
+        value=ws.open,
+    )
+    yield GaugeMetricFamily(
+        "beach_rescue_ws_max_connections",
+        "The WebSocket listener's connection cap (fd limit less --fd-reserve, or --max-connections)",
+        value=cap,
+    )
+    away = CounterMetricFamily(
+        "beach_rescue_ws_connections_turned_away",
+        "WebSocket connections over the cap (shed_pending: one still in its upgrade or before HELLO "
+        "closed for a newcomer; refused: a newcomer answered 503 server_busy) and accept() failures "
+        "for lack of fds (accept_error)",
+        labels=["reason"],
+    )
+    away.add_metric(["shed_pending"], ws.shed)
+    away.add_metric(["refused"], ws.refused)
+    away.add_metric(["accept_error"], ws.accept_errors)
+    yield away
+    if admin is not None:
+        yield GaugeMetricFamily(
+            "beach_rescue_http_open_connections", "Admin port HTTP connections being served", value=admin.open
+        )
+        http = CounterMetricFamily(
+            "beach_rescue_http_connections_turned_away",
+            "Admin port HTTP connections over its cap (a quarter of --fd-reserve; shed_idle: an idle "
+            "one closed for a newcomer; refused: answered 503) and accept() failures (accept_error)",
+            labels=["reason"],
+        )
+        http.add_metric(["shed_idle"], admin.shed_idle)
+        http.add_metric(["refused"], admin.refused)
+        http.add_metric(["accept_error"], admin.accept_errors)
+        yield http
 
 
 def _poller_metrics(poller: ReadPoller) -> Iterator[Metric]:
@@ -311,6 +360,9 @@ class RelayMetrics:
         keeper: Callable[[], AssignmentKeeper | None] = lambda: None,
         token_uses: Callable[[], dict[str, int]] = dict,
         gc_pauses: GcPauses | None = None,
+        connections: ConnectionStats | None = None,
+        max_connections: Callable[[], int] = lambda: 0,
+        admin_http: HttpStats | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         # process_cpu_seconds_total, RSS, open fds: the CPU > 70 % alert and the soak reports read them.
@@ -329,7 +381,19 @@ class RelayMetrics:
         )
         self.registry.register(
             _StatsCollector(
-                stats, table, control, keys, draining, registrar, poller, keeper, token_uses, gc_pauses
+                stats,
+                table,
+                control,
+                keys,
+                draining,
+                registrar,
+                poller,
+                keeper,
+                token_uses,
+                gc_pauses,
+                connections,
+                max_connections,
+                admin_http,
             )
         )
 

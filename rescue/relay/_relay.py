@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import resource
 import ssl
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import httpx
 import trio
 
 from rescue._codes import CloseCode, clip_close_reason
-from rescue._http import serve_http
+from rescue._http import HttpLimits, HttpStats, serve_http
 from rescue._log import get_logger, log_event, session_tag
 from rescue._tracing import RecordedSpan, outside_record, record_span
 from rescue.errors import ConfigError, ProtocolError, TokenError
@@ -64,7 +65,14 @@ from rescue.sessions import (
     SessionTable,
     websocket_close_code,
 )
-from rescue.websocket import POLLER_AVAILABLE, ReadPoller, WebSocketConnection, serve_websocket
+from rescue.websocket import (
+    POLLER_AVAILABLE,
+    ConnectionCap,
+    ConnectionStats,
+    ReadPoller,
+    WebSocketConnection,
+    serve_websocket,
+)
 
 __all__ = ["Relay", "RelayAddresses"]
 
@@ -144,6 +152,11 @@ class Relay:
         self.keeper: AssignmentKeeper | None = None
         self._http_transport = http_transport
         self._ssl_context = ssl_context
+        # the WebSocket listener's connection cap (made in run(), from the fd limit then) and the
+        # admin port's connection counts: both on /metrics
+        self.connection_stats = ConnectionStats()
+        self.cap: ConnectionCap | None = None
+        self.admin_http_stats = HttpStats()
         self.metrics = RelayMetrics(
             self.stats,
             self.table,
@@ -155,6 +168,9 @@ class Relay:
             keeper=lambda: self.keeper,
             token_uses=lambda: self.replay.outcomes,
             gc_pauses=self.gc_pauses,
+            connections=self.connection_stats,
+            max_connections=lambda: self.cap.max_connections if self.cap is not None else 0,
+            admin_http=self.admin_http_stats,
         )
         self.addresses: RelayAddresses | None = None
         self._draining = False
@@ -210,6 +226,14 @@ class Relay:
             "draining": self._draining,
             "sessions": len(self.table),
             "connections": self.table.connections(),
+            "websocket_connections": {
+                "open": self.connection_stats.open,
+                "pending": self.cap.pending if self.cap is not None else 0,
+                "max": self.cap.max_connections if self.cap is not None else None,
+                "shed": self.connection_stats.shed,
+                "refused": self.connection_stats.refused,
+                "accept_errors": self.connection_stats.accept_errors,
+            },
             "messages_forwarded": s.messages_forwarded,
             "bytes_forwarded": s.bytes_forwarded,
             "frames_discarded": s.frames_discarded,
@@ -245,6 +269,11 @@ class Relay:
         """
         config = self.config
         ssl_context = self._ssl_context or _load_tls(config)
+        try:
+            cap = config.connection_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.cap = ConnectionCap(cap, self.connection_stats)
         # httpx only when something is fetched over HTTP: creating a client loads the CA bundle
         # (~50 ms), which a standalone node with a key file never needs.
         needs_http = not self.control.standalone or (self.keys.is_url and not self._keys_given)
@@ -271,7 +300,15 @@ class Relay:
                     if config.admin_port is not None:
                         admin_host = config.admin_host or config.host
                         admin_port = await services.start(
-                            serve_http, admin_app(self), admin_host, config.admin_port
+                            functools.partial(
+                                serve_http,
+                                admin_app(self),
+                                admin_host,
+                                config.admin_port,
+                                # inside fd_reserve, so a WebSocket flood leaves /healthz its fds
+                                limits=HttpLimits(max_connections=config.admin_connections()),
+                                stats=self.admin_http_stats,
+                            )
                         )
                     await self._serve(ssl_context, admin_port, services, task_status)
                     services.cancel_scope.cancel()
@@ -322,6 +359,7 @@ class Relay:
                         handshake_timeout=config.upgrade_timeout_s,
                         handler_nursery=handlers,
                         close_timeout=config.close_timeout_s,
+                        cap=self.cap,
                     )
                 )
                 host, port = server.addresses[0]
@@ -466,6 +504,9 @@ class Relay:
             self.metrics.handshakes.labels("disconnected").inc()
             ws.abort()
             return "disconnected", None
+        if self.cap is not None:
+            # it said something: finishing its handshake is bounded work, never shed it now
+            self.cap.established(ws)
         try:
             hello, claims = await self._check_hello(batch[0])
         except (ProtocolError, TokenError) as exc:

@@ -23,8 +23,11 @@ Public API:
 
 * :func:`serve_websocket` ``(handler, host, port, *, path="/v1/connect", ssl_context=None,
   max_message=65536, handshake_timeout=10.0, accept_check=None, handler_nursery=None,
-  task_status)`` → ``started(WebSocketServer)``; ``accept_check(request, remote_addr) ->
-  Rejection | None`` may refuse at HTTP level (e.g. ``Rejection(503, "draining", "…")``).
+  cap=None, task_status)`` → ``started(WebSocketServer)``; ``accept_check(request, remote_addr) ->
+  Rejection | None`` may refuse at HTTP level (e.g. ``Rejection(503, "draining", "…")``);
+  ``cap`` (:class:`ConnectionCap`, counting into :class:`ConnectionStats`) bounds the open
+  connections: past it a pending one (no upgrade or first message yet) is shed, or the newcomer
+  refused with 503 ``server_busy``.
 * :func:`connect_websocket` ``(url, *, ssl_context=None, max_message=65536, headers=())`` →
   :class:`WebSocketConnection`.
 * :class:`WebSocketConnection`: ``receive_messages() -> list[bytes]``, ``send_messages(payloads)``,
@@ -88,6 +91,8 @@ from rescue.websocket._poller import QUIET_RCVLOWAT as QUIET_RCVLOWAT
 from rescue.websocket._poller import ReadPoller as ReadPoller
 from rescue.websocket._server import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
 from rescue.websocket._server import AcceptCheck as AcceptCheck
+from rescue.websocket._server import ConnectionCap as ConnectionCap
+from rescue.websocket._server import ConnectionStats as ConnectionStats
 from rescue.websocket._server import Handler as Handler
 from rescue.websocket._server import WebSocketServer as WebSocketServer
 from rescue.websocket._server import serve_websocket as serve_websocket

@@ -280,6 +280,7 @@ class WebSocketConnection:
         "_unsent",
         "_writes",
         "close_timeout",
+        "on_transport_closed",
         "path",
         "remote_addr",
         "request_headers",
@@ -351,6 +352,8 @@ class WebSocketConnection:
         self._protocol_error: ProtocolError | None = None  # the peer broke framing: receiving is over
         self._peer_done = LazyEvent()  # peer's close frame or EOF seen
         self._transport_closed = LazyEvent()
+        # called once when the transport closes (the server's connection count: ConnectionCap)
+        self.on_transport_closed: Callable[[], None] | None = None
         self._bytes_in = self._bytes_out = 0
         self._messages_in = self._messages_out = 0
         self._reads = self._writes = 0
@@ -1102,6 +1105,10 @@ class WebSocketConnection:
         if self._transport_closed.is_set():
             return True
         self._transport_closed.set()
+        closed_hook = self.on_transport_closed
+        if closed_hook is not None:
+            self.on_transport_closed = None
+            closed_hook()
         self._peer_done.set()
         self._idle.unpark_all()
         poller = self._poller

@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import ssl
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -31,7 +32,15 @@ from rescue.websocket._codec import (
 from rescue.websocket._connection import CLOSE_TIMEOUT, WebSocketConnection, _socket_of
 from rescue.websocket._tls import TLSSocketStream
 
-__all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "AcceptCheck", "Handler", "WebSocketServer", "serve_websocket"]
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "AcceptCheck",
+    "ConnectionCap",
+    "ConnectionStats",
+    "Handler",
+    "WebSocketServer",
+    "serve_websocket",
+]
 
 _logger = get_logger("rescue.websocket")
 
@@ -47,6 +56,13 @@ ACCEPT_RETRY_S: Final = 0.1
 # ... and logs it at most this often, with the count of failures since the last line (it logged
 # every retry: 10 ERROR lines a second while a connection flood held every fd).
 ACCEPT_LOG_INTERVAL_S: Final = 10.0
+# The over-capacity warning (ConnectionCap) is logged at most this often, with counts since the last.
+CAPACITY_LOG_INTERVAL_S: Final = 10.0
+# What a newcomer over the cap gets (plain ws:// only; TLS clients are just closed): written at
+# once into the empty socket buffer, without reading its request, and the socket closed.
+_BUSY_RESPONSE: Final = error_response(
+    503, "server_busy", "too many connections; retry shortly", headers=(("Retry-After", "1"),)
+)
 
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
 AcceptCheck = Callable[[Request, "tuple[str, int] | None"], Awaitable[Rejection | None]]
@@ -72,6 +88,144 @@ class WebSocketServer:
         return self.addresses[0][1]
 
 
+@dataclass(slots=True)
+class ConnectionStats:
+    """What a :class:`ConnectionCap` counts, for ``/metrics`` (cumulative but ``open``).
+
+    Attributes:
+        open: accepted sockets not yet closed (handshaking, waiting for their first message, or
+            handed to their owner: a relay session).
+        shed: connections not yet established (upgrade or first message pending) closed to make
+            room for a newcomer over the cap.
+        refused: newcomers over the cap with nothing to shed: answered 503 ``server_busy`` (TLS:
+            closed) at once.
+        accept_errors: ``accept()`` failures for lack of fds or memory (each retry counts).
+    """
+
+    open: int = 0
+    shed: int = 0
+    refused: int = 0
+    accept_errors: int = 0
+
+
+class ConnectionCap:
+    """At most ``max_connections`` sockets open on one :func:`serve_websocket` server.
+
+    A connection is *pending* from ``accept()`` until its handler calls :meth:`established`
+    (the relay: its first message, the HELLO, has arrived) or returns. Past the cap a newcomer takes
+    the place of the longest-pending connection (its task is cancelled, its socket closed): a
+    connection that never finishes its upgrade or never says HELLO is the cheapest thing to drop,
+    and a client that is really connecting gets there within the time it takes the flood to cycle
+    through every pending slot. Established connections (sessions, paired or waiting for their
+    partner) are never shed. With nothing pending the newcomer is refused at once: ``503
+    server_busy`` with ``Retry-After: 1`` on ``ws://`` (the upgrade path's JSON error body), a plain
+    close on ``wss://``. A warning, ``websocket.over_capacity``, says so at most every
+    :data:`CAPACITY_LOG_INTERVAL_S` with the counts since the last one.
+
+    Args:
+        max_connections: the cap (≥ 1).
+        stats: the counters to keep (default: new ones, :attr:`stats`).
+    """
+
+    def __init__(self, max_connections: int, stats: ConnectionStats | None = None) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self.max_connections = max_connections
+        self.stats = stats if stats is not None else ConnectionStats()
+        # pending connections' task scopes, longest-pending first (dicts keep order)
+        self._pending: dict[trio.CancelScope, None] = {}
+        self._scope_of: dict[int, trio.CancelScope] = {}  # id(connection) -> its pending scope
+        self._shed = self._refused = self._accept_errors = 0  # since the last log line
+        self._logged = -CAPACITY_LOG_INTERVAL_S
+
+    @property
+    def pending(self) -> int:
+        """Connections that could be shed now."""
+        return len(self._pending)
+
+    def admit(self) -> bool:
+        """Whether a just-accepted socket may be served (then it counts as open): under the cap, or
+        once the longest-pending connection has been told to close in its favour."""
+        stats = self.stats
+        if stats.open >= self.max_connections:
+            if not self._pending:
+                stats.refused += 1
+                self._refused += 1
+                self._log()
+                return False
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            oldest.cancel()
+            stats.shed += 1
+            self._shed += 1
+            self._log()
+        stats.open += 1
+        return True
+
+    def established(self, conn: WebSocketConnection) -> None:
+        """``conn`` is past the point where shedding it is cheap: never shed it from now on."""
+        scope = self._scope_of.pop(id(conn), None)
+        if scope is not None:
+            self._pending.pop(scope, None)
+
+    def closed(self) -> None:
+        """An admitted socket is closed."""
+        self.stats.open -= 1
+
+    def accept_failed(self) -> None:
+        """``accept()`` ran out of fds or memory (logged by the accept loop)."""
+        self.stats.accept_errors += 1
+
+    def _hold(self, scope: trio.CancelScope) -> None:
+        self._pending[scope] = None
+
+    def _bind(self, conn: WebSocketConnection, scope: trio.CancelScope) -> None:
+        if scope in self._pending:
+            self._scope_of[id(conn)] = scope
+        conn.on_transport_closed = self.closed
+
+    def _release(self, scope: trio.CancelScope, conn: WebSocketConnection | None) -> None:
+        self._pending.pop(scope, None)
+        if conn is not None:
+            self._scope_of.pop(id(conn), None)
+
+    def _log(self) -> None:
+        now = trio.current_time()
+        if now - self._logged < CAPACITY_LOG_INTERVAL_S:
+            return
+        self._logged = now
+        log_event(
+            _logger,
+            "websocket.over_capacity",
+            level=logging.WARNING,
+            open=self.stats.open,
+            max_connections=self.max_connections,
+            shed=self._shed,
+            refused=self._refused,
+            detail=f"{self.stats.open} connections open (the cap is {self.max_connections}): "
+            "connections still in their upgrade or before their first message are closed to make "
+            "room, newcomers are refused while there are none",
+        )
+        self._shed = self._refused = 0
+
+
+def _refuse_now(stream: trio.SocketStream, *, tls: bool) -> None:
+    """Answer a newcomer over the cap without a task or a wait, and close its socket."""
+    sock = stream.socket
+    try:
+        fd = sock.fileno()
+        try:
+            os.read(fd, MAX_HANDSHAKE_SIZE)  # what already arrived (unread input makes close() a reset)
+        except BlockingIOError:
+            pass
+        if not tls:
+            os.write(fd, _BUSY_RESPONSE)  # non-blocking; a fresh socket's buffer takes it
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 def _address(listener: Listener) -> tuple[str, int]:
     name = listener.socket.getsockname()
     return (str(name[0]), int(name[1]))
@@ -90,6 +244,7 @@ async def serve_websocket(
     handler_nursery: trio.Nursery | None = None,
     close_timeout: float = CLOSE_TIMEOUT,
     frame_budget: bool = True,
+    cap: ConnectionCap | None = None,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSocket connections forever, running ``await handler(conn)`` for each.
@@ -115,6 +270,8 @@ async def serve_websocket(
         close_timeout: each connection's :attr:`WebSocketConnection.close_timeout`.
         frame_budget: hold each client to a :class:`~rescue.websocket.FrameBudget` (a flood of
             tiny frames is a ``PROTOCOL_ERROR``).
+        cap: bound the open connections (:class:`ConnectionCap`: past it, shed a pending one or
+            refuse the newcomer); ``None``: no bound but the process's fd limit.
         task_status: ``started(WebSocketServer)`` once every listener is bound.
 
     Resource handling:
@@ -139,6 +296,7 @@ async def serve_websocket(
         accept_check=accept_check,
         close_timeout=close_timeout,
         frame_budget=frame_budget,
+        cap=cap,
     )
     log_event(_logger, "websocket.listening", addresses=[f"{h}:{p}" for h, p in server.addresses])
     # Not trio.serve_listeners: its wrapper closes the stream when the handler task ends, which
@@ -146,7 +304,7 @@ async def serve_websocket(
     async with trio.open_nursery() as nursery:
         handlers = handler_nursery if handler_nursery is not None else nursery
         for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, handlers, serve_one)
+            nursery.start_soon(_accept_loop, listener, handlers, serve_one, cap, ssl_context is not None)
         task_status.started(server)
 
 
@@ -154,6 +312,8 @@ async def _accept_loop(
     listener: Listener,
     handlers: trio.Nursery,
     serve_one: Callable[[trio.abc.Stream], Awaitable[None]],
+    cap: ConnectionCap | None,
+    tls: bool,
 ) -> None:
     failures = 0
     logged = -ACCEPT_LOG_INTERVAL_S
@@ -165,6 +325,8 @@ async def _accept_loop(
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
                 failures += 1
+                if cap is not None:
+                    cap.accept_failed()
                 if trio.current_time() - logged >= ACCEPT_LOG_INTERVAL_S:
                     logged = trio.current_time()
                     log_event(
@@ -177,11 +339,34 @@ async def _accept_loop(
                     failures = 0
                 await trio.sleep(ACCEPT_RETRY_S)
             else:
-                handlers.start_soon(serve_one, stream)
+                if cap is None or cap.admit():
+                    handlers.start_soon(serve_one, stream)
+                else:
+                    _refuse_now(stream, tls=tls)
 
 
 async def _serve_connection(
     stream: trio.abc.Stream,
+    *,
+    cap: ConnectionCap | None,
+    **options: Any,
+) -> None:
+    if cap is None:
+        await _serve_one(stream, None, None, **options)
+        return
+    scope = trio.CancelScope()  # cancelled by the cap to shed this connection while it is pending
+    cap._hold(scope)
+    try:
+        with scope:
+            await _serve_one(stream, cap, scope, **options)
+    finally:
+        cap._release(scope, None)
+
+
+async def _serve_one(
+    stream: trio.abc.Stream,
+    cap: ConnectionCap | None,
+    cap_scope: trio.CancelScope | None,
     *,
     handler: Handler,
     ssl_context: ssl.SSLContext | None,
@@ -235,6 +420,8 @@ async def _serve_connection(
             close_timeout=close_timeout,
             frame_budget=frame_budget,
         )
+        if cap is not None and cap_scope is not None:
+            cap._bind(conn, cap_scope)  # from here on, the connection's close is the count's
         try:
             await handler(conn)
         except ProtocolError as exc:
@@ -255,8 +442,14 @@ async def _serve_connection(
             if not conn.detached:
                 await conn.close(_INTERNAL_ERROR, "internal error")
     finally:
+        if cap is not None and cap_scope is not None:
+            cap._release(cap_scope, conn)
         if conn is None:
-            await trio.aclose_forcefully(stream)
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:
+                if cap is not None:
+                    cap.closed()
         elif not conn.detached:  # a detached connection belongs to whoever took it
             await conn.close(CloseCode.NORMAL)
 

@@ -1,0 +1,259 @@
+"""``rescue relay`` under a connection flood, in a real process with a real fd limit.
+
+The node runs with ``RLIMIT_NOFILE`` lowered to 132 and ``--fd-reserve 100``: its WebSocket listener
+takes at most 32 connections. More sockets than the whole fd limit (upgraded ones that never say
+HELLO, then bare TCP ones) must not cost the node its admin port or its live session: the oldest
+pending connections are shed for newcomers, ``/healthz`` answers, the paired session forwards
+byte-exact. Once the flood is gone new sessions pair again; with every slot held by a session a
+newcomer is answered 503 ``server_busy`` at once (not after the 60 s upgrade timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from rescue.errors import ConnectionClosedError, ProtocolError
+from rescue.protocol import Kind, encode_frame
+from rescue.testing import TestKeys, TestPeer
+from rescue.websocket import WebSocketConnection, connect_websocket
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE on Linux")
+
+RESCUE = [sys.executable, "-m", "rescue.cli"]
+NOFILE = 132
+RESERVE = 100
+CAP = NOFILE - RESERVE  # 32
+UPGRADED_FLOOD = 20  # upgraded, never send HELLO (the oldest: shed first)
+RAW_FLOOD = 150  # bare TCP, never send a byte: with the upgraded ones, more than the fd limit
+PROMPT_S = 5.0
+# how the SDK's connect sees a refusal: HandshakeError (a ProtocolError) for the 503, or a reset
+# when its request crossed the close
+REFUSED = (
+    ProtocolError,
+    ConnectionClosedError,
+    OSError,
+)  # well inside the 60 s upgrade/HELLO timeouts the node runs with
+
+
+def _lower_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+async def _start(jwks: Path, log: Path) -> tuple[trio.Process, dict[str, object]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))}
+    with log.open("wb") as sink:
+        proc = await trio.lowlevel.open_process(
+            [
+                *RESCUE,
+                "relay",
+                "--keys",
+                str(jwks),
+                "--port",
+                "0",
+                "--admin-port",
+                "0",
+                "--fd-reserve",
+                str(RESERVE),
+                "--handshakes-per-ip-per-min",
+                "0",
+                "--upgrade-timeout-s",
+                "60",
+                "--hello-timeout-s",
+                "60",
+                "--drain-s",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            env=env,
+            preexec_fn=_lower_nofile,
+        )
+    with trio.fail_after(30):
+        while True:
+            for line in log.read_bytes().splitlines():
+                if line.startswith(b"{") and b'"relay.listening"' in line:
+                    return proc, json.loads(line)
+            assert proc.poll() is None, log.read_text(errors="replace")
+            await trio.sleep(0.05)
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def _wait_metrics(http: httpx.AsyncClient, admin: str, **want: float) -> str:
+    """Poll /metrics until every ``name=value`` holds (the relay handles closes asynchronously)."""
+    names = {
+        "open": "beach_rescue_ws_open_connections",
+        "shed": 'beach_rescue_ws_connections_turned_away_total{reason="shed_pending"}',
+        "refused": 'beach_rescue_ws_connections_turned_away_total{reason="refused"}',
+        "accept_error": 'beach_rescue_ws_connections_turned_away_total{reason="accept_error"}',
+    }
+    text = ""
+    try:
+        with trio.fail_after(PROMPT_S):
+            while True:
+                text = (await http.get(f"{admin}/metrics")).text
+                if all(_metric(text, names[key]) == value for key, value in want.items()):
+                    return text
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        raise AssertionError(f"/metrics never showed {want}:\n{text}") from None
+
+
+async def _forwards(a: TestPeer, b: TestPeer, payload: bytes) -> None:
+    frame = encode_frame(Kind.DATA, payload, seq=1)
+    await a.send(frame)
+    assert await b.receive() == frame
+    back = encode_frame(Kind.DATA, payload[::-1], seq=1)
+    await b.send(back)
+    assert await a.receive() == back
+
+
+async def _healthy(admin: str) -> None:
+    """Three probes, each on a new connection (as a liveness probe does: it needs a new fd)."""
+    for _ in range(3):
+        async with httpx.AsyncClient(timeout=PROMPT_S) as probe:
+            answer = await probe.get(f"{admin}/healthz")
+        assert answer.status_code == 200, answer.text
+
+
+async def _pair(url: str, keys: TestKeys, session: str) -> tuple[TestPeer, TestPeer]:
+    host = await TestPeer.connect(url, keys, session=session, role="host")
+    guest = await TestPeer.connect(url, keys, session=session, role="guest")
+    assert (await host.receive_peer_event()).event == "joined"
+    return host, guest
+
+
+async def _shed(ws: WebSocketConnection) -> None:
+    with pytest.raises(ConnectionClosedError):
+        await ws.receive_messages()
+
+
+async def test_relay_keeps_admin_port_and_sessions_through_a_connection_flood(tmp_path: Path) -> None:
+    keys = TestKeys()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(keys.jwks()))
+    log = tmp_path / "relay.log"
+    proc, listening = await _start(jwks, log)
+    url = str(listening["url"])
+    port = int(str(url).rsplit(":", 1)[1].split("/")[0])
+    admin = f"http://127.0.0.1:{listening['admin_port']}"
+    peers: list[TestPeer] = []
+    upgraded: list[WebSocketConnection] = []
+    raw: list[trio.SocketStream] = []
+    try:
+        async with httpx.AsyncClient(timeout=PROMPT_S) as http:
+            with trio.fail_after(60):  # the whole test; a few seconds when it passes
+                await _wait_metrics(http, admin, open=0)
+                assert "beach_rescue_ws_max_connections 32.0" in (await http.get(f"{admin}/metrics")).text
+                host, guest = await _pair(url, keys, "live")
+                peers += [host, guest]
+
+                # the flood: more sockets than the process has fds
+                for _ in range(UPGRADED_FLOOD):
+                    upgraded.append(await connect_websocket(url))
+                for _ in range(RAW_FLOOD):
+                    raw.append(await trio.open_tcp_stream("127.0.0.1", port))
+                await _healthy(admin)
+                shed = UPGRADED_FLOOD + RAW_FLOOD - (CAP - 2)
+                text = await _wait_metrics(http, admin, open=CAP, shed=shed, refused=0)
+                assert (
+                    _metric(text, 'beach_rescue_ws_connections_turned_away_total{reason="accept_error"}') == 0
+                )
+                assert _metric(text, "process_open_fds") < NOFILE - RESERVE // 2
+                await _forwards(host, guest, os.urandom(4096))
+                with trio.fail_after(PROMPT_S):  # the oldest pending ones went first
+                    for ws in upgraded:
+                        await _shed(ws)
+                    for stream in raw[: shed - UPGRADED_FLOOD]:
+                        assert await stream.receive_some() == b""
+
+                # the flood goes away: new sessions pair again
+                for ws in upgraded:
+                    ws.abort()
+                for stream in raw:
+                    await trio.aclose_forcefully(stream)
+                await _wait_metrics(http, admin, open=2)
+                again = await _pair(url, keys, "after")
+                peers += again
+                await _forwards(*again, b"\x00\xffafter the flood")
+
+                # every slot held by a session: a newcomer is refused at once, sessions stay
+                for i in range(CAP - 4):
+                    peers.append(await TestPeer.connect(url, keys, session=f"lone-{i}", role="host"))
+                await _wait_metrics(http, admin, open=CAP)
+                with trio.fail_after(PROMPT_S):
+                    newcomer = await trio.open_tcp_stream("127.0.0.1", port)
+                    answer = b""
+                    while chunk := await newcomer.receive_some():
+                        answer += chunk
+                    await newcomer.aclose()
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+                assert b'"error":"server_busy"' in answer
+                assert b"retry-after: 1" in answer.lower()
+                with (
+                    trio.fail_after(PROMPT_S),
+                    pytest.raises((ProtocolError, ConnectionClosedError, OSError)),
+                ):
+                    await connect_websocket(url)  # the SDK's upgrade sees the refusal (or the reset)
+                await _wait_metrics(http, admin, open=CAP, refused=2)
+                await _healthy(admin)
+                await _forwards(host, guest, b"still here")
+                stats = (await http.get(f"{admin}/debug/stats")).json()["websocket_connections"]
+                assert stats == {
+                    "open": CAP,
+                    "pending": 0,
+                    "max": CAP,
+                    "shed": shed,
+                    "refused": 2,
+                    "accept_errors": 0,
+                }
+    finally:
+        for peer in peers:
+            peer.abort()
+        for ws in upgraded:
+            ws.abort()
+        for stream in raw:
+            await trio.aclose_forcefully(stream)
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            code = await proc.wait()
+    assert code == 0, log.read_text(errors="replace")
+    lines = [json.loads(line) for line in log.read_bytes().splitlines() if line.startswith(b"{")]
+    warnings = [line for line in lines if line.get("event") == "websocket.over_capacity"]
+    assert 1 <= len(warnings) <= 3, warnings  # one per 10 s at most, with counts
+    assert warnings[0]["max_connections"] == CAP
+    assert not [line for line in lines if line.get("event") == "websocket.accept_failed"]
+
+
+def test_fd_reserve_and_max_connections_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rescue.cli import build_parser
+    from rescue.commands.relay import build_config
+
+    config = build_config(build_parser().parse_args(["relay", "--keys", "k.json"]), {})
+    assert (config.max_connections, config.fd_reserve) == (0, 128)
+    assert config.connection_cap(1024) == 896
+    assert config.admin_connections() == 32
+    monkeypatch.setenv("RESCUE_FD_RESERVE", "200")
+    monkeypatch.setenv("RESCUE_MAX_CONNECTIONS", "500")
+    config = build_config(build_parser().parse_args(["relay", "--keys", "k.json"]), {})
+    assert config.connection_cap(1024) == 500
+    with pytest.raises(ValueError, match="fd limit of at least 700"):
+        config.connection_cap(600)
+    config = config.replace(max_connections=0)
+    with pytest.raises(ValueError, match="leaves 10 connections"):
+        config.connection_cap(210)
