@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import resource
 import secrets
 import signal
 import sys
@@ -25,6 +26,7 @@ from typing import IO
 
 import trio
 
+from rescue._http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from rescue._log import configure_logging, get_logger, log_event
 from rescue._tracing import traced_process
 from rescue.cli import add_option, self_command
@@ -32,7 +34,7 @@ from rescue.commands.token_service import add_cors_option, cors_origins
 from rescue.errors import ConfigError
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
 from rescue.protocol import KeyRing, SigningKey
-from rescue.relay import Relay, RelayConfig
+from rescue.relay import DEFAULT_FD_RESERVE, MIN_CONNECTIONS, Relay, RelayConfig
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, join_url, serve_token_service
 
 __all__ = ["DEV_COHORT", "DevAddresses", "register", "run_dev"]
@@ -221,6 +223,7 @@ async def _serve_dev(
                 admin_port=admin_port,
                 node_id="dev",
                 drain_s=DEV_DRAIN_S,
+                fd_reserve=_dev_fd_reserve(),
             ),
             keys=KeyRing([signing]),
             store=store,  # registers itself like a fleet node (SPEC §7); tokens then name it in aud
@@ -239,6 +242,14 @@ async def _serve_dev(
                 break
             await relay.drain()
             nursery.cancel_scope.cancel()
+
+
+def _dev_fd_reserve() -> int:
+    """The relay's ``fd_reserve`` in ``rescue dev``: the token service shares its process, and its
+    HTTP server may hold up to half the fds (``rescue._http.MAX_CONNECTIONS``), so the relay's
+    WebSocket listener leaves those too; under a tiny fd limit it keeps at least 16 connections."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(0, min(HTTP_MAX_CONNECTIONS + DEFAULT_FD_RESERVE // 2, limit - MIN_CONNECTIONS))
 
 
 def _banner(dev: DevAddresses, admin_api: bool, admin_key_file: str | None) -> str:

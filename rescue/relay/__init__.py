@@ -10,7 +10,9 @@
 """
 
 from rescue.relay._config import DEFAULT_ADMIN_PORT as DEFAULT_ADMIN_PORT
+from rescue.relay._config import DEFAULT_FD_RESERVE as DEFAULT_FD_RESERVE
 from rescue.relay._config import DEFAULT_PORT as DEFAULT_PORT
+from rescue.relay._config import MIN_CONNECTIONS as MIN_CONNECTIONS
 from rescue.relay._config import RelayConfig as RelayConfig
 from rescue.relay._control import ControlLink as ControlLink
 from rescue.relay._control import KeySource as KeySource

@@ -14,7 +14,7 @@ from rescue.sessions import (
     SessionLimits,
 )
 
-__all__ = ["DEFAULT_ADMIN_PORT", "DEFAULT_FD_RESERVE", "DEFAULT_PORT", "RelayConfig"]
+__all__ = ["DEFAULT_ADMIN_PORT", "DEFAULT_FD_RESERVE", "DEFAULT_PORT", "MIN_CONNECTIONS", "RelayConfig"]
 
 DEFAULT_PORT: Final = 8081  # SPEC §11 (`rescue dev` uses the same relay port)
 DEFAULT_ADMIN_PORT: Final = 9090
