@@ -222,6 +222,9 @@ async def test_relay_keeps_admin_port_and_sessions_through_a_connection_flood(tm
                     "refused": 2,
                     "accept_errors": 0,
                 }
+                for peer in peers:  # the count follows sessions' sockets to the end, too
+                    peer.abort()
+                await _wait_metrics(http, admin, open=0)
     finally:
         for peer in peers:
             peer.abort()
