@@ -35,6 +35,7 @@ RESERVE = 100
 CAP = NOFILE - RESERVE  # 32
 UPGRADED_FLOOD = 20  # upgraded, never send HELLO (the oldest: shed first)
 RAW_FLOOD = 150  # bare TCP, never send a byte: with the upgraded ones, more than the fd limit
+HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 PROMPT_S = 5.0
 # how the SDK's connect sees a refusal: HandshakeError (a ProtocolError) for the 503, or a reset
 # when its request crossed the close
@@ -260,3 +261,21 @@ def test_fd_reserve_and_max_connections_from_flags_and_environment(monkeypatch: 
     config = config.replace(max_connections=0)
     with pytest.raises(ValueError, match="leaves 10 connections"):
         config.connection_cap(210)
+
+
+def test_an_fd_limit_below_the_reserve_is_a_one_line_start_up_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*RESCUE, "relay", "--keys", str(tmp_path / "k.json"), "--port", "0", "--admin-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, HARD)),
+    )
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert lines == [
+        "rescue relay: error: the fd limit 100 leaves -28 connections past --fd-reserve 128: "
+        "raise it (ulimit -n, LimitNOFILE=) or lower --fd-reserve"
+    ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import secrets
 import signal
 import sys
@@ -290,7 +291,7 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
         ConfigError: a missing key source or inconsistent settings (one line).
     """
     try:
-        return RelayConfig(
+        config = RelayConfig(
             keys=args.keys,
             host=args.host,
             port=args.port,
@@ -328,6 +329,8 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | os._Environ
             quiet_tick_s=args.quiet_tick_s,
             paused=environ.get("FALLBACK_WS_PAUSED", "").strip().lower() in _TRUE,
         )
+        config.connection_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the fd limit fits
+        return config
     except ValueError as exc:
         raise ConfigError(flag_names(str(exc), args.parser)) from None
 
