@@ -454,6 +454,31 @@ def build() -> dict[str, Any]:
         )
     )
 
+    panels.append(lay.row("Connection cap (fds; docs/relay.md)"))
+    panels.append(
+        timeseries(
+            lay,
+            "WebSocket connections open vs the cap",
+            [
+                (f"sum by (instance) (beach_rescue_ws_open_connections{{{RELAY}}})", "open {{instance}}"),
+                (f"max by (instance) (beach_rescue_ws_max_connections{{{RELAY}}})", "cap {{instance}}"),
+            ],
+            description="Every socket on the WebSocket port (handshaking, before HELLO, in a session) "
+            "against the cap (fd limit less --fd-reserve). At the cap, pending ones are shed for newcomers.",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "WebSocket connections turned away",
+            [(rate("beach_rescue_ws_connections_turned_away_total", by="reason"), "{{reason}}")],
+            unit="ops",
+            description="shed_pending: a connection without HELLO closed for a newcomer (a flood being "
+            "absorbed); refused: 503 server_busy, nothing left to shed; accept_error: out of fds. "
+            "Runbook: Connection flood on a relay.",
+        )
+    )
+
     panels.append(lay.row("Read poller (decision 0007)"))
     panels.append(
         timeseries(
