@@ -108,24 +108,29 @@ async def test_a_copied_token_cannot_displace_the_live_peer(nursery: trio.Nurser
 
 
 @pytest.mark.redis
-async def test_a_token_used_on_one_node_is_refused_by_another(nursery: trio.Nursery, redis_url: str) -> None:
+async def test_a_token_used_on_one_node_is_refused_by_another(redis_url: str) -> None:
     keys = TestKeys()
+    stores = [RedisStore(redis_url) for _ in range(2)]  # given to the relays, so closed here
     with trio.fail_after(TIMEOUT):
-        urls = []
-        relays = []
-        for node in ("node-a", "node-b"):
-            relay = Relay(relay_test_config(node_id=node), keys=keys.ring, store=RedisStore(redis_url))
-            relays.append(relay)
-            urls.append((await nursery.start(relay.run)).url)
-        token = keys.mint("fleet", "host")  # aud "*": any node would take it
-        host = await TestPeer.connect(urls[0], token=token, session="fleet", role="host")
-        copy = await TestPeer.connect(
-            urls[1], token=token, session="fleet", role="host", expect_welcome=False
-        )
-        closed = await copy.wait_closed()
-        assert closed.wire_code == CloseCode.TOKEN_EXPIRED
-        assert relays[1].replay.outcomes["refused_elsewhere"] == 1
-        assert relays[0].replay.outcomes["first"] == 1
-        await host.aclose()
-        for relay in relays:
-            relay.shutdown()
+        async with trio.open_nursery() as nursery:
+            urls = []
+            relays = []
+            for node, store in zip(("node-a", "node-b"), stores, strict=True):
+                relay = Relay(relay_test_config(node_id=node), keys=keys.ring, store=store)
+                relays.append(relay)
+                urls.append((await nursery.start(relay.run)).url)
+            token = keys.mint("fleet", "host")  # aud "*": any node would take it
+            host = await TestPeer.connect(urls[0], token=token, session="fleet", role="host")
+            copy = await TestPeer.connect(
+                urls[1], token=token, session="fleet", role="host", expect_welcome=False
+            )
+            closed = await copy.wait_closed()
+            assert closed.wire_code == CloseCode.TOKEN_EXPIRED
+            assert relays[1].replay.outcomes["refused_elsewhere"] == 1
+            assert relays[0].replay.outcomes["first"] == 1
+            await host.aclose()
+            for relay in relays:
+                relay.shutdown()
+            nursery.cancel_scope.cancel()
+        for store in stores:
+            await store.aclose()
