@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -43,9 +43,12 @@ from bench.targets import (
     TARGETS,
     KeyMaterial,
     TargetDef,
-    TLSMaterial,
+    create_tls,
     start_target,
 )
+
+if TYPE_CHECKING:
+    from rescue.testing import SelfSignedTLS as TLSMaterial
 
 # SPEC §10 targets.
 TARGET_X_WS_1K: Final = 3.0
@@ -768,7 +771,7 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown target(s) {unknown}; known: {sorted(TARGETS)}")
     keys = KeyMaterial.create(log_dir) if any(TARGETS[n].needs_keys for n in names) else None
-    tls = TLSMaterial.create(log_dir) if args.tls else None
+    tls = create_tls(log_dir) if args.tls else None
     if tls is not None:
         plain_only = [n for n in names if TARGETS[n].tls_argv is None]
         if plain_only:

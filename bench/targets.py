@@ -3,13 +3,11 @@
 Every target is a separate process (so its CPU and memory can be read from ``/proc/<pid>``) that
 listens on 127.0.0.1 and prints ``READY port=<n>`` on stdout when it accepts connections. With
 ``bench.run --tls`` every target that can serves TLS (``--tls-cert/--tls-key``, a self-signed
-certificate made for the run: :class:`TLSMaterial`); the others are left out of that run.
+certificate made for the run: :func:`create_tls`); the others are left out of that run.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -19,9 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
+
+if TYPE_CHECKING:
+    from rescue.testing import SelfSignedTLS as TLSMaterial
 
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
@@ -144,46 +145,11 @@ def make_minter(key_file: str, *, audience: str = "*") -> Callable[[str, str], b
     return mint
 
 
-@dataclass
-class TLSMaterial:
-    """A throwaway self-signed certificate for 127.0.0.1 (the targets serve it, the workers trust it)."""
+def create_tls(directory: Path) -> TLSMaterial:
+    """The run's throwaway certificate for 127.0.0.1 (the targets serve it, the workers trust it)."""
+    from rescue.testing import SelfSignedTLS  # imported on demand: the references run without rescue
 
-    cert_file: Path
-    key_file: Path
-
-    @classmethod
-    def create(cls, directory: Path) -> TLSMaterial:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        directory.mkdir(parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-            )
-            .sign(key, hashes.SHA256())
-        )
-        cert_file, key_file = directory / "bench-cert.pem", directory / "bench-key.pem"
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file.touch(mode=0o600)
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        return cls(cert_file, key_file)
+    return SelfSignedTLS.create(directory)
 
 
 @dataclass

@@ -251,7 +251,7 @@ async def test_tls_throughput_rate_and_idle_deliver_everything(name: str, tmp_pa
 
     The real relay's idle run goes quiet (``--quiet-after 0.3``) before its probes: the first
     messages after quiet take the TLS quiet path (SO_RCVLOWAT raised by the record overhead)."""
-    tls = targets.TLSMaterial.create(tmp_path / "tls")
+    tls = targets.create_tls(tmp_path / "tls")
     keys = mint = key_file = None
     defn = targets.TARGETS[name]
     if name == "rescue":

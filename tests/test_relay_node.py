@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import ssl
@@ -22,7 +21,7 @@ from rescue.errors import ConfigError
 from rescue.guardrails import MemoryStore
 from rescue.protocol import Close, KeyRing, Kind, SigningKey, encode_frame
 from rescue.relay import Relay, RelayAddresses
-from rescue.testing import TestKeys, TestPeer, relay_test_config
+from rescue.testing import SelfSignedTLS, TestKeys, TestPeer, relay_test_config
 from rescue.websocket import connect_websocket
 
 TEST_TIMEOUT = 30
@@ -265,38 +264,9 @@ async def test_node_registration(nursery: trio.Nursery) -> None:
 # TLS
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_tls(nursery: trio.Nursery, tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    tls = SelfSignedTLS.create(tmp_path)
+    cert, key = tls.cert_file, tls.key_file
     keys = TestKeys()
     relay = Relay(relay_test_config(tls_cert=str(cert), tls_key=str(key)), keys=keys.ring)
     with trio.fail_after(TEST_TIMEOUT):

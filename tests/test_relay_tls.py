@@ -9,8 +9,6 @@ and waits for conditions (counters), never for time.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -27,7 +25,7 @@ import trio
 from rescue._codes import CloseCode
 from rescue.protocol import Kind, Role, encode_frame
 from rescue.relay import Relay
-from rescue.testing import TestKeys, TestPeer, peer_conn, relay_test_config, seq_frame
+from rescue.testing import SelfSignedTLS, TestKeys, TestPeer, peer_conn, relay_test_config, seq_frame
 from rescue.websocket import POLLER_AVAILABLE, WebSocketConnection
 from rescue.websocket._poller import QUIET_RCVLOWAT
 from rescue.websocket._tls import TLSSocketStream
@@ -40,36 +38,8 @@ RESCUE = [sys.executable, "-m", "rescue.cli"]
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and localhost: (cert.pem, key.pem)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(san, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
+    tls = SelfSignedTLS.create(directory)
+    return tls.cert_file, tls.key_file
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:

@@ -7,14 +7,13 @@ tested with the autojump clock.
 
 from __future__ import annotations
 
-import datetime
 import functools
-import ipaddress
 import socket
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -27,6 +26,7 @@ from websockets.sync.client import connect as ws_sync_connect
 
 from rescue._codes import CloseCode
 from rescue.errors import ConnectionClosedError, ProtocolError
+from rescue.testing import SelfSignedTLS
 from rescue.websocket import (
     CLOSE_TIMEOUT,
     CloseFrameReceived,
@@ -630,40 +630,8 @@ async def test_close_is_immediate_when_cancelled() -> None:
 
 
 def _self_signed() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem_cert = cert.public_bytes(serialization.Encoding.PEM)
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    with tempfile.NamedTemporaryFile() as cf, tempfile.NamedTemporaryFile() as kf:
-        cf.write(pem_cert)
-        kf.write(pem_key)
-        cf.flush()
-        kf.flush()
-        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_ctx.load_cert_chain(cf.name, kf.name)
-    client_ctx = ssl.create_default_context(cadata=pem_cert.decode())
-    return server_ctx, client_ctx
+    tls = SelfSignedTLS.create(Path(tempfile.mkdtemp(prefix="rescue-tls-")))
+    return tls.server_context(), tls.client_context()
 
 
 async def test_tls_round_trip() -> None:

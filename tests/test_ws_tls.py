@@ -7,14 +7,13 @@ socket that stops reading (back-pressure on the server's encrypted writes).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -22,6 +21,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rescue.testing import SelfSignedTLS
 from rescue.websocket import WebSocketClosedError, WebSocketConnection
 from rescue.websocket._codec import FrameParser, frame_messages
 from rescue.websocket._poller import AVAILABLE, ReadPoller
@@ -31,40 +31,8 @@ TIMEOUT = 20
 
 
 def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem_cert = cert.public_bytes(serialization.Encoding.PEM)
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    with tempfile.NamedTemporaryFile() as cf, tempfile.NamedTemporaryFile() as kf:
-        cf.write(pem_cert)
-        kf.write(pem_key)
-        cf.flush()
-        kf.flush()
-        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server.load_cert_chain(cf.name, kf.name)
-    client = ssl.create_default_context(cadata=pem_cert.decode())
-    return server, client, pem_cert.decode()
+    tls = SelfSignedTLS.create(Path(tempfile.mkdtemp(prefix="rescue-tls-")))
+    return tls.server_context(), tls.client_context(), tls.pem
 
 
 SERVER_CTX, CLIENT_CTX, CLIENT_PEM = _contexts()

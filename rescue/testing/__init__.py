@@ -47,3 +47,4 @@ from rescue.testing._sdk import RelayRunner as RelayRunner
 from rescue.testing._sdk import abort_connection as abort_connection
 from rescue.testing._sdk import run_dev_stack as run_dev_stack
 from rescue.testing._sdk import run_relay as run_relay
+from rescue.testing._tls import SelfSignedTLS as SelfSignedTLS
