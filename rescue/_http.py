@@ -36,13 +36,14 @@ import re
 import resource
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qsl, unquote
 
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from rescue._http1 import MAX_HEAD, MAX_HEADERS, REASONS, HttpError, ParsedRequest, RequestParser
 from rescue._log import get_logger, log_event
@@ -149,6 +150,24 @@ class HttpStats:
     shed_idle: int = 0
     refused: int = 0
     accept_errors: int = 0
+
+    def metrics(
+        self, *, subject: str = "HTTP connections", cap: str = "the connection cap"
+    ) -> Iterator[Metric]:
+        """These counts for ``/metrics`` (``beach_rescue_http_*``), read at scrape time."""
+        yield GaugeMetricFamily(
+            "beach_rescue_http_open_connections", f"{subject} being served", value=self.open
+        )
+        away = CounterMetricFamily(
+            "beach_rescue_http_connections_turned_away",
+            f"{subject} over {cap} (shed_idle: an idle one closed for a newcomer; refused: answered "
+            "503) and accept() failures for lack of fds or memory (accept_error)",
+            labels=["reason"],
+        )
+        away.add_metric(["shed_idle"], self.shed_idle)
+        away.add_metric(["refused"], self.refused)
+        away.add_metric(["accept_error"], self.accept_errors)
+        yield away
 
 
 _LOG = get_logger("rescue.http")

@@ -278,19 +278,9 @@ def _connection_metrics(ws: ConnectionStats, cap: int, admin: HttpStats | None) 
     away.add_metric(["accept_error"], ws.accept_errors)
     yield away
     if admin is not None:
-        yield GaugeMetricFamily(
-            "beach_rescue_http_open_connections", "Admin port HTTP connections being served", value=admin.open
+        yield from admin.metrics(
+            subject="Admin port HTTP connections", cap="its cap (a quarter of --fd-reserve)"
         )
-        http = CounterMetricFamily(
-            "beach_rescue_http_connections_turned_away",
-            "Admin port HTTP connections over its cap (a quarter of --fd-reserve; shed_idle: an idle "
-            "one closed for a newcomer; refused: answered 503) and accept() failures (accept_error)",
-            labels=["reason"],
-        )
-        http.add_metric(["shed_idle"], admin.shed_idle)
-        http.add_metric(["refused"], admin.refused)
-        http.add_metric(["accept_error"], admin.accept_errors)
-        yield http
 
 
 def _poller_metrics(poller: ReadPoller) -> Iterator[Metric]:

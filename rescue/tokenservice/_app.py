@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -702,17 +702,4 @@ class _HttpCollector(Collector):
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.stats
-        yield GaugeMetricFamily(
-            "beach_rescue_http_open_connections", "HTTP connections being served", value=stats.open
-        )
-        away = CounterMetricFamily(
-            "beach_rescue_http_connections_turned_away",
-            "HTTP connections over the connection cap (shed_idle: an idle one closed for a newcomer; "
-            "refused: answered 503) and accept() failures for lack of fds (accept_error)",
-            labels=["reason"],
-        )
-        away.add_metric(["shed_idle"], stats.shed_idle)
-        away.add_metric(["refused"], stats.refused)
-        away.add_metric(["accept_error"], stats.accept_errors)
-        yield away
+        yield from self.stats.metrics()
