@@ -453,6 +453,16 @@ _date_cache: list[Any] = [0, b""]  # [second, the Date header line of that secon
 # accept() errors that mean "out of resources for now": wait and retry (what trio.serve_listeners does)
 _ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_SLEEP: Final = 0.1  # seconds; trio.serve_listeners' value
+# accept() errors about one connection that is already gone (a reset before it was taken; on Linux
+# a pending network error of the new socket, accept(2)): skip it, as trio's SocketListener does
+_ACCEPT_SKIP_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "ECONNRESET", "ETIMEDOUT", "EPROTO", "ENETDOWN", "ENOPROTOOPT",
+        "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CR_OR_LF: Final = re.compile(r"[\r\n]")  # in a response header: response splitting
 
@@ -861,6 +871,8 @@ async def _accept(listener: socket.socket, handlers: trio.Nursery, server: _Serv
             except BlockingIOError:
                 break
             except OSError as exc:
+                if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                    continue
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
                 server.accept_failed(exc)

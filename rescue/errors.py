@@ -24,7 +24,8 @@ The classes without a path are defined here; the others next to the code that ra
 re-exported by their package). ``tests/test_errors.py`` checks that this tree lists every one.
 (``rescue._http.JsonError`` and ``rescue._http1.HttpError`` are not errors of rescue's: they are
 how an HTTP handler, and the HTTP server's parser, ask for a JSON error answer, and never leave the
-HTTP layer.)
+HTTP layer. Nor is ``rescue.guardrails._resp.RespProtocolError``: the native Redis client turns it
+into a dropped connection and an outage, i.e. :class:`StoreUnavailable`.)
 
 Every error that crosses an I/O boundary is translated into one of these there, so callers never see
 a ``KeyError`` from a malformed CBOR map or a ``struct.error`` from a short header.

@@ -11,7 +11,7 @@ import rescue.errors
 ROOT = pathlib.Path(rescue.__file__).parent
 # Not errors of rescue's: an HTTP handler's way to ask for a JSON error answer (see errors.py), and
 # the probe's private "this step failed" signal, which never leaves probe_once (commands/probe.py).
-NOT_IN_THE_TREE = {"HttpError", "JsonError", "_Failed"}
+NOT_IN_THE_TREE = {"HttpError", "JsonError", "RespProtocolError", "_Failed", "_Incomplete"}
 
 
 def _exception_classes() -> dict[str, str]:

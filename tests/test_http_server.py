@@ -17,7 +17,16 @@ import pytest
 import trio
 import trio.testing
 
-from rescue._http import HttpLimits, HttpStats, Request, Response, Router, json_response, serve_http
+from rescue._http import (
+    ACCEPT_BATCH,
+    HttpLimits,
+    HttpStats,
+    Request,
+    Response,
+    Router,
+    json_response,
+    serve_http,
+)
 from rescue._http1 import HEAD_END, parse_head
 
 TIMEOUT = 10  # real seconds on a loaded 2-core box; virtual seconds in autojump tests
@@ -109,6 +118,25 @@ async def test_keep_alive_and_pipelined_requests_answered_in_order() -> None:
             await stream.send_all(get("/n/4"))  # the same connection again
             assert json.loads((await reader.response())[2]) == {"n": "4"}
             await stream.aclose()
+
+
+async def test_a_burst_of_connections_queued_at_once_is_served_whole() -> None:
+    """The accept loop takes up to ACCEPT_BATCH waiting connections per wake-up: every connection
+    queued before it looks (over two batches, as a reconnect storm opens them) is answered."""
+    import socket
+
+    n = 2 * ACCEPT_BATCH + 5
+    with trio.fail_after(TIMEOUT):
+        async with server() as port:
+            # connected synchronously: the kernel queues them all before the server's loop runs
+            plain = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+            streams = [trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in plain]
+            for i, stream in enumerate(streams):
+                await stream.send_all(get(f"/n/{i}"))
+            for i, stream in enumerate(streams):
+                status, _, body = await Reader(stream).response()
+                assert (status, json.loads(body)) == (200, {"n": str(i)})
+                await stream.aclose()
 
 
 async def test_connection_close_and_http10() -> None:

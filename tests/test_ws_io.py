@@ -50,6 +50,7 @@ from rescue.websocket import (
     serve_websocket,
 )
 from rescue.websocket._connection import _rest
+from rescue.websocket._server import ACCEPT_BATCH
 
 TIMEOUT = 10  # seconds for any one network test on a loaded 2-core machine
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
@@ -585,6 +586,37 @@ async def test_out_of_fds_accept_is_retried_and_logged_once_per_interval(
     lines = [r for r in caplog.records if getattr(r, "event", "") == "websocket.accept_failed"]
     assert 2 <= len(lines) <= 4, len(lines)
     assert lines[1].__dict__["failures"] >= 90
+
+
+async def test_a_burst_of_connections_queued_at_once_is_served_whole() -> None:
+    """The accept loop takes a burst off the listening socket in batches of ACCEPT_BATCH without a
+    checkpoint between them: every connection queued before it looks (over two batches) gets its
+    upgrade and its echo, none is lost between trio's accept and the batch's."""
+    import socket
+
+    n = 2 * ACCEPT_BATCH + 5
+    with trio.fail_after(30):
+        async with running(echo) as server:
+            # connected synchronously: the kernel queues them all before the server's loop runs
+            plain = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(n)]
+            streams = [trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in plain]
+            for i, stream in enumerate(streams):
+                await stream.send_all(build_request(f"127.0.0.1:{server.port}", "/v1/connect", new_key()))
+                await stream.send_all(frame_messages([b"burst %d" % i], mask=True))
+            for i, stream in enumerate(streams):
+                parser = FrameParser(client=True)
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    chunk = await stream.receive_some(4096)
+                    assert chunk, f"connection {i} closed during the handshake"
+                    buf += chunk
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101 "), head
+                events = list(parser.feed(rest))
+                while not events:
+                    events += parser.feed(await stream.receive_some(4096))
+                assert events == [b"burst %d" % i]
+                await stream.aclose()
 
 
 @pytest.mark.parametrize("close_timeout", [None, 7.5], ids=["default", "configured"])

@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import os
+import socket
 import ssl
 import traceback
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,11 @@ ACCEPT_RETRY_S: Final = 0.1
 # ... and logs it at most this often, with the count of failures since the last line (it logged
 # every retry: 10 ERROR lines a second while a connection flood held every fd).
 ACCEPT_LOG_INTERVAL_S: Final = 10.0
+# Connections taken per wake-up of an accept loop: after trio's accept (one per pass of the run
+# loop), the rest of a burst comes off the same listening socket without a checkpoint. A node
+# that receives a dead node's reconnect storm otherwise admits it one per pass, each pass also
+# running every handshake in progress (the same fix in the HTTP server: rescue/_http.py).
+ACCEPT_BATCH: Final = 64
 # The over-capacity warning (ConnectionCap) is logged at most this often, with counts since the last.
 CAPACITY_LOG_INTERVAL_S: Final = 10.0
 # What a newcomer over the cap gets (plain ws:// only; TLS clients are just closed): written at
@@ -143,16 +149,22 @@ class ConnectionCap:
         """Connections that could be shed now."""
         return len(self._pending)
 
-    def admit(self) -> bool:
-        """Whether a just-accepted socket may be served (then it counts as open): under the cap, or
-        once the longest-pending connection has been told to close in its favour."""
+    def admit(self) -> trio.CancelScope | None:
+        """Admit a just-accepted socket (then it counts as open and pending): under the cap, or
+        once the longest-pending connection has been told to close in its favour.
+
+        Returns:
+            The scope to serve it in (cancelled to shed it while it is pending), or ``None``:
+            refused. Pending order is admission order, also for a burst admitted in one pass of
+            the accept loop before any of its tasks has run.
+        """
         stats = self.stats
         if stats.open >= self.max_connections:
             if not self._pending:
                 stats.refused += 1
                 self._refused += 1
                 self._log()
-                return False
+                return None
             oldest = next(iter(self._pending))
             del self._pending[oldest]
             oldest.cancel()
@@ -160,7 +172,9 @@ class ConnectionCap:
             self._shed += 1
             self._log()
         stats.open += 1
-        return True
+        scope = trio.CancelScope()
+        self._pending[scope] = None
+        return scope
 
     def established(self, conn: WebSocketConnection) -> None:
         """``conn`` is past the point where shedding it is cheap: never shed it from now on."""
@@ -175,9 +189,6 @@ class ConnectionCap:
     def accept_failed(self) -> None:
         """``accept()`` ran out of fds or memory (logged by the accept loop)."""
         self.stats.accept_errors += 1
-
-    def _hold(self, scope: trio.CancelScope) -> None:
-        self._pending[scope] = None
 
     def _bind(self, conn: WebSocketConnection, scope: trio.CancelScope) -> None:
         if scope in self._pending:
@@ -311,51 +322,67 @@ async def serve_websocket(
 async def _accept_loop(
     listener: Listener,
     handlers: trio.Nursery,
-    serve_one: Callable[[trio.abc.Stream], Awaitable[None]],
+    serve_one: Callable[[trio.abc.Stream, trio.CancelScope | None], Awaitable[None]],
     cap: ConnectionCap | None,
     tls: bool,
 ) -> None:
     failures = 0
     logged = -ACCEPT_LOG_INTERVAL_S
-    async with listener:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                failures += 1
-                if cap is not None:
-                    cap.accept_failed()
-                if trio.current_time() - logged >= ACCEPT_LOG_INTERVAL_S:
-                    logged = trio.current_time()
-                    log_event(
-                        _logger,
-                        "websocket.accept_failed",
-                        level=logging.ERROR,
-                        error=str(exc),
-                        failures=failures,
-                    )
-                    failures = 0
-                await trio.sleep(ACCEPT_RETRY_S)
-            else:
-                if cap is None or cap.admit():
-                    handlers.start_soon(serve_one, stream)
-                else:
-                    _refuse_now(stream, tls=tls)
+
+    def admit(stream: trio.SocketStream) -> None:
+        if cap is None:
+            handlers.start_soon(serve_one, stream, None)
+        elif (scope := cap.admit()) is not None:
+            handlers.start_soon(serve_one, stream, scope)
+        else:
+            _refuse_now(stream, tls=tls)
+
+    # the same listening socket (a second descriptor, non-blocking) for the accepts after the first
+    burst = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    burst.setblocking(False)
+    with burst:
+        async with listener:
+            while True:
+                try:
+                    admit(await listener.accept())
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    failures += 1
+                    if cap is not None:
+                        cap.accept_failed()
+                    if trio.current_time() - logged >= ACCEPT_LOG_INTERVAL_S:
+                        logged = trio.current_time()
+                        log_event(
+                            _logger,
+                            "websocket.accept_failed",
+                            level=logging.ERROR,
+                            error=str(exc),
+                            failures=failures,
+                        )
+                        failures = 0
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    continue
+                for _ in range(ACCEPT_BATCH - 1):
+                    try:
+                        conn, _ = burst.accept()
+                    except OSError:  # EAGAIN: the burst is over; any other error is trio's accept's
+                        break
+                    admit(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
 
 
 async def _serve_connection(
     stream: trio.abc.Stream,
+    scope: trio.CancelScope | None,
     *,
     cap: ConnectionCap | None,
     **options: Any,
 ) -> None:
-    if cap is None:
+    """Serve one admitted socket; ``scope`` is its pending scope from :meth:`ConnectionCap.admit`
+    (cancelled by the cap to shed it while it is pending, maybe before this task has started)."""
+    if cap is None or scope is None:
         await _serve_one(stream, None, None, **options)
         return
-    scope = trio.CancelScope()  # cancelled by the cap to shed this connection while it is pending
-    cap._hold(scope)
     try:
         with scope:
             await _serve_one(stream, cap, scope, **options)
