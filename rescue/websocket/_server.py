@@ -337,10 +337,10 @@ async def _accept_loop(
         else:
             _refuse_now(stream, tls=tls)
 
-    # the same listening socket (a second descriptor, non-blocking) for the accepts after the first
-    burst = socket.socket(fileno=os.dup(listener.socket.fileno()))
-    burst.setblocking(False)
-    with burst:
+    # the same listening socket (a second descriptor, non-blocking) for the accepts after the first;
+    # made on first use, and only taken when there is an fd for it (the node may start out of fds)
+    burst: socket.socket | None = None
+    try:
         async with listener:
             while True:
                 try:
@@ -363,12 +363,21 @@ async def _accept_loop(
                         failures = 0
                     await trio.sleep(ACCEPT_RETRY_S)
                     continue
+                if burst is None:
+                    try:
+                        burst = socket.socket(fileno=os.dup(listener.socket.fileno()))
+                    except OSError:  # out of fds: one connection per wake-up until there is one
+                        continue
+                    burst.setblocking(False)
                 for _ in range(ACCEPT_BATCH - 1):
                     try:
                         conn, _ = burst.accept()
                     except OSError:  # EAGAIN: the burst is over; any other error is trio's accept's
                         break
                     admit(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+    finally:
+        if burst is not None:
+            burst.close()
 
 
 async def _serve_connection(
