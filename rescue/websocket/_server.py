@@ -319,6 +319,16 @@ async def serve_websocket(
         task_status.started(server)
 
 
+def _burst_socket(listener: Listener) -> socket.socket | None:
+    """A second, non-blocking descriptor of ``listener``'s socket; None while the process is out of fds."""
+    try:
+        burst = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    except OSError:
+        return None
+    burst.setblocking(False)
+    return burst
+
+
 async def _accept_loop(
     listener: Listener,
     handlers: trio.Nursery,
@@ -338,8 +348,8 @@ async def _accept_loop(
             _refuse_now(stream, tls=tls)
 
     # the same listening socket (a second descriptor, non-blocking) for the accepts after the first;
-    # made on first use, and only taken when there is an fd for it (the node may start out of fds)
-    burst: socket.socket | None = None
+    # made at once (a descriptor for the listener's life), or later when the node starts out of fds
+    burst = _burst_socket(listener)
     try:
         async with listener:
             while True:
@@ -363,12 +373,8 @@ async def _accept_loop(
                         failures = 0
                     await trio.sleep(ACCEPT_RETRY_S)
                     continue
-                if burst is None:
-                    try:
-                        burst = socket.socket(fileno=os.dup(listener.socket.fileno()))
-                    except OSError:  # out of fds: one connection per wake-up until there is one
-                        continue
-                    burst.setblocking(False)
+                if burst is None and (burst := _burst_socket(listener)) is None:
+                    continue  # out of fds: one connection per wake-up until there is one
                 for _ in range(ACCEPT_BATCH - 1):
                     try:
                         conn, _ = burst.accept()
