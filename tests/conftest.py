@@ -543,6 +543,12 @@ SERVICE_AUTH = {"authorization": "Bearer svc"}
 ADMIN_AUTH = {"authorization": "Bearer adm"}
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without ``RESCUE_*``/``FALLBACK_*`` settings: a ``rescue`` process a
+    test starts reads only the flags the test gives it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))}
+
+
 def token_request(session: str, role: str = "host", cohort: str = "beta") -> dict[str, object]:
     """A ``POST /v1/fallback/token`` body (telemetry opted out)."""
     return {"session_id": session, "role": role, "cohort_id": cohort, "client_version": "t/1",
@@ -593,7 +599,7 @@ async def relay_process(jwks: Path, redis_url: str, node_id: str, log: Path) -> 
              "--admin-port", "0", "--node-id", node_id, "--redis-url", redis_url,
              "--register-ttl-s", "3", "--drain-s", "0.5"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-            env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
+            env=clean_env(),
         )  # fmt: skip
         try:
             yield process

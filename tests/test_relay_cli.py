@@ -21,6 +21,8 @@ import trio
 from rescue.protocol import CloseCode, Kind, encode_frame
 from rescue.testing import TestKeys, TestPeer
 
+from .conftest import clean_env
+
 RESCUE = [sys.executable, "-m", "rescue.cli"]
 DRAIN_S = 3.0
 
@@ -42,7 +44,7 @@ async def _start_relay(jwks: Path, *extra: str) -> tuple[trio.Process, dict[str,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
+        env=clean_env(),
     )
     assert proc.stderr is not None
     buffered = b""

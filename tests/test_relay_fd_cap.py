@@ -27,6 +27,8 @@ from rescue.protocol import Kind, encode_frame
 from rescue.testing import TestKeys, TestPeer
 from rescue.websocket import WebSocketConnection, connect_websocket
 
+from .conftest import clean_env
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE on Linux")
 
 RESCUE = [sys.executable, "-m", "rescue.cli"]
@@ -51,7 +53,7 @@ def _lower_nofile() -> None:
 
 
 async def _start(jwks: Path, log: Path) -> tuple[trio.Process, dict[str, object]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))}
+    env = clean_env()
     with log.open("wb") as sink:
         proc = await trio.lowlevel.open_process(
             [
@@ -270,7 +272,7 @@ def test_an_fd_limit_below_the_reserve_is_a_one_line_start_up_error(tmp_path: Pa
         text=True,
         timeout=30,
         check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
+        env=clean_env(),
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, HARD)),
     )
     assert result.returncode == 1, result.stderr

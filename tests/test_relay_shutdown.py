@@ -14,7 +14,6 @@ connection while shutdown closed the pool under it, so redis-py raised ``Attribu
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -28,6 +27,8 @@ import trio
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
 from rescue.testing import TestKeys
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
+
+from .conftest import clean_env
 
 RESCUE = [sys.executable, "-m", "rescue.cli"]
 RUNS = 12
@@ -88,7 +89,7 @@ async def _one_run(
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
+            env=clean_env(),
         )
         seen = bytearray()
         async with trio.open_nursery() as nursery:

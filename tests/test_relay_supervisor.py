@@ -26,6 +26,8 @@ from rescue.protocol import CloseCode
 from rescue.relay._supervisor import RestartBackoff, node_specs
 from rescue.testing import TestKeys, TestPeer, seq_frame
 
+from .conftest import clean_env
+
 RESCUE = [sys.executable, "-m", "rescue.cli"]
 DRAIN_S = 2.0
 
@@ -145,7 +147,7 @@ async def test_two_supervised_nodes_restart_after_a_crash_and_drain_on_sigterm(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=log_file,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
+        env=clean_env(),
     )  # fmt: skip
     peers: list[TestPeer] = []
     try:

@@ -30,6 +30,8 @@ from rescue.websocket import POLLER_AVAILABLE, WebSocketConnection
 from rescue.websocket._poller import QUIET_RCVLOWAT
 from rescue.websocket._tls import TLSSocketStream
 
+from .conftest import clean_env
+
 pytestmark = pytest.mark.skipif(not POLLER_AVAILABLE, reason="the read poller needs select.epoll (Linux)")
 
 TEST_TIMEOUT = 30
@@ -313,7 +315,7 @@ async def test_a_tls_relay_process_drains_on_sigterm(tmp_path: Path) -> None:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "FALLBACK_"))},
+        env=clean_env(),
     )
     made: list[TestPeer] = []
     terminated = False
