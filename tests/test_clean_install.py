@@ -4,7 +4,10 @@ Once per session: build the wheel, install it into a fresh venv **without** any 
 newest releases pyproject.toml allows (no lock: that is what a user gets), then drive only that venv's
 ``rescue``: keygen → mint → verify; ``rescue dev`` + ``rescue share --no-pty`` + ``rescue join``
 moving a few MiB byte-exact; ``rescue relay`` and ``rescue token-service`` (private redis-server,
-``--redis-url``) answering ``/healthz`` and exiting 0 on SIGTERM.
+``--redis-url``) answering ``/healthz`` and exiting 0 on SIGTERM; and the two deployed as an operator
+deploys them (docs/operations/runbook.md): an empty Redis, ``rescue admin init-store``, a cohort
+enabled with ``rescue admin cohort``, the relay taking its keys, kill-switch state and registration
+from the token service and Redis, a session through them, both drained by SIGTERM.
 
 Needs PyPI, so it is marked ``clean_install`` and deselected by default; ``.ci/run`` runs it
 (``./run pytest -m clean_install``). The dev venv's cwt caps cbor2 below 6; this venv has whatever
@@ -17,6 +20,7 @@ import json
 import os
 import random
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,12 +33,19 @@ import httpx
 import pytest
 import trio
 
+from rescue.guardrails._store import NODES_KEY, node_key
+
+from .conftest import RedisServer
+
 pytestmark = [pytest.mark.clean_install, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL_TIMEOUT_S = 600  # wheel build + resolving and downloading the runtime dependencies
 START_TIMEOUT_S = 30  # a process start on a loaded 2-core box
 PASSPHRASE = "correct horse battery staple"
+SESSION_TIMEOUT_S = 60  # share + join moving a few MiB: ~1 s when it works
+# the JSON log line each service writes once it listens (stderr)
+LISTENING = re.compile(rb'^(\{[^\n]*"event": ?"(?:relay|tokenservice)\.listening"[^\n]*\})\n', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -178,27 +189,33 @@ async def test_dev_share_join_moves_mib_byte_exact(clean_venv: CleanVenv) -> Non
     dev_argv = [clean_venv.rescue, "dev", "--api-port", "0", "--relay-port", "0", "--admin-port", "0"]
     banner = re.compile(rb"token service\s+(http://\S+)[\s\S]*Stop with Ctrl-C\.")
     async with _running(dev_argv, env, banner, stream="stdout") as (dev, match):
-        api = match[1].decode()
-        share_argv = [clean_venv.rescue, "share", "--no-pty", "--api", api, "--session", "clean-raw"]
-        share_argv += ["--", "cat"]
-        join_argv = [clean_venv.rescue, "join", "clean-raw", "--api", api]
-        results: dict[str, subprocess.CompletedProcess[bytes]] = {}
-
-        async def run(name: str, argv: list[str], stdin: bytes) -> None:
-            results[name] = await trio.run_process(
-                argv, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False, env=env
-            )
-
-        with trio.fail_after(120):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run, "share", share_argv, b"")
-                nursery.start_soon(run, "join", join_argv, data)
-        share, join = results["share"], results["join"]
-        assert share.returncode == 0, share.stderr.decode(errors="replace")
-        assert join.returncode == 0, join.stderr.decode(errors="replace")
-        assert len(join.stdout) == len(data)
-        assert join.stdout == data
+        await _share_cat_join(clean_venv, env, data, "--api", match[1].decode(), session="clean-raw")
         await _sigterm_exits_0(dev)
+
+
+async def _share_cat_join(
+    venv: CleanVenv, env: dict[str, str], data: bytes, *options: str, session: str
+) -> None:
+    """``rescue share --no-pty SESSION -- cat`` and ``rescue join SESSION`` (``options`` to both) with
+    ``data`` on the guest's stdin: the guest's stdout is ``data``, byte-exact, and both exit 0."""
+    share_argv = [venv.rescue, "share", "--no-pty", *options, "--session", session, "--", "cat"]
+    join_argv = [venv.rescue, "join", session, *options]
+    results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+    async def run(name: str, argv: list[str], stdin: bytes) -> None:
+        results[name] = await trio.run_process(
+            argv, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False, env=env
+        )
+
+    with trio.fail_after(SESSION_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "share", share_argv, b"")
+            nursery.start_soon(run, "join", join_argv, data)
+    share, join = results["share"], results["join"]
+    assert share.returncode == 0, share.stderr.decode(errors="replace")
+    assert join.returncode == 0, join.stderr.decode(errors="replace")
+    assert len(join.stdout) == len(data)
+    assert join.stdout == data
 
 
 @pytest.mark.redis
@@ -220,12 +237,9 @@ async def test_relay_and_token_service_answer_healthz_and_exit_0_on_sigterm(
         "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
         "--relay-url", "ws://127.0.0.1:1/v1/connect",
     ]  # fmt: skip
-    listening = re.compile(
-        rb'^(\{[^\n]*"event": ?"(?:relay|tokenservice)\.listening"[^\n]*\})\n', re.MULTILINE
-    )
     async with (
-        _running(relay_argv, env, listening) as (relay, relay_up),
-        _running(service_argv, env, listening) as (service, service_up),
+        _running(relay_argv, env, LISTENING) as (relay, relay_up),
+        _running(service_argv, env, LISTENING) as (service, service_up),
         httpx.AsyncClient(timeout=10) as http,
     ):
         admin_port = json.loads(relay_up[1])["admin_port"]
@@ -237,3 +251,123 @@ async def test_relay_and_token_service_answer_healthz_and_exit_0_on_sigterm(
         assert health.json()["status"] == "ok"
         await _sigterm_exits_0(relay)
         await _sigterm_exits_0(service)
+
+
+@pytest.mark.redis
+async def test_operator_deployment_carries_a_session_and_drains(
+    clean_venv: CleanVenv, tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """The runbook's first deployment, each step a separate ``rescue`` process of the clean venv.
+
+    Each operator step is checked to matter (a token request answered 403 ``fallback_paused``,
+    then ``cohort_disabled``, then 503 ``no_relay_available`` until the relay registers); the relay
+    takes its keys from ``--keys <token service>/v1/fallback/keys``, so a session that moves its
+    bytes is proof that it verifies the service's tokens (a relay with other keys closes the peers
+    with AUTH_FAILED and ``rescue share`` exits 1; a keys URL that does not answer stops the relay
+    at start).
+    """
+    private_redis.flush(initialise=False)  # a new deployment: only `rescue admin init-store` marks it
+    redis_url = private_redis.url
+    key = tmp_path / "signing.jwk"
+    await trio.run_process(
+        [clean_venv.rescue, "keygen", "--out", str(key)], capture_stdout=True, env=clean_venv.env()
+    )
+    admin_key, service_key, report_key, tag_key = (secrets.token_urlsafe(24) for _ in range(4))
+    service_env = clean_venv.env(
+        RESCUE_ENV="production",
+        RESCUE_ADMIN_KEY=admin_key,
+        RESCUE_SERVICE_KEYS=service_key,
+        RESCUE_REPORT_KEYS=report_key,
+        RESCUE_LOG_TAG_KEY=tag_key,
+    )
+    service_argv = [
+        clean_venv.rescue, "token-service", "--signing-key", str(key), "--redis-url", redis_url,
+        "--host", "127.0.0.1", "--port", "0",
+    ]  # fmt: skip
+    node_id, cohort = "clean-relay-1", "shipcheck"
+    operator_env = clean_venv.env(RESCUE_ADMIN_KEY=admin_key)
+
+    async def rescue(*args: str, env: dict[str, str]) -> str:
+        done = await trio.run_process(
+            [clean_venv.rescue, *args], capture_stdout=True, capture_stderr=True, check=False, env=env
+        )
+        assert done.returncode == 0, f"rescue {args[0]}: {done.stderr.decode(errors='replace')}"
+        return done.stdout.decode()
+
+    with trio.fail_after(3 * START_TIMEOUT_S + SESSION_TIMEOUT_S):
+        async with (
+            _running(service_argv, service_env, LISTENING) as (service, service_up),
+            httpx.AsyncClient(timeout=10, headers={"authorization": f"Bearer {service_key}"}) as http,
+        ):
+            api = f"http://127.0.0.1:{json.loads(service_up[1])['port']}"
+
+            async def mint(session: str) -> httpx.Response:
+                body = {"session_id": session, "role": "host", "cohort_id": cohort,
+                        "client_version": "clean/1", "telemetry_opt_in": False}  # fmt: skip
+                return await http.post(f"{api}/v1/fallback/token", json=body)
+
+            refused = await mint("before-init")
+            assert (refused.status_code, refused.json()["error"]) == (403, "fallback_paused"), refused.text
+            await rescue("admin", "init-store", "--reason", "first deploy", "--api", api, env=operator_env)
+            refused = await mint("before-cohort")
+            assert (refused.status_code, refused.json()["error"]) == (403, "cohort_disabled"), refused.text
+            await rescue("admin", "cohort", cohort, "--enable", "--api", api, env=operator_env)
+            refused = await mint("before-relay")
+            assert (refused.status_code, refused.json()["error"]) == (503, "no_relay_available"), refused.text
+
+            relay_argv = [
+                clean_venv.rescue, "relay", "--keys", f"{api}/v1/fallback/keys", "--token-service", api,
+                "--redis-url", redis_url, "--node-id", node_id, "--host", "127.0.0.1", "--port", "0",
+                "--admin-port", "0", "--drain-s", "1",
+            ]  # fmt: skip
+            relay_env = clean_venv.env(
+                RESCUE_ENV="production", RESCUE_REPORT_KEY=report_key, RESCUE_LOG_TAG_KEY=tag_key
+            )
+            async with _running(relay_argv, relay_env, LISTENING) as (relay, relay_up):
+                listening = json.loads(relay_up[1])
+                admin = f"http://127.0.0.1:{listening['admin_port']}"
+                ready = await http.get(f"{admin}/readyz")
+                assert ready.status_code == 200, ready.text
+
+                # a token minted over HTTP names the registered node, and verifies with the
+                # service's published keys
+                minted = await mint("over-http")
+                assert minted.status_code == 200, minted.text
+                assert minted.json()["relay_url"] == listening["url"]
+                published = await http.get(f"{api}/v1/fallback/keys")
+                assert published.status_code == 200, published.text
+                (tmp_path / "published.jwks").write_bytes(published.content)
+                claims = json.loads(
+                    await rescue(
+                        "verify", "--keys", str(tmp_path / "published.jwks"), "--aud", node_id,
+                        minted.json()["token"], env=clean_venv.env(),
+                    )
+                )  # fmt: skip
+                assert (claims["sid"], claims["role"], claims["aud"]) == ("over-http", "host", node_id)
+
+                data = bytes(range(256)) * 16 + random.Random(11).randbytes(1024 * 1024)
+                peer_env = clean_venv.env(RESCUE_SERVICE_KEY=service_key, RESCUE_PASSPHRASE=PASSPHRASE)
+                await _share_cat_join(
+                    clean_venv, peer_env, data, "--api", api, "--cohort", cohort, session="clean-ops"
+                )
+
+                # the relay reported the activation with its report key
+                with trio.fail_after(START_TIMEOUT_S):
+                    while True:
+                        window = await http.get(
+                            f"{api}/v1/admin/guardrails",
+                            params={"cohort": cohort},
+                            headers={"authorization": f"Bearer {admin_key}"},
+                        )
+                        assert window.status_code == 200, window.text
+                        if window.json()["activations"] >= 1:
+                            break
+                        await trio.sleep(0.05)
+
+                with private_redis.client() as store:
+                    assert store.exists(node_key(node_id)) == 1
+                    assert store.sismember(NODES_KEY, node_id)
+                    await _sigterm_exits_0(relay)
+                    assert store.exists(node_key(node_id)) == 0, "the relay's registration outlived it"
+                    assert not store.sismember(NODES_KEY, node_id)
+            await _sigterm_exits_0(service)
