@@ -8,6 +8,7 @@ import signal
 import socket
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import trio
@@ -15,8 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rescue.errors import StoreUnavailable
-from rescue.guardrails import CounterField, RedisStore, hour_bucket, store_deadline
+from rescue.guardrails import (
+    CounterField,
+    GuardrailConfig,
+    Guardrails,
+    RedisStore,
+    hour_bucket,
+    store_deadline,
+)
 from rescue.guardrails._native import NativeRedis, native_target
+from rescue.guardrails._redis import _COUNT_LUA
 from rescue.guardrails._resp import (
     MAX_LINE,
     NEED_DATA,
@@ -26,6 +35,8 @@ from rescue.guardrails._resp import (
     encode_command,
 )
 from rescue.guardrails._store import counter_key
+from rescue.protocol import SigningKey
+from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
 
 from .conftest import RedisServer
 
@@ -197,17 +208,23 @@ async def test_a_call_cancelled_mid_round_trip_never_lends_its_connection(privat
     client.close()
 
 
-async def test_a_restarted_redis_costs_one_immediate_retry(private_redis: RedisServer) -> None:
+async def test_a_restarted_redis_is_noticed_before_the_write(
+    private_redis: RedisServer, redis_sends: list[str]
+) -> None:
     store = RedisStore(private_redis.url)
     try:
         with trio.fail_after(TIMEOUT):
             await store.set_cohort_enabled("beta", True)
             await store.record_mint("beta", now=NOW, session_id="s-1", node_id="n-1", ttl=60)
             private_redis.restart_empty()  # the pooled connection is dead, the script cache empty
+            redis_sends.clear()
             with store_deadline(2.0):
                 assert (
                     await store.record_mint("beta", now=NOW, session_id="s-2", node_id="n-2", ttl=60) == "n-2"
                 )
+            # the dead connection was dropped before anything was written to it: the pipeline
+            # (answered NOSCRIPT) and the EVALs of its scripts, nothing sent into the dead socket
+            assert len(redis_sends) == 2
             assert not store.breaker.open
             await store.increment("beta", CounterField.TOKENS, now=NOW)
             with private_redis.client() as client:  # counted once each, NOSCRIPT or not
@@ -215,6 +232,163 @@ async def test_a_restarted_redis_costs_one_immediate_retry(private_redis: RedisS
                 assert client.hget(key, "tokens") == "2"
     finally:
         await store.aclose()
+
+
+async def test_connections_killed_while_idle_are_replaced_before_the_write(
+    private_redis: RedisServer, redis_sends: list[str]
+) -> None:
+    client = NativeRedis(native_target(private_redis.url), max_idle=3, socket_timeout=5, connect_timeout=1)  # type: ignore[arg-type]
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:  # three calls at once: three pooled connections
+                for _ in range(3):
+                    nursery.start_soon(client.execute, [("PING",)])
+            assert len(client._idle) == 3
+            with private_redis.client() as admin:
+                assert admin.client_kill_filter(_type="normal") == 3  # not admin itself
+            redis_sends.clear()
+            assert await client.execute([("INCR", "once")]) == [1]
+            assert len(redis_sends) == 1  # written once, to a new connection
+            assert len(client._open) == 1  # the three dead ones closed on the way
+            with private_redis.client() as admin:
+                assert admin.get("once") == "1"
+    finally:
+        client.close()
+
+
+class LossyProxy:
+    """A TCP proxy of ours, between the client under test and the real Redis (its unix socket).
+
+    It forwards every request and its replies, except once armed (:meth:`lose_reply_to`): the first
+    request with a command naming ``marker`` is forwarded, Redis's replies to it are read in full
+    (so Redis has run it), and then the client's connection is closed instead of answered -- what
+    a Redis that died, or a network that broke, right after running a command looks like.
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.marker: str | None = None
+        self.forwarded: list[list[str]] = []  # every command Redis received through the proxy
+
+    def lose_reply_to(self, marker: str) -> None:
+        self.marker = marker
+
+    def seen(self, marker: str) -> int:
+        return sum(any(marker in word for word in command) for command in self.forwarded)
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        async with client, await trio.open_unix_socket(self.socket_path) as server:
+            requests, answers = RespParser(), RespParser()
+            while data := await client.receive_some(65536):
+                requests.feed(data)
+                commands = drain(requests)  # a request split mid-command waits for its rest
+                await server.send_all(data)
+                self.forwarded += commands
+                wanted, replies, wire = len(commands), 0, b""
+                while replies < wanted:
+                    chunk = await server.receive_some(65536)
+                    assert chunk, "Redis closed the proxy's connection"
+                    answers.feed(chunk)
+                    replies += len(drain(answers))
+                    wire += chunk
+                marker = self.marker
+                if marker is not None and any(marker in word for command in commands for word in command):
+                    self.marker = None
+                    return  # Redis ran it; the client never hears
+                await client.send_all(wire)
+
+
+@pytest.fixture
+async def lossy(private_redis: RedisServer, nursery: trio.Nursery) -> tuple[LossyProxy, str]:
+    """A proxy in front of the private Redis, and the ``redis://`` URL that goes through it."""
+    proxy = LossyProxy(private_redis.socket_path)
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    return proxy, f"redis://127.0.0.1:{port}/0"
+
+
+async def test_a_write_whose_reply_was_lost_is_not_sent_again(
+    private_redis: RedisServer, lossy: tuple[LossyProxy, str]
+) -> None:
+    proxy, url = lossy
+    store = RedisStore(url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await store.increment("beta", CounterField.TOKENS, now=NOW)  # loads the script
+            proxy.lose_reply_to(_COUNT_LUA.sha)
+            with pytest.raises(StoreUnavailable, match="ConnectionLost"):
+                await store.increment("beta", CounterField.TOKENS, now=NOW)
+            assert proxy.marker is None  # the loss happened
+            assert proxy.seen(_COUNT_LUA.sha) == 2  # one EVALSHA per increment, none sent again
+            with private_redis.client() as client:
+                assert client.hget(counter_key("beta", hour_bucket(NOW)), "tokens") == "2"
+            assert store.breaker.open  # an outage like any other
+    finally:
+        await store.aclose()
+
+
+async def test_a_read_whose_reply_was_lost_is_sent_again(
+    private_redis: RedisServer, lossy: tuple[LossyProxy, str]
+) -> None:
+    proxy, url = lossy
+    store = RedisStore(url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            with private_redis.client() as client:
+                client.hset("fallback:fleet", "paused", "1")
+            await store.ping()  # a pooled connection (on which the loss happens)
+            proxy.lose_reply_to("fallback:fleet")
+            assert (await store.fleet_state()).paused  # the kill switch, read on the second try
+            assert proxy.marker is None
+            assert proxy.seen("fallback:fleet") == 2
+            proxy.lose_reply_to("fallback:fleet")  # the mint's snapshot: reads and a pruning script
+            snapshot = await store.mint_snapshot("beta", now=NOW)
+            assert snapshot.fleet.paused
+            assert proxy.seen("fallback:fleet") == 4
+            assert not store.breaker.open
+    finally:
+        await store.aclose()
+
+
+async def test_a_mint_whose_count_was_lost_answers_503_and_counts_the_store_error(
+    private_redis: RedisServer, lossy: tuple[LossyProxy, str]
+) -> None:
+    proxy, url = lossy
+    store = RedisStore(url)
+    config = TokenServiceConfig(
+        keys=PublishedKeys(SigningKey.generate()), disable_oidc=True, relay_url="ws://r/v1/connect"
+    )
+    clock = functools.partial(float, NOW)  # the counters' hour is the service's wall clock's
+    service = TokenService(config, Guardrails(store, GuardrailConfig(), wall_clock=clock), wall_clock=clock)
+    body = {
+        "session_id": "s-1",
+        "role": "host",
+        "cohort_id": "beta",
+        "client_version": "test",
+        "telemetry_opt_in": False,
+    }
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as http:
+                with trio.fail_after(TIMEOUT):
+                    await store.set_cohort_enabled("beta", True)
+                    assert (await http.post("/v1/fallback/token", json=body)).status_code == 200
+                    proxy.lose_reply_to(_COUNT_LUA.sha)  # the mint's record: count, telemetry gap
+                    lost = await http.post("/v1/fallback/token", json=body)
+                    assert (lost.status_code, lost.json()["error"]) == (503, "guardrail_store_unavailable")
+                    assert proxy.seen(_COUNT_LUA.sha) == 2
+                    # counted where every other store failure is (read before a /metrics scrape,
+                    # which asks the store itself)
+                    sample = service.registry.get_sample_value
+                    assert sample("beach_fallback_store_errors_total") == 1
+                    labels = {"guardrail": "store_unavailable", "outcome": "unavailable"}
+                    assert sample("beach_fallback_token_requests_total", labels) == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+    with private_redis.client() as client:  # counted, not issued: an over-count, never a double one
+        assert client.hget(counter_key("beta", hour_bucket(NOW)), "tokens") == "2"
 
 
 async def test_error_replies_keep_their_meaning(private_redis: RedisServer) -> None:

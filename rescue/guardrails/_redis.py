@@ -283,8 +283,12 @@ class RedisStore:
 
     Error handling:
         Any Redis or socket error becomes :class:`~rescue.errors.StoreUnavailable` (with the
-        original as ``__cause__``). One immediate retry covers a pooled connection that went stale
-        when Redis restarted. Every call honours the caller's :func:`store_deadline` (one budget
+        original as ``__cause__``). A pooled connection that went stale when Redis restarted is
+        replaced before anything is written to it. On the trio-native transport a round trip is
+        sent twice only if it is a read (``idempotent`` in :meth:`_run`): a write whose connection
+        was lost after it went out (Redis may have run it, only the reply was lost) is a
+        ``StoreUnavailable`` like any outage, never run twice (decision 0020, "Retry"); redis-py's
+        transports still retry once. Every call honours the caller's :func:`store_deadline` (one budget
         for a whole request, counting store time only: waiting for a free slot is given back).
         After a failure the store is known down (:attr:`breaker`): calls fail at once, those
         queued for a slot too, except one probe per ``probe_interval`` that notices when Redis
@@ -447,8 +451,13 @@ class RedisStore:
         # prctl calls per store call that showed in the storm profile
         trio.lowlevel.start_thread_soon(call.run, deliver)
 
-    async def _run(self, steps: list[_Step]) -> list[Any]:
-        """Run ``steps`` as one round trip on whichever transport this store uses; their results."""
+    async def _run(self, steps: list[_Step], *, idempotent: bool = False) -> list[Any]:
+        """Run ``steps`` as one round trip on whichever transport this store uses; their results.
+
+        ``idempotent``: the steps may run twice without harm (reads), so the trio-native transport
+        sends them again if the connection is lost after they went out (decision 0020, "Retry");
+        anything else is never sent twice there. redis-py's transports ignore it.
+        """
         if self._closed:
             raise StoreUnavailable("guardrail store is closed")
         admission = self.breaker.admit(trio.current_time())
@@ -483,7 +492,7 @@ class RedisStore:
                 budget.pause(trio.current_time() - queued_at)
             # 2. The call itself, under the request's budget.
             if call is None:
-                result = await self._run_native(slot, steps)
+                result = await self._run_native(slot, steps, idempotent=idempotent)
             else:
                 result = await self._run_thread(call)
             ok = True
@@ -507,13 +516,13 @@ class RedisStore:
                 for scope in self._waiting:
                     scope.cancel()
 
-    async def _run_native(self, slot: object, steps: list[_Step]) -> list[Any]:
+    async def _run_native(self, slot: object, steps: list[_Step], *, idempotent: bool) -> list[Any]:
         """The round trip on a trio-native connection; past the deadline it is cancelled and its
         connection closed (never reused: its answer could still arrive)."""
         self._in_flight += 1
         try:
             with trio.move_on_at(current_store_deadline()):
-                return await self._execute_native(steps)
+                return await self._execute_native(steps, idempotent=idempotent)
             raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
         finally:
             self._in_flight -= 1
@@ -532,16 +541,17 @@ class RedisStore:
             raise StoreUnavailable("guardrail store unavailable: request deadline exceeded")
         return call.unwrap()
 
-    async def _execute_native(self, steps: list[_Step]) -> list[Any]:
+    async def _execute_native(self, steps: list[_Step], *, idempotent: bool) -> list[Any]:
         """``steps`` as one pipelined write on a native connection; a script the server does not
         know (``NOSCRIPT``: Redis restarted) did nothing, so it alone is sent again as ``EVAL``
         (which also caches it), the others already took effect and are not repeated."""
         assert self._native is not None
         commands = [_command(step) for step in steps]
-        replies: list[Any] = await self._native.execute(commands)
+        replies: list[Any] = await self._native.execute(commands, idempotent=idempotent)
         missing = [i for i, r in enumerate(replies) if isinstance(r, RespError) and r.startswith("NOSCRIPT")]
         if missing:
-            again = await self._native.execute([_command(steps[i], load=True) for i in missing])
+            loads = [_command(steps[i], load=True) for i in missing]
+            again = await self._native.execute(loads, idempotent=idempotent)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for i, reply in enumerate(replies):
@@ -604,10 +614,10 @@ class RedisStore:
         self._scripts_loaded = True
 
     async def ping(self) -> None:
-        await self._run([("PING",)])
+        await self._run([("PING",)], idempotent=True)
 
     async def fleet_state(self) -> FleetState:
-        (raw,) = await self._run([("HGETALL", _FLEET_KEY)])
+        (raw,) = await self._run([("HGETALL", _FLEET_KEY)], idempotent=True)
         return _parse_fleet(raw)
 
     async def set_fleet_state(self, state: FleetState) -> None:
@@ -627,7 +637,7 @@ class RedisStore:
 
     async def cohort_enabled(self, cohort_id: str) -> bool:
         check_cohort_id(cohort_id)
-        (value,) = await self._run([("HGET", _COHORTS_KEY, cohort_id)])
+        (value,) = await self._run([("HGET", _COHORTS_KEY, cohort_id)], idempotent=True)
         return bool(value == "1")
 
     async def set_cohort_enabled(self, cohort_id: str, enabled: bool) -> None:
@@ -647,7 +657,7 @@ class RedisStore:
     async def hour_counts(self, cohort_id: str, buckets: list[str]) -> list[HourCounts]:
         if not buckets:
             return []
-        raw = await self._run([("HGETALL", counter_key(cohort_id, b)) for b in buckets])
+        raw = await self._run([("HGETALL", counter_key(cohort_id, b)) for b in buckets], idempotent=True)
         return [HourCounts.from_mapping(r) for r in raw]
 
     async def register_node(self, node: NodeInfo, *, ttl: float) -> None:
@@ -659,7 +669,8 @@ class RedisStore:
         await self._run([_ScriptCall(_REMOVE_LUA, [NODES_KEY, node_key(node_id)], [node_id])])
 
     async def live_nodes(self) -> list[NodeInfo]:
-        (raw,) = await self._run([_ScriptCall(_LIVE_NODES_LUA, [NODES_KEY], [_NODE_PREFIX])])
+        # a read; its one write, pruning ids whose record expired, gives the same set run twice
+        (raw,) = await self._run([_ScriptCall(_LIVE_NODES_LUA, [NODES_KEY], [_NODE_PREFIX])], idempotent=True)
         return _parse_nodes(raw)
 
     async def mint_snapshot(self, cohort_id: str, *, now: float) -> MintSnapshot:
@@ -671,7 +682,8 @@ class RedisStore:
                 ("HGETALL", counter_key(cohort_id, hour_bucket(now - 3600))),
                 _ScriptCall(_LIVE_NODES_LUA, [NODES_KEY], [_NODE_PREFIX]),
                 ("HGETALL", _TELEMETRY_KEY),
-            ]
+            ],
+            idempotent=True,  # reads (and live_nodes' pruning), the kill switch among them
         )
         return MintSnapshot(
             fleet=_parse_fleet(fleet),
@@ -683,7 +695,7 @@ class RedisStore:
         )
 
     async def telemetry_gap(self) -> TelemetryGap:
-        (raw,) = await self._run([("HGETALL", _TELEMETRY_KEY)])
+        (raw,) = await self._run([("HGETALL", _TELEMETRY_KEY)], idempotent=True)
         return TelemetryGap.from_mapping(raw)
 
     async def record_mint(
