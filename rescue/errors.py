@@ -25,7 +25,9 @@ re-exported by their package). ``tests/test_errors.py`` checks that this tree li
 (``rescue._http.JsonError`` and ``rescue._http1.HttpError`` are not errors of rescue's: they are
 how an HTTP handler, and the HTTP server's parser, ask for a JSON error answer, and never leave the
 HTTP layer. Nor is ``rescue.guardrails._resp.RespProtocolError``: the native Redis client turns it
-into a dropped connection and an outage, i.e. :class:`StoreUnavailable`.)
+into a dropped connection and an outage, i.e. :class:`StoreUnavailable`; nor its
+``rescue.guardrails._native.ConnectionLost``, a redis-py ``ConnectionError`` for a connection lost
+after a round trip went out, which the store turns into :class:`StoreUnavailable` too.)
 
 Every error that crosses an I/O boundary is translated into one of these there, so callers never see
 a ``KeyError`` from a malformed CBOR map or a ``struct.error`` from a short header.
