@@ -220,7 +220,8 @@ def build() -> dict[str, Any]:
             "Relays accepting",
             f"count({READY_EXPR})",
             thresholds=[(None, "red"), (1, "orange"), (2, "green")],
-            description="Relay nodes not draining and with a fresh kill-switch state (their /readyz is 200).",
+            description="Relay nodes not draining. Their /readyz also turns 503 while paused, on a stale "
+            "kill-switch state, at max_sessions or with the connection cap full (see those rows).",
         )
     )
     panels.append(
