@@ -52,7 +52,7 @@ def _lower_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
-async def _start(jwks: Path, log: Path) -> tuple[trio.Process, dict[str, object]]:
+async def _start(jwks: Path, log: Path, *extra: str) -> tuple[trio.Process, dict[str, object]]:
     env = clean_env()
     with log.open("wb") as sink:
         proc = await trio.lowlevel.open_process(
@@ -75,6 +75,7 @@ async def _start(jwks: Path, log: Path) -> tuple[trio.Process, dict[str, object]
                 "60",
                 "--drain-s",
                 "1",
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=sink,
@@ -244,6 +245,91 @@ async def test_relay_keeps_admin_port_and_sessions_through_a_connection_flood(tm
     assert 1 <= len(warnings) <= 3, warnings  # one per 10 s at most, with counts
     assert warnings[0]["max_connections"] == CAP
     assert not [line for line in lines if line.get("event") == "websocket.accept_failed"]
+
+
+SMALL_CAP = 6  # --max-connections for the readiness test (inside the fd limit's 32)
+
+
+async def _readyz(http: httpx.AsyncClient, admin: str, *, ready: bool) -> dict[str, object]:
+    """Poll /readyz until it answers 200 (``ready``) or 503; its JSON (closes land asynchronously)."""
+    answer: httpx.Response | None = None
+    try:
+        with trio.fail_after(PROMPT_S):
+            while True:
+                answer = await http.get(f"{admin}/readyz")
+                if answer.status_code == (200 if ready else 503):
+                    detail: dict[str, object] = answer.json()
+                    assert detail["ready"] is ready
+                    return detail
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        shown = f"{answer.status_code} {answer.text}" if answer is not None else "nothing"
+        raise AssertionError(f"/readyz never answered {'200' if ready else '503'}: {shown}") from None
+
+
+async def test_readyz_is_503_while_the_connection_cap_turns_newcomers_away(tmp_path: Path) -> None:
+    """A load balancer's readiness check stops sending new connections to a full node: /readyz is
+    503 ``at max_connections`` exactly while a newcomer would be refused (every slot a session or a
+    handshake past HELLO), 200 again once one is free; a pending (HELLO-less) socket in the last slot
+    does not count, since a newcomer displaces it."""
+    keys = TestKeys()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(keys.jwks()))
+    log = tmp_path / "relay.log"
+    proc, listening = await _start(jwks, log, "--max-connections", str(SMALL_CAP))
+    url = str(listening["url"])
+    admin = f"http://127.0.0.1:{listening['admin_port']}"
+    peers: list[TestPeer] = []
+    silent: list[WebSocketConnection] = []
+    try:
+        async with httpx.AsyncClient(timeout=PROMPT_S) as http:
+            with trio.fail_after(60):  # the whole test; a second or two when it passes
+                ready = await _readyz(http, admin, ready=True)
+                assert ready["reasons"] == []
+                assert ready["websocket_connections"] == {"open": 0, "pending": 0, "max": SMALL_CAP}
+                host, guest = await _pair(url, keys, "live")
+                peers += [host, guest]
+                for i in range(SMALL_CAP - 3):
+                    peers.append(await TestPeer.connect(url, keys, session=f"lone-{i}", role="host"))
+                await _wait_metrics(http, admin, open=SMALL_CAP - 1)
+                await _readyz(http, admin, ready=True)  # one slot left
+
+                last = await TestPeer.connect(url, keys, session="last", role="host")
+                full = await _readyz(http, admin, ready=False)
+                assert full["reasons"] == ["at max_connections"]
+                assert full["websocket_connections"] == {"open": SMALL_CAP, "pending": 0, "max": SMALL_CAP}
+                with trio.fail_after(PROMPT_S), pytest.raises(REFUSED):  # what /readyz warned of
+                    await connect_websocket(url)
+                await _forwards(host, guest, b"a full node still forwards")
+
+                # a slot frees: ready again, and a real client gets in
+                last.abort()
+                await _wait_metrics(http, admin, open=SMALL_CAP - 1)
+                assert (await _readyz(http, admin, ready=True))["reasons"] == []
+                # the free slot held by a socket that never says HELLO: still ready (a newcomer
+                # takes its place), then a real client does, and the node is full again
+                silent.append(await connect_websocket(url))
+                await _wait_metrics(http, admin, open=SMALL_CAP)
+                still = await _readyz(http, admin, ready=True)
+                assert still["websocket_connections"] == {"open": SMALL_CAP, "pending": 1, "max": SMALL_CAP}
+                peers.append(await TestPeer.connect(url, keys, session="newcomer", role="host"))
+                with trio.fail_after(PROMPT_S):
+                    await _shed(silent[0])
+                assert (await _readyz(http, admin, ready=False))["reasons"] == ["at max_connections"]
+
+                for peer in peers[-2:]:
+                    peer.abort()
+                await _wait_metrics(http, admin, open=SMALL_CAP - 2)
+                await _readyz(http, admin, ready=True)
+    finally:
+        for peer in peers:
+            peer.abort()
+        for ws in silent:
+            ws.abort()
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            code = await proc.wait()
+    assert code == 0, log.read_text(errors="replace")
 
 
 def test_fd_reserve_and_max_connections_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:

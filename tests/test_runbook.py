@@ -111,13 +111,21 @@ def test_every_block_says_what_it_is() -> None:
         )
 
 
+# a curl that exits non-zero on an HTTP error and says so
+LOUD_CURL = re.compile(
+    r"\s-[a-zA-Z]*f[a-zA-Z]*S|\s-[a-zA-Z]*S[a-zA-Z]*f"  # -fsS, -sSf, …
+    r"|\s-[a-zA-Z]*S[a-zA-Z]*\s+--fail-with-body"
+)
+
+
 def test_no_curl_that_fails_silently() -> None:
     """``curl -s`` alone hides every error (and ``:9090/…`` is not a URL to curl 7.88): the runbook
-    says ``curl -fsS`` with a full URL, in prose too."""
+    says ``curl -fsS`` with a full URL, in prose too (or ``curl -sS --fail-with-body`` where the
+    error's body is the point, like a 503 ``/readyz`` and its reasons)."""
     text = RUNBOOK.read_text()
     for number, line in enumerate(text.splitlines(), 1):
         for call in re.findall(r"\bcurl\s+(?:-|[\"'$]|https?:|:\d)[^`\n|]*", line):
-            assert re.search(r"\s-[a-zA-Z]*f[a-zA-Z]*S|\s-[a-zA-Z]*S[a-zA-Z]*f", call), (
+            assert LOUD_CURL.search(call), (
                 f"runbook.md:{number}: {call.strip()!r} should be curl -fsS (fails loudly)"
             )
             assert not re.search(r"\s['\"]?:\d+/", call), (

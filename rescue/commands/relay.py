@@ -124,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="N",
         help="open WebSocket connections at most (0: the fd limit less --fd-reserve); past it one "
         "still in its upgrade or before HELLO is closed for the newcomer, or the newcomer gets 503 "
-        "server_busy; sessions are never shed",
+        "server_busy (and /readyz is 503 meanwhile); sessions are never shed",
     )
     add_option(
         p,

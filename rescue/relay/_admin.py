@@ -16,8 +16,10 @@ def admin_app(relay: Relay) -> Router:
     """The admin API of ``relay`` as a router (serve it with :func:`rescue._http.serve_http`).
 
     - ``GET /healthz``: 200 ``{"status": "ok"}`` while the process runs.
-    - ``GET /readyz``: 200 when the node takes new sessions; 503 while draining, paused, or when
-      the kill-switch state is stale beyond ``status_stale_s``; the JSON says why.
+    - ``GET /readyz``: 200 when the node takes new sessions; 503 while draining, paused, when
+      the kill-switch state is stale beyond ``status_stale_s``, at ``max_sessions``, or while the
+      WebSocket listener is full (``max_connections`` open, none pending: a newcomer would be
+      refused); the JSON says why.
     - ``GET /metrics``: Prometheus text (this node's registry only); OpenMetrics, with exemplars,
       when ``Accept`` asks for ``application/openmetrics-text``.
     - ``GET /debug/stats``: sessions (as tags), connections and queue depths; no secrets.

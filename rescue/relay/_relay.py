@@ -210,12 +210,23 @@ class Relay:
             reasons.append(refusal.reason)
         if self.table.full():
             reasons.append("at max_sessions")
+        cap = self.cap
+        if cap is not None and cap.full:
+            # every WebSocket slot holds a session or a handshake past its HELLO: a newcomer gets
+            # 503 server_busy, so the load balancer had better send it elsewhere. Not while any
+            # slot is pending (a newcomer displaces it: a HELLO-less flood leaves the node ready).
+            reasons.append("at max_connections")
         return {
             "ready": not reasons and self.addresses is not None,
             "reasons": reasons,
             "draining": self._draining,
             "control": self.control.detail(),
             "sessions": len(self.table),
+            "websocket_connections": {
+                "open": self.connection_stats.open,
+                "pending": cap.pending if cap is not None else 0,
+                "max": cap.max_connections if cap is not None else None,
+            },
         }
 
     def statistics(self, *, detail: bool = False) -> dict[str, Any]:

@@ -149,6 +149,16 @@ class ConnectionCap:
         """Connections that could be shed now."""
         return len(self._pending)
 
+    @property
+    def full(self) -> bool:
+        """Whether a newcomer would be refused now: the cap is reached and nothing is pending.
+
+        Pending connections do not make the node full: a newcomer takes the place of one, so a
+        flood of sockets that never say HELLO leaves the node taking real clients (the relay's
+        ``/readyz`` stays 200 through it and turns 503 only when this is true).
+        """
+        return self.stats.open >= self.max_connections and not self._pending
+
     def admit(self) -> trio.CancelScope | None:
         """Admit a just-accepted socket (then it counts as open and pending): under the cap, or
         once the longest-pending connection has been told to close in its favour.
