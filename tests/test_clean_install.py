@@ -269,9 +269,10 @@ async def test_operator_deployment_carries_a_session_and_drains(
     private_redis.flush(initialise=False)  # a new deployment: only `rescue admin init-store` marks it
     redis_url = private_redis.url
     key = tmp_path / "signing.jwk"
-    await trio.run_process(
-        [clean_venv.rescue, "keygen", "--out", str(key)], capture_stdout=True, env=clean_venv.env()
-    )
+    with trio.fail_after(START_TIMEOUT_S):
+        await trio.run_process(
+            [clean_venv.rescue, "keygen", "--out", str(key)], capture_stdout=True, env=clean_venv.env()
+        )
     admin_key, service_key, report_key, tag_key = (secrets.token_urlsafe(24) for _ in range(4))
     service_env = clean_venv.env(
         RESCUE_ENV="production",
