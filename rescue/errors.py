@@ -95,12 +95,16 @@ class GuardrailError(RescueError):
     """The guardrails refused the request.
 
     Attributes:
-        error: the SPEC §4 error code (``fallback_paused``, ``cohort_disabled``, ``not_entitled``).
+        error: the SPEC §4 error code (``fallback_paused``, ``cohort_disabled``, ``not_entitled``,
+            ``no_relay_available``).
+        reason: for ``no_relay_available``, why: ``none`` (no node registered), ``draining``
+            (every node is), ``full`` (every node is full or draining); None otherwise.
     """
 
-    def __init__(self, error: str, message: str) -> None:
+    def __init__(self, error: str, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.error = error
+        self.reason = reason
 
 
 class StoreUnavailable(RescueError):

@@ -114,6 +114,22 @@ async def test_node_registry(store: GuardrailStore) -> None:
         assert await store.live_nodes() == [a_draining, b]
         await store.remove_node("node-a")
         assert await store.live_nodes() == [b]
+        b_full = NodeInfo("node-b", "wss://b.example/v1/connect", full=True)
+        await store.register_node(b_full, ttl=30)
+        assert await store.live_nodes() == [b_full]
+        assert not b_full.accepting
+        await store.register_node(b, ttl=30)  # and back
+        assert await store.live_nodes() == [b]
+
+
+async def test_session_node_reads_the_assignment_without_touching_it(store: GuardrailStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.session_node("sess-r") is None
+        assert await store.assign_session("sess-r", "node-a", ttl=0.3) == "node-a"
+        assert await store.session_node("sess-r") == "node-a"
+        while await store.session_node("sess-r") is not None:  # read, not extended: it expires
+            await trio.sleep(0.02)
+        assert await store.assign_session("sess-r", "node-b", ttl=60) == "node-b"
 
 
 async def test_node_registration_expires_unless_refreshed(store: GuardrailStore) -> None:

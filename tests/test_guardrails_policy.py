@@ -249,6 +249,75 @@ async def test_assignment_sticks_and_moves_off_dead_or_draining_nodes() -> None:
     assert third.node_id not in {first.node_id, second.node_id}
 
 
+def node(node_id: str, *, draining: bool = False, full: bool = False) -> NodeInfo:
+    return NodeInfo(node_id, f"wss://{node_id}.example/v1/connect", draining, full)
+
+
+def sessions_picking(node_id: str, ids: list[str], count: int) -> list[str]:
+    """Session ids whose rendezvous pick among ``ids`` is ``node_id``."""
+    out = [f"s-{i}" for i in range(1000) if rendezvous_pick(f"s-{i}", nodes(*ids)) == node(node_id)]
+    assert len(out) >= count
+    return out[:count]
+
+
+@pytest.mark.parametrize("path", ["assign_node", "decide"])
+async def test_full_nodes_get_no_new_sessions_but_keep_their_own(path: str) -> None:
+    """A full node (max_sessions or its connection cap) is skipped for new sessions, like a draining
+    one, but unlike a draining one the sessions assigned to it stay: their peers are sent back."""
+    store = MemoryStore()
+    g = Guardrails(store, GuardrailConfig(dev_enable_all_cohorts=True), wall_clock=lambda: T0)
+    moves: list[str] = []
+    g.on_move = moves.append
+
+    async def assigned(session_id: str) -> str:
+        if path == "assign_node":
+            got = await g.assign_node(session_id, ttl=300)
+        else:
+            _, got = await g.decide("beta", session_id, now=T0, ttl=300, require_node=True)
+        assert got is not None
+        return got.node_id
+
+    for n in nodes("a", "b"):
+        await store.register_node(n, ttl=30)
+    mine, new = sessions_picking("a", ["a", "b"], 2)
+    assert await assigned(mine) == "a"
+    await store.register_node(node("a", full=True), ttl=30)
+    assert await assigned(new) == "b"  # would be a's
+    assert await assigned(mine) == "a"  # its partner, or a peer back from a blip: its own node
+    # every node full: a new session is refused, an assigned one still goes to its node
+    await store.register_node(node("b", full=True), ttl=30)
+    with pytest.raises(GuardrailError) as info:
+        await assigned("brand-new")
+    assert (info.value.error, info.value.reason) == ("no_relay_available", "full")
+    assert await store.session_node("brand-new") is None  # nothing recorded for it
+    assert await assigned(mine) == "a"
+    assert await assigned(new) == "b"
+    # full and draining together: still only the full node's own sessions
+    await store.register_node(node("b", draining=True), ttl=30)
+    assert await assigned(mine) == "a"
+    with pytest.raises(GuardrailError) as info:
+        await assigned(new)  # b is leaving and a has no room: its peers must wait
+    assert info.value.reason == "full"
+    # a frees a place: new sessions are assigned to it again, and the one on b moves there
+    await store.register_node(node("a"), ttl=30)
+    assert await assigned("another-new") == "a"
+    assert await assigned(new) == "a"
+    assert moves == ["draining"]
+    assert await assigned(mine) == "a"
+
+
+async def test_no_relay_reasons() -> None:
+    store = MemoryStore()
+    g = Guardrails(store, GuardrailConfig(dev_enable_all_cohorts=True), wall_clock=lambda: T0)
+    with pytest.raises(GuardrailError) as info:
+        await g.decide("beta", "s", now=T0, ttl=300, require_node=True)
+    assert (info.value.error, info.value.reason) == ("no_relay_available", "none")
+    await store.register_node(node("a", draining=True), ttl=30)
+    with pytest.raises(GuardrailError) as info:
+        await g.decide("beta", "s", now=T0, ttl=300, require_node=True)
+    assert (info.value.error, info.value.reason) == ("no_relay_available", "draining")
+
+
 @given(st.lists(st.sampled_from("abcdefgh"), min_size=2, max_size=8, unique=True), st.data())
 def test_hrw_removing_a_node_moves_only_its_sessions(ids: list[str], data: st.DataObject) -> None:
     removed = data.draw(st.sampled_from(ids))

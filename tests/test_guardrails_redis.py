@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -65,6 +66,47 @@ async def test_node_and_assignment_ttls_and_no_session_ids_in_keys(
         raw.set("fallback:{nodes}:bad", "{not json")
         raw.sadd("fallback:{nodes}", "bad")
         assert await store.live_nodes() == []
+        await store.aclose()
+
+
+# NodeInfo.from_json as it was before records carried "full" (af9dd72): what a token service of
+# that version runs on the records of newer relays during a rolling upgrade.
+def _from_json_before_full(data: object) -> NodeInfo:
+    if not isinstance(data, dict):
+        raise ValueError("node record must be an object")
+    node_id, url, draining = data.get("id"), data.get("url"), data.get("draining", False)
+    if not isinstance(node_id, str) or not isinstance(url, str) or not isinstance(draining, bool):
+        raise ValueError("node record needs id (str), url (str), draining (bool)")
+    return NodeInfo(node_id, url, draining)
+
+
+async def test_node_records_of_older_and_newer_versions_read_both_ways(
+    redis_url: str, redis_session_server: RedisServer
+) -> None:
+    """A rolling upgrade mixes versions: an older relay's record (no "full") reads as a node that is
+    not full; a newer relay's record keeps id/url/draining as they were, so an older token service
+    reads it as before (a full node then still gets new sessions there, as it always did, but never
+    counts as draining: its sessions are not moved)."""
+    store = RedisStore(redis_url)
+    with trio.fail_after(TIMEOUT), redis_session_server.client() as raw:
+        raw.set("fallback:{nodes}:old-1", '{"id":"old-1","url":"wss://old-1/v1/connect","draining":false}')
+        raw.sadd("fallback:{nodes}", "old-1")
+        assert await store.live_nodes() == [NodeInfo("old-1", "wss://old-1/v1/connect")]
+        await store.register_node(NodeInfo("new-1", "wss://new-1/v1/connect", full=True), ttl=15)
+        record = json.loads(raw.get("fallback:{nodes}:new-1"))
+        assert record == {"id": "new-1", "url": "wss://new-1/v1/connect", "draining": False, "full": True}
+        assert _from_json_before_full(record) == NodeInfo("new-1", "wss://new-1/v1/connect")
+        # a record from a later version with fields we do not know still reads
+        raw.set(
+            "fallback:{nodes}:later-1",
+            '{"id":"later-1","url":"wss://l/v1/connect","draining":false,"full":false,"zone":"b"}',
+        )
+        raw.sadd("fallback:{nodes}", "later-1")
+        assert [n.node_id for n in await store.live_nodes()] == ["later-1", "new-1", "old-1"]
+        # "full" of the wrong type is a corrupt record: a dead node, not an outage
+        raw.set("fallback:{nodes}:bad-1", '{"id":"bad-1","url":"wss://b/v1/connect","full":"yes"}')
+        raw.sadd("fallback:{nodes}", "bad-1")
+        assert "bad-1" not in [n.node_id for n in await store.live_nodes()]
         await store.aclose()
 
 

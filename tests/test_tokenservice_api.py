@@ -434,6 +434,14 @@ async def test_no_relay_available(harness_factory: Callable[..., Any]) -> None:
         await h.store.register_node(NodeInfo("n1", "wss://n1/v1/connect", draining=True), ttl=30)
         r = await h.client.post("/v1/fallback/token", json=token_body(), headers=SVC)
         assert (r.status_code, r.json()["error"]) == (503, "no_relay_available")
+        await h.store.register_node(NodeInfo("n2", "wss://n2/v1/connect", full=True), ttl=30)
+        r = await h.client.post("/v1/fallback/token", json=token_body(), headers=SVC)
+        assert (r.status_code, r.json()["error"]) == (503, "no_relay_available")
+        assert "full" in r.json()["detail"]
+        metrics = (await h.client.get("/metrics")).text
+        for reason in ("none", "draining", "full"):
+            assert f'beach_fallback_no_relay_total{{reason="{reason}"}} 1.0' in metrics, reason
+        assert 'beach_fallback_token_requests_total{guardrail="no_relay",outcome="refused"} 3.0' in metrics
 
 
 async def test_node_assignment_sets_aud_and_relay_url(h: Harness) -> None:
@@ -596,7 +604,9 @@ async def test_admin_pause_resume_cohorts_nodes(h: Harness) -> None:
 
         await h.store.register_node(NodeInfo("n1", "wss://n1/v1/connect"), ttl=30)
         r = await h.client.get("/v1/admin/nodes", headers=ADMIN)
-        assert r.json() == {"nodes": [{"id": "n1", "url": "wss://n1/v1/connect", "draining": False}]}
+        assert r.json() == {
+            "nodes": [{"id": "n1", "url": "wss://n1/v1/connect", "draining": False, "full": False}]
+        }
 
 
 # --- on real Redis ------------------------------------------------------------------------------------

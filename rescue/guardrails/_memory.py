@@ -172,6 +172,11 @@ class MemoryStore:
         self._token_uses[key] = (t + ttl, node_id)
         return node_id
 
+    async def session_node(self, session_id: str) -> str | None:
+        t = await self._enter()
+        entry = self._assignments.get(assignment_key(session_id))
+        return entry[1] if entry is not None and entry[0] > t else None
+
     async def reassign_session(
         self, session_id: str, *, expected: str, node_id: str, ttl: float
     ) -> tuple[str, bool]:

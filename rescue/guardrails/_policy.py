@@ -417,7 +417,8 @@ class Guardrails:
         The same checks, in the same order, as :meth:`authorize_token`, then :meth:`assign_node`,
         then :meth:`record_tokens`: one :meth:`~GuardrailStore.mint_snapshot` reads everything,
         one :meth:`~GuardrailStore.record_mint` counts the token and records the assignment. A
-        move off a gone or draining node costs one more (rare).
+        move off a gone or draining node costs one more (rare), and so does a request while every
+        node is full or draining (reading whether the session is already on a full node).
 
         Args:
             require_node: without registered nodes, refuse (``no_relay_available``) instead of
@@ -440,7 +441,7 @@ class Guardrails:
         nodes = list(snap.nodes)
         if not nodes:
             if require_node:
-                raise GuardrailError("no_relay_available", "no relay node is registered")
+                raise GuardrailError("no_relay_available", "no relay node is registered", reason="none")
             await self.store.record_mint(
                 cohort_id,
                 now=now,
@@ -451,18 +452,19 @@ class Guardrails:
                 sessions_reported=cohort_id not in self.config.telemetry_unreported_cohorts,
             )
             return auth, None
-        eligible, choice = _eligible(session_id, nodes)
+        holders, choice = _candidates(session_id, nodes)
+        node_id = choice.node_id if choice is not None else await self._own_full_node(session_id, holders)
         current = await self.store.record_mint(
             cohort_id,
             now=now,
             session_id=session_id,
-            node_id=choice.node_id,
+            node_id=node_id,
             ttl=ttl,
             telemetry_ttl=self._gap_ttl,
             sessions_reported=cohort_id not in self.config.telemetry_unreported_cohorts,
         )
         assert current is not None
-        return auth, await self._settle(session_id, current, nodes, eligible, choice, ttl=ttl)
+        return auth, await self._settle(session_id, current, nodes, holders, choice, ttl=ttl)
 
     @property
     def _gap_ttl(self) -> float:
@@ -560,62 +562,85 @@ class Guardrails:
 
         An assignment in force is honoured whatever the node set has become since (scale-out or
         scale-in never moves a session), because the node holding the session live keeps it alive
-        (``keep_assignments``, docs/decisions/0008-session-affinity.md). A new one is the
-        rendezvous pick over live, non-draining nodes, recorded with SET NX for ``ttl`` seconds so
-        both peers land on the same node even when they ask at once. Only an assignment to a node
-        that is gone or draining is moved (compare-and-set, so racing requests agree); each move is
-        logged (``assignment_moved``) and reported to ``on_move``.
+        (``keep_assignments``, docs/decisions/0008-session-affinity.md), and also while that node
+        is full (its own peers coming back are what it holds their places for). A new one is the
+        rendezvous pick over live nodes that are neither draining nor full, recorded with SET NX
+        for ``ttl`` seconds so both peers land on the same node even when they ask at once. Only
+        an assignment to a node that is gone or draining is moved (compare-and-set, so racing
+        requests agree); each move is logged (``assignment_moved``) and reported to ``on_move``.
 
         Returns:
             The node, or None when no node is registered at all (single-node / no registry: the
             caller uses ``aud="*"`` and its configured relay URL).
 
         Raises:
-            GuardrailError: ``no_relay_available`` when nodes are registered but all are draining.
+            GuardrailError: ``no_relay_available`` when nodes are registered but none can take the
+                session: all draining, or all draining or full and the session is not assigned to
+                one of the full ones (``reason`` says which).
             StoreUnavailable: the store can't be read.
         """
         nodes = await self.store.live_nodes()
         if not nodes:
             return None
-        eligible, choice = _eligible(session_id, nodes)
-        current = await self.store.assign_session(session_id, choice.node_id, ttl=ttl)
-        return await self._settle(session_id, current, nodes, eligible, choice, ttl=ttl)
+        holders, choice = _candidates(session_id, nodes)
+        node_id = choice.node_id if choice is not None else await self._own_full_node(session_id, holders)
+        current = await self.store.assign_session(session_id, node_id, ttl=ttl)
+        return await self._settle(session_id, current, nodes, holders, choice, ttl=ttl)
+
+    async def _own_full_node(self, session_id: str, holders: dict[str, NodeInfo]) -> str:
+        """Every live node is draining or full: the full node the session is already assigned to
+        (one more store read, only in this case), for its peers coming back.
+
+        Between this read and the SET NX that follows, the assignment may expire: the session is
+        then assigned to that full node anew, which is where it just was.
+
+        Raises:
+            GuardrailError: ``no_relay_available`` (``reason="full"``): a new session.
+        """
+        held = await self.store.session_node(session_id)
+        if held is None or held not in holders:
+            raise GuardrailError("no_relay_available", "every relay node is full or draining", reason="full")
+        return held
 
     async def _settle(
         self,
         session_id: str,
         current: str,
         nodes: list[NodeInfo],
-        eligible: dict[str, NodeInfo],
-        choice: NodeInfo,
+        holders: dict[str, NodeInfo],
+        choice: NodeInfo | None,
         *,
         ttl: float,
     ) -> NodeInfo:
-        """The assignment in force is ``current``: keep it, or move it off a gone/draining node."""
-        if current not in eligible:
-            reason = "draining" if any(n.node_id == current for n in nodes) else "gone"
-            moved_from = current
-            current, moved = await self.store.reassign_session(
-                session_id, expected=current, node_id=choice.node_id, ttl=ttl
-            )
-            if moved:  # of racing requests, only the one that wrote records the move
-                log_event(_LOG, "assignment_moved", from_node=moved_from, to_node=current, reason=reason)
-                if self.on_move is not None:
-                    self.on_move(reason)
-        return eligible.get(current, choice)
+        """The assignment in force is ``current``: keep it (full or not), or move it off a
+        gone/draining node to ``choice``."""
+        if current in holders:
+            return holders[current]
+        if choice is None:  # it left or began draining since we read it, and nothing else has room
+            raise GuardrailError("no_relay_available", "every relay node is full or draining", reason="full")
+        reason = "draining" if any(n.node_id == current for n in nodes) else "gone"
+        moved_from = current
+        current, moved = await self.store.reassign_session(
+            session_id, expected=current, node_id=choice.node_id, ttl=ttl
+        )
+        if moved:  # of racing requests, only the one that wrote records the move
+            log_event(_LOG, "assignment_moved", from_node=moved_from, to_node=current, reason=reason)
+            if self.on_move is not None:
+                self.on_move(reason)
+        return holders.get(current, choice)
 
 
-def _eligible(session_id: str, nodes: list[NodeInfo]) -> tuple[dict[str, NodeInfo], NodeInfo]:
-    """The live, non-draining nodes by id, and the rendezvous pick among them.
+def _candidates(session_id: str, nodes: list[NodeInfo]) -> tuple[dict[str, NodeInfo], NodeInfo | None]:
+    """The nodes that may hold a session (live, not draining; full ones too) by id, and the
+    rendezvous pick among those that may take a new one (not full either): None when all are full.
 
     Raises:
-        GuardrailError: ``no_relay_available`` when every node is draining.
+        GuardrailError: ``no_relay_available`` (``reason="draining"``) when every node is draining.
     """
-    eligible = {n.node_id: n for n in nodes if not n.draining}
-    choice = rendezvous_pick(session_id, eligible.values())
-    if choice is None:
-        raise GuardrailError("no_relay_available", "every relay node is draining")
-    return eligible, choice
+    holders = {n.node_id: n for n in nodes if not n.draining}
+    if not holders:
+        raise GuardrailError("no_relay_available", "every relay node is draining", reason="draining")
+    return holders, rendezvous_pick(session_id, (n for n in holders.values() if not n.full))
 
 
 def effective_fleet_state(stored: FleetState) -> FleetState:

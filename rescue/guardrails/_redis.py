@@ -731,6 +731,12 @@ class RedisStore:
         (result,) = await self._run([_ScriptCall(_ASSIGN_LUA, [key], [node_id, _ms(ttl)])])
         return str(result)
 
+    async def session_node(self, session_id: str) -> str | None:
+        (value,) = await self._run([("GET", assignment_key(session_id))], idempotent=True)
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     async def claim_token_use(self, cti: bytes, node_id: str, *, ttl: float) -> str:
         check_node_id(node_id)
         key = token_use_key(cti)

@@ -11,7 +11,7 @@ is a value, and the only literal braces are the ``{nodes}`` hash tag of the node
     fallback:cohorts                            hash  cohort_id -> "1" / "0" (fallback_ws_enabled)
     fallback:cohort:<cohort_id>:<yyyy-mm-dd-hh> hash  sessions, tokens, activations   TTL 90 min
     fallback:{nodes}                            set   node ids                      \ one hash slot
-    fallback:{nodes}:<node_id>                  str   JSON {"id", "url", "draining"} / short TTL
+    fallback:{nodes}:<node_id>                  str   JSON {"id", "url", "draining", "full"} / short TTL
     fallback:assign:<blake2b(session_id)>       str   node id       TTL = token lifetime, kept alive
                                                               by the node holding the session live
     fallback:cti:<blake2b(cti)>                 str   "1": the token's one connection  TTL = its life
@@ -148,34 +148,49 @@ class NodeInfo:
     Attributes:
         node_id: the node's id (a token's ``aud``).
         public_url: the ``wss://…/v1/connect`` URL clients connect to.
-        draining: the node is shutting down and gets no new sessions.
+        draining: the node is shutting down: it gets no new sessions, and the sessions assigned to
+            it move elsewhere.
+        full: the node cannot take a new session right now (``max_sessions`` reached, or its
+            connection cap turns newcomers away): it gets no new sessions, but keeps its own (a
+            peer of a session assigned to it is still sent there). Older token services ignore
+            the field; a record without it (an older relay) reads as not full.
     """
 
     node_id: str
     public_url: str
     draining: bool = False
+    full: bool = False
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)
         if not isinstance(self.public_url, str) or not 0 < len(self.public_url) <= MAX_NODE_URL:
             raise ValueError(f"node public_url must be 1-{MAX_NODE_URL} characters")
 
+    @property
+    def accepting(self) -> bool:
+        """Whether a new session may be assigned here (neither draining nor full)."""
+        return not (self.draining or self.full)
+
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.node_id, "url": self.public_url, "draining": self.draining}
+        return {"id": self.node_id, "url": self.public_url, "draining": self.draining, "full": self.full}
 
     @classmethod
     def from_json(cls, data: Any) -> NodeInfo:
-        """Parse :meth:`to_json` output.
+        """Parse :meth:`to_json` output; unknown fields are ignored and ``full`` is optional, so
+        records of older and newer relays both parse.
 
         Raises:
             ValueError: ``data`` is not a valid node record.
         """
         if not isinstance(data, dict):
             raise ValueError("node record must be an object")
-        node_id, url, draining = data.get("id"), data.get("url"), data.get("draining", False)
+        node_id, url = data.get("id"), data.get("url")
+        draining, full = data.get("draining", False), data.get("full", False)
         if not isinstance(node_id, str) or not isinstance(url, str) or not isinstance(draining, bool):
             raise ValueError("node record needs id (str), url (str), draining (bool)")
-        return cls(node_id, url, draining)
+        if not isinstance(full, bool):
+            raise ValueError("node record's full must be a bool")
+        return cls(node_id, url, draining, full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +434,9 @@ class GuardrailStore(Protocol):
 
         The assignment lives ``ttl`` seconds; reading an existing one extends it to ``ttl``.
         """
+
+    async def session_node(self, session_id: str) -> str | None:
+        """The node ``session_id`` is assigned to, or None: a plain read (the TTL is left alone)."""
 
     async def reassign_session(
         self, session_id: str, *, expected: str, node_id: str, ttl: float

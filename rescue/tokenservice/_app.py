@@ -83,6 +83,8 @@ _GUARDRAIL_STATUS: Final = {
     "not_entitled": 403,
     "no_relay_available": 503,
 }
+# beach_fallback_no_relay_total{reason}: why no relay could be named (GuardrailError.reason).
+NO_RELAY_REASONS: Final = ("none", "draining", "full")
 # Metric label values for beach_fallback_token_requests_total{outcome, guardrail}.
 _REFUSAL_GUARDRAIL_LABEL: Final = {
     "fallback_paused": "paused",
@@ -222,6 +224,15 @@ class TokenService:
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
         )
+        self.no_relay = Counter(
+            "beach_fallback_no_relay",
+            "Token requests refused with no_relay_available, by why: none (no relay registered), "
+            "draining (every relay is), full (every relay is full or draining)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in NO_RELAY_REASONS:
+            self.no_relay.labels(reason)
         self.assignment_moves = Counter(
             "beach_rescue_assignment_moves",
             "Session assignments moved off a relay node that was gone or draining",
@@ -389,6 +400,8 @@ class TokenService:
             answer = await self._decide_and_mint(body)
         except GuardrailError as exc:
             label = _REFUSAL_GUARDRAIL_LABEL.get(exc.error, exc.error)
+            if exc.error == "no_relay_available":
+                self.no_relay.labels(exc.reason or "none").inc()
             self._count_token_request(body, outcome="refused", guardrail=label)
             self._considered(body, outcome=exc.error)
             raise JsonError(_GUARDRAIL_STATUS.get(exc.error, 403), exc.error, str(exc)) from None

@@ -243,12 +243,17 @@ def openapi_document() -> dict[str, Any]:
                             "type": "array",
                             "items": {
                                 "type": "object",
-                                "required": ["id", "url", "draining"],
+                                "required": ["id", "url", "draining", "full"],
                                 "additionalProperties": False,
                                 "properties": {
                                     "id": {"type": "string"},
                                     "url": {"type": "string"},
                                     "draining": {"type": "boolean"},
+                                    "full": {
+                                        "type": "boolean",
+                                        "description": "at max_sessions or its connection cap: "
+                                        "no new sessions, its own sessions' peers still sent there",
+                                    },
                                 },
                             },
                         }
