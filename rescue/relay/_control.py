@@ -6,8 +6,9 @@
   state is at most about a second old), reports ``POST /v1/fallback/activations`` from a bounded
   queue, and fails closed for new handshakes once the last good state is older than
   ``status_stale_s``.
-- :class:`NodeRegistrar`: keeps this node's record (id, public URL, draining) in the guardrail store
-  with a short expiry; its owner removes it once on the way out, after every other task stopped.
+- :class:`NodeRegistrar`: keeps this node's record (id, public URL, draining, full) in the guardrail
+  store with a short expiry, rewritten soon after the node fills up or frees a place; its owner
+  removes it once on the way out, after every other task stopped.
 - :class:`AssignmentKeeper`: keeps the session→node assignment of every session live on this node
   alive in batches, claims a new session's assignment at HELLO (``WRONG_NODE`` when another live
   node holds it) and closes sessions whose assignment was moved elsewhere (decision 0008).
@@ -57,6 +58,14 @@ REGISTER_DEADLINE_S: Final = 1.0
 # A keep-alive round gets REGISTER_DEADLINE_S per this many sessions (10,000 sessions are ten
 # pipelined round trips of a few milliseconds each; the bound only stops a stalled Redis).
 KEEP_PER_DEADLINE_S: Final = 5000
+# How often the registrar looks at whether the node is full (an in-memory check, no store call):
+# the token service learns of a change within about this long plus one write.
+FULL_CHECK_S: Final = 0.25
+# At least this long between two registry writes made for a change of "full" (the periodic refresh
+# and a drain are not held back): a node flapping at its limit costs Redis at most one extra
+# write per second, each carrying the state of its moment; a change that reverts within the wait
+# costs none.
+FULL_WRITE_INTERVAL_S: Final = 1.0
 
 
 def _is_url(source: str) -> bool:
@@ -318,21 +327,43 @@ class ControlLink:
 class NodeRegistrar:
     """This node's record in the guardrail store (SPEC §7), refreshed every ``ttl / 3``.
 
+    The record says whether the node is *full*: ``full()`` is true while a new session would be
+    refused here (``max_sessions`` reached, or the connection cap turning newcomers away: the
+    capacity reasons of ``/readyz``), and the token service then assigns it no new sessions while
+    still sending a session's own peers back to it. ``full()`` is read every
+    :data:`FULL_CHECK_S`; a change is written at once, but not sooner than
+    :data:`FULL_WRITE_INTERVAL_S` after the previous write made for a change, and a change that
+    reverted before its write is no change. Every write carries the state of its moment.
+
     Args:
         store: the guardrail store (Redis in production).
         node_id: this node's id.
         public_url: where clients reach it.
         ttl: record expiry in seconds.
+        full: whether the node cannot take a new session now (cheap: called every
+            :data:`FULL_CHECK_S`); without it the node never says it is full.
     """
 
-    def __init__(self, store: GuardrailStore, *, node_id: str, public_url: str, ttl: float) -> None:
+    def __init__(
+        self,
+        store: GuardrailStore,
+        *,
+        node_id: str,
+        public_url: str,
+        ttl: float,
+        full: Callable[[], bool] | None = None,
+    ) -> None:
         self.store = store
         self.node_id = node_id
         self.public_url = public_url
         self.ttl = ttl
         self.draining = False
         self.registered = False
+        self.full = False  # as last written successfully: what the token service sees
         self.outcomes: dict[str, int] = {"ok": 0, "error": 0}
+        # changes of "full" in the record as written: to full, and back
+        self.full_changes: dict[str, int] = {"full": 0, "not_full": 0}
+        self._full_now = full
         self._wake = trio.Event()
 
     def set_draining(self) -> None:
@@ -340,8 +371,12 @@ class NodeRegistrar:
         self.draining = True
         self._wake.set()
 
+    def _is_full(self) -> bool:
+        return self._full_now is not None and self._full_now()
+
     async def register_once(self) -> bool:
-        """Write the record once (within :data:`REGISTER_DEADLINE_S`); True on success.
+        """Write the record once (within :data:`REGISTER_DEADLINE_S`), with ``full`` as it is now;
+        True on success.
 
         Cancellation:
             Shielded, within the same deadline: a write abandoned to its worker thread could land
@@ -349,10 +384,11 @@ class NodeRegistrar:
             a node with nothing to drain the services are cancelled a moment later, and the
             abandoned write raced the removal -- and sometimes won, leaving a dead node listed.)
         """
+        full = self._is_full()
         try:
             with trio.CancelScope(shield=True), store_deadline(REGISTER_DEADLINE_S):
                 await self.store.register_node(
-                    NodeInfo(self.node_id, self.public_url, self.draining), ttl=self.ttl
+                    NodeInfo(self.node_id, self.public_url, self.draining, full), ttl=self.ttl
                 )
         except RescueError as exc:
             self.outcomes["error"] += 1
@@ -360,10 +396,15 @@ class NodeRegistrar:
             return False
         self.outcomes["ok"] += 1
         self.registered = True
+        if full != self.full:
+            self.full = full
+            self.full_changes["full" if full else "not_full"] += 1
+            log_event(_LOG, "relay.registered_full" if full else "relay.registered_not_full")
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Register, then refresh every ``ttl / 3`` (at once after :meth:`set_draining`) until cancelled.
+        """Register, then refresh every ``ttl / 3`` (at once after :meth:`set_draining`, and when
+        the node fills up or frees a place, see the class) until cancelled.
 
         Reports started after the first attempt, whatever its outcome.
 
@@ -374,11 +415,23 @@ class NodeRegistrar:
         """
         await self.register_once()
         task_status.started()
+        refresh_at = trio.current_time() + self.ttl / 3
+        change_at = -math.inf  # no write for a change of "full" before this
         while True:
-            with trio.move_on_after(self.ttl / 3):
+            wake_at = refresh_at
+            if self._full_now is not None:
+                wake_at = min(wake_at, max(trio.current_time() + FULL_CHECK_S, change_at))
+            with trio.move_on_at(wake_at):
                 await self._wake.wait()
+            now = trio.current_time()
+            changed = self._is_full() != self.full
+            if changed and now >= change_at:
+                change_at = now + FULL_WRITE_INTERVAL_S
+            elif not (self._wake.is_set() or now >= refresh_at):
+                continue
             self._wake = trio.Event()
             await self.register_once()
+            refresh_at = trio.current_time() + self.ttl / 3
 
     async def remove(self) -> bool:
         """Remove the record (within :data:`REGISTER_DEADLINE_S`); True on success, else it expires."""

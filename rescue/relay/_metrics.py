@@ -239,6 +239,18 @@ class _StatsCollector(Collector):
             yield _labelled(
                 "beach_rescue_node_registrations", "Node registry writes", "outcome", registrar.outcomes
             )
+            yield GaugeMetricFamily(
+                "beach_rescue_node_full",
+                "1 while the node's registry record says full (max_sessions or the connection cap "
+                "reached): the token service assigns it no new sessions, only its own sessions' peers",
+                value=registrar.full,
+            )
+            yield _labelled(
+                "beach_rescue_node_full_changes",
+                "Changes of the registry record's full flag, by the state written",
+                "to",
+                registrar.full_changes,
+            )
         keeper = self.keeper()
         if keeper is not None:
             yield _labelled(

@@ -208,14 +208,8 @@ class Relay:
         refusal = self.control.refusal()
         if refusal is not None:
             reasons.append(refusal.reason)
-        if self.table.full():
-            reasons.append("at max_sessions")
+        reasons += self._capacity_reasons()
         cap = self.cap
-        if cap is not None and cap.full:
-            # every WebSocket slot holds a session or a handshake past its HELLO: a newcomer gets
-            # 503 server_busy, so the load balancer had better send it elsewhere. Not while any
-            # slot is pending (a newcomer displaces it: a HELLO-less flood leaves the node ready).
-            reasons.append("at max_connections")
         return {
             "ready": not reasons and self.addresses is not None,
             "reasons": reasons,
@@ -228,6 +222,25 @@ class Relay:
                 "max": cap.max_connections if cap is not None else None,
             },
         }
+
+    def _capacity_reasons(self) -> list[str]:
+        """Why a new session cannot be taken for want of room (the node's record then says
+        ``full``, so the token service sends new sessions elsewhere)."""
+        reasons = []
+        if self.table.full():  # sessions in their resume grace count: their peers come back
+            reasons.append("at max_sessions")
+        cap = self.cap
+        if cap is not None and cap.full:
+            # every WebSocket slot holds a session or a handshake past its HELLO: a newcomer gets
+            # 503 server_busy, so the load balancer had better send it elsewhere. Not while any
+            # slot is pending (a newcomer displaces it: a HELLO-less flood leaves the node ready).
+            reasons.append("at max_connections")
+        return reasons
+
+    def full(self) -> bool:
+        """Whether a new session would be refused here for want of room (``max_sessions``
+        reached, or the connection cap turning newcomers away)."""
+        return bool(self._capacity_reasons())
 
     def statistics(self, *, detail: bool = False) -> dict[str, Any]:
         """A JSON-ready snapshot (``/debug/stats``): counts, and per session with ``detail``."""
@@ -407,7 +420,7 @@ class Relay:
         assert self.addresses is not None
         public = config.public_url or self.addresses.url
         self.registrar = NodeRegistrar(
-            store, node_id=config.node_id, public_url=public, ttl=config.register_ttl_s
+            store, node_id=config.node_id, public_url=public, ttl=config.register_ttl_s, full=self.full
         )
         if self._draining:  # SIGTERM during start-up
             self.registrar.set_draining()
