@@ -127,15 +127,29 @@ async def _census_on_signal(
             n += 1
 
 
+async def _stats_loop(relay: Any, every: float) -> None:
+    """One ``stats: {...}`` line (the read poller's counters) on stderr every ``every`` seconds.
+
+    How many readiness events, looks and wake-ups a window took (``RESCUE_BENCH_STATS_S``): the
+    difference of two lines divided by the seconds between them.
+    """
+    while True:
+        await trio.sleep(every)
+        poller = relay.poller.statistics() if relay.poller is not None else None
+        print(f"stats: t={trio.current_time():.1f} poller={json.dumps(poller)}", file=sys.stderr, flush=True)
+
+
 async def main(
     keys: str,
     port: int,
     log_level: str,
     read_coalesce: str,
-    quiet_after: float,
+    heartbeat: int,
+    quiet_after: float | None,
     quiet_tick: float,
     census: Path | None = None,
     tls: tuple[str, str] | None = None,
+    stats_every: float = 0.0,
 ) -> None:
     from rescue._log import configure_logging
     from rescue.relay import Relay, RelayConfig, tune_gc
@@ -151,7 +165,8 @@ async def main(
         drain_s=DRAIN_S,
         read_poller=read_coalesce != "off",
         read_coalesce_s=0.0 if read_coalesce == "off" else float(read_coalesce),
-        quiet_after_s=quiet_after,
+        heartbeat_s=heartbeat,
+        quiet_after_s=heartbeat if quiet_after is None else quiet_after,
         quiet_tick_s=quiet_tick,
         tls_cert=tls[0] if tls else None,
         tls_key=tls[1] if tls else None,
@@ -170,6 +185,8 @@ async def main(
                 # tracing every import made the start take minutes on a loaded machine)
                 tracemalloc.start(CENSUS_FRAMES)
                 await nursery.start(_census_on_signal, census, census_scope)
+            if stats_every:
+                nursery.start_soon(_stats_loop, relay, stats_every)
             print(f"READY port={addresses.port}", flush=True)
             async for _ in signals:
                 relay.shutdown()
@@ -192,7 +209,17 @@ if __name__ == "__main__":
         default="0",
         help="seconds the shared read poller lets readiness accumulate, or 'off' for trio's own waits",
     )
-    parser.add_argument("--quiet-after", type=float, default=15.0, help="heartbeat-only seconds before quiet")
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=15,
+        help="the heartbeat_s the relay announces (bench.run passes its --heartbeat: peers and relay agree)",
+    )
+    parser.add_argument(
+        "--quiet-after",
+        type=float,
+        help="heartbeat-only seconds before quiet (default: one heartbeat interval, as the relay's)",
+    )
     parser.add_argument(
         "--quiet-tick", type=float, default=0.1, help="seconds between looks at quiet sockets"
     )
@@ -206,8 +233,10 @@ if __name__ == "__main__":
         args.port,
         args.log_level,
         args.read_coalesce,
+        args.heartbeat,
         args.quiet_after,
         args.quiet_tick,
         args.census,
         (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None,
+        float(os.environ.get("RESCUE_BENCH_STATS_S") or 0),
     )

@@ -196,7 +196,9 @@ async def run_step(
         "sessions": step.scenario.sessions,
         "loadavg_start": _proc.loadavg(),
     }
-    relay = await start_target(defn, log_dir=log_dir, keys=keys, tls=tls)
+    relay = await start_target(
+        defn, log_dir=log_dir, keys=keys, tls=tls, heartbeat_s=step.scenario.heartbeat_s
+    )
     workers: list[_Worker] = []
     try:
         rss_empty = _proc.rss_kb(relay.pid)
@@ -858,7 +860,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "to its quiet set after 15 s: the window measures the steady state after that)",
     )
     p.add_argument("--idle-settle", type=float, default=2.0, help="seconds after connecting, before start")
-    p.add_argument("--heartbeat", type=float, default=15.0)
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=15.0,
+        help="idle: seconds between a peer's heartbeats; rescue relays announce it too (whole seconds)",
+    )
     p.add_argument(
         "--probe-rate",
         type=float,

@@ -178,9 +178,19 @@ class Running:
 
 
 async def start_target(
-    defn: TargetDef, *, log_dir: Path, keys: KeyMaterial | None = None, tls: TLSMaterial | None = None
+    defn: TargetDef,
+    *,
+    log_dir: Path,
+    keys: KeyMaterial | None = None,
+    tls: TLSMaterial | None = None,
+    heartbeat_s: float = 15.0,
 ) -> Running:
     """Start ``defn`` on an ephemeral 127.0.0.1 port and wait for its READY line (serving TLS with ``tls``).
+
+    A rescue relay announces ``heartbeat_s`` (what the load generator's peers send at): with the
+    relay's own 15 s against peers at another period, the quiet connections' looks would miss
+    every heartbeat (an old tree's ``rescue_target.py`` without ``--heartbeat`` fails to start
+    rather than measure that).
 
     Raises:
         RuntimeError: it exited, printed no READY line within ``START_TIMEOUT_S``, needs keys, or
@@ -204,6 +214,10 @@ async def start_target(
         if keys is None:
             raise RuntimeError(f"{defn.name} needs key material")
         argv += ["--keys", str(keys.jwks_file)]
+        if heartbeat_s != 15:
+            if heartbeat_s != int(heartbeat_s) or not 1 <= heartbeat_s <= 3600:
+                raise RuntimeError(f"{defn.name} announces whole seconds (1-3600), not {heartbeat_s:g}")
+            argv += ["--heartbeat", str(int(heartbeat_s))]
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{defn.name}.log"
     with log.open("ab") as err:

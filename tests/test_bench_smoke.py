@@ -115,6 +115,26 @@ async def test_idle_first_message_probes_arrive_once_each(name: str, tmp_path: P
     assert result["msgs"] == loadgen.Hist.merge([result["lat"]]).total == 4
 
 
+async def test_a_rescue_relay_announces_the_runs_heartbeat(tmp_path: Path) -> None:
+    """``bench.run --heartbeat N`` reaches the relay too: peers at 1 s against a relay announcing
+    15 s would have every quiet connection's look miss its heartbeat (run Q1's invalid idle rows)."""
+    keys = targets.KeyMaterial.create(tmp_path)
+    rescue = targets.TARGETS["rescue"]
+    with pytest.raises(RuntimeError, match="whole seconds"):
+        await targets.start_target(rescue, log_dir=tmp_path, keys=keys, heartbeat_s=0.2)
+    with trio.fail_after(30):
+        for heartbeat_s, announced in ((15.0, None), (2.0, b"2")):
+            relay = await targets.start_target(rescue, log_dir=tmp_path, keys=keys, heartbeat_s=heartbeat_s)
+            try:
+                argv = Path(f"/proc/{relay.pid}/cmdline").read_bytes().split(b"\0")
+            finally:
+                await relay.stop()
+            if announced is None:
+                assert b"--heartbeat" not in argv  # the relay's own default (an old tree's script too)
+            else:
+                assert argv[argv.index(b"--heartbeat") + 1] == announced
+
+
 @pytest.mark.parametrize("transport", ["tcp", "ws"])
 async def test_checker_counts_loss_reordering_and_corruption(transport: str) -> None:
     """Feed a receiving connection crafted messages: the counters must notice each fault."""
@@ -292,7 +312,7 @@ def test_run_cli_tls_covers_every_mode(tmp_path: Path) -> None:
     env = {**os.environ, "MPLBACKEND": "Agg"}
     argv = [sys.executable, "-m", "bench.run", "--tls", "--targets", "picows,rescue"]
     argv += ["--modes", "throughput,active,idle", "--sessions", "2", "--window", "2"]
-    argv += ["--active-sessions", "2", "--idle-connections", "8", "--heartbeat", "0.2"]
+    argv += ["--active-sessions", "2", "--idle-connections", "8", "--heartbeat", "1"]
     argv += ["--warmup", "0.2", "--duration", "0.3", "--idle-warmup", "0.1", "--idle-window", "0.4"]
     argv += ["--idle-settle", "0", "--probe-rate", "1000", "--out", str(tmp_path)]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, timeout=180, check=False)
