@@ -410,6 +410,22 @@ def test_k8s_relay_drains_within_grace_and_probes_the_admin_port(
     assert k8s[("Service", "relay")]["spec"]["clusterIP"] == "None"
 
 
+def test_k8s_relay_names_resolve_while_the_node_is_not_ready(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """The relays' headless Service names nodes for peers that must reach *that* node (a session's
+    resume): a full node (/readyz 503 at max_sessions or its connection cap) or a draining one
+    keeps its DNS name; new sessions are kept off it by the Redis registry (deploy/README.md)."""
+    service = k8s[("Service", "relay")]["spec"]
+    assert service["clusterIP"] == "None"
+    assert service["publishNotReadyAddresses"] is True
+    # readiness still matters where it should: rollouts and the PDB read the pod's /readyz
+    relay = k8s[("StatefulSet", "relay")]
+    assert _container(relay)["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert relay["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert k8s[("PodDisruptionBudget", "relay")]["spec"]["maxUnavailable"] == 1
+
+
 def test_k8s_selectors_match_and_pdbs_cover_workloads(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
     for kind, name in (("StatefulSet", "relay"), ("Deployment", "token-service")):
         workload = k8s[(kind, name)]
