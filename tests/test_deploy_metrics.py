@@ -142,7 +142,8 @@ async def scrape_both() -> tuple[str, str, str]:
             relay = Relay(
                 RelayConfig(
                     token_service=base, host="127.0.0.1", port=0, admin_port=0, node_id="relay-metrics"
-                )
+                ),
+                store=service.guardrails.store,  # registered, as in a fleet: the registry's metrics too
             )
             addresses = await nursery.start(relay.run)
             async with httpx.AsyncClient(timeout=5) as client:

@@ -70,6 +70,8 @@ DRIFTS = [
     ("unless on () max(beach_rescue_fallback_paused", "or on () max(beach_rescue_fallback_paused"),
     (") > 300\n", ") > 3000\n"),
     ('(up{job="beach-rescue-probe"}) == 0', '(up{job="beach-rescue-probe"}) == 2'),
+    # every relay full: the reason matters (draining during a roll must not page)
+    ('beach_fallback_no_relay_total{reason="full"}', "beach_fallback_no_relay_total"),
 ]
 
 

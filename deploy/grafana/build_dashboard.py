@@ -26,7 +26,10 @@ RUNBOOK = "https://github.com/beach/beach-rescue/blob/main/docs/operations/runbo
 WIDTH = 24
 # A relay's kill-switch state is fresh while its last good poll is 0-5 s old (-1: never polled yet).
 FRESH_EXPR = f"(beach_rescue_control_state_age_seconds{{{RELAY}}} >= 0) <= 5"
-READY_EXPR = f"beach_rescue_draining{{{RELAY}}} == 0"
+# Taking new sessions: not draining, and not registered full (max_sessions or the connection cap).
+READY_EXPR = (
+    f"beach_rescue_draining{{{RELAY}}} == 0 unless on (instance) beach_rescue_node_full{{{RELAY}}} == 1"
+)
 
 
 def target(expr: str, legend: str = "", ref: str = "A", *, exemplar: bool = False) -> dict[str, Any]:
@@ -220,8 +223,9 @@ def build() -> dict[str, Any]:
             "Relays accepting",
             f"count({READY_EXPR})",
             thresholds=[(None, "red"), (1, "orange"), (2, "green")],
-            description="Relay nodes not draining. Their /readyz also turns 503 while paused, on a stale "
-            "kill-switch state, at max_sessions or with the connection cap full (see those rows).",
+            description="Relay nodes the token service assigns new sessions to: neither draining nor "
+            "registered full (at max_sessions or with the connection cap full; a full node keeps its own "
+            "sessions). Their /readyz also turns 503 while paused or on a stale kill-switch state.",
         )
     )
     panels.append(
