@@ -223,6 +223,18 @@ async def connect(fleet: Any, session: str, role: str) -> tuple[TestPeer, str]:
     return peer, node_of(fleet, grant.relay_url)
 
 
+async def relay_ready(fleet: Any, node_id: str) -> bool:
+    async with httpx.AsyncClient() as http:
+        port = fleet.relay_admin_ports[node_id]
+        return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+
+
+async def relay_metric(fleet: Any, node_id: str, sample: str) -> float:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{fleet.relay_admin_ports[node_id]}/metrics")).text
+    return float(next(x for x in text.splitlines() if x.startswith(sample + " ")).rsplit(" ", 1)[1])
+
+
 async def no_relay_total(fleet: Any, reason: str) -> float:
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"{fleet.api_url}/metrics")).text
@@ -234,9 +246,12 @@ async def no_relay_total(fleet: Any, reason: str) -> float:
 async def test_a_node_at_its_connection_cap_gets_no_new_sessions_until_a_slot_frees(tmp_path: Path) -> None:
     """Two relays of two connections each: a paired session fills one, the token service names
     the other for sessions that would hash to it; with both full a new session is 503
-    no_relay_available; a slot frees and the node is assigned again."""
+    no_relay_available; one free slot is not room for a new session (two peers) but lets the
+    session's own peer back; two free slots and the node is assigned again."""
     with trio.fail_after(TIMEOUT_S):
-        async with fleet_mod.open_fleet(tmp_path, nodes=2, relay_args=("--max-connections", "2")) as fleet:
+        # records rewritten every 0.5 s, so "no write changed it" is a short wait
+        relay_args = ("--max-connections", "2", "--register-ttl-s", "1.5")
+        async with fleet_mod.open_fleet(tmp_path, nodes=2, relay_args=relay_args) as fleet:
             ids = ["relay-1", "relay-2"]
             to_1 = sessions_for("relay-1", ids, 4, "one")
             to_2 = sessions_for("relay-2", ids, 2, "two")
@@ -263,11 +278,32 @@ async def test_a_node_at_its_connection_cap_gets_no_new_sessions_until_a_slot_fr
                 with pytest.raises(TokenServiceUnavailable, match="no_relay_available"):
                     await token_node(fleet, to_1[2])
                 assert await no_relay_total(fleet, "full") >= 1
-                # a session already on a full node still gets its node (a peer coming back)
-                assert await token_node(fleet, to_1[0], "guest") == "relay-1"
 
-                # a slot frees on relay-1: it takes new sessions again
+                # relay-1's guest drops: one slot is room for a newcomer (/readyz 200) but not for a
+                # new session's two peers, so the record stays full; the guest gets its node back
                 guest.abort()
+                await eventually(lambda: relay_ready(fleet, "relay-1"), "relay-1 ready with a slot free")
+                written = await relay_metric(
+                    fleet, "relay-1", 'beach_rescue_node_registrations_total{outcome="ok"}'
+                )
+
+                async def rewritten() -> bool:  # a write begun after the slot freed has landed
+                    ok = 'beach_rescue_node_registrations_total{outcome="ok"}'
+                    return await relay_metric(fleet, "relay-1", ok) >= written + 2
+
+                await eventually(rewritten, "relay-1 rewrote its record")
+                assert (await registry(fleet))["relay-1"]["full"] is True
+                with pytest.raises(TokenServiceUnavailable, match="no_relay_available"):
+                    await token_node(fleet, to_1[2])
+                back, node = await connect(fleet, to_1[0], "guest")
+                peers.append(back)
+                assert node == "relay-1"
+                assert back.welcome is not None
+                assert back.welcome.peer is not None  # its host is there
+
+                # the session ends: room for a new one, and relay-1 takes new sessions again
+                host.abort()
+                back.abort()
                 await registered_full(fleet, "relay-1", False)
                 assert await token_node(fleet, to_1[3]) == "relay-1"
             finally:

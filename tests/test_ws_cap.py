@@ -76,6 +76,7 @@ async def test_the_longest_pending_connection_is_shed_never_an_established_one()
             silent = await connect_websocket(url(server))  # upgraded, no first message
             await _until(lambda: cap.stats.open == 3)
             assert cap.pending == 2
+            assert (cap.room, cap.full) == (2, False)  # no slot free, but two to displace
             newcomers = []
             for shed in (1, 2, 3):
                 newcomers.append(await trio.open_tcp_stream("127.0.0.1", server.port))
@@ -99,7 +100,11 @@ async def test_with_nothing_pending_a_newcomer_gets_503_at_once() -> None:
     cap = ConnectionCap(2)
     with trio.fail_after(TIMEOUT):
         async with running(_handler(cap), cap=cap, handshake_timeout=60) as server:
-            held = [await _established(url(server)), await _established(url(server))]
+            assert (cap.room, cap.full) == (2, False)
+            held = [await _established(url(server))]
+            assert (cap.room, cap.full) == (1, False)
+            held.append(await _established(url(server)))
+            assert (cap.room, cap.full) == (0, True)
             newcomer = await trio.open_tcp_stream("127.0.0.1", server.port)
             answer = b""
             while chunk := await newcomer.receive_some():

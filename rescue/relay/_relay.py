@@ -78,6 +78,9 @@ __all__ = ["Relay", "RelayAddresses"]
 
 _LOG = get_logger("rescue.relay")
 _HELLO: Final = int(Kind.HELLO)
+# Connections a new session needs: its host's and its guest's. The registry marks the node full once
+# the connection cap has room for fewer (Relay.full).
+SESSION_PEERS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +227,8 @@ class Relay:
         }
 
     def _capacity_reasons(self) -> list[str]:
-        """Why a new session cannot be taken for want of room (the node's record then says
-        ``full``, so the token service sends new sessions elsewhere)."""
+        """Why a newcomer would be refused for want of room (the registry record then says
+        ``full`` too: :meth:`full`)."""
         reasons = []
         if self.table.full():  # sessions in their resume grace count: their peers come back
             reasons.append("at max_sessions")
@@ -238,9 +241,14 @@ class Relay:
         return reasons
 
     def full(self) -> bool:
-        """Whether a new session would be refused here for want of room (``max_sessions``
-        reached, or the connection cap turning newcomers away)."""
-        return bool(self._capacity_reasons())
+        """Whether a new session cannot be placed here for want of room: ``max_sessions``
+        reached, or the connection cap has room for fewer than the session's two peers (one slot
+        left would let its first peer in and turn its partner away with ``server_busy``). What
+        the registry record says, so the token service assigns new sessions elsewhere."""
+        if self.table.full():
+            return True
+        cap = self.cap
+        return cap is not None and cap.room < SESSION_PEERS
 
     def statistics(self, *, detail: bool = False) -> dict[str, Any]:
         """A JSON-ready snapshot (``/debug/stats``): counts, and per session with ``detail``."""

@@ -150,6 +150,11 @@ class ConnectionCap:
         return len(self._pending)
 
     @property
+    def room(self) -> int:
+        """Newcomers that would get in now: free slots plus pending connections they would displace."""
+        return self.max_connections - self.stats.open + len(self._pending)
+
+    @property
     def full(self) -> bool:
         """Whether a newcomer would be refused now: the cap is reached and nothing is pending.
 
