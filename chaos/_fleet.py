@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from typing import IO, Any, Final
 
 import httpx
 import trio
+
+from rescue.testing import free_tcp_ports
 
 __all__ = [
     "RELAY_TUNING",
@@ -112,10 +113,11 @@ def rescue_argv(*args: str) -> list[str]:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (kept for restarts on the same port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (kept for restarts on the same port):
+    outside the kernel's ephemeral range, so no other process is handed it while a service is down
+    for a restart, and under pytest-xdist from this worker's own share (``rescue.testing``)."""
+    (port,) = free_tcp_ports()
+    return port
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

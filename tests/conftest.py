@@ -206,35 +206,23 @@ def redis_factory() -> Iterator[Callable[[], RedisServer]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Redis Cluster (decision 0013): three private masters on random 127.0.0.1 ports (a cluster needs
-# TCP, and its bus port is the port + 10000), each in its own directory of one temporary directory,
-# no persistence, joined by `redis-cli --cluster create`. Session-scoped (start-up takes a second
-# or two); `redis_cluster_url` flushes every master before each test.
+# Redis Cluster (decision 0013): three private masters on 127.0.0.1 (a cluster needs TCP, and a bus
+# port per node), each in its own directory of one temporary directory, no persistence, joined by
+# `redis-cli --cluster create`. The ports, like every port a server here is told in advance, come
+# from rescue.testing.free_tcp_ports: outside the ephemeral range, and this xdist worker's own.
+# Session-scoped (start-up takes a second or two); `redis_cluster_url` flushes every master before
+# each test.
 # ---------------------------------------------------------------------------------------------
 
 import random  # noqa: E402
-import socket  # noqa: E402
 
 import redis.cluster  # noqa: E402
+
+from rescue.testing import free_tcp_ports  # noqa: E402
 
 CLUSTER_MASTERS = 3
 # joining three masters and gossiping the slot map to "ok" takes 1-3 s; the box may be loaded
 CLUSTER_START_TIMEOUT_S = 60.0
-
-
-def _port_free(port: int) -> bool:
-    """127.0.0.1:``port`` can be bound right now."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_pair_free(port: int) -> bool:
-    """``port`` and its cluster bus port (``port`` + 10000) can both be bound right now."""
-    return _port_free(port) and _port_free(port + 10000)
 
 
 def tcp_redis_argv(port: int, directory: str, *extra: str) -> list[str]:
@@ -312,19 +300,16 @@ def start_redis_cluster(masters: int = CLUSTER_MASTERS, replicas: int = 0) -> Re
     cli = shutil.which("redis-cli")
     if cli is None:
         pytest.fail("redis-cli is not installed (it comes with redis-server)")
-    rng = random.Random()
     servers = RedisClusterServers([], [], tempfile.mkdtemp(prefix="rescue-cluster-"))
     deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
     try:
         while len(servers.ports) < masters * (1 + replicas):
-            port = rng.randrange(20000, 30000)  # the bus port (+10000) stays below 40000
-            if port in servers.ports or not _port_pair_free(port):
-                continue
+            port, bus_port = free_tcp_ports(2)
             directory = os.path.join(servers.directory, str(port))
             os.mkdir(directory)
             process = subprocess.Popen(
-                tcp_redis_argv(port, directory, "--cluster-enabled", "yes", "--cluster-config-file",
-                               "nodes.conf", "--cluster-node-timeout", "2000"),
+                tcp_redis_argv(port, directory, "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                               "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )  # fmt: skip
@@ -336,7 +321,7 @@ def start_redis_cluster(masters: int = CLUSTER_MASTERS, replicas: int = 0) -> Re
             process.wait(timeout=10)
             if time.monotonic() > deadline:
                 pytest.fail("cluster redis-servers did not start in time")
-            # another process took the port between the check and the bind: try another
+            # a process outside this test run took a port between the check and the bind: try others
         subprocess.run(
             [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in servers.ports),
              "--cluster-replicas", str(replicas), "--cluster-yes"],
@@ -375,9 +360,10 @@ def redis_cluster_url(redis_cluster_session: RedisClusterServers) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Redis Sentinel (decision 0013): a primary, a replica and three sentinels (quorum 2), private, on
-# random 127.0.0.1 ports in one temporary directory, no persistence. Automatic failover is held off
-# (down-after 60 s) so a test decides when the replica is promoted (`SENTINEL FAILOVER`) and can
-# look at the time in between, when no primary answers. Function-scoped: tests kill its servers.
+# 127.0.0.1 ports from free_tcp_ports in one temporary directory, no persistence. Automatic failover
+# is held off (down-after 60 s) so a test decides when the replica is promoted (`SENTINEL FAILOVER`)
+# and can look at the time in between, when no primary answers. Function-scoped: tests kill its
+# servers.
 # ---------------------------------------------------------------------------------------------
 
 SENTINEL_MASTER = "rescue"
@@ -385,13 +371,6 @@ SENTINELS = 3
 # the sentinels ask for a password (they use it among themselves too): the URL's
 # sentinel_password option is exercised by every test on this set-up
 SENTINEL_PASSWORD = "sentinel-secret"
-
-
-def _free_port(rng: random.Random, taken: list[int]) -> int:
-    while True:
-        port = rng.randrange(40000, 50000)  # apart from the cluster's ports and their bus ports
-        if port not in taken and _port_free(port):
-            return port
 
 
 @dataclass
@@ -457,8 +436,8 @@ def start_sentinel_servers() -> SentinelServers:
     servers = SentinelServers([], [], [], [], tempfile.mkdtemp(prefix="rescue-sentinel-"))
     deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
     try:
-        for role in ("primary", "replica"):
-            port = _free_port(rng, servers.data_ports)
+        data_ports = free_tcp_ports(2)
+        for role, port in zip(("primary", "replica"), data_ports, strict=True):
             directory = os.path.join(servers.directory, role)
             os.mkdir(directory)
             extra = [] if role == "primary" else ["--replicaof", "127.0.0.1", str(servers.data_ports[0])]
@@ -467,9 +446,7 @@ def start_sentinel_servers() -> SentinelServers:
         # Each sentinel's config already names the replica and the other sentinels (their ids
         # fixed here), as a restarted Sentinel's rewritten config would: otherwise each learns of
         # them by gossip (hello messages every 2 s), ~5 s before the first test could start.
-        ports = [_free_port(rng, [*servers.data_ports, *servers.sentinel_ports])]
-        while len(ports) < SENTINELS:
-            ports.append(_free_port(rng, [*servers.data_ports, *ports]))
+        ports = free_tcp_ports(SENTINELS)
         ids = [f"{rng.getrandbits(160):040x}" for _ in range(SENTINELS)]
         for i, port in enumerate(ports):
             config = os.path.join(servers.directory, f"sentinel-{i}.conf")  # sentinels rewrite it

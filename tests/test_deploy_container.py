@@ -309,7 +309,7 @@ def test_probe_script_exit_codes(http_server: tuple[str, dict[str, tuple[int, by
     assert ok.returncode == 0, ok.stdout
     assert ok.stdout.startswith("healthy")
     # Nothing listens on the admin port we name: unhealthy, exit 1, one line saying why.
-    with socket_bound_then_closed() as port:
+    with port_nothing_listens_on() as port:
         env = {k: v for k, v in os.environ.items() if k != "RESCUE_HEALTHCHECK_URL"}
         env["RESCUE_ADMIN_PORT"] = str(port)
         bad = subprocess.run(
@@ -319,18 +319,20 @@ def test_probe_script_exit_codes(http_server: tuple[str, dict[str, tuple[int, by
     assert bad.stdout.startswith(f"unhealthy: http://127.0.0.1:{port}/healthz unreachable")
 
 
-class socket_bound_then_closed:
-    """A local port that nothing listens on (bound to find it, then closed)."""
+class port_nothing_listens_on:
+    """A local port that nothing listens on: bound (so nothing else can take it) but not listening,
+    for the block. (Closed at once, it was free for another process -- a parallel test worker -- to
+    bind and listen on.)"""
 
     def __enter__(self) -> int:
         import socket
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        return int(self._socket.getsockname()[1])
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        self._socket.close()
 
 
 # --- deploy/container/ecs_launch.py -------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 
 from rescue.protocol import CloseCode
 from rescue.relay._supervisor import RestartBackoff, node_specs
-from rescue.testing import TestKeys, TestPeer, seq_frame
+from rescue.testing import TestKeys, TestPeer, free_tcp_ports, seq_frame
 
 from .conftest import clean_env
 
@@ -87,29 +86,6 @@ def test_node_specs_refuse_what_cannot_work(changes: dict[str, object], message:
         node_specs(["r"], **kwargs)  # type: ignore[arg-type]
 
 
-def consecutive_free_ports(count: int) -> int:
-    """A start port with ``count`` consecutive ports free on 127.0.0.1 a moment ago."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            start = int(probe.getsockname()[1])
-        if start + count > 65535:
-            continue
-        held = []
-        try:
-            for port in range(start, start + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return start
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise AssertionError("no run of free ports")
-
-
 def children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (trio starts them from worker threads: read every task's)."""
     out = []
@@ -137,7 +113,7 @@ async def test_two_supervised_nodes_restart_after_a_crash_and_drain_on_sigterm(
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(keys.jwks()))
     log = tmp_path / "supervisor.log"
-    start = consecutive_free_ports(4)
+    start = free_tcp_ports(4, consecutive=True)[0]  # nodes on start, start+1; admin start+2, +3
     port, admin = start, start + 2
     log_file = log.open("wb")
     proc = await trio.lowlevel.open_process(

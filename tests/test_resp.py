@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import socket
 from typing import Any
 
 import httpx
@@ -36,6 +35,7 @@ from rescue.guardrails._resp import (
 )
 from rescue.guardrails._store import counter_key
 from rescue.protocol import SigningKey
+from rescue.testing import free_tcp_ports
 from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
 
 from .conftest import RedisServer
@@ -158,9 +158,7 @@ def test_only_plain_single_server_urls_go_native() -> None:
 @pytest.fixture
 def tcp_redis(private_redis: RedisServer) -> tuple[RedisServer, int]:
     """The private Redis, also listening on a TCP port of 127.0.0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    (port,) = free_tcp_ports()
     with private_redis.client() as client:
         client.config_set("bind", "127.0.0.1")
         client.config_set("port", port)

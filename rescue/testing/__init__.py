@@ -6,7 +6,9 @@ raw client that sends malformed bytes and floods; ``_process.py``: a real ``resc
 production package imports test helpers, and none imports another sideways to build them.
 
 Nothing here fakes the relay, the token service or the sockets: these start real ones in-process
-(ports 0) and give you peers to drive them with.
+(ports 0) and give you peers to drive them with. A server that must be told its port in advance
+(a Redis Cluster, a supervisor's fixed ports) takes it from ``free_tcp_ports()``: outside the
+kernel's ephemeral range and, under pytest-xdist, from this worker's own share of the ports.
 
 Relay level (no encryption; the relay forwards bodies byte for byte)::
 
@@ -29,6 +31,7 @@ passes the same contract tests as Redis; tests of what Redis promises use a priv
 
 from rescue.testing._hostile import RawClient as RawClient
 from rescue.testing._hostile import RawOutcome as RawOutcome
+from rescue.testing._ports import free_tcp_ports as free_tcp_ports
 from rescue.testing._process import RESCUE_CLI as RESCUE_CLI
 from rescue.testing._process import DevProcess as DevProcess
 from rescue.testing._process import run_dev_process as run_dev_process
