@@ -19,6 +19,36 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 # ---------------------------------------------------------------------------------------------
+# Parallel runs (pytest-xdist; docs/perf/test-suite.md)
+#
+# pyproject's addopts say `-n auto --dist loadfile`: each test file runs whole on one worker (its
+# module fixtures -- a promtool batch, a browser, the schemathesis services -- are made once, and
+# its tests keep their order). `auto` is decided here rather than by xdist: one worker per CPU this
+# process may run on, at most MAX_TEST_WORKERS; none (the plain serial run) when the arguments name
+# a single test file, where workers would only add their start-up. `-n N` on the command line (or
+# PYTEST_XDIST_AUTO_NUM_WORKERS=N) wins; `-n 0` runs serially.
+# ---------------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+# CI has 2 cores; the suite is measured at 2 workers. Past ~4 the run is bound by its longest files
+# (the chaos and drill smokes, ~30-50 s each) and by each worker's own collection.
+MAX_TEST_WORKERS = 4
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: unknown to pytest without it
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    override = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if override:
+        return int(override)
+    if config.args_source == pytest.Config.ArgsSource.ARGS:
+        files = {arg.split("::", 1)[0] for arg in config.args}
+        if len(files) == 1 and os.path.isfile(next(iter(files))):
+            return 0
+    return min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS)
+
+
+# ---------------------------------------------------------------------------------------------
 # Redis (guardrails, token service)
 #
 # Tests never touch the machine's default Redis: each server here is a private `redis-server`
@@ -38,7 +68,6 @@ from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
-import pytest  # noqa: E402
 import redis  # noqa: E402
 
 from rescue.guardrails import initialise_redis  # noqa: E402
