@@ -17,6 +17,7 @@ import trio
 
 from rescue.errors import ConnectionClosedError, ProtocolError
 from rescue.websocket import ConnectionCap, WebSocketConnection, connect_websocket
+from rescue.websocket._server import ACCEPT_BATCH
 
 from .test_ws_io import _self_signed, running, url
 
@@ -173,3 +174,47 @@ async def test_the_open_count_returns_to_zero_however_connections_end() -> None:
                 assert not cap._scope_of
                 assert (cap.stats.shed, cap.stats.refused) == (0, 0)
             owners.cancel_scope.cancel()
+
+
+async def test_a_burst_past_the_cap_never_holds_more_sockets_than_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shed connection's socket is closed when it is shed, not when its task next runs.
+
+    The accept loop admits a whole burst (up to ACCEPT_BATCH) before any task runs, and may take the
+    next burst before the tasks of those it shed: their sockets stayed open meanwhile, so a flood
+    held the cap plus one or two bursts of sockets. The relay under a 132-fd limit (cap 32, reserve
+    100) then ran out of fds in accept() when the machine was busy (tests/test_relay_fd_cap.py under
+    pytest-xdist). Here: a cap of 4 and three bursts queued before the loop runs; at every admission
+    the process holds at most the cap and the newcomer.
+    """
+    import os
+    import socket
+
+    cap = ConnectionCap(4)
+    held: list[int] = []
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with trio.fail_after(30):
+        async with running(_handler(cap), cap=cap) as server:
+            admit = cap.admit
+
+            def counting_admit(*args: object) -> trio.CancelScope | None:
+                scope = admit(*args)  # type: ignore[arg-type]
+                held.append(fds() - base)
+                return scope
+
+            monkeypatch.setattr(cap, "admit", counting_admit)
+            n = 3 * ACCEPT_BATCH
+            # connected synchronously: the kernel queues them all before the server's loop runs
+            clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(n)]
+            base = fds()
+            await _until(lambda: cap.stats.shed == n - 4)
+            assert len(held) == n
+            assert max(held) <= 4 + 1, max(held)  # the cap's sockets and the one just accepted
+            await _until(lambda: cap.stats.open == 4)
+            for client in clients:
+                client.close()
+            await _until(lambda: cap.stats.open == 0)

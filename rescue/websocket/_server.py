@@ -119,7 +119,9 @@ class ConnectionCap:
 
     A connection is *pending* from ``accept()`` until its handler calls :meth:`established`
     (the relay: its first message, the HELLO, has arrived) or returns. Past the cap a newcomer takes
-    the place of the longest-pending connection (its task is cancelled, its socket closed): a
+    the place of the longest-pending connection (its task is cancelled, its socket closed there and
+    then, not when its task next runs: the accept loop may take another burst first, and the
+    sockets it holds are what the cap bounds): a
     connection that never finishes its upgrade or never says HELLO is the cheapest thing to drop,
     and a client that is really connecting gets there within the time it takes the flood to cycle
     through every pending slot. Established connections (sessions, paired or waiting for their
@@ -138,9 +140,12 @@ class ConnectionCap:
             raise ValueError("max_connections must be >= 1")
         self.max_connections = max_connections
         self.stats = stats if stats is not None else ConnectionStats()
-        # pending connections' task scopes, longest-pending first (dicts keep order)
-        self._pending: dict[trio.CancelScope, None] = {}
+        # pending connections' task scopes, longest-pending first (dicts keep order), with the
+        # accepted socket, or the connection once upgraded: what to close when it is shed
+        self._pending: dict[trio.CancelScope, trio.abc.Stream | WebSocketConnection | None] = {}
         self._scope_of: dict[int, trio.CancelScope] = {}  # id(connection) -> its pending scope
+        # shed before their upgrade: their socket was closed and counted by the cap, not their task
+        self._counted: set[trio.CancelScope] = set()
         self._shed = self._refused = self._accept_errors = 0  # since the last log line
         self._logged = -CAPACITY_LOG_INTERVAL_S
 
@@ -164,9 +169,13 @@ class ConnectionCap:
         """
         return self.stats.open >= self.max_connections and not self._pending
 
-    def admit(self) -> trio.CancelScope | None:
+    def admit(self, stream: trio.abc.Stream | None = None) -> trio.CancelScope | None:
         """Admit a just-accepted socket (then it counts as open and pending): under the cap, or
-        once the longest-pending connection has been told to close in its favour.
+        once the longest-pending connection is closed in its favour.
+
+        Args:
+            stream: the accepted socket, closed here if it is shed before its upgrade (without it,
+                only its task closes it, when that task next runs).
 
         Returns:
             The scope to serve it in (cancelled to shed it while it is pending), or ``None``:
@@ -180,16 +189,27 @@ class ConnectionCap:
                 self._refused += 1
                 self._log()
                 return None
-            oldest = next(iter(self._pending))
+            oldest, held = next(iter(self._pending.items()))
             del self._pending[oldest]
             oldest.cancel()
+            self._close_shed(oldest, held)
             stats.shed += 1
             self._shed += 1
             self._log()
         stats.open += 1
         scope = trio.CancelScope()
-        self._pending[scope] = None
+        self._pending[scope] = stream
         return scope
+
+    def _close_shed(
+        self, scope: trio.CancelScope, held: trio.abc.Stream | WebSocketConnection | None
+    ) -> None:
+        if isinstance(held, WebSocketConnection):
+            held.abort()  # its transport-closed hook counts it
+        elif isinstance(held, trio.SocketStream):
+            held.socket.close()
+            self._counted.add(scope)
+            self.closed()
 
     def established(self, conn: WebSocketConnection) -> None:
         """``conn`` is past the point where shedding it is cheap: never shed it from now on."""
@@ -207,6 +227,7 @@ class ConnectionCap:
 
     def _bind(self, conn: WebSocketConnection, scope: trio.CancelScope) -> None:
         if scope in self._pending:
+            self._pending[scope] = conn
             self._scope_of[id(conn)] = scope
         conn.on_transport_closed = self.closed
 
@@ -214,6 +235,13 @@ class ConnectionCap:
         self._pending.pop(scope, None)
         if conn is not None:
             self._scope_of.pop(id(conn), None)
+
+    def _stream_closed(self, scope: trio.CancelScope) -> None:
+        """A socket that never became a connection is closed by its task (counted once)."""
+        if scope in self._counted:
+            self._counted.discard(scope)
+        else:
+            self.closed()
 
     def _log(self) -> None:
         now = trio.current_time()
@@ -357,7 +385,7 @@ async def _accept_loop(
     def admit(stream: trio.SocketStream) -> None:
         if cap is None:
             handlers.start_soon(serve_one, stream, None)
-        elif (scope := cap.admit()) is not None:
+        elif (scope := cap.admit(stream)) is not None:
             handlers.start_soon(serve_one, stream, scope)
         else:
             _refuse_now(stream, tls=tls)
@@ -505,8 +533,8 @@ async def _serve_one(
             try:
                 await trio.aclose_forcefully(stream)
             finally:
-                if cap is not None:
-                    cap.closed()
+                if cap is not None and cap_scope is not None:
+                    cap._stream_closed(cap_scope)
         elif not conn.detached:  # a detached connection belongs to whoever took it
             await conn.close(CloseCode.NORMAL)
 
