@@ -29,6 +29,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # PYTEST_XDIST_AUTO_NUM_WORKERS=N) wins; `-n 0` runs serially.
 # ---------------------------------------------------------------------------------------------
 
+import collections  # noqa: E402
+
 import pytest  # noqa: E402
 
 # CI has 2 cores; the suite is measured at 2 workers. Past ~4 the run is bound by its longest files
@@ -46,6 +48,28 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
         if len(files) == 1 and os.path.isfile(next(iter(files))):
             return 0
     return min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test has a node id of its own, or the run stops.
+
+    schemathesis (4.32, on pytest 9.2) names its per-operation tests ``test_with_keys[GET
+    /healthz]`` and so on but gives each the id of its function, ``...::test_with_keys``; xdist's
+    ``--dist loadfile`` keys a file's tests by id, so it ran the first of each and silently dropped
+    the rest: 51 of test_tokenservice_schemathesis.py's 57 tests, in a run that passed. Such an
+    item gets its name's ``[...]`` as its id's parameters, as pytest's own parametrized tests do.
+    """
+    counts = collections.Counter(item.nodeid for item in items)
+    for item in items:
+        if counts[item.nodeid] < 2 or not isinstance(item, pytest.Function):
+            continue
+        base, params = item.originalname, item.name[len(item.originalname) + 1 : -1]
+        node_id = getattr(item, "_id", None)  # pytest 9's structured id (private)
+        if item.name == f"{base}[{params}]" and node_id is not None and node_id.params is None:
+            item._id = node_id.with_params(params)
+    shared = [nodeid for nodeid, n in collections.Counter(i.nodeid for i in items).items() if n > 1]
+    if shared:
+        raise pytest.UsageError(f"tests share a node id (xdist would run only one of each): {shared[:5]}")
 
 
 # ---------------------------------------------------------------------------------------------
