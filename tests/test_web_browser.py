@@ -339,17 +339,28 @@ def test_background_tab_keeps_heartbeats(api: str, page: Page) -> None:
 
 # A host written with the Python SDK (a real peer through the real relay) that prints every
 # {"winsize"} the guest sends, one JSON line each.
+# Stopped by Proc.stop's SIGINT through a signal receiver, as the rescue CLI does: trio's default
+# KeyboardInterrupt lands in whichever task runs when the signal comes, the SDK's included. (Once,
+# under a parallel run, this host outlived the SIGINT: stop() waited its 30 s and killed it, and the
+# test still passed.)
 WINSIZE_HOST = r"""
-import json, sys, trio
+import json, signal, sys, trio
 from rescue.client import ControlReceived, open_peer
 
 async def main(api, session, passphrase):
-    async with open_peer(api, session, "host", passphrase) as peer:
-        print("ready", flush=True)
-        while True:
-            message = await peer.receive()
-            if isinstance(message, ControlReceived) and "winsize" in message.data:
-                print(json.dumps(list(message.data["winsize"])), flush=True)
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def stop():
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop)
+            async with open_peer(api, session, "host", passphrase) as peer:
+                print("ready", flush=True)
+                while True:
+                    message = await peer.receive()
+                    if isinstance(message, ControlReceived) and "winsize" in message.data:
+                        print(json.dumps(list(message.data["winsize"])), flush=True)
 
 trio.run(main, *sys.argv[1:])
 """
@@ -372,7 +383,8 @@ def test_window_size_goes_to_the_host(api: str, page: Page, tmp_path: Path) -> N
         assert smaller[0] < first[0]
         host.stdout.wait_for(re.escape(json.dumps(smaller)))
     finally:
-        host.stop()
+        status = host.stop()
+    assert status == 0, f"the host did not end on SIGINT (killed: {status}): {host.stderr.lines[-20:]}"
 
 
 def test_the_url_share_prints_for_another_cohort_joins_it(page: Page, tmp_path: Path) -> None:
