@@ -291,30 +291,33 @@ async def test_a_heartbeat_only_connection_goes_quiet_and_data_makes_it_active_a
             await heartbeat_round([host, guest], seq)
         assert relay.stats.heartbeats_echoed == echoed + 6
         assert poller_stat(relay, "quiet") == 2
-        # DATA from the quiet host: forwarded byte-exact, and the host is active again -- and so
-        # is the guest, whose answer is likely next (both are moved before the data is handed
-        # on, so this holds as soon as the guest has it)
+        # DATA from the quiet host: forwarded byte-exact, and the host is active again (moved
+        # before the data is handed on, so this holds as soon as the guest has it); the guest,
+        # which only reads, stays quiet
         for size in (0, 100, 60_000):
             seq += 1
             await host.send(seq_frame(seq, size))
             assert await guest.receive() == seq_frame(seq, size)
+            assert poller_stat(relay, "quiet") == 1
+            assert poller_stat(relay, "moves") == 3
+            assert not is_quiet(host_conn)
+            assert is_quiet(guest_conn)
+        # the quiet guest's answer is not held back: it wakes the relay at once (a mark of 34
+        # bytes passes every DATA frame), reaches the host, and makes the guest active
+        for size in (0, 1000):
+            seq += 1
+            await guest.send(seq_frame(seq, size))
+            assert await host.receive() == seq_frame(seq, size)
             assert poller_stat(relay, "quiet") == 0
             assert poller_stat(relay, "moves") == 4
-            assert not is_quiet(host_conn)
             assert not is_quiet(guest_conn)
-        # and from the guest the other way: nothing left to move
-        seq += 1
-        await guest.send(seq_frame(seq, 1000))
-        assert await host.receive() == seq_frame(seq, 1000)
-        assert poller_stat(relay, "quiet") == 0
-        assert poller_stat(relay, "moves") == 4
         # heartbeats alone again: quiet again after another quiet_after_s
         while poller_stat(relay, "quiet") < 2:
             seq += 1
             await heartbeat_round([host, guest], seq)
             await trio.sleep(BEAT_PACE_S)
         assert poller_stat(relay, "moves") == 6
-        assert relay.stats.messages_forwarded == 4
+        assert relay.stats.messages_forwarded == 5
         assert relay.stats.frames_discarded == 0
         assert is_quiet(host_conn)
         assert is_quiet(guest_conn)
@@ -324,6 +327,47 @@ async def test_a_heartbeat_only_connection_goes_quiet_and_data_makes_it_active_a
         await guest.aclose()
         await wait_until(lambda: poller_stat(relay, "registered") == 0)
         assert poller_stat(relay, "quiet") == 0
+        assert relay.stats.internal_errors == 0
+
+
+async def test_a_quiet_reader_stays_quiet_and_its_answer_still_wakes_the_relay_at_once(
+    nursery: trio.Nursery, peers: list[TestPeer]
+) -> None:
+    """Data makes only its sender active; the partner that only read stays quiet, and its answer
+    is not held for a look. With a 30 s heartbeat the next look of either socket is ~30 s away,
+    so each of the 5 s bounds below fails if a message waited for one."""
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start_test_relay(
+            nursery, heartbeat_s=30, quiet_after_s=0.3, quiet_tick_s=0.05
+        )
+        host, guest = await pair(url, keys, peers)
+        await wait_until(lambda: both_parked(relay))
+        host_conn = peer_conn(relay, "p", Role.HOST)
+        guest_conn = peer_conn(relay, "p", Role.GUEST)
+        seq = 0
+        while poller_stat(relay, "quiet") < 2:  # heartbeats only, read as they come
+            seq += 1
+            # only peers not quiet yet: a quiet one's lone heartbeat would wait ~30 s for its look
+            await heartbeat_round(
+                [p for p, c in ((host, host_conn), (guest, guest_conn)) if not is_quiet(c)], seq
+            )
+            await trio.sleep(BEAT_PACE_S)
+        # (16 bytes: the smallest body the SDK sends, an AEAD tag; a bare 18-byte frame would be
+        # held below the quiet mark like a heartbeat, decision 0015)
+        for size in (16, 500):  # the host types: it wakes the relay, the guest only reads
+            seq += 1
+            await host.send(seq_frame(seq, size))
+            with trio.fail_after(5):
+                assert await guest.receive() == seq_frame(seq, size)
+            assert not is_quiet(host_conn)
+            assert is_quiet(guest_conn)
+        seq += 1  # the quiet guest answers: at once, and now it is active too
+        await guest.send(seq_frame(seq, 16))
+        with trio.fail_after(5):
+            assert await host.receive() == seq_frame(seq, 16)
+        assert not is_quiet(guest_conn)
+        assert poller_stat(relay, "quiet") == 0
+        assert poller_stat(relay, "moves") == 4
         assert relay.stats.internal_errors == 0
 
 

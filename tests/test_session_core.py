@@ -588,7 +588,7 @@ def test_live_peers_never_wake_the_session_timer() -> None:
     assert shell.ticks <= 2
 
 
-def test_quiet_after_heartbeats_only_and_data_wakes_both() -> None:
+def test_quiet_after_heartbeats_only_and_data_makes_only_its_sender_active() -> None:
     limits = SessionLimits(heartbeat_s=10, quiet_after_s=15)
     shell = Shell(limits)
     host = shell.attach(Role.HOST)
@@ -604,6 +604,11 @@ def test_quiet_after_heartbeats_only_and_data_wakes_both() -> None:
     assert guest.is_quiet()
     shell.receive(host, [data(1)])
     assert not host.is_quiet()
+    assert (ACTIVE, Role.HOST) in shell.lifecycle
+    # the guest only reads: it stays quiet (its answer, if any, is data and wakes the relay)
+    assert guest.is_quiet()
+    assert (ACTIVE, Role.GUEST) not in shell.lifecycle
+    shell.receive(guest, [data(1)])
     assert not guest.is_quiet()
     assert (ACTIVE, Role.GUEST) in shell.lifecycle
 

@@ -520,13 +520,13 @@ class SessionCore(Generic[H]):
         """
         stats = self.stats
         link._last_data = now
-        if link.quiet or (partner is not None and partner.quiet):
-            # The first message after a quiet spell (it woke the poller at once: decision 0015):
-            # the partner's answer is likely next, so the partner is made active again too.
-            for each in (link, partner):
-                if each is not None and each.quiet:
-                    each.quiet = False
-                    self._actions.append((ACTIVE, each))
+        if link.quiet:
+            # The first message after a quiet spell (it woke the poller at once: decision 0015).
+            # Only the sender: a quiet partner's answer wakes the poller at once just the same,
+            # and a partner that only reads (a viewer) stays quiet instead of waking the relay
+            # with a heartbeat after every burst it is sent.
+            link.quiet = False
+            self._actions.append((ACTIVE, link))
         if partner is None:
             stats.frames_discarded += len(messages)
             return 0
