@@ -109,14 +109,13 @@ ACCEPT_BATCH: Final = 64
 # sockets leaves fds for the store, the relay and the log): past it, a new connection first takes
 # the place of the longest-idle one (closed: it sent nothing yet or waits between requests); with
 # none idle it is answered 503 and closed. Without a cap, thousands of idle sockets ran the process
-# out of fds: accept() failed with EMFILE and /healthz went unanswered until they timed out.
+# out of fds: accept() failed with EMFILE and /healthz went unanswered until they timed out. Both
+# happen inside the accept loop, socket closed there and then: it takes a whole burst before any
+# connection's task runs, so a close left to those tasks held the cap plus whole bursts of sockets.
 MAX_CONNECTIONS: Final = max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
 # The over-capacity warnings (connection cap, accept() out of fds) are logged at most this often,
 # with the counts since the last line: a flood must not turn into a log flood.
 CAPACITY_LOG_INTERVAL: Final = 10.0
-# A 503 to a connection over the cap is a few hundred bytes into an empty socket buffer: it is
-# given this long, then the connection is closed regardless.
-REFUSE_SEND_TIMEOUT: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +139,7 @@ class HttpStats:
     """What :func:`serve_http` counts, for a service's ``/metrics`` (cumulative but ``open``).
 
     Attributes:
-        open: connections being served now.
+        open: connections being served now (their sockets are open; at most ``max_connections``).
         shed_idle: idle connections closed to make room for a new one over ``max_connections``.
         refused: connections answered 503 ``server_busy`` (over the cap, none idle).
         accept_errors: ``accept()`` failures for lack of fds or memory (each retry counts).
@@ -464,6 +463,12 @@ _ACCEPT_SKIP_ERRNOS: Final = frozenset(
     if hasattr(errno, name)
 )  # fmt: skip
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUSY: Final = error_response(
+    503, "server_busy", "too many connections; retry shortly", headers={"retry-after": "1"}
+)
+# where a refused connection's request goes (read so that close() sends FIN, not RST): one buffer,
+# written and never read (servers in two threads may both write it)
+_DISCARD: Final = bytearray(RECEIVE_SIZE)
 _CR_OR_LF: Final = re.compile(r"[\r\n]")  # in a response header: response splitting
 
 
@@ -546,8 +551,11 @@ class _Server:
         self.limits = limits
         self.stats = stats
         self.draining = False
-        # connections waiting for a (next) request, longest-waiting first (dicts keep order)
-        self._idle: dict[trio.CancelScope, None] = {}
+        # connections waiting for a (next) request, longest-waiting first (dicts keep order): the
+        # scope their task waits in, and their socket, closed by admit() when one is shed
+        self._idle: dict[trio.CancelScope, trio.SocketStream] = {}
+        # shed connections whose task has not ended yet: closed and no longer counted as open
+        self._shed_streams: set[trio.SocketStream] = set()
         self._shed = 0  # closed to make room, since the last capacity log line
         self._refused = 0  # answered 503, since the last capacity log line
         self._accept_errors = 0  # accept() out of fds, since the last capacity log line
@@ -561,7 +569,13 @@ class _Server:
 
     def admit(self) -> bool:
         """Whether a just-accepted connection may be served (then it is counted as open): under
-        the cap, or once the longest-idle connection has been told to close in its favour."""
+        the cap, or once the longest-idle connection is closed in its favour.
+
+        The shed connection's socket is closed here, not by its task (cancelled, it only returns):
+        the accept loop takes a whole burst before any task runs, and may take the next burst
+        first, so a close left to the task held the cap plus every such burst of sockets. If not
+        admitted, the caller refuses the newcomer at once (:meth:`refuse`).
+        """
         stats = self.stats
         if stats.open >= self.limits.max_connections:
             if not self._idle:
@@ -569,9 +583,12 @@ class _Server:
                 self._refused += 1
                 self._log_capacity()
                 return False
-            oldest = next(iter(self._idle))
+            oldest, shed = next(iter(self._idle.items()))
             del self._idle[oldest]
             oldest.cancel()
+            shed.socket.close()
+            self._shed_streams.add(shed)
+            stats.open -= 1
             stats.shed_idle += 1
             self._shed += 1
             self._log_capacity()
@@ -604,19 +621,27 @@ class _Server:
         )
         self._shed = self._refused = self._accept_errors = 0
 
-    async def refuse(self, stream: trio.SocketStream) -> None:
-        """Answer 503 to a connection over the cap (no request read) and close it."""
+    @staticmethod
+    def refuse(conn: socket.socket) -> None:
+        """Answer 503 ``server_busy`` to a connection over the cap and close it, without a task or
+        a wait (a task ran only after the accept loop's burst, and maybe its next ones: the
+        refused sockets were held meanwhile).
+
+        What already arrived of its request is read and dropped first (unread input makes
+        ``close()`` a reset, which can destroy the answer before the client reads it); the answer
+        is a few hundred bytes into a fresh socket's empty buffer, written without blocking.
+        """
         try:
-            response = error_response(
-                503, "server_busy", "too many connections; retry shortly", headers={"retry-after": "1"}
-            )
-            data = render_response(response, head_only=False, keep_alive=False, http10=False)
-            with trio.move_on_after(REFUSE_SEND_TIMEOUT):
-                await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            try:
+                conn.recv_into(_DISCARD, RECEIVE_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            data = render_response(_BUSY, head_only=False, keep_alive=False, http10=False)
+            conn.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # gone already, or a full buffer: the close is the answer
         finally:
-            await trio.aclose_forcefully(stream)
+            conn.close()
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Answer the requests of one connection in order until it closes.
@@ -640,7 +665,10 @@ class _Server:
                 extra={"event": "http.server.connection_error"},
             )
         finally:
-            self.stats.open -= 1
+            if stream in self._shed_streams:
+                self._shed_streams.discard(stream)  # closed and uncounted by admit()
+            else:
+                self.stats.open -= 1
             await trio.aclose_forcefully(stream)
 
     async def _exchange(self, stream: trio.SocketStream, client: tuple[str, int] | None) -> None:
@@ -700,7 +728,7 @@ class _Server:
                 if idle_since < 0:
                     idle_since = trio.current_time()
                 scope = trio.CancelScope(deadline=idle_since + limits.keep_alive_timeout)
-                self._idle[scope] = None
+                self._idle[scope] = stream
             else:
                 if started < 0:
                     started = trio.current_time()
@@ -714,8 +742,11 @@ class _Server:
                 with scope:
                     data = await stream.receive_some(RECEIVE_SIZE)
             finally:
-                if idle:
-                    self._idle.pop(scope, None)
+                shed = idle and self._idle.pop(scope, None) is None
+            if shed:
+                # admit() closed it for a newcomer; bytes that arrived meanwhile (the receive had
+                # returned, not yet to us) are dropped with it: answering on it cannot work
+                return None
             if data is None:  # the scope expired or the server is draining
                 if idle:
                     return None
@@ -862,7 +893,8 @@ async def _run_handlers(
 
 
 async def _accept(listener: socket.socket, handlers: trio.Nursery, server: _Server) -> None:
-    """Take up to :data:`ACCEPT_BATCH` waiting connections per wake-up, each served by its task."""
+    """Take up to :data:`ACCEPT_BATCH` waiting connections per wake-up, each served by its task;
+    one over the cap is refused (or an idle one shed for it) right here, its socket closed at once."""
     while True:
         await trio.lowlevel.wait_readable(listener)
         for _ in range(ACCEPT_BATCH):
@@ -878,8 +910,8 @@ async def _accept(listener: socket.socket, handlers: trio.Nursery, server: _Serv
                 server.accept_failed(exc)
                 await trio.sleep(_ACCEPT_RETRY_SLEEP)
                 break
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
             if server.admit():
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
                 handlers.start_soon(server.serve_connection, stream)
             else:
-                handlers.start_soon(server.refuse, stream)
+                server.refuse(conn)

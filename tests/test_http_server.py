@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from rescue._http import (
     Request,
     Response,
     Router,
+    _Server,
     json_response,
     serve_http,
 )
@@ -480,6 +482,96 @@ async def test_over_the_connection_cap_the_longest_idle_makes_room_else_503(
                 await stream.aclose()
     lines = [r for r in caplog.records if getattr(r, "event", "") == "http.server.over_capacity"]
     assert len(lines) == 1  # one line per interval, however many were shed or refused
+
+
+async def test_a_flood_past_the_cap_never_holds_more_sockets_than_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection shed or refused over the cap has its socket closed in the accept loop, not by a
+    task that runs later.
+
+    The accept loop takes a burst of up to ACCEPT_BATCH before any connection's task runs, and may
+    take the next burst first: a shed idle connection's socket stayed open until its cancelled task
+    ran, a refused one's until its task had written the 503, so a flood held the cap plus whole
+    bursts of sockets (134 here, for a cap of 4; the relay's admin port has a cap of a quarter of
+    its fd reserve). Here: 4 idle keep-alive connections fill the cap, then three bursts of idle
+    sockets are queued before the loop runs; at every admission the server holds at most the cap
+    and the newcomer.
+    """
+    cap, n = 4, 3 * ACCEPT_BATCH
+    stats = HttpStats()
+    held: list[int] = []
+    base = 0
+    admit = _Server.admit
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def counting_admit(self: _Server) -> bool:
+        admitted = admit(self)
+        held.append(fds() - base)  # the server's connection sockets, the newcomer's included
+        return admitted
+
+    monkeypatch.setattr(_Server, "admit", counting_admit)
+    with trio.fail_after(TIMEOUT):
+        async with server(limits=dataclasses.replace(LIMITS, max_connections=cap), stats=stats) as port:
+            first = [await connect(port) for _ in range(cap)]
+            for stream, reader in first:
+                await stream.send_all(get("/n/1"))
+                assert (await reader.response())[0] == 200
+            await trio.testing.wait_all_tasks_blocked()  # their tasks wait for a next request: idle
+            # connected synchronously: the kernel queues them all before the server's loop runs
+            flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+            base = fds() - stats.open  # all but the server's connection sockets
+            held.clear()
+            while stats.shed_idle + stats.refused < n:  # bounded by fail_after
+                await trio.sleep(0.005)
+            assert len(held) == n
+            assert max(held) <= cap + 1, f"{max(held)} sockets held at once for a cap of {cap}"
+            assert stats.open == cap
+            # the first burst: the idle ones shed for its first newcomers, the rest of it refused
+            assert stats.shed_idle >= cap, stats
+            assert stats.refused >= ACCEPT_BATCH - cap, stats
+            for _, reader in first:
+                assert await reader.closed()
+        # stopped: the flood's last admitted (idle) connections are closed too
+        assert stats.open == 0
+        refused = 0
+        for sock in flood:
+            reader = Reader(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+            if await reader.closed():
+                continue  # shed (or closed at the stop) with nothing said
+            refused += 1
+            status, headers, body = await reader.response()
+            assert (status, json.loads(body)["error"]) == (503, "server_busy")
+            assert (headers["connection"], headers["retry-after"], reader.buf) == ("close", "1", b"")
+        assert refused == stats.refused
+
+
+async def test_a_refused_newcomer_that_already_sent_its_request_reads_the_503_then_eof() -> None:
+    """The refusal reads what already arrived before it closes: closing over unread input sends a
+    reset (the client saw ECONNRESET after the 503, and a reset can destroy the answer unread)."""
+    stats = HttpStats()
+    with trio.fail_after(TIMEOUT):
+        async with server(limits=dataclasses.replace(LIMITS, max_connections=1), stats=stats) as port:
+            busy, busy_reader = await connect(port)  # mid-request: not idle, never shed
+            await busy.send_all(
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+            )
+            assert (await busy_reader.response(head_only=True))[0] == 100
+            # the request is in the server's socket before the accept loop takes the connection
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(get("/n/1"))
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            reader = Reader(stream)
+            status, headers, body = await reader.response()
+            assert (status, json.loads(body)["error"], headers["connection"]) == (503, "server_busy", "close")
+            assert await stream.receive_some(65536) == b""  # a FIN, not a reset (BrokenResourceError)
+            await stream.aclose()
+            assert stats.refused == 1
+            await busy.send_all(b"ok")
+            assert json.loads((await busy_reader.response())[2]) == {"len": 2, "body": "ok"}
+            await busy.aclose()
 
 
 async def test_a_large_answer_the_client_does_not_read_is_not_copied_per_connection() -> None:
