@@ -640,7 +640,7 @@ def _candidates(session_id: str, nodes: list[NodeInfo]) -> tuple[dict[str, NodeI
     holders = {n.node_id: n for n in nodes if not n.draining}
     if not holders:
         raise GuardrailError("no_relay_available", "every relay node is draining", reason="draining")
-    return holders, rendezvous_pick(session_id, (n for n in holders.values() if not n.full))
+    return holders, rendezvous_pick(session_id, (n for n in holders.values() if n.accepting))
 
 
 def effective_fleet_state(stored: FleetState) -> FleetState:
