@@ -47,6 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from rescue._http1 import MAX_HEAD, MAX_HEADERS, REASONS, HttpError, ParsedRequest, RequestParser
 from rescue._log import get_logger, log_event
+from rescue._net import refuse_at_once
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -466,9 +467,6 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUSY: Final = error_response(
     503, "server_busy", "too many connections; retry shortly", headers={"retry-after": "1"}
 )
-# where a refused connection's request goes (read so that close() sends FIN, not RST): one buffer,
-# written and never read (servers in two threads may both write it)
-_DISCARD: Final = bytearray(RECEIVE_SIZE)
 _CR_OR_LF: Final = re.compile(r"[\r\n]")  # in a response header: response splitting
 
 
@@ -624,24 +622,8 @@ class _Server:
     @staticmethod
     def refuse(conn: socket.socket) -> None:
         """Answer 503 ``server_busy`` to a connection over the cap and close it, without a task or
-        a wait (a task ran only after the accept loop's burst, and maybe its next ones: the
-        refused sockets were held meanwhile).
-
-        What already arrived of its request is read and dropped first (unread input makes
-        ``close()`` a reset, which can destroy the answer before the client reads it); the answer
-        is a few hundred bytes into a fresh socket's empty buffer, written without blocking.
-        """
-        try:
-            try:
-                conn.recv_into(_DISCARD, RECEIVE_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pass
-            data = render_response(_BUSY, head_only=False, keep_alive=False, http10=False)
-            conn.send(data, socket.MSG_DONTWAIT)
-        except OSError:
-            pass  # gone already, or a full buffer: the close is the answer
-        finally:
-            conn.close()
+        a wait (:func:`rescue._net.refuse_at_once`, as the WebSocket listener's refusal)."""
+        refuse_at_once(conn, render_response(_BUSY, head_only=False, keep_alive=False, http10=False))
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Answer the requests of one connection in order until it closes.

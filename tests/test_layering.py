@@ -12,7 +12,7 @@ import pathlib
 import rescue
 
 ROOT = pathlib.Path(rescue.__file__).parent
-# The shared private modules at the top (_codes, _log, _http, _tracing, _keyfiles) and errors are
+# The shared private modules at the top (_codes, _log, _http, _net, _tracing, _keyfiles) and errors are
 # allowed everywhere; this maps each package to the other rescue packages it may import.
 ALLOWED: dict[str, set[str]] = {
     "protocol": set(),

@@ -10,13 +10,14 @@ tests/test_relay_fd_cap.py.
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import Callable
 
 import pytest
 import trio
 
 from rescue.errors import ConnectionClosedError, ProtocolError
-from rescue.websocket import ConnectionCap, WebSocketConnection, connect_websocket
+from rescue.websocket import ConnectionCap, WebSocketConnection, build_request, connect_websocket, new_key
 from rescue.websocket._server import ACCEPT_BATCH
 
 from .test_ws_io import _self_signed, running, url
@@ -124,6 +125,28 @@ async def test_with_nothing_pending_a_newcomer_gets_503_at_once() -> None:
                 conn.abort()
             await _until(lambda: cap.stats.open == 0)
             (await _established(url(server))).abort()  # room again
+
+
+async def test_a_refused_newcomer_that_already_sent_its_upgrade_reads_the_503_then_eof() -> None:
+    """The refusal reads what already arrived before it closes (rescue._net.refuse_at_once, the
+    HTTP server's too): closing over an unread request sends a reset, not a FIN."""
+    cap = ConnectionCap(1)
+    with trio.fail_after(TIMEOUT):
+        async with running(_handler(cap), cap=cap, handshake_timeout=60) as server:
+            held = await _established(url(server))
+            # the request is in the server's socket before the accept loop takes the connection
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(build_request(f"127.0.0.1:{server.port}", "/v1/connect", new_key()))
+            newcomer = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            answer = b""
+            while chunk := await newcomer.receive_some():  # a reset: BrokenResourceError
+                answer += chunk
+            await newcomer.aclose()
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert answer.endswith(b'{"error":"server_busy","detail":"too many connections; retry shortly"}')
+            assert cap.stats.refused == 1
+            held.abort()
+            await _until(lambda: cap.stats.open == 0)
 
 
 async def test_a_tls_newcomer_over_the_cap_is_closed_without_a_plaintext_answer() -> None:

@@ -17,6 +17,7 @@ import trio
 
 from rescue._codes import CloseCode
 from rescue._log import get_logger, log_event
+from rescue._net import refuse_at_once
 from rescue.errors import ConnectionClosedError, ProtocolError
 from rescue.websocket._codec import (
     DEFAULT_MAX_MESSAGE,
@@ -65,7 +66,8 @@ ACCEPT_BATCH: Final = 64
 # The over-capacity warning (ConnectionCap) is logged at most this often, with counts since the last.
 CAPACITY_LOG_INTERVAL_S: Final = 10.0
 # What a newcomer over the cap gets (plain ws:// only; TLS clients are just closed): written at
-# once into the empty socket buffer, without reading its request, and the socket closed.
+# once into the empty socket buffer after what already arrived of its request is read and dropped,
+# and the socket closed (rescue._net.refuse_at_once, shared with the HTTP server).
 _BUSY_RESPONSE: Final = error_response(
     503, "server_busy", "too many connections; retry shortly", headers=(("Retry-After", "1"),)
 )
@@ -263,23 +265,6 @@ class ConnectionCap:
         self._shed = self._refused = 0
 
 
-def _refuse_now(stream: trio.SocketStream, *, tls: bool) -> None:
-    """Answer a newcomer over the cap without a task or a wait, and close its socket."""
-    sock = stream.socket
-    try:
-        fd = sock.fileno()
-        try:
-            os.read(fd, MAX_HANDSHAKE_SIZE)  # what already arrived (unread input makes close() a reset)
-        except BlockingIOError:
-            pass
-        if not tls:
-            os.write(fd, _BUSY_RESPONSE)  # non-blocking; a fresh socket's buffer takes it
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
 def _address(listener: Listener) -> tuple[str, int]:
     name = listener.socket.getsockname()
     return (str(name[0]), int(name[1]))
@@ -388,7 +373,7 @@ async def _accept_loop(
         elif (scope := cap.admit(stream)) is not None:
             handlers.start_soon(serve_one, stream, scope)
         else:
-            _refuse_now(stream, tls=tls)
+            refuse_at_once(stream.socket, b"" if tls else _BUSY_RESPONSE)
 
     # the same listening socket (a second descriptor, non-blocking) for the accepts after the first;
     # made at once (a descriptor for the listener's life), or later when the node starts out of fds
