@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import re
@@ -47,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from rescue._http1 import MAX_HEAD, MAX_HEADERS, REASONS, HttpError, ParsedRequest, RequestParser
 from rescue._log import get_logger, log_event
-from rescue._net import refuse_at_once
+from rescue._net import accept_in_bursts, refuse_at_once
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -101,11 +100,6 @@ JOIN_LIMIT: Final = 16 * 1024
 SEND_PIECE: Final = 64 * 1024
 # The listen backlog: a storm opens hundreds of connections at once (the kernel caps it at somaxconn).
 BACKLOG: Final = 4096
-# Connections the accept loop takes per wake-up. One accept per pass of trio's run loop (what
-# SocketListener.accept does: a checkpoint after each) left the last of a burst of new
-# connections -- a reconnect storm opens hundreds at once -- waiting behind hundreds of passes
-# of request work: the tail of the token storm benchmark at concurrency 256 (P90 239 ms, P99 531).
-ACCEPT_BATCH: Final = 64
 # At most this many connections at once (half the process's file descriptors, so a flood of idle
 # sockets leaves fds for the store, the relay and the log): past it, a new connection first takes
 # the place of the longest-idle one (closed: it sent nothing yet or waits between requests); with
@@ -450,19 +444,6 @@ class HttpApp(Protocol):
 _SERVER_LOG = get_logger("rescue.http.server")
 _STATUS_LINES: dict[int, bytes] = {}
 _date_cache: list[Any] = [0, b""]  # [second, the Date header line of that second]
-# accept() errors that mean "out of resources for now": wait and retry (what trio.serve_listeners does)
-_ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_ACCEPT_RETRY_SLEEP: Final = 0.1  # seconds; trio.serve_listeners' value
-# accept() errors about one connection that is already gone (a reset before it was taken; on Linux
-# a pending network error of the new socket, accept(2)): skip it, as trio's SocketListener does
-_ACCEPT_SKIP_ERRNOS: Final = frozenset(
-    getattr(errno, name)
-    for name in (
-        "EPERM", "ECONNABORTED", "ECONNRESET", "ETIMEDOUT", "EPROTO", "ENETDOWN", "ENOPROTOOPT",
-        "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
-    )
-    if hasattr(errno, name)
-)  # fmt: skip
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUSY: Final = error_response(
     503, "server_busy", "too many connections; retry shortly", headers={"retry-after": "1"}
@@ -875,25 +856,15 @@ async def _run_handlers(
 
 
 async def _accept(listener: socket.socket, handlers: trio.Nursery, server: _Server) -> None:
-    """Take up to :data:`ACCEPT_BATCH` waiting connections per wake-up, each served by its task;
-    one over the cap is refused (or an idle one shed for it) right here, its socket closed at once."""
-    while True:
-        await trio.lowlevel.wait_readable(listener)
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in _ACCEPT_SKIP_ERRNOS:
-                    continue
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                server.accept_failed(exc)
-                await trio.sleep(_ACCEPT_RETRY_SLEEP)
-                break
-            if server.admit():
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                handlers.start_soon(server.serve_connection, stream)
-            else:
-                server.refuse(conn)
+    """Take up to :data:`rescue._net.ACCEPT_BATCH` waiting connections per wake-up, each served by
+    its task; one over the cap is refused (or an idle one shed for it) right here, its socket
+    closed at once."""
+
+    def take(conn: socket.socket) -> None:
+        if server.admit():
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+            handlers.start_soon(server.serve_connection, stream)
+        else:
+            server.refuse(conn)
+
+    await accept_in_bursts(listener, take, server.accept_failed)

@@ -19,7 +19,6 @@ import trio
 import trio.testing
 
 from rescue._http import (
-    ACCEPT_BATCH,
     HttpLimits,
     HttpStats,
     Request,
@@ -30,6 +29,7 @@ from rescue._http import (
     serve_http,
 )
 from rescue._http1 import HEAD_END, parse_head
+from rescue._net import ACCEPT_BATCH
 
 TIMEOUT = 10  # real seconds on a loaded 2-core box; virtual seconds in autojump tests
 LIMITS = HttpLimits(keep_alive_timeout=15.0, request_timeout=10.0, max_head=1024, max_headers=20)

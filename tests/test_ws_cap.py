@@ -16,9 +16,9 @@ from collections.abc import Callable
 import pytest
 import trio
 
+from rescue._net import ACCEPT_BATCH
 from rescue.errors import ConnectionClosedError, ProtocolError
 from rescue.websocket import ConnectionCap, WebSocketConnection, build_request, connect_websocket, new_key
-from rescue.websocket._server import ACCEPT_BATCH
 
 from .test_ws_io import _self_signed, running, url
 

@@ -25,11 +25,13 @@ from websockets.exceptions import ConnectionClosedError as WsConnectionClosedErr
 from websockets.sync.client import connect as ws_sync_connect
 
 from rescue._codes import CloseCode
+from rescue._net import ACCEPT_BATCH
 from rescue.errors import ConnectionClosedError, ProtocolError
 from rescue.testing import SelfSignedTLS
 from rescue.websocket import (
     CLOSE_TIMEOUT,
     CloseFrameReceived,
+    ConnectionCap,
     Event,
     FrameParser,
     HandshakeError,
@@ -50,7 +52,6 @@ from rescue.websocket import (
     serve_websocket,
 )
 from rescue.websocket._connection import _rest
-from rescue.websocket._server import ACCEPT_BATCH
 
 TIMEOUT = 10  # seconds for any one network test on a loaded 2-core machine
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
@@ -588,10 +589,51 @@ async def test_out_of_fds_accept_is_retried_and_logged_once_per_interval(
     assert lines[1].__dict__["failures"] >= 90
 
 
+async def test_a_listener_that_starts_out_of_fds_retries_then_serves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The accept loop takes connections off a second descriptor of the listening socket
+    (rescue._net.accept_in_bursts); a node that starts with no fd for it waits and retries as for
+    a failed accept (counted, logged), then serves what queued meanwhile."""
+    import logging
+    import os
+    import resource
+
+    caplog.set_level(logging.ERROR, logger="rescue")
+    cap = ConnectionCap(4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with trio.fail_after(30):
+        client = trio.socket.socket()  # its fd exists before the limit drops
+        lowest_free = os.dup(0)  # a new fd takes the lowest free number: below it none is free
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + 1, hard))  # the listener's, no more
+        try:
+            async with running(echo, cap=cap) as server:
+                await client.connect(("127.0.0.1", server.port))  # queued: nothing takes it yet
+                while cap.stats.accept_errors < 3:
+                    await trio.sleep(0.01)
+                assert cap.stats.open == 0
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                stream = trio.SocketStream(client)
+                await stream.send_all(build_request(f"127.0.0.1:{server.port}", "/v1/connect", new_key()))
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = await stream.receive_some(4096)
+                    assert chunk, head
+                    head += chunk
+                assert head.startswith(b"HTTP/1.1 101 "), head
+                await stream.aclose()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    lines = [r for r in caplog.records if getattr(r, "event", "") == "websocket.accept_failed"]
+    assert len(lines) == 1, len(lines)  # once per interval
+    assert "Too many open files" in lines[0].__dict__["error"]
+
+
 async def test_a_burst_of_connections_queued_at_once_is_served_whole() -> None:
     """The accept loop takes a burst off the listening socket in batches of ACCEPT_BATCH without a
     checkpoint between them: every connection queued before it looks (over two batches) gets its
-    upgrade and its echo, none is lost between trio's accept and the batch's."""
+    upgrade and its echo, none is lost between one batch and the next."""
     import socket
 
     n = 2 * ACCEPT_BATCH + 5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -17,7 +16,7 @@ import trio
 
 from rescue._codes import CloseCode
 from rescue._log import get_logger, log_event
-from rescue._net import refuse_at_once
+from rescue._net import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_S, accept_in_bursts, refuse_at_once
 from rescue.errors import ConnectionClosedError, ProtocolError
 from rescue.websocket._codec import (
     DEFAULT_MAX_MESSAGE,
@@ -51,18 +50,10 @@ _logger = get_logger("rescue.websocket")
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 # RFC 6455 1011: the server hit an unexpected condition (a handler raised).
 _INTERNAL_ERROR: Final = 1011
-# accept() failures that mean "out of descriptors/memory for now" (as trio.serve_listeners): the
-# listener logs, waits ACCEPT_RETRY_S and tries again instead of dying.
-_ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-ACCEPT_RETRY_S: Final = 0.1
-# ... and logs it at most this often, with the count of failures since the last line (it logged
-# every retry: 10 ERROR lines a second while a connection flood held every fd).
+# accept() failing for lack of fds or memory (retried every rescue._net.ACCEPT_RETRY_S) is logged at
+# most this often, with the count of failures since the last line (it logged every retry: 10 ERROR
+# lines a second while a connection flood held every fd).
 ACCEPT_LOG_INTERVAL_S: Final = 10.0
-# Connections taken per wake-up of an accept loop: after trio's accept (one per pass of the run
-# loop), the rest of a burst comes off the same listening socket without a checkpoint. A node
-# that receives a dead node's reconnect storm otherwise admits it one per pass, each pass also
-# running every handshake in progress (the same fix in the HTTP server: rescue/_http.py).
-ACCEPT_BATCH: Final = 64
 # The over-capacity warning (ConnectionCap) is logged at most this often, with counts since the last.
 CAPACITY_LOG_INTERVAL_S: Final = 10.0
 # What a newcomer over the cap gets (plain ws:// only; TLS clients are just closed): written at
@@ -347,14 +338,12 @@ async def serve_websocket(
         task_status.started(server)
 
 
-def _burst_socket(listener: Listener) -> socket.socket | None:
-    """A second, non-blocking descriptor of ``listener``'s socket; None while the process is out of fds."""
-    try:
-        burst = socket.socket(fileno=os.dup(listener.socket.fileno()))
-    except OSError:
-        return None
-    burst.setblocking(False)
-    return burst
+def _accepting_socket(listener: Listener) -> socket.socket:
+    """A second, non-blocking descriptor of ``listener``'s socket, for :func:`accept_in_bursts`
+    (trio's accept takes one connection per pass of the run loop)."""
+    accepting = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    accepting.setblocking(False)
+    return accepting
 
 
 async def _accept_loop(
@@ -367,7 +356,8 @@ async def _accept_loop(
     failures = 0
     logged = -ACCEPT_LOG_INTERVAL_S
 
-    def admit(stream: trio.SocketStream) -> None:
+    def take(conn: socket.socket) -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
         if cap is None:
             handlers.start_soon(serve_one, stream, None)
         elif (scope := cap.admit(stream)) is not None:
@@ -375,43 +365,34 @@ async def _accept_loop(
         else:
             refuse_at_once(stream.socket, b"" if tls else _BUSY_RESPONSE)
 
-    # the same listening socket (a second descriptor, non-blocking) for the accepts after the first;
-    # made at once (a descriptor for the listener's life), or later when the node starts out of fds
-    burst = _burst_socket(listener)
-    try:
-        async with listener:
-            while True:
-                try:
-                    admit(await listener.accept())
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    failures += 1
-                    if cap is not None:
-                        cap.accept_failed()
-                    if trio.current_time() - logged >= ACCEPT_LOG_INTERVAL_S:
-                        logged = trio.current_time()
-                        log_event(
-                            _logger,
-                            "websocket.accept_failed",
-                            level=logging.ERROR,
-                            error=str(exc),
-                            failures=failures,
-                        )
-                        failures = 0
-                    await trio.sleep(ACCEPT_RETRY_S)
-                    continue
-                if burst is None and (burst := _burst_socket(listener)) is None:
-                    continue  # out of fds: one connection per wake-up until there is one
-                for _ in range(ACCEPT_BATCH - 1):
-                    try:
-                        conn, _ = burst.accept()
-                    except OSError:  # EAGAIN: the burst is over; any other error is trio's accept's
-                        break
-                    admit(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
-    finally:
-        if burst is not None:
-            burst.close()
+    def accept_failed(exc: OSError) -> None:
+        nonlocal failures, logged
+        failures += 1
+        if cap is not None:
+            cap.accept_failed()
+        if trio.current_time() - logged >= ACCEPT_LOG_INTERVAL_S:
+            logged = trio.current_time()
+            log_event(
+                _logger, "websocket.accept_failed", level=logging.ERROR, error=str(exc), failures=failures
+            )
+            failures = 0
+
+    async with listener:
+        # made at once (a descriptor for the listener's life, before any session); a node that
+        # starts out of fds waits for one as for a failed accept
+        while True:
+            try:
+                accepting = _accepting_socket(listener)
+                break
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                accept_failed(exc)
+                await trio.sleep(ACCEPT_RETRY_S)
+        try:
+            await accept_in_bursts(accepting, take, accept_failed)
+        finally:
+            accepting.close()
 
 
 async def _serve_connection(
