@@ -153,32 +153,66 @@ def _spawn_redis(socket_path: str, directory: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def _answers_ping(socket_path: str) -> bool:
-    """One PING over a plain socket (redis-py 5.0.0, the lowest we support, leaks the socket of a
-    refused connection: a ResourceWarning that fails whichever test the collector runs in)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+def _command(*args: str) -> bytes:
+    """A command as a RESP array (an inline command would split a password with a space)."""
+    return f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(arg.encode())}\r\n".encode() + arg.encode() + b"\r\n" for arg in args
+    )
+
+
+def answers_ping(address: str | int, password: str | None = None) -> bool:
+    """Whether the Redis on unix socket ``address`` (or 127.0.0.1 port ``address``) answers PING
+    (after AUTH with ``password``): one try over a plain socket.
+
+    Not redis-py: 5.0.0, the lowest we support, leaks the socket of a refused connection (a
+    ResourceWarning that fails whichever test the collector runs in), and a server that is starting
+    refuses connections.
+    """
+    family, target = (
+        (socket.AF_UNIX, address) if isinstance(address, str) else (socket.AF_INET, ("127.0.0.1", address))
+    )
+    request = (_command("AUTH", password) if password is not None else b"") + _command("PING")
+    replies = 2 if password is not None else 1
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         try:
-            sock.connect(socket_path)
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.connect(target)
+            sock.sendall(request)
+            answer = b""
+            while answer.count(b"\r\n") < replies:
+                chunk = sock.recv(256)
+                if not chunk:
+                    return False
+                answer += chunk
         except OSError:
             return False
+    return answer.endswith(b"+PONG\r\n") and not answer.startswith(b"-")
+
+
+def wait_for_ping(
+    address: str | int, process: subprocess.Popen[bytes], deadline: float, password: str | None = None
+) -> bool:
+    """Wait until the Redis at ``address`` (:func:`answers_ping`) answers PING; False if ``process``
+    exited or the ``time.monotonic()`` deadline passed."""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if answers_ping(address, password):
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _wait_ping(server: RedisServer) -> None:
-    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-    while True:
-        if server.process.poll() is not None:
-            shutil.rmtree(server.directory, ignore_errors=True)
-            pytest.fail(f"redis-server exited with status {server.process.returncode}")
-        if _answers_ping(server.socket_path):
-            return
-        if time.monotonic() > deadline:
-            server.stop()
-            shutil.rmtree(server.directory, ignore_errors=True)
-            pytest.fail("redis-server did not answer PING in time")
-        time.sleep(0.01)
+    if wait_for_ping(server.socket_path, server.process, time.monotonic() + REDIS_START_TIMEOUT_S):
+        return
+    exited = server.process.poll() is not None
+    if not exited:
+        server.stop()
+    shutil.rmtree(server.directory, ignore_errors=True)
+    if exited:
+        pytest.fail(f"redis-server exited with status {server.process.returncode}")
+    pytest.fail("redis-server did not answer PING in time")
 
 
 def start_redis_server() -> RedisServer:
@@ -296,23 +330,6 @@ def tcp_redis_argv(port: int, directory: str, *extra: str) -> list[str]:
         pytest.fail("redis-server is not installed (the CI script installs it: apt-get install redis-server)")
     return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--repl-diskless-sync-delay", "0", "--dir", directory, "--daemonize", "no", *extra]  # fmt: skip
-
-
-def wait_for_ping(
-    port: int, process: subprocess.Popen[bytes], deadline: float, password: str | None = None
-) -> bool:
-    """Wait until 127.0.0.1:``port`` answers PING; False if ``process`` exited or time ran out."""
-    with redis.Redis(port=port, password=password, socket_timeout=5, socket_connect_timeout=1) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return False
-            try:
-                if client.ping():
-                    return True
-            except redis.RedisError:
-                pass
-            time.sleep(0.02)
-    return False
 
 
 @dataclass
