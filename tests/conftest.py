@@ -584,13 +584,14 @@ def redis_sentinel() -> Iterator[SentinelServers]:
 
 
 # ---------------------------------------------------------------------------------------------
-# A real `rescue token-service` process, with the flags an operator uses
+# Real `rescue token-service` and `rescue relay` processes, with the flags an operator uses
 # ---------------------------------------------------------------------------------------------
 
 import json  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import trio  # noqa: E402
 
@@ -646,25 +647,61 @@ async def token_service_process(
             await process.stderr.aclose()
 
 
+async def open_relay_process(
+    jwks: Path, log: Path, *extra: str, preexec_fn: Callable[[], object] | None = None
+) -> trio.Process:
+    """``rescue relay --keys JWKS --port 0 --admin-port 0 *extra`` with none of this process's
+    ``RESCUE_*`` settings (:func:`clean_env`), stderr (its JSON log) into ``log``; stopping it is
+    the caller's job. ``preexec_fn`` runs in the child before it starts (a lower fd limit)."""
+    with log.open("wb") as stderr:
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-m", "rescue.cli", "relay", "--keys", str(jwks), "--port", "0",
+             "--admin-port", "0", *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=clean_env(),
+            preexec_fn=preexec_fn,
+        )  # fmt: skip
+
+
+async def start_relay_process(
+    jwks: Path, log: Path, *extra: str, preexec_fn: Callable[[], object] | None = None
+) -> tuple[trio.Process, dict[str, Any]]:
+    """:func:`open_relay_process`, once it is listening: the process and its ``relay.listening``
+    line (``url``, ``admin_port``, ...). Stopping it is the caller's job, unless it does not get
+    there: exited (an AssertionError with its log) or not within 30 s (killed, ``TooSlowError``)."""
+    proc = await open_relay_process(jwks, log, *extra, preexec_fn=preexec_fn)
+    try:
+        with trio.fail_after(30):
+            while True:
+                for line in log.read_bytes().split(b"\n")[:-1]:  # whole lines only
+                    if (
+                        line.startswith(b"{")
+                        and (event := json.loads(line)).get("event") == "relay.listening"
+                    ):
+                        return proc, event
+                assert proc.poll() is None, f"relay exited early: {log.read_text(errors='replace')}"
+                await trio.sleep(0.05)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        raise
+
+
 @asynccontextmanager
 async def relay_process(jwks: Path, redis_url: str, node_id: str, log: Path) -> AsyncIterator[trio.Process]:
     """``rescue relay --redis-url URL`` (standalone: local token checks, node registration every
     second), stderr into ``log``; killed on the way out if still running."""
-    with log.open("wb") as stderr:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "rescue.cli", "relay", "--keys", str(jwks), "--port", "0",
-             "--admin-port", "0", "--node-id", node_id, "--redis-url", redis_url,
-             "--register-ttl-s", "3", "--drain-s", "0.5"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-            env=clean_env(),
-        )  # fmt: skip
-        try:
-            yield process
-        finally:
-            with trio.CancelScope(shield=True):
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+    process = await open_relay_process(
+        jwks, log, "--node-id", node_id, "--redis-url", redis_url, "--register-ttl-s", "3", "--drain-s", "0.5"
+    )
+    try:
+        yield process
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,8 +714,6 @@ async def relay_process(jwks: Path, redis_url: str, node_id: str, log: Path) -> 
 # on CI=true: a runner without the system Chromium, like the GitHub workflow today, then reports
 # the skips with their reason instead of failing for a tool it was never given.)
 # ---------------------------------------------------------------------------------------------
-
-from pathlib import Path  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEB_DIR = REPO_ROOT / "web"

@@ -21,50 +21,19 @@ import trio
 from rescue.protocol import CloseCode, Kind, encode_frame
 from rescue.testing import TestKeys, TestPeer
 
-from .conftest import clean_env
+from .conftest import start_relay_process
 
 RESCUE = [sys.executable, "-m", "rescue.cli"]
 DRAIN_S = 3.0
-
-
-async def _start_relay(jwks: Path, *extra: str) -> tuple[trio.Process, dict[str, object]]:
-    proc = await trio.lowlevel.open_process(
-        [
-            *RESCUE,
-            "relay",
-            "--keys",
-            str(jwks),
-            "--port",
-            "0",
-            "--admin-port",
-            "0",
-            "--drain-s",
-            str(DRAIN_S),
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
-    assert proc.stderr is not None
-    buffered = b""
-    with trio.fail_after(30):
-        while True:
-            chunk = await proc.stderr.receive_some()
-            assert chunk, f"relay exited early: {buffered.decode(errors='replace')}"
-            buffered += chunk
-            for line in buffered.splitlines():
-                if line.startswith(b"{"):
-                    event = json.loads(line)
-                    if event.get("event") == "relay.listening":
-                        return proc, event
 
 
 async def test_relay_process_pairs_then_drains_on_sigterm(tmp_path: Path) -> None:
     keys = TestKeys()
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(keys.jwks()))
-    proc, listening = await _start_relay(jwks, "--node-id", "cli-node")
+    proc, listening = await start_relay_process(
+        jwks, tmp_path / "relay.log", "--drain-s", str(DRAIN_S), "--node-id", "cli-node"
+    )
     peers: list[TestPeer] = []
     terminated = False
     try:

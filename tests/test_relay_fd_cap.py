@@ -27,7 +27,7 @@ from rescue.protocol import Kind, encode_frame
 from rescue.testing import TestKeys, TestPeer
 from rescue.websocket import WebSocketConnection, connect_websocket
 
-from .conftest import clean_env
+from .conftest import clean_env, start_relay_process
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE on Linux")
 
@@ -53,42 +53,11 @@ def _lower_nofile() -> None:
 
 
 async def _start(jwks: Path, log: Path, *extra: str) -> tuple[trio.Process, dict[str, object]]:
-    env = clean_env()
-    with log.open("wb") as sink:
-        proc = await trio.lowlevel.open_process(
-            [
-                *RESCUE,
-                "relay",
-                "--keys",
-                str(jwks),
-                "--port",
-                "0",
-                "--admin-port",
-                "0",
-                "--fd-reserve",
-                str(RESERVE),
-                "--handshakes-per-ip-per-min",
-                "0",
-                "--upgrade-timeout-s",
-                "60",
-                "--hello-timeout-s",
-                "60",
-                "--drain-s",
-                "1",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=sink,
-            env=env,
-            preexec_fn=_lower_nofile,
-        )
-    with trio.fail_after(30):
-        while True:
-            for line in log.read_bytes().splitlines():
-                if line.startswith(b"{") and b'"relay.listening"' in line:
-                    return proc, json.loads(line)
-            assert proc.poll() is None, log.read_text(errors="replace")
-            await trio.sleep(0.05)
+    return await start_relay_process(
+        jwks, log, "--fd-reserve", str(RESERVE), "--handshakes-per-ip-per-min", "0",
+        "--upgrade-timeout-s", "60", "--hello-timeout-s", "60", "--drain-s", "1", *extra,
+        preexec_fn=_lower_nofile,
+    )  # fmt: skip
 
 
 def _metric(text: str, name: str) -> float:

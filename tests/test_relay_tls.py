@@ -14,8 +14,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -30,12 +28,11 @@ from rescue.websocket import POLLER_AVAILABLE, WebSocketConnection
 from rescue.websocket._poller import QUIET_RCVLOWAT
 from rescue.websocket._tls import TLSSocketStream
 
-from .conftest import clean_env
+from .conftest import start_relay_process
 
 pytestmark = pytest.mark.skipif(not POLLER_AVAILABLE, reason="the read poller needs select.epoll (Linux)")
 
 TEST_TIMEOUT = 30
-RESCUE = [sys.executable, "-m", "rescue.cli"]
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
@@ -294,43 +291,14 @@ async def test_a_tls_relay_process_drains_on_sigterm(tmp_path: Path) -> None:
     keys = TestKeys()
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(keys.jwks()))
-    proc = await trio.lowlevel.open_process(
-        [
-            *RESCUE,
-            "relay",
-            "--keys",
-            str(jwks),
-            "--port",
-            "0",
-            "--admin-port",
-            "0",
-            "--drain-s",
-            "3",
-            "--node-id",
-            "tls-node",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
+    proc, listening = await start_relay_process(
+        jwks, tmp_path / "relay.log", "--drain-s", "3", "--node-id", "tls-node",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+    )  # fmt: skip
     made: list[TestPeer] = []
     terminated = False
     try:
-        assert proc.stderr is not None
-        buffered = b""
-        url = ""
-        with trio.fail_after(30):
-            while not url:
-                chunk = await proc.stderr.receive_some()
-                assert chunk, buffered.decode(errors="replace")
-                buffered += chunk
-                for line in buffered.splitlines():
-                    if line.startswith(b"{") and json.loads(line).get("event") == "relay.listening":
-                        url = str(json.loads(line)["url"])
+        url = str(listening["url"])
         assert url.startswith("wss://")
         client = ssl.create_default_context(cafile=str(cert))
         with trio.fail_after(20):
