@@ -121,6 +121,11 @@ class RedisServer:
             self.process.kill()
         self.process.wait(timeout=10)
 
+    def remove(self) -> None:
+        """Stop it (SIGKILL also ends a SIGSTOPped server) and delete its directory, socket and all."""
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     def initialise(self) -> None:
         """Write the guardrail store's initialised mark (what `rescue admin init-store` does)."""
         with self.client() as client:
@@ -207,9 +212,7 @@ def _wait_ping(server: RedisServer) -> None:
     if wait_for_ping(server.socket_path, server.process, time.monotonic() + REDIS_START_TIMEOUT_S):
         return
     exited = server.process.poll() is not None
-    if not exited:
-        server.stop()
-    shutil.rmtree(server.directory, ignore_errors=True)
+    server.remove()
     if exited:
         pytest.fail(f"redis-server exited with status {server.process.returncode}")
     pytest.fail("redis-server did not answer PING in time")
@@ -225,14 +228,18 @@ def start_redis_server() -> RedisServer:
     return server
 
 
-@pytest.fixture(scope="session")
-def redis_session_server() -> Iterator[RedisServer]:
+def _running_redis() -> Iterator[RedisServer]:
+    """A fixture's private Redis: started, and removed after."""
     server = start_redis_server()
     try:
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(server.directory, ignore_errors=True)
+        server.remove()
+
+
+@pytest.fixture(scope="session")
+def redis_session_server() -> Iterator[RedisServer]:
+    yield from _running_redis()
 
 
 @pytest.fixture
@@ -276,12 +283,7 @@ def redis_sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A Redis server of this test's own; the test may ``stop()`` it."""
-    server = start_redis_server()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.directory, ignore_errors=True)
+    yield from _running_redis()
 
 
 @pytest.fixture
@@ -298,8 +300,7 @@ def redis_factory() -> Iterator[Callable[[], RedisServer]]:
         yield start
     finally:
         for server in servers:
-            server.stop()  # SIGKILL also ends a SIGSTOPped server
-            shutil.rmtree(server.directory, ignore_errors=True)
+            server.remove()
 
 
 # ---------------------------------------------------------------------------------------------

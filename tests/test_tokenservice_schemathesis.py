@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import queue
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -154,8 +153,7 @@ def services(redis_session_server: RedisServer) -> Iterator[Services]:
     finally:
         thread.join(timeout=START_TIMEOUT_S)
         for server in (no_relay_redis, doomed_redis):
-            server.stop()
-            shutil.rmtree(server.directory, ignore_errors=True)
+            server.remove()
         assert not thread.is_alive(), "token services did not stop"
 
 
