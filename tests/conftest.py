@@ -758,6 +758,23 @@ def chromium_path() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Deploy tools (hadolint, promtool, ...): a check that needs one skips without it on a developer
+# machine and fails in CI (CI=true), which installs them (scripts/validate-deploy).
+# ---------------------------------------------------------------------------------------------
+
+
+def require_tool(name: str, install: str = "see scripts/validate-deploy") -> str:
+    """The path of the tool ``name`` (on PATH or in the checkout's .venv), else skip the test, or fail
+    it in CI; ``install`` says how to get it."""
+    path = shutil.which(name) or shutil.which(name, path=str(REPO_ROOT / ".venv" / "bin"))
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI ({install})")
+        pytest.skip(f"{name} not installed ({install})")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # Independent implementations (oracles) from the dev extra
 #
 # Interop and known-answer tests check rescue against other implementations (cwt, cryptography's

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,21 +19,14 @@ import yaml
 
 from rescue import cli
 
+from .conftest import require_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
 ECS = ROOT / "deploy" / "ecs"
 K8S = ROOT / "deploy" / "k8s"
 IMAGE = "ghcr.io/beach/beach-rescue"
 SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSPHRASE|PSK", re.IGNORECASE)
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path=str(ROOT / ".venv" / "bin"))
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required in CI (see scripts/validate-deploy)")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 def run(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+
+from .conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERFILE = ROOT / "Containerfile"
@@ -59,15 +60,6 @@ BUILD_TOOLS = (
     "python3-dev",
     "-dev ",
 )
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path=str(ROOT / ".venv" / "bin"))
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required in CI (see scripts/validate-deploy)")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 @dataclass

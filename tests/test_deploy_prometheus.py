@@ -4,7 +4,6 @@ being current, and proof that the rule unit tests fail when a threshold drifts."
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from .conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM = ROOT / "deploy" / "prometheus"
@@ -21,12 +22,7 @@ RUNBOOK = ROOT / "docs" / "operations" / "runbook.md"
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is required in CI: apt-get install prometheus")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    return path
+    return require_tool("promtool", "apt-get install prometheus")
 
 
 def run(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
