@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final, Generic, NamedTuple, TypeVar
@@ -107,6 +108,15 @@ TOKEN_SERVICE_REDIS_THREADS: Final = 4
 # unreachable Redis must turn into a fast 503, not a hung client.
 SOCKET_TIMEOUT_S: Final = 2.0
 CONNECT_TIMEOUT_S: Final = 1.0
+
+
+def _no_retry() -> Retry:
+    """redis-py sends a command again after a connection error or a timeout when its ``Retry``
+    allows it, also a write Redis already ran (only the reply was lost): a counter counted twice.
+    The data connections get none; the store sends a read again itself (``_execute_sync``,
+    decision 0020, "Retry")."""
+    return Retry(NoBackoff(), 0)
+
 
 _FLEET_KEY: Final = f"{KEY_PREFIX}fleet"
 _TELEMETRY_KEY: Final = f"{KEY_PREFIX}telemetry"
@@ -284,11 +294,11 @@ class RedisStore:
     Error handling:
         Any Redis or socket error becomes :class:`~rescue.errors.StoreUnavailable` (with the
         original as ``__cause__``). A pooled connection that went stale when Redis restarted is
-        replaced before anything is written to it. On the trio-native transport a round trip is
-        sent twice only if it is a read (``idempotent`` in :meth:`_run`): a write whose connection
-        was lost after it went out (Redis may have run it, only the reply was lost) is a
-        ``StoreUnavailable`` like any outage, never run twice (decision 0020, "Retry"); redis-py's
-        transports still retry once. Every call honours the caller's :func:`store_deadline` (one budget
+        replaced before anything is written to it. A round trip is sent twice only if it is a
+        read (``idempotent`` in :meth:`_run`), on every transport: a write whose connection was
+        lost after it went out (Redis may have run it, only the reply was lost) is a
+        ``StoreUnavailable`` like any outage, never run twice (decision 0020, "Retry"; redis-py's
+        own retries are off). Every call honours the caller's :func:`store_deadline` (one budget
         for a whole request, counting store time only: waiting for a free slot is given back).
         After a failure the store is known down (:attr:`breaker`): calls fail at once, those
         queued for a slot too, except one probe per ``probe_interval`` that notices when Redis
@@ -360,7 +370,7 @@ class RedisStore:
                 url,
                 decode_responses=True,
                 max_connections=self.threads,
-                retry=Retry(NoBackoff(), 1),
+                retry=_no_retry(),
                 **timeouts,
             )
         auth: dict[str, Any] = {"username": target.username, "password": target.password}
@@ -368,22 +378,31 @@ class RedisStore:
             auth["ssl"] = True
         if target.kind is RedisKind.CLUSTER:
             # redis-py follows MOVED/ASK and refreshes its slot map itself (also after a failover);
-            # a pool per node, each bounded like the single-server pool
-            return redis.cluster.RedisCluster(
-                startup_nodes=[
-                    redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
-                    for host, port in target.hosts
-                ],
-                decode_responses=True,
-                max_connections=self.threads,
-                **timeouts,
-                **auth,
-            )
+            # a pool per node, each bounded like the single-server pool. No command is run again
+            # after a connection error: redis-py 5 counts those re-runs in
+            # cluster_error_retry_attempts (3 by default), later versions in `retry` and warn
+            # that the argument is deprecated; both are given, so every version gets none.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return redis.cluster.RedisCluster(
+                    startup_nodes=[
+                        redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                        for host, port in target.hosts
+                    ],
+                    decode_responses=True,
+                    max_connections=self.threads,
+                    retry=_no_retry(),
+                    cluster_error_retry_attempts=0,
+                    **timeouts,
+                    **auth,
+                )
         # Sentinel: every new connection asks the sentinels where the primary is, and a connection
         # to a primary that was demoted is dropped (redis-py turns its READONLY into a connection
-        # error), so the one retry below lands on the new primary once the sentinels promoted it
-        # every sentinel is asked in turn: one quick retry each, not redis-py's default backoff
-        # (three retries with sleeps per sentinel made a wrong sentinel password cost 11 s)
+        # error): the call fails like any outage (a write is not sent again, decision 0020), and the
+        # next call, on a new connection, lands on the new primary once the sentinels promoted it.
+        # The questions to the sentinels are reads: every sentinel is asked in turn, one quick
+        # retry each, not redis-py's default backoff (three retries with sleeps per sentinel made a
+        # wrong sentinel password cost 11 s)
         sentinel_kwargs: dict[str, Any] = {**timeouts, "retry": Retry(NoBackoff(), 1)}
         if target.tls:
             sentinel_kwargs["ssl"] = True
@@ -398,7 +417,7 @@ class RedisStore:
             decode_responses=True,
             db=target.db,
             max_connections=self.threads,
-            retry=Retry(NoBackoff(), 1),
+            retry=_no_retry(),
             **timeouts,
             **auth,
         )
@@ -454,9 +473,9 @@ class RedisStore:
     async def _run(self, steps: list[_Step], *, idempotent: bool = False) -> list[Any]:
         """Run ``steps`` as one round trip on whichever transport this store uses; their results.
 
-        ``idempotent``: the steps may run twice without harm (reads), so the trio-native transport
-        sends them again if the connection is lost after they went out (decision 0020, "Retry");
-        anything else is never sent twice there. redis-py's transports ignore it.
+        ``idempotent``: the steps may run twice without harm (reads), so they are sent again, once,
+        if the connection is lost after they went out (decision 0020, "Retry"); anything else is
+        never sent twice, on any transport.
         """
         if self._closed:
             raise StoreUnavailable("guardrail store is closed")
@@ -466,7 +485,9 @@ class RedisStore:
             raise StoreUnavailable(_KNOWN_DOWN)
         ok: bool | None = None  # the store's verdict: None when the store was never asked
         # the slot's owner: the worker thread's call, or for a native call just a token
-        call = None if self._native is not None else _ThreadCall(partial(self._execute_sync, steps))
+        call = None
+        if self._native is None:
+            call = _ThreadCall(partial(self._execute_sync, steps, idempotent))
         slot = call or object()
         try:
             # 1. Wait for a slot (a connection, or a worker thread). All busy means the process is
@@ -562,23 +583,41 @@ class RedisStore:
                 replies[i] = dict(zip(pairs, pairs, strict=False))
         return replies
 
-    def _execute_sync(self, steps: list[_Step]) -> list[Any]:
-        """``steps`` with redis-py (in a worker thread): one command alone, else one plain pipeline
-        with scripts by SHA. A script answered ``NOSCRIPT`` (its Redis restarted, or on a cluster:
-        a node failed over to a replica without the script cache) did nothing, so it alone is run
-        again by its script object, which loads it; the others already took effect and are not
-        repeated (a counter is never counted twice)."""
+    def _execute_sync(self, steps: list[_Step], idempotent: bool) -> list[Any]:
+        """``steps`` with redis-py (in a worker thread), sent once -- or, if ``idempotent``, sent
+        again once after the connection failed (decision 0020, "Retry", the native client's rule).
+
+        redis-py's own retries are off (:func:`_no_retry`); its pool checks a pooled connection
+        before lending it (one the server closed while it sat idle is replaced before anything is
+        written to it). A connection error after the write is ``ConnectionError`` (redis-py has
+        closed that connection; on a Sentinel the next one asks the sentinels, on a Cluster the
+        slot map was read again): a read goes out once more, a write fails. A timeout is never
+        sent again (as on the native transport).
+        """
+        try:
+            return self._round_trip_sync(steps)
+        except redis.exceptions.ConnectionError:
+            if not idempotent:
+                raise
+        return self._round_trip_sync(steps)
+
+    def _round_trip_sync(self, steps: list[_Step]) -> list[Any]:
+        """``steps`` as one command, or else one plain pipeline with scripts by SHA (on a cluster
+        :meth:`_cluster_round_trip`). A script answered ``NOSCRIPT`` (its Redis restarted, or on a
+        cluster: a node failed over to a replica without the script cache) did nothing, so it alone
+        is run again by its script object, which loads it; the others already took effect and are
+        not repeated (a counter is never counted twice)."""
         if len(steps) == 1 and not isinstance(steps[0], _ScriptCall):
             return [self._client.execute_command(*steps[0])]
         if not self._scripts_loaded:
             self._load_scripts()
-        pipe = self._client.pipeline(transaction=False)
-        for step in steps:
-            if isinstance(step, _ScriptCall):
-                self._evalsha(pipe, step)
-            else:
-                pipe.execute_command(*step)
-        result: list[Any] = pipe.execute(raise_on_error=False)
+        if self.kind is RedisKind.CLUSTER:
+            result = self._cluster_round_trip(steps)
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            for step in steps:
+                pipe.execute_command(*_command(step))
+            result = pipe.execute(raise_on_error=False)
         for i, item in enumerate(result):
             step = steps[i]
             if isinstance(item, redis.exceptions.NoScriptError) and isinstance(step, _ScriptCall):
@@ -589,21 +628,65 @@ class RedisStore:
                 raise item
         return result
 
-    def _evalsha(self, pipe: Any, call: _ScriptCall) -> None:
-        """Queue a script ``call`` on a redis-py ``pipe`` by its SHA alone (loaded by
-        :meth:`_load_scripts`).
+    def _cluster_round_trip(self, steps: list[_Step]) -> list[Any]:
+        """``steps`` on a cluster in one wave: each master's commands in one write, every write
+        sent before any answer is read; the answers in order, error replies as values.
 
-        Through ``execute_command``: redis-py's cluster pipeline refuses its ``evalsha`` method.
-        On a cluster the command names its node (from the client's slot map, no I/O): redis-py 8's
-        cluster pipeline otherwise asks a server ``COMMAND GETKEYS`` for every script call, one
-        round trip each before the pipeline is sent. A stale map costs a MOVED, which redis-py
-        follows (and refreshes the map).
+        Not redis-py's cluster pipeline: after a connection error it sends that node's commands
+        again one by one, a write Redis may have run included (decision 0020, "Retry"). Here a
+        failed connection fails the round trip (the connections whose answers were not read are
+        closed, and the slot map is read again, so the next call finds a master that failed
+        over). An answer ``MOVED``, ``ASK`` or ``TRYAGAIN`` says the command did not run: it alone
+        is sent again through the cluster client, which follows the redirect (and refreshes its
+        slot map). Each step names its master from the client's slot map (no I/O; redis-py 8's
+        cluster pipeline asks a server ``COMMAND GETKEYS`` for every script call instead).
         """
-        if self.kind is RedisKind.CLUSTER:
-            node = self._client.get_node_from_key(call.keys[0])
-            pipe.execute_command(*_command(call), target_nodes=node)
-        else:
-            pipe.execute_command(*_command(call))
+        client = self._client
+        commands = [_command(step) for step in steps]
+        # node name -> (its redis-py client, a connection of its pool, indexes of its commands)
+        groups: dict[str, tuple[Any, Any, list[int]]] = {}
+        unread: list[tuple[Any, Any, list[int]]] = []
+        results: list[Any] = [None] * len(commands)
+        try:
+            for i, step in enumerate(steps):
+                node = client.get_node_from_key(step.keys[0] if isinstance(step, _ScriptCall) else step[1])
+                group = groups.get(node.name)
+                if group is None:
+                    node_client = client.get_redis_connection(node)
+                    # redis-py's own helper for its cluster pipeline (a command name for redis-py 5's
+                    # pool, ignored by later ones)
+                    conn = redis.cluster.get_connection(node_client, "PIPELINE")
+                    group = groups[node.name] = (node_client, conn, [])
+                group[2].append(i)
+            unread = list(groups.values())
+            for _, conn, indexes in unread:
+                conn.send_packed_command(conn.pack_commands([commands[i] for i in indexes]))
+            while unread:
+                node_client, conn, indexes = unread[0]
+                for i in indexes:
+                    try:
+                        results[i] = node_client.parse_response(conn, commands[i][0])
+                    except redis.exceptions.ResponseError as exc:
+                        results[i] = exc
+                unread.pop(0)
+        except BaseException as exc:
+            for _, conn, _ in unread:  # an answer may still come: never lent again
+                conn.disconnect()
+            if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+                with contextlib.suppress(redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
+                    client.nodes_manager.initialize()
+            raise
+        finally:
+            for node_client, conn, _ in groups.values():
+                node_client.connection_pool.release(conn)
+        redirected = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError)
+        for i, result in enumerate(results):
+            if isinstance(result, redirected):
+                try:
+                    results[i] = client.execute_command(*commands[i])
+                except redis.exceptions.ResponseError as exc:
+                    results[i] = exc
+        return results
 
     def _load_scripts(self) -> None:
         # redis-py checks a pipeline's scripts with SCRIPT EXISTS on every execute: one more round
