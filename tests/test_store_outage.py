@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from rescue.errors import StoreUnavailable
 from rescue.guardrails import Breaker, GuardrailConfig, Guardrails, RedisStore, store_deadline
@@ -185,6 +186,54 @@ async def test_token_requests_against_a_stalled_redis_get_fast_503s(
         nursery.cancel_scope.cancel()
     with trio.fail_after(10):
         await store.aclose()
+
+
+async def test_scrapes_and_health_probes_during_an_outage_are_not_counted_as_store_errors(
+    private_redis: RedisServer, stalled: list[RedisServer]
+) -> None:
+    """``beach_fallback_store_errors_total`` counts the requests the store failed, by route: a
+    mint and a relay's status poll, not the operator's scrapes or the orchestrator's probes
+    (before, every /metrics scrape and /healthz probe during an outage counted one: the error
+    rate an operator read was the scrape and probe rate)."""
+    store = RedisStore(private_redis.url)
+    service = TokenService(
+        TokenServiceConfig(
+            keys=PublishedKeys(SigningKey.generate()), disable_oidc=True, relay_url="ws://r/v1/connect"
+        ),
+        Guardrails(store, GuardrailConfig()),
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            with trio.fail_after(10):
+                await store.set_cohort_enabled("beta", True)
+                assert (await http.post("/v1/fallback/token", json=BODY)).status_code == 200
+            private_redis.process.send_signal(signal.SIGSTOP)
+            stalled.append(private_redis)
+            with trio.fail_after(30):
+                for _ in range(10):  # Prometheus and a readiness probe, while Redis is stalled
+                    assert (await http.get("/metrics")).status_code == 200
+                    health = await http.get("/healthz")
+                    assert (health.status_code, health.json()["status"]) == (503, "store_unavailable")
+                for _ in range(2):
+                    mint = await http.post("/v1/fallback/token", json=BODY)
+                    assert (mint.status_code, mint.json()["error"]) == (503, "guardrail_store_unavailable")
+                assert (await http.get("/v1/fallback/status")).status_code == 503
+                scrape = (await http.get("/metrics")).text
+            private_redis.process.send_signal(signal.SIGCONT)
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(10):
+        await store.aclose()
+    (family,) = (f for f in text_string_to_metric_families(scrape) if f.name == "beach_fallback_store_errors")
+    errors = {s.labels.get("route", ""): s.value for s in family.samples if s.name.endswith("_total")}
+    assert sum(errors.values()) == 3  # the old code: 24 (3 + 10 scrapes + 10 probes + this scrape)
+    assert {route: n for route, n in errors.items() if n} == {
+        "/v1/fallback/token": 2,
+        "/v1/fallback/status": 1,
+    }
+    assert errors["/v1/fallback/activations"] == 0  # every route that uses the store, from the start
+    assert "/metrics" not in errors
+    assert "/healthz" not in errors
 
 
 # --- a saturated process is not a store outage (issue #13) ----------------------------------------

@@ -15,6 +15,7 @@ id as exemplar (OpenMetrics).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
@@ -75,6 +76,12 @@ REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 # Scrapes, health checks and the relays' kill-switch polls (every node, every second) come all the
 # time and say nothing about a session: not traced.
 _UNTRACED: Final = frozenset({"/metrics", "/healthz", "/v1/fallback/status"})
+# beach_fallback_store_errors_total{route} counts the requests answered 503
+# guardrail_store_unavailable. Not these: a scrape or a health probe during an outage is no failed
+# operation (a probe answers 503 store_unavailable, a scrape keeps the last kill-switch gauges), and
+# counting them made the error rate the scrape and probe rate. Nor routes that never use the store.
+_STORE_UNAVAILABLE: Final = "guardrail_store_unavailable"
+_STORE_ERROR_UNCOUNTED: Final = frozenset({"/metrics", "/healthz", "/v1/fallback/keys", "/openapi.json"})
 
 # SPEC §4 error code -> HTTP status for guardrail refusals.
 _GUARDRAIL_STATUS: Final = {
@@ -214,7 +221,9 @@ class TokenService:
         self._initialised_seen = True  # what the last check found (logs once per change)
         self.store_errors = Counter(
             "beach_fallback_store_errors",
-            "Requests that failed because the guardrail store was unavailable",
+            "Requests answered 503 guardrail_store_unavailable (the guardrail store could not be read "
+            "or written), by route; /metrics scrapes and /healthz probes are not counted",
+            ["route"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
@@ -268,21 +277,36 @@ class TokenService:
             ("GET", "/v1/admin/nodes", self.admin_nodes),
         ]
         for method, template, handler in routes:
-            bounded = self._with_store_deadline(handler)
+            bounded = self._with_store_deadline(handler, template)
             traced = bounded if template in _UNTRACED else self._traced(template, bounded)
             self.router.add(method, template, traced)
         add_join_routes(self.router)  # static files: no store, no span
 
-    def _with_store_deadline(self, handler: Handler) -> Handler:
+    def _with_store_deadline(self, handler: Handler, template: str) -> Handler:
         """One budget for all the store calls of one request (``store_deadline_s``): a stalled
-        store turns into a fast 503, never into a request that waits once per call."""
+        store turns into a fast 503, never into a request that waits once per call. A request
+        answered 503 ``guardrail_store_unavailable`` counts once in ``store_errors`` under its
+        route, however many store calls it made (probes and scrapes: not at all)."""
         budget = self.config.store_deadline_s
+        if template in _STORE_ERROR_UNCOUNTED:
 
-        async def bounded(request: Request) -> Response:
+            async def bounded(request: Request) -> Response:
+                with store_deadline(budget):
+                    return await handler(request)
+
+            return bounded
+        errors = self.store_errors.labels(route=template)  # 0 from the start: rate() sees the first
+
+        async def counted(request: Request) -> Response:
             with store_deadline(budget):
-                return await handler(request)
+                try:
+                    return await handler(request)
+                except JsonError as exc:
+                    if exc.error == _STORE_UNAVAILABLE:
+                        errors.inc()
+                    raise
 
-        return bounded
+        return counted
 
     def _traced(self, template: str, handler: Handler) -> Handler:
         """``handler`` inside a recorded server span and timed in ``request_seconds``."""
@@ -341,9 +365,9 @@ class TokenService:
         return cohort
 
     def _store_down(self, exc: StoreUnavailable) -> JsonError:
-        self.store_errors.inc()
+        """The 503 for a request the store failed (counted by the route's wrapper) and its log."""
         log_event(_LOG, "guardrail_store_unavailable", level=logging.ERROR, error=str(exc)[:200])
-        return JsonError(503, "guardrail_store_unavailable", "the guardrail store is unavailable")
+        return JsonError(503, _STORE_UNAVAILABLE, "the guardrail store is unavailable")
 
     @staticmethod
     def _cohort_from(value: object, name: str) -> str:
@@ -539,8 +563,7 @@ class TokenService:
         """``{"status": "ok", "fallback_paused": bool}``; 503 ``store_unavailable`` (reported paused)."""
         try:
             state = await self.guardrails.fleet_state()
-        except StoreUnavailable:
-            self.store_errors.inc()
+        except StoreUnavailable:  # a probe's answer, not a failed operation: not in store_errors
             return json_response({"status": "store_unavailable", "fallback_paused": True}, 503)
         self._saw_fleet_state(state)
         return json_response({"status": "ok", "fallback_paused": state.paused})
@@ -549,12 +572,11 @@ class TokenService:
         """Prometheus text, or OpenMetrics (with exemplars) when the scraper's Accept asks for it.
 
         The kill-switch gauges are refreshed first (one store read; left as they were when the
-        store is down), so every replica's scrape says whether, and why, the fleet is paused.
+        store is down), so every replica's scrape says whether, and why, the fleet is paused. A
+        scrape the store fails is not counted in ``store_errors`` (it would count the scrape rate).
         """
-        try:
+        with contextlib.suppress(StoreUnavailable):
             self._saw_fleet_state(await self.guardrails.fleet_state())
-        except StoreUnavailable:
-            self.store_errors.inc()
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return text_response(encode(self.registry).decode(), content_type=content_type)
 
