@@ -6,6 +6,7 @@ and cross-checked (references, ports, secrets, drain timing), then run through t
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -13,11 +14,17 @@ import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
+import trio
 import yaml
 
 from rescue import cli
+from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
+from rescue.protocol import SigningKey
+from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
 
 from .conftest import require_tool
 
@@ -342,7 +349,7 @@ def test_ecs_secrets_never_inline() -> None:
         "RESCUE_REPORT_KEYS",
     }
     env = {e["name"]: e["value"] for e in ts["environment"]}
-    assert env["RESCUE_HEALTHCHECK_URL"].endswith(":8080/healthz")
+    assert env["RESCUE_HEALTHCHECK_URL"].endswith(":8080/livez")
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -393,7 +400,7 @@ def test_k8s_relay_drains_within_grace_and_probes_the_admin_port(
     assert f"--admin-port={ports['admin']}" in container["args"]
     assert f"--port={ports['ws']}" in container["args"]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "admin"}
     assert container["resources"]["requests"]["cpu"] == container["resources"]["limits"]["cpu"] == "1"
     env = {e["name"]: e for e in container["env"]}
     assert env["RESCUE_NODE_ID"]["value"] == "$(POD_NAME)"
@@ -459,7 +466,8 @@ def test_k8s_pods_are_locked_down_and_secrets_come_from_secrets(
             if SECRETISH.search(var["name"]) or var["name"] == "RESCUE_REDIS_URL":
                 assert "secretKeyRef" in var.get("valueFrom", {}), f"{name}: {var['name']} inline"
     ts = _container(k8s[("Deployment", "token-service")])
-    assert ts["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert ts["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "api"}
+    assert ts["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "api"}
     mounts = {m["name"]: m for m in ts["volumeMounts"]}
     assert mounts["signing-key"]["readOnly"] is True
     assert "--signing-key=/etc/rescue/keys/signing-key.json" in ts["args"]
@@ -479,6 +487,164 @@ def test_k8s_scrape_job_names_match_the_rules(k8s: dict[tuple[str, str], dict[st
         assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         port = int(template["metadata"]["annotations"]["prometheus.io/port"])
         assert port in {p["containerPort"] for p in _container(k8s[(kind, name)])["ports"]}
+
+
+# --- health checks: liveness never follows the store (decision 0021) ---------------------------------
+#
+# What fails a liveness check is restarted: Kubernetes' livenessProbe (and startupProbe, which kills
+# a container that never passes it), and the image's HEALTHCHECK wherever something acts on it (ECS
+# and Swarm replace an unhealthy container; compose starts the relays once the token service is
+# healthy). A Redis outage answers 503 on the token service's /healthz and /readyz (they read the
+# kill switch) and, through its status polls, on the relays' /readyz: a liveness check on any of
+# them restarted every replica into a crash loop that cannot bring Redis back. So every liveness
+# check of both services asks /livez (which reads nothing) on the service's own port, and readiness
+# asks /readyz.
+
+LIVENESS_PATH = "/livez"
+READINESS_PATH = "/readyz"
+
+
+def _healthcheck_script() -> Any:
+    """deploy/container/healthcheck.py (the image's HEALTHCHECK), imported by path."""
+    spec = importlib.util.spec_from_file_location(
+        "deploy_healthcheck", ROOT / "deploy" / "container" / "healthcheck.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _own_port(service: str, argv: list[str]) -> int:
+    """The port a service's health endpoints live on: the token service's API port, the relay's admin
+    port (``--port=N``/``--port N`` styles both, as the manifests use both)."""
+    flag = "--port" if service == "token-service" else "--admin-port"
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            return int(argv[i + 1])
+        if arg.startswith(flag + "="):
+            return int(arg.split("=", 1)[1])
+    raise AssertionError(f"{service}: no {flag} in {argv}")
+
+
+def health_checks(
+    compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
+) -> list[tuple[str, str, str, str]]:
+    """Every health check declared for the token service and the relay, as (where, service, kind,
+    URL inside the container): kind ``liveness`` (restarts what fails it) or ``readiness``."""
+    script = _healthcheck_script()
+    found: list[tuple[str, str, str, str]] = []
+
+    def image_check(where: str, service: str, env: dict[str, str], argv: list[str]) -> None:
+        url = script.health_url(env)
+        assert urlsplit(url).port == _own_port(service, argv), f"{where}: {url} is not {service}'s port"
+        found.append((where, service, "liveness", url))
+
+    for kind, name in (("Deployment", "token-service"), ("StatefulSet", "relay")):
+        container = _container(k8s[(kind, name)])
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe, meaning in (
+            ("livenessProbe", "liveness"),
+            ("startupProbe", "liveness"),
+            ("readinessProbe", "readiness"),
+        ):
+            if probe in container:
+                get = container[probe]["httpGet"]
+                port = ports[get["port"]]
+                assert port == _own_port(name, container["args"]), f"k8s {name} {probe} port"
+                found.append((f"k8s {probe}", name, meaning, f"http://127.0.0.1:{port}{get['path']}"))
+        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        image_check("k8s image HEALTHCHECK", name, env, container["args"])
+    for file, name in (("token-service.json", "token-service"), ("relay.json", "relay")):
+        (container,) = _ecs(file)["containerDefinitions"]
+        assert container["healthCheck"]["command"] == ["CMD", "python", "/opt/rescue/healthcheck.py"]
+        env = {e["name"]: e["value"] for e in container["environment"]}
+        argv = (
+            shlex.split(container["command"][-1])
+            if container["entryPoint"][0] == "sh"
+            else container["command"]
+        )
+        image_check("ecs healthCheck", name, env, argv)
+    for svc_name, svc in compose["services"].items():
+        name = svc.get("command", [""])[0]
+        if name not in ("token-service", "relay"):
+            continue
+        assert "healthcheck" not in svc, f"compose {svc_name}: the image's HEALTHCHECK, not its own"
+        image_check(
+            f"compose {svc_name}",
+            name,
+            {k: str(v) for k, v in svc.get("environment", {}).items()},
+            svc["command"],
+        )
+    return found
+
+
+def test_every_health_check_of_both_services_is_found(
+    compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    """The collector sees every declaration (a check it skipped would go unchecked below)."""
+    where = {(w, service, kind) for w, service, kind, _ in health_checks(compose, k8s)}
+    assert where == {
+        ("k8s livenessProbe", "token-service", "liveness"),
+        ("k8s readinessProbe", "token-service", "readiness"),
+        ("k8s image HEALTHCHECK", "token-service", "liveness"),
+        ("k8s livenessProbe", "relay", "liveness"),
+        ("k8s startupProbe", "relay", "liveness"),
+        ("k8s readinessProbe", "relay", "readiness"),
+        ("k8s image HEALTHCHECK", "relay", "liveness"),
+        ("ecs healthCheck", "token-service", "liveness"),
+        ("ecs healthCheck", "relay", "liveness"),
+        ("compose token-service", "token-service", "liveness"),
+        ("compose relay-1", "relay", "liveness"),
+        ("compose relay-2", "relay", "liveness"),
+    }
+
+
+def test_liveness_never_asks_an_endpoint_that_follows_the_store(
+    compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    for where, service, kind, url in health_checks(compose, k8s):
+        path = urlsplit(url).path
+        if kind == "liveness":
+            assert path == LIVENESS_PATH, f"{where} ({service}) restarts on {path}, which follows Redis"
+        else:
+            assert path == READINESS_PATH, f"{where} ({service}) readiness on {path}"
+
+
+async def test_the_declared_paths_answer_as_declared_while_the_store_is_down(
+    compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    """The token service's declared liveness paths answer 200 with its store down and its readiness
+    path 503 (200 once the store is back). Real processes on a SIGSTOPped Redis, relay included:
+    tests/test_health_probes.py."""
+    paths = {
+        kind: {
+            urlsplit(url).path
+            for _, service, k, url in health_checks(compose, k8s)
+            if service == "token-service" and k == kind
+        }
+        for kind in ("liveness", "readiness")
+    }
+    store = MemoryStore()
+    config = TokenServiceConfig(
+        keys=PublishedKeys(SigningKey.generate()), disable_oidc=True, relay_url="ws://r/v1/connect"
+    )
+    service = TokenService(config, Guardrails(store, GuardrailConfig()))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                for available in (True, False, True):
+                    store.available = available
+                    for path in paths["liveness"]:
+                        assert (await http.get(path)).status_code == 200, (path, available)
+                    for path in paths["readiness"]:
+                        assert (await http.get(path)).status_code == (200 if available else 503), (
+                            path,
+                            available,
+                        )
+            nursery.cancel_scope.cancel()
 
 
 # --- the runbook's commands ---------------------------------------------------------------------------

@@ -266,13 +266,14 @@ def http_server() -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
 
 
 def test_health_url_from_environment() -> None:
-    assert healthcheck.health_url({}) == "http://127.0.0.1:9090/healthz"
-    assert healthcheck.health_url({"RESCUE_ADMIN_PORT": "9191"}) == "http://127.0.0.1:9191/healthz"
+    # the relay's liveness path by default (decision 0021: never one that follows Redis)
+    assert healthcheck.health_url({}) == "http://127.0.0.1:9090/livez"
+    assert healthcheck.health_url({"RESCUE_ADMIN_PORT": "9191"}) == "http://127.0.0.1:9191/livez"
     assert (
         healthcheck.health_url(
-            {"RESCUE_HEALTHCHECK_URL": "http://127.0.0.1:8080/healthz", "RESCUE_ADMIN_PORT": "1"}
+            {"RESCUE_HEALTHCHECK_URL": "http://127.0.0.1:8080/livez", "RESCUE_ADMIN_PORT": "1"}
         )
-        == "http://127.0.0.1:8080/healthz"
+        == "http://127.0.0.1:8080/livez"
     )
 
 
@@ -308,7 +309,7 @@ def test_probe_script_exit_codes(http_server: tuple[str, dict[str, tuple[int, by
             [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30
         )
     assert bad.returncode == 1
-    assert bad.stdout.startswith(f"unhealthy: http://127.0.0.1:{port}/healthz unreachable")
+    assert bad.stdout.startswith(f"unhealthy: http://127.0.0.1:{port}/livez unreachable")
 
 
 class port_nothing_listens_on:

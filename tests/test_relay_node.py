@@ -56,7 +56,9 @@ async def test_admin_endpoints(nursery: trio.Nursery) -> None:
         await guest.receive()
         base = f"http://127.0.0.1:{addresses.admin_port}"
         async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/healthz")).json()["status"] == "ok"
+            alive = {"status": "ok", "node_id": relay.config.node_id}
+            assert (await client.get("/healthz")).json() == alive
+            assert (await client.get("/livez")).json() == alive  # the liveness path (decision 0021)
             ready = await client.get("/readyz")
             assert ready.status_code == 200
             assert ready.json()["ready"] is True
@@ -197,6 +199,9 @@ async def test_kill_switch_activations_and_fail_closed(nursery: trio.Nursery) ->
             assert ready.status_code == 503
             assert ready.json()["control"]["stale"] is True
             assert ready.json()["control"]["last_error"]
+            # not ready, still alive: a restart would not bring the token service back
+            alive = await client.get(f"http://127.0.0.1:{addresses.admin_port}/livez")
+            assert (alive.status_code, alive.json()["status"]) == (200, "ok")
             metrics = (await client.get(f"http://127.0.0.1:{addresses.admin_port}/metrics")).text
             assert 'beach_rescue_control_polls_total{outcome="error"}' in metrics
             assert "beach_rescue_fallback_paused 1.0" in metrics

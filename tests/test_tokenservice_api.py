@@ -375,6 +375,9 @@ async def test_env_kill_switch(harness_factory: Callable[..., Any]) -> None:
         assert (r.status_code, r.json()["error"]) == (403, "fallback_paused")
         assert (await h.client.get("/v1/fallback/status")).json()["paused"] is True
         assert (await h.client.get("/healthz")).json() == {"status": "ok", "fallback_paused": True}
+        # paused is still ready: the relays must go on reading the pause from this replica
+        r = await h.client.get("/readyz")
+        assert (r.status_code, r.json()) == (200, {"ready": True, "reasons": [], "fallback_paused": True})
         # resuming the stored flag can't override this process's env switch
         r = await h.client.post("/v1/admin/resume", headers=ADMIN)
         assert r.json()["paused"] is True
@@ -405,6 +408,12 @@ async def test_fail_closed_when_store_down(h: Harness) -> None:
         r = await h.client.get("/healthz")
         assert r.status_code == 503
         assert r.json() == {"status": "store_unavailable", "fallback_paused": True}
+        # not ready, but alive: a restart cannot bring the store back (decision 0021)
+        r = await h.client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json() == {"ready": False, "reasons": ["store_unavailable"], "fallback_paused": True}
+        r = await h.client.get("/livez")
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
         for method, path, body in [
             ("POST", "/v1/fallback/activations", {"cohort": "beta"}),
             ("POST", "/v1/sessions/started", {"cohort": "beta"}),
@@ -510,6 +519,9 @@ async def test_status_healthz_metrics_openapi(h: Harness) -> None:
         r = await h.client.get("/v1/fallback/status")
         assert r.json() == {"paused": False, "reason": None, "since": None, "drain": False, "cause": None}
         assert (await h.client.get("/healthz")).json() == {"status": "ok", "fallback_paused": False}
+        assert (await h.client.get("/livez")).json() == {"status": "ok"}
+        r = await h.client.get("/readyz")
+        assert (r.status_code, r.json()) == (200, {"ready": True, "reasons": [], "fallback_paused": False})
         r = await h.client.get("/metrics")
         assert r.headers["content-type"].startswith("text/plain")
         assert "beach_fallback_paused 0.0" in r.text

@@ -9,7 +9,8 @@ redis-server from ``tests/conftest.py``:
 - ``no_relay``: the only registered node is draining and no single-node relay URL is configured, so
   a valid token request gets the documented 503 ``no_relay_available``;
 - ``store_down``: its Redis is killed once the service is up, so everything that reads or writes the
-  store gets the documented 503 ``guardrail_store_unavailable`` (and ``/healthz`` its 503).
+  store gets the documented 503 ``guardrail_store_unavailable`` (and ``/healthz``, ``/readyz``
+  theirs; ``/livez`` stays 200).
 
 Schemathesis generates requests from the service's OpenAPI document (checked below to be exactly
 what ``/openapi.json`` serves) for every operation, with the right bearer keys (service, admin, relay
@@ -196,6 +197,8 @@ def documented_unavailable(ctx: Any, response: schemathesis.Response, case: sche
     body = response.json()
     if case.operation.path == "/healthz":
         assert body == {"status": "store_unavailable", "fallback_paused": True}
+    elif case.operation.path == "/readyz":
+        assert body == {"ready": False, "reasons": ["store_unavailable"], "fallback_paused": True}
     else:
         assert body["error"] in DOCUMENTED_503, body
     return None

@@ -4,9 +4,12 @@ Exits 0 when ``GET <url>`` answers 200 (and, if the body is a JSON object with a
 field is ``"ok"``), 1 otherwise,
 printing one line either way (Docker keeps the last few in ``docker inspect``).
 
-The URL is ``$RESCUE_HEALTHCHECK_URL`` when set, else the relay's admin port:
-``http://127.0.0.1:${RESCUE_ADMIN_PORT:-9090}/healthz``. The token service serves ``/healthz`` on its
-API port, so its containers set ``RESCUE_HEALTHCHECK_URL=http://127.0.0.1:8080/healthz``.
+It is a liveness check: ECS (and Swarm) replace a container it calls unhealthy, so it probes
+``/livez``, which never asks Redis or the token service (decision 0021): a store outage must leave
+the container healthy (not ready), never restart it. The URL is ``$RESCUE_HEALTHCHECK_URL`` when
+set, else the relay's admin port: ``http://127.0.0.1:${RESCUE_ADMIN_PORT:-9090}/livez``. The token
+service serves ``/livez`` on its API port, so its containers set
+``RESCUE_HEALTHCHECK_URL=http://127.0.0.1:8080/livez``.
 
 Standard library only, so it runs with the image's interpreter and nothing else.
 """
@@ -21,7 +24,7 @@ import urllib.request
 
 # Docker's HEALTHCHECK --timeout is 3 s; answer before it so our own message, not a kill, is recorded.
 TIMEOUT_S = 2.0
-# /healthz answers are tiny JSON objects; never read more than this from a confused server.
+# /livez answers are tiny JSON objects; never read more than this from a confused server.
 MAX_BODY = 64 * 1024
 
 
@@ -31,7 +34,7 @@ def health_url(environ: dict[str, str]) -> str:
     if explicit:
         return explicit
     port = environ.get("RESCUE_ADMIN_PORT", "").strip() or "9090"
-    return f"http://127.0.0.1:{port}/healthz"
+    return f"http://127.0.0.1:{port}/livez"
 
 
 def probe(url: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:

@@ -260,7 +260,7 @@ def _banner(dev: DevAddresses, admin_api: bool, admin_key_file: str | None) -> s
         f"  relay           {dev.relay_url}",
     ]
     if dev.admin_url:
-        lines.append(f"  relay admin     {dev.admin_url}   (/healthz /readyz /metrics /debug/stats)")
+        lines.append(f"  relay admin     {dev.admin_url}   (/livez /readyz /metrics /debug/stats)")
     lines.append(f"  cohort          {DEV_COHORT} (enabled)")
     rescue = self_command()
     lines += [

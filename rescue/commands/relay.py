@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "relay",
         help="run a relay node (data plane)",
         description="Run one relay node: pairs the two peers of each session and forwards their "
-        "end-to-end encrypted frames (SPEC §2), with an admin HTTP port (/healthz, /readyz, "
+        "end-to-end encrypted frames (SPEC §2), with an admin HTTP port (/livez, /healthz, /readyz, "
         "/metrics, /debug/stats). FALLBACK_WS_PAUSED=1 starts it paused (refusing new handshakes); "
         "RESCUE_REPORT_KEY is the bearer key for activation reports when the token service wants one; "
         "RESCUE_LOG_TAG_KEY keys the session tags in logs and spans (the same value on every relay "

@@ -1,4 +1,4 @@
-"""The relay's admin HTTP port: ``/healthz``, ``/readyz``, ``/metrics``, ``/debug/stats``."""
+"""The relay's admin HTTP port: ``/livez``, ``/healthz``, ``/readyz``, ``/metrics``, ``/debug/stats``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ __all__ = ["admin_app"]
 def admin_app(relay: Relay) -> Router:
     """The admin API of ``relay`` as a router (serve it with :func:`rescue._http.serve_http`).
 
-    - ``GET /healthz``: 200 ``{"status": "ok"}`` while the process runs.
+    - ``GET /livez`` and ``GET /healthz``: 200 ``{"status": "ok", "node_id": …}`` while the process
+      runs (liveness: nothing it depends on, Redis or the token service, is asked; ``/livez`` is
+      the token service's liveness path too, so both services are probed alike: decision 0021).
     - ``GET /readyz``: 200 when the node takes new sessions; 503 while draining, paused, when
       the kill-switch state is stale beyond ``status_stale_s``, at ``max_sessions``, or while the
       WebSocket listener is full (``max_connections`` open, none pending: a newcomer would be
@@ -28,9 +30,11 @@ def admin_app(relay: Relay) -> Router:
     """
     router = Router()
 
-    @router.get("/healthz")
-    async def healthz(request: Request) -> Response:
+    async def alive(request: Request) -> Response:
         return json_response({"status": "ok", "node_id": relay.config.node_id})
+
+    for path in ("/livez", "/healthz"):
+        router.add("GET", path, alive)
 
     @router.get("/readyz")
     async def readyz(request: Request) -> Response:

@@ -4,7 +4,7 @@ One :class:`TokenService` per process (or per test): it owns its router, its Pro
 and its guardrails. Serve it with :func:`serve_token_service` (or ``serve_http(service.app, …)``:
 the router behind the CORS policy).
 
-Every request except ``/metrics``, ``/healthz`` and the relays' status polls is one server span when
+Every request except ``/metrics``, the health endpoints and the relays' status polls is one server span when
 tracing is configured (``rescue._tracing.record_span``; ``docs/operations/tracing.md``): route,
 status, and for token requests outcome, guardrail state and cohort. A caller's W3C ``traceparent``
 becomes the span's parent, except for token requests of sessions that did not opt in to telemetry:
@@ -75,13 +75,15 @@ _CHALLENGE: Final = {"www-authenticate": "Bearer"}
 REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # Scrapes, health checks and the relays' kill-switch polls (every node, every second) come all the
 # time and say nothing about a session: not traced.
-_UNTRACED: Final = frozenset({"/metrics", "/healthz", "/v1/fallback/status"})
+_UNTRACED: Final = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v1/fallback/status"})
 # beach_fallback_store_errors_total{route} counts the requests answered 503
 # guardrail_store_unavailable. Not these: a scrape or a health probe during an outage is no failed
 # operation (a probe answers 503 store_unavailable, a scrape keeps the last kill-switch gauges), and
 # counting them made the error rate the scrape and probe rate. Nor routes that never use the store.
 _STORE_UNAVAILABLE: Final = "guardrail_store_unavailable"
-_STORE_ERROR_UNCOUNTED: Final = frozenset({"/metrics", "/healthz", "/v1/fallback/keys", "/openapi.json"})
+_STORE_ERROR_UNCOUNTED: Final = frozenset(
+    {"/metrics", "/healthz", "/livez", "/readyz", "/v1/fallback/keys", "/openapi.json"}
+)
 
 # SPEC §4 error code -> HTTP status for guardrail refusals.
 _GUARDRAIL_STATUS: Final = {
@@ -222,7 +224,7 @@ class TokenService:
         self.store_errors = Counter(
             "beach_fallback_store_errors",
             "Requests answered 503 guardrail_store_unavailable (the guardrail store could not be read "
-            "or written), by route; /metrics scrapes and /healthz probes are not counted",
+            "or written), by route; /metrics scrapes and health probes are not counted",
             ["route"],
             registry=self.registry,
         )
@@ -266,6 +268,8 @@ class TokenService:
             ("POST", "/v1/fallback/activations", self.report_activation),
             ("POST", "/v1/sessions/started", self.sessions_started_report),
             ("GET", "/healthz", self.healthz),
+            ("GET", "/livez", self.livez),
+            ("GET", "/readyz", self.readyz),
             ("GET", "/metrics", self.metrics),
             ("GET", "/openapi.json", self.openapi),
             ("POST", "/v1/admin/pause", self.admin_pause),
@@ -560,13 +564,37 @@ class TokenService:
         return json_response(state.to_json())
 
     async def healthz(self, request: Request) -> Response:
-        """``{"status": "ok", "fallback_paused": bool}``; 503 ``store_unavailable`` (reported paused)."""
+        """``{"status": "ok", "fallback_paused": bool}``; 503 ``store_unavailable`` (reported paused).
+
+        SPEC §4's health answer: it reads the kill switch, so it follows the store like ``/readyz``
+        and is no liveness check (``/livez`` is; decision 0021)."""
         try:
             state = await self.guardrails.fleet_state()
         except StoreUnavailable:  # a probe's answer, not a failed operation: not in store_errors
             return json_response({"status": "store_unavailable", "fallback_paused": True}, 503)
         self._saw_fleet_state(state)
         return json_response({"status": "ok", "fallback_paused": state.paused})
+
+    async def livez(self, request: Request) -> Response:
+        """Liveness: 200 ``{"status": "ok"}`` while the process serves HTTP. Never reads the store
+        (decision 0021): a Redis outage is not cured by a restart, so an orchestrator's liveness
+        probe must not see it."""
+        await trio.lowlevel.checkpoint()
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness: 200 while the guardrail store answers (this replica can mint or refuse with
+        a reason), 503 ``{"ready": false, "reasons": ["store_unavailable"]}`` while it cannot.
+        A pause is not a reason: a paused replica still does its job (it answers the relays' status
+        polls with the pause and refuses mints with 403)."""
+        try:
+            state = await self.guardrails.fleet_state()
+        except StoreUnavailable:  # a probe's answer, not a failed operation: not in store_errors
+            return json_response(
+                {"ready": False, "reasons": ["store_unavailable"], "fallback_paused": True}, 503
+            )
+        self._saw_fleet_state(state)
+        return json_response({"ready": True, "reasons": [], "fallback_paused": state.paused})
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text, or OpenMetrics (with exemplars) when the scraper's Accept asks for it.

@@ -341,7 +341,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/healthz": {
                 "get": {
-                    "summary": "Liveness and kill-switch state",
+                    "summary": "Health and kill-switch state (follows the store; liveness is /livez)",
                     "responses": {
                         code: {
                             "description": text,
@@ -364,6 +364,55 @@ def openapi_document() -> dict[str, Any]:
                                 "The guardrail store is unavailable (reported paused)",
                                 "store_unavailable",
                             ),
+                        )
+                    },
+                }
+            },
+            "/livez": {
+                "get": {
+                    "summary": "Liveness: the process serves HTTP (never reads the store)",
+                    "responses": {
+                        "200": {
+                            "description": "Alive",
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "required": ["status"],
+                                    "additionalProperties": False,
+                                    "properties": {"status": {"enum": ["ok"]}},
+                                }
+                            ),
+                        }
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: the guardrail store answers",
+                    "responses": {
+                        code: {
+                            "description": text,
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "required": ["ready", "reasons", "fallback_paused"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "ready": {"enum": [ready]},
+                                        "reasons": {
+                                            "type": "array",
+                                            "items": {"enum": ["store_unavailable"]},
+                                            "maxItems": 0 if ready else 1,
+                                            "minItems": 0 if ready else 1,
+                                        },
+                                        "fallback_paused": {"type": "boolean"},
+                                    },
+                                }
+                            ),
+                        }
+                        for code, text, ready in (
+                            ("200", "Ready", True),
+                            ("503", "The guardrail store is unavailable (reported paused)", False),
                         )
                     },
                 }
