@@ -53,6 +53,7 @@ def test_rule_unit_tests_cover_soft_breach_and_churn() -> None:
         "BeachRescueRelayCpuHigh",
         "BeachRescueHandshakeFailureSpike",
         "BeachRescueProbeFailing",
+        "BeachRescueMintsStoreUnavailable",
     } <= tested
 
 
@@ -68,6 +69,15 @@ DRIFTS = [
     ('(up{job="beach-rescue-probe"}) == 0', '(up{job="beach-rescue-probe"}) == 2'),
     # every relay full: the reason matters (draining during a roll must not page)
     ('beach_fallback_no_relay_total{reason="full"}', "beach_fallback_no_relay_total"),
+    # mints refused for want of the store: the mint route only (not the relays' polls), the scrape's
+    # own read carries an outage the not-ready replica no longer sees mints of, a short window
+    # (a failover of seconds must not page)
+    ('route="/v1/fallback/token"}[2m]', 'route=~"/v1/fallback/.+"}[2m]'),
+    (
+        'max by (job, instance) (beach_fallback_store_up{job="beach-rescue-token-service"}) == 0',
+        'max by (job, instance) (beach_fallback_store_up{job="beach-rescue-token-service"}) == -1',
+    ),
+    ('route="/v1/fallback/token"}[2m]', 'route="/v1/fallback/token"}[10m]'),
 ]
 
 

@@ -154,6 +154,8 @@ async def _check_outage(
         assert (health.status_code, health.json()["status"]) == (503, "store_unavailable")
         assert (await http.get(ts_ready, timeout=10)).json()["reasons"] == ["store_unavailable"]
         assert (await http.get(relay_ready, timeout=10)).json()["control"]["stale"] is True
+        # a replica that is not ready is still scraped, and says why (the store alert reads it)
+        assert "beach_fallback_store_up 0.0" in (await http.get(f"{api}/metrics", timeout=10)).text
         for _ in range(LIVENESS_ROUNDS):
             await check_alive()
             assert await status(ts_ready) == 503

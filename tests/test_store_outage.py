@@ -234,6 +234,9 @@ async def test_scrapes_and_health_probes_during_an_outage_are_not_counted_as_sto
     assert errors["/v1/fallback/activations"] == 0  # every route that uses the store, from the start
     assert "/metrics" not in errors
     assert "/healthz" not in errors
+    # what the scrape itself says (scrapes reach a replica that is not ready: decision 0021)
+    (up,) = (f for f in text_string_to_metric_families(scrape) if f.name == "beach_fallback_store_up")
+    assert [s.value for s in up.samples] == [0]
 
 
 # --- a saturated process is not a store outage (issue #13) ----------------------------------------

@@ -414,6 +414,7 @@ async def test_fail_closed_when_store_down(h: Harness) -> None:
         assert r.json() == {"ready": False, "reasons": ["store_unavailable"], "fallback_paused": True}
         r = await h.client.get("/livez")
         assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        assert "beach_fallback_store_up 0.0" in (await h.client.get("/metrics")).text
         for method, path, body in [
             ("POST", "/v1/fallback/activations", {"cohort": "beta"}),
             ("POST", "/v1/sessions/started", {"cohort": "beta"}),
@@ -525,6 +526,7 @@ async def test_status_healthz_metrics_openapi(h: Harness) -> None:
         r = await h.client.get("/metrics")
         assert r.headers["content-type"].startswith("text/plain")
         assert "beach_fallback_paused 0.0" in r.text
+        assert "beach_fallback_store_up 1.0" in r.text
         r = await h.client.get("/openapi.json")
         assert r.json()["openapi"].startswith("3.")
         routes = {(m.lower(), p) for m, p in h.service.router.routes}

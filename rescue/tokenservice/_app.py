@@ -15,7 +15,6 @@ id as exemplar (OpenMetrics).
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 import time
@@ -221,6 +220,13 @@ class TokenService:
         )
         self.store_initialised.set(1)
         self._initialised_seen = True  # what the last check found (logs once per change)
+        self.store_up = Gauge(
+            "beach_fallback_store_up",
+            "1 when the guardrail store answered the kill-switch read of the last /metrics scrape, 0 "
+            "when it did not (every mint then fails closed: 503 guardrail_store_unavailable)",
+            registry=self.registry,
+        )
+        self.store_up.set(1)
         self.store_errors = Counter(
             "beach_fallback_store_errors",
             "Requests answered 503 guardrail_store_unavailable (the guardrail store could not be read "
@@ -600,11 +606,17 @@ class TokenService:
         """Prometheus text, or OpenMetrics (with exemplars) when the scraper's Accept asks for it.
 
         The kill-switch gauges are refreshed first (one store read; left as they were when the
-        store is down), so every replica's scrape says whether, and why, the fleet is paused. A
-        scrape the store fails is not counted in ``store_errors`` (it would count the scrape rate).
+        store is down), so every replica's scrape says whether, and why, the fleet is paused, and
+        ``beach_fallback_store_up`` whether that read succeeded. A scrape the store fails is not
+        counted in ``store_errors`` (it would count the scrape rate).
         """
-        with contextlib.suppress(StoreUnavailable):
+        try:
             self._saw_fleet_state(await self.guardrails.fleet_state())
+            self.store_up.set(1)
+        except StoreUnavailable:
+            # Scrapes reach a replica that is not ready (decision 0021): during an outage this is
+            # what keeps saying so once the Service sends it no more mints to fail.
+            self.store_up.set(0)
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return text_response(encode(self.registry).decode(), content_type=content_type)
 
