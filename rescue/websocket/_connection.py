@@ -560,9 +560,12 @@ class WebSocketConnection:
         """
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this WebSocket")
-        if self._protocol_error is not None or self._error is not None:
+        # (into a local: narrowing the attributes here would type them None for the loop below,
+        # which compiled code checks -- docs/decisions/0021-compiled-hot-path.md)
+        ended = self._protocol_error or self._error
+        if ended is not None:
             await trio.lowlevel.checkpoint()
-            raise self._protocol_error or self._closed_error()
+            raise ended
         self._receiving = True
         try:
             while True:
@@ -704,7 +707,8 @@ class WebSocketConnection:
                 raise tls.end
             return memoryview(b"")
         incoming = tls.incoming
-        read = tls.ssl_object.read
+        # with a buffer it returns the count; typeshed says bytes (a type compiled code checks)
+        read: Callable[[int, memoryview], int] = tls.ssl_object.read  # type: ignore[assignment]
         pending = tls.ssl_object.pending
         buf = self._buf
         try:
@@ -724,8 +728,7 @@ class WebSocketConnection:
         with memoryview(plain) as out:
             try:
                 while got < READ_SIZE:
-                    # (with a buffer it returns the count; typeshed says bytes)
-                    k = cast("int", read(READ_SIZE - got, out[got:]))
+                    k = read(READ_SIZE - got, out[got:])
                     if not k:  # the peer's close_notify (CPython returns 0 for it, no exception)
                         tls.end = EOFError()
                         break
@@ -1022,6 +1025,8 @@ class WebSocketConnection:
         self._close_started = True
         if self._error is None:
             self._error = WebSocketClosedError(code, reason)
+        # (no `finally` with an await: compiled, it re-raised the exception its caller was
+        # handling -- docs/decisions/0021-compiled-hot-path.md)
         try:
             with trio.move_on_after(self.close_timeout):
                 if not self._peer_done.is_set():
@@ -1031,10 +1036,16 @@ class WebSocketConnection:
                         await self._wait_peer_close()
                     except (ConnectionClosedError, ProtocolError):
                         pass
-        finally:
-            self._send_close_notify()
-            if not self._close_transport_now():
-                await trio.aclose_forcefully(self._stream)
+        except BaseException:
+            await self._drop_transport()
+            raise
+        await self._drop_transport()
+
+    async def _drop_transport(self) -> None:
+        """The end of :meth:`close`: close_notify if TLS, then the socket now (or the stream, forcefully)."""
+        self._send_close_notify()
+        if not self._close_transport_now():
+            await trio.aclose_forcefully(self._stream)
 
     async def _wait_peer_close(self) -> None:
         if self._receiving:

@@ -10,7 +10,7 @@ import ssl
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import trio
 
@@ -65,7 +65,7 @@ _BUSY_RESPONSE: Final = error_response(
 
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
 AcceptCheck = Callable[[Request, "tuple[str, int] | None"], Awaitable[Rejection | None]]
-Listener = trio.SocketListener
+Listener: TypeAlias = trio.SocketListener
 
 
 @dataclass(frozen=True, slots=True)
