@@ -32,8 +32,8 @@ pytest *ARGS:
 
 # ruff lint + format check (the rules are in pyproject.toml).
 lint:
-    ruff check rescue tests bench chaos soak
-    ruff format --check rescue tests bench chaos soak
+    ruff check rescue tests bench chaos soak setup.py
+    ruff format --check rescue tests bench chaos soak setup.py
 
 # mypy, strict on rescue/.
 types:

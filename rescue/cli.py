@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rescue import __version__
+from rescue import _build as build
 from rescue.errors import RescueError
 
 __all__ = ["HelpFormatter", "RescueParser", "add_option", "build_parser", "main", "self_command"]
@@ -138,7 +139,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="rescue",
         description="beach-rescue: WebSocket fallback relay and token service for Beach sessions.",
     )
-    parser.add_argument("--version", action="version", version=f"rescue {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"rescue {__version__}, hot path {build.describe()}"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     named = _named_command(argv)
     for module, commands in COMMAND_MODULES.items():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -144,3 +145,71 @@ def test_python_dash_m_rescue_is_the_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "rescue", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.startswith("usage: rescue")
+
+
+# --------------------------------------------------------------------------------------------------
+# the compiled hot path (setup.py, rescue/_build.py, docs/decisions/0021-compiled-hot-path.md)
+
+
+def _setup_py_compiled() -> list[str]:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets
+        ):
+            return [ast.literal_eval(element) for element in node.value.elts]  # type: ignore[attr-defined]
+    raise AssertionError("setup.py has no COMPILED list")
+
+
+def test_setup_py_compiles_exactly_the_hot_path_rescue_reports() -> None:
+    from rescue._build import HOT_PATH
+
+    compiled = _setup_py_compiled()
+    assert [path.removesuffix(".py").replace("/", ".") for path in compiled] == list(HOT_PATH)
+    assert all((ROOT / path).is_file() for path in compiled)
+
+
+def test_the_build_uses_the_mypy_the_lock_type_checks_with() -> None:
+    """mypyc compiles what mypy checks: the build's pin is requirements/dev.txt's mypy."""
+    requires = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]
+    [mypy] = [r for r in requires if r.name == "mypy"]
+    locked = next(
+        line.split("==")[1].split()[0]
+        for line in (ROOT / "requirements" / "dev.txt").read_text().splitlines()
+        if line.startswith("mypy==")
+    )
+    assert str(mypy.specifier) == f"=={locked}"
+
+
+def test_the_installed_build_is_what_the_install_asked_for() -> None:
+    """CI installs the wheel (RESCUE_INSTALL=wheel): every hot-path module compiled, and the suite
+    runs on those; an editable dev install is pure Python, never a mix of stale and fresh."""
+    from rescue import _build
+
+    modules = _build.compiled_modules()
+    version = subprocess.run(
+        [sys.executable, "-m", "rescue", "--version"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    if os.environ.get("RESCUE_INSTALL") == "wheel":
+        assert modules == list(_build.HOT_PATH)
+        assert version.strip().endswith("hot path compiled (mypyc)")
+        import rescue.sessions._core as core
+
+        assert not core.__file__.endswith(".py")  # what Python imported is the extension
+    else:
+        assert modules in ([], list(_build.HOT_PATH)), modules
+
+
+def test_no_compiled_coroutine_awaits_in_a_finally() -> None:
+    """mypyc 2.4 re-raises, from an ``await`` inside ``finally``, the exception the coroutine's caller
+    was handling (reproduced alone; ``close()`` turned a caller's ProtocolError into its own error).
+    The compiled modules use ``except BaseException: ...; raise`` and a normal exit path instead."""
+    offenders = []
+    for path in _setup_py_compiled():
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            if isinstance(node, ast.Try | ast.TryStar):
+                awaits = [
+                    n for s in node.finalbody for n in ast.walk(s) if isinstance(n, ast.Await | ast.AsyncWith)
+                ]
+                offenders += [f"{path}:{n.lineno}" for n in awaits]
+    assert offenders == []

@@ -29,6 +29,7 @@ from functools import partial
 
 import trio
 
+from rescue import _build as build
 from rescue._log import LOG_TAG_KEY_ENV, configure_logging, configure_session_tags, get_logger, log_event
 from rescue._tracing import traced_process
 from rescue.cli import add_option
@@ -461,7 +462,7 @@ def _run(args: argparse.Namespace) -> int:
             partial(run_supervisor, Supervisor(specs, drain_s=config.drain_s), early_signals=early)
         )
     config = build_config(args, os.environ)  # a bad configuration is one line, before any log
-    log_event(_LOG, "relay.starting", node_id=args.node_id)
+    log_event(_LOG, "relay.starting", node_id=args.node_id, hot_path=build.describe())
     # the activation-report key is a secret: environment only, never a flag (`ps` shows flags)
     report_key = os.environ.get("RESCUE_REPORT_KEY", "").strip() or None
     relay = Relay(config, report_key=report_key)

@@ -32,6 +32,7 @@ from typing import Any, Final
 import httpx
 import trio
 
+from rescue import _build as build
 from rescue._codes import CloseCode, clip_close_reason
 from rescue._http import HttpLimits, HttpStats, serve_http
 from rescue._log import get_logger, log_event, session_tag
@@ -255,6 +256,7 @@ class Relay:
         s = self.stats
         out: dict[str, Any] = {
             "node_id": self.config.node_id,
+            "hot_path": build.describe(),
             "draining": self._draining,
             "sessions": len(self.table),
             "connections": self.table.connections(),

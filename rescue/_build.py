@@ -1,0 +1,49 @@
+"""Which build of the relay's hot path is installed: compiled by mypyc, or pure Python.
+
+The wheel carries the modules of :data:`HOT_PATH` as C extensions compiled from their own source
+(setup.py, ``docs/decisions/0021-compiled-hot-path.md``); an editable checkout, a build without a
+C compiler, or ``RESCUE_PURE_PYTHON=1`` runs the same source interpreted. Both behave alike; the
+compiled one takes less CPU per message. ``rescue --version``, the relay's start-up log line and
+``/debug/stats`` say which one runs, so an operator comparing nodes knows what they compare.
+
+Found by looking at files, not by importing (``--version`` must stay cheap): Python's import
+system prefers an extension module to a ``.py`` of the same name in the same folder.
+"""
+
+from __future__ import annotations
+
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+from typing import Final
+
+__all__ = ["HOT_PATH", "compiled_modules", "describe"]
+
+# Keep in step with setup.py's COMPILED (tests/test_packaging.py checks both).
+HOT_PATH: Final = (
+    "rescue.websocket._codec",
+    "rescue.websocket._poller",
+    "rescue.websocket._connection",
+    "rescue.sessions._core",
+    "rescue.sessions._link",
+)
+_ROOT: Final = Path(__file__).resolve().parent.parent
+
+
+def compiled_modules() -> list[str]:
+    """The modules of :data:`HOT_PATH` installed as compiled extensions."""
+    found = []
+    for name in HOT_PATH:
+        stem = _ROOT.joinpath(*name.split("."))
+        if any(stem.with_name(stem.name + suffix).is_file() for suffix in EXTENSION_SUFFIXES):
+            found.append(name)
+    return found
+
+
+def describe() -> str:
+    """``"compiled (mypyc)"``, ``"pure Python"``, or what is odd about it (``"partly compiled: 3/5"``)."""
+    n = len(compiled_modules())
+    if n == len(HOT_PATH):
+        return "compiled (mypyc)"
+    if n == 0:
+        return "pure Python"
+    return f"partly compiled: {n}/{len(HOT_PATH)}"
