@@ -80,28 +80,40 @@ TARGETS: Final[dict[str, TargetDef]] = {
     # bare select.epoll, no framework, no framing: the floor of Python on this machine
     "epoll": TargetDef("epoll", "tcp", "context", _script("epoll_relay.py")),
 }
+
+
 # Before/after comparisons (docs/perf): RESCUE_BENCH_BASELINE=<a checkout of the old commit, e.g.
 # a `git worktree`> adds `rescue-base`, that tree's relay run by its own bench/rescue_target.py
 # with the same interpreter, so both commits are measured in one run on the same machine state.
-_BASELINE_TREE: Final = os.environ.get("RESCUE_BENCH_BASELINE", "")
-if _BASELINE_TREE:
-    _tree = Path(_BASELINE_TREE).resolve()
-    TARGETS["rescue-base"] = TargetDef(
-        "rescue-base",
+# RESCUE_BENCH_COMPILED=<a tree with the hot path compiled, made by `scripts/compiled-tree DIR`> adds
+# `rescue-compiled`, the relay as the wheel and the image ship it (decision 0021); `rescue` itself runs
+# this checkout's source, which `./run`'s editable install keeps pure Python.
+def _tree_target(name: str, tree: str) -> TargetDef:
+    root = Path(tree).resolve()
+    return TargetDef(
+        name,
         "rescue",
         "context",
-        ("env", f"PYTHONPATH={_tree}", sys.executable, str(_tree / "bench" / "rescue_target.py")),
+        ("env", f"PYTHONPATH={root}", sys.executable, str(root / "bench" / "rescue_target.py")),
         path="/v1/connect",
         needs_keys=True,
         # over TLS: this tree's target script (it has --tls-cert) importing that tree's relay
         tls_argv=(
             "env",
-            f"PYTHONPATH={_tree}",
-            f"RESCUE_TARGET_TREE={_tree}",
+            f"PYTHONPATH={root}",
+            f"RESCUE_TARGET_TREE={root}",
             sys.executable,
             str(HERE / "rescue_target.py"),
         ),
     )
+
+
+for _name, _variable in (
+    ("rescue-base", "RESCUE_BENCH_BASELINE"),
+    ("rescue-compiled", "RESCUE_BENCH_COMPILED"),
+):
+    if os.environ.get(_variable):
+        TARGETS[_name] = _tree_target(_name, os.environ[_variable])
 # The reference every ratio is relative to (SPEC §10), and the ceiling.
 BASELINE: Final = "websockets"
 CEILING: Final = "tcp"
