@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             redis_cmd(sock, "SADD", "fallback:{nodes}", node)
         key = work / "key.jwk"
         subprocess.run(
-            [sys.executable, "-m", "rescue.cli", "keygen", "--out", str(key)],
+            [sys.executable, "-P", "-m", "rescue.cli", "keygen", "--out", str(key)],
             check=True,
             capture_output=True,
             env=env,

@@ -109,7 +109,7 @@ def rescue_argv(*args: str) -> list[str]:
     script = Path(sys.executable).with_name("rescue")
     if script.exists():
         return [str(script), *args]
-    return [sys.executable, "-m", "rescue.cli", *args]
+    return [sys.executable, "-P", "-m", "rescue.cli", *args]
 
 
 def free_port() -> int:

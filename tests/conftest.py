@@ -624,7 +624,7 @@ async def token_service_process(
     checks the exit sends SIGTERM and waits itself). The caller bounds the start with fail_after.
     """
     env = {**os.environ, **SERVICE_PROCESS_ENV}
-    argv = [sys.executable, "-m", "rescue.cli", "token-service", "--signing-key", key_file,
+    argv = [sys.executable, "-P", "-m", "rescue.cli", "token-service", "--signing-key", key_file,
             "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
             "--relay-url", "wss://r/v1/connect", *extra]  # fmt: skip
     process = await trio.lowlevel.open_process(argv, env=env, stderr=subprocess.PIPE)
@@ -656,7 +656,7 @@ async def open_relay_process(
     the caller's job. ``preexec_fn`` runs in the child before it starts (a lower fd limit)."""
     with log.open("wb") as stderr:
         return await trio.lowlevel.open_process(
-            [sys.executable, "-m", "rescue.cli", "relay", "--keys", str(jwks), "--port", "0",
+            [sys.executable, "-P", "-m", "rescue.cli", "relay", "--keys", str(jwks), "--port", "0",
              "--admin-port", "0", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=clean_env(),
             preexec_fn=preexec_fn,

@@ -16,7 +16,7 @@ from rescue.commands import relay as relay_command
 from rescue.errors import ConfigError
 from rescue.relay import DEFAULT_ADMIN_PORT, DEFAULT_PORT
 
-RESCUE = [sys.executable, "-m", "rescue.cli"]
+RESCUE = [sys.executable, "-P", "-m", "rescue.cli"]
 
 
 def test_expected_errors_inside_groups_become_one_line() -> None:

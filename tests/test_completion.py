@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-RESCUE = [sys.executable, "-m", "rescue.cli"]
+RESCUE = [sys.executable, "-P", "-m", "rescue.cli"]
 
 
 def _script(shell: str) -> str:

@@ -128,12 +128,16 @@ def test_lock_check_wants_hashes_and_the_same_runtime_pins_as_dev(tmp_path: Path
 
 def test_python_dash_m_rescue_is_the_cli(tmp_path: Path) -> None:
     version = subprocess.run(
-        [sys.executable, "-m", "rescue", "--version"], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-P", "-m", "rescue", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     assert version.stdout.startswith("rescue ")
     key = tmp_path / "k.json"
     made = subprocess.run(
-        [sys.executable, "-m", "rescue", "keygen", "--out", str(key)],
+        [sys.executable, "-P", "-m", "rescue", "keygen", "--out", str(key)],
         capture_output=True,
         text=True,
         check=False,
@@ -142,7 +146,9 @@ def test_python_dash_m_rescue_is_the_cli(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert key.is_file()
     assert '"keys"' in made.stdout
-    bad = subprocess.run([sys.executable, "-m", "rescue", "nope"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-P", "-m", "rescue", "nope"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2
     assert bad.stderr.startswith("usage: rescue")
 
@@ -181,14 +187,19 @@ def test_the_build_uses_the_mypy_the_lock_type_checks_with() -> None:
     assert str(mypy.specifier) == f"=={locked}"
 
 
-def test_the_installed_build_is_what_the_install_asked_for() -> None:
+def test_the_installed_build_is_what_the_install_asked_for(tmp_path: Path) -> None:
     """CI installs the wheel (RESCUE_INSTALL=wheel): every hot-path module compiled, and the suite
     runs on those; an editable dev install is pure Python, never a mix of stale and fresh."""
     from rescue import _build
 
     modules = _build.compiled_modules()
     version = subprocess.run(
-        [sys.executable, "-m", "rescue", "--version"], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-P", "-m", "rescue", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=tmp_path,  # (-m puts the working directory first: from the checkout, its source)
     ).stdout
     if os.environ.get("RESCUE_INSTALL") == "wheel":
         assert modules == list(_build.HOT_PATH)

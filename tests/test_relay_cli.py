@@ -23,7 +23,7 @@ from rescue.testing import TestKeys, TestPeer
 
 from .conftest import start_relay_process
 
-RESCUE = [sys.executable, "-m", "rescue.cli"]
+RESCUE = [sys.executable, "-P", "-m", "rescue.cli"]
 DRAIN_S = 3.0
 
 

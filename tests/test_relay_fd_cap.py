@@ -31,7 +31,7 @@ from .conftest import clean_env, start_relay_process
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE on Linux")
 
-RESCUE = [sys.executable, "-m", "rescue.cli"]
+RESCUE = [sys.executable, "-P", "-m", "rescue.cli"]
 NOFILE = 132
 RESERVE = 100
 CAP = NOFILE - RESERVE  # 32

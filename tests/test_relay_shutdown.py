@@ -30,7 +30,7 @@ from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig,
 
 from .conftest import clean_env
 
-RESCUE = [sys.executable, "-m", "rescue.cli"]
+RESCUE = [sys.executable, "-P", "-m", "rescue.cli"]
 RUNS = 12
 PARALLEL = 3  # relays at once: the box has 2 cores shared by many
 SEED = 11

@@ -27,7 +27,7 @@ from rescue.testing import TestKeys, TestPeer, free_tcp_ports, seq_frame
 
 from .conftest import clean_env
 
-RESCUE = [sys.executable, "-m", "rescue.cli"]
+RESCUE = [sys.executable, "-P", "-m", "rescue.cli"]
 DRAIN_S = 2.0
 
 

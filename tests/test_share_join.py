@@ -30,7 +30,7 @@ def _env() -> dict[str, str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rescue.cli", *args]
+    return [sys.executable, "-P", "-m", "rescue.cli", *args]
 
 
 async def test_no_pty_byte_exact_with_exit_status_and_stderr() -> None:

@@ -68,7 +68,7 @@ async def test_tokens_without_activation_reports_pause_the_fleet(
         RESCUE_TELEMETRY_GRACE_S=str(GRACE_S),
         RESCUE_TELEMETRY_MIN_TOKENS=str(MIN_TOKENS),
     )
-    argv = [sys.executable, "-m", "rescue.cli", "token-service", "--signing-key", key_file,
+    argv = [sys.executable, "-P", "-m", "rescue.cli", "token-service", "--signing-key", key_file,
             "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
             "--relay-url", "wss://relay.invalid/v1/connect"]  # fmt: skip
     log = tmp_path / "token-service.log"

@@ -66,7 +66,7 @@ def big(n: int) -> bytes:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rescue.cli", *args]
+    return [sys.executable, "-P", "-m", "rescue.cli", *args]
 
 
 class Lines:

@@ -401,7 +401,9 @@ def child_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     exactly this configuration; :func:`~rescue.relay._supervisor.node_specs` appends its own
     id, ports and URL.
     """
-    argv = [sys.executable, "-m", "rescue.cli", "relay"]
+    # -P: the child imports the package this interpreter has installed (the same build as ours), never
+    # a `rescue/` folder that happens to be in the working directory
+    argv = [sys.executable, "-P", "-m", "rescue.cli", "relay"]
     for action in parser._actions:
         if not action.option_strings or action.dest in _PER_NODE:
             continue

@@ -26,7 +26,7 @@ import trio
 __all__ = ["RESCUE_CLI", "DevProcess", "run_dev_process"]
 
 # The CLI of the installed package, run by this interpreter (a venv's python finds its rescue).
-RESCUE_CLI: Final = (sys.executable, "-m", "rescue.cli")
+RESCUE_CLI: Final = (sys.executable, "-P", "-m", "rescue.cli")
 # Importing rescue and binding three ports takes well under a second; a loaded 2-core box more.
 DEV_STARTUP_TIMEOUT_S: Final = 30.0
 # SIGTERM drains for DEV_DRAIN_S (2 s) and exits; past this it is killed.
