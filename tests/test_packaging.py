@@ -126,15 +126,19 @@ def test_lock_check_wants_hashes_and_the_same_runtime_pins_as_dev(tmp_path: Path
     assert "without a --hash" in result.stderr
 
 
-def test_python_dash_m_rescue_is_the_cli(tmp_path: Path) -> None:
-    version = subprocess.run(
+def _rescue_version() -> str:
+    """``python -P -m rescue --version``: the installed package (-P: never the checkout we run in)."""
+    return subprocess.run(
         [sys.executable, "-P", "-m", "rescue", "--version"],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
-    )
-    assert version.stdout.startswith("rescue ")
+    ).stdout
+
+
+def test_python_dash_m_rescue_is_the_cli(tmp_path: Path) -> None:
+    assert _rescue_version().startswith("rescue ")
     key = tmp_path / "k.json"
     made = subprocess.run(
         [sys.executable, "-P", "-m", "rescue", "keygen", "--out", str(key)],
@@ -187,20 +191,13 @@ def test_the_build_uses_the_mypy_the_lock_type_checks_with() -> None:
     assert str(mypy.specifier) == f"=={locked}"
 
 
-def test_the_installed_build_is_what_the_install_asked_for(tmp_path: Path) -> None:
+def test_the_installed_build_is_what_the_install_asked_for() -> None:
     """CI installs the wheel (RESCUE_INSTALL=wheel): every hot-path module compiled, and the suite
     runs on those; an editable dev install is pure Python, never a mix of stale and fresh."""
     from rescue import _build
 
     modules = _build.compiled_modules()
-    version = subprocess.run(
-        [sys.executable, "-P", "-m", "rescue", "--version"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-        cwd=tmp_path,  # (-m puts the working directory first: from the checkout, its source)
-    ).stdout
+    version = _rescue_version()
     if os.environ.get("RESCUE_INSTALL") == "wheel":
         assert modules == list(_build.HOT_PATH)
         assert version.strip().endswith("hot path compiled (mypyc)")
