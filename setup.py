@@ -1,4 +1,4 @@
-"""Builds the relay's hot path compiled with mypyc (docs/decisions/0021-compiled-hot-path.md).
+"""Builds the relay's hot path compiled with mypyc (docs/decisions/0022-compiled-hot-path.md).
 
 Everything else about the package is in pyproject.toml. The modules in ``COMPILED`` are plain,
 strictly typed Python; mypyc (from the mypy pinned in ``[build-system] requires``) turns them into

@@ -86,7 +86,7 @@ TARGETS: Final[dict[str, TargetDef]] = {
 # a `git worktree`> adds `rescue-base`, that tree's relay run by its own bench/rescue_target.py
 # with the same interpreter, so both commits are measured in one run on the same machine state.
 # RESCUE_BENCH_COMPILED=<a tree with the hot path compiled, made by `scripts/compiled-tree DIR`> adds
-# `rescue-compiled`, the relay as the wheel and the image ship it (decision 0021); `rescue` itself runs
+# `rescue-compiled`, the relay as the wheel and the image ship it (decision 0022); `rescue` itself runs
 # this checkout's source, which `./run`'s editable install keeps pure Python.
 def _tree_target(name: str, tree: str) -> TargetDef:
     root = Path(tree).resolve()

@@ -1,7 +1,7 @@
 """Which build of the relay's hot path is installed: compiled by mypyc, or pure Python.
 
 The wheel carries the modules of :data:`HOT_PATH` as C extensions compiled from their own source
-(setup.py, ``docs/decisions/0021-compiled-hot-path.md``); an editable checkout, a build without a
+(setup.py, ``docs/decisions/0022-compiled-hot-path.md``); an editable checkout, a build without a
 C compiler, or ``RESCUE_PURE_PYTHON=1`` runs the same source interpreted. Both behave alike; the
 compiled one takes less CPU per message. ``rescue --version``, the relay's start-up log line and
 ``/debug/stats`` say which one runs, so an operator comparing nodes knows what they compare.

@@ -158,7 +158,7 @@ def test_python_dash_m_rescue_is_the_cli(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# the compiled hot path (setup.py, rescue/_build.py, docs/decisions/0021-compiled-hot-path.md)
+# the compiled hot path (setup.py, rescue/_build.py, docs/decisions/0022-compiled-hot-path.md)
 
 
 def _setup_py_compiled() -> list[str]:

@@ -86,7 +86,7 @@ async def test_admin_endpoints(nursery: trio.Nursery) -> None:
             assert stats["sessions"] == 1
             assert stats["connections"] == 2
             assert stats["tasks"] > 0  # the node's live trio tasks (the soak watches them)
-            assert stats["hot_path"] == build.describe()  # compiled (mypyc) or pure Python (0021)
+            assert stats["hot_path"] == build.describe()  # compiled (mypyc) or pure Python (0022)
             assert stats["read_poller"]["registered"] == 2
             [detail] = stats["session_detail"]
             assert detail["session"] == session_tag("secret-session-id")

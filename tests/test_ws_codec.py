@@ -524,7 +524,7 @@ def test_codec_module_is_sans_io() -> None:
     import ast
     import pathlib
 
-    # the source (the installed module may be compiled: docs/decisions/0021-compiled-hot-path.md)
+    # the source (the installed module may be compiled: docs/decisions/0022-compiled-hot-path.md)
     tree = ast.parse((pathlib.Path(__file__).parents[1] / "rescue" / "websocket" / "_codec.py").read_text())
     imported = {
         (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name.split(".")[0]

@@ -561,7 +561,7 @@ class WebSocketConnection:
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this WebSocket")
         # (into a local: narrowing the attributes here would type them None for the loop below,
-        # which compiled code checks -- docs/decisions/0021-compiled-hot-path.md)
+        # which compiled code checks -- docs/decisions/0022-compiled-hot-path.md)
         ended = self._protocol_error or self._error
         if ended is not None:
             await trio.lowlevel.checkpoint()
@@ -1026,7 +1026,7 @@ class WebSocketConnection:
         if self._error is None:
             self._error = WebSocketClosedError(code, reason)
         # (no `finally` with an await: compiled, it re-raised the exception its caller was
-        # handling -- docs/decisions/0021-compiled-hot-path.md)
+        # handling -- docs/decisions/0022-compiled-hot-path.md)
         try:
             with trio.move_on_after(self.close_timeout):
                 if not self._peer_done.is_set():
