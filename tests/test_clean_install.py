@@ -126,7 +126,7 @@ def test_keygen_mint_verify(clean_venv: CleanVenv, tmp_path: Path) -> None:
     assert wrong.returncode == 1
     assert "wrong_audience" in wrong.stderr
     module = subprocess.run(
-        [str(clean_venv.bin / "python"), "-m", "rescue", "--version"],
+        [str(clean_venv.bin / "python"), "-P", "-m", "rescue", "--version"],  # -P: the installed one
         capture_output=True, text=True, check=True, timeout=60, env=clean_venv.env(),
     )  # fmt: skip
     assert module.stdout.startswith("rescue ")
