@@ -17,7 +17,7 @@ import os
 from setuptools import setup
 
 # The relay's per-message and per-heartbeat path: framing, the read poller, the connection's
-# read-ahead and writes, the session core and the connection links. Keep in step with
+# read-ahead and writes, the session core, the connection links and the counters they bump. Keep in step with
 # rescue/_build.py (what `rescue --version` reports) -- tests/test_packaging.py checks both.
 COMPILED = [
     "rescue/websocket/_codec.py",
@@ -25,6 +25,7 @@ COMPILED = [
     "rescue/websocket/_connection.py",
     "rescue/sessions/_core.py",
     "rescue/sessions/_link.py",
+    "rescue/sessions/_stats.py",
 ]
 
 

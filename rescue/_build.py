@@ -25,6 +25,7 @@ HOT_PATH: Final = (
     "rescue.websocket._connection",
     "rescue.sessions._core",
     "rescue.sessions._link",
+    "rescue.sessions._stats",
 )
 _ROOT: Final = Path(__file__).resolve().parent.parent
 

@@ -15,10 +15,34 @@ from typing import Final
 __all__ = ["FORWARD_LATENCY_BUCKETS", "MESSAGE_SIZE_BUCKETS", "FastHistogram", "RelayStats"]
 
 # Message sizes (bytes, header included): keystroke-sized frames through full 64 KiB frames.
-MESSAGE_SIZE_BUCKETS: Final = (64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0)
+# (Typed as variable-length tuples: compiled, a Final inferred as a fixed-length tuple was never set,
+# "NameError: value for final name …": docs/decisions/0022-compiled-hot-path.md.)
+MESSAGE_SIZE_BUCKETS: Final[tuple[float, ...]] = (
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+)
 # Relay forwarding latency (seconds from reading a batch to finishing its write): the SPEC target is
 # P95 < 40 ms, so the buckets are dense around it.
-FORWARD_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.5, 1.0, 5.0)
+FORWARD_LATENCY_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.5,
+    1.0,
+    5.0,
+)
 
 
 class FastHistogram:
