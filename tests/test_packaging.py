@@ -193,12 +193,17 @@ def test_the_build_uses_the_mypy_the_lock_type_checks_with() -> None:
 
 def test_the_installed_build_is_what_the_install_asked_for() -> None:
     """CI installs the wheel (RESCUE_INSTALL=wheel): every hot-path module compiled, and the suite
-    runs on those; an editable dev install is pure Python, never a mix of stale and fresh."""
+    runs on those; the range jobs say which build they made (lowest pure, newest compiled); an
+    editable dev install is pure Python; never a mix of stale and fresh."""
     from rescue import _build
 
     modules = _build.compiled_modules()
     version = _rescue_version()
-    if os.environ.get("RESCUE_INSTALL") == "wheel":
+    expected = os.environ.get("RESCUE_EXPECT_HOT_PATH")  # the range jobs: one of each build
+    if expected:
+        assert _build.describe() == expected
+        assert version.strip().endswith(f"hot path {expected}")
+    elif os.environ.get("RESCUE_INSTALL") == "wheel":
         assert modules == list(_build.HOT_PATH)
         assert version.strip().endswith("hot path compiled (mypyc)")
         import rescue.sessions._core as core
