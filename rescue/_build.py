@@ -3,8 +3,9 @@
 The wheel carries the modules of :data:`HOT_PATH` as C extensions compiled from their own source
 (setup.py, ``docs/decisions/0022-compiled-hot-path.md``); an editable checkout, a build without a
 C compiler, or ``RESCUE_PURE_PYTHON=1`` runs the same source interpreted. Both behave alike; the
-compiled one takes less CPU per message. ``rescue --version``, the relay's start-up log line and
-``/debug/stats`` say which one runs, so an operator comparing nodes knows what they compare.
+compiled one takes less CPU per message. ``rescue --version``, the relay's start-up log line,
+``/debug/stats`` and ``/metrics`` (``beach_rescue_build_info{hot_path}``) say which one runs, so an
+operator comparing nodes knows what they compare.
 
 Found by looking at files, not by importing (``--version`` must stay cheap): Python's import
 system prefers an extension module to a ``.py`` of the same name in the same folder.
@@ -16,7 +17,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Final
 
-__all__ = ["HOT_PATH", "compiled_modules", "describe"]
+__all__ = ["COMPILED", "HOT_PATH", "PARTLY", "PURE", "compiled_modules", "describe", "kind"]
 
 # Keep in step with setup.py's COMPILED (tests/test_packaging.py checks both).
 HOT_PATH: Final = (
@@ -28,6 +29,10 @@ HOT_PATH: Final = (
     "rescue.sessions._stats",
 )
 _ROOT: Final = Path(__file__).resolve().parent.parent
+# kind()'s answers: the relay's beach_rescue_build_info{hot_path} label values.
+COMPILED: Final = "compiled"
+PURE: Final = "pure"
+PARTLY: Final = "partly"
 
 
 def compiled_modules() -> list[str]:
@@ -38,6 +43,15 @@ def compiled_modules() -> list[str]:
         if any(stem.with_name(stem.name + suffix).is_file() for suffix in EXTENSION_SUFFIXES):
             found.append(name)
     return found
+
+
+def kind() -> str:
+    """:data:`COMPILED`, :data:`PURE` or :data:`PARTLY` (some modules compiled, not all: a broken
+    install) -- :func:`describe` as one word, for a metric label."""
+    n = len(compiled_modules())
+    if n == len(HOT_PATH):
+        return COMPILED
+    return PURE if n == 0 else PARTLY
 
 
 def describe() -> str:

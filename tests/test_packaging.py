@@ -206,11 +206,30 @@ def test_the_installed_build_is_what_the_install_asked_for() -> None:
     elif os.environ.get("RESCUE_INSTALL") == "wheel":
         assert modules == list(_build.HOT_PATH)
         assert version.strip().endswith("hot path compiled (mypyc)")
+        assert _build.kind() == "compiled"  # the relay's beach_rescue_build_info{hot_path}
         import rescue.sessions._core as core
 
         assert not core.__file__.endswith(".py")  # what Python imported is the extension
     else:
         assert modules in ([], list(_build.HOT_PATH)), modules
+        assert _build.kind() == ("compiled" if modules else "pure")
+
+
+@pytest.mark.parametrize("how_many", ["all", "none", "one"])
+def test_the_build_as_a_metric_label_and_as_words(how_many: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kind()`` (the relay's ``beach_rescue_build_info{hot_path}``) says what ``describe()`` says
+    (``rescue --version``, ``/debug/stats``), in one word a dashboard can match."""
+    from rescue import _build
+
+    total = len(_build.HOT_PATH)
+    compiled = {"all": total, "none": 0, "one": 1}[how_many]
+    kind, described = {
+        "all": ("compiled", "compiled (mypyc)"),
+        "none": ("pure", "pure Python"),
+        "one": ("partly", f"partly compiled: 1/{total}"),
+    }[how_many]
+    monkeypatch.setattr(_build, "compiled_modules", lambda: list(_build.HOT_PATH[:compiled]))
+    assert (_build.kind(), _build.describe()) == (kind, described)
 
 
 def test_no_compiled_coroutine_awaits_in_a_finally() -> None:

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+import rescue
 from rescue import _build as build
 from rescue._codes import CloseCode
 from rescue._http import Request, Response, Router, json_response, serve_http
@@ -80,6 +81,8 @@ async def test_admin_endpoints(nursery: trio.Nursery) -> None:
                 "beach_rescue_rejoins_total",
                 "beach_rescue_sessions_paired_total 1.0",
                 "beach_rescue_draining 0.0",
+                # which build runs (decision 0022), as /debug/stats says below
+                f'beach_rescue_build_info{{hot_path="{build.kind()}",version="{rescue.__version__}"}} 1.0',
             ):
                 assert name in metrics, name
             stats = (await client.get("/debug/stats")).json()
