@@ -6,7 +6,8 @@ metric name used in deploy/prometheus/rules/*.yml and deploy/grafana/beach-rescu
 what they expose — no hard-coded list. Recording rules
 (``level:metric:window`` names defined in the rules) are resolved to the metrics they use;
 ``up`` and ``ALERTS`` are Prometheus's own. Label names used in matchers and ``by (...)`` must
-exist on the metric too, where the scrape shows a sample.
+exist on the metric too, where the scrape shows a sample (for ``by (...)``: on a metric inside the
+aggregation).
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ def label_uses(expr: str) -> dict[str, set[str]]:
     return uses
 
 
+def grouping_uses(expr: str) -> list[tuple[set[str], set[str]]]:
+    """``(label names, metric names)`` for each ``by (labels) (body)`` aggregation in ``expr``: the
+    labels it groups by and the metrics in the body they must come from."""
+    uses = []
+    text = strip_promql(expr)
+    for m in re.finditer(r"\bby\s*\(([^)]*)\)\s*\(", text):
+        depth, end = 1, m.end()
+        while depth and end < len(text):
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        labels = {label.strip() for label in m.group(1).split(",") if label.strip()}
+        uses.append((labels, metric_names(text[m.end() : end - 1])))
+    return uses
+
+
 def rule_exprs() -> tuple[dict[str, str], list[str]]:
     """(recording rule name → expr, every expr)."""
     records: dict[str, str] = {}
@@ -124,6 +140,13 @@ def test_extractor_finds_names_and_ignores_syntax() -> None:
     }
     assert label_uses(expr)["beach_rescue_closes_total"] == {"job", "code"}
     assert metric_names("sum(rate(x_total[5m])) / clamp_min(y, 1e-9) > 0.5e3") == {"x_total", "y"}
+    assert grouping_uses(expr) == [
+        ({"code", "name"}, {"beach_rescue_closes_total"}),
+        ({"le"}, {"foo_seconds_bucket"}),
+    ]
+    assert grouping_uses('max by (instance, hot_path) (b_info{job="x"}) or vector(0)') == [
+        ({"instance", "hot_path"}, {"b_info"})
+    ]
 
 
 async def scrape_both() -> tuple[str, str, str]:
@@ -221,4 +244,22 @@ def test_label_names_used_exist_on_the_metric(scraped: tuple[set[str], dict[str,
                 missing = used - labels[metric] - {"job", "instance"}
                 if missing:
                     problems.append(f"{metric}: {sorted(missing)}")
+        # a label grouped by must come from some metric inside the aggregation (e.g. route on the
+        # store-error panel, hot_path on the build table): a misspelt one groups everything into one
+        # series with the label empty, and the panel shows a plausible total instead of failing
+        for grouped, metrics in grouping_uses(expr):
+            seen = [labels[metric] for metric in metrics if metric in labels]
+            if seen:  # recording rules and sample-less metrics: nothing to compare with
+                missing = grouped - set().union(*seen) - {"job", "instance"}
+                if missing:
+                    problems.append(f"by {sorted(grouped)} over {sorted(metrics)}: {sorted(missing)}")
     assert not problems, problems
+
+
+def test_dashboard_shows_the_guardrail_store_and_the_relay_build() -> None:
+    """The panels an operator reads for BeachRescueMintsStoreUnavailable (store up per replica,
+    requests refused per route) and for one node's CPU (which build each relay runs, decision 0022)."""
+    used: set[str] = set()
+    for expr in dashboard_exprs():
+        used |= metric_names(expr)
+    assert {"beach_fallback_store_up", "beach_fallback_store_errors_total", "beach_rescue_build_info"} <= used

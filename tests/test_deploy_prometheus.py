@@ -153,6 +153,8 @@ def test_dashboard_is_generated_and_current() -> None:
     assert "handshakes by outcome" in titles
     assert "token service" in titles
     assert "probe runs by outcome" in titles
+    assert "guardrail store up, per token-service replica" in titles  # BeachRescueMintsStoreUnavailable
+    assert "relay build per node" in titles  # decision 0022: a pure node takes more CPU
     for panel in doc["panels"]:
         for target in panel.get("targets", []):
             assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}

@@ -91,7 +91,10 @@ def stat(
     mappings: list[dict[str, Any]] | None = None,
     description: str = "",
     w: int = 4,
+    h: int = 4,
+    legend: str = "",
 ) -> dict[str, Any]:
+    """One value, or one tile per series when ``legend`` names them (e.g. ``{{instance}}``)."""
     steps = [{"value": v, "color": c} for v, c in (thresholds or [(None, "green")])]
     return {
         "type": "stat",
@@ -99,8 +102,8 @@ def stat(
         "title": title,
         "description": description,
         "datasource": DATASOURCE,
-        "gridPos": lay.place(w, 4),
-        "targets": [target(expr, title)],
+        "gridPos": lay.place(w, h),
+        "targets": [target(expr, legend or title)],
         "fieldConfig": {
             "defaults": {
                 "unit": unit,
@@ -164,6 +167,69 @@ def timeseries(
             "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
             "tooltip": {"mode": "multi", "sort": "desc"},
         },
+    }
+
+
+def label_table(
+    lay: Layout,
+    title: str,
+    expr: str,
+    columns: list[str],
+    *,
+    colors: dict[str, dict[str, str]],
+    description: str = "",
+    w: int = 8,
+    h: int = 8,
+) -> dict[str, Any]:
+    """One row per series of an instant query, its labels ``columns`` as columns (value and time
+    hidden); ``colors`` gives a column's cell background per text value, the table sorted on the
+    first coloured column, descending."""
+    doc = target(expr, "")
+    doc.update({"instant": True, "range": False, "format": "table"})
+    sort = next(iter(colors))
+    return {
+        "type": "table",
+        "id": lay.new_id(),
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": lay.place(w, h),
+        "targets": [doc],
+        "transformations": [
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True, "Value": True},
+                    "indexByName": {name: i for i, name in enumerate(columns)},
+                    "renameByName": {},
+                },
+            }
+        ],
+        "fieldConfig": {
+            "defaults": {"custom": {"align": "auto", "cellOptions": {"type": "auto"}}},
+            "overrides": [
+                {
+                    "matcher": {"id": "byName", "options": column},
+                    "properties": [
+                        {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+                        {
+                            "id": "mappings",
+                            "value": [
+                                {
+                                    "type": "value",
+                                    "options": {
+                                        text: {"color": color, "index": i}
+                                        for i, (text, color) in enumerate(by_value.items())
+                                    },
+                                }
+                            ],
+                        },
+                    ],
+                }
+                for column, by_value in colors.items()
+            ],
+        },
+        "options": {"showHeader": True, "sortBy": [{"displayName": sort, "desc": True}]},
     }
 
 
@@ -305,6 +371,45 @@ def build() -> dict[str, Any]:
             "telemetry_missing (no activation or sessions-started reports while minting, decision 0012).",
         )
     )
+    panels.append(lay.row("Guardrail store (Redis; runbook: Minting fails: guardrail store unavailable)"))
+    panels.append(
+        stat(
+            lay,
+            "Guardrail store up, per token-service replica",
+            f"max by (instance) (beach_fallback_store_up{{{TOKEN}}})",
+            legend="{{instance}}",
+            thresholds=[(None, "red"), (1, "green")],
+            mappings=[{"type": "value", "options": {"0": {"text": "DOWN"}, "1": {"text": "up"}}}],
+            w=8,
+            h=8,
+            description="Whether the replica's last /metrics scrape could read the kill switch in Redis. "
+            "DOWN: every mint it gets fails closed (503 guardrail_store_unavailable) and its /readyz is "
+            "503, so the Service stops sending it requests while it stays alive: do not restart it. "
+            "A replica missing here is not scraped at all (Token service up). Alert "
+            "BeachRescueMintsStoreUnavailable after 3 min.",
+        )
+    )
+    panels.append(
+        timeseries(
+            lay,
+            "Requests refused for want of the guardrail store, by route",
+            [
+                (
+                    rate("beach_fallback_store_errors_total", by="route", selector=TOKEN),
+                    "{{route}}",
+                )
+            ],
+            unit="reqps",
+            w=16,
+            stack=True,
+            description="Requests answered 503 guardrail_store_unavailable, by route: "
+            "/v1/fallback/token is mints refused (what pages), /v1/fallback/status the relays' "
+            "kill-switch polls (about one per relay per second whatever users do), then reports and "
+            "admin calls. Scrapes and probes are not counted. In a whole outage it stops within ~15 s "
+            "(replicas not ready get no more requests): the store-up tiles keep showing it.",
+        )
+    )
+
     panels.append(lay.row("Load"))
     panels.append(
         timeseries(
@@ -361,6 +466,33 @@ def build() -> dict[str, Any]:
             [(f"rate(process_cpu_seconds_total{{{RELAY}}}[$__rate_interval])", "{{instance}}")],
             unit="percentunit",
             threshold=0.7,
+            description="Same sessions, more CPU than its peers: check the node's build first (the two "
+            "panels on the right; runbook: One node uses more CPU than its peers).",
+        )
+    )
+    panels.append(
+        stat(
+            lay,
+            "Relays not on the compiled build",
+            f'count(beach_rescue_build_info{{{RELAY},hot_path!="compiled"}}) or vector(0)',
+            thresholds=[(None, "green"), (1, "red")],
+            w=4,
+            h=8,
+            description="Relay nodes whose hot path runs as pure Python (or partly compiled: a broken "
+            "install) instead of compiled with mypyc as the image and the wheel ship it (decision 0022): "
+            "correct, but about a fifth more CPU per forwarded message.",
+        )
+    )
+    panels.append(
+        label_table(
+            lay,
+            "Relay build per node",
+            f"max by (instance, version, hot_path) (beach_rescue_build_info{{{RELAY}}})",
+            ["instance", "hot_path", "version"],
+            colors={"hot_path": {"pure": "red", "partly": "orange", "compiled": "green"}},
+            description="beach_rescue_build_info: the package version and the hot path's build of every "
+            "relay node, pure and partly first. /debug/stats hot_path and the relay.starting log line "
+            "say the same.",
         )
     )
     panels.append(
