@@ -364,6 +364,10 @@ class Fleet:
                 "BEACH_RESCUE_DISABLE_OIDC": "1",
                 "BEACH_DEV_ENABLE_FALLBACK_WS": "1",
                 "RESCUE_ADMIN_KEY": self.admin_key,
+                # SIGTERM drains for --drain-s (default 10 s, sized for a load balancer's probes:
+                # decision 0023); nothing balances over this one process, and a restart fault
+                # must not wait out a drain for nobody (an env var: older revisions ignore it)
+                "RESCUE_DRAIN_S": "0.5",
                 **self.extra_env,
             }
         )

@@ -13,7 +13,9 @@ dependencies and startup time than it saves. This module gives them:
 - :func:`serve_http`: serve a router over HTTP/1.1 (keep-alive, pipelining, HTTP/1.0, chunked
   bodies; the parser is :mod:`rescue._http1`), report the bound port with
   ``task_status.started(port)`` (port 0 works) and shut down gracefully when cancelled. Why not
-  hypercorn any more: decision 0017.
+  hypercorn any more: decision 0017;
+- :class:`HttpShutdown`: the steps before and after that cancellation, driven from outside (the
+  token service's SIGTERM drain, decision 0023): answers that close their connection, and an abort.
 
 Example::
 
@@ -54,6 +56,7 @@ __all__ = [
     "Handler",
     "HttpApp",
     "HttpLimits",
+    "HttpShutdown",
     "HttpStats",
     "JsonError",
     "Request",
@@ -127,6 +130,46 @@ class HttpLimits:
 
 
 DEFAULT_LIMITS: Final = HttpLimits()
+
+
+class HttpShutdown:
+    """A graceful stop of :func:`serve_http` in steps, driven by its caller (decision 0023).
+
+    Cancelling :func:`serve_http` is the stop itself (listener closed, idle connections closed,
+    in-flight requests get ``graceful_timeout``). This object adds a step before it and a way out
+    of it:
+
+    - :meth:`close_connections`: every answer from now on says ``Connection: close``, nothing is
+      refused. A keep-alive client (a relay polling status, a control plane's connection pool)
+      then opens a new connection for its next request, which a load balancer that has taken this
+      process out sends elsewhere; its old connection would have kept it here until the stop.
+    - :meth:`abort`: every connection is cut at once, the graceful period skipped (before or
+      during it); the caller still cancels :func:`serve_http`, which then returns without waiting.
+
+    Resource handling:
+        Holds the connection handlers' cancel scopes of the servers it is passed to, nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.aborted = False
+        self._scopes: list[trio.CancelScope] = []
+
+    def close_connections(self) -> None:
+        """Answer ``Connection: close`` from now on (idempotent)."""
+        self.closing = True
+
+    def abort(self) -> None:
+        """Cut every connection now; a later :func:`serve_http` stop does not wait (idempotent)."""
+        self.aborted = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    def watch(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` on :meth:`abort` (:func:`serve_http` passes its handlers' scope)."""
+        self._scopes.append(scope)
+        if self.aborted:
+            scope.cancel()
 
 
 @dataclass(slots=True)
@@ -525,10 +568,13 @@ def _to_request(parsed: ParsedRequest, client: tuple[str, int] | None) -> Reques
 class _Server:
     """The connections of one :func:`serve_http` call and their shutdown state."""
 
-    def __init__(self, app: HttpApp, limits: HttpLimits, stats: HttpStats) -> None:
+    def __init__(
+        self, app: HttpApp, limits: HttpLimits, stats: HttpStats, shutdown: HttpShutdown | None = None
+    ) -> None:
         self.app = app
         self.limits = limits
         self.stats = stats
+        self.shutdown = shutdown if shutdown is not None else HttpShutdown()
         self.draining = False
         # connections waiting for a (next) request, longest-waiting first (dicts keep order): the
         # scope their task waits in, and their socket, closed by admit() when one is shed
@@ -652,7 +698,7 @@ class _Server:
             if parsed is None:
                 return
             response = await self._answer(_to_request(parsed, client))
-            keep_alive = parsed.keep_alive and not self.draining
+            keep_alive = parsed.keep_alive and not self.draining and not self.shutdown.closing
             try:
                 head, body = render_parts(
                     response, head_only=parsed.method == "HEAD", keep_alive=keep_alive, http10=parsed.http10
@@ -794,6 +840,7 @@ async def serve_http(
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
     limits: HttpLimits = DEFAULT_LIMITS,
     stats: HttpStats | None = None,
+    shutdown: HttpShutdown | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` over HTTP/1.1 on ``host:port`` until cancelled (decision 0017).
@@ -808,6 +855,8 @@ async def serve_http(
         graceful_timeout: seconds that in-flight requests get to finish once cancelled.
         limits: the per-connection timeouts and head limits (:class:`HttpLimits`).
         stats: counters this server keeps up to date (:class:`HttpStats`), for ``/metrics``.
+        shutdown: the caller's steps around the stop (:class:`HttpShutdown`): answers that close
+            their connection before it, an abort that skips its graceful period.
         task_status: receives the bound port once the socket listens.
 
     Resource handling:
@@ -818,7 +867,8 @@ async def serve_http(
     Cancellation:
         The listener closes at once, idle keep-alive connections close, in-flight requests get up to
         ``graceful_timeout`` seconds (their answers say ``Connection: close``), then whatever is
-        left is cancelled and the call returns (re-raising the cancellation).
+        left is cancelled and the call returns (re-raising the cancellation). After
+        ``shutdown.abort()`` nothing is waited for.
 
     Raises:
         OSError: the address could not be bound.
@@ -826,10 +876,11 @@ async def serve_http(
     listener = await _bind(host, port)
     bound = listener.getsockname()
     url = f"http://{bound[0]}:{bound[1]}" if ":" not in bound[0] else f"http://[{bound[0]}]:{bound[1]}"
-    server = _Server(app, limits, stats if stats is not None else HttpStats())
+    server = _Server(app, limits, stats if stats is not None else HttpStats(), shutdown)
     # Two nurseries (STYLE 5): the connections run in a shielded scope that our cancellation does
-    # not reach; it turns into drain() and a deadline on that scope instead.
+    # not reach; it turns into drain() and a deadline on that scope instead (or shutdown.abort()).
     handlers_scope = trio.CancelScope(shield=True)
+    server.shutdown.watch(handlers_scope)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         handlers: trio.Nursery = await nursery.start(_run_handlers, handlers_scope, stop)

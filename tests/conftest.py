@@ -622,11 +622,13 @@ async def token_service_process(
 
     Service key ``svc``, admin key ``adm``. Killed on the way out if still running (a test that
     checks the exit sends SIGTERM and waits itself). The caller bounds the start with fail_after.
+    SIGTERM drains for 0.2 s, not the default 10 s (a test that times the drain passes its own
+    ``--drain-s`` in ``extra``: the last one wins).
     """
     env = {**os.environ, **SERVICE_PROCESS_ENV}
     argv = [sys.executable, "-P", "-m", "rescue.cli", "token-service", "--signing-key", key_file,
             "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
-            "--relay-url", "wss://r/v1/connect", *extra]  # fmt: skip
+            "--relay-url", "wss://r/v1/connect", "--drain-s", "0.2", *extra]  # fmt: skip
     process = await trio.lowlevel.open_process(argv, env=env, stderr=subprocess.PIPE)
     assert process.stderr is not None
     try:

@@ -237,7 +237,7 @@ async def test_relay_and_token_service_answer_healthz_and_exit_0_on_sigterm(
     service_argv = [
         clean_venv.rescue, "token-service", "--signing-key", str(tmp_path / "signing.jwk"),
         "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
-        "--relay-url", "ws://127.0.0.1:1/v1/connect",
+        "--relay-url", "ws://127.0.0.1:1/v1/connect", "--drain-s", "1",
     ]  # fmt: skip
     async with (
         _running(relay_argv, env, LISTENING) as (relay, relay_up),
@@ -285,7 +285,7 @@ async def test_operator_deployment_carries_a_session_and_drains(
     )
     service_argv = [
         clean_venv.rescue, "token-service", "--signing-key", str(key), "--redis-url", redis_url,
-        "--host", "127.0.0.1", "--port", "0",
+        "--host", "127.0.0.1", "--port", "0", "--drain-s", "1",
     ]  # fmt: skip
     node_id, cohort = "clean-relay-1", "shipcheck"
     operator_env = clean_venv.env(RESCUE_ADMIN_KEY=admin_key)

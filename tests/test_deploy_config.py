@@ -48,6 +48,26 @@ def relay_drain_s() -> float:
     return float(config.drain_s + config.close_timeout_s)
 
 
+def token_service_stop_s(argv: list[str], env: dict[str, str]) -> float:
+    """How long a SIGTERM'd token service may take to exit as deployed (decision 0023): its drain
+    (``--drain-s`` on the command line, else ``RESCUE_DRAIN_S``, else the default), then the
+    in-flight requests' graceful period and the store close."""
+    from rescue.commands.token_service import DEFAULT_DRAIN_S, stop_bound_s
+
+    return stop_bound_s(token_service_drain_s(argv, env, DEFAULT_DRAIN_S))
+
+
+def token_service_drain_s(argv: list[str], env: dict[str, str], default: float) -> float:
+    words = [w for arg in argv for w in shlex.split(arg)]  # ECS: one `sh -c` string
+    drain: str | None = env.get("RESCUE_DRAIN_S")
+    for i, word in enumerate(words):
+        if word.startswith("--drain-s="):
+            drain = word.split("=", 1)[1]
+        elif word == "--drain-s":
+            drain = words[i + 1]
+    return default if drain is None else float(drain)
+
+
 # --- compose.yaml ------------------------------------------------------------------------------------
 
 
@@ -94,6 +114,13 @@ def test_compose_relays_have_distinct_ids_and_point_at_the_fleet(compose: dict[s
         host_ports += [":".join(p.split(":")[:2]) for p in svc["ports"]]
     assert len(node_ids) == 2
     assert len(set(host_ports)) == len(host_ports), "two relays publish the same host port"
+
+
+def test_compose_token_service_drains_within_its_stop_grace_period(compose: dict[str, Any]) -> None:
+    svc = compose["services"]["token-service"]
+    env = {k: str(v) for k, v in svc.get("environment", {}).items()}
+    # Docker's default (10 s) is the default drain alone: SIGKILL would cut the last requests
+    assert float(svc["stop_grace_period"].rstrip("s")) > token_service_stop_s(svc["command"], env)
 
 
 def test_compose_binds_everything_to_localhost(compose: dict[str, Any]) -> None:
@@ -333,6 +360,12 @@ def test_ecs_relay_timing_ports_and_identity() -> None:
     assert _ecs("relay.json")["cpu"] == "1024"  # one node per core
 
 
+def test_ecs_token_service_drains_within_its_stop_timeout() -> None:
+    (ts,) = _ecs("token-service.json")["containerDefinitions"]
+    env = {e["name"]: e["value"] for e in ts["environment"]}
+    assert ts["stopTimeout"] > token_service_stop_s(ts["command"], env)
+
+
 def test_ecs_secrets_never_inline() -> None:
     for name in ("relay.json", "token-service.json", "probe.json"):
         (container,) = _ecs(name)["containerDefinitions"]
@@ -407,6 +440,25 @@ def test_k8s_relay_drains_within_grace_and_probes_the_admin_port(
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert relay["spec"]["serviceName"] == "relay"
     assert k8s[("Service", "relay")]["spec"]["clusterIP"] == "None"
+
+
+def test_k8s_token_service_drains_within_grace_and_past_a_readiness_probe(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    from rescue.commands.token_service import DEFAULT_DRAIN_S
+
+    deployment = k8s[("Deployment", "token-service")]
+    container = _container(deployment)
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > token_service_stop_s(
+        container["args"], env
+    )
+    # the drain outlasts a whole readiness period plus the probe's timeout: at least one probe sees
+    # /readyz 503 "draining" while the replica still serves
+    readiness = container["readinessProbe"]
+    drain_s = token_service_drain_s(container["args"], env, DEFAULT_DRAIN_S)
+    assert drain_s >= readiness["periodSeconds"] + readiness.get("timeoutSeconds", 1)
+    assert "lifecycle" not in container  # SIGTERM drains by itself; no preStop sleep
 
 
 def test_k8s_relay_names_resolve_while_the_node_is_not_ready(

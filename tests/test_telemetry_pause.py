@@ -63,6 +63,7 @@ async def test_tokens_without_activation_reports_pause_the_fleet(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RESCUE_", "BEACH_", "FALLBACK_WS_"))}
     env.update(
         RESCUE_ADMIN_KEY="adm",
+        RESCUE_DRAIN_S="0.2",  # SIGTERM at the end: no load balancer to drain for
         BEACH_RESCUE_DISABLE_OIDC="1",
         BEACH_DEV_ENABLE_FALLBACK_WS="1",
         RESCUE_TELEMETRY_GRACE_S=str(GRACE_S),

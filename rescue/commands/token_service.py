@@ -4,25 +4,34 @@
 
     rescue token-service --signing-key KEY_FILE [--retired-keys FILE…] --redis-url URL [--port A]
                          [--admin-key-env VAR] [--relay-url URL] [--oidc-jwks FILE_OR_URL …]
+                         [--drain-s S]
 
 Secrets come from environment variables, never from the command line (which `ps` shows): the admin
 key from ``$RESCUE_ADMIN_KEY`` (or the variable ``--admin-key-env`` names), service keys
 (comma-separated) from ``$RESCUE_SERVICE_KEYS``, relay report keys from ``$RESCUE_REPORT_KEYS``, the
 session-tag key from ``$RESCUE_LOG_TAG_KEY`` (shared with the relays; ``rescue._log``).
+
+SIGTERM (or SIGINT) drains (decision 0023): ``/readyz`` turns 503 ``draining`` at once while every
+request is still served (answers say ``Connection: close``) for ``--drain-s``; then the listener
+closes, in-flight requests get up to 2 s to finish, and the process exits 0. A second signal exits
+at once (128 + its number).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
+from typing import Final
 
 import trio
 
+from rescue._http import DEFAULT_GRACEFUL_TIMEOUT, HttpShutdown
 from rescue._keyfiles import load_signing_key
 from rescue._log import configure_logging, configure_session_tags, get_logger, log_event
 from rescue._tracing import traced_process
@@ -47,11 +56,28 @@ from rescue.tokenservice import (
     serve_token_service,
 )
 
-__all__ = ["build_config", "register"]
+__all__ = ["DEFAULT_DRAIN_S", "build_config", "register", "run_token_service", "stop_bound_s"]
 
 _LOG = get_logger("rescue.tokenservice")
 # Closing the Redis pool is local work; bound it anyway since it runs shielded during shutdown.
 STORE_CLOSE_TIMEOUT_S = 5.0
+# How long a SIGTERM'd replica keeps serving with /readyz 503 "draining" before it stops accepting
+# (decision 0023). Sized against the Kubernetes readiness probe (deploy/k8s/token-service.yaml:
+# periodSeconds 5, timeoutSeconds 2): one probe sees the 503 while the replica still serves, and the
+# endpoint removal Kubernetes makes when the pod is deleted reaches every node's proxy and the ingress
+# meanwhile (a second or two), so no new connection arrives after the listener closes. The stop
+# timeouts of the manifests cover it (stop_bound_s; tests/test_deploy_config.py).
+DEFAULT_DRAIN_S: Final = 10.0
+
+
+def stop_bound_s(drain_s: float = DEFAULT_DRAIN_S) -> float:
+    """The longest a SIGTERM'd token service takes to exit: the drain, then the in-flight requests'
+    graceful period, then closing the store. Every stop timeout (terminationGracePeriodSeconds, ECS
+    stopTimeout, compose stop_grace_period) must exceed it, or the orchestrator's SIGKILL cuts the
+    last requests."""
+    return drain_s + DEFAULT_GRACEFUL_TIMEOUT + STORE_CLOSE_TIMEOUT_S
+
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
@@ -126,6 +152,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="beach-rescue",
         metavar="VALUE",
         help="value of that claim",
+    )
+    add_option(
+        p,
+        "--drain-s",
+        type=float,
+        default=DEFAULT_DRAIN_S,
+        metavar="S",
+        help="on SIGTERM, how long to keep serving with /readyz 503 'draining' before no longer "
+        "accepting (in-flight requests then get 2 s more); 0 stops accepting at once",
     )
     add_cors_option(p)
     p.add_argument(
@@ -220,43 +255,119 @@ async def run_token_service(
     port: int,
     *,
     init_store: bool = False,
+    drain_s: float = DEFAULT_DRAIN_S,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve until SIGTERM/SIGINT or cancellation; closes ``store`` on the way out.
+) -> int:
+    """Serve until SIGTERM/SIGINT has drained it, or until cancelled; closes ``store`` on the way out.
 
     With ``init_store``, a store that is not initialised is initialised first (``--init-store``).
+
+    The first SIGTERM or SIGINT begins the drain (decision 0023): ``/readyz`` answers 503
+    ``draining`` at once, every other request is still served (answers say ``Connection: close``,
+    so keep-alive clients reconnect through the load balancer) for ``drain_s`` seconds; then the
+    listener closes, idle connections close and in-flight requests get
+    :data:`rescue._http.DEFAULT_GRACEFUL_TIMEOUT` to finish. A signal while starting up stops it
+    without listening (nothing to drain). A second signal ends it at once: every connection is cut.
+
+    Returns:
+        The exit status: 0 after a drain (or a cancellation), 128 + the signal number when a second
+        signal cut it short.
+
+    Cancellation:
+        Cancelling skips the drain: the server stops as on cancellation of
+        :func:`rescue._http.serve_http` (in-flight requests get their graceful period).
     """
     service = TokenService(config, Guardrails(store, guardrail_config))
+    shutdown = HttpShutdown()
+    drain_begun = trio.Event()
+    status = 0
     try:
-        try:
-            stored = await store.fleet_state()
-            if not stored.initialised and init_store:
-                await service.guardrails.initialise_store(reason="rescue token-service --init-store")
-            elif not stored.initialised:
-                log_event(
-                    _LOG,
-                    "guardrail_store_uninitialised",
-                    level=logging.ERROR,
-                    detail="fallback is paused until an operator runs `rescue admin init-store` "
-                    "(a new deployment, or Redis lost its data: see the runbook)",
-                )
-        except Exception as exc:  # keep serving: every request fails closed until Redis is back
-            log_event(_LOG, "guardrail_store_unavailable", level=logging.ERROR, error=str(exc)[:200])
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(serve_token_service, service, host, port)
-            log_event(
-                _LOG, "tokenservice.listening", host=host, port=bound, kid=config.keys.signing_key.kid_text
-            )
-            task_status.started(bound)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log_event(_LOG, "tokenservice.stopping", signal=signal.Signals(signum).name)
-                    break
-            nursery.cancel_scope.cancel()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signals(signals: AsyncIterator[int]) -> None:
+                    nonlocal status
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if not drain_begun.is_set():
+                            service.draining = True
+                            shutdown.close_connections()
+                            log_event(_LOG, "tokenservice.draining", signal=name, drain_s=drain_s)
+                            drain_begun.set()
+                            continue
+                        log_event(
+                            _LOG,
+                            "tokenservice.stopping",
+                            level=logging.WARNING,
+                            signal=name,
+                            detail="a second signal: every connection is cut now",
+                        )
+                        status = 128 + signum
+                        shutdown.abort()
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(on_signals, signals)
+                await _check_store(service, store, init_store=init_store)
+                if not drain_begun.is_set():  # else stopped while starting: nothing to drain
+                    await _serve_until_drained(
+                        service, host, port, shutdown, drain_begun, drain_s, task_status
+                    )
+                nursery.cancel_scope.cancel()
     finally:
         with trio.move_on_after(STORE_CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
             await store.aclose()
+    log_event(_LOG, "tokenservice.stopped", status=status)
+    return status
+
+
+async def _check_store(service: TokenService, store: GuardrailStore, *, init_store: bool) -> None:
+    """Initialise the store (``--init-store``) or say that it is not; never fails."""
+    try:
+        stored = await store.fleet_state()
+        if not stored.initialised and init_store:
+            await service.guardrails.initialise_store(reason="rescue token-service --init-store")
+        elif not stored.initialised:
+            log_event(
+                _LOG,
+                "guardrail_store_uninitialised",
+                level=logging.ERROR,
+                detail="fallback is paused until an operator runs `rescue admin init-store` "
+                "(a new deployment, or Redis lost its data: see the runbook)",
+            )
+    except Exception as exc:  # keep serving: every request fails closed until Redis is back
+        log_event(_LOG, "guardrail_store_unavailable", level=logging.ERROR, error=str(exc)[:200])
+
+
+async def _serve_until_drained(
+    service: TokenService,
+    host: str,
+    port: int,
+    shutdown: HttpShutdown,
+    drain_begun: trio.Event,
+    drain_s: float,
+    task_status: trio.TaskStatus[int],
+) -> None:
+    """Serve; once the drain has begun, serve ``drain_s`` more, then stop the server (graceful)."""
+    async with trio.open_nursery() as server:
+        bound = await server.start(partial(serve_token_service, service, host, port, shutdown=shutdown))
+        log_event(
+            _LOG,
+            "tokenservice.listening",
+            host=host,
+            port=bound,
+            kid=service.config.keys.signing_key.kid_text,
+        )
+        task_status.started(bound)
+        await drain_begun.wait()
+        await trio.sleep(drain_s)
+        log_event(
+            _LOG,
+            "tokenservice.stopping",
+            detail=f"drained: no new connections, in-flight requests get {DEFAULT_GRACEFUL_TIMEOUT:g} s",
+        )
+        server.cancel_scope.cancel()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -264,6 +375,8 @@ def _run(args: argparse.Namespace) -> int:
     config = build_config(args, os.environ)
     configure_session_tags(os.environ, component="token-service")
     guardrail_config = GuardrailConfig.from_env()
+    if not 0 <= args.drain_s < math.inf:  # (NaN too)
+        raise ConfigError("--drain-s must be a number of seconds >= 0")
     if args.init_store and guardrail_config.is_production:
         # Left in a manifest, the flag would quietly re-initialise a store that lost a pause
         # whenever a replica restarts: production initialises once, by hand.
@@ -280,7 +393,7 @@ def _run(args: argparse.Namespace) -> int:
         args.host,
         args.port,
         init_store=args.init_store,
+        drain_s=args.drain_s,
     )
     with traced_process("beach-rescue-token-service"):
-        trio.run(run)
-    return 0
+        return trio.run(run)

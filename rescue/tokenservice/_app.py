@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from rescue._http import (
     Handler,
+    HttpShutdown,
     HttpStats,
     JsonError,
     Request,
@@ -176,6 +177,9 @@ class TokenService:
         self.config = config
         self.guardrails = guardrails
         self._now = wall_clock
+        # True once a SIGTERM began the drain (rescue token-service, decision 0023): /readyz answers
+        # 503 "draining" so load balancers stop sending work, everything else is still served.
+        self.draining = False
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total etc. for the CPU alert
         self.http_stats = HttpStats()  # kept by serve_token_service's server
@@ -590,17 +594,23 @@ class TokenService:
 
     async def readyz(self, request: Request) -> Response:
         """Readiness: 200 while the guardrail store answers (this replica can mint or refuse with
-        a reason), 503 ``{"ready": false, "reasons": ["store_unavailable"]}`` while it cannot.
-        A pause is not a reason: a paused replica still does its job (it answers the relays' status
-        polls with the pause and refuses mints with 403)."""
+        a reason), 503 ``{"ready": false, "reasons": ["store_unavailable"]}`` while it cannot, and
+        503 with ``"draining"`` first among the reasons once a SIGTERM began the drain (decision
+        0023; the replica still serves every request meanwhile). A pause is not a reason: a paused
+        replica still does its job (it answers the relays' status polls with the pause and refuses
+        mints with 403)."""
+        reasons = ["draining"] if self.draining else []
         try:
             state = await self.guardrails.fleet_state()
         except StoreUnavailable:  # a probe's answer, not a failed operation: not in store_errors
             return json_response(
-                {"ready": False, "reasons": ["store_unavailable"], "fallback_paused": True}, 503
+                {"ready": False, "reasons": [*reasons, "store_unavailable"], "fallback_paused": True}, 503
             )
         self._saw_fleet_state(state)
-        return json_response({"ready": True, "reasons": [], "fallback_paused": state.paused})
+        return json_response(
+            {"ready": not reasons, "reasons": reasons, "fallback_paused": state.paused},
+            503 if reasons else 200,
+        )
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text, or OpenMetrics (with exemplars) when the scraper's Accept asks for it.
@@ -764,10 +774,14 @@ async def serve_token_service(
     host: str,
     port: int,
     *,
+    shutdown: HttpShutdown | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``service`` until cancelled; reports the bound port (see :func:`rescue._http.serve_http`)."""
-    await serve_http(service.app, host, port, stats=service.http_stats, task_status=task_status)
+    """Serve ``service`` until cancelled; reports the bound port (see :func:`rescue._http.serve_http`;
+    ``shutdown`` is its :class:`~rescue._http.HttpShutdown`, the CLI's SIGTERM drain)."""
+    await serve_http(
+        service.app, host, port, stats=service.http_stats, shutdown=shutdown, task_status=task_status
+    )
 
 
 class _HttpCollector(Collector):

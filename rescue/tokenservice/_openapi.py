@@ -388,7 +388,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Readiness: the guardrail store answers",
+                    "summary": "Readiness: the guardrail store answers and no SIGTERM began the drain",
                     "responses": {
                         code: {
                             "description": text,
@@ -401,9 +401,10 @@ def openapi_document() -> dict[str, Any]:
                                         "ready": {"enum": [ready]},
                                         "reasons": {
                                             "type": "array",
-                                            "items": {"enum": ["store_unavailable"]},
-                                            "maxItems": 0 if ready else 1,
+                                            "items": {"enum": ["draining", "store_unavailable"]},
+                                            "maxItems": 0 if ready else 2,
                                             "minItems": 0 if ready else 1,
+                                            "uniqueItems": True,
                                         },
                                         "fallback_paused": {"type": "boolean"},
                                     },
@@ -412,7 +413,13 @@ def openapi_document() -> dict[str, Any]:
                         }
                         for code, text, ready in (
                             ("200", "Ready", True),
-                            ("503", "The guardrail store is unavailable (reported paused)", False),
+                            (
+                                "503",
+                                "Not ready: draining (SIGTERM: every other request is still served "
+                                "until the drain ends), and/or the guardrail store is unavailable "
+                                "(then reported paused)",
+                                False,
+                            ),
                         )
                     },
                 }
