@@ -85,6 +85,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -284,6 +285,15 @@ def redis_sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def private_redis() -> Iterator[RedisServer]:
     """A Redis server of this test's own; the test may ``stop()`` it."""
     yield from _running_redis()
+
+
+@pytest.fixture
+def stalled() -> Iterator[list[RedisServer]]:
+    """Servers a test SIGSTOPs (a stalled Redis); they are continued before the fixtures stop them."""
+    servers: list[RedisServer] = []
+    yield servers
+    for server in servers:
+        server.process.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture

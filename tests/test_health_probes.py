@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +44,6 @@ def _probes(file: str, kind: str) -> dict[str, dict[str, Any]]:
             (container,) = doc["spec"]["template"]["spec"]["containers"]
             return {k: v for k, v in container.items() if k.endswith("Probe")}
     raise AssertionError(f"no {kind} in {file}")
-
-
-@pytest.fixture
-def stalled() -> Iterator[list[RedisServer]]:
-    """Servers a test SIGSTOPs; they are continued before the fixtures stop them."""
-    servers: list[RedisServer] = []
-    yield servers
-    for server in servers:
-        server.process.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture

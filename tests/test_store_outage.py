@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -99,15 +98,6 @@ def test_breaker_probes_after_the_interval_and_closes_on_success() -> None:
 # --- a real, stalled Redis -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def stalled() -> Iterator[list[RedisServer]]:
-    """Servers a test SIGSTOPs; they are continued before the fixtures stop them."""
-    servers: list[RedisServer] = []
-    yield servers
-    for server in servers:
-        server.process.send_signal(signal.SIGCONT)
-
-
 async def test_stalled_redis_fails_fast_then_recovers_through_a_probe(
     private_redis: RedisServer, stalled: list[RedisServer]
 ) -> None:
@@ -145,16 +135,21 @@ async def test_stalled_redis_fails_fast_then_recovers_through_a_probe(
     assert store.in_flight == 0
 
 
-async def test_token_requests_against_a_stalled_redis_get_fast_503s(
-    private_redis: RedisServer, stalled: list[RedisServer]
-) -> None:
-    store = RedisStore(private_redis.url)
-    service = TokenService(
+def _token_service(store: RedisStore) -> TokenService:
+    """A token service on ``store`` with a throwaway key (no OIDC)."""
+    return TokenService(
         TokenServiceConfig(
             keys=PublishedKeys(SigningKey.generate()), disable_oidc=True, relay_url="ws://r/v1/connect"
         ),
         Guardrails(store, GuardrailConfig()),
     )
+
+
+async def test_token_requests_against_a_stalled_redis_get_fast_503s(
+    private_redis: RedisServer, stalled: list[RedisServer]
+) -> None:
+    store = RedisStore(private_redis.url)
+    service = _token_service(store)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
         url = f"http://127.0.0.1:{port}/v1/fallback/token"
@@ -196,12 +191,7 @@ async def test_scrapes_and_health_probes_during_an_outage_are_not_counted_as_sto
     (before, every /metrics scrape and /healthz probe during an outage counted one: the error
     rate an operator read was the scrape and probe rate)."""
     store = RedisStore(private_redis.url)
-    service = TokenService(
-        TokenServiceConfig(
-            keys=PublishedKeys(SigningKey.generate()), disable_oidc=True, relay_url="ws://r/v1/connect"
-        ),
-        Guardrails(store, GuardrailConfig()),
-    )
+    service = _token_service(store)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
