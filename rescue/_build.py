@@ -48,17 +48,19 @@ def compiled_modules() -> list[str]:
 def kind() -> str:
     """:data:`COMPILED`, :data:`PURE` or :data:`PARTLY` (some modules compiled, not all: a broken
     install) -- :func:`describe` as one word, for a metric label."""
-    n = len(compiled_modules())
-    if n == len(HOT_PATH):
-        return COMPILED
-    return PURE if n == 0 else PARTLY
+    return _kind(len(compiled_modules()))
 
 
 def describe() -> str:
-    """``"compiled (mypyc)"``, ``"pure Python"``, or what is odd about it (``"partly compiled: 3/5"``)."""
+    """``"compiled (mypyc)"``, ``"pure Python"``, or what is odd about it (``"partly compiled: 3/6"``)."""
     n = len(compiled_modules())
-    if n == len(HOT_PATH):
-        return "compiled (mypyc)"
-    if n == 0:
-        return "pure Python"
-    return f"partly compiled: {n}/{len(HOT_PATH)}"
+    return _WORDS.get(_kind(n), f"partly compiled: {n}/{len(HOT_PATH)}")
+
+
+_WORDS: Final = {COMPILED: "compiled (mypyc)", PURE: "pure Python"}
+
+
+def _kind(compiled: int) -> str:
+    if compiled == len(HOT_PATH):
+        return COMPILED
+    return PURE if compiled == 0 else PARTLY
