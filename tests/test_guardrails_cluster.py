@@ -1,13 +1,15 @@
 """RedisStore on a real three-master Redis Cluster (``redis+cluster://``, decision 0013).
 
 The store contract itself runs on the cluster in tests/test_guardrails_contract.py; this file checks
-what only a cluster shows: where the keys land, a script cache lost by one master only, and a real
-``rescue token-service`` process minting through the cluster.
+what only a cluster shows: where the keys land, a script cache lost by one master only, a real
+``rescue token-service`` process minting through the cluster, and a seed node that never answers
+(the client is built off the event loop, decision 0013 item 6).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -29,6 +31,7 @@ from .conftest import (
     RedisClusterServers,
     relay_process,
     start_redis_cluster,
+    start_relay_process,
     token_request,
     token_service_process,
 )
@@ -239,6 +242,78 @@ async def test_a_lost_master_fails_closed() -> None:
         if fresh is not None:
             await fresh.aclose()
         cluster.stop()
+
+
+async def _silent_seed() -> trio.socket.SocketType:
+    """A listening socket on 127.0.0.1 that the test never answers from: a seed node whose kernel
+    completes every connection and whose Redis never replies (a wedged server, a blackhole)."""
+    seed = trio.socket.socket()
+    await seed.bind(("127.0.0.1", 0))
+    seed.listen(16)
+    return seed
+
+
+async def test_a_seed_that_never_answers_leaves_the_event_loop_running() -> None:
+    """redis-py's ``RedisCluster(...)`` reads the slot map from its seeds in its constructor; built
+    in ``RedisStore()`` on the event loop, a seed that accepts and never answers froze trio for the
+    socket timeout per seed (2 s each), then ``RedisStore()`` raised. The store builds it in a
+    worker thread on its first call: this task accepts the store's connection (trio runs) while
+    that call still waits for the seed, and the call then fails as an outage."""
+    with await _silent_seed() as seed, trio.fail_after(TIMEOUT):
+        store = RedisStore(f"redis+cluster://127.0.0.1:{seed.getsockname()[1]}", socket_timeout=0.5)
+        try:
+            failed = trio.Event()
+
+            async def ping() -> None:
+                with pytest.raises(StoreUnavailable):
+                    await store.ping()
+                failed.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ping)
+                connection, _ = await seed.accept()  # on the loop, while the store connects
+                with connection:
+                    assert not failed.is_set()  # the store call still waits for its answer
+                    await failed.wait()  # its socket timeout, then an outage
+        finally:
+            await store.aclose()
+
+
+async def test_a_relay_on_a_silent_cluster_starts_and_stays_alive(tmp_path: Path) -> None:
+    """``rescue relay --redis-url redis+cluster://…`` whose one seed never answers: the relay
+    starts (registration fails as a store outage, as with an unreachable single server) and its
+    ``/livez`` answers within the probe's 1 s while its store connects to the seed again. It used
+    to stop answering anything for 2 s, then exit 1 with RedisClusterException."""
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(TestKeys().jwks()))
+    log = tmp_path / "relay.log"
+    with await _silent_seed() as seed, trio.fail_after(TIMEOUT):
+        url = f"redis+cluster://127.0.0.1:{seed.getsockname()[1]}"
+        relay, listening = await start_relay_process(
+            jwks, log, "--node-id", "n-silent", "--redis-url", url, "--register-ttl-s", "3",
+            "--drain-s", "0.5",
+        )  # fmt: skip
+        held: list[trio.socket.SocketType] = []
+        try:
+            admin = f"http://127.0.0.1:{listening['admin_port']}"
+            held.append((await seed.accept())[0])  # the first attempt's connection (it gave up: 1 s deadline)
+            async with httpx.AsyncClient() as http:
+                for _ in range(2):  # the next registrations connect to the seed again
+                    held.append((await seed.accept())[0])
+                    answer = await http.get(f"{admin}/livez", timeout=1.0)
+                    assert (answer.status_code, answer.json()["status"]) == (200, "ok")
+                    assert relay.poll() is None
+            relay.send_signal(signal.SIGTERM)
+            assert await relay.wait() == 0, log.read_text(errors="replace")[-2000:]
+        finally:
+            for connection in held:
+                connection.close()
+            with trio.CancelScope(shield=True):
+                if relay.returncode is None:
+                    relay.kill()
+                    await relay.wait()
+    events = [json.loads(line).get("event") for line in log.read_text().splitlines() if line.startswith("{")]
+    assert "relay.register_failed" in events
 
 
 async def test_concurrent_mints_through_one_cluster_store(redis_cluster_url: str) -> None:

@@ -300,6 +300,8 @@ class RedisStore:
         ``StoreUnavailable`` like any outage, never run twice (decision 0020, "Retry"; redis-py's
         own retries are off). Every call honours the caller's :func:`store_deadline` (one budget
         for a whole request, counting store time only: waiting for a free slot is given back).
+        A Cluster's client reads its slot map when the first call builds it (in its worker
+        thread, never on the event loop): unreachable seeds make that call an outage too.
         After a failure the store is known down (:attr:`breaker`): calls fail at once, those
         queued for a slot too, except one probe per ``probe_interval`` that notices when Redis
         is back. A saturated process (every slot busy, Redis healthy) queues; it is no outage.
@@ -321,6 +323,10 @@ class RedisStore:
     ) -> None:
         self._sentinel: Any = None
         self._client: Any = None
+        self._py_scripts: dict[_Script, Any] = {}  # with the client: see _use
+        # a Cluster's client, built by the first call in its worker thread (see _redis)
+        self._connect_later: Callable[[], Any] | None = None
+        self._connect_lock = threading.Lock()
         self._native: NativeRedis | None = None
         self.threads = threads
         try:
@@ -334,7 +340,11 @@ class RedisStore:
                     connect_timeout=min(CONNECT_TIMEOUT_S, socket_timeout),
                 )
             else:
-                self._client = self._connect(url, socket_timeout)
+                connect = self._connect(url, socket_timeout)
+                if self.kind is RedisKind.CLUSTER:
+                    self._connect_later = connect
+                else:  # no I/O: redis-py's Redis and Sentinel connect on their first command
+                    self._use(connect())
         except ValueError as exc:
             raise StoreUnavailable(f"bad Redis URL: {exc}") from exc
         self._limiter = trio.CapacityLimiter(threads)
@@ -349,13 +359,34 @@ class RedisStore:
         self._native_idle = trio.lowlevel.ParkingLot()  # woken as a native call ends
         # cancel scopes of calls waiting for a slot (admitted while the store was up)
         self._waiting: set[trio.CancelScope] = set()
-        self._py_scripts: dict[_Script, Any] = {}
-        if self._client is not None:
-            self._py_scripts = {s: self._client.register_script(s.source) for s in _SCRIPTS}
         self._scripts_loaded = False  # see _execute_sync
 
-    def _connect(self, url: str, socket_timeout: float) -> Any:
-        """The redis-py client for ``url``: ``Redis``, ``RedisCluster`` or a Sentinel's master.
+    def _use(self, client: Any) -> None:
+        """Make ``client`` the store's redis-py client (its scripts registered first: a thread that
+        sees the client finds them)."""
+        self._py_scripts = {s: client.register_script(s.source) for s in _SCRIPTS}
+        self._client = client
+
+    def _redis(self) -> Any:
+        """The redis-py client, in a worker thread; a Cluster's is built here by the first call.
+
+        ``RedisCluster(...)`` reads the slot map from the seed nodes in its constructor (``CLUSTER
+        SLOTS``, then ``COMMAND``), up to the connect and socket timeouts per seed: built on the
+        event loop, a seed that accepts and never answers froze the whole process (a relay's live
+        sessions and probes) for 2 s per seed, then raised out of ``RedisStore()``. Here it is part
+        of the first call, an outage like any other (the call fails, the breaker's next probe
+        builds it again); calls that come meanwhile wait for the one being built.
+        """
+        if self._client is None:
+            with self._connect_lock:
+                if self._client is None:
+                    assert self._connect_later is not None
+                    self._use(self._connect_later())
+        return self._client
+
+    def _connect(self, url: str, socket_timeout: float) -> Callable[[], Any]:
+        """What builds the redis-py client for ``url``: ``Redis``, ``RedisCluster`` or a
+        Sentinel's master (only the cluster's does I/O: see :meth:`_redis`).
 
         Raises:
             ValueError: a bad URL.
@@ -366,7 +397,8 @@ class RedisStore:
             "socket_connect_timeout": min(CONNECT_TIMEOUT_S, socket_timeout),
         }
         if target.kind is RedisKind.SINGLE:
-            return redis.Redis.from_url(
+            return partial(
+                redis.Redis.from_url,
                 url,
                 decode_responses=True,
                 max_connections=self.threads,
@@ -382,20 +414,23 @@ class RedisStore:
             # after a connection error: redis-py 5 counts those re-runs in
             # cluster_error_retry_attempts (3 by default), later versions in `retry` and warn
             # that the argument is deprecated; both are given, so every version gets none.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return redis.cluster.RedisCluster(
-                    startup_nodes=[
-                        redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
-                        for host, port in target.hosts
-                    ],
-                    decode_responses=True,
-                    max_connections=self.threads,
-                    retry=_no_retry(),
-                    cluster_error_retry_attempts=0,
-                    **timeouts,
-                    **auth,
-                )
+            def cluster() -> Any:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return redis.cluster.RedisCluster(
+                        startup_nodes=[
+                            redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                            for host, port in target.hosts
+                        ],
+                        decode_responses=True,
+                        max_connections=self.threads,
+                        retry=_no_retry(),
+                        cluster_error_retry_attempts=0,
+                        **timeouts,
+                        **auth,
+                    )
+
+            return cluster
         # Sentinel: every new connection asks the sentinels where the primary is, and a connection
         # to a primary that was demoted is dropped (redis-py turns its READONLY into a connection
         # error): the call fails like any outage (a write is not sent again, decision 0020), and the
@@ -412,7 +447,8 @@ class RedisStore:
         self._sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(target.hosts), sentinel_kwargs=sentinel_kwargs
         )
-        return self._sentinel.master_for(
+        return partial(
+            self._sentinel.master_for,
             target.service,
             decode_responses=True,
             db=target.db,
@@ -594,6 +630,7 @@ class RedisStore:
         slot map was read again): a read goes out once more, a write fails. A timeout is never
         sent again (as on the native transport).
         """
+        self._redis()
         try:
             return self._round_trip_sync(steps)
         except redis.exceptions.ConnectionError:
