@@ -25,6 +25,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
 
 from rescue._http import DEFAULT_GRACEFUL_TIMEOUT
 from rescue.cli import build_parser, main
@@ -152,6 +153,16 @@ async def _refused(port: int) -> bool:
 # --- a real `rescue token-service` -----------------------------------------------------------------
 
 
+async def _draining_gauge(http: httpx.AsyncClient) -> float:
+    """``beach_fallback_draining`` in the service's /metrics."""
+    scrape = await http.get("/metrics")
+    for family in text_string_to_metric_families(scrape.text):
+        if family.name == "beach_fallback_draining":
+            (sample,) = family.samples
+            return sample.value
+    raise AssertionError("no beach_fallback_draining in /metrics")
+
+
 async def test_sigterm_turns_readyz_503_serves_the_drain_then_answers_in_flight_and_exits_0(
     key_file: str, private_redis: RedisServer
 ) -> None:
@@ -163,6 +174,7 @@ async def test_sigterm_turns_readyz_503_serves_the_drain_then_answers_in_flight_
             ready = await http.get("/readyz")  # also opens the keep-alive connection used below
             assert (ready.status_code, ready.json()["reasons"]) == (200, [])
             assert ready.headers.get("connection") != "close"
+            assert await _draining_gauge(http) == 0
 
             process.send_signal(signal.SIGTERM)
             draining = await log.wait_for("tokenservice.draining")
@@ -174,6 +186,7 @@ async def test_sigterm_turns_readyz_503_serves_the_drain_then_answers_in_flight_
             # everything else is served as before; answers close their connection, so a keep-alive
             # client (this one) reconnects through the load balancer for its next request
             assert ready.headers["connection"] == "close"
+            assert await _draining_gauge(http) == 1  # what a dashboard sees of it
             alive = await http.get("/livez")
             assert (alive.status_code, alive.json()) == (200, {"status": "ok"})
             minted = await http.post(

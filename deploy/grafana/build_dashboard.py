@@ -410,6 +410,20 @@ def build() -> dict[str, Any]:
         )
     )
 
+    panels.append(lay.row("Token service (runbook: Roll the token service)"))
+    panels.append(
+        timeseries(
+            lay,
+            "Token-service replicas draining",
+            [(f"max by (instance) (beach_fallback_draining{{{TOKEN}}})", "{{instance}}")],
+            w=8,
+            description="1 from the SIGTERM that began a replica's drain (decision 0023): /readyz 503 "
+            "draining while it still serves every request, for --drain-s (10 s), then it stops and exits "
+            "within 7 s more. In a rolling update each old replica shows 1 for about the drain; a replica "
+            "at 1 much longer is not stopping.",
+        )
+    )
+
     panels.append(lay.row("Load"))
     panels.append(
         timeseries(

@@ -231,6 +231,13 @@ class TokenService:
             registry=self.registry,
         )
         self.store_up.set(1)
+        self.draining_gauge = Gauge(
+            "beach_fallback_draining",
+            "1 from the SIGTERM that began the drain until the process exits (decision 0023: /readyz "
+            "503 draining while every other request is still served), 0 while serving",
+            registry=self.registry,
+        )
+        self.draining_gauge.set_function(lambda: 1.0 if self.draining else 0.0)
         self.store_errors = Counter(
             "beach_fallback_store_errors",
             "Requests answered 503 guardrail_store_unavailable (the guardrail store could not be read "
