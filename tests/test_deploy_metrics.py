@@ -107,6 +107,25 @@ def rule_exprs() -> tuple[dict[str, str], list[str]]:
     return records, exprs
 
 
+def alert_exprs() -> dict[str, str]:
+    """Alert name → its expression."""
+    return {
+        rule["alert"]: rule["expr"]
+        for path in RULES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+
+def resolved(names: set[str], records: dict[str, str]) -> set[str]:
+    """``names`` and, for each recording rule among them, the metrics it reads (recursively)."""
+    out = set(names)
+    for name in names & set(records):
+        out |= resolved(metric_names(records[name]), records)
+    return out
+
+
 def dashboard_exprs() -> list[str]:
     doc = json.loads(DASHBOARD.read_text())
     out = [a["expr"] for a in doc["annotations"]["list"] if "expr" in a]
@@ -263,3 +282,22 @@ def test_dashboard_shows_the_guardrail_store_and_the_relay_build() -> None:
     for expr in dashboard_exprs():
         used |= metric_names(expr)
     assert {"beach_fallback_store_up", "beach_fallback_store_errors_total", "beach_rescue_build_info"} <= used
+
+
+def test_every_alert_reads_only_metrics_a_panel_shows() -> None:
+    """An alert on a metric that no panel plots pages someone with nothing to look at: every metric
+    an alert reads (through the recording rules it uses) is on the dashboard, itself or through a
+    recording rule of it. BeachRescueRelaysFull (``beach_fallback_no_relay_total``) and
+    BeachRescueProbeFailing (``beach_rescue_probe_last_run_timestamp_seconds``) had no panel."""
+    records, _ = rule_exprs()
+    shown: set[str] = set()
+    for expr in dashboard_exprs():
+        shown |= resolved(metric_names(expr), records)
+    alerts = alert_exprs()
+    assert len(alerts) > 10
+    unshown = {
+        alert: sorted(missing)
+        for alert, expr in alerts.items()
+        if (missing := resolved(metric_names(expr), records) - set(records) - shown - PROMETHEUS_OWN)
+    }
+    assert not unshown, unshown

@@ -423,6 +423,19 @@ def build() -> dict[str, Any]:
             "at 1 much longer is not stopping.",
         )
     )
+    panels.append(
+        timeseries(
+            lay,
+            "Token requests refused: no relay available, by why",
+            [(rate("beach_fallback_no_relay_total", by="reason", selector=TOKEN), "{{reason}}")],
+            unit="reqps",
+            w=16,
+            stack=True,
+            description="503 no_relay_available, by why: full (every relay registered full or draining: "
+            "alert BeachRescueRelaysFull after 5 min; runbook: Every relay full), draining (every relay "
+            "is), none (no relay registered). The request counter shows them all as refused / no_relay.",
+        )
+    )
 
     panels.append(lay.row("Load"))
     panels.append(
@@ -672,6 +685,19 @@ def build() -> dict[str, Any]:
         )
     )
     panels.append(
+        stat(
+            lay,
+            "Probe: since its last run",
+            f"time() - max by (instance) (beach_rescue_probe_last_run_timestamp_seconds{{{PROBE}}} > 0)",
+            unit="s",
+            legend="{{instance}}",
+            thresholds=[(None, "green"), (60, "orange"), (300, "red")],
+            description="Seconds since each probe's last run ended, whatever its outcome (one every 30 s). "
+            "Over 300 s the probe is stuck: alert BeachRescueProbeFailing, like a failing run. Nothing "
+            "shown: the probe has not finished a run yet, or is not scraped.",
+        )
+    )
+    panels.append(
         timeseries(
             lay,
             "Probe runs by outcome",
@@ -694,6 +720,7 @@ def build() -> dict[str, Any]:
                 )
             ],
             unit="s",
+            w=8,
             description="Token (both), connect (both WELCOMEs), pair (both see the other), round trip "
             "(32 bytes there and back, end-to-end encrypted).",
         )
