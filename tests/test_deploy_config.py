@@ -461,6 +461,17 @@ def test_k8s_token_service_drains_within_grace_and_past_a_readiness_probe(
     assert "lifecycle" not in container  # SIGTERM drains by itself; no preStop sleep
 
 
+def test_decision_0021_says_how_long_a_token_service_takes_to_leave_the_service(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """Not ready after ``failureThreshold`` failed probes a period apart: 0021 said "within a
+    readiness period (5 s)" while the manifest left the threshold at Kubernetes' default 3."""
+    readiness = _container(k8s[("Deployment", "token-service")])["readinessProbe"]
+    period, failures = readiness["periodSeconds"], readiness.get("failureThreshold", 3)
+    text = " ".join((ROOT / "docs" / "decisions" / "0021-liveness-and-readiness.md").read_text().split())
+    assert f"not ready {period * (failures - 1)}-{period * failures} s after it begins" in text
+
+
 def test_k8s_relay_names_resolve_while_the_node_is_not_ready(
     k8s: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
