@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                 "127.0.0.1",
                 "--port",
                 str(ports.get("rescue", 0)),
+                "--admin-port",  # no probes here (and two benches must not meet on its default)
+                "-1",
                 "--log-level",
                 "WARNING",
                 "--init-store",  # a fresh private Redis: a new deployment

@@ -633,25 +633,36 @@ async def token_service_process(
     Service key ``svc``, admin key ``adm``. Killed on the way out if still running (a test that
     checks the exit sends SIGTERM and waits itself). The caller bounds the start with fail_after.
     SIGTERM drains for 0.2 s, not the default 10 s (a test that times the drain passes its own
-    ``--drain-s`` in ``extra``: the last one wins).
+    ``--drain-s`` in ``extra``: the last one wins). The admin port is on too, at any free port
+    (:func:`token_service_listening` says which).
     """
+    async with token_service_listening(key_file, redis_url, *extra) as (process, listening):
+        yield process, listening["port"]
+
+
+@asynccontextmanager
+async def token_service_listening(
+    key_file: str, redis_url: str, *extra: str
+) -> AsyncIterator[tuple[trio.Process, dict[str, Any]]]:
+    """:func:`token_service_process`, yielding its ``tokenservice.listening`` log line (``port``,
+    ``admin_port``) instead of the port; the rest of its stderr is left unread in the pipe."""
     env = {**os.environ, **SERVICE_PROCESS_ENV}
     argv = [sys.executable, "-P", "-m", "rescue.cli", "token-service", "--signing-key", key_file,
-            "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
+            "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0", "--admin-port", "0",
             "--relay-url", "wss://r/v1/connect", "--drain-s", "0.2", *extra]  # fmt: skip
     process = await trio.lowlevel.open_process(argv, env=env, stderr=subprocess.PIPE)
     assert process.stderr is not None
     try:
         buffer = b""
-        port = None
-        while port is None:
+        listening = None
+        while listening is None:
             chunk = await process.stderr.receive_some(4096)
             assert chunk, f"token-service exited early: {buffer.decode(errors='replace')}"
             buffer += chunk
-            for line in buffer.splitlines():
+            for line in buffer.split(b"\n")[:-1]:  # whole lines only
                 if b"tokenservice.listening" in line:
-                    port = json.loads(line)["port"]
-        yield process, port
+                    listening = json.loads(line)
+        yield process, listening
     finally:
         with trio.CancelScope(shield=True):  # also when a fail_after fired: never leave it running
             if process.returncode is None:

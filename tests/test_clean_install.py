@@ -236,7 +236,7 @@ async def test_relay_and_token_service_answer_healthz_and_exit_0_on_sigterm(
     ]  # fmt: skip
     service_argv = [
         clean_venv.rescue, "token-service", "--signing-key", str(tmp_path / "signing.jwk"),
-        "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
+        "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0", "--admin-port", "0",
         "--relay-url", "ws://127.0.0.1:1/v1/connect", "--drain-s", "1",
     ]  # fmt: skip
     async with (
@@ -247,10 +247,11 @@ async def test_relay_and_token_service_answer_healthz_and_exit_0_on_sigterm(
         admin_port = json.loads(relay_up[1])["admin_port"]
         health = await http.get(f"http://127.0.0.1:{admin_port}/healthz")
         assert health.status_code == 200, health.text
-        api_port = json.loads(service_up[1])["port"]
-        health = await http.get(f"http://127.0.0.1:{api_port}/healthz")
-        assert health.status_code == 200, health.text
-        assert health.json()["status"] == "ok"
+        service_listening = json.loads(service_up[1])
+        for port in (service_listening["port"], service_listening["admin_port"]):  # decision 0024
+            health = await http.get(f"http://127.0.0.1:{port}/healthz")
+            assert health.status_code == 200, health.text
+            assert health.json()["status"] == "ok"
         await _sigterm_exits_0(relay)
         await _sigterm_exits_0(service)
 
@@ -285,7 +286,7 @@ async def test_operator_deployment_carries_a_session_and_drains(
     )
     service_argv = [
         clean_venv.rescue, "token-service", "--signing-key", str(key), "--redis-url", redis_url,
-        "--host", "127.0.0.1", "--port", "0", "--drain-s", "1",
+        "--host", "127.0.0.1", "--port", "0", "--admin-port", "0", "--drain-s", "1",
     ]  # fmt: skip
     node_id, cohort = "clean-relay-1", "shipcheck"
     operator_env = clean_venv.env(RESCUE_ADMIN_KEY=admin_key)

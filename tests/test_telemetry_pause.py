@@ -70,7 +70,7 @@ async def test_tokens_without_activation_reports_pause_the_fleet(
         RESCUE_TELEMETRY_MIN_TOKENS=str(MIN_TOKENS),
     )
     argv = [sys.executable, "-P", "-m", "rescue.cli", "token-service", "--signing-key", key_file,
-            "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0",
+            "--redis-url", redis_url, "--host", "127.0.0.1", "--port", "0", "--admin-port", "0",
             "--relay-url", "wss://relay.invalid/v1/connect"]  # fmt: skip
     log = tmp_path / "token-service.log"
     with trio.fail_after(TIMEOUT):

@@ -3,8 +3,15 @@
 ::
 
     rescue token-service --signing-key KEY_FILE [--retired-keys FILE…] --redis-url URL [--port A]
-                         [--admin-key-env VAR] [--relay-url URL] [--oidc-jwks FILE_OR_URL …]
-                         [--drain-s S]
+                         [--admin-port M] [--max-connections N] [--admin-key-env VAR]
+                         [--relay-url URL] [--oidc-jwks FILE_OR_URL …] [--drain-s S]
+
+Two ports (decision 0024): the API on ``--port`` (8080), and an admin port on ``--admin-port``
+(9091; -1 turns it off) answering only ``/livez``, ``/readyz``, ``/healthz`` and ``/metrics``,
+behind a connection cap of its own. Orchestrators' probes and Prometheus ask the admin port, so a
+flood that fills the API port's connection cap (``--max-connections``; its newcomers get 503
+``server_busy``) fails neither the liveness probe nor the scrape. The API port still answers the
+four paths too (callers and older manifests keep working).
 
 Secrets come from environment variables, never from the command line (which `ps` shows): the admin
 key from ``$RESCUE_ADMIN_KEY`` (or the variable ``--admin-key-env`` names), service keys
@@ -26,12 +33,13 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Final
 
 import trio
 
-from rescue._http import DEFAULT_GRACEFUL_TIMEOUT, HttpShutdown
+from rescue._http import DEFAULT_GRACEFUL_TIMEOUT, MAX_CONNECTIONS, HttpLimits, HttpShutdown
 from rescue._keyfiles import load_signing_key
 from rescue._log import configure_logging, configure_session_tags, get_logger, log_event
 from rescue._tracing import traced_process
@@ -46,6 +54,7 @@ from rescue.guardrails import (
 )
 from rescue.protocol import MAX_TTL
 from rescue.tokenservice import (
+    DEFAULT_ADMIN_PORT,
     JwksSource,
     OidcVerifier,
     PublishedKeys,
@@ -54,6 +63,7 @@ from rescue.tokenservice import (
     load_retired_keys,
     parse_origins,
     serve_token_service,
+    serve_token_service_admin,
 )
 
 __all__ = ["DEFAULT_DRAIN_S", "build_config", "register", "run_token_service", "stop_bound_s"]
@@ -87,7 +97,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "token-service",
         help="run the token service (control plane)",
         description="Serve the token service API (SPEC §4): token minting behind the guardrails, kill "
-        "switch, cohort flags, node assignment and public keys. Secrets come from environment "
+        "switch, cohort flags, node assignment and public keys, on --port; and an admin port "
+        "(--admin-port, 9091) with /livez, /readyz, /healthz and /metrics behind a connection cap of "
+        "its own: point liveness and readiness probes and Prometheus there, so a flood of the API "
+        "port (503 server_busy past --max-connections) fails neither. Secrets come from environment "
         "variables: the admin key from $RESCUE_ADMIN_KEY (see --admin-key-env), service keys from "
         "$RESCUE_SERVICE_KEYS (comma-separated), relay report keys from $RESCUE_REPORT_KEYS, the "
         "session-tag key (shared with the relays) from $RESCUE_LOG_TAG_KEY. "
@@ -119,7 +132,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "or redis+sentinel://H:P[,H:P…]/MASTER[/DB] (Sentinel); Valkey takes the same URLs",
     )
     add_option(p, "--host", default="0.0.0.0", metavar="H", help="address to listen on")
-    add_option(p, "--port", type=int, default=8080, metavar="A", help="port to listen on")
+    add_option(p, "--port", type=int, default=8080, metavar="A", help="API port to listen on (0: any)")
+    add_option(
+        p,
+        "--admin-port",
+        type=int,
+        default=DEFAULT_ADMIN_PORT,
+        metavar="M",
+        help="admin HTTP port: /livez, /readyz, /healthz and /metrics only, behind a connection cap "
+        "of its own, for probes and scrapes (0: any, -1: off; the API port answers them too)",
+    )
+    add_option(
+        p, "--admin-host", default=None, metavar="H", help="address the admin port binds (default --host)"
+    )
+    add_option(
+        p,
+        "--max-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="open connections on the API port at most (0: half the fd limit); past it an idle one "
+        "is closed for a newcomer, or with none idle the newcomer gets 503 server_busy",
+    )
     add_option(
         p,
         "--admin-key-env",
@@ -256,11 +290,17 @@ async def run_token_service(
     *,
     init_store: bool = False,
     drain_s: float = DEFAULT_DRAIN_S,
+    admin_host: str | None = None,
+    admin_port: int | None = None,
+    limits: HttpLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Serve until SIGTERM/SIGINT has drained it, or until cancelled; closes ``store`` on the way out.
 
     With ``init_store``, a store that is not initialised is initialised first (``--init-store``).
+    With ``admin_port`` (0: any), the admin port serves the probes and ``/metrics`` too, on
+    ``admin_host`` (default ``host``), through the drain and stopping with the API port (decision
+    0024). ``limits``: the API port's (its connection cap; default :data:`rescue._http.DEFAULT_LIMITS`).
 
     The first SIGTERM or SIGINT begins the drain (decision 0023): ``/readyz`` answers 503
     ``draining`` at once, every other request is still served (answers say ``Connection: close``,
@@ -311,7 +351,12 @@ async def run_token_service(
                 await _check_store(service, store, init_store=init_store)
                 if not drain_begun.is_set():  # else stopped while starting: nothing to drain
                     await _serve_until_drained(
-                        service, host, port, shutdown, drain_begun, drain_s, task_status
+                        service,
+                        _Listen(host, port, admin_host or host, admin_port, limits),
+                        shutdown,
+                        drain_begun,
+                        drain_s,
+                        task_status,
                     )
                 nursery.cancel_scope.cancel()
     finally:
@@ -340,23 +385,53 @@ async def _check_store(service: TokenService, store: GuardrailStore, *, init_sto
         log_event(_LOG, "guardrail_store_unavailable", level=logging.ERROR, error=str(exc)[:200])
 
 
+@dataclass(frozen=True, slots=True)
+class _Listen:
+    """Where the servers of one token service listen, and the API port's limits."""
+
+    host: str
+    port: int
+    admin_host: str
+    admin_port: int | None  # None: no admin port
+    limits: HttpLimits | None  # None: rescue._http.DEFAULT_LIMITS
+
+
 async def _serve_until_drained(
     service: TokenService,
-    host: str,
-    port: int,
+    listen: _Listen,
     shutdown: HttpShutdown,
     drain_begun: trio.Event,
     drain_s: float,
     task_status: trio.TaskStatus[int],
 ) -> None:
-    """Serve; once the drain has begun, serve ``drain_s`` more, then stop the server (graceful)."""
+    """Serve; once the drain has begun, serve ``drain_s`` more, then stop the servers (graceful).
+
+    The admin port starts first: by the time the API port takes work, its probes can be answered.
+    Both stop together (one ``shutdown`` drives both: ``Connection: close`` during the drain, the
+    abort of a second signal)."""
     async with trio.open_nursery() as server:
-        bound = await server.start(partial(serve_token_service, service, host, port, shutdown=shutdown))
+        admin_bound = None
+        if listen.admin_port is not None:
+            admin_bound = await server.start(
+                partial(
+                    serve_token_service_admin,
+                    service,
+                    listen.admin_host,
+                    listen.admin_port,
+                    shutdown=shutdown,
+                )
+            )
+        serve = partial(serve_token_service, service, listen.host, listen.port, shutdown=shutdown)
+        if listen.limits is not None:
+            serve = partial(serve, limits=listen.limits)
+        bound = await server.start(serve)
         log_event(
             _LOG,
             "tokenservice.listening",
-            host=host,
+            host=listen.host,
             port=bound,
+            admin_host=listen.admin_host if admin_bound is not None else None,
+            admin_port=admin_bound,
             kid=service.config.keys.signing_key.kid_text,
         )
         task_status.started(bound)
@@ -377,6 +452,8 @@ def _run(args: argparse.Namespace) -> int:
     guardrail_config = GuardrailConfig.from_env()
     if not 0 <= args.drain_s < math.inf:  # (NaN too)
         raise ConfigError("--drain-s must be a number of seconds >= 0")
+    if args.admin_port < -1 or args.port < 0 or args.max_connections < 0:
+        raise ConfigError("--port must be >= 0, --admin-port >= -1, --max-connections >= 0")
     if args.init_store and guardrail_config.is_production:
         # Left in a manifest, the flag would quietly re-initialise a store that lost a pause
         # whenever a replica restarts: production initialises once, by hand.
@@ -394,6 +471,9 @@ def _run(args: argparse.Namespace) -> int:
         args.port,
         init_store=args.init_store,
         drain_s=args.drain_s,
+        admin_host=args.admin_host,
+        admin_port=None if args.admin_port == -1 else args.admin_port,
+        limits=HttpLimits(max_connections=args.max_connections or MAX_CONNECTIONS),
     )
     with traced_process("beach-rescue-token-service"):
         return trio.run(run)

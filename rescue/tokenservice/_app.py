@@ -1,8 +1,11 @@
 """The token service's HTTP API (SPEC §4) on :mod:`rescue._http`.
 
-One :class:`TokenService` per process (or per test): it owns its router, its Prometheus registry
+One :class:`TokenService` per process (or per test): it owns its routers, its Prometheus registry
 and its guardrails. Serve it with :func:`serve_token_service` (or ``serve_http(service.app, …)``:
-the router behind the CORS policy).
+the router behind the CORS policy), and its probes and metrics on a port of their own with
+:func:`serve_token_service_admin` (``service.admin_router``: ``/livez``, ``/readyz``, ``/healthz``,
+``/metrics``, behind a connection cap of their own, so a flood of the API port cannot fail a
+liveness probe or a scrape; decision 0024). The API port keeps those four paths too.
 
 Every request except ``/metrics``, the health endpoints and the relays' status polls is one server span when
 tracing is configured (``rescue._tracing.record_span``; ``docs/operations/tracing.md``): route,
@@ -29,7 +32,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from rescue._http import (
+    DEFAULT_LIMITS,
     Handler,
+    HttpLimits,
     HttpShutdown,
     HttpStats,
     JsonError,
@@ -51,7 +56,15 @@ from rescue.tokenservice._oidc import EntitlementError, OidcUnavailable, OidcVer
 from rescue.tokenservice._openapi import openapi_document
 from rescue.tokenservice._web import add_join_routes
 
-__all__ = ["TokenService", "TokenServiceConfig", "serve_token_service"]
+__all__ = [
+    "ADMIN_MAX_CONNECTIONS",
+    "ADMIN_PATHS",
+    "DEFAULT_ADMIN_PORT",
+    "TokenService",
+    "TokenServiceConfig",
+    "serve_token_service",
+    "serve_token_service_admin",
+]
 
 _LOG = get_logger("rescue.tokenservice")
 
@@ -70,6 +83,14 @@ MAX_COHORT_LABELS: Final = 1_000
 STORE_DEADLINE_S: Final = 0.5
 
 _CHALLENGE: Final = {"www-authenticate": "Bearer"}
+# The admin port (decision 0024): what orchestrators and Prometheus ask, apart from the API port's
+# connection cap. The relay's admin port is 9090 (rescue relay, rescue dev); the next one, so both
+# run on one host with their defaults.
+DEFAULT_ADMIN_PORT: Final = 9091
+ADMIN_PATHS: Final = ("/livez", "/readyz", "/healthz", "/metrics")
+# The admin port's connection cap: a kubelet's two probes, a scrape or two, an operator's curl; a
+# handful each at most. It bounds the fds a caller that reaches the admin port can take.
+ADMIN_MAX_CONNECTIONS: Final = 16
 # Request latency: a token request is a few Redis round trips plus one Ed25519 signature
 # (milliseconds); the top buckets catch a slow store or an OIDC key fetch.
 REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -271,6 +292,8 @@ class TokenService:
             guardrails.on_move = lambda reason: self.assignment_moves.labels(reason).inc()
         self._cohort_labels: set[str] = set()
         self.router = Router()
+        # The admin port's routes (serve_token_service_admin): the probes and /metrics, no CORS.
+        self.admin_router = Router()
         self._routes()
         # What serve_token_service serves: the router behind the CORS policy (read per request).
         self.app = CorsMiddleware(self.router, lambda: self.config.cors_origins)
@@ -301,6 +324,8 @@ class TokenService:
             bounded = self._with_store_deadline(handler, template)
             traced = bounded if template in _UNTRACED else self._traced(template, bounded)
             self.router.add(method, template, traced)
+            if template in ADMIN_PATHS:  # the same handler on both ports (untraced, uncounted)
+                self.admin_router.add(method, template, traced)
         add_join_routes(self.router)  # static files: no store, no span
 
     def _with_store_deadline(self, handler: Handler, template: str) -> Handler:
@@ -781,13 +806,47 @@ async def serve_token_service(
     host: str,
     port: int,
     *,
+    limits: HttpLimits = DEFAULT_LIMITS,
     shutdown: HttpShutdown | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``service`` until cancelled; reports the bound port (see :func:`rescue._http.serve_http`;
-    ``shutdown`` is its :class:`~rescue._http.HttpShutdown`, the CLI's SIGTERM drain)."""
+    ``limits`` its connection cap and timeouts, ``shutdown`` its :class:`~rescue._http.HttpShutdown`,
+    the CLI's SIGTERM drain). Its connections are counted in ``service.http_stats`` (``/metrics``)."""
     await serve_http(
-        service.app, host, port, stats=service.http_stats, shutdown=shutdown, task_status=task_status
+        service.app,
+        host,
+        port,
+        limits=limits,
+        stats=service.http_stats,
+        shutdown=shutdown,
+        task_status=task_status,
+    )
+
+
+async def serve_token_service_admin(
+    service: TokenService,
+    host: str,
+    port: int,
+    *,
+    shutdown: HttpShutdown | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``service``'s admin port until cancelled (decision 0024): :data:`ADMIN_PATHS` only,
+    behind a cap of :data:`ADMIN_MAX_CONNECTIONS` of its own, so that a flood holding every
+    connection the API port may open (its callers get 503 ``server_busy``) leaves the liveness
+    probe, the readiness probe and the scrape answered. Reports the bound port; ``shutdown`` as for
+    :func:`serve_token_service` (one object may drive both servers).
+
+    Resource handling and cancellation: as :func:`rescue._http.serve_http`.
+    """
+    await serve_http(
+        service.admin_router,
+        host,
+        port,
+        limits=HttpLimits(max_connections=ADMIN_MAX_CONNECTIONS),
+        shutdown=shutdown,
+        task_status=task_status,
     )
 
 
