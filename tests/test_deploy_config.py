@@ -24,7 +24,14 @@ import yaml
 from rescue import cli
 from rescue.guardrails import GuardrailConfig, Guardrails, MemoryStore
 from rescue.protocol import SigningKey
-from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
+from rescue.tokenservice import (
+    ADMIN_PATHS,
+    DEFAULT_ADMIN_PORT,
+    PublishedKeys,
+    TokenService,
+    TokenServiceConfig,
+    serve_token_service_admin,
+)
 
 from .conftest import require_tool
 
@@ -382,7 +389,7 @@ def test_ecs_secrets_never_inline() -> None:
         "RESCUE_REPORT_KEYS",
     }
     env = {e["name"]: e["value"] for e in ts["environment"]}
-    assert env["RESCUE_HEALTHCHECK_URL"].endswith(":8080/livez")
+    assert env["RESCUE_HEALTHCHECK_URL"].endswith(f":{DEFAULT_ADMIN_PORT}/livez")
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -529,8 +536,8 @@ def test_k8s_pods_are_locked_down_and_secrets_come_from_secrets(
             if SECRETISH.search(var["name"]) or var["name"] == "RESCUE_REDIS_URL":
                 assert "secretKeyRef" in var.get("valueFrom", {}), f"{name}: {var['name']} inline"
     ts = _container(k8s[("Deployment", "token-service")])
-    assert ts["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "api"}
-    assert ts["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "api"}
+    assert ts["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert ts["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "admin"}
     mounts = {m["name"]: m for m in ts["volumeMounts"]}
     assert mounts["signing-key"]["readOnly"] is True
     assert "--signing-key=/etc/rescue/keys/signing-key.json" in ts["args"]
@@ -550,6 +557,8 @@ def test_k8s_scrape_job_names_match_the_rules(k8s: dict[tuple[str, str], dict[st
         assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         port = int(template["metadata"]["annotations"]["prometheus.io/port"])
         assert port in {p["containerPort"] for p in _container(k8s[(kind, name)])["ports"]}
+        if name != "probe":  # scraped where they are probed: the admin port (decision 0024)
+            assert port == _own_port(name, _container(k8s[(kind, name)])["args"]), name
 
 
 # --- health checks: liveness never follows the store (decision 0021) ---------------------------------
@@ -580,9 +589,11 @@ def _healthcheck_script() -> Any:
 
 
 def _own_port(service: str, argv: list[str]) -> int:
-    """The port a service's health endpoints live on: the token service's API port, the relay's admin
-    port (``--port=N``/``--port N`` styles both, as the manifests use both)."""
-    flag = "--port" if service == "token-service" else "--admin-port"
+    """The port a service's health endpoints and ``/metrics`` are asked on: its admin port, for the
+    token service too (decision 0024: a flood of its API port's connection cap answered the probes
+    503 ``server_busy`` there), named on the command line, never left to the default
+    (``--admin-port=N``/``--admin-port N`` styles both, as the manifests use both)."""
+    flag = "--admin-port"
     for i, arg in enumerate(argv):
         if arg == flag:
             return int(argv[i + 1])
@@ -643,6 +654,56 @@ def health_checks(
     return found
 
 
+def test_probes_and_scrapes_of_both_services_ask_their_admin_port(
+    compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    """Decision 0024: the token service's probes and scrapes moved off its API port, whose
+    connection cap a flood can fill (newcomers get 503 ``server_busy``: the kubelet restarted every
+    replica, and the scrape failed during the attack). Health checks: :func:`health_checks` (each on
+    :func:`_own_port`); here the scrapes, the ports each manifest declares, and the k8s Service,
+    which carries the API only (the kubelet and Prometheus reach the pod itself)."""
+    from rescue.relay import DEFAULT_ADMIN_PORT as RELAY_ADMIN_PORT
+
+    scraped: dict[str, set[int]] = {}
+    for kind, name in (("Deployment", "token-service"), ("StatefulSet", "relay")):
+        workload = k8s[(kind, name)]
+        container = _container(workload)
+        admin = _own_port(name, container["args"])
+        assert {p["name"]: p["containerPort"] for p in container["ports"]}["admin"] == admin, name
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        scraped.setdefault(name, set()).add(int(annotations["prometheus.io/port"]))
+    service_ports = k8s[("Service", "token-service")]["spec"]["ports"]
+    assert [p["targetPort"] for p in service_ports] == ["api"]
+    for file, name in (("token-service.json", "token-service"), ("relay.json", "relay")):
+        (container,) = _ecs(file)["containerDefinitions"]
+        argv = (
+            shlex.split(container["command"][-1])
+            if container["entryPoint"][0] == "sh"
+            else container["command"]
+        )
+        admin = _own_port(name, argv)
+        assert admin in {m["containerPort"] for m in container["portMappings"]}, file
+        scraped[name].add(int(container["dockerLabels"]["prometheus.io/port"]))
+    # prometheus.yml's static targets are compose's services
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    services = compose["services"]
+    for job, name in (("beach-rescue-token-service", "token-service"), ("beach-rescue-relay", "relay")):
+        for target in jobs[job]["static_configs"][0]["targets"]:
+            host, port = target.rsplit(":", 1)
+            assert services[host]["command"][0] == name, target
+            scraped[name].add(int(port))
+            assert int(port) == _own_port(name, services[host]["command"]), target
+    assert scraped == {"token-service": {DEFAULT_ADMIN_PORT}, "relay": {RELAY_ADMIN_PORT}}
+    for where, service, _, url in health_checks(compose, k8s):  # what the admin port serves
+        if service == "token-service":
+            assert urlsplit(url).path in ADMIN_PATHS, where
+    # every port the image serves on is declared in it
+    exposed = re.search(r"^EXPOSE (.+)$", (ROOT / "Containerfile").read_text(), re.MULTILINE)
+    assert exposed is not None
+    assert {DEFAULT_ADMIN_PORT, RELAY_ADMIN_PORT} <= {int(p) for p in exposed.group(1).split()}
+
+
 def test_every_health_check_of_both_services_is_found(
     compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
 ) -> None:
@@ -678,9 +739,9 @@ def test_liveness_never_asks_an_endpoint_that_follows_the_store(
 async def test_the_declared_paths_answer_as_declared_while_the_store_is_down(
     compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
 ) -> None:
-    """The token service's declared liveness paths answer 200 with its store down and its readiness
-    path 503 (200 once the store is back). Real processes on a SIGSTOPped Redis, relay included:
-    tests/test_health_probes.py."""
+    """The token service's declared liveness paths answer 200 on its admin port with its store down
+    and its readiness path 503 (200 once the store is back). Real processes on a SIGSTOPped Redis,
+    relay included: tests/test_health_probes.py."""
     paths = {
         kind: {
             urlsplit(url).path
@@ -696,7 +757,7 @@ async def test_the_declared_paths_answer_as_declared_while_the_store_is_down(
     service = TokenService(config, Guardrails(store, GuardrailConfig()))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+            port = await nursery.start(serve_token_service_admin, service, "127.0.0.1", 0)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
                 for available in (True, False, True):
                     store.available = available

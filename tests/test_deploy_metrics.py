@@ -28,7 +28,13 @@ from rescue.commands.probe import ProbeConfig, ProbeMetrics, metrics_app, probe_
 from rescue.guardrails import Guardrails, MemoryStore
 from rescue.protocol import SigningKey
 from rescue.relay import Relay, RelayConfig
-from rescue.tokenservice import PublishedKeys, TokenService, TokenServiceConfig, serve_token_service
+from rescue.tokenservice import (
+    PublishedKeys,
+    TokenService,
+    TokenServiceConfig,
+    serve_token_service,
+    serve_token_service_admin,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
@@ -180,6 +186,7 @@ async def scrape_both() -> tuple[str, str, str]:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ts_port = await nursery.start(serve_token_service, service, "127.0.0.1", 0)
+            ts_admin = await nursery.start(serve_token_service_admin, service, "127.0.0.1", 0)
             base = f"http://127.0.0.1:{ts_port}"
             relay = Relay(
                 RelayConfig(
@@ -194,7 +201,8 @@ async def scrape_both() -> tuple[str, str, str]:
                 while relay.control.polls["ok"] == 0:
                     await trio.sleep(0.05)
                 relay_text = (await client.get(f"http://127.0.0.1:{addresses.admin_port}/metrics")).text
-                ts_text = (await client.get(f"{base}/metrics")).text
+                # where the manifests scrape it: the admin port (decision 0024)
+                ts_text = (await client.get(f"http://127.0.0.1:{ts_admin}/metrics")).text
                 # one probe run (it fails: no cohort is enabled here; any outcome will do) and its /metrics
                 probe = ProbeMetrics()
                 probe.record(await probe_once(ProbeConfig(api_url=base, cohort="dev", timeout_s=5)), now=1.0)

@@ -23,7 +23,7 @@ import yaml
 
 from rescue.protocol import SigningKey
 
-from .conftest import RedisServer, start_relay_process, token_service_process
+from .conftest import RedisServer, start_relay_process, token_service_listening
 
 pytestmark = pytest.mark.redis
 
@@ -67,11 +67,13 @@ async def test_a_stalled_redis_makes_both_services_not_ready_but_never_not_alive
     relay_probes = _probes("relay.yaml", "StatefulSet")
     private_redis.initialise()
     with trio.fail_after(TIMEOUT_S):
-        async with token_service_process(key_file, private_redis.url) as (process, port):
+        async with token_service_listening(key_file, private_redis.url) as (process, ts_listening):
             assert process.stderr is not None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_drain, process.stderr)
-                api = f"http://127.0.0.1:{port}"
+                api = f"http://127.0.0.1:{ts_listening['port']}"
+                # the token service's probes ask the port the manifest names (its admin port: 0024)
+                ts_ports = {"api": api, "admin": f"http://127.0.0.1:{ts_listening['admin_port']}"}
                 jwks = tmp_path / "jwks.json"
                 async with httpx.AsyncClient() as http:
                     jwks.write_text((await http.get(f"{api}/v1/fallback/keys")).text)
@@ -81,7 +83,7 @@ async def test_a_stalled_redis_makes_both_services_not_ready_but_never_not_alive
                 )  # fmt: skip
                 try:
                     admin = f"http://127.0.0.1:{listening['admin_port']}"
-                    await _check_outage(private_redis, stalled, api, admin, ts_probes, relay_probes)
+                    await _check_outage(private_redis, stalled, api, ts_ports, admin, ts_probes, relay_probes)
                 finally:
                     with trio.CancelScope(shield=True):
                         relay.send_signal(signal.SIGTERM)
@@ -100,19 +102,25 @@ async def _check_outage(
     redis_server: RedisServer,
     stalled: list[RedisServer],
     api: str,
+    ts_ports: dict[str, str],
     admin: str,
     ts_probes: dict[str, dict[str, Any]],
     relay_probes: dict[str, dict[str, Any]],
 ) -> None:
+    def url(probe: dict[str, Any], ports: dict[str, str]) -> str:
+        """Where ``probe`` asks, on the port it names (``ports``: the service's, by name)."""
+        return f"{ports[probe['httpGet']['port']]}{probe['httpGet']['path']}"
+
+    relay_ports = {"admin": admin}
     # (url, the probe's own timeout) of every liveness-kind probe of both services
     alive = [
-        (f"{base}{probe['httpGet']['path']}", float(probe.get("timeoutSeconds", 1)))
-        for base, probes in ((api, ts_probes), (admin, relay_probes))
+        (url(probe, ports), float(probe.get("timeoutSeconds", 1)))
+        for ports, probes in ((ts_ports, ts_probes), (relay_ports, relay_probes))
         for kind, probe in probes.items()
         if kind in ("livenessProbe", "startupProbe")
     ]
-    ts_ready = f"{api}{ts_probes['readinessProbe']['httpGet']['path']}"
-    relay_ready = f"{admin}{relay_probes['readinessProbe']['httpGet']['path']}"
+    ts_ready = url(ts_probes["readinessProbe"], ts_ports)
+    relay_ready = url(relay_probes["readinessProbe"], relay_ports)
     assert len(alive) == 3  # the token service's liveness, the relay's liveness and startup
 
     async with httpx.AsyncClient() as http:
@@ -145,7 +153,8 @@ async def _check_outage(
         assert (await http.get(ts_ready, timeout=10)).json()["reasons"] == ["store_unavailable"]
         assert (await http.get(relay_ready, timeout=10)).json()["control"]["stale"] is True
         # a replica that is not ready is still scraped, and says why (the store alert reads it)
-        assert "beach_fallback_store_up 0.0" in (await http.get(f"{api}/metrics", timeout=10)).text
+        scraped = ts_ports["admin"]  # where every manifest scrapes it (decision 0024)
+        assert "beach_fallback_store_up 0.0" in (await http.get(f"{scraped}/metrics", timeout=10)).text
         for _ in range(LIVENESS_ROUNDS):
             await check_alive()
             assert await status(ts_ready) == 503
