@@ -26,8 +26,15 @@ import trio
 
 from rescue._http import REQUEST_TIMEOUT
 from rescue.cli import build_parser
+from rescue.guardrails import Guardrails, MemoryStore
 from rescue.protocol import SigningKey
-from rescue.tokenservice import ADMIN_PATHS, DEFAULT_ADMIN_PORT
+from rescue.tokenservice import (
+    ADMIN_PATHS,
+    DEFAULT_ADMIN_PORT,
+    PublishedKeys,
+    TokenService,
+    TokenServiceConfig,
+)
 
 from .conftest import token_service_listening
 
@@ -118,3 +125,14 @@ def test_admin_port_flags() -> None:
 
     assert parse() == (DEFAULT_ADMIN_PORT, None) == (9091, None)  # the relay's is 9090
     assert parse("--admin-port", "-1", "--admin-host", "10.0.0.1") == (-1, "10.0.0.1")
+
+
+def test_the_admin_port_serves_the_probes_and_the_scrape_only() -> None:
+    """No API route, no admin route, no join page: it has no authentication and no CORS, and what
+    it serves is only what orchestrators and Prometheus ask."""
+    service = TokenService(
+        TokenServiceConfig(keys=PublishedKeys(SigningKey.generate()), disable_oidc=True),
+        Guardrails(MemoryStore()),
+    )
+    assert sorted(service.admin_router.routes) == sorted(("GET", path) for path in ADMIN_PATHS)
+    assert set(service.admin_router.routes) <= set(service.router.routes)  # the API port keeps them

@@ -39,7 +39,7 @@ from rescue.commands.token_service import (
 from rescue.guardrails import GuardrailConfig, RedisStore
 from rescue.protocol import SigningKey
 
-from .conftest import ADMIN_AUTH, SERVICE_AUTH, RedisServer, token_request, token_service_process
+from .conftest import ADMIN_AUTH, SERVICE_AUTH, RedisServer, token_request, token_service_listening
 
 pytestmark = pytest.mark.redis
 
@@ -84,14 +84,15 @@ class ProcessLog:
 @asynccontextmanager
 async def service(
     key_file: str, redis: RedisServer, drain_s: float
-) -> AsyncIterator[tuple[trio.Process, int, ProcessLog]]:
+) -> AsyncIterator[tuple[trio.Process, int, ProcessLog, int]]:
     """``rescue token-service --drain-s drain_s`` on ``redis`` with cohort ``beta`` enabled, its log
-    read in the background; yields (process, port, log)."""
+    read in the background; yields (process, port, log, admin port)."""
     redis.initialise()
     async with (
-        token_service_process(key_file, redis.url, "--drain-s", str(drain_s)) as (process, port),
+        token_service_listening(key_file, redis.url, "--drain-s", str(drain_s)) as (process, listening),
         trio.open_nursery() as nursery,
     ):
+        port = listening["port"]
         assert process.stderr is not None
         log = ProcessLog()
         nursery.start_soon(log.read, process.stderr)
@@ -100,7 +101,7 @@ async def service(
                 "/v1/admin/cohorts/beta", json={"fallback_ws_enabled": True}, headers=ADMIN_AUTH
             )
             assert enabled.status_code == 200, enabled.text
-        yield process, port, log
+        yield process, port, log, listening["admin_port"]
         nursery.cancel_scope.cancel()
 
 
@@ -168,8 +169,9 @@ async def test_sigterm_turns_readyz_503_serves_the_drain_then_answers_in_flight_
 ) -> None:
     with trio.fail_after(START_TIMEOUT_S + DRAIN_S + stop_bound_s(0) + 10):
         async with (
-            service(key_file, private_redis, DRAIN_S) as (process, port, log),
+            service(key_file, private_redis, DRAIN_S) as (process, port, log, admin_port),
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", timeout=10) as admin,
         ):
             ready = await http.get("/readyz")  # also opens the keep-alive connection used below
             assert (ready.status_code, ready.json()["reasons"]) == (200, [])
@@ -196,6 +198,11 @@ async def test_sigterm_turns_readyz_503_serves_the_drain_then_answers_in_flight_
             assert minted.json()["token"]
             assert minted.headers["connection"] == "close"
             assert (await http.get("/healthz")).json() == {"status": "ok", "fallback_paused": False}
+            # the admin port, where the probes ask (decision 0024), says the same through the drain
+            ready = await admin.get("/readyz")
+            assert (ready.status_code, ready.json()["reasons"]) == (503, ["draining"])
+            assert (await admin.get("/livez")).status_code == 200
+            assert await _draining_gauge(admin) == 1
             in_flight, rest = await _start_in_flight(port, "in-flight")
             assert log.find("tokenservice.stopping") is None, "the checks above missed the drain window"
 
@@ -204,7 +211,7 @@ async def test_sigterm_turns_readyz_503_serves_the_drain_then_answers_in_flight_
             # no new connection is accepted, though the process still runs (the request in flight
             # holds it up to the graceful period)
             with trio.fail_after(DEFAULT_GRACEFUL_TIMEOUT / 2):
-                while not await _refused(port):
+                while not (await _refused(port) and await _refused(admin_port)):  # both stop
                     await trio.sleep(0.01)
             assert process.poll() is None
             # the request in flight when the drain ended is answered, not reset
@@ -224,7 +231,7 @@ async def test_sigterm_turns_readyz_503_serves_the_drain_then_answers_in_flight_
 async def test_a_second_signal_exits_at_once(key_file: str, private_redis: RedisServer) -> None:
     long_drain = 120.0
     with trio.fail_after(START_TIMEOUT_S + 20):
-        async with service(key_file, private_redis, long_drain) as (process, port, log):
+        async with service(key_file, private_redis, long_drain) as (process, port, log, _):
             process.send_signal(signal.SIGTERM)
             await log.wait_for("tokenservice.draining")
             in_flight, _ = await _start_in_flight(port, "cut")
