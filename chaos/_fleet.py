@@ -368,7 +368,7 @@ class Fleet:
                 # decision 0023); nothing balances over this one process, and a restart fault
                 # must not wait out a drain for nobody (an env var: older revisions ignore it)
                 "RESCUE_DRAIN_S": "0.5",
-                # its admin port (decision 0024; default 9091) on a free port: two fleets, or a
+                # its admin port (decision 0024; default 9080) on a free port: two fleets, or a
                 # fleet and a test, must not meet there (an env var, for the same reason)
                 "RESCUE_ADMIN_PORT": str(free_port()),
                 **self.extra_env,

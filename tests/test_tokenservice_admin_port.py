@@ -123,7 +123,7 @@ def test_admin_port_flags() -> None:
         )
         return args.admin_port, args.admin_host
 
-    assert parse() == (DEFAULT_ADMIN_PORT, None) == (9091, None)  # the relay's is 9090
+    assert parse() == (DEFAULT_ADMIN_PORT, None) == (9080, None)  # the relay's is 9090
     assert parse("--admin-port", "-1", "--admin-host", "10.0.0.1") == (-1, "10.0.0.1")
 
 

@@ -8,8 +8,8 @@ It is a liveness check: ECS (and Swarm) replace a container it calls unhealthy, 
 ``/livez``, which never asks Redis or the token service (decision 0021): a store outage must leave
 the container healthy (not ready), never restart it. The URL is ``$RESCUE_HEALTHCHECK_URL`` when
 set, else the relay's admin port: ``http://127.0.0.1:${RESCUE_ADMIN_PORT:-9090}/livez``. The token
-service's admin port is 9091 by default (decision 0024: probes apart from its API port's connection
-cap), so its containers set ``RESCUE_HEALTHCHECK_URL=http://127.0.0.1:9091/livez`` (or
+service's admin port is 9080 by default (decision 0024: probes apart from its API port's connection
+cap), so its containers set ``RESCUE_HEALTHCHECK_URL=http://127.0.0.1:9080/livez`` (or
 ``RESCUE_ADMIN_PORT``, which is its ``--admin-port`` too).
 
 Standard library only, so it runs with the image's interpreter and nothing else.

@@ -7,7 +7,7 @@
                          [--relay-url URL] [--oidc-jwks FILE_OR_URL …] [--drain-s S]
 
 Two ports (decision 0024): the API on ``--port`` (8080), and an admin port on ``--admin-port``
-(9091; -1 turns it off) answering only ``/livez``, ``/readyz``, ``/healthz`` and ``/metrics``,
+(9080; -1 turns it off) answering only ``/livez``, ``/readyz``, ``/healthz`` and ``/metrics``,
 behind a connection cap of its own. Orchestrators' probes and Prometheus ask the admin port, so a
 flood that fills the API port's connection cap (``--max-connections``; its newcomers get 503
 ``server_busy``) fails neither the liveness probe nor the scrape. The API port still answers the
@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the token service (control plane)",
         description="Serve the token service API (SPEC §4): token minting behind the guardrails, kill "
         "switch, cohort flags, node assignment and public keys, on --port; and an admin port "
-        "(--admin-port, 9091) with /livez, /readyz, /healthz and /metrics behind a connection cap of "
+        "(--admin-port, 9080) with /livez, /readyz, /healthz and /metrics behind a connection cap of "
         "its own: point liveness and readiness probes and Prometheus there, so a flood of the API "
         "port (503 server_busy past --max-connections) fails neither. Secrets come from environment "
         "variables: the admin key from $RESCUE_ADMIN_KEY (see --admin-key-env), service keys from "

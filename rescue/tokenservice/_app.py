@@ -84,9 +84,9 @@ STORE_DEADLINE_S: Final = 0.5
 
 _CHALLENGE: Final = {"www-authenticate": "Bearer"}
 # The admin port (decision 0024): what orchestrators and Prometheus ask, apart from the API port's
-# connection cap. The relay's admin port is 9090 (rescue relay, rescue dev); the next one, so both
-# run on one host with their defaults.
-DEFAULT_ADMIN_PORT: Final = 9091
+# connection cap. The API's 8080 plus 1000; not next to the relay's admin port, 9090, because
+# `rescue relay --nodes N` counts up from it (9090, 9091, …): both run on one host with defaults.
+DEFAULT_ADMIN_PORT: Final = 9080
 ADMIN_PATHS: Final = ("/livez", "/readyz", "/healthz", "/metrics")
 # The admin port's connection cap: a kubelet's two probes, a scrape or two, an operator's curl; a
 # handful each at most. It bounds the fds a caller that reaches the admin port can take.
