@@ -1097,6 +1097,130 @@ async def test_quiet_sockets_are_looked_at_once_per_heartbeat_period_in_one_batc
             tasks.cancel_scope.cancel()
 
 
+# One step of the look schedule's property test: (what, which socket, a number).
+_LookStep = tuple[str, int, float]
+_look_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("quiet"), st.integers(0, 2), st.sampled_from([0.0, 0.3, 1.7, 40.0])),
+        st.tuples(st.just("active"), st.integers(0, 2), st.just(0.0)),
+        st.tuples(st.just("data"), st.integers(0, 2), st.just(0.0)),
+        st.tuples(st.just("again"), st.integers(0, 2), st.just(0.0)),  # unregister + register
+        st.tuples(st.just("sleep"), st.just(0), st.sampled_from([0.05, 0.25, 0.7, 1.0, 2.5, 9.0])),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=_look_steps,
+    tick=st.sampled_from([0.0, 0.1, 0.25, 1.0]),
+    heartbeat=st.sampled_from([1.0, 2.5, 6.0]),
+)
+def test_the_look_schedule_matches_its_model(steps: list[_LookStep], tick: float, heartbeat: float) -> None:
+    """Decision 0015's looks as a state machine, against a model: a socket made quiet is looked at
+    ``heartbeat_s`` after its heartbeat arrived (``heard_s_ago`` before the move, at most one
+    period), plus half a tick, at the next grid point, then once per period, phase-locked; a real
+    readiness event of a quiet socket is dispatched at once and re-anchors its looks; an active or
+    re-registered socket is looked at never again. Every callback run, look or event, is compared
+    by socket and (virtual) time."""
+
+    async def scenario() -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        poller = ReadPoller(coalesce_s=0, quiet_tick_s=tick, heartbeat_s=heartbeat)
+        seen: list[tuple[int, float]] = []
+        expected: list[tuple[int, float]] = []
+        looks: dict[int, float] = {}  # the model: quiet socket -> its next look (exact time)
+
+        def grid(at: float) -> float:
+            return math.ceil(at / tick) * tick if tick else at
+
+        def model_until(now: float) -> None:
+            """Every look the model has due by ``now``, in time order (ties by socket)."""
+            while looks:
+                due = min(grid(at) for at in looks.values())
+                if due > now:
+                    return
+                for j in sorted(k for k, t in looks.items() if grid(t) == due):
+                    expected.append((j, due))
+                    looks[j] += heartbeat
+
+        pairs = [trio.socket.socketpair() for _ in range(3)]
+        fds = [a.fileno() for a, _ in pairs]
+
+        def callback(i: int) -> Callable[[], bool]:
+            def run() -> bool:
+                seen.append((i, trio.current_time()))
+                drain(pairs[i][0])
+                return True
+
+            return run
+
+        async def waiter(i: int) -> None:
+            while True:
+                try:
+                    await poller.wait_readable(fds[i])
+                except trio.ClosedResourceError:
+                    await trio.sleep_forever()  # unregistered under it: a new waiter takes over
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(poller.run)
+            waiters: list[trio.CancelScope] = []
+
+            async def start_waiter(i: int) -> trio.CancelScope:
+                scope = trio.CancelScope()
+
+                async def run() -> None:
+                    with scope:
+                        await waiter(i)
+
+                nursery.start_soon(run)
+                await trio.testing.wait_all_tasks_blocked()
+                return scope
+
+            for i in range(3):
+                assert poller.register(fds[i], callback(i))
+                waiters.append(await start_waiter(i))
+            for what, i, value in steps:
+                now = trio.current_time()
+                if what == "quiet":
+                    if i not in looks:
+                        looks[i] = now - min(value, heartbeat) + heartbeat + tick / 2
+                    poller.set_quiet(fds[i], True, heard_s_ago=value)
+                elif what == "active":
+                    looks.pop(i, None)
+                    poller.set_quiet(fds[i], False)
+                elif what == "data":
+                    expected.append((i, now))
+                    if i in looks:
+                        looks[i] = now + heartbeat + tick / 2
+                    await pairs[i][1].send(b"x")
+                    await trio.testing.wait_all_tasks_blocked()
+                elif what == "again":
+                    looks.pop(i, None)
+                    waiters[i].cancel()
+                    poller.unregister(fds[i])
+                    assert poller.register(fds[i], callback(i))
+                    waiters[i] = await start_waiter(i)
+                else:
+                    model_until(now + value)
+                    await trio.sleep(value)
+                    await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        for a, b in pairs:
+            a.close()
+            b.close()
+        return seen, expected
+
+    seen, expected = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    # (the order within one pass is not part of the contract)
+    def in_time_order(runs: list[tuple[int, float]]) -> list[tuple[float, int]]:
+        return sorted((at, i) for i, at in runs)
+
+    assert in_time_order(seen) == in_time_order(expected)
+
+
 async def test_looks_follow_when_the_heartbeat_arrived_not_when_it_was_handled(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:

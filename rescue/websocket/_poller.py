@@ -106,9 +106,14 @@ class ReadPoller:
         self._active: select.epoll | None = None
         self._registered: set[int] = set()
         self._quiet: set[int] = set()  # registered fds marked quiet (looked at on a schedule)
-        # quiet fds' next look: fd -> its time, and a heap of (time, fd) (stale entries skipped)
+        # quiet fds' next look: fd -> its time (phase-locked to the peer's heartbeats), filed in a
+        # timing wheel of grid slots: slot -> fds (stale entries skipped), and a heap of the slots
+        # in use (~heartbeat_s / quiet_tick_s of them). Filing a look is a list append and a look
+        # pass takes whole slots, where a heap of every quiet fd cost two sift walks of ~log2(n)
+        # tuple comparisons per heartbeat (~7 % of an idle node's busy time at 10,000 connections).
         self._look_at: dict[int, float] = {}
-        self._looks: list[tuple[float, int]] = []
+        self._slots: dict[float, list[int]] = {}
+        self._slot_heap: list[float] = []
         self._look_scope: trio.CancelScope | None = None
         self._ready: set[int] = set()  # readiness seen while nobody waited on the fd
         # hung up (EOF or error seen): always ready, so a short read that left the EOF behind
@@ -163,7 +168,8 @@ class ReadPoller:
             self._active = None
             self._look_scope = None
             self._look_at.clear()
-            self._looks.clear()
+            self._slots.clear()
+            self._slot_heap.clear()
             waiters = list(self._waiters.values())
             self._waiters.clear()
             self._callbacks.clear()
@@ -217,22 +223,39 @@ class ReadPoller:
         """Look at quiet ``fd`` once its next heartbeat (one period after ``heartbeat_at``) is in."""
         at = heartbeat_at + self.heartbeat_s + self.quiet_tick_s / 2
         self._look_at[fd] = at
-        heapq.heappush(self._looks, (at, fd))
+        slot = self._file(fd, at)
         scope = self._look_scope
         if scope is not None:
-            due = self._on_grid(at)
+            due = self._slot_time(slot)
             if due < scope.deadline:
                 scope.deadline = due
 
-    def _on_grid(self, t: float) -> float:
+    def _slot_of(self, at: float) -> float:
+        """The grid slot a look due at ``at`` is filed in (its index; ``at`` itself without a grid)."""
         tick = self.quiet_tick_s
-        return math.ceil(t / tick) * tick if tick else t
+        return float(math.ceil(at / tick)) if tick else at
+
+    def _slot_time(self, slot: float) -> float:
+        """When the looks filed in ``slot`` are due: its grid point."""
+        tick = self.quiet_tick_s
+        return slot * tick if tick else slot
+
+    def _file(self, fd: int, at: float) -> float:
+        slot = self._slot_of(at)
+        fds = self._slots.get(slot)
+        if fds is None:
+            self._slots[slot] = [fd]
+            heapq.heappush(self._slot_heap, slot)
+        else:
+            fds.append(fd)
+        return slot
 
     async def _look_loop(self) -> None:
         """Sleep until the next grid point with a look due; then look at every quiet fd due."""
-        looks = self._looks
+        slot_heap = self._slot_heap
+        slots = self._slots
         while True:
-            with trio.CancelScope(deadline=self._on_grid(looks[0][0]) if looks else math.inf) as scope:
+            with trio.CancelScope(deadline=self._slot_time(slot_heap[0]) if slot_heap else math.inf) as scope:
                 self._look_scope = scope
                 await trio.sleep_forever()
             self._look_scope = None
@@ -244,28 +267,28 @@ class ReadPoller:
             callbacks = self._callbacks
             hangup = self._hangup
             period = self.heartbeat_s
-            pop = heapq.heappop
-            push = heapq.heappush
             count = 0
-            while looks and looks[0][0] <= now:
-                at, fd = pop(looks)
-                if look_at.get(fd) != at:
-                    continue  # stale: moved, made active again, or unregistered
-                # phase-locked to the peer's heartbeats (not to this look, which came late);
-                # later than every look already scheduled, so the sleep's deadline stands
-                at += period
-                look_at[fd] = at
-                push(looks, (at, fd))
-                count += 1
-                task = waiters.get(fd)
-                if task is None:
-                    self._ready.add(fd)
-                    continue
-                callback = callbacks.get(fd)
-                if callback is not None and fd not in hangup and callback():
-                    continue  # (not counted in handled: that is readiness events only)
-                del waiters[fd]
-                trio.lowlevel.reschedule(task)
+            while slot_heap and self._slot_time(slot_heap[0]) <= now:
+                slot = heapq.heappop(slot_heap)
+                for fd in slots.pop(slot):
+                    at = look_at.get(fd)
+                    if at is None or self._slot_of(at) != slot:
+                        continue  # stale: moved, made active again, or unregistered
+                    # phase-locked to the peer's heartbeats (not to this look, which came late);
+                    # a slot later than this pass, so the sleep's next deadline comes from the heap
+                    at += period
+                    look_at[fd] = at
+                    self._file(fd, at)
+                    count += 1
+                    task = waiters.get(fd)
+                    if task is None:
+                        self._ready.add(fd)
+                        continue
+                    callback = callbacks.get(fd)
+                    if callback is not None and fd not in hangup and callback():
+                        continue  # (not counted in handled: that is readiness events only)
+                    del waiters[fd]
+                    trio.lowlevel.reschedule(task)
             self.looks += count
 
     def register(self, fd: int, callback: Callable[[], bool] | None = None) -> bool:
