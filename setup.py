@@ -20,6 +20,7 @@ from setuptools import setup
 # read-ahead and writes, the session core, the connection links and the counters they bump. Keep in step with
 # rescue/_build.py (what `rescue --version` reports) -- tests/test_packaging.py checks both.
 COMPILED = [
+    "rescue/_clock.py",
     "rescue/websocket/_codec.py",
     "rescue/websocket/_poller.py",
     "rescue/websocket/_connection.py",

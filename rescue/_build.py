@@ -21,6 +21,7 @@ __all__ = ["COMPILED", "HOT_PATH", "PARTLY", "PURE", "compiled_modules", "descri
 
 # Keep in step with setup.py's COMPILED (tests/test_packaging.py checks both).
 HOT_PATH: Final = (
+    "rescue._clock",
     "rescue.websocket._codec",
     "rescue.websocket._poller",
     "rescue.websocket._connection",

@@ -288,9 +288,12 @@ class SessionCore(Generic[H]):
         "_actions",
         "_armed",
         "_ending",
+        "_heartbeat_s",
+        "_liveness_s",
         "_max_bytes",
         "_max_frames",
         "_nonces",
+        "_quiet_after_s",
         "_seen",
         "_timer",
         "ended",
@@ -305,6 +308,10 @@ class SessionCore(Generic[H]):
         self.stats = stats
         self._max_frames = limits.queue_max_frames
         self._max_bytes = limits.queue_max_bytes
+        # read on every message (limits is an interpreted dataclass: a generic lookup each, 0022)
+        self._heartbeat_s: float = limits.heartbeat_s
+        self._liveness_s: float = limits.liveness_timeout_s
+        self._quiet_after_s: float = limits.quiet_after_s
         # the role slots, by Link.index (host, guest); read-only for the shell
         self.slots: list[Link[H] | None] = [None, None]
         self._seen = [False, False]
@@ -446,10 +453,10 @@ class SessionCore(Generic[H]):
         # slack late, and tick() re-arms it from _last_in.
         link._last_in = now
         timer = 0
-        if link._live_at < now + self.limits.heartbeat_s:
+        if link._live_at < now + self._heartbeat_s:
             if link._live_at <= self._armed:
                 timer = TIMER
-            link._live_at = now + self.limits.liveness_timeout_s + LIVENESS_SLACK_S
+            link._live_at = now + self._liveness_s + LIVENESS_SLACK_S
         if _all_relayed(batch):
             # the common case: every message is CONTROL/DATA, forward the list as it is
             flags = self._forward(link, partner, batch, now, direct=True)
@@ -531,7 +538,9 @@ class SessionCore(Generic[H]):
             stats.frames_discarded += len(messages)
             return 0
         count = len(messages)
-        size = sum(map(len, messages))
+        size = 0
+        for message in messages:  # (compiled: a loop, where sum(map(len, ...)) is two generic calls)
+            size += len(message)
         if direct and not partner._taken and not partner._fifo and not partner._prio:
             partner._taken = True
             partner._taken_frames = count
@@ -578,7 +587,7 @@ class SessionCore(Generic[H]):
             flags = WRITE_SELF
         else:
             self.stats.heartbeats_dropped += 1
-        quiet_after = self.limits.quiet_after_s
+        quiet_after = self._quiet_after_s
         if quiet_after and not link.quiet and now - link._last_data >= quiet_after:
             link.quiet = True
             self._actions.append((QUIET, link))

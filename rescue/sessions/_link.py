@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from rescue._clock import RunClock
 from rescue._log import get_logger
 from rescue.errors import ProtocolError
-from rescue.sessions._core import ECHO_NOW, HOLD, WRITE_NOW, Link
+from rescue.sessions._core import ECHO_NOW, HOLD, WRITE_NOW, Link, SessionCore
 from rescue.sessions._transport import TRANSPORT_ERRORS, Transport
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class PeerLink:
 
     __slots__ = (
         "_clean",
+        "_clock",
+        "_core",
         "_dead",
         "_done",
         "_finished",
@@ -81,6 +84,10 @@ class PeerLink:
     def __init__(self, transport: Transport, *, session: Session, initial: list[bytes] | None = None) -> None:
         self.transport = transport
         self.session = session
+        # the session's core and clock, held here: reached through the (interpreted) session on
+        # every message they were two attribute lookups and an interpreted clock call (0022)
+        self._core: SessionCore[PeerLink] = session.core
+        self._clock: RunClock = session.run_clock
         self.link: Link[PeerLink]
         self._initial = initial
         # Made when first needed: most connections never hold input or wait to be written.
@@ -120,7 +127,7 @@ class PeerLink:
         """The core queued output for this link: write it now unless a writer runs (it takes it next)."""
         if self._writer is not None:
             return  # the running writer takes it after its current write
-        messages = self.session.core.take_output(self.link)
+        messages = self._core.take_output(self.link)
         if messages is not None:
             self.write_now(messages, now)
 
@@ -133,10 +140,9 @@ class PeerLink:
         transport = self.transport
         if not self.link.closing and transport.send_nowait(messages):
             if not transport.has_unsent:
-                session = self.session
-                flags = session.core.sent(self.link, now)
+                flags = self._core.sent(self.link, now)
                 if flags:
-                    session.apply(self, flags, messages, now)
+                    self.session.apply(self, flags, messages, now)
                 return
             messages = []  # the transport keeps the tail: the writer's next send writes it first
         self._in_hand = messages
@@ -175,18 +181,18 @@ class PeerLink:
         link = self.link
         if link.closing:
             return False
-        session = self.session
-        now = session.clock.current_time()
-        flags = session.core.receive(link, batch, now)
+        core = self._core
+        now = self._clock.now()
+        flags = core.receive(link, batch, now)
         if flags == WRITE_NOW:  # the usual cases, inline: the partner's writer is idle
-            partner = session.core.slots[link.other]
+            partner = core.slots[link.other]
             assert partner is not None
             partner.handle.write_now(batch, now)
             return True
         if flags == ECHO_NOW:  # a heartbeat, and this link's writer is idle
             self.write_now(batch, now)
             return True
-        session.apply(self, flags, batch, now)
+        self.session.apply(self, flags, batch, now)
         return not flags & HOLD
 
     async def _handle(self, batch: list[bytes]) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
+from rescue._clock import run_clock
 from rescue._codes import clip_close_reason
 from rescue._log import get_logger, log_event, scrub, session_tag
 from rescue._tracing import RecordedSpan, new_record
@@ -140,6 +141,7 @@ class Session:
         "core",
         "limits",
         "on_paired",
+        "run_clock",
         "session_id",
         "span",
         "stats",
@@ -164,6 +166,7 @@ class Session:
         self.on_paired = on_paired
         # the run's clock, asked directly on the per-message path (trio.current_time() costs twice as much)
         self.clock = trio.lowlevel.current_clock()
+        self.run_clock = run_clock(self.clock)  # the same time, read in compiled code (rescue._clock)
         self.core: SessionCore[PeerLink] = SessionCore(limits, stats, now=self.clock.current_time())
         self._table = table
         self._scope = trio.CancelScope()

@@ -14,6 +14,8 @@ from typing import Final
 
 __all__ = ["FORWARD_LATENCY_BUCKETS", "MESSAGE_SIZE_BUCKETS", "FastHistogram", "RelayStats"]
 
+# Bound once (compiled code reads a Final without a lookup in the bisect module: decision 0022).
+_bisect_left: Final = bisect.bisect_left
 # Message sizes (bytes, header included): keystroke-sized frames through full 64 KiB frames.
 # (Typed as variable-length tuples: compiled, a Final inferred as a fixed-length tuple was never set,
 # "NameError: value for final name …": docs/decisions/0022-compiled-hot-path.md.)
@@ -62,7 +64,7 @@ class FastHistogram:
 
     def observe(self, value: float, n: int = 1) -> None:
         """Record ``n`` observations of ``value``."""
-        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.counts[_bisect_left(self.bounds, value)] += n
         self.total += value * n
         self.count += n
 

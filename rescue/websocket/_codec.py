@@ -127,14 +127,19 @@ def _apply_mask_py(data: bytes | bytearray | memoryview, mask: bytes | bytearray
 
 _MaskFn = Callable[[bytes | bytearray | memoryview, bytes | bytearray | memoryview], bytes]
 
-try:  # pragma: no branch - which one wins depends on the environment
-    from websockets.speedups import apply_mask as _apply_mask_c
 
+def _mask_function() -> _MaskFn:
+    try:  # pragma: no branch - which one wins depends on the environment
+        from websockets.speedups import apply_mask as c_apply_mask
+    except ImportError:  # pragma: no cover - websockets is installed in dev and CI
+        return _apply_mask_py
     # The C routine takes any buffer for both arguments (its stub says ``bytes`` for the mask).
-    apply_mask: _MaskFn = cast("_MaskFn", _apply_mask_c)
-    """XOR ``data`` with the repeated 4-byte ``mask`` (C speedup from ``websockets``)."""
-except ImportError:  # pragma: no cover - websockets is installed in dev and CI
-    apply_mask = _apply_mask_py
+    return cast("_MaskFn", c_apply_mask)
+
+
+# Bound once (Final: compiled code reads it without a lookup in the module, decision 0022).
+apply_mask: Final[_MaskFn] = _mask_function()
+"""XOR ``data`` with the repeated 4-byte ``mask`` (C speedup from ``websockets`` when installed)."""
 
 
 class _MaskPool:
@@ -213,17 +218,15 @@ def frame_parts(
     if mask:
         return [build_frame(Opcode.BINARY, p, mask=True) for p in payloads]
     parts: list[bytes | bytearray | memoryview] = []
-    append = parts.append
-    pack16 = _U16.pack
     for p in payloads:
         n = len(p)
         if n < 126:
-            append(bytes((0x82, n)))
+            parts.append(bytes((0x82, n)))
         elif n < 65536:
-            append(b"\x82\x7e" + pack16(n))
+            parts.append(b"\x82\x7e" + n.to_bytes(2, "big"))
         else:
-            append(b"\x82\x7f" + _U64.pack(n))
-        append(p)
+            parts.append(b"\x82\x7f" + n.to_bytes(8, "big"))
+        parts.append(p)
     return parts
 
 
@@ -502,8 +505,6 @@ class FrameParser:
         mask_bit = 0x80 if expect_mask else 0
         key_len = 4 if expect_mask else 0
         max_message = self._max
-        unpack16 = _U16.unpack_from
-        append = events.append
         frames = 0
         while n - pos >= 2:
             b0 = buf[pos]
@@ -515,7 +516,7 @@ class FrameParser:
                 if length < 126:
                     start = pos + 2 + key_len
                 elif length == 126 and n - pos >= 4:
-                    length = unpack16(buf, pos + 2)[0]
+                    length = _U16.unpack_from(buf, pos + 2)[0]
                     if length < 126:
                         raise _fail("non-minimal 16-bit payload length")
                     start = pos + 4 + key_len
@@ -528,9 +529,9 @@ class FrameParser:
                     if end > n:
                         break
                     if key_len:
-                        append(apply_mask(buf[start:end], buf[start - 4 : start]))
+                        events.append(apply_mask(buf[start:end], buf[start - 4 : start]))
                     else:
-                        append(bytes(buf[start:end]))
+                        events.append(bytes(buf[start:end]))
                     pos = end
                     frames += 1
                     continue

@@ -28,6 +28,7 @@ from typing import Final, TypeGuard, cast
 
 import trio
 
+from rescue._clock import run_clock
 from rescue._codes import CloseCode
 from rescue._log import get_logger, log_event
 from rescue.errors import ConnectionClosedError, ProtocolError
@@ -77,6 +78,11 @@ READ_AHEAD_READS: Final = 4
 _HEAD16: Final = b"\x82\x7e"
 # Buffers one writev takes (Linux's IOV_MAX); a batch with more parts is joined first.
 _IOV_MAX: Final = 1024
+# The system calls of the per-message path, bound once: in compiled code ``os.readv`` is a lookup
+# in the os module on every call (decision 0022).
+_readv: Final = os.readv
+_write: Final = os.write
+_writev: Final = os.writev
 
 _buffers = threading.local()
 
@@ -86,10 +92,18 @@ Buffer = bytes | bytearray | memoryview
 def _write_parts(fd: int, parts: list[Buffer]) -> int:
     """One non-blocking gathering write of ``parts`` (joined first past :data:`_IOV_MAX`)."""
     if len(parts) == 1:
-        return os.write(fd, parts[0])
+        return _write(fd, parts[0])
     if len(parts) > _IOV_MAX:
-        return os.write(fd, b"".join(parts))
-    return os.writev(fd, parts)
+        return _write(fd, b"".join(parts))
+    return _writev(fd, parts)
+
+
+def _total(parts: list[Buffer]) -> int:
+    """Bytes in ``parts`` (a loop: compiled, ``sum(map(len, ...))`` is two generic calls)."""
+    total = 0
+    for part in parts:
+        total += len(part)
+    return total
 
 
 def _rest(parts: list[Buffer], n: int) -> list[Buffer]:
@@ -104,11 +118,16 @@ def _rest(parts: list[Buffer], n: int) -> list[Buffer]:
     return []
 
 
-def _read_buffer() -> bytearray:
-    buf: bytearray | None = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = bytearray(READ_SIZE)
-    return buf
+def _read_buffer() -> list[memoryview]:
+    """This thread's read buffer, as the one-buffer list ``os.readv`` takes.
+
+    A view of one bytearray, made once: each read slices it (one new view, not two) and passes
+    the same list (none built per read).
+    """
+    iov: list[memoryview] | None = getattr(_buffers, "iov", None)
+    if iov is None:
+        iov = _buffers.iov = [memoryview(bytearray(READ_SIZE))]
+    return iov
 
 
 def _plain_buffer() -> bytearray:
@@ -259,6 +278,7 @@ class WebSocketConnection:
         "_handler_error",
         "_idle",
         "_initial",
+        "_iov",
         "_messages_in",
         "_messages_out",
         "_more",
@@ -304,8 +324,8 @@ class WebSocketConnection:
         self._parser = FrameParser(client=client, max_message=max_message)
         # frames per second beyond what their bytes pay for (servers: a tiny-frame flood is closed)
         self._budget = FrameBudget(trio.current_time()) if frame_budget else None
-        # the run's clock, asked directly: trio.current_time() costs twice as much, once per read (0019)
-        self._clock = trio.lowlevel.current_clock() if frame_budget else None
+        # the run's clock, read in compiled code (rescue._clock), once per read (0019, 0022)
+        self._clock = run_clock(trio.lowlevel.current_clock()) if frame_budget else None
         self._frames_seen = 0
         self.path = path
         self.request_headers = request_headers
@@ -318,7 +338,9 @@ class WebSocketConnection:
         # the socket's descriptor, -1 once closed (_close_transport_now is its only closer):
         # trio's fileno() is a Python call, on every read-ahead and write (0019)
         self._fd = self._sock.fileno() if self._sock is not None else -1
-        self._buf = _read_buffer()  # this thread's read buffer (a thread-local lookup per read otherwise)
+        # this thread's read buffer (a thread-local lookup per read otherwise), as readv's list
+        self._iov = _read_buffer()
+        self._buf = self._iov[0]
         sock = _socket_of(stream)
         self.remote_addr: tuple[str, int] | None = None
         if sock is not None:
@@ -465,6 +487,7 @@ class WebSocketConnection:
             return False
         tls = self._tls
         buf = self._buf
+        iov = self._iov
         for _ in range(READ_AHEAD_READS):
             if tls is not None:
                 try:
@@ -479,7 +502,7 @@ class WebSocketConnection:
                 more = cast("bool", self._more)  # (_read_tls set it; mypy kept the guard's False)
             else:
                 try:
-                    n = os.readv(fd, [buf])
+                    n = _readv(fd, iov)
                 except BlockingIOError:
                     return True  # nothing (more) there
                 except OSError:
@@ -489,7 +512,7 @@ class WebSocketConnection:
                 self._reads += 1
                 self._bytes_in += n
                 more = self._more = n == READ_SIZE
-                view = memoryview(buf)[:n]
+                view = buf[:n]
             try:
                 events = self._feed(view)
             except ProtocolError as exc:
@@ -624,7 +647,7 @@ class WebSocketConnection:
         if budget is not None:
             frames = self._parser.frames
             assert self._clock is not None
-            if not budget.charge(frames - self._frames_seen, len(data), self._clock.current_time()):
+            if not budget.charge(frames - self._frames_seen, len(data), self._clock.now()):
                 raise FrameFloodError(
                     "small_frames",
                     f"more than {budget.rate:g} small frames a second (bursts of {budget.burst:g})",
@@ -671,7 +694,7 @@ class WebSocketConnection:
                     raise trio.ClosedResourceError
                 if self._tls is not None:
                     return self._read_tls(fd)
-                n = os.readv(fd, [buf])
+                n = _readv(fd, self._iov)
             except BlockingIOError:
                 if self._tls is None:
                     self._more = False  # (a TLS read set it: plaintext may be left in the TLS state)
@@ -685,7 +708,7 @@ class WebSocketConnection:
             if n:
                 self._reads += 1
                 self._bytes_in += n
-            return memoryview(buf)[:n]
+            return buf[:n]
 
     def _read_tls(self, fd: int) -> memoryview:
         """Read ciphertext into the TLS state and decrypt every whole record: the plaintext (empty: EOF).
@@ -710,16 +733,15 @@ class WebSocketConnection:
         # with a buffer it returns the count; typeshed says bytes (a type compiled code checks)
         read: Callable[[int, memoryview], int] = tls.ssl_object.read  # type: ignore[assignment]
         pending = tls.ssl_object.pending
-        buf = self._buf
         try:
-            n = os.readv(fd, [buf])
+            n = _readv(fd, self._iov)
         except BlockingIOError:
             n = -1  # (input the upgrade or a full read left in the BIO may still decrypt)
         if n > 0:
             self._reads += 1
             self._bytes_in += n
-            with memoryview(buf) as raw:
-                incoming.write(raw[:n])
+            with self._buf[:n] as data:
+                incoming.write(data)
         elif n == 0:
             incoming.write_eof()
         more = n == READ_SIZE
@@ -861,7 +883,7 @@ class WebSocketConnection:
                 return False
             parts = [data]
             try:
-                n = os.write(fd, data)
+                n = _write(fd, data)
             except OSError:
                 n = 0
         else:
@@ -873,7 +895,7 @@ class WebSocketConnection:
             self._writes += 1
         self._bytes_out += n
         self._messages_out += len(payloads)
-        if n < sum(map(len, parts)):
+        if n < _total(parts):
             self._unsent = _rest(parts, n)
         return True
 
@@ -973,7 +995,7 @@ class WebSocketConnection:
                 self._bytes_out += len(data)
                 return
             await trio.lowlevel.checkpoint_if_cancelled()
-            total = sum(map(len, parts))
+            total = _total(parts)
             left = total
             while True:
                 fd = self._fd
