@@ -309,9 +309,9 @@ class SessionCore(Generic[H]):
         self._max_frames = limits.queue_max_frames
         self._max_bytes = limits.queue_max_bytes
         # read on every message (limits is an interpreted dataclass: a generic lookup each, 0022)
-        self._heartbeat_s: float = limits.heartbeat_s
-        self._liveness_s: float = limits.liveness_timeout_s
-        self._quiet_after_s: float = limits.quiet_after_s
+        self._heartbeat_s = float(limits.heartbeat_s)
+        self._liveness_s = float(limits.liveness_timeout_s)
+        self._quiet_after_s = float(limits.quiet_after_s)
         # the role slots, by Link.index (host, guest); read-only for the shell
         self.slots: list[Link[H] | None] = [None, None]
         self._seen = [False, False]
