@@ -319,7 +319,7 @@ async def test_closing_a_connection_whose_reader_is_parked_in_the_poller(
 
 @pytest.mark.parametrize("with_taker", [False, True])
 async def test_eof_right_after_a_message_ends_receive_messages(poller: ReadPoller, with_taker: bool) -> None:
-    """BUG (rescue/websocket/_poller.py + _connection.py ``_read_ahead_now``/``_read_socket``): a peer that
+    """BUG (rescue/websocket/_poller.py + _connection.py ``read_ahead``/``_read_socket``): a peer that
     sends a message and then drops the connection (data and FIN in one epoll edge) is never seen
     to go: the message is read with a short read, the EOF stays unread, and the reader waits in
     the poller forever (the relay only notices at the liveness timeout). Without the poller the
@@ -1285,7 +1285,7 @@ async def test_a_tcp_connection_made_quiet_anchors_its_looks_at_the_heartbeats_a
             server.set_quiet(True)
             sock = server._sock
             assert sock is not None
-            look_at = poller._look_at[sock.fileno()]
+            look_at = poller._fds[sock.fileno()].look_at
             # at least ~0.3 s before now (4 ms jiffies), one period and half a tick later
             assert look_at <= t - 0.28 + 60 + 0.025
 

@@ -44,7 +44,7 @@ from rescue.websocket._codec import (
     frame_parts,
 )
 from rescue.websocket._lazy import LazyEvent, LazyParkingLot
-from rescue.websocket._poller import QUIET_RCVLOWAT, ReadPoller
+from rescue.websocket._poller import QUIET_RCVLOWAT, ReadAhead, ReadPoller
 from rescue.websocket._tls import TLSSocketStream, quiet_rcvlowat
 
 __all__ = [
@@ -231,7 +231,7 @@ def _close_now(stream: trio.abc.AsyncResource) -> bool:
     return False
 
 
-class WebSocketConnection:
+class WebSocketConnection(ReadAhead):
     """One open WebSocket connection (server or client side).
 
     Made by :func:`serve_websocket` and :func:`connect_websocket`; construct one directly only to
@@ -438,7 +438,7 @@ class WebSocketConnection:
         if sock is None or self._transport_closed.is_set() or self._poller is not None:
             return False
         fd = sock.fileno()
-        if fd < 0 or not poller.register(fd, self._read_ahead_now if on_messages is not None else None):
+        if fd < 0 or not poller.register(fd, self if on_messages is not None else None):
             return False
         self._poller = poller
         self._on_messages = on_messages
@@ -471,7 +471,7 @@ class WebSocketConnection:
             return  # closing under us: nothing to tune
         poller.set_quiet(fd, quiet, heard_s_ago=heard_s_ago)
 
-    def _read_ahead_now(self) -> bool:
+    def read_ahead(self) -> bool:
         """The poller's callback while a task waits on this socket: read, parse, offer the batch.
 
         A read that fills the buffer (a bulk flow: more is likely queued) is handled like any

@@ -47,7 +47,7 @@ from typing import Final
 import outcome
 import trio
 
-__all__ = ["AVAILABLE", "POLLER_AVAILABLE", "QUIET_RCVLOWAT", "ReadPoller"]
+__all__ = ["AVAILABLE", "POLLER_AVAILABLE", "QUIET_RCVLOWAT", "ReadAhead", "ReadPoller"]
 
 AVAILABLE: Final = hasattr(select, "epoll")
 # The same, under the name rescue.websocket exports it by (AVAILABLE alone says too little).
@@ -63,6 +63,56 @@ if AVAILABLE:
     _MASK: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
     # The peer shut down or the socket failed: the end is readable for good.
     _HANGUP: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+# _Fd.look_at when no look is scheduled (never a slot's time)
+_NO_LOOK: Final = -1.0
+
+
+class ReadAhead:
+    """A registered socket's owner, as the poller calls it (:meth:`ReadPoller.register`).
+
+    :meth:`read_ahead` runs in the poller's task when the socket is ready *and* a task waits on
+    it: it may do the waiting task's work synchronously and return True to leave that task parked,
+    or False to wake it. It must not raise and must not block.
+    :class:`~rescue.websocket.WebSocketConnection` is one; a plain function is wrapped in one.
+    Compiled, the poller calls it directly (a call through a bound method was a generic call and
+    an argument-parsing wrapper per ready socket: decision 0022).
+    """
+
+    __slots__ = ()
+
+    def read_ahead(self) -> bool:
+        """Handle the ready socket's input now (True), or leave it to the waiting task (False)."""
+        return False
+
+
+class _Call(ReadAhead):
+    """A function as a :class:`ReadAhead`."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[[], bool]) -> None:
+        self._function = function
+
+    def read_ahead(self) -> bool:
+        return self._function()
+
+
+class _Fd:
+    """What the poller knows about one registered descriptor: one record, one lookup per event
+    (five sets and dicts before: five hash-table probes, each a likely cache miss, per event)."""
+
+    __slots__ = ("fd", "hangup", "look_at", "owner", "quiet", "ready", "waiter")
+
+    def __init__(self, fd: int, owner: ReadAhead | None) -> None:
+        self.fd = fd
+        self.owner = owner
+        self.waiter: trio.lowlevel.Task | None = None  # the task parked in wait_readable
+        self.ready = False  # readiness seen while nobody waited
+        # hung up (EOF or error seen): always ready, so a short read that left the EOF behind
+        # (data and FIN in one edge) cannot leave its reader waiting for an edge that never comes
+        self.hangup = False
+        self.quiet = False  # looked at on a schedule (set_quiet)
+        self.look_at = _NO_LOOK  # quiet: its next look (phase-locked to the peer's heartbeats)
 
 
 class ReadPoller:
@@ -104,23 +154,17 @@ class ReadPoller:
         self.quiet_tick_s = quiet_tick_s
         self.heartbeat_s = heartbeat_s
         self._active: select.epoll | None = None
-        self._registered: set[int] = set()
-        self._quiet: set[int] = set()  # registered fds marked quiet (looked at on a schedule)
-        # quiet fds' next look: fd -> its time (phase-locked to the peer's heartbeats), filed in a
-        # timing wheel of grid slots: slot -> fds (stale entries skipped), and a heap of the slots
-        # in use (~heartbeat_s / quiet_tick_s of them). Filing a look is a list append and a look
-        # pass takes whole slots, where a heap of every quiet fd cost two sift walks of ~log2(n)
-        # tuple comparisons per heartbeat (~5 % of an idle node's busy samples at 10,000 connections).
-        self._look_at: dict[int, float] = {}
-        self._slots: dict[float, list[int]] = {}
+        self._fds: dict[int, _Fd] = {}  # every registered descriptor
+        self._quiet_count = 0
+        self._waiting = 0
+        # Quiet descriptors' looks, filed in a timing wheel of grid slots: slot -> records (stale
+        # ones skipped: their look_at moved), and a heap of the slots in use (~heartbeat_s /
+        # quiet_tick_s of them). Filing a look is a list append and a look pass takes whole slots,
+        # where a heap of every quiet fd cost two sift walks of ~log2(n) tuple comparisons per
+        # heartbeat (~5 % of an idle node's busy samples at 10,000 connections).
+        self._slots: dict[float, list[_Fd]] = {}
         self._slot_heap: list[float] = []
         self._look_scope: trio.CancelScope | None = None
-        self._ready: set[int] = set()  # readiness seen while nobody waited on the fd
-        # hung up (EOF or error seen): always ready, so a short read that left the EOF behind
-        # (data and FIN in one edge) cannot leave its reader waiting for an edge that never comes
-        self._hangup: set[int] = set()
-        self._waiters: dict[int, trio.lowlevel.Task] = {}
-        self._callbacks: dict[int, Callable[[], bool]] = {}
         self.wakeups = 0  # dispatch passes (both sets)
         self.events = 0  # readiness events dispatched
         self.handled = 0  # events a callback handled without waking the waiting task
@@ -135,9 +179,9 @@ class ReadPoller:
     def statistics(self) -> dict[str, int | float]:
         """Counters for ``/debug/stats``: sockets (all, quiet), waiters, wake-ups, events, moves."""
         return {
-            "registered": len(self._registered),
-            "quiet": len(self._quiet),
-            "waiting": len(self._waiters),
+            "registered": len(self._fds),
+            "quiet": self._quiet_count,
+            "waiting": self._waiting,
             "wakeups": self.wakeups,
             "events": self.events,
             "handled": self.handled,
@@ -167,18 +211,17 @@ class ReadPoller:
         finally:
             self._active = None
             self._look_scope = None
-            self._look_at.clear()
             self._slots.clear()
             self._slot_heap.clear()
-            waiters = list(self._waiters.values())
-            self._waiters.clear()
-            self._callbacks.clear()
-            self._registered.clear()
-            self._quiet.clear()
-            self._ready.clear()
-            self._hangup.clear()
-            for task in waiters:
-                trio.lowlevel.reschedule(task)  # a spurious wake: the reader re-checks and uses trio
+            records = list(self._fds.values())
+            self._fds.clear()
+            self._quiet_count = self._waiting = 0
+            for record in records:
+                record.look_at = _NO_LOOK
+                task = record.waiter
+                if task is not None:
+                    record.waiter = None
+                    trio.lowlevel.reschedule(task)  # a spurious wake: the reader re-checks and uses trio
             trio.lowlevel.notify_closing(active.fileno())
             active.close()
 
@@ -191,39 +234,41 @@ class ReadPoller:
                 await trio.sleep(pause_s)
 
     def _dispatch(self, epoll: select.epoll) -> None:
-        waiters = self._waiters
-        callbacks = self._callbacks
-        quiet = self._quiet
+        fds = self._fds
         reschedule = trio.lowlevel.reschedule
         self.wakeups += 1
         while True:
             events = epoll.poll(0, MAX_EVENTS)
             self.events += len(events)
             for fd, mask in events:
-                if mask & _HANGUP and fd in self._registered:
-                    self._hangup.add(fd)
-                if fd in quiet:  # past its low-water mark: data, or heartbeats a look missed
-                    self._schedule_look(fd, trio.current_time())
-                task = waiters.get(fd)
+                record = fds.get(fd)
+                if record is None:
+                    continue  # unregistered since
+                if mask & _HANGUP:
+                    record.hangup = True
+                if record.quiet:  # past its low-water mark: data, or heartbeats a look missed
+                    self._schedule_look(record, trio.current_time())
+                task = record.waiter
                 if task is None:
-                    if fd in self._registered:
-                        self._ready.add(fd)
+                    record.ready = True
                     continue
-                callback = callbacks.get(fd)
-                if callback is not None and fd not in self._hangup and callback():
+                owner = record.owner
+                if owner is not None and not record.hangup and owner.read_ahead():
                     self.handled += 1
                     continue  # handled without waking the task
-                del waiters[fd]
-                reschedule(task)
+                if record.waiter is task:  # (not unregistered by its owner meanwhile)
+                    record.waiter = None
+                    self._waiting -= 1
+                    reschedule(task)
             if len(events) < MAX_EVENTS:
                 return
 
     # -- looks at quiet sockets -------------------------------------------------------------
-    def _schedule_look(self, fd: int, heartbeat_at: float) -> None:
-        """Look at quiet ``fd`` once its next heartbeat (one period after ``heartbeat_at``) is in."""
+    def _schedule_look(self, record: _Fd, heartbeat_at: float) -> None:
+        """Look at quiet ``record`` once its next heartbeat (one period after ``heartbeat_at``) is in."""
         at = heartbeat_at + self.heartbeat_s + self.quiet_tick_s / 2
-        self._look_at[fd] = at
-        slot = self._file(fd, at)
+        record.look_at = at
+        slot = self._file(record, at)
         scope = self._look_scope
         if scope is not None:
             due = self._slot_time(slot)
@@ -240,14 +285,14 @@ class ReadPoller:
         tick = self.quiet_tick_s
         return slot * tick if tick else slot
 
-    def _file(self, fd: int, at: float) -> float:
+    def _file(self, record: _Fd, at: float) -> float:
         slot = self._slot_of(at)
-        fds = self._slots.get(slot)
-        if fds is None:
-            self._slots[slot] = [fd]
+        records = self._slots.get(slot)
+        if records is None:
+            self._slots[slot] = [record]
             heapq.heappush(self._slot_heap, slot)
         else:
-            fds.append(fd)
+            records.append(record)
         return slot
 
     async def _look_loop(self) -> None:
@@ -262,40 +307,39 @@ class ReadPoller:
             now = trio.current_time()
             self.wakeups += 1
             # (the per-heartbeat path of an idle node: locals, no method calls but the callback)
-            look_at = self._look_at
-            waiters = self._waiters
-            callbacks = self._callbacks
-            hangup = self._hangup
             period = self.heartbeat_s
             count = 0
             while slot_heap and self._slot_time(slot_heap[0]) <= now:
                 slot = heapq.heappop(slot_heap)
-                for fd in slots.pop(slot):
-                    at = look_at.get(fd)
-                    if at is None or self._slot_of(at) != slot:
+                for record in slots.pop(slot):
+                    at = record.look_at
+                    if self._slot_of(at) != slot:
                         continue  # stale: moved, made active again, or unregistered
                     # phase-locked to the peer's heartbeats (not to this look, which came late);
                     # a slot later than this pass, so the sleep's next deadline comes from the heap
                     at += period
-                    look_at[fd] = at
-                    self._file(fd, at)
+                    record.look_at = at
+                    self._file(record, at)
                     count += 1
-                    task = waiters.get(fd)
+                    task = record.waiter
                     if task is None:
-                        self._ready.add(fd)
+                        record.ready = True
                         continue
-                    callback = callbacks.get(fd)
-                    if callback is not None and fd not in hangup and callback():
+                    owner = record.owner
+                    if owner is not None and not record.hangup and owner.read_ahead():
                         continue  # (not counted in handled: that is readiness events only)
-                    del waiters[fd]
-                    trio.lowlevel.reschedule(task)
+                    if record.waiter is task:
+                        record.waiter = None
+                        self._waiting -= 1
+                        trio.lowlevel.reschedule(task)
             self.looks += count
 
-    def register(self, fd: int, callback: Callable[[], bool] | None = None) -> bool:
+    def register(self, fd: int, callback: ReadAhead | Callable[[], bool] | None = None) -> bool:
         """Watch ``fd`` for readability (once per socket; pending data counts as ready).
 
-        ``callback``, if given, runs in the poller's task when ``fd`` is ready *and* a task waits
-        on it: it may do the waiting task's work synchronously and return True to leave that task
+        ``callback``, if given (a :class:`ReadAhead`, or a function returning what its
+        ``read_ahead`` would), runs in the poller's task when ``fd`` is ready *and* a task waits on
+        it: it may do the waiting task's work synchronously and return True to leave that task
         parked, or False to wake it. It must not raise and must not block.
 
         Returns:
@@ -304,20 +348,23 @@ class ReadPoller:
         active = self._active
         if active is None:
             return False
-        self._quiet.discard(fd)  # a reused number still filed as quiet: start over
-        self._look_at.pop(fd, None)
-        self._ready.discard(fd)
-        self._hangup.discard(fd)
+        owner = callback if callback is None or isinstance(callback, ReadAhead) else _Call(callback)
+        record = self._fds.get(fd)
+        if record is None:
+            self._fds[fd] = _Fd(fd, owner)
+        else:
+            # a closed socket's number reused before it was unregistered: start it over (a task
+            # waiting on the number keeps waiting)
+            if record.quiet:
+                record.quiet = False
+                self._quiet_count -= 1
+            record.look_at = _NO_LOOK
+            record.ready = record.hangup = False
+            record.owner = owner
         try:
             active.register(fd, _MASK)
         except FileExistsError:
-            # a closed socket's number reused before it was unregistered: take it over
-            active.modify(fd, _MASK)
-        self._registered.add(fd)
-        if callback is not None:
-            self._callbacks[fd] = callback
-        else:
-            self._callbacks.pop(fd, None)
+            active.modify(fd, _MASK)  # (the reused number, still in the epoll set)
         return True
 
     def unregister(self, fd: int) -> None:
@@ -325,23 +372,23 @@ class ReadPoller:
 
         Call it while ``fd`` is still open (before closing the socket). Idempotent.
         """
-        self._forget(fd)
-        self._registered.discard(fd)
-        self._ready.discard(fd)
-        self._hangup.discard(fd)
-        self._callbacks.pop(fd, None)
-        task = self._waiters.pop(fd, None)
-        if task is not None:
-            trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
-
-    def _forget(self, fd: int) -> None:
-        self._quiet.discard(fd)
-        self._look_at.pop(fd, None)
         if self._active is not None:
             try:
                 self._active.unregister(fd)
             except (OSError, ValueError):
                 pass  # already gone (closed elsewhere) or the epoll is closing
+        record = self._fds.pop(fd, None)
+        if record is None:
+            return
+        record.look_at = _NO_LOOK  # (its filed looks are stale now)
+        if record.quiet:
+            record.quiet = False
+            self._quiet_count -= 1
+        task = record.waiter
+        if task is not None:
+            record.waiter = None
+            self._waiting -= 1
+            trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
 
     def set_quiet(self, fd: int, quiet: bool, *, heard_s_ago: float = 0.0) -> None:
         """Mark a registered ``fd`` quiet (looked at once per heartbeat period) or active again.
@@ -354,14 +401,16 @@ class ReadPoller:
         active) without losing heartbeats. A no-op for an fd that is not registered, or
         already as asked, or when the poller is not running.
         """
-        if fd not in self._registered or quiet == (fd in self._quiet) or self._active is None:
+        record = self._fds.get(fd)
+        if record is None or quiet == record.quiet or self._active is None:
             return
+        record.quiet = quiet
         if quiet:
-            self._quiet.add(fd)
-            self._schedule_look(fd, trio.current_time() - min(max(heard_s_ago, 0.0), self.heartbeat_s))
+            self._quiet_count += 1
+            self._schedule_look(record, trio.current_time() - min(max(heard_s_ago, 0.0), self.heartbeat_s))
         else:
-            self._quiet.discard(fd)
-            self._look_at.pop(fd, None)
+            self._quiet_count -= 1
+            record.look_at = _NO_LOOK
         self.moves += 1
 
     async def wait_readable(self, fd: int) -> None:
@@ -375,22 +424,25 @@ class ReadPoller:
         Cancellation:
             A checkpoint; cancelling leaves the registration in place.
         """
-        if fd in self._ready or fd in self._hangup:
+        record = self._fds.get(fd)
+        if record is None:
+            raise RuntimeError(f"fd {fd} is not registered with this poller")
+        if record.ready or record.hangup:
             # cancellation first, so a cancelled wait does not use up the remembered readiness
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._ready.discard(fd)
+            record.ready = False
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        if fd not in self._registered:
-            raise RuntimeError(f"fd {fd} is not registered with this poller")
-        if fd in self._waiters:
+        if record.waiter is not None:
             raise trio.BusyResourceError("another task is already waiting for this socket")
         task = trio.lowlevel.current_task()
-        self._waiters[fd] = task
+        record.waiter = task
+        self._waiting += 1
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            if self._waiters.get(fd) is task:
-                del self._waiters[fd]
+            if record.waiter is task:
+                record.waiter = None
+                self._waiting -= 1
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
