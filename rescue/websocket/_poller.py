@@ -101,10 +101,9 @@ class _Fd:
     """What the poller knows about one registered descriptor: one record, one lookup per event
     (five sets and dicts before: five hash-table probes, each a likely cache miss, per event)."""
 
-    __slots__ = ("fd", "hangup", "look_at", "owner", "quiet", "ready", "waiter")
+    __slots__ = ("hangup", "look_at", "owner", "quiet", "ready", "waiter")
 
-    def __init__(self, fd: int, owner: ReadAhead | None) -> None:
-        self.fd = fd
+    def __init__(self, owner: ReadAhead | None) -> None:
         self.owner = owner
         self.waiter: trio.lowlevel.Task | None = None  # the task parked in wait_readable
         self.ready = False  # readiness seen while nobody waited
@@ -351,7 +350,7 @@ class ReadPoller:
         owner = callback if callback is None or isinstance(callback, ReadAhead) else _Call(callback)
         record = self._fds.get(fd)
         if record is None:
-            self._fds[fd] = _Fd(fd, owner)
+            self._fds[fd] = _Fd(owner)
         else:
             # a closed socket's number reused before it was unregistered: start it over (a task
             # waiting on the number keeps waiting)
