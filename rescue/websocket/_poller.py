@@ -234,7 +234,6 @@ class ReadPoller:
 
     def _dispatch(self, epoll: select.epoll) -> None:
         fds = self._fds
-        reschedule = trio.lowlevel.reschedule
         self.wakeups += 1
         while True:
             events = epoll.poll(0, MAX_EVENTS)
@@ -247,20 +246,29 @@ class ReadPoller:
                     record.hangup = True
                 if record.quiet:  # past its low-water mark: data, or heartbeats a look missed
                     self._schedule_look(record, trio.current_time())
-                task = record.waiter
-                if task is None:
-                    record.ready = True
-                    continue
-                owner = record.owner
-                if owner is not None and not record.hangup and owner.read_ahead():
+                if self._deliver(record):
                     self.handled += 1
-                    continue  # handled without waking the task
-                if record.waiter is task:  # (not unregistered by its owner meanwhile)
-                    record.waiter = None
-                    self._waiting -= 1
-                    reschedule(task)
             if len(events) < MAX_EVENTS:
                 return
+
+    def _deliver(self, record: _Fd) -> bool:
+        """``record`` is ready (or looked at): its owner's read-ahead if a task waits, else wake it.
+
+        Returns:
+            True when the owner handled the input and the waiting task stays parked.
+        """
+        task = record.waiter
+        if task is None:
+            record.ready = True  # for the next wait_readable
+            return False
+        owner = record.owner
+        if owner is not None and not record.hangup and owner.read_ahead():
+            return True
+        if record.waiter is task:  # (not unregistered by its owner meanwhile)
+            record.waiter = None
+            self._waiting -= 1
+            trio.lowlevel.reschedule(task)
+        return False
 
     # -- looks at quiet sockets -------------------------------------------------------------
     def _schedule_look(self, record: _Fd, heartbeat_at: float) -> None:
@@ -305,7 +313,6 @@ class ReadPoller:
             self._look_scope = None
             now = trio.current_time()
             self.wakeups += 1
-            # (the per-heartbeat path of an idle node: locals, no method calls but the callback)
             period = self.heartbeat_s
             count = 0
             while slot_heap and self._slot_time(slot_heap[0]) <= now:
@@ -320,17 +327,7 @@ class ReadPoller:
                     record.look_at = at
                     self._file(record, at)
                     count += 1
-                    task = record.waiter
-                    if task is None:
-                        record.ready = True
-                        continue
-                    owner = record.owner
-                    if owner is not None and not record.hangup and owner.read_ahead():
-                        continue  # (not counted in handled: that is readiness events only)
-                    if record.waiter is task:
-                        record.waiter = None
-                        self._waiting -= 1
-                        trio.lowlevel.reschedule(task)
+                    self._deliver(record)  # (not counted in handled: that is readiness events only)
             self.looks += count
 
     def register(self, fd: int, callback: ReadAhead | Callable[[], bool] | None = None) -> bool:
