@@ -3,10 +3,12 @@ resume while connections are killed and the relay restarts, close-code policy, l
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import logging
 import random
+from collections import Counter
 
 import pytest
 import trio
@@ -28,6 +30,7 @@ from rescue.client import (
 from rescue.errors import ConnectionClosedError
 from rescue.protocol import SigningKey
 from rescue.testing import TEST_PSK, LocalTokens, RelayRunner, abort_connection, run_relay
+from rescue.websocket import WebSocketConnection
 
 MB = 1024 * 1024
 
@@ -150,6 +153,61 @@ async def test_lossless_while_connections_die_and_relay_restarts() -> None:
     assert any(e.code == CloseCode.SERVER_SHUTDOWN and e.fresh_token for e in reconnects)
     assert sum(isinstance(e, Connected) for _, e in events) >= 12
     assert host.statistics().integrity_failures == 0
+
+
+class _CallerState:
+    """Stands for what an application's ``on_event`` callback holds (the soak's session: buffers)."""
+
+    def __init__(self) -> None:
+        self.events: list[ConnectionEvent] = []
+
+    def on_event(self, event: ConnectionEvent) -> None:
+        self.events.append(event)
+
+
+async def _session_with_a_dropped_connection(keys: SigningKey, relay: RelayRunner, session: str) -> None:
+    state = _CallerState()
+    host_tokens = _tokens(keys, relay, session, "host")
+    guest_tokens = _tokens(keys, relay, session, "guest")
+    async with (
+        open_peer(host_tokens, session, "host", psk=TEST_PSK, on_event=state.on_event) as host,
+        open_peer(guest_tokens, session, "guest", psk=TEST_PSK, on_event=state.on_event) as guest,
+    ):
+        await host.send(0, b"ping")
+        assert await guest.receive() == DataReceived(0, b"ping")
+        assert abort_connection(guest)  # the transport-error path; the guest reconnects and resumes
+        await guest.send(1, b"pong")
+        assert await host.receive() == DataReceived(1, b"pong")
+        await host.drain()
+        await guest.drain()
+
+
+async def test_ended_sessions_are_freed_without_the_cycle_collector() -> None:
+    """Once a session ends, its peers, their connections and what the caller's callbacks hold are
+    freed by reference counting: nothing waits for a full pass of the cycle collector.
+
+    A closed connection used to keep its error and raise that same instance to every later call;
+    each raise gave it a traceback whose frames hold the connection and the peer's reader (whose
+    ``self`` is the peer, whose ``on_event`` holds the caller's state). The cycle pinned every ended
+    session until a full collection, which a busy process runs rarely: the soak's load generator
+    carried tens of MB of ended sessions (docs/perf/soak.md, "The load generator's RSS").
+    """
+    keys = SigningKey.generate()
+    with trio.fail_after(30):
+        async with run_relay(keys) as relay:
+            gc.collect()
+            gc.disable()
+            try:
+                for i in range(4):
+                    await _session_with_a_dropped_connection(keys, relay, f"refcount-{i}")
+                left = Counter(
+                    type(o).__name__
+                    for o in gc.get_objects()
+                    if isinstance(o, Peer | _CallerState) or (isinstance(o, WebSocketConnection) and o.client)
+                )
+            finally:
+                gc.enable()
+    assert not left, f"still alive (pinned by reference cycles): {dict(left)}"
 
 
 async def test_graceful_close_reaches_partner_as_end_of_stream() -> None:
@@ -380,7 +438,7 @@ async def test_auth_failure_stops_without_retry() -> None:
 async def test_liveness_timeout_reconnects(autojump_clock: trio.testing.MockClock) -> None:
     """A relay that accepts the WebSocket and WELCOMEs but then says nothing: reconnect after 3 x hb."""
     from rescue.protocol import HEADER_SIZE, Hello, Kind, Welcome, decode_header
-    from rescue.websocket import WebSocketConnection, serve_websocket
+    from rescue.websocket import serve_websocket
 
     hellos: list[float] = []
 

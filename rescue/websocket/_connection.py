@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, TypeGuard, cast
+from typing import Final, TypeGuard, cast, overload
 
 import trio
 
@@ -191,6 +191,29 @@ def _ms_since_data_received(sock: trio.socket.SocketType) -> int:
     if len(info) < _LAST_DATA_RECV + 4:
         return 0
     return int.from_bytes(info[_LAST_DATA_RECV : _LAST_DATA_RECV + 4], sys.byteorder)
+
+
+@overload
+def _unraised(error: WebSocketClosedError) -> WebSocketClosedError: ...
+@overload
+def _unraised(error: ProtocolError) -> ProtocolError: ...
+def _unraised(error: WebSocketClosedError | ProtocolError) -> WebSocketClosedError | ProtocolError:
+    """A new exception equal to ``error``, for a connection to raise while it keeps ``error``.
+
+    A connection remembers why it ended and tells every later call. Raising the remembered
+    instance itself gave it a traceback whose frames hold the connection (``self``) and its
+    caller's task (a client's reader: the peer, its ``on_event``, whatever the application's
+    callback holds): a reference cycle. Reference counting then never freed an ended connection,
+    its socket objects and buffers, or the session around it; only a full pass of the cycle
+    collector did, which a process with a large heap runs rarely (the soak's load generator carried
+    tens of MB of ended sessions between two: docs/perf/soak.md). The stored instance is never
+    raised, so it never gets a traceback; each raise gets a copy of its own.
+    """
+    if isinstance(error, WebSocketClosedError):
+        return WebSocketClosedError(error.wire_code, error.reason)
+    if isinstance(error, FrameFloodError):
+        return FrameFloodError(error.kind, str(error))
+    return ProtocolError(str(error), error.code, kind=error.kind)
 
 
 def _only_messages(events: list[Event]) -> TypeGuard[list[bytes]]:
@@ -516,7 +539,7 @@ class WebSocketConnection(ReadAhead):
             try:
                 events = self._feed(view)
             except ProtocolError as exc:
-                self._protocol_error = exc
+                self._protocol_error = _unraised(exc)
                 self._read_ahead = True
                 return False
             finally:
@@ -575,7 +598,7 @@ class WebSocketConnection(ReadAhead):
                 (``code`` is ``None``), or the connection was closed locally.
             ProtocolError: the peer broke the framing rules (code 4010). Close the connection
                 with ``exc.code`` (sending still works until then, e.g. for a final CLOSE
-                message); later receives raise the same error.
+                message); later receives raise an equal error (a new instance each time).
             trio.BusyResourceError: another task is already receiving.
 
         Cancellation:
@@ -588,7 +611,7 @@ class WebSocketConnection(ReadAhead):
         ended = self._protocol_error or self._error
         if ended is not None:
             await trio.lowlevel.checkpoint()
-            raise ended
+            raise _unraised(ended)
         self._receiving = True
         try:
             while True:
@@ -612,7 +635,7 @@ class WebSocketConnection(ReadAhead):
                     try:
                         events = self._feed(got)
                     except ProtocolError as exc:
-                        self._protocol_error = exc
+                        self._protocol_error = _unraised(exc)
                         raise
                     finally:
                         if isinstance(got, memoryview):
@@ -636,7 +659,7 @@ class WebSocketConnection(ReadAhead):
                     self._messages_in += len(messages)
                     return messages
                 if self._error is not None:
-                    raise self._error
+                    raise self._closed_error()
         finally:
             self._receiving = False
 
@@ -659,7 +682,7 @@ class WebSocketConnection(ReadAhead):
         """What the poller's read-ahead left for the waiting task (raising what it caught)."""
         self._read_ahead = False
         if self._protocol_error is not None:
-            raise self._protocol_error
+            raise _unraised(self._protocol_error)
         if self._handler_error is not None:
             error, self._handler_error = self._handler_error, None
             raise error
@@ -1158,15 +1181,17 @@ class WebSocketConnection(ReadAhead):
             return True
 
     def _closed_error(self) -> WebSocketClosedError:
+        """Why the connection ended, as a new exception to raise (see :func:`_unraised`)."""
         if self._error is None:
             self._error = WebSocketClosedError(None, "connection closed")
-        return self._error
+        return _unraised(self._error)
 
     def _fail(self, error: WebSocketClosedError) -> WebSocketClosedError:
+        """Record ``error`` (unless an earlier one stands), drop the transport; the error to raise."""
         if self._error is None:
             self._error = error
         self._close_transport_now()
-        return self._error
+        return _unraised(self._error)
 
     async def __aenter__(self) -> WebSocketConnection:
         return self
