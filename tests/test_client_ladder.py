@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trio
@@ -296,6 +298,25 @@ async def test_token_client_maps_answers() -> None:
     # Nothing listens there any more.
     with pytest.raises(TokenServiceUnavailable):
         await TokenClient(plane.api_url, session_id="tc-1", role="guest")()
+
+
+async def test_token_fetches_share_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client per token request loaded the CA bundle into a new TLS context every time (even for
+    http://): ~25 ms of CPU and a megabyte of short-lived allocations per fetch, which fragmented
+    the heap of a process that reconnects many peers (docs/perf/soak.md)."""
+    made: list[ssl.SSLContext] = []
+    create = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    with trio.fail_after(20):
+        async with control_plane() as (plane, _):
+            for i in range(5):
+                await TokenClient(plane.api_url, session_id=f"tls-{i}", role="host")()
+    assert len(made) <= 1  # none when an earlier test in this process made the shared one
 
 
 @pytest.mark.parametrize(

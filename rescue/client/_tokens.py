@@ -15,6 +15,8 @@ Errors a provider raises decide what the peer does next:
 
 from __future__ import annotations
 
+import functools
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -134,6 +136,19 @@ class TokenGrant:
 TokenProvider: TypeAlias = Callable[[], Awaitable[TokenGrant]]
 
 
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    """The TLS settings of every token request that brings no client of its own: httpx's default
+    (certifi's CAs, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), made once per process.
+
+    httpx makes one per client, and a client per request loaded the whole CA bundle for every
+    token fetch, even over plain http: ~25 ms of CPU and about a megabyte of short-lived
+    allocations each time, which left the heap of a process that reconnects many peers
+    fragmented (docs/perf/soak.md). A context is safe to share between connections.
+    """
+    return httpx.create_ssl_context()
+
+
 class TokenClient:
     """Fetches tokens for one (session, role) from the token service; a :data:`TokenProvider`.
 
@@ -206,7 +221,9 @@ class TokenClient:
             if self._client is not None:
                 response = await self._client.post(self.url, json=body, headers=headers)
             else:
-                async with httpx.AsyncClient(timeout=DEFAULT_REQUEST_TIMEOUT_S) as client:
+                async with httpx.AsyncClient(
+                    timeout=DEFAULT_REQUEST_TIMEOUT_S, verify=_default_tls()
+                ) as client:
                     response = await client.post(self.url, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise TokenServiceUnavailable("unreachable", f"{type(exc).__name__}: {exc}") from None

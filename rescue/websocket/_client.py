@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import ssl
 from collections.abc import Sequence
@@ -27,6 +28,14 @@ _MAX_ERROR_BODY: Final = 4096
 _CONTENT_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r\n", re.IGNORECASE)
 
 
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    """``ssl.create_default_context()``, once per process: each one loads the system's CA store
+    (milliseconds of CPU and short-lived allocations that fragment the heap of a client that
+    reconnects often); a context is safe to share between connections."""
+    return ssl.create_default_context()
+
+
 async def connect_websocket(
     url: str,
     *,
@@ -43,7 +52,8 @@ async def connect_websocket(
 
     Args:
         url: where to connect; the path defaults to ``/``.
-        ssl_context: TLS settings for ``wss://`` (default: ``ssl.create_default_context()``).
+        ssl_context: TLS settings for ``wss://`` (default: ``ssl.create_default_context()``, made
+            once per process).
         max_message: the largest message accepted from the server.
         headers: extra request headers (never put a token here if it could be logged: SPEC §2
             sends tokens in HELLO, not in the upgrade).
@@ -78,7 +88,7 @@ async def connect_websocket(
         raise WebSocketClosedError(None, f"cannot connect to {host}:{port}: {exc}") from exc
     stream: trio.abc.Stream = tcp
     if secure:
-        stream = trio.SSLStream(tcp, ssl_context or ssl.create_default_context(), server_hostname=host)
+        stream = trio.SSLStream(tcp, ssl_context or _default_tls(), server_hostname=host)
     key = new_key()
     ok = False
     try:
