@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
                 str(ports.get("rescue", 0)),
                 "--admin-port",  # no probes here (and two benches must not meet on its default)
                 "-1",
+                "--drain-s",  # nobody to drain for: stop at SIGTERM (the default 10 s met the kill)
+                "0",
                 "--log-level",
                 "WARNING",
                 "--init-store",  # a fresh private Redis: a new deployment
