@@ -39,7 +39,7 @@ from typing import Final
 
 import trio
 
-from rescue._http import DEFAULT_GRACEFUL_TIMEOUT, MAX_CONNECTIONS, HttpLimits, HttpShutdown
+from rescue._http import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_LIMITS, MAX_CONNECTIONS, HttpLimits, HttpShutdown
 from rescue._keyfiles import load_signing_key
 from rescue._log import configure_logging, configure_session_tags, get_logger, log_event
 from rescue._tracing import traced_process
@@ -292,7 +292,7 @@ async def run_token_service(
     drain_s: float = DEFAULT_DRAIN_S,
     admin_host: str | None = None,
     admin_port: int | None = None,
-    limits: HttpLimits | None = None,
+    limits: HttpLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Serve until SIGTERM/SIGINT has drained it, or until cancelled; closes ``store`` on the way out.
@@ -393,7 +393,7 @@ class _Listen:
     port: int
     admin_host: str
     admin_port: int | None  # None: no admin port
-    limits: HttpLimits | None  # None: rescue._http.DEFAULT_LIMITS
+    limits: HttpLimits
 
 
 async def _serve_until_drained(
@@ -421,10 +421,16 @@ async def _serve_until_drained(
                     shutdown=shutdown,
                 )
             )
-        serve = partial(serve_token_service, service, listen.host, listen.port, shutdown=shutdown)
-        if listen.limits is not None:
-            serve = partial(serve, limits=listen.limits)
-        bound = await server.start(serve)
+        bound = await server.start(
+            partial(
+                serve_token_service,
+                service,
+                listen.host,
+                listen.port,
+                limits=listen.limits,
+                shutdown=shutdown,
+            )
+        )
         log_event(
             _LOG,
             "tokenservice.listening",
