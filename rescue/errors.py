@@ -35,6 +35,8 @@ a ``KeyError`` from a malformed CBOR map or a ``struct.error`` from a short head
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from rescue._codes import CloseCode
 
 __all__ = [
@@ -47,6 +49,8 @@ __all__ = [
     "StoreUnavailable",
     "TokenError",
 ]
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class RescueError(Exception):
@@ -142,3 +146,29 @@ class BufferFull(RescueError):
         super().__init__(f"replay buffer full: frame needs {needed} bytes, {available} free")
         self.needed = needed
         self.available = available
+
+
+def unraised(error: _E) -> _E:
+    """A new exception equal to ``error`` (type, ``args``, attributes), never raised: for code
+    that keeps an error to raise or hand out again.
+
+    Raising a kept instance gives it a traceback; every further raise adds its frames to that
+    traceback, and the first of them hold the keeper (``self``) that holds the error: a reference
+    cycle, which keeps those frames and all they hold (the caller's stack, a connection, a peer
+    and the application's callbacks) until a full pass of the cycle collector, rare in a process
+    with a large heap (docs/perf/soak.md). A fresh copy for each raise has no traceback, cause or
+    context of its own until it is raised, and nobody keeps it. Keep a copy too (``unraised(exc)``
+    of an error just caught): the caught one's traceback already holds the frame that caught it.
+
+    Works for any exception whose state is its ``args`` and its instance attributes (every
+    exception class of rescue's, redis-py's): the copy is made without calling ``__init__``, whose
+    parameters are not ``args`` (``GuardrailError(error, message)`` keeps only ``message`` there),
+    so ``copy.copy`` (which calls ``type(error)(*error.args)``) would not do. Attributes are set
+    one by one: an instance of a class compiled by mypyc makes its ``__dict__`` on first use.
+    """
+    cls = type(error)
+    fresh = cls.__new__(cls, *error.args)
+    for name, value in vars(error).items():
+        # add_note() appends to __notes__: the copy gets its own list
+        setattr(fresh, name, list(value) if name == "__notes__" else value)
+    return fresh

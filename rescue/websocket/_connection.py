@@ -24,14 +24,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, TypeGuard, cast, overload
+from typing import Final, TypeGuard, cast
 
 import trio
 
 from rescue._clock import run_clock
 from rescue._codes import CloseCode
 from rescue._log import get_logger, log_event
-from rescue.errors import ConnectionClosedError, ProtocolError
+from rescue.errors import ConnectionClosedError, ProtocolError, unraised
 from rescue.websocket._codec import (
     DEFAULT_MAX_MESSAGE,
     CloseFrameReceived,
@@ -191,29 +191,6 @@ def _ms_since_data_received(sock: trio.socket.SocketType) -> int:
     if len(info) < _LAST_DATA_RECV + 4:
         return 0
     return int.from_bytes(info[_LAST_DATA_RECV : _LAST_DATA_RECV + 4], sys.byteorder)
-
-
-@overload
-def _unraised(error: WebSocketClosedError) -> WebSocketClosedError: ...
-@overload
-def _unraised(error: ProtocolError) -> ProtocolError: ...
-def _unraised(error: WebSocketClosedError | ProtocolError) -> WebSocketClosedError | ProtocolError:
-    """A new exception equal to ``error``, for a connection to raise while it keeps ``error``.
-
-    A connection remembers why it ended and tells every later call. Raising the remembered
-    instance itself gave it a traceback whose frames hold the connection (``self``) and its
-    caller's task (a client's reader: the peer, its ``on_event``, whatever the application's
-    callback holds): a reference cycle. Reference counting then never freed an ended connection,
-    its socket objects and buffers, or the session around it; only a full pass of the cycle
-    collector did, which a process with a large heap runs rarely (the soak's load generator carried
-    tens of MB of ended sessions between two: docs/perf/soak.md). The stored instance is never
-    raised, so it never gets a traceback; each raise gets a copy of its own.
-    """
-    if isinstance(error, WebSocketClosedError):
-        return WebSocketClosedError(error.wire_code, error.reason)
-    if isinstance(error, FrameFloodError):
-        return FrameFloodError(error.kind, str(error))
-    return ProtocolError(str(error), error.code, kind=error.kind)
 
 
 def _only_messages(events: list[Event]) -> TypeGuard[list[bytes]]:
@@ -539,7 +516,7 @@ class WebSocketConnection(ReadAhead):
             try:
                 events = self._feed(view)
             except ProtocolError as exc:
-                self._protocol_error = _unraised(exc)
+                self._protocol_error = unraised(exc)
                 self._read_ahead = True
                 return False
             finally:
@@ -611,7 +588,7 @@ class WebSocketConnection(ReadAhead):
         ended = self._protocol_error or self._error
         if ended is not None:
             await trio.lowlevel.checkpoint()
-            raise _unraised(ended)
+            raise unraised(ended)
         self._receiving = True
         try:
             while True:
@@ -635,7 +612,7 @@ class WebSocketConnection(ReadAhead):
                     try:
                         events = self._feed(got)
                     except ProtocolError as exc:
-                        self._protocol_error = _unraised(exc)
+                        self._protocol_error = unraised(exc)
                         raise
                     finally:
                         if isinstance(got, memoryview):
@@ -682,7 +659,7 @@ class WebSocketConnection(ReadAhead):
         """What the poller's read-ahead left for the waiting task (raising what it caught)."""
         self._read_ahead = False
         if self._protocol_error is not None:
-            raise _unraised(self._protocol_error)
+            raise unraised(self._protocol_error)
         if self._handler_error is not None:
             error, self._handler_error = self._handler_error, None
             raise error
@@ -1181,17 +1158,17 @@ class WebSocketConnection(ReadAhead):
             return True
 
     def _closed_error(self) -> WebSocketClosedError:
-        """Why the connection ended, as a new exception to raise (see :func:`_unraised`)."""
+        """Why the connection ended, as a new exception to raise (see :func:`rescue.errors.unraised`)."""
         if self._error is None:
             self._error = WebSocketClosedError(None, "connection closed")
-        return _unraised(self._error)
+        return unraised(self._error)
 
     def _fail(self, error: WebSocketClosedError) -> WebSocketClosedError:
         """Record ``error`` (unless an earlier one stands), drop the transport; the error to raise."""
         if self._error is None:
             self._error = error
         self._close_transport_now()
-        return _unraised(self._error)
+        return unraised(self._error)
 
     async def __aenter__(self) -> WebSocketConnection:
         return self
