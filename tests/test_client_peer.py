@@ -3,11 +3,13 @@ resume while connections are killed and the relay restarts, close-code policy, l
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import itertools
 import logging
 import random
+import traceback
 from collections import Counter
 
 import pytest
@@ -27,10 +29,13 @@ from rescue.client import (
     TokenServiceUnavailable,
     open_peer,
 )
-from rescue.errors import ConnectionClosedError
+from rescue.errors import ConnectionClosedError, GuardrailError
+from rescue.guardrails import FleetState
 from rescue.protocol import SigningKey
 from rescue.testing import TEST_PSK, LocalTokens, RelayRunner, abort_connection, run_relay
 from rescue.websocket import WebSocketConnection
+
+from .test_client_ladder import control_plane
 
 MB = 1024 * 1024
 
@@ -204,6 +209,74 @@ async def test_ended_sessions_are_freed_without_the_cycle_collector() -> None:
                     type(o).__name__
                     for o in gc.get_objects()
                     if isinstance(o, Peer | _CallerState) or (isinstance(o, WebSocketConnection) and o.client)
+                )
+            finally:
+                gc.enable()
+    assert not left, f"still alive (pinned by reference cycles): {dict(left)}"
+
+
+def _depth(error: BaseException) -> int:
+    return len(list(traceback.walk_tb(error.__traceback__)))
+
+
+async def test_the_error_that_ended_a_peer_is_raised_as_a_fresh_copy_each_time() -> None:
+    """A peer that ended with an error (here the token service's ``fallback_paused``) raises that
+    error from every later call: each time a new copy, with the kept one's type and attributes.
+
+    It used to raise the kept instance itself: every raise added the raising frames to its
+    traceback (which grew with each call after the end), and those frames hold the peer, which
+    holds the error -- a cycle that pinned the peer and the callers' frames until a full pass of
+    the cycle collector. The kept error never gets a traceback now, and an ended peer, its error
+    and what was raised from it are freed by reference counting alone.
+    """
+    calls = 5
+    with trio.fail_after(30):
+        async with control_plane() as (plane, _):
+            await plane.store.set_fleet_state(FleetState(paused=True, reason="soak"))
+            gc.collect()
+            gc.disable()
+            try:
+                async with open_peer(plane.api_url, "copies", "host", psk=TEST_PSK, cohort="dev") as peer:
+                    closed = await peer.wait_closed()
+                    kept = closed.error
+                    assert isinstance(kept, GuardrailError)
+                    assert kept.error == "fallback_paused"
+                    raised: dict[str, list[BaseException]] = {"receive": [], "send": [], "drain": []}
+                    depths: dict[str, list[int]] = {name: [] for name in raised}  # as each was raised
+                    for _ in range(calls):
+                        for name, call in (
+                            ("receive", peer.receive),
+                            ("send", functools.partial(peer.send, 0, b"x")),
+                            ("send", functools.partial(peer.send_control, {"k": 1})),
+                        ):
+                            with pytest.raises(GuardrailError) as info:
+                                await call()
+                            raised[name].append(info.value)
+                            depths[name].append(_depth(info.value))
+                        peer.core.send_data(0, b"unacked")  # so that drain() has to wait, and raises
+                        with pytest.raises(GuardrailError) as info:
+                            await peer.drain()
+                        raised["drain"].append(info.value)
+                        depths["drain"].append(_depth(info.value))
+                    assert kept.__traceback__ is None  # never raised itself
+                    every = [e for errors in raised.values() for e in errors]
+                    assert len({id(e) for e in every}) == len(every)  # never one object twice
+                    assert all(e is not kept for e in every)
+                    for name, found in depths.items():  # the same frames each time: no growth
+                        assert len(set(found)) == 1, (name, found)
+                        assert found == [_depth(e) for e in raised[name]]  # nor later
+                    for error in every:
+                        assert type(error) is GuardrailError
+                        assert (error.args, error.error, error.reason) == (kept.args, "fallback_paused", None)
+                        assert str(error) == str(kept)
+                    for error in raised["receive"]:  # `from None`, as before
+                        assert error.__cause__ is None
+                        assert error.__suppress_context__
+                    del closed, kept, raised, every, error, info
+                    del call
+                del peer
+                left = Counter(
+                    type(o).__name__ for o in gc.get_objects() if isinstance(o, Peer | GuardrailError)
                 )
             finally:
                 gc.enable()

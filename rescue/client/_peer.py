@@ -45,7 +45,7 @@ from rescue.client._tokens import (
     TokenProvider,
     TokenServiceUnavailable,
 )
-from rescue.errors import ConnectionClosedError, ProtocolError, RescueError
+from rescue.errors import ConnectionClosedError, ProtocolError, RescueError, unraised
 from rescue.protocol import DEFAULT_REPLAY_BUFFER_BYTES, BufferFull, Role, derive_psk
 from rescue.websocket import WebSocketClosedError, WebSocketConnection, connect_websocket
 
@@ -139,7 +139,8 @@ class SessionClosed:
             stopped because of an error without one (see ``error``).
         reason: the reason text.
         local: we closed it (``Peer.aclose``), rather than the partner or the relay.
-        error: the error that stopped it, if any (e.g. a ``GuardrailError`` from the token service).
+        error: the error that stopped it, if any (e.g. a ``GuardrailError`` from the token service),
+            as a copy without the traceback of where it was raised (:func:`rescue.errors.unraised`).
     """
 
     code: int | None
@@ -340,8 +341,8 @@ class Peer:
             closed = self._closed
             if closed is None or closed.code == CloseCode.NORMAL:
                 raise
-            if closed.error is not None:
-                raise closed.error from None
+            if closed.error is not None:  # a copy each time: see _raise_if_closed
+                raise unraised(closed.error) from None
             raise ConnectionClosedError(_close_code(closed.code), closed.reason) from None
 
     async def wait_connected(self) -> None:
@@ -414,7 +415,11 @@ class Peer:
         if closed is None:
             return
         if closed.error is not None:
-            raise closed.error
+            # A copy each time (rescue.errors.unraised): raising the kept instance gave it a
+            # traceback that grew by the raising frames with every call after the end, and those
+            # frames hold this peer, which holds the error: a cycle that pinned the peer, the
+            # callers' frames and what they hold until a full pass of the cycle collector.
+            raise unraised(closed.error)
         raise ConnectionClosedError(_close_code(closed.code), closed.reason or "session closed")
 
     def _emit(self, event: ConnectionEvent) -> None:
@@ -457,7 +462,8 @@ class Peer:
             try:
                 await self._manage()
             except RescueError as exc:
-                self._finish(SessionClosed(None, str(exc), local=False, error=exc))
+                # a copy: the caught one's traceback holds this frame, whose `self` holds it
+                self._finish(SessionClosed(None, str(exc), local=False, error=unraised(exc)))
         if self._closed is None:
             local = self._local_close or (int(CloseCode.NORMAL), "closed")
             self._finish(SessionClosed(local[0], local[1], local=True))
