@@ -8,19 +8,23 @@ what only a cluster shows: where the keys land, a script cache lost by one maste
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import time
+import traceback
+import weakref
 from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
-from redis.exceptions import ClusterDownError
+from redis.exceptions import ClusterDownError, ResponseError
 
 from rescue.errors import GuardrailError, StoreUnavailable
 from rescue.guardrails import CounterField, Guardrails, NodeInfo, RedisStore, counter_key, hour_bucket
+from rescue.guardrails._redis import _ThreadCall
 from rescue.guardrails._store import NODES_KEY, assignment_key, node_key
 from rescue.protocol import KeyRing, b64url_decode, verify_token
 from rescue.testing import TestKeys
@@ -203,6 +207,54 @@ async def test_what_a_mint_costs_on_a_cluster(redis_cluster_url: str, redis_send
             redis_sends.clear()
             await store.keep_assignments("n-1", [f"s-{i}" for i in range(50)], ttl=60)
             assert len(redis_sends) == len(set(redis_sends)) <= 3
+    finally:
+        await store.aclose()
+
+
+async def test_an_error_from_a_worker_thread_is_freed_by_reference_counting(
+    redis_cluster_url: str, redis_cluster_session: RedisClusterServers
+) -> None:
+    """A cluster store's round trip runs in a worker thread, which keeps the error it caught for
+    the caller. It kept the error itself and raised it: the error's traceback held the thread's
+    frame and then the caller's (the request's whole stack), and the first of them held the call
+    that held the error -- a cycle, so every error (an outage's, or an answer like this
+    ``WRONGTYPE``) pinned the request's frames until a full pass of the cycle collector. Now the
+    thread keeps a copy and the caller gets a fresh copy of it: the same error, in no cycle."""
+    key = counter_key("wrongtype", "2024010100")
+    with redis_cluster_session.client() as client:
+        client.set(key, "a string, not a hash")
+    store = RedisStore(redis_cluster_url)
+    calls = 4
+    try:
+        with trio.fail_after(TIMEOUT):
+            raised: list[BaseException] = []
+            depths: list[int] = []
+            alive: list[weakref.ref[BaseException]] = []
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(calls):
+                    try:
+                        await store.hour_counts("wrongtype", ["2024010100"])
+                    except ResponseError as exc:  # an answer (a type error), not an outage
+                        raised.append(exc)
+                        depths.append(len(list(traceback.walk_tb(exc.__traceback__))))
+                        alive.append(weakref.ref(exc))
+                assert len(raised) == calls
+                assert len({id(e) for e in raised}) == calls
+                assert len(set(depths)) == 1, depths
+                for error in raised:
+                    assert type(error) is ResponseError
+                    assert str(error).startswith("WRONGTYPE")
+                    assert error.args == raised[0].args
+                del raised, error
+                pinned = [ref() for ref in alive if ref() is not None]
+                calls_left = [o for o in gc.get_objects() if isinstance(o, _ThreadCall)]
+            finally:
+                gc.enable()
+            assert pinned == [], "pinned by a reference cycle"
+            assert calls_left == [], "the worker threads' calls, pinned by their errors"
+            assert not store.breaker.open  # an answer: the breaker stays closed
     finally:
         await store.aclose()
 

@@ -33,7 +33,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from rescue.errors import StoreUnavailable
+from rescue.errors import StoreUnavailable, unraised
 from rescue.guardrails._deadline import (
     PROBE_INTERVAL_S,
     Admission,
@@ -238,12 +238,17 @@ class _ThreadCall(Generic[_T]):
         try:
             self._result = self._fn()
         except BaseException as exc:  # handed to the caller by unwrap()
-            self._error = exc
+            # A copy (rescue.errors.unraised): the caught error's traceback holds this frame,
+            # whose `self` holds the error -- a cycle that kept the call until the cycle collector
+            # ran. Its message, type and attributes say what failed; StoreUnavailable quotes them.
+            self._error = unraised(exc)
         self.finished = True
 
     def unwrap(self) -> _T:
         if self._error is not None:
-            raise self._error
+            # a copy again: raised, the kept one would hold the caller's frames (and through them
+            # this call, which holds it), the request's stack pinned until a full collection
+            raise unraised(self._error)
         return self._result  # type: ignore[return-value]
 
 
