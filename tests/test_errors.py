@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import pathlib
 
+import pytest
+
 import rescue
 import rescue.errors
 
@@ -50,3 +52,53 @@ def test_the_docstring_tree_lists_every_exception_class() -> None:
         if name not in NOT_IN_THE_TREE and f" {name} " not in doc.replace("(", " ").replace("\n", " \n")
     )
     assert missing == []
+
+
+def test_unraised_copies_every_kind_of_kept_error() -> None:
+    """``unraised`` (the fresh copy a kept error is raised as) keeps the type, ``args``, message and
+    every attribute of each class rescue keeps and raises again, whose ``__init__`` parameters are
+    mostly not its ``args`` -- and gives the copy no traceback, cause or context of its own."""
+    from rescue._codes import CloseCode
+    from rescue.client import TokenRequestError, TokenServiceUnavailable
+    from rescue.errors import (
+        BufferFull,
+        ConnectionClosedError,
+        GuardrailError,
+        ProtocolError,
+        StoreUnavailable,
+        TokenError,
+        unraised,
+    )
+    from rescue.protocol._crypto import DecryptError
+    from rescue.websocket import WebSocketClosedError
+    from rescue.websocket._codec import FrameFloodError, HandshakeError
+
+    kept: list[Exception] = [
+        GuardrailError("no_relay_available", "every node is full", reason="full"),
+        TokenRequestError(401, "unauthenticated", "bad key"),
+        TokenServiceUnavailable("unreachable", "ConnectError"),
+        ConnectionClosedError(CloseCode.SESSION_MISMATCH, "gave up: mismatch"),
+        ConnectionClosedError(None),
+        WebSocketClosedError(4001, "bad token"),
+        WebSocketClosedError(1001),
+        ProtocolError("bad frame", CloseCode.INTEGRITY_ERROR, kind="protocol"),
+        FrameFloodError("small_frames", "too many frames"),
+        HandshakeError(503, "draining", "node draining", headers=(("Retry-After", "1"),)),
+        DecryptError("frame failed authentication"),
+        TokenError("expired", "token expired", CloseCode.TOKEN_EXPIRED),
+        BufferFull(70000, 12),
+        StoreUnavailable("guardrail store unavailable"),
+    ]
+    for error in kept:
+        with pytest.raises(type(error)):  # raised once, as a kept error was before
+            raise error from KeyError("cause")
+        assert error.__traceback__ is not None
+        error.add_note("seen once")
+        copy = unraised(error)
+        assert copy is not error
+        assert type(copy) is type(error)
+        assert (copy.args, str(copy), repr(copy)) == (error.args, str(error), repr(error))
+        assert vars(copy) == vars(error)  # code, kind, reason, status, wire_code, headers, notes...
+        assert (copy.__traceback__, copy.__cause__, copy.__context__) == (None, None, None)
+        copy.add_note("raised again")
+        assert error.__notes__ == ["seen once"]  # the kept one's own list
