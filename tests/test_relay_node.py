@@ -91,6 +91,8 @@ async def test_admin_endpoints(nursery: trio.Nursery) -> None:
             assert stats["tasks"] > 0  # the node's live trio tasks (the soak watches them)
             assert stats["hot_path"] == build.describe()  # compiled (mypyc) or pure Python (0022)
             assert stats["read_poller"]["registered"] == 2
+            # the session's liveness deadlines, on the node's wheel (decision 0025)
+            assert stats["liveness_wheel"] == {"filed": 1, "refiled": 0, "fired": 0, "tick_s": 1.0}
             [detail] = stats["session_detail"]
             assert detail["session"] == session_tag("secret-session-id")
             assert "secret-session-id" not in json.dumps(stats)

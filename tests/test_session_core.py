@@ -32,7 +32,7 @@ from rescue.protocol import (
     encode_frame,
     encode_header,
 )
-from rescue.sessions import RELAY_HEARTBEAT, Link, RelayStats, SessionCore, SessionLimits
+from rescue.sessions import RELAY_HEARTBEAT, Link, LivenessWheel, RelayStats, SessionCore, SessionLimits
 from rescue.sessions._config import MAX_RECENT_NONCES
 from rescue.sessions._core import (
     ACTIONS,
@@ -49,7 +49,6 @@ from rescue.sessions._core import (
     REJOINED,
     REPLACED,
     RESUME,
-    TIMER,
     WRITE,
     WRITE_NOW,
     WRITE_PARTNER,
@@ -96,7 +95,8 @@ class Shell:
     def __init__(self, limits: SessionLimits = LIMITS, now: float = 0.0) -> None:
         self.now = now
         self.stats = RelayStats()
-        self.core: SessionCore[Conn] = SessionCore(limits, self.stats, now=now)
+        self.wheel = LivenessWheel()
+        self.core: SessionCore[Conn] = SessionCore(limits, self.stats, now=now, wheel=self.wheel)
         self.limits = limits
         self.stalled: set[Role] = set()  # roles whose socket takes nothing (their peer does not read)
         self.lifecycle: list[tuple[int, Role | None]] = []
@@ -104,7 +104,8 @@ class Shell:
         self.links: list[Link[Conn] | None] = []  # and for which link
         self.conns: list[Conn] = []
         self.armed = self.core.next_deadline()
-        self.ticks = 0  # timer wake-ups
+        self.ticks = 0  # the session timer's wake-ups
+        self.wheel_passes = 0  # the liveness wheel's task taking a slot
 
     # -- events in
 
@@ -128,15 +129,24 @@ class Shell:
         return self.receive(conn, conn.held)
 
     def advance(self, dt: float) -> None:
-        """Let ``dt`` pass, ticking the core exactly at each deadline it hands out (as a timer would)."""
+        """Let ``dt`` pass, ticking the core exactly at each deadline it hands out (as a timer would),
+        and taking the liveness wheel's slots when they are due (as the node's wheel task would)."""
         target = self.now + dt
         for _ in range(10_000):
-            if self.armed > target:
+            at = min(self.armed, self.wheel.next_at())
+            if at > target:
                 break
-            self.now = max(self.now, self.armed)
-            self.ticks += 1
-            self.core.tick(self.now)
-            self.run_actions()
+            self.now = max(self.now, at)
+            if self.armed <= self.now:
+                self.ticks += 1
+                self.core.tick(self.now)
+                self.run_actions()
+            if self.wheel.next_at() <= self.now:
+                self.wheel_passes += 1
+                for core in self.wheel.due(self.now):
+                    assert core is self.core
+                    core.tick(self.now)
+                    self.run_actions()
             self.armed = self.core.next_deadline()
         else:  # pragma: no cover - the core must make progress at every tick
             raise AssertionError("tick() keeps asking for the same time")
@@ -162,8 +172,6 @@ class Shell:
             assert batch is not None
             assert len(batch) == 1
             self.write_taken(conn, batch)
-        if flags & TIMER:
-            self.armed = self.core.next_deadline()
         if flags & WRITE_PARTNER:
             partner = self.core.slots[conn.link.other]
             if partner is not None:  # (one that closed meanwhile got a CLOSE action)
@@ -547,7 +555,7 @@ def test_pair_timeout_and_peer_gone() -> None:
     assert host.link.close_code == CloseCode.PEER_GONE
 
 
-def test_liveness_is_pushed_lazily_and_stays_exact_to_the_slack() -> None:
+def test_liveness_stays_exact_to_the_slack() -> None:
     shell = Shell()
     host = shell.attach(Role.HOST)
     guest = shell.attach(Role.GUEST)
@@ -570,22 +578,106 @@ def test_liveness_is_pushed_lazily_and_stays_exact_to_the_slack() -> None:
     assert not guest.link.closing
 
 
-def test_live_peers_never_wake_the_session_timer() -> None:
-    """The liveness deadline moves with the heartbeats (TIMER), so the timer fires only for a
-    real silence: idle sessions cost no wake-ups."""
+def test_live_peers_move_no_timer_and_the_wheel_looks_at_the_session_twice_a_timeout_at_most() -> None:
+    """Liveness deadlines are on the node's wheel (decision 0025): heartbeats move no session timer
+    (none is armed at all for a paired session whose peers talk), and the wheel looks at the
+    session about once per liveness timeout less a heartbeat, until a real silence."""
     shell = Shell()
     host = shell.attach(Role.HOST)
     guest = shell.attach(Role.GUEST)
-    for i in range(30):
+    for i in range(30):  # 300 s, a heartbeat every 10 s (liveness timeout 30 s)
         shell.advance(10)
         for conn in (host, guest) if i % 2 else (guest, host):
-            shell.receive(conn, [beat()])
+            assert not shell.receive(conn, [beat()]) & ACTIONS  # (no REARM)
+    assert shell.core.next_deadline() == math.inf
     assert shell.ticks == 0
+    assert shell.wheel.fired == 0
+    assert len(shell.wheel) == 1
+    assert 300 / 30 <= shell.wheel.refiled <= 300 / (30 - 10) + 1  # the earlier peer's last beat + 30 s
     assert not host.link.closing
     assert not guest.link.closing
-    shell.advance(31)  # silence: one wake-up each, both timed out
+    shell.advance(31)  # silence: both timed out by the wheel, the session timer still never fired
     assert host.link.close_code == guest.link.close_code == CloseCode.HEARTBEAT_TIMEOUT
-    assert shell.ticks <= 2
+    assert shell.ticks == 0
+    assert 1 <= shell.wheel.fired <= 2
+    assert shell.core.ended
+    assert len(shell.wheel) == 0  # an ended session leaves the wheel at once
+
+
+_WHEEL_LIMITS = SessionLimits(heartbeat_s=10)
+_WHEEL_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("beat"), st.integers(0, 3), st.sampled_from(list(Role))),
+        st.tuples(st.just("attach"), st.integers(0, 3), st.sampled_from(list(Role))),
+        st.tuples(st.just("lose"), st.integers(0, 3), st.sampled_from(list(Role))),
+        st.tuples(st.just("end"), st.integers(0, 3), st.just(Role.HOST)),
+        st.tuples(st.just("sleep"), st.floats(0.0, 45.0), st.just(Role.HOST)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_WHEEL_OPS, tick=st.sampled_from([0.25, 1.0, 2.5]))
+def test_the_wheel_times_out_every_silent_link_never_early_and_at_most_a_tick_late(
+    ops: list[tuple[str, float, Role]], tick: float
+) -> None:
+    """Four sessions on one wheel, driven as the node's task drives it (each slot taken when due):
+    a link is timed out only after a whole liveness timeout of silence, and by a tick after it."""
+    timeout = _WHEEL_LIMITS.liveness_timeout_s
+    wheel = LivenessWheel(tick)
+    stats = RelayStats()
+    now = 0.0
+    cores = [SessionCore[None](_WHEEL_LIMITS, stats, now=now, wheel=wheel) for _ in range(4)]
+    heard: dict[Link[None], float] = {}  # when each peer was last heard (the links kept alive)
+    closed_at: dict[Link[None], float] = {}
+
+    def links() -> list[Link[None]]:
+        return [link for core in cores if not core.ended for link in core.slots if link is not None]
+
+    def settle(until: float) -> None:
+        nonlocal now
+        while wheel.next_at() <= until:
+            now = max(now, wheel.next_at())
+            for core in wheel.due(now):
+                before = [link for link in core.slots if link is not None]
+                core.tick(now)
+                for link in before:
+                    if link.close_code == CloseCode.HEARTBEAT_TIMEOUT:
+                        closed_at[link] = now
+            check()
+        now = until
+        check()
+
+    def check() -> None:
+        for link in links():  # every live link was heard within a timeout and a tick
+            assert now - heard[link] < timeout + tick
+        for key, at in closed_at.items():
+            assert timeout <= at - heard[key] <= timeout + tick  # never early, at most a tick late
+        filed = [core for core in cores if not core.ended and core.liveness_at() != math.inf]
+        assert len(wheel) == len(filed)  # each live session filed once, ended ones not at all
+
+    for name, arg, role in ops:
+        if name == "sleep":
+            settle(now + float(arg))
+            continue
+        core = cores[int(arg)]
+        link = core.peer(role)
+        if name == "attach" and not core.ended:
+            link = core.attach(role, os.urandom(16), CAPS, now=now, server_nonce=bytes(16), handle=None)
+            heard[link] = now
+        elif name == "beat" and link is not None:
+            core.receive(link, [beat()], now)
+            heard[link] = now
+        elif name == "lose" and link is not None:
+            core.connection_lost(link, now)
+        elif name == "end":
+            core.end()
+        for core in cores:
+            core.take_actions()
+        check()
+    settle(now + timeout + tick)
+    assert not links()  # everyone fell silent in the end: all timed out
 
 
 def test_quiet_after_heartbeats_only_and_data_makes_only_its_sender_active() -> None:

@@ -3,7 +3,8 @@
 Task tree of a running node::
 
     Relay.run
-    ├── services nursery ─ admin HTTP port, token-service poller, key refresher, node registrar
+    ├── services nursery ─ admin HTTP port, token-service poller, key refresher, node registrar,
+    │                      read poller, the sessions' liveness wheel (SessionTable.run_liveness)
     └── handlers nursery (drain deadline on shutdown)
         ├── handler per WebSocket ─ rate limit, HELLO, token, attach; then hands the socket to
         │                           its session (WebSocketConnection.detach) and ends
@@ -279,6 +280,7 @@ class Relay:
             "gc": self.gc_pauses.snapshot(),
             "control": self.control.detail(),
             "read_poller": self.poller.statistics() if self.poller is not None else None,
+            "liveness_wheel": self.table.liveness_statistics(),
             "tasks": trio.lowlevel.current_statistics().tasks_living,
         }
         if detail:
@@ -326,6 +328,8 @@ class Relay:
                         # started first, so it outlives the handlers nursery (drained connections
                         # still read their peers' close frames through it)
                         await services.start(self.poller.run)
+                    # the sessions' liveness deadlines (decision 0025): outlives the handlers too
+                    await services.start(self.table.run_liveness)
                     if client is not None:
                         await services.start(self.control.run, client)
                     if not self._keys_given:

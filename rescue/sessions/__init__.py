@@ -12,6 +12,7 @@ from rescue.sessions._config import DEFAULT_QUEUE_MAX_FRAMES as DEFAULT_QUEUE_MA
 from rescue.sessions._config import SessionLimits as SessionLimits
 from rescue.sessions._core import RELAY_HEARTBEAT as RELAY_HEARTBEAT
 from rescue.sessions._core import Link as Link
+from rescue.sessions._core import LivenessWheel as LivenessWheel
 from rescue.sessions._core import SessionCore as SessionCore
 from rescue.sessions._core import websocket_close_code as websocket_close_code
 from rescue.sessions._limits import DEFAULT_MAX_SOURCES as DEFAULT_MAX_SOURCES

@@ -30,9 +30,9 @@ MAX_PRIORITY_FRAMES: Final = 32
 # HELLO nonces remembered per session to refuse a replayed HELLO (SPEC: a nonce is fresh per
 # connection). 64 covers far more reconnects than fit in one token lifetime at the handshake limit.
 MAX_RECENT_NONCES: Final = 64
-# A connection's liveness deadline is pushed forward only when it moved by more than this, so a busy
-# connection reschedules its deadline at most once a second; the deadline is never early, at most
-# this much late.
+# The grid of the node's liveness wheel (rescue.sessions._core.LivenessWheel, decision 0025): a
+# silent peer is timed out never early and at most this much after its liveness timeout, and the
+# wheel's task wakes at most this often.
 LIVENESS_SLACK_S: Final = 1.0
 
 

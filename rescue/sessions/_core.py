@@ -9,13 +9,14 @@ sockets did and carries out what it asks for.
 
 One connection is a :class:`Link` (made by :meth:`SessionCore.attach`). Driving it::
 
-    core = SessionCore(limits, stats)
+    wheel = LivenessWheel()                    # one per node: every session's liveness deadline
+    core = SessionCore(limits, stats, now=now, wheel=wheel)
     link = core.attach(Role.HOST, nonce, caps, now=now, server_nonce=os.urandom(16), handle=shell)
     run(core.take_actions())                  # WELCOME queued for link: WRITE, ...
     flags = core.receive(link, batch, now)     # one read's messages, from the poller or the reader
     if flags & HOLD: ...wait for RESUME, then receive the same batch again
     if flags & WRITE_PARTNER: write core.take_output(partner) ... core.sent(partner, now)
-    core.tick(now) when now >= core.next_deadline()
+    core.tick(now) when now >= core.next_deadline(), or when wheel.due(now) names the core
 
 Events in: :meth:`~SessionCore.attach`, :meth:`~SessionCore.receive`, :meth:`~SessionCore.sent` (a
 taken batch is written: the link is writable again), :meth:`~SessionCore.close` (a close decided
@@ -33,8 +34,10 @@ without waiting for the old socket's closing handshake.
 
 from __future__ import annotations
 
+import heapq
 import math
-from typing import Final, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Final, Generic, TypeVar
 
 from rescue._codes import CloseCode, clip_close_reason
 from rescue.errors import ProtocolError
@@ -72,12 +75,12 @@ __all__ = [
     "RELAY_HEARTBEAT",
     "REPLACED",
     "RESUME",
-    "TIMER",
     "WRITE",
     "WRITE_NOW",
     "WRITE_PARTNER",
     "WRITE_SELF",
     "Link",
+    "LivenessWheel",
     "SessionCore",
     "websocket_close_code",
 ]
@@ -99,8 +102,6 @@ ACTIONS: Final = 8  # take_actions() has something
 WRITE_NOW: Final = 16
 # The same for a lone heartbeat's echo: the batch handed in is the link's own next write.
 ECHO_NOW: Final = 32
-# The armed timer was a liveness deadline that just moved later: re-arm with next_deadline().
-TIMER: Final = 64
 
 # Action kinds, as (kind, link) from take_actions(). Mechanics first:
 WRITE: Final = 1  # the link's output has something: write it (take_output ... sent)
@@ -239,7 +240,7 @@ class Link(Generic[H]):
         self._taken_t0 = 0.0
         # input: liveness, quiet, holding back
         self._last_in = self._last_data = now
-        self._live_at = now + limits.liveness_timeout_s + LIVENESS_SLACK_S
+        self._live_at = now + limits.liveness_timeout_s
         self.quiet = False
         self.held = False
         self._hold_until = 0.0  # rate limit: input waits until then
@@ -275,6 +276,101 @@ class Link(Generic[H]):
         }
 
 
+_NOT_FILED: Final = -1
+
+
+class LivenessWheel:
+    """Every session's liveness deadline of one node, filed on one grid of ``tick_s`` (decision 0025).
+
+    A live peer's message only moves its link's ``_live_at`` (a float store in compiled code):
+    no timer of the session moves. One task per node sleeps until the earliest slot in use and
+    takes it with :meth:`due`: a core whose deadline moved later meanwhile is filed again (in
+    compiled code, about once per liveness timeout per session), one whose peer really fell
+    silent is handed back for :meth:`SessionCore.tick`. Moving a trio deadline instead (one
+    interpreted ``CancelScope.deadline`` store and a heap entry in trio's run loop, every third
+    heartbeat per link) was a fifth of an idle node's busy time.
+
+    A core is filed in at most one slot (``core._wheel_slot``): the slot of its earliest
+    liveness deadline, rounded *up* to the grid, so a timeout is never early and at most
+    ``tick_s`` late.
+
+    Attributes:
+        tick_s: the grid (the most a liveness timeout is late).
+        wake: called with the new :meth:`next_at` when a filing made it earlier (the task's
+            sleep must end sooner); set by whoever runs the wheel.
+        refiled: cores filed again from a due slot (their peers were heard meanwhile).
+        fired: cores handed back by :meth:`due` (a deadline passed).
+    """
+
+    __slots__ = ("_heap", "_slots", "fired", "refiled", "tick_s", "wake")
+
+    def __init__(self, tick_s: float = LIVENESS_SLACK_S) -> None:
+        if not 0 < tick_s <= 60:  # (NaN fails too)
+            raise ValueError("tick_s must be above 0 and at most 60")
+        self.tick_s = float(tick_s)
+        # slot -> the cores filed there (a dict: an ended session leaves its slot at once)
+        self._slots: dict[int, dict[SessionCore[Any], None]] = {}
+        self._heap: list[int] = []  # the slots in use (a slot left empty stays until it is due)
+        self.wake: Callable[[float], None] | None = None
+        self.refiled = 0
+        self.fired = 0
+
+    def __len__(self) -> int:
+        """How many cores are filed."""
+        return sum(len(cores) for cores in self._slots.values())
+
+    def next_at(self) -> float:
+        """When the earliest slot in use is due (``inf``: none)."""
+        heap = self._heap
+        return heap[0] * self.tick_s if heap else math.inf
+
+    def file(self, core: SessionCore[Any], at: float) -> None:
+        """File ``core`` for a liveness deadline at ``at``, unless it is filed for no later already."""
+        slot = math.ceil(at / self.tick_s)
+        old = core._wheel_slot
+        if old != _NOT_FILED:
+            if old <= slot:
+                return  # looked at no later than needed; due() files it again from there
+            del self._slots[old][core]
+        core._wheel_slot = slot
+        cores = self._slots.get(slot)
+        if cores is not None:
+            cores[core] = None
+            return
+        self._slots[slot] = {core: None}
+        heapq.heappush(self._heap, slot)
+        if self._heap[0] == slot and self.wake is not None:
+            self.wake(slot * self.tick_s)
+
+    def discard(self, core: SessionCore[Any]) -> None:
+        """``core`` needs no liveness checks any more (its session ended)."""
+        old = core._wheel_slot
+        if old != _NOT_FILED:
+            core._wheel_slot = _NOT_FILED
+            del self._slots[old][core]
+
+    def due(self, now: float) -> list[SessionCore[Any]]:
+        """Take every slot due by ``now``: the cores whose liveness deadline passed, in filing order.
+
+        The caller ticks each (``core.tick(now)``, which closes a silent link or files the core
+        again) and carries out its actions.
+        """
+        out: list[SessionCore[Any]] = []
+        heap = self._heap
+        tick = self.tick_s
+        while heap and heap[0] * tick <= now:
+            for core in self._slots.pop(heapq.heappop(heap)):
+                core._wheel_slot = _NOT_FILED
+                at = core.liveness_at()
+                if at <= now:
+                    out.append(core)
+                elif at != math.inf:
+                    self.refiled += 1
+                    self.file(core, at)  # a slot after now: not taken by this loop
+        self.fired += len(out)
+        return out
+
+
 class SessionCore(Generic[H]):
     """One relay session's decisions, without I/O (see the module docstring).
 
@@ -282,6 +378,12 @@ class SessionCore(Generic[H]):
         limits: the node's session limits.
         stats: the node's counters (plain integers, updated here).
         now: the time the session is created (the pairing deadline starts).
+        wheel: the node's liveness wheel: the links' liveness deadlines are filed there, not in
+            :meth:`next_deadline`.
+
+    Attributes:
+        shell: whatever carries out this core's actions (the trio session): the wheel's task
+            hands a due core back to it.
     """
 
     __slots__ = (
@@ -296,14 +398,17 @@ class SessionCore(Generic[H]):
         "_quiet_after_s",
         "_seen",
         "_timer",
+        "_wheel",
+        "_wheel_slot",
         "ended",
         "limits",
         "paired",
+        "shell",
         "slots",
         "stats",
     )
 
-    def __init__(self, limits: SessionLimits, stats: RelayStats, *, now: float) -> None:
+    def __init__(self, limits: SessionLimits, stats: RelayStats, *, now: float, wheel: LivenessWheel) -> None:
         self.limits = limits
         self.stats = stats
         self._max_frames = limits.queue_max_frames
@@ -322,6 +427,9 @@ class SessionCore(Generic[H]):
         self._timer = now + limits.pair_timeout_s  # PAIR_TIMEOUT or PEER_GONE, when finite
         self._armed = math.inf  # the deadline last handed out by next_deadline()
         self._actions: list[tuple[int, Link[H] | None]] = []
+        self._wheel = wheel
+        self._wheel_slot = _NOT_FILED
+        self.shell: Any = None
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -341,22 +449,31 @@ class SessionCore(Generic[H]):
     def next_deadline(self) -> float:
         """When :meth:`tick` has something to do at the latest (``inf``: nothing scheduled).
 
-        It may be early (liveness is pushed lazily), never late. The shell arms its timer with
-        it; a later call that moves it earlier asks for re-arming with the ``ACTIONS`` flag.
+        The pairing or resume-grace deadline and a held link's relay heartbeat or end of its
+        rate wait; liveness deadlines are on the node's wheel (:meth:`liveness_at`). The shell
+        arms its timer with it; a later call that moves it earlier asks for re-arming with the
+        ``ACTIONS`` flag (a ``REARM`` action).
         """
         deadline = self._timer
         for link in self.slots:
-            if link is None:
+            if link is None or not link.held:
                 continue
-            if not link.held:
-                at = link._live_at
-            elif link._hold_until:
-                at = link._hold_until
-            else:
-                at = link._beat_at
+            at = link._hold_until if link._hold_until else link._beat_at
             if at < deadline:
                 deadline = at
         self._armed = deadline
+        return deadline
+
+    def liveness_at(self) -> float:
+        """The earliest liveness deadline of a link (``inf``: none runs; a held link's is suspended).
+
+        It may be early (deadlines are pushed lazily), never late: :meth:`tick` then files the
+        core again from the link's last message.
+        """
+        deadline = math.inf
+        for link in self.slots:
+            if link is not None and link._live_at < deadline:
+                deadline = link._live_at
         return deadline
 
     def take_actions(self) -> list[tuple[int, Link[H] | None]]:
@@ -420,7 +537,7 @@ class SessionCore(Generic[H]):
                 self._actions.append((PAIRED, link))
         elif not self.paired:
             self._set_timer(now + self.limits.pair_timeout_s)
-        self._check_armed(link._live_at)
+        self._wheel.file(self, link._live_at)
         return link
 
     # ---------------------------------------------------------------------------------- receive
@@ -434,7 +551,7 @@ class SessionCore(Generic[H]):
             batch in again. Else the whole batch is handled: ``WRITE_NOW`` (forwarded, and it is
             the partner's next write: write ``batch`` itself), ``WRITE_PARTNER`` (forwarded),
             ``WRITE_SELF`` (a heartbeat echo), ``ECHO_NOW`` (the echo is ``batch`` itself: write
-            it to the link), ``TIMER`` (re-arm the timer), ``ACTIONS`` (see :meth:`take_actions`).
+            it to the link), ``ACTIONS`` (see :meth:`take_actions`).
         """
         if link.closing:
             return 0
@@ -446,17 +563,10 @@ class SessionCore(Generic[H]):
             return self._hold(link, now)
         if link.held:
             self._unhold(link, now)
-        # liveness: pushed only once less than one heartbeat interval is left on it (every third
-        # heartbeat of a quiet peer: moving the timer is the dearest thing an idle session does).
-        # When the armed timer was this deadline, TIMER asks the shell to move it, so a live
-        # peer never wakes the session; if the peer then goes silent it fires at most the
-        # slack late, and tick() re-arms it from _last_in.
+        # liveness: only this store; the wheel files the core again when the slot it was filed
+        # in comes (decision 0025), or hands it back for tick() if the peer fell silent
         link._last_in = now
-        timer = 0
-        if link._live_at < now + self._heartbeat_s:
-            if link._live_at <= self._armed:
-                timer = TIMER
-            link._live_at = now + self._liveness_s + LIVENESS_SLACK_S
+        link._live_at = now + self._liveness_s
         if _all_relayed(batch):
             # the common case: every message is CONTROL/DATA, forward the list as it is
             flags = self._forward(link, partner, batch, now, direct=True)
@@ -465,7 +575,6 @@ class SessionCore(Generic[H]):
             flags = self._echo(link, batch[0], now, direct=True)
         else:
             flags = self._receive_mixed(link, partner, batch, now)
-        flags |= timer
         return (flags | ACTIONS) if self._actions else flags
 
     def _receive_mixed(self, link: Link[H], partner: Link[H] | None, batch: list[bytes], now: float) -> int:
@@ -627,8 +736,8 @@ class SessionCore(Generic[H]):
         link._beat_at = math.inf
         link._hold_until = 0.0
         link._last_in = now
-        link._live_at = now + self.limits.liveness_timeout_s + LIVENESS_SLACK_S
-        self._check_armed(link._live_at)
+        link._live_at = now + self._liveness_s
+        self._wheel.file(self, link._live_at)
 
     # ----------------------------------------------------------------------------------- output
 
@@ -753,6 +862,7 @@ class SessionCore(Generic[H]):
         """The shell is gone (cancelled, torn down): the session takes no more connections."""
         self.ended = True
         self._timer = math.inf
+        self._wheel.discard(self)
 
     def close_all(
         self,
@@ -795,6 +905,7 @@ class SessionCore(Generic[H]):
         if partner is None:
             self.ended = True
             self._timer = math.inf
+            self._wheel.discard(self)
             self.stats.sessions_emptied += 1
             self._actions.append((ENDED, None))
             return
@@ -843,8 +954,8 @@ class SessionCore(Generic[H]):
                         f"no message for {timeout:g} s (3 x heartbeat_s)",
                         now,
                     )
-                else:  # pushed lazily: re-armed from the last message
-                    link._live_at = link._last_in + timeout + LIVENESS_SLACK_S
+                else:  # (rounding: the sum said due, the difference not yet) due just after now
+                    link._live_at = math.nextafter(now, math.inf)
         if self._timer <= now:
             self._timer = math.inf
             for link in list(self.slots):
@@ -856,3 +967,7 @@ class SessionCore(Generic[H]):
                 else:
                     reason = f"no partner within {self.limits.pair_timeout_s:g} s"
                     self.close(link, CloseCode.PAIR_TIMEOUT, reason, now)
+        if not self.ended:
+            at = self.liveness_at()
+            if at != math.inf:
+                self._wheel.file(self, at)  # (a no-op when filed for no later already)

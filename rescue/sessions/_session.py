@@ -5,6 +5,10 @@ Lifecycle::
     Session(...) in the table ── run() opens the nursery ── attach(ws) starts PeerLink.run in it
           │                                                      │
           └─ one timer task: sleeps until core.next_deadline(), then core.tick(now)
+
+The links' liveness deadlines are not the session's timer: the node's :class:`LivenessWheel` (the
+table's, run by :meth:`SessionTable.run_liveness`) hands a core whose peer fell silent back to its
+session (decision 0025), so a live peer's heartbeat moves no trio deadline.
           last link released (ENDED) ──► removed from the table ──► nursery drains ──► run() returns
 
 Every connection of the session (including one waiting for its partner) runs in the session's
@@ -18,6 +22,7 @@ report and tracing span events hook in.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Awaitable, Callable, Iterator
@@ -46,12 +51,12 @@ from rescue.sessions._core import (
     REJOINED,
     REPLACED,
     RESUME,
-    TIMER,
     WRITE,
     WRITE_NOW,
     WRITE_PARTNER,
     WRITE_SELF,
     Link,
+    LivenessWheel,
     SessionCore,
 )
 from rescue.sessions._link import PeerLink
@@ -74,17 +79,37 @@ _SPAN_EVENTS = {
 
 
 class SessionTable:
-    """The sessions of one node, by session id.
+    """The sessions of one node, by session id, and their liveness wheel.
 
     Args:
         max_sessions: the most sessions at once (the relay answers ``OVERLOADED`` past it).
+
+    Attributes:
+        wheel: every session's liveness deadline; :meth:`run_liveness` must run while sessions do.
     """
 
-    __slots__ = ("_sessions", "max_sessions")
+    __slots__ = ("_sessions", "max_sessions", "wheel")
 
     def __init__(self, *, max_sessions: int) -> None:
         self.max_sessions = max_sessions
         self._sessions: dict[str, Session] = {}
+        self.wheel = LivenessWheel()
+
+    async def run_liveness(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Time out the sessions' silent peers until cancelled: sleep until the wheel's next slot, take it."""
+        wheel = self.wheel
+        task_status.started()
+        try:
+            while True:
+                with trio.CancelScope(deadline=wheel.next_at()) as scope:
+                    wheel.wake = functools.partial(_sooner, scope)
+                    await trio.sleep_forever()
+                wheel.wake = None
+                now = trio.current_time()
+                for core in wheel.due(now):
+                    core.shell.liveness_due(now)
+        finally:
+            wheel.wake = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -111,9 +136,19 @@ class SessionTable:
         if self._sessions.get(session.session_id) is session:
             del self._sessions[session.session_id]
 
+    def liveness_statistics(self) -> dict[str, int | float]:
+        """The wheel's counters for ``/debug/stats``: sessions filed, filed again, timed out."""
+        wheel = self.wheel
+        return {"filed": len(wheel), "refiled": wheel.refiled, "fired": wheel.fired, "tick_s": wheel.tick_s}
+
     def connections(self) -> int:
         """Connections currently holding a role (for the gauge)."""
         return sum(s.connected for s in self._sessions.values())
+
+
+def _sooner(scope: trio.CancelScope, deadline: float) -> None:
+    if deadline < scope.deadline:
+        scope.deadline = deadline
 
 
 class Session:
@@ -167,7 +202,10 @@ class Session:
         # the run's clock, asked directly on the per-message path (trio.current_time() costs twice as much)
         self.clock = trio.lowlevel.current_clock()
         self.run_clock = run_clock(self.clock)  # the same time, read in compiled code (rescue._clock)
-        self.core: SessionCore[PeerLink] = SessionCore(limits, stats, now=self.clock.current_time())
+        self.core: SessionCore[PeerLink] = SessionCore(
+            limits, stats, now=self.clock.current_time(), wheel=table.wheel
+        )
+        self.core.shell = self
         self._table = table
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -351,8 +389,12 @@ class Session:
             conn.write_now(batch, now)
         elif flags & WRITE_SELF:
             conn.pump(now)
-        if flags & TIMER:
-            self.rearm()
+
+    def liveness_due(self, now: float) -> None:
+        """The wheel says a link's liveness deadline passed: the core times it out (or files it again)."""
+        if not self.core.ended:
+            self.core.tick(now)
+            self._run_actions()
 
     def rearm(self) -> None:
         """Move the session's timer to the core's next deadline."""
