@@ -285,7 +285,7 @@ class LivenessWheel:
     A live peer's message only moves its link's ``_live_at`` (a float store in compiled code):
     no timer of the session moves. One task per node sleeps until the earliest slot in use and
     takes it with :meth:`due`: a core whose deadline moved later meanwhile is filed again (in
-    compiled code, about once per liveness timeout per session), one whose peer really fell
+    compiled code, once or twice per liveness timeout per session), one whose peer really fell
     silent is handed back for :meth:`SessionCore.tick`. Moving a trio deadline instead (one
     interpreted ``CancelScope.deadline`` store and a heap entry in trio's run loop, every third
     heartbeat per link) was a fifth of an idle node's busy time.
@@ -390,7 +390,6 @@ class SessionCore(Generic[H]):
         "_actions",
         "_armed",
         "_ending",
-        "_heartbeat_s",
         "_liveness_s",
         "_max_bytes",
         "_max_frames",
@@ -414,7 +413,6 @@ class SessionCore(Generic[H]):
         self._max_frames = limits.queue_max_frames
         self._max_bytes = limits.queue_max_bytes
         # read on every message (limits is an interpreted dataclass: a generic lookup each, 0022)
-        self._heartbeat_s = float(limits.heartbeat_s)
         self._liveness_s = float(limits.liveness_timeout_s)
         self._quiet_after_s = float(limits.quiet_after_s)
         # the role slots, by Link.index (host, guest); read-only for the shell
@@ -465,11 +463,8 @@ class SessionCore(Generic[H]):
         return deadline
 
     def liveness_at(self) -> float:
-        """The earliest liveness deadline of a link (``inf``: none runs; a held link's is suspended).
-
-        It may be early (deadlines are pushed lazily), never late: :meth:`tick` then files the
-        core again from the link's last message.
-        """
+        """The earliest liveness deadline of a link: its last message plus the liveness timeout
+        (``inf``: no link, or only held ones, whose liveness is suspended)."""
         deadline = math.inf
         for link in self.slots:
             if link is not None and link._live_at < deadline:

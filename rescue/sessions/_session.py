@@ -5,11 +5,11 @@ Lifecycle::
     Session(...) in the table ── run() opens the nursery ── attach(ws) starts PeerLink.run in it
           │                                                      │
           └─ one timer task: sleeps until core.next_deadline(), then core.tick(now)
-
-The links' liveness deadlines are not the session's timer: the node's :class:`LivenessWheel` (the
-table's, run by :meth:`SessionTable.run_liveness`) hands a core whose peer fell silent back to its
-session (decision 0025), so a live peer's heartbeat moves no trio deadline.
           last link released (ENDED) ──► removed from the table ──► nursery drains ──► run() returns
+
+The links' liveness deadlines are not on the session's timer: the node's :class:`LivenessWheel`
+(the table's, run by :meth:`SessionTable.run_liveness`) hands a core whose peer fell silent back
+to its session (decision 0025), so a live peer's heartbeat moves no trio deadline.
 
 Every connection of the session (including one waiting for its partner) runs in the session's
 nursery, inside the session's cancel scope: :meth:`Session.cancel` tears all of it down by
