@@ -7,10 +7,13 @@ deterministic); WebSocket tests use TCP connections on 127.0.0.1 (port 0). Every
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
 import struct
+import traceback
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -797,6 +800,54 @@ async def test_an_exception_from_on_messages_is_raised_by_receive_messages(polle
             )
             assert raised is error
             assert poller.statistics()["registered"] == 1  # the poller itself carried on
+
+
+async def test_an_exception_from_on_messages_is_freed_by_reference_counting(poller: ReadPoller) -> None:
+    """The taker's error reaches ``receive_messages`` with its own traceback, and once the caller
+    has handled it and the connection is dropped, nothing waits for the cycle collector.
+
+    It was raised from a local of the connection's ``_take_read_ahead``: in the pure build (the
+    editable install the tests run on) that frame, in the error's traceback, held the error -- a
+    cycle that kept the connection (``self`` of the frames) until a full pass of the collector."""
+
+    class TakerError(Exception):
+        pass
+
+    def taker(batch: list[bytes]) -> bool:
+        raise TakerError("taker failed")
+
+    seen: list[list[str]] = []  # only names: the error itself must not outlive its handler
+
+    async def reader(server: WebSocketConnection) -> None:
+        try:
+            await server.receive_messages()
+        except TakerError as exc:
+            seen.append([frame.f_code.co_name for frame, _ in traceback.walk_tb(exc.__traceback__)])
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with ws_pair() as (server, client):
+            with trio.fail_after(TIMEOUT):
+                assert server.use_poller(poller, taker)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader, server)
+                    await wait_until(lambda: waiting(poller) == 1)
+                    await client.send_message(b"x")
+        del server, client
+        # DEBUG_SAVEALL keeps what a collection finds unreachable: what only the collector frees
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = Counter(
+            type(o).__name__ for o in gc.garbage if isinstance(o, WebSocketConnection | TakerError)
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert len(seen) == 1
+    assert seen[0][-1] == "taker"  # the taker's own error, raised where it failed
+    assert not left, f"pinned by reference cycles until a full collection: {dict(left)}"
 
 
 # -------------------------------------------------------------------------------- coalescing

@@ -661,8 +661,15 @@ class WebSocketConnection(ReadAhead):
         if self._protocol_error is not None:
             raise unraised(self._protocol_error)
         if self._handler_error is not None:
-            error, self._handler_error = self._handler_error, None
-            raise error
+            # The same instance (the taker's own error, with its traceback), raised from the
+            # attribute and not from a local: in the pure build this frame is in its traceback,
+            # and a local there would hold it -- a cycle that kept the connection (`self`) and
+            # the caller's frames until a full pass of the cycle collector. Compiled code has no
+            # frame locals (docs/decisions/0022-compiled-hot-path.md); the cycle was pure-only.
+            try:
+                raise self._handler_error
+            finally:
+                self._handler_error = None
         events, self._stash = self._stash, []
         return events
 
