@@ -14,6 +14,7 @@ import signal
 import time
 import traceback
 import weakref
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -261,6 +262,54 @@ async def test_an_error_from_a_worker_thread_is_freed_by_reference_counting(
                 gc.enable()
             assert pinned == [], "pinned by a reference cycle"
             assert cyclic == [], "the worker threads' calls, in cycles with their errors"
+            assert not store.breaker.open  # an answer: the breaker stays closed
+    finally:
+        await store.aclose()
+
+
+async def left_to_the_cycle_collector(
+    store: RedisStore, cohort: str, buckets: list[str], calls: int
+) -> dict[str, int]:
+    """Call ``store.hour_counts(cohort, buckets)`` ``calls`` times, each failing with the store's
+    answer ``WRONGTYPE`` for one of them; return the type names of the worker threads' calls and
+    the errors that only a pass of the cycle collector would free (with the collector off, as in a
+    large process between its rare full passes)."""
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(calls):
+            with pytest.raises(ResponseError, match=r"^WRONGTYPE"):  # an answer, not an outage
+                await store.hour_counts(cohort, buckets)
+        # DEBUG_SAVEALL keeps what a collection finds unreachable (the last call may still be held,
+        # in no cycle, by its worker thread, which drops its job after handing the outcome over)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        return dict(
+            Counter(type(o).__name__ for o in gc.garbage if isinstance(o, _ThreadCall | ResponseError))
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+async def test_an_error_among_a_round_trips_answers_is_freed_by_reference_counting(
+    redis_cluster_url: str, redis_cluster_session: RedisClusterServers
+) -> None:
+    """Several steps go out as one round trip whose answers come back as values, an error reply as
+    a ResponseError among them (caught where it was read, so its traceback holds that frame, which
+    holds the list of answers: a cycle), and the round trip raised that instance from a frame that
+    held it. Through the frames' callers (``f_back``) both cycles held the worker thread's stack and
+    its call until a full pass of the cycle collector, for every such answer. Now the answers'
+    errors lose the read's traceback and the caller gets a copy: freed by reference counting."""
+    with redis_cluster_session.client() as client:
+        client.set(counter_key("wrongtype-2", "2024010100"), "a string, not a hash")
+    store = RedisStore(redis_cluster_url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            # two hours: two steps (on the cluster's one-wave round trip), the first answered WRONGTYPE
+            left = await left_to_the_cycle_collector(store, "wrongtype-2", ["2024010100", "2024010101"], 4)
+            assert left == {}, "pinned by reference cycles until a full collection"
             assert not store.breaker.open  # an answer: the breaker stays closed
     finally:
         await store.aclose()

@@ -44,6 +44,7 @@ from .conftest import (
     start_redis_cluster,
     tcp_redis_argv,
 )
+from .test_guardrails_cluster import left_to_the_cycle_collector
 
 pytestmark = pytest.mark.redis
 
@@ -208,6 +209,24 @@ async def test_tls_a_read_whose_reply_was_lost_is_read_again(tls_redis: TLSRedis
                 assert not store.breaker.open
         finally:
             await store.aclose()
+
+
+async def test_tls_an_error_among_a_pipelines_answers_is_freed_by_reference_counting(
+    tls_redis: TLSRedis,
+) -> None:
+    """Not a resend: the cycle of tests/test_guardrails_cluster.py's test of the same name, on
+    redis-py's own pipeline (a TLS store's), which catches an error reply where it reads it and
+    hands it back among the answers."""
+    with tls_redis.client() as client:
+        client.set(counter_key("wrongtype-2", "2024010100"), "a string, not a hash")
+    store = RedisStore(tls_redis.url(tls_redis.port))
+    try:
+        with trio.fail_after(TIMEOUT):
+            left = await left_to_the_cycle_collector(store, "wrongtype-2", ["2024010100", "2024010101"], 4)
+            assert left == {}, "pinned by reference cycles until a full collection"
+            assert not store.breaker.open
+    finally:
+        await store.aclose()
 
 
 # --- Sentinel ----------------------------------------------------------------------------------------

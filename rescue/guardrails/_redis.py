@@ -661,13 +661,23 @@ class RedisStore:
                 pipe.execute_command(*_command(step))
             result = pipe.execute(raise_on_error=False)
         for i, item in enumerate(result):
+            if not isinstance(item, Exception):
+                continue
+            # An error reply comes back as a value, caught where it was read (redis-py's pipeline,
+            # _cluster_round_trip): its traceback holds that frame, which holds the answers, which
+            # hold it -- a cycle, and through the frames' callers (f_back) it held this thread's
+            # stack and its call until a full pass of the cycle collector. Where the reply was
+            # read says nothing its type and message do not.
+            item.__traceback__ = None
             step = steps[i]
             if isinstance(item, redis.exceptions.NoScriptError) and isinstance(step, _ScriptCall):
                 self._scripts_loaded = False
                 result[i] = self._py_scripts[step.script](keys=step.keys, args=step.args)
         for item in result:
             if isinstance(item, Exception):
-                raise item
+                # a copy (rescue.errors.unraised): raised, this one's traceback would hold this
+                # frame, which holds it (`item`, `result`)
+                raise unraised(item)
         return result
 
     def _cluster_round_trip(self, steps: list[_Step]) -> list[Any]:
