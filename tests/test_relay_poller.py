@@ -25,6 +25,7 @@ from rescue.testing import (
     start_test_relay,
 )
 from rescue.websocket import POLLER_AVAILABLE
+from rescue.websocket._codec import frame_binary
 
 pytestmark = pytest.mark.skipif(not POLLER_AVAILABLE, reason="the read poller needs select.epoll (Linux)")
 
@@ -368,6 +369,48 @@ async def test_a_quiet_reader_stays_quiet_and_its_answer_still_wakes_the_relay_a
         assert not is_quiet(guest_conn)
         assert poller_stat(relay, "quiet") == 0
         assert poller_stat(relay, "moves") == 4
+        assert relay.stats.internal_errors == 0
+
+
+async def read_again(conn: PeerLink, reads: int) -> None:
+    """Wait until the relay has read ``conn``'s socket more than ``reads`` times."""
+    await wait_until(lambda: conn.transport.statistics().reads > reads)
+
+
+async def test_the_tail_of_a_first_message_split_below_the_quiet_mark_is_not_held_for_a_look(
+    nursery: trio.Nursery, peers: list[TestPeer]
+) -> None:
+    """The first message after quiet may arrive in two TCP segments, the second shorter than the
+    quiet mark (34 bytes): a paste of 1,460 bytes over a 1,448-byte MSS leaves 12. The first part
+    wakes the relay, but its read holds no whole frame yet, so nothing made the socket active:
+    the tail must still wake the relay, not wait ~30 s (the heartbeat) for the socket's look."""
+    with trio.fail_after(TEST_TIMEOUT):
+        relay, url, keys = await start_test_relay(
+            nursery, heartbeat_s=30, quiet_after_s=0.3, quiet_tick_s=0.05
+        )
+        host, guest = await pair(url, keys, peers)
+        await wait_until(lambda: both_parked(relay))
+        host_conn = peer_conn(relay, "p", Role.HOST)
+        seq = 0
+        while poller_stat(relay, "quiet") < 2:
+            seq += 1
+            await heartbeat_round([host, guest], seq)
+            await trio.sleep(BEAT_PACE_S)
+        for size, tail in ((1_400, 12), (40, 5), (500, 33)):  # (each first part passes the mark)
+            seq += 1
+            message = seq_frame(seq, size)
+            wire = frame_binary(message, mask=True)
+            reads = host_conn.transport.statistics().reads
+            await host.ws._stream.send_all(wire[:-tail])  # the first segment: wakes the relay
+            await read_again(host_conn, reads)  # ... which read it
+            await host.ws._stream.send_all(wire[-tail:])  # the tail, under the quiet mark
+            with trio.fail_after(5):
+                assert await guest.receive() == message
+            assert not is_quiet(host_conn)  # (the core made it active when the message was whole)
+            while poller_stat(relay, "quiet") < 2:  # quiet again before the next split message
+                seq += 1
+                await heartbeat_round([host], seq)
+                await trio.sleep(BEAT_PACE_S)
         assert relay.stats.internal_errors == 0
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -236,6 +236,65 @@ async def test_the_first_tls_message_after_quiet_wakes_the_relay_at_once(
         assert node.stat("events") > events
         assert node.stat("quiet") == 0
         assert relay.stats.messages_forwarded == 4
+        assert relay.stats.internal_errors == 0
+
+
+class SplitNextWrite:
+    """The client's TCP stream under its TLS: the next write goes out as two segments, the second
+    ``tail`` bytes long, with ``between()`` awaited in between (everything else passes through)."""
+
+    def __init__(self, inner: trio.SocketStream, tail: int, between: Callable[[], Awaitable[None]]) -> None:
+        self.inner, self.tail, self.between = inner, tail, between
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        tail, self.tail = self.tail, 0
+        if tail:
+            await self.inner.send_all(data[:-tail])
+            await self.between()
+            data = data[-tail:]
+        await self.inner.send_all(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_the_tail_of_a_first_tls_record_split_below_the_quiet_mark_is_not_held_for_a_look(
+    nursery: trio.Nursery, tmp_path: Path, peers: list[TestPeer]
+) -> None:
+    """As on plain TCP (test_relay_poller): a first record after quiet whose last segment is
+    shorter than the quiet mark (56 bytes under TLS 1.3) wakes the relay at once, not at the
+    socket's look ~30 s away; the first part holds no whole record, so nothing made it active."""
+    with trio.fail_after(TEST_TIMEOUT):
+        node = await start_tls_relay(nursery, tmp_path, heartbeat_s=30, quiet_after_s=0.3, quiet_tick_s=0.05)
+        relay = node.relay
+        host, guest = await node.pair(peers)
+        await wait_until(node.both_parked)
+        links = {host: peer_conn(relay, "t", Role.HOST).link, guest: peer_conn(relay, "t", Role.GUEST).link}
+        seq = 0
+        while node.stat("quiet") < 2:
+            seq += 1
+            beat = encode_frame(Kind.HEARTBEAT, seq=seq)
+            for peer in [p for p, link in links.items() if not link.quiet]:
+                await peer.send(beat)
+                assert await peer.receive() == beat
+            await trio.sleep(0.05)
+        server = server_side(relay, "t", Role.HOST)
+        reads = server.statistics().reads
+        stream = host.ws._stream
+        assert isinstance(stream, trio.SSLStream)
+        assert isinstance(stream.transport_stream, trio.SocketStream)
+
+        async def first_part_read() -> None:
+            await wait_until(lambda: server.statistics().reads > reads)
+
+        tcp = stream.transport_stream
+        stream.transport_stream = SplitNextWrite(tcp, 20, first_part_read)  # type: ignore[assignment]
+        seq += 1
+        await host.send(seq_frame(seq, 500))
+        stream.transport_stream = tcp  # (the peers fixture closes it)
+        with trio.fail_after(5):
+            assert await guest.receive() == seq_frame(seq, 500)
+        assert not links[host].quiet
         assert relay.stats.internal_errors == 0
 
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from rescue.testing import SelfSignedTLS
 from rescue.websocket import WebSocketClosedError, WebSocketConnection
-from rescue.websocket._codec import FrameParser, frame_messages
+from rescue.websocket._codec import FrameParser, TLSRecords, frame_messages
 from rescue.websocket._poller import AVAILABLE, ReadPoller
 from rescue.websocket._tls import TLSSocketStream, quiet_rcvlowat
 
@@ -269,3 +269,41 @@ async def test_the_quiet_mark_follows_the_negotiated_record_overhead(
             if mark is not None:  # the arithmetic, checked on real records: 18 below, 34 at it
                 assert len(client.seal(b"h" * 18)) == mark - 16
                 assert len(client.seal(b"d" * 34)) == mark
+
+
+@given(
+    lengths=st.lists(st.integers(0, 20_000), max_size=12),
+    cuts=st.lists(st.integers(0, 250_000), max_size=20),
+)
+def test_tls_records_knows_at_every_cut_whether_a_record_is_partly_in(
+    lengths: list[int], cuts: list[int]
+) -> None:
+    """The record tracker of decision 0015's quiet mark: records of any length (headers included)
+    fed in pieces cut at any byte; after each piece ``partial`` says whether the bytes so far end
+    inside a record (a header's first bytes count)."""
+    stream = b"".join(bytes([0x17, 3, 3]) + n.to_bytes(2, "big") + os.urandom(n) for n in lengths)
+    ends = set()
+    at = 0
+    for n in lengths:
+        at += 5 + n
+        ends.add(at)
+    records = TLSRecords()
+    assert not records.partial
+    done = 0
+    for cut in [*sorted(c % (len(stream) + 1) for c in cuts), len(stream)]:
+        if cut < done:
+            continue
+        records.fed(memoryview(stream)[done:cut])
+        done = cut
+        assert records.partial == (done not in ends and done != 0)
+
+
+@given(lengths=st.lists(st.integers(0, 40), max_size=8))
+def test_tls_records_fed_byte_by_byte_is_exact_at_every_byte(lengths: list[int]) -> None:
+    """Small records one byte at a time: every position of every header and body is a cut."""
+    records = TLSRecords()
+    for n in lengths:
+        record = bytes([0x16, 3, 1]) + n.to_bytes(2, "big") + bytes(n)
+        for i in range(len(record)):
+            records.fed(record[i : i + 1])
+            assert records.partial == (i < len(record) - 1)

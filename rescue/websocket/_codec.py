@@ -50,6 +50,7 @@ __all__ = [
     "Rejection",
     "Request",
     "Response",
+    "TLSRecords",
     "accept_key",
     "apply_mask",
     "build_frame",
@@ -652,6 +653,51 @@ def _frame_size(buf: bytearray) -> int:
             return 0
         return head + 8 + int(_U64.unpack_from(buf, 2)[0])
     return head + length
+
+
+_TLS_HEADER: Final = 5  # content type, version (2), length (2): RFC 8446 §5.1
+
+
+class TLSRecords:
+    """Where a peer's stream of TLS records stands: whether one is partly received.
+
+    Fed every ciphertext byte the peer sent, in order, from the first (the handshake's records
+    too), it follows the record headers only: no decryption, no validation (OpenSSL does both).
+    The read path lowers a quiet socket's ``SO_RCVLOWAT`` while a record is partly in, since
+    its rest may be shorter than the quiet mark (decision 0015).
+    """
+
+    __slots__ = ("_head", "_left")
+
+    def __init__(self) -> None:
+        self._head = b""  # the first bytes of a record header (fewer than 5)
+        self._left = 0  # bytes of the current record's body still to come
+
+    @property
+    def partial(self) -> bool:
+        """Whether a record has begun and not ended."""
+        return self._left > 0 or len(self._head) > 0
+
+    def fed(self, data: bytes | bytearray | memoryview) -> None:
+        """``data`` arrived, right after everything fed before."""
+        n = len(data)
+        pos = 0
+        left = self._left
+        while pos < n:
+            if left:
+                step = min(left, n - pos)
+                left -= step
+                pos += step
+                continue
+            take = min(_TLS_HEADER - len(self._head), n - pos)
+            head = self._head + bytes(data[pos : pos + take])
+            pos += take
+            if len(head) < _TLS_HEADER:
+                self._head = head
+            else:
+                self._head = b""
+                left = (head[3] << 8) | head[4]
+        self._left = left
 
 
 def _parse_close(payload: bytes) -> CloseFrameReceived:

@@ -279,6 +279,7 @@ class WebSocketConnection(ReadAhead):
         "_idle",
         "_initial",
         "_iov",
+        "_mark",
         "_messages_in",
         "_messages_out",
         "_more",
@@ -288,6 +289,7 @@ class WebSocketConnection(ReadAhead):
         "_pending_control",
         "_poller",
         "_protocol_error",
+        "_quiet",
         "_read_ahead",
         "_reads",
         "_receiving",
@@ -352,6 +354,10 @@ class WebSocketConnection(ReadAhead):
         self._initial = initial_data
         self._detached = False  # the server's handler handed the connection to another owner
         self._poller: ReadPoller | None = None  # shared read readiness (use_poller)
+        # SO_RCVLOWAT as this connection set it (1 is the kernel's default), and whether its
+        # session marked it quiet (decision 0015: the mark then holds back a lone heartbeat)
+        self._mark = 1
+        self._quiet = False
         self._on_messages: Callable[[list[bytes]], bool] | None = None  # the poller's read-ahead taker
         self._fast_wait = False  # the reader waits in receive_messages: read-ahead allowed
         self._read_ahead = False  # the poller's read-ahead consumed input the reader must see
@@ -459,17 +465,44 @@ class WebSocketConnection(ReadAhead):
         fd = sock.fileno()
         if fd < 0:
             return
+        self._quiet = quiet
         heard_s_ago = 0.0
-        mark: int | None = QUIET_RCVLOWAT
-        if self._tls is not None:  # each frame is a record: the mark moves up by its overhead
-            mark = quiet_rcvlowat(self._tls.ssl_object, QUIET_RCVLOWAT)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark if quiet and mark else 1)
+            self._set_mark(sock)
             if quiet:  # when the heartbeat just read arrived (the poller's looks follow its phase)
                 heard_s_ago = _ms_since_data_received(sock) / 1000
         except OSError:
             return  # closing under us: nothing to tune
         poller.set_quiet(fd, quiet, heard_s_ago=heard_s_ago)
+
+    def _set_mark(self, sock: trio.socket.SocketType) -> None:
+        """``SO_RCVLOWAT`` as quiet asks, but 1 while part of a frame (or TLS record) is buffered.
+
+        The rest of a frame may be shorter than the quiet mark (a first message after quiet split
+        by the network: 1,460 bytes over a 1,448-byte MSS leave 12) and would then wait for the
+        socket's next look, up to a heartbeat interval. Raises OSError (the socket is closing).
+        """
+        mark = 1
+        tls = self._tls
+        if self._quiet and not self._parser.buffered and (tls is None or not tls.records.partial):
+            # each frame is a record under TLS: the mark moves up by its overhead (or stays 1)
+            quiet = QUIET_RCVLOWAT if tls is None else quiet_rcvlowat(tls.ssl_object, QUIET_RCVLOWAT)
+            mark = quiet or 1
+        if mark != self._mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+            self._mark = mark
+
+    def _parked(self) -> bool:
+        """The read-ahead goes back to waiting (True: the task stays parked); a quiet socket's
+        mark first follows what is buffered (:meth:`_set_mark`)."""
+        if self._quiet:
+            sock = self._sock
+            if sock is not None:
+                try:
+                    self._set_mark(sock)
+                except OSError:
+                    pass  # closing under us: the waiting task finds out
+        return True
 
     def read_ahead(self) -> bool:
         """The poller's callback while a task waits on this socket: read, parse, offer the batch.
@@ -493,7 +526,7 @@ class WebSocketConnection(ReadAhead):
                 try:
                     view = self._read_tls(fd)
                 except BlockingIOError:
-                    return True  # nothing (or no whole record) there after all
+                    return self._parked()  # nothing (or no whole record) there after all
                 except OSError:
                     return False  # the waiting task reads again and reports it
                 if not view:
@@ -504,7 +537,7 @@ class WebSocketConnection(ReadAhead):
                 try:
                     n = _readv(fd, iov)
                 except BlockingIOError:
-                    return True  # nothing (more) there
+                    return self._parked()  # nothing (more) there
                 except OSError:
                     return False  # the waiting task reads again and reports it
                 if not n:
@@ -524,7 +557,7 @@ class WebSocketConnection(ReadAhead):
             if not events:
                 if more:
                     continue  # part of a large frame: read on
-                return True  # part of a frame: wait for the rest
+                return self._parked()  # part of a frame: wait for the rest
             if not _only_messages(events):
                 break
             try:
@@ -537,7 +570,7 @@ class WebSocketConnection(ReadAhead):
                 break
             self._messages_in += len(events)
             if not more:
-                return True
+                return self._parked()
         else:
             self._read_ahead = True  # every read handled and the bound reached: the task reads on
             return False
@@ -687,6 +720,8 @@ class WebSocketConnection(ReadAhead):
                     fd = sock.fileno()
                     if fd < 0:
                         raise trio.ClosedResourceError
+                    if self._quiet:
+                        self._set_mark(sock)  # (part of a frame may be buffered: its rest wakes us)
                     self._fast_wait = read_ahead
                     try:
                         await poller.wait_readable(fd)
@@ -749,6 +784,7 @@ class WebSocketConnection(ReadAhead):
             self._bytes_in += n
             with self._buf[:n] as data:
                 incoming.write(data)
+                tls.records.fed(data)
         elif n == 0:
             incoming.write_eof()
         more = n == READ_SIZE

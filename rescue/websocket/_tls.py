@@ -17,6 +17,8 @@ from typing import Final
 
 import trio
 
+from rescue.websocket._codec import TLSRecords
+
 __all__ = ["TLSSocketStream", "quiet_rcvlowat"]
 
 # Bytes per read from the socket during the handshake and upgrade (the data path reads READ_SIZE).
@@ -77,6 +79,8 @@ class TLSSocketStream(trio.abc.Stream):
         self.transport_stream = transport_stream
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
+        # every byte written to ``incoming`` is fed here too: whether a record is partly in
+        self.records = TLSRecords()
         self.ssl_object = ssl_context.wrap_bio(
             self.incoming, self.outgoing, server_side=server_side, server_hostname=server_hostname
         )
@@ -157,5 +161,6 @@ class TLSSocketStream(trio.abc.Stream):
         data = await self.transport_stream.receive_some(_HANDSHAKE_READ)
         if data:
             self.incoming.write(data)
+            self.records.fed(data)
         else:
             self.incoming.write_eof()
