@@ -290,6 +290,7 @@ class WebSocketConnection(ReadAhead):
         "_poller",
         "_protocol_error",
         "_quiet",
+        "_quiet_mark",
         "_read_ahead",
         "_reads",
         "_receiving",
@@ -358,6 +359,7 @@ class WebSocketConnection(ReadAhead):
         # session marked it quiet (decision 0015: the mark then holds back a lone heartbeat)
         self._mark = 1
         self._quiet = False
+        self._quiet_mark = 0  # the mark a quiet socket gets (0: not worked out yet)
         self._on_messages: Callable[[list[bytes]], bool] | None = None  # the poller's read-ahead taker
         self._fast_wait = False  # the reader waits in receive_messages: read-ahead allowed
         self._read_ahead = False  # the poller's read-ahead consumed input the reader must see
@@ -485,9 +487,10 @@ class WebSocketConnection(ReadAhead):
         mark = 1
         tls = self._tls
         if self._quiet and not self._parser.buffered and (tls is None or not tls.records.partial):
-            # each frame is a record under TLS: the mark moves up by its overhead (or stays 1)
-            quiet = QUIET_RCVLOWAT if tls is None else quiet_rcvlowat(tls.ssl_object, QUIET_RCVLOWAT)
-            mark = quiet or 1
+            mark = self._quiet_mark
+            if not mark:  # each frame is a record under TLS: the mark moves up by its overhead
+                quiet = QUIET_RCVLOWAT if tls is None else quiet_rcvlowat(tls.ssl_object, QUIET_RCVLOWAT)
+                mark = self._quiet_mark = quiet or 1  # (1: no fixed overhead, no mark)
         if mark != self._mark:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
             self._mark = mark
