@@ -21,6 +21,7 @@ Usage: ``python bench/rescue_target.py --keys JWKS --port 0`` prints ``READY por
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -166,11 +167,12 @@ async def main(
         read_poller=read_coalesce != "off",
         read_coalesce_s=0.0 if read_coalesce == "off" else float(read_coalesce),
         heartbeat_s=heartbeat,
-        quiet_after_s=heartbeat if quiet_after is None else quiet_after,
         quiet_tick_s=quiet_tick,
         tls_cert=tls[0] if tls else None,
         tls_key=tls[1] if tls else None,
     )
+    if quiet_after is not None:  # (else the relay's own default)
+        config = dataclasses.replace(config, quiet_after_s=quiet_after)
     relay = Relay(config)
     report = gc_probe()
     census_scope = trio.CancelScope()
@@ -218,7 +220,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--quiet-after",
         type=float,
-        help="heartbeat-only seconds before quiet (default: one heartbeat interval, as the relay's)",
+        help="heartbeat-only seconds before quiet (default: the relay's own default)",
     )
     parser.add_argument(
         "--quiet-tick", type=float, default=0.1, help="seconds between looks at quiet sockets"

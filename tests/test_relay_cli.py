@@ -98,7 +98,7 @@ def test_read_poller_options_from_flags_and_environment(monkeypatch: pytest.Monk
     config = build_config(args, {})
     assert config.read_poller is True
     assert config.quiet_tick_s == 0.2
-    assert config.quiet_after_s == 15.0
+    assert config.quiet_after_s == 5.0
     monkeypatch.setenv("RESCUE_NO_READ_POLLER", "1")
     monkeypatch.setenv("RESCUE_QUIET_AFTER_S", "0")
     config = build_config(build_parser().parse_args(["relay", "--keys", "k.json"]), {})

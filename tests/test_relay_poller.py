@@ -76,7 +76,7 @@ def test_config_read_poller_defaults_and_coalesce_bounds() -> None:
     config = relay_test_config()
     assert config.read_poller is True
     assert config.read_coalesce_s == 0.0
-    assert config.quiet_after_s == 15.0
+    assert config.quiet_after_s == 5.0
     assert config.quiet_tick_s == 0.1
     for bad in (-0.001, -1.0, 1.001, 5.0):
         with pytest.raises(ValueError, match="read_coalesce_s"):

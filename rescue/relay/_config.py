@@ -132,7 +132,9 @@ class RelayConfig:
     paused: bool = False
     read_poller: bool = True
     read_coalesce_s: float = 0.0
-    quiet_after_s: float = 15.0
+    # a third of the default heartbeat_s: a peer that paused typing for 5 s goes quiet at its next
+    # heartbeat instead of waking the node with one or two more (decision 0015, amended 2026-12-07)
+    quiet_after_s: float = 5.0
     quiet_tick_s: float = 0.1
 
     def __post_init__(self) -> None:
