@@ -331,6 +331,28 @@ async def test_a_heartbeat_only_connection_goes_quiet_and_data_makes_it_active_a
         assert relay.stats.internal_errors == 0
 
 
+async def quiet_pair(
+    nursery: trio.Nursery, peers: list[TestPeer]
+) -> tuple[Relay, TestPeer, TestPeer, PeerLink, PeerLink, int]:
+    """A session on a relay with a 30 s heartbeat whose two connections are quiet: (relay, host,
+    guest, their connections, the last heartbeat seq). With a 30 s heartbeat the next look of
+    either socket is ~30 s away, so a test's 5 s bound fails if a message waited for one."""
+    relay, url, keys = await start_test_relay(nursery, heartbeat_s=30, quiet_after_s=0.3, quiet_tick_s=0.05)
+    host, guest = await pair(url, keys, peers)
+    await wait_until(lambda: both_parked(relay))
+    host_conn = peer_conn(relay, "p", Role.HOST)
+    guest_conn = peer_conn(relay, "p", Role.GUEST)
+    seq = 0
+    while poller_stat(relay, "quiet") < 2:  # heartbeats only, read as they come
+        seq += 1
+        # only peers not quiet yet: a quiet one's lone heartbeat would wait ~30 s for its look
+        await heartbeat_round(
+            [p for p, c in ((host, host_conn), (guest, guest_conn)) if not is_quiet(c)], seq
+        )
+        await trio.sleep(BEAT_PACE_S)
+    return relay, host, guest, host_conn, guest_conn, seq
+
+
 async def test_a_quiet_reader_stays_quiet_and_its_answer_still_wakes_the_relay_at_once(
     nursery: trio.Nursery, peers: list[TestPeer]
 ) -> None:
@@ -338,21 +360,7 @@ async def test_a_quiet_reader_stays_quiet_and_its_answer_still_wakes_the_relay_a
     is not held for a look. With a 30 s heartbeat the next look of either socket is ~30 s away,
     so each of the 5 s bounds below fails if a message waited for one."""
     with trio.fail_after(TEST_TIMEOUT):
-        relay, url, keys = await start_test_relay(
-            nursery, heartbeat_s=30, quiet_after_s=0.3, quiet_tick_s=0.05
-        )
-        host, guest = await pair(url, keys, peers)
-        await wait_until(lambda: both_parked(relay))
-        host_conn = peer_conn(relay, "p", Role.HOST)
-        guest_conn = peer_conn(relay, "p", Role.GUEST)
-        seq = 0
-        while poller_stat(relay, "quiet") < 2:  # heartbeats only, read as they come
-            seq += 1
-            # only peers not quiet yet: a quiet one's lone heartbeat would wait ~30 s for its look
-            await heartbeat_round(
-                [p for p, c in ((host, host_conn), (guest, guest_conn)) if not is_quiet(c)], seq
-            )
-            await trio.sleep(BEAT_PACE_S)
+        relay, host, guest, host_conn, guest_conn, seq = await quiet_pair(nursery, peers)
         # (16 bytes: the smallest body the SDK sends, an AEAD tag; a bare 18-byte frame would be
         # held below the quiet mark like a heartbeat, decision 0015)
         for size in (16, 500):  # the host types: it wakes the relay, the guest only reads
@@ -385,17 +393,7 @@ async def test_the_tail_of_a_first_message_split_below_the_quiet_mark_is_not_hel
     wakes the relay, but its read holds no whole frame yet, so nothing made the socket active:
     the tail must still wake the relay, not wait ~30 s (the heartbeat) for the socket's look."""
     with trio.fail_after(TEST_TIMEOUT):
-        relay, url, keys = await start_test_relay(
-            nursery, heartbeat_s=30, quiet_after_s=0.3, quiet_tick_s=0.05
-        )
-        host, guest = await pair(url, keys, peers)
-        await wait_until(lambda: both_parked(relay))
-        host_conn = peer_conn(relay, "p", Role.HOST)
-        seq = 0
-        while poller_stat(relay, "quiet") < 2:
-            seq += 1
-            await heartbeat_round([host, guest], seq)
-            await trio.sleep(BEAT_PACE_S)
+        relay, host, guest, host_conn, _, seq = await quiet_pair(nursery, peers)
         for size, tail in ((1_400, 12), (40, 5), (500, 33)):  # (each first part passes the mark)
             seq += 1
             message = seq_frame(seq, size)

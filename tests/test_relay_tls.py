@@ -23,6 +23,7 @@ import trio
 from rescue._codes import CloseCode
 from rescue.protocol import Kind, Role, encode_frame
 from rescue.relay import Relay
+from rescue.sessions import Link, PeerLink
 from rescue.testing import SelfSignedTLS, TestKeys, TestPeer, peer_conn, relay_test_config, seq_frame
 from rescue.websocket import POLLER_AVAILABLE, WebSocketConnection
 from rescue.websocket._poller import QUIET_RCVLOWAT
@@ -201,26 +202,38 @@ async def test_quiet_tls_connections_echo_heartbeats_and_wake_at_once_for_data(
         assert relay.stats.internal_errors == 0
 
 
+async def quiet_tls_pair(
+    nursery: trio.Nursery, tmp_path: Path, peers: list[TestPeer], *, heartbeat_s: int
+) -> tuple[TLSRelay, TestPeer, TestPeer, dict[TestPeer, Link[PeerLink]], int]:
+    """A TLS session whose two connections are quiet: (node, host, guest, their links, the last
+    heartbeat seq). The next look at either socket is ~``heartbeat_s`` away."""
+    node = await start_tls_relay(
+        nursery, tmp_path, heartbeat_s=heartbeat_s, quiet_after_s=0.3, quiet_tick_s=0.05
+    )
+    host, guest = await node.pair(peers)
+    await wait_until(node.both_parked)
+    relay = node.relay
+    links = {host: peer_conn(relay, "t", Role.HOST).link, guest: peer_conn(relay, "t", Role.GUEST).link}
+    seq = 0
+    while node.stat("quiet") < 2:
+        seq += 1
+        beat = encode_frame(Kind.HEARTBEAT, seq=seq)
+        # only peers not quiet yet: a quiet one's lone heartbeat would wait for its look
+        for peer in [p for p, link in links.items() if not link.quiet]:
+            await peer.send(beat)
+            assert await peer.receive() == beat
+        await trio.sleep(0.05)
+    return node, host, guest, links, seq
+
+
 async def test_the_first_tls_message_after_quiet_wakes_the_relay_at_once(
     nursery: trio.Nursery, tmp_path: Path, peers: list[TestPeer]
 ) -> None:
     """heartbeat_s=15: once quiet, the next look at either socket is ~15 s away, so a message that
     arrives now is delivered by a readiness event (past the raised mark), never by a look."""
     with trio.fail_after(TEST_TIMEOUT):
-        node = await start_tls_relay(nursery, tmp_path, heartbeat_s=15, quiet_after_s=0.5, quiet_tick_s=0.05)
+        node, host, guest, _, seq = await quiet_tls_pair(nursery, tmp_path, peers, heartbeat_s=15)
         relay = node.relay
-        host, guest = await node.pair(peers)
-        await wait_until(node.both_parked)
-        links = {host: peer_conn(relay, "t", Role.HOST).link, guest: peer_conn(relay, "t", Role.GUEST).link}
-        seq = 0
-        while node.stat("quiet") < 2:
-            seq += 1
-            beat = encode_frame(Kind.HEARTBEAT, seq=seq)
-            # only peers not quiet yet: a quiet one's lone heartbeat would wait for its look
-            for peer in [p for p, link in links.items() if not link.quiet]:
-                await peer.send(beat)
-                assert await peer.receive() == beat
-            await trio.sleep(0.05)
         await wait_until(node.both_parked)
         events = node.stat("events")
         # one keystroke (a 1-byte plaintext + the 16-byte AEAD tag: 35 bytes framed, 57 as a TLS
@@ -265,19 +278,8 @@ async def test_the_tail_of_a_first_tls_record_split_below_the_quiet_mark_is_not_
     shorter than the quiet mark (56 bytes under TLS 1.3) wakes the relay at once, not at the
     socket's look ~30 s away; the first part holds no whole record, so nothing made it active."""
     with trio.fail_after(TEST_TIMEOUT):
-        node = await start_tls_relay(nursery, tmp_path, heartbeat_s=30, quiet_after_s=0.3, quiet_tick_s=0.05)
+        node, host, guest, links, seq = await quiet_tls_pair(nursery, tmp_path, peers, heartbeat_s=30)
         relay = node.relay
-        host, guest = await node.pair(peers)
-        await wait_until(node.both_parked)
-        links = {host: peer_conn(relay, "t", Role.HOST).link, guest: peer_conn(relay, "t", Role.GUEST).link}
-        seq = 0
-        while node.stat("quiet") < 2:
-            seq += 1
-            beat = encode_frame(Kind.HEARTBEAT, seq=seq)
-            for peer in [p for p, link in links.items() if not link.quiet]:
-                await peer.send(beat)
-                assert await peer.receive() == beat
-            await trio.sleep(0.05)
         server = server_side(relay, "t", Role.HOST)
         reads = server.statistics().reads
         stream = host.ws._stream
