@@ -48,6 +48,7 @@ from typing import Any, Final
 
 import trio
 
+from bench import _native
 from bench import _wire as w
 
 # Bytes per recv: many loopback frames at once; bounds what one read adds to the receive buffer.
@@ -151,6 +152,10 @@ class Scenario:
     # message's length and seq are always checked. 1 in tests; the matrix uses 16 to keep the
     # generator cheap (a systematic corruption still shows within a few messages).
     verify_every: int = 1
+    # rate mode: ``python`` (this module's trio tickers and readers) or ``native`` (the steady
+    # state runs in bench/native/pump.c once every session is connected: a fraction of the CPU,
+    # so the generator is not what limits a 2-core machine; plain sockets only, not TLS)
+    generator: str = "python"
 
 
 @dataclass
@@ -621,6 +626,11 @@ class LoadGen:
         if scenario.verify_every < 1 or scenario.verify_every & (scenario.verify_every - 1):
             raise ValueError("verify_every must be a power of two")
         self.verify_mask = scenario.verify_every - 1
+        if scenario.generator not in ("python", "native"):
+            raise ValueError(f"unknown generator {scenario.generator!r}")
+        self.native = scenario.generator == "native"
+        if self.native and (scenario.mode != "rate" or self.tls_context is not None):
+            raise ValueError("the native generator runs rate mode over plain sockets only")
         self.window = scenario.window if scenario.mode == "throughput" else 0
         self.low_water = self.window // 2
         self.stats = Stats()
@@ -633,6 +643,9 @@ class LoadGen:
         self.nursery: trio.Nursery
         self._hb_interval = max(1, int(scenario.heartbeat_s * 1e9))
         self._hb_heap: list[tuple[int, int]] = []
+        self._hb_scope = trio.CancelScope()
+        self._pump: _native.Pump | None = None
+        self._pump_done = trio.Event()
         self._mark_t = self._window_s = self._mark_cpu = self._window_cpu = 0.0
 
     # -- connecting ----------------------------------------------------------------------------
@@ -705,7 +718,8 @@ class LoadGen:
         for conn in (host, guest):
             heapq.heappush(self._hb_heap, (self._hb_due(), len(self.conns)))
             self.conns.append(conn)
-            self.nursery.start_soon(conn.reader)
+            if not self.native:  # (the pump reads them once every session is connected)
+                self.nursery.start_soon(conn.reader)
         # (idle mode too: its first-message probes are DATA, checked like any other)
         flows = [(host, guest)] if self.scenario.direction == "host" else [(host, guest), (guest, host)]
         for src, dst in flows:
@@ -801,6 +815,10 @@ class LoadGen:
         """One heartbeat per connection per ``heartbeat_s``, from the moment it is connected."""
         heap = self._hb_heap
         interval = self._hb_interval
+        with self._hb_scope:
+            await self._heartbeats(heap, interval)
+
+    async def _heartbeats(self, heap: list[tuple[int, int]], interval: int) -> None:
         while True:
             now = time.monotonic_ns()
             while heap and heap[0][0] <= now:
@@ -813,8 +831,61 @@ class LoadGen:
             wait = (heap[0][0] - time.monotonic_ns()) / 1e9 if heap else 0.1
             await trio.sleep(max(MIN_TICK_S, wait))
 
+    # -- the native pump (rate mode's steady state in C) -----------------------------------------
+    def _hand_over(self) -> _native.Pump:
+        """Stop every Python sender and give the sockets, with what is buffered, to the pump."""
+        self._hb_scope.cancel()  # (synchronous: no heartbeat is written after this line)
+        due = [time.monotonic_ns()] * len(self.conns)
+        for at, i in self._hb_heap:
+            due[i] = at
+        index = {id(c): i for i, c in enumerate(self.conns)}
+        pump = _native.Pump(
+            fds=[-1 if c.closed else c.raw.fileno() for c in self.conns],
+            hb_due=due,
+            carry=[bytes(c.buf) for c in self.conns],
+            pending=[bytes(c.pending) for c in self.conns],
+            flows=[(index[id(f.src)], index[id(f.dst)]) for f in self.flows],
+            ws=self.target.transport != "tcp",
+            size=self.size,
+            filler=self.filler,
+            interval_ns=int(self.scenario.size / self.scenario.rate * 1e9),
+            hb_interval_ns=self._hb_interval,
+            verify_mask=self.verify_mask,
+        )
+        for c in self.conns:  # (a _drain task still waiting finds nothing left and ends)
+            c.buf = bytearray()
+            c.pending = bytearray()
+        return pump
+
+    async def _run_pump(self, pump: _native.Pump) -> None:
+        try:
+            await trio.to_thread.run_sync(pump.run)
+        finally:
+            self._pump_done.set()
+
+    async def _pump_result(self, pump: _native.Pump) -> float:
+        """Wait for the pump to drain and return; fold what it counted into the stats."""
+        with trio.move_on_after(DRAIN_TIMEOUT_S + 5):
+            await self._pump_done.wait()
+        if not self._pump_done.is_set():
+            pump.set(_native.ABORT)
+            await self._pump_done.wait()
+        s, ps = self.stats, pump.stats
+        for name in _native.COUNTERS[2:14]:
+            setattr(s, name, getattr(s, name) + ps.counter(name))
+        s.msgs, s.bytes = ps.counter("msgs"), ps.counter("bytes")
+        s.lat.counts, s.gen_lag.counts, s.hb_lat.counts = list(ps.lat), list(ps.gen_lag), list(ps.hb_lat)
+        for i, flow in enumerate(self.flows):
+            flow.tx_seq, flow.rx_seq = pump.flow(i)
+        for conn, state in zip(self.conns, pump.conn_states, strict=False):
+            conn.closed = conn.closed or state != 0  # (2: a half-sent frame; no goodbye after it)
+        return ps.counter("drain_ns") / 1e9
+
     def start(self) -> None:
         """Begin offering load (and heartbeats)."""
+        if self._pump is not None:
+            self._pump.set(_native.SENDING)
+            return
         self.sending = True
         for flow in self.flows:
             flow.active = True
@@ -833,6 +904,8 @@ class LoadGen:
         s.recording = True
         self._mark_t = time.monotonic()
         self._mark_cpu = _self_cpu()
+        if self._pump is not None:
+            self._pump.set(_native.RECORDING)
         if self.scenario.mode == "idle" and self.scenario.probe_rate > 0 and self.sending:
             self.nursery.start_soon(self._probe_ticker)
 
@@ -844,9 +917,13 @@ class LoadGen:
         self.sending = False
         for flow in self.flows:
             flow.active = False
+        if self._pump is not None:
+            self._pump.set(_native.STOP)
 
     async def drain(self) -> float:
         """Wait (bounded) for every message in flight to arrive; returns the time it took."""
+        if self._pump is not None:
+            return await self._pump_result(self._pump)
         t0 = time.monotonic()
         with trio.move_on_after(DRAIN_TIMEOUT_S):
             while any(f.rx_seq != f.tx_seq and not f.dst.closed for f in self.flows):
@@ -896,8 +973,16 @@ class LoadGen:
             self.nursery = nursery
             nursery.start_soon(self._heartbeat_ticker)
             await self.connect_all()
-            await control(self)
-            drain_s = await self.drain()
+            if self.native:
+                self._pump = self._hand_over()
+                nursery.start_soon(self._run_pump, self._pump)
+            try:
+                await control(self)
+                drain_s = await self.drain()
+            except BaseException:
+                if self._pump is not None:  # (the thread cannot be cancelled: tell it to return)
+                    self._pump.set(_native.ABORT)
+                raise
             result = self.result(drain_s)
             nursery.cancel_scope.cancel()
         self.close_all()
@@ -1058,6 +1143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--direction", choices=("both", "host"), default="both")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--generator", choices=("python", "native"), default="python", help="rate mode")
     args = parser.parse_args(argv)
     if args.worker:
         _worker_main(json.loads(args.worker))
@@ -1075,6 +1161,7 @@ def main(argv: list[str] | None = None) -> None:
         window=args.window,
         rate=args.rate,
         direction=args.direction,
+        generator=args.generator,
     )
     mint = None
     if args.transport == "rescue":

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from bench import _proc
+from bench import _native, _proc
 from bench.loadgen import DRAIN_TIMEOUT_S, Scenario, Target, raise_nofile, summarize
 from bench.targets import (
     BASELINE,
@@ -194,6 +194,7 @@ async def run_step(
         "tls": tls is not None,
         "size": step.scenario.size,
         "sessions": step.scenario.sessions,
+        "generator": step.scenario.generator,
         "loadavg_start": _proc.loadavg(),
     }
     relay = await start_target(
@@ -324,7 +325,15 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
             steps.append(Step("throughput", sc, args.warmup, args.duration, workers=w))
     if "active" in modes:
         for n in args.active_sessions:
-            sc = Scenario(mode="rate", sessions=n, size=4096, rate=65536.0, direction="host", verify_every=16)
+            sc = Scenario(
+                mode="rate",
+                sessions=n,
+                size=4096,
+                rate=65536.0,
+                direction="host",
+                verify_every=16,
+                generator="python" if args.tls else args.generator,
+            )
             steps.append(Step("active", sc, args.warmup, args.duration, workers=w))
     if "idle" in modes:
         n = max(1, args.idle_connections // 2)
@@ -599,6 +608,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "## Active (4 KiB messages, 64 KiB/s per session host -> guest)",
             "",
+            f"Load generator: {meta.get('generator', 'python')} "
+            "(native: connect in Python, then the steady state in bench/native/pump.c).",
+            "",
             "| sessions | target | offered msgs/s | delivered | P50 ms | P95 ms | P99 ms | relay CPU % "
             "| sessions/core (est.) | relay RSS MB | gen CPU % | gen lag P95 ms | other load | pass |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -791,6 +803,7 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
         "heartbeat_s": args.heartbeat,
         "tls": args.tls,
         "idle_window_s": args.idle_window,
+        "generator": args.generator,
     }
     print(
         f"bench: {len(steps)} steps x {len(names)} targets, load average {meta['loadavg_start']}", flush=True
@@ -876,6 +889,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=1, help="load generator processes (throughput, active)")
     p.add_argument(
+        "--generator",
+        choices=("native", "python"),
+        default="native",
+        help="active mode's steady state: native (bench/native/pump.c, built with cc on first use; "
+        "about half the CPU of python at 2,000 sessions) or python; TLS steps always use python",
+    )
+    p.add_argument(
         "--no-early-stop", action="store_true", help="run every active level even after a collapse"
     )
     p.add_argument(
@@ -900,6 +920,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if getattr(args, name) == getattr(defaults, name):
                 setattr(args, name, value)
     args.active_sessions = [int(x) for x in str(args.active_sessions).split(",") if x]
+    if args.generator == "native" and "active" in args.modes.split(",") and not args.tls:
+        try:
+            _native.load()
+        except _native.NativeUnavailable as exc:
+            print(f"bench: {exc}; the active steps use the Python generator", file=sys.stderr)
+            args.generator = "python"
     if args.targets is None:
         names = ["tcp", "websockets", "picows"] + ([] if args.quick or args.tls else ["trio-websocket"])
         if rescue_available():

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,158 @@ async def test_checker_counts_loss_reordering_and_corruption(transport: str) -> 
         b.close()
 
 
+@pytest.mark.parametrize("name", ["tcp", "websockets", "picows", "rescue"])
+async def test_native_generator_delivers_everything(name: str, tmp_path: Path) -> None:
+    """Rate mode with the native pump: connected in Python, driven in C, every message checked.
+
+    Both directions, so every connection sends and receives; the relays unmask and validate the
+    pump's frames, the pump checks what they forward. A rescue relay's sessions also hand over
+    whatever Python read past WELCOME/PEER."""
+    keys = mint = key_file = None
+    defn = targets.TARGETS[name]
+    if name == "rescue":
+        keys = targets.KeyMaterial.create(tmp_path)
+        key_file = str(keys.key_file)
+        mint = targets.make_minter(key_file)
+    with trio.fail_after(60):
+        relay = await targets.start_target(defn, log_dir=tmp_path, keys=keys)
+        try:
+            target = loadgen.Target(
+                name=name, transport=defn.transport, port=relay.port, path=defn.path, key_file=key_file
+            )
+            rate = loadgen.Scenario(
+                mode="rate", sessions=3, size=4096, rate=65536.0, heartbeat_s=0.1, generator="native"
+            )
+            t0 = time.monotonic()
+            result = await loadgen.run_local(target, rate, warmup_s=0.2, duration_s=0.5, mint=mint)
+            elapsed = time.monotonic() - t0
+        finally:
+            await relay.stop()
+    _assert_delivered(result, connections=6)
+    assert result["msgs"] > 0
+    assert loadgen.Hist.merge([result["lat"]]).total == result["msgs"]
+    # six flows, one message per 62.5 ms each, plus one for the phase: never a burst
+    assert result["sent_total"] <= 6 * (elapsed / (4096 / 65536.0) + 1)
+    # heartbeats every 0.1 s went on through the pump (the relays echo them back)
+    assert 0 < result["heartbeats_rx"] <= result["heartbeats_tx"]
+    assert loadgen.Hist.merge([result["hb_lat"]]).total > 0
+
+
+def test_native_generator_refuses_what_it_does_not_run() -> None:
+    target = loadgen.Target(name="t", transport="ws", port=1)
+    with pytest.raises(ValueError, match="rate mode over plain sockets"):
+        loadgen.LoadGen(target, loadgen.Scenario(mode="idle", sessions=1, generator="native"))
+    import certifi
+
+    tls = loadgen.Target(name="t", transport="ws", port=1, tls_ca=certifi.where())
+    with pytest.raises(ValueError, match="rate mode over plain sockets"):
+        loadgen.LoadGen(tls, loadgen.Scenario(mode="rate", sessions=1, generator="native"))
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+def test_native_checker_counts_loss_reordering_and_corruption(transport: str) -> None:
+    """The pump's receive checks, fed crafted relay messages over a socket pair.
+
+    Also the hand-over: bytes Python had read (a partial message) are parsed with what follows,
+    and bytes Python had not sent go out first."""
+    native: Any = importlib.import_module("bench._native")
+    size = 200
+    filler = wire.make_filler(size)
+    builder = wire.MessageBuilder("tcp", size, filler)  # unmasked, as a relay forwards it
+
+    def message(seq: int, *, tamper: bool = False) -> bytes:
+        msg = bytearray(b"".join(builder.data(seq, time.monotonic_ns())))
+        if tamper:
+            msg[-1] ^= 0xFF
+        if transport == "ws":  # a server frame: FIN + binary, 16-bit length, no mask
+            msg[:4] = b"\x82\x7e" + size.to_bytes(2, "big")
+        return bytes(msg)
+
+    def heartbeat(sent: int) -> bytes:
+        body = wire.RESCUE_HEADER.pack(wire.VERSION, wire.KIND_HEARTBEAT, 0, 0, sent)
+        return (b"\x82\x0c" if transport == "ws" else wire.LEN_PREFIX.pack(12)) + body
+
+    host, host_relay = socket.socketpair()
+    guest, guest_relay = socket.socketpair()
+    for sock in (host, guest):
+        sock.setblocking(False)
+    first = message(1)
+    pump = native.Pump(
+        fds=[host.fileno(), guest.fileno()],
+        hb_due=[time.monotonic_ns() + 10**12] * 2,  # no heartbeats of its own in this test
+        carry=[b"", first[:50]],
+        pending=[b"left by python", b""],
+        flows=[(0, 1)],
+        ws=transport == "ws",
+        size=size,
+        filler=filler,
+        interval_ns=10**12,
+        hb_interval_ns=10**12,
+        verify_mask=0,
+    )
+    done: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            pump.run()
+            done.append(None)
+        except BaseException as exc:  # pragma: no cover - reported below
+            done.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        host_relay.settimeout(10)
+        assert host_relay.recv(100) == b"left by python"
+        guest_relay.sendall(first[50:] + message(2))
+        guest_relay.sendall(message(4) + message(4) + message(5, tamper=True))
+        guest_relay.sendall(heartbeat(time.monotonic_ns()))  # the marker: everything before is parsed
+        deadline = time.monotonic() + 10
+        while pump.stats.counter("heartbeats_rx") < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        pump.set(native.ABORT)
+        thread.join(10)
+        host.close()
+        host_relay.close()
+        guest.close()
+        guest_relay.close()
+    assert done == [None]
+    counts = {
+        name: pump.stats.counter(name) for name in ("recv_total", "seq_errors", "corrupt", "heartbeats_rx")
+    }
+    # 1 and 2 in order; 4 skips 3; the second 4 is a duplicate; 5 is corrupt
+    assert counts == {"recv_total": 5, "seq_errors": 2, "corrupt": 1, "heartbeats_rx": 1}
+    assert pump.flow(0) == (0, 5)
+    assert pump.stats.counter("wire_errors") == 0
+
+
+def test_native_pump_counts_a_masked_server_frame_as_a_wire_error() -> None:
+    native: Any = importlib.import_module("bench._native")
+    conn, relay = socket.socketpair()
+    conn.setblocking(False)
+    pump = native.Pump(
+        fds=[conn.fileno()],
+        hb_due=[time.monotonic_ns() + 10**12],
+        carry=[b"\x82\x85abcd" + b"hello"],  # a server must never mask
+        pending=[b""],
+        flows=[],
+        ws=True,
+        size=100,
+        filler=bytes(80),
+        interval_ns=10**9,
+        hb_interval_ns=10**12,
+        verify_mask=0,
+    )
+    pump.set(native.ABORT)
+    pump.run()  # parses the carried bytes first, then returns at its first look at ctl
+    conn.close()
+    relay.close()
+    assert pump.stats.counter("wire_errors") == 1
+    assert pump.stats.counter("conn_errors") == 1
+    assert list(pump.conn_states) == [1]
+
+
 def test_ws_framing_masks_and_parses() -> None:
     """Client frames unmask to the payload; the 7-bit, 16-bit and 64-bit length forms all parse."""
     filler = wire.make_filler(70000)
@@ -213,6 +366,8 @@ def test_run_cli_writes_results(tmp_path: Path) -> None:
     for row in rows:
         assert "error" not in row, row
         assert row["delivery_ok"], row
+        # the active steps ran the native pump (bench.run's default; CI has a C compiler)
+        assert row["generator"] == ("native" if row["kind"] == "active" else "python"), row
         if row["kind"] == "idle":  # the first-message figure: every one of the 4 sessions probed once
             assert row["sent_total"] == row["msgs"] == 4, row
             assert row["p99_ms"] is not None
