@@ -870,7 +870,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=35.0,
         help="seconds of heartbeats before the window (the relay moves heartbeat-only connections "
-        "to its quiet set after 15 s: the window measures the steady state after that)",
+        "to its quiet set 5-20 s after their last data: the window measures the steady state)",
     )
     p.add_argument("--idle-settle", type=float, default=2.0, help="seconds after connecting, before start")
     p.add_argument(

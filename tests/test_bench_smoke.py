@@ -307,6 +307,70 @@ def test_native_checker_counts_loss_reordering_and_corruption(transport: str) ->
     assert pump.stats.counter("wire_errors") == 0
 
 
+def test_native_pump_skips_sends_to_a_relay_that_stops_reading_and_never_cuts_a_frame() -> None:
+    """A relay that stops reading: the pump buffers up to its limit, then skips (and counts) sends;
+    what does reach the relay is whole masked frames with seqs 1, 2, 3, ... and the right body."""
+    native: Any = importlib.import_module("bench._native")
+    size = 4096
+    filler = wire.make_filler(size)
+    host, host_relay = socket.socketpair()
+    guest, guest_relay = socket.socketpair()
+    for sock in (host, guest):
+        sock.setblocking(False)
+    pump = native.Pump(
+        fds=[host.fileno(), guest.fileno()],
+        hb_due=[time.monotonic_ns() + 10**12] * 2,
+        carry=[b"", b""],
+        pending=[b"", b""],
+        flows=[(0, 1)],
+        ws=True,
+        size=size,
+        filler=filler,
+        interval_ns=20_000,  # 200 MB/s offered: far more than a socket pair nobody reads holds
+        hb_interval_ns=10**12,
+        verify_mask=0,
+    )
+    pump.set(native.SENDING)
+    thread = threading.Thread(target=pump.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while pump.stats.counter("gen_dropped") == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert pump.stats.counter("gen_dropped") > 0
+    finally:
+        pump.set(native.ABORT)
+        thread.join(10)
+    assert not thread.is_alive()
+    host.close()
+    host_relay.setblocking(False)
+    received = bytearray()
+    while True:
+        try:
+            chunk = host_relay.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    host_relay.close()
+    guest.close()
+    guest_relay.close()
+    sent = pump.stats.counter("sent_total")
+    frame = 4 + 4 + size  # FIN/opcode, 126 + 16-bit length, mask key, payload
+    assert sent > (1 << 20) // frame  # more than the buffer limit was offered before the skipping
+    whole, partial = divmod(len(received), frame)
+    assert whole <= sent
+    for i in range(whole):
+        head = received[i * frame : i * frame + 8]
+        assert head[:4] == b"\x82\xfe" + size.to_bytes(2, "big")
+        payload = wire.mask(bytes(received[i * frame + 8 : (i + 1) * frame]), bytes(head[4:8]))
+        assert wire.HEAD.unpack_from(payload)[:5] == (1, wire.KIND_DATA, 0, 0, i + 1)
+        assert payload[wire.HEAD_SIZE :] == filler
+    # a frame left half-sent at the end is reported as such (no goodbye may follow it)
+    assert pump.conn_states[0] == (2 if partial or whole < sent else 0)
+
+
 def test_native_pump_counts_a_masked_server_frame_as_a_wire_error() -> None:
     native: Any = importlib.import_module("bench._native")
     conn, relay = socket.socketpair()

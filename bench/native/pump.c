@@ -196,6 +196,11 @@ static void send_bytes(pump_t *p, conn_t *c, const uint8_t *data, size_t n) {
         c->out_len = c->out_off = 0;
     }
     size_t rest = n - sent;
+    if (c->out_off && c->out_off >= c->out_len / 2) { /* keep a buffer that never empties bounded */
+        memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+        c->out_len -= c->out_off;
+        c->out_off = 0;
+    }
     if (grow(&c->out, &c->out_cap, c->out_len + rest)) {
         close_conn(p, c, 1);
         return;
@@ -226,7 +231,8 @@ static void flush_out(pump_t *p, conn_t *c) {
     c->want_out = 0;
 }
 
-/* Frame `payload` (len n, already masked with key k for ws) into p->msg; returns its length. */
+/* Write the head of an n-byte message into out (ws: FIN + opcode, length, mask key; tcp: u32 length);
+ * returns its length. */
 static size_t frame_prefix(pump_t *p, uint8_t *out, size_t n, const uint8_t *key, int opcode) {
     size_t h = 0;
     if (!p->ws) {
