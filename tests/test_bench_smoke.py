@@ -30,6 +30,15 @@ targets: Any = importlib.import_module("bench.targets")
 wire: Any = importlib.import_module("bench._wire")
 
 
+def _credentials(name: str, tmp_path: Path) -> tuple[Any, str | None, Any]:
+    """(key material, private key file, token minter) for the real relay; Nones for a reference."""
+    if name != "rescue":
+        return None, None, None
+    keys = targets.KeyMaterial.create(tmp_path)
+    key_file = str(keys.key_file)
+    return keys, key_file, targets.make_minter(key_file)
+
+
 def _assert_delivered(result: dict[str, Any], connections: int) -> None:
     assert result["connections"] == connections
     assert result["connect_failures"] == 0
@@ -90,12 +99,9 @@ async def test_idle_first_message_probes_arrive_once_each(name: str, tmp_path: P
 
     The real relay runs with ``--quiet-after 0.3``: by the time the window starts its
     connections are quiet (SO_RCVLOWAT raised), so the probes take the quiet path."""
-    keys = mint = key_file = None
+    keys, key_file, mint = _credentials(name, tmp_path)
     defn = targets.TARGETS.get(name)
     if name == "rescue":
-        keys = targets.KeyMaterial.create(tmp_path)
-        key_file = str(keys.key_file)
-        mint = targets.make_minter(key_file)
         defn = targets._rescue("rescue", "target", "--quiet-after", "0.3")
     with trio.fail_after(30):
         relay = await targets.start_target(defn, log_dir=tmp_path, keys=keys)
@@ -188,12 +194,8 @@ async def test_native_generator_delivers_everything(name: str, tmp_path: Path) -
     Both directions, so every connection sends and receives; the relays unmask and validate the
     pump's frames, the pump checks what they forward. A rescue relay's sessions also hand over
     whatever Python read past WELCOME/PEER."""
-    keys = mint = key_file = None
+    keys, key_file, mint = _credentials(name, tmp_path)
     defn = targets.TARGETS[name]
-    if name == "rescue":
-        keys = targets.KeyMaterial.create(tmp_path)
-        key_file = str(keys.key_file)
-        mint = targets.make_minter(key_file)
     with trio.fail_after(60):
         relay = await targets.start_target(defn, log_dir=tmp_path, keys=keys)
         try:
@@ -491,12 +493,9 @@ async def test_tls_throughput_rate_and_idle_deliver_everything(name: str, tmp_pa
     The real relay's idle run goes quiet (``--quiet-after 0.3``) before its probes: the first
     messages after quiet take the TLS quiet path (SO_RCVLOWAT raised by the record overhead)."""
     tls = targets.create_tls(tmp_path / "tls")
-    keys = mint = key_file = None
+    keys, key_file, mint = _credentials(name, tmp_path)
     defn = targets.TARGETS[name]
     if name == "rescue":
-        keys = targets.KeyMaterial.create(tmp_path)
-        key_file = str(keys.key_file)
-        mint = targets.make_minter(key_file)
         defn = targets._rescue("rescue", "target", "--quiet-after", "0.3")
     with trio.fail_after(60):
         relay = await targets.start_target(defn, log_dir=tmp_path, keys=keys, tls=tls)
