@@ -608,8 +608,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "## Active (4 KiB messages, 64 KiB/s per session host -> guest)",
             "",
-            f"Load generator: {meta.get('generator', 'python')} "
-            "(native: connect in Python, then the steady state in bench/native/pump.c).",
+            "Load generator: "
+            + ", ".join(sorted({r.get("generator", "python") for r in active}))
+            + " (native: connect in Python, then the steady state in bench/native/pump.c).",
             "",
             "| sessions | target | offered msgs/s | delivered | P50 ms | P95 ms | P99 ms | relay CPU % "
             "| sessions/core (est.) | relay RSS MB | gen CPU % | gen lag P95 ms | other load | pass |",
