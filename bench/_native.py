@@ -40,6 +40,9 @@ COUNTERS: Final = (
     "loops",
     "drain_ns",
 )
+# The counters that count the whole run (not only the measured window, as msgs and bytes do): the
+# worker adds them to what it counted itself before the hand-over (heartbeats, mostly).
+RUN_TOTALS: Final = COUNTERS[COUNTERS.index("sent_total") : COUNTERS.index("wire_errors") + 1]
 # ctl[0] values (see pump.c)
 HEARTBEATS_ONLY: Final = 0
 SENDING: Final = 1

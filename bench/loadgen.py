@@ -815,21 +815,18 @@ class LoadGen:
         """One heartbeat per connection per ``heartbeat_s``, from the moment it is connected."""
         heap = self._hb_heap
         interval = self._hb_interval
-        with self._hb_scope:
-            await self._heartbeats(heap, interval)
-
-    async def _heartbeats(self, heap: list[tuple[int, int]], interval: int) -> None:
-        while True:
-            now = time.monotonic_ns()
-            while heap and heap[0][0] <= now:
-                due, i = heap[0]
-                conn = self.conns[i]
-                if not conn.closed:
-                    conn.send_nowait(conn.builder.heartbeat(time.monotonic_ns()))
-                    self.stats.heartbeats_tx += 1
-                heapq.heapreplace(heap, (max(due + interval, now), i))
-            wait = (heap[0][0] - time.monotonic_ns()) / 1e9 if heap else 0.1
-            await trio.sleep(max(MIN_TICK_S, wait))
+        with self._hb_scope:  # (cancelled when the native pump takes the heartbeats over)
+            while True:
+                now = time.monotonic_ns()
+                while heap and heap[0][0] <= now:
+                    due, i = heap[0]
+                    conn = self.conns[i]
+                    if not conn.closed:
+                        conn.send_nowait(conn.builder.heartbeat(time.monotonic_ns()))
+                        self.stats.heartbeats_tx += 1
+                    heapq.heapreplace(heap, (max(due + interval, now), i))
+                wait = (heap[0][0] - time.monotonic_ns()) / 1e9 if heap else 0.1
+                await trio.sleep(max(MIN_TICK_S, wait))
 
     # -- the native pump (rate mode's steady state in C) -----------------------------------------
     def _hand_over(self) -> _native.Pump:
@@ -871,7 +868,7 @@ class LoadGen:
             pump.set(_native.ABORT)
             await self._pump_done.wait()
         s, ps = self.stats, pump.stats
-        for name in _native.COUNTERS[2:14]:
+        for name in _native.RUN_TOTALS:
             setattr(s, name, getattr(s, name) + ps.counter(name))
         s.msgs, s.bytes = ps.counter("msgs"), ps.counter("bytes")
         s.lat.counts, s.gen_lag.counts, s.hb_lat.counts = list(ps.lat), list(ps.gen_lag), list(ps.hb_lat)

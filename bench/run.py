@@ -804,7 +804,6 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
         "heartbeat_s": args.heartbeat,
         "tls": args.tls,
         "idle_window_s": args.idle_window,
-        "generator": args.generator,
     }
     print(
         f"bench: {len(steps)} steps x {len(names)} targets, load average {meta['loadavg_start']}", flush=True
